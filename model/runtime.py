@@ -1,0 +1,371 @@
+"""Run the exported descriptor network with ONNX Runtime (no torch).
+
+`DescriptorExtractor` turns a z-scored volume (Z, Y, X) on the model's input
+grid into descriptors (Z', Y', X', 16), channels last, with output voxel i
+centred on input voxel 4i. Large volumes are cut into overlapping tiles whose
+halo covers the receptive field, so tiling changes memory, not results.
+
+The ONNX Runtime session is created lazily on first use, in the process that
+uses it: Celery prefork workers fork after import, and a session (thread pools,
+CUDA context) must never cross a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from disa.model.card import CHANNELS, RECEPTIVE_FIELD_VOXELS, STRIDE
+from disa.model.codes import clip_to_unit_ball
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+__all__ = [
+    "ACTIVATION_BYTES_PER_VOXEL",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "HALO_VOXELS",
+    "Device",
+    "DescriptorExtractor",
+    "Tile",
+    "cpu_quota",
+    "output_shape",
+    "plan_tiles",
+]
+
+logger = logging.getLogger("disa.model")
+
+Device = Literal["auto", "cpu", "cuda"]
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+# Input voxels of context each tile needs beyond the outputs it keeps: half the
+# receptive field (24 for 49), rounded up to the stride so that every tile
+# starts on an input voxel 4k and its output grid is a sub-grid of the whole
+# volume's. With it, tiled and whole-volume inference agree to float rounding.
+HALO_VOXELS = STRIDE * math.ceil((RECEPTIVE_FIELD_VOXELS // 2) / STRIDE)
+
+# Peak resident memory of one inference per input voxel, measured with ONNX
+# Runtime 1.32 on CPU (fp32, arena on): full-resolution activations of 8 and
+# 16 channels, the replicate-padded blur input and im2col buffers.
+ACTIVATION_BYTES_PER_VOXEL = 400
+DEFAULT_MEMORY_BUDGET_BYTES = 3 << 30
+
+
+def cpu_quota(
+    cpu_max_path: str | Path = "/sys/fs/cgroup/cpu.max",
+    cfs_dir: str | Path = "/sys/fs/cgroup/cpu",
+) -> int:
+    """CPUs this process may really use: affinity mask capped by the cgroup quota.
+
+    `os.cpu_count()` reports the host's CPUs; in a container the scheduler
+    affinity and the cgroup CPU quota (v2 `cpu.max` "quota period", or v1
+    `cpu.cfs_quota_us`/`cpu.cfs_period_us`) are the real limit, and more ONNX
+    Runtime threads than that only adds contention. Fractional quotas round up.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_v2_quota(Path(cpu_max_path))
+    if quota is None:
+        quota = _cgroup_v1_quota(Path(cfs_dir))
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_v2_quota(path: Path) -> float | None:
+    try:
+        fields = path.read_text().split()
+    except OSError:
+        return None
+    if len(fields) < 1 or fields[0] == "max":
+        return None
+    try:
+        quota = float(fields[0])
+        period = float(fields[1]) if len(fields) > 1 else 100_000.0
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _cgroup_v1_quota(cfs_dir: Path) -> float | None:
+    try:
+        quota = float((cfs_dir / "cpu.cfs_quota_us").read_text())
+        period = float((cfs_dir / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def output_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Descriptor grid size for an input grid: ceil(ceil(n / 2) / 2) per axis."""
+    return tuple(-(-(-(-int(n) // 2)) // 2) for n in shape)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One inference call: input box [in_start, in_stop) and kept output box [out_start, out_stop).
+
+    All boxes are (z, y, x) voxel index ranges; `in_start` is a multiple of
+    the stride, so output voxel o of the whole volume is voxel o - in_start/4
+    of the tile's output.
+    """
+
+    in_start: tuple[int, int, int]
+    in_stop: tuple[int, int, int]
+    out_start: tuple[int, int, int]
+    out_stop: tuple[int, int, int]
+
+    @property
+    def input_voxels(self) -> int:
+        return math.prod(b - a for a, b in zip(self.in_start, self.in_stop, strict=True))
+
+    def input_slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.in_start, self.in_stop, strict=True))
+
+    def output_slices(self) -> tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in zip(self.out_start, self.out_stop, strict=True))
+
+    def crop_slices(self) -> tuple[slice, slice, slice]:
+        """Where the kept outputs lie in this tile's own output grid."""
+        return tuple(
+            slice(o0 - i0 // STRIDE, o1 - i0 // STRIDE)
+            for i0, o0, o1 in zip(self.in_start, self.out_start, self.out_stop, strict=True)
+        )
+
+
+def _axis_ranges(n: int, parts: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """Split one axis of n input voxels into `parts` tiles: (in0, in1, out0, out1)."""
+    n_out = output_shape([n])[0]
+    bounds = [round(k * n_out / parts) for k in range(parts + 1)]
+    ranges = []
+    for o0, o1 in zip(bounds[:-1], bounds[1:], strict=True):
+        # Output o is centred on input 4o and sees inputs 4o +- 24, so the
+        # halo (a multiple of 4, >= 24) on both sides keeps every kept output
+        # exact; at the true border the tile ends where the volume ends, so
+        # the network's own zero/replicate padding is reproduced.
+        ranges.append((max(0, STRIDE * o0 - halo), min(n, STRIDE * o1 + halo), o0, o1))
+    return ranges
+
+
+def plan_tiles(
+    shape: Sequence[int], max_tile_voxels: int | None, halo: int = HALO_VOXELS
+) -> list[Tile]:
+    """Cover a volume with the fewest computed voxels such that each tile fits the limit.
+
+    `max_tile_voxels=None` (or a volume within the limit) gives one tile. The
+    search tries every split count per axis up to the number of output voxels
+    and keeps the one with the least total input (halo overhead), preferring
+    splits of the slow z axis (contiguous slabs) on ties.
+    """
+    if len(shape) != 3:
+        raise ValueError(f"expected a 3-D shape (z, y, x), got {tuple(shape)}")
+    if halo % STRIDE or halo < RECEPTIVE_FIELD_VOXELS // 2:
+        raise ValueError(f"halo must be a multiple of {STRIDE} and >= {RECEPTIVE_FIELD_VOXELS // 2}")
+    n_out = output_shape(shape)
+    if max_tile_voxels is None or math.prod(shape) <= max_tile_voxels:
+        splits = (1, 1, 1)
+    else:
+        splits = _best_splits(tuple(int(n) for n in shape), n_out, max_tile_voxels, halo)
+    axes = [_axis_ranges(n, k, halo) for n, k in zip(shape, splits, strict=True)]
+    tiles = []
+    for rz in axes[0]:
+        for ry in axes[1]:
+            for rx in axes[2]:
+                r = (rz, ry, rx)
+                tiles.append(
+                    Tile(
+                        in_start=tuple(a[0] for a in r),
+                        in_stop=tuple(a[1] for a in r),
+                        out_start=tuple(a[2] for a in r),
+                        out_stop=tuple(a[3] for a in r),
+                    )
+                )
+    return tiles
+
+
+def _best_splits(
+    shape: tuple[int, ...], n_out: tuple[int, ...], max_tile_voxels: int, halo: int
+) -> tuple[int, int, int]:
+    def extents(n: int, k: int) -> list[int]:
+        return [b - a for a, b, _, _ in _axis_ranges(n, k, halo)]
+
+    best: tuple[int, int, tuple[int, int, int]] | None = None
+    candidates = [range(1, min(m, 64) + 1) for m in n_out]
+    cache = {(ax, k): extents(shape[ax], k) for ax in range(3) for k in candidates[ax]}
+    for kz in candidates[0]:
+        for ky in candidates[1]:
+            for kx in candidates[2]:
+                ez, ey, ex = cache[0, kz], cache[1, ky], cache[2, kx]
+                if max(ez) * max(ey) * max(ex) > max_tile_voxels:
+                    continue
+                total = sum(ez) * sum(ey) * sum(ex)
+                # Fewer tiles on ties; among equal tile counts z slabs come first
+                # because the loop order visits kz before ky and kx.
+                key = (total, kz * ky * kx)
+                if best is None or key < best[:2]:
+                    best = (total, kz * ky * kx, (kz, ky, kx))
+    if best is None:
+        # Even the finest split exceeds the limit: use it anyway (it is the smallest).
+        return tuple(len(c) for c in candidates)  # type: ignore[return-value]
+    return best[2]
+
+
+class DescriptorExtractor:
+    """Descriptors of whole volumes from an ONNX descriptor network.
+
+    Parameters
+    ----------
+    onnx_path:
+        The exported network (input `volume` (N, 1, Z, Y, X), output (N, 16, Z', Y', X')).
+    device:
+        "cpu", "cuda" (fail loudly unless CUDA really runs the graph) or "auto"
+        (CUDA when the installed onnxruntime offers it, else CPU).
+    threads:
+        ONNX Runtime intra-op threads on CPU; default `cpu_quota()`.
+    tile_voxels:
+        Largest tile in input voxels. Default: derived from `memory_budget_bytes`.
+    memory_budget_bytes:
+        Peak activation memory allowed for one inference call; volumes whose
+        estimate exceeds it are tiled automatically.
+    """
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        device: Device = "auto",
+        threads: int | None = None,
+        tile_voxels: int | None = None,
+        memory_budget_bytes: int | None = None,
+    ) -> None:
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.onnx_path = Path(onnx_path)
+        if not self.onnx_path.is_file():
+            raise FileNotFoundError(f"descriptor model {self.onnx_path} does not exist")
+        self.device: Device = device
+        self.threads = threads
+        budget = memory_budget_bytes if memory_budget_bytes is not None else DEFAULT_MEMORY_BUDGET_BYTES
+        self.tile_voxels = (
+            tile_voxels if tile_voxels is not None else max(1, budget // ACTIVATION_BYTES_PER_VOXEL)
+        )
+        self._session: ort.InferenceSession | None = None
+        self._session_pid: int | None = None
+        self._input_name = "volume"
+        self._lock = threading.Lock()
+
+    # -- session ---------------------------------------------------------------
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The ONNX Runtime session, created on first use in this process."""
+        pid = os.getpid()
+        if self._session is None or self._session_pid != pid:
+            with self._lock:
+                if self._session is None or self._session_pid != pid:
+                    self._session = self._create_session()
+                    self._session_pid = pid
+        return self._session
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that actually runs the graph (creates the session)."""
+        return self.session.get_providers()[0]
+
+    def _session_options(self) -> ort.SessionOptions:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The graph is a chain: inter-op parallelism has nothing to overlap.
+        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = self.threads if self.threads is not None else cpu_quota()
+        options.log_severity_level = 3
+        return options
+
+    def _create_session(self) -> ort.InferenceSession:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if self.device == "cpu":
+            wanted = [CPU_PROVIDER]
+        else:
+            if self.device == "cuda" and CUDA_PROVIDER not in available:
+                raise RuntimeError(
+                    "GPU required by configuration but CUDA provider is not available: "
+                    f"onnxruntime offers {available} (install onnxruntime-gpu, not "
+                    "onnxruntime, and check the CUDA/cuDNN libraries and the device)"
+                )
+            wanted = [p for p in (CUDA_PROVIDER, CPU_PROVIDER) if p in available]
+        providers: list[str | tuple[str, dict[str, str]]] = [
+            (CUDA_PROVIDER, {"cudnn_conv_algo_search": "HEURISTIC"}) if p == CUDA_PROVIDER else p
+            for p in wanted
+        ]
+        session = ort.InferenceSession(
+            str(self.onnx_path), sess_options=self._session_options(), providers=providers
+        )
+        in_use = session.get_providers()
+        # A GPU build falls back to CPU silently when CUDA libraries or the
+        # device are missing: only get_providers() tells.
+        if self.device == "cuda" and (not in_use or in_use[0] != CUDA_PROVIDER):
+            raise RuntimeError(
+                "GPU required by configuration but CUDA provider is not available: "
+                f"onnxruntime offers {available} but the session runs on {in_use} "
+                "(CUDA or cuDNN libraries missing, or no usable GPU)"
+            )
+        self._input_name = session.get_inputs()[0].name
+        logger.info(
+            "descriptor model %s runs on %s (%s threads)",
+            self.onnx_path.name,
+            in_use[0],
+            "n/a" if in_use[0] == CUDA_PROVIDER else self._session_options().intra_op_num_threads,
+        )
+        return session
+
+    # -- inference -------------------------------------------------------------
+
+    def plan(self, shape: Sequence[int]) -> list[Tile]:
+        """The tiles `extract` will run for a volume of this shape."""
+        return plan_tiles(shape, self.tile_voxels)
+
+    def extract(self, volume: np.ndarray) -> np.ndarray:
+        """Descriptors of a z-scored volume.
+
+        `volume`: (Z, Y, X) intensities on the model's input grid (card
+        `input_spacing_mm`, isotropic), already normalised. Returns float32
+        (Z', Y', X', 16), C-contiguous, channels last (registration gathers
+        one 16-vector per voxel), every vector in the unit ball; output voxel
+        i is centred on input voxel 4i.
+        """
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise ValueError(f"expected a 3-D volume (z, y, x), got shape {volume.shape}")
+        if min(volume.shape) < 1:
+            raise ValueError(f"volume has an empty axis: shape {volume.shape}")
+        volume = np.ascontiguousarray(volume, dtype=np.float32)
+        out = np.empty((*output_shape(volume.shape), CHANNELS), dtype=np.float32)
+        for tile, descriptors in self._run_tiles(volume):
+            # (16, z, y, x) -> (z, y, x, 16): one copy per tile into the result.
+            out[tile.output_slices()] = np.moveaxis(descriptors[(slice(None), *tile.crop_slices())], 0, -1)
+        return clip_to_unit_ball(out, axis=-1)
+
+    def _run_tiles(self, volume: np.ndarray) -> Iterator[tuple[Tile, np.ndarray]]:
+        session = self.session
+        for tile in self.plan(volume.shape):
+            block = np.ascontiguousarray(volume[tile.input_slices()])[None, None]
+            (descriptors,) = session.run(None, {self._input_name: block})
+            yield tile, descriptors[0]

@@ -1,0 +1,1 @@
+"""The DISA registration engine: pure Python, no web and no queue."""

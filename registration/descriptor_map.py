@@ -1,0 +1,72 @@
+"""Dense descriptor maps on physical grids (DISA network output or MIND-SSC).
+
+A map holds one C-vector per voxel of its grid, channels last, as float32 or as
+symmetric int8 codes (value = code x scale). The registration objective reads
+fixed descriptors at sample points and trilinearly interpolates moving ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from disa.model.codes import INT8_SCALE, encode_int8
+from disa.registration.grid import Grid
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class DescriptorMap:
+    """Descriptors (Z, Y, X, C) on ``grid``; physical value = data * scale."""
+
+    data: np.ndarray
+    grid: Grid
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 4 or tuple(self.data.shape[:3]) != tuple(self.grid.shape):
+            raise ValueError(f"descriptor array {self.data.shape} does not match grid {self.grid.shape}")
+
+    @property
+    def channels(self) -> int:
+        return int(self.data.shape[3])
+
+    @property
+    def is_int8(self) -> bool:
+        return self.data.dtype == np.int8
+
+    def as_float(self) -> np.ndarray:
+        """The descriptors as float32 values."""
+        return (self.data.astype(np.float32) * np.float32(self.scale)) if self.is_int8 \
+            else self.data.astype(np.float32, copy=False)
+
+    def quantised(self) -> DescriptorMap:
+        """Symmetric int8 codes round(x * 127) of a map whose values lie in [-1, 1].
+
+        DISA descriptors lie in the unit ball, so every component is in [-1, 1]
+        and the code loses at most 1/254 per component (RESEARCH.md, section 1).
+        """
+        if self.is_int8:
+            return self
+        codes = encode_int8(self.as_float())
+        return DescriptorMap(np.ascontiguousarray(codes), self.grid, INT8_SCALE)
+
+    def pooled(self) -> DescriptorMap:
+        """Half resolution: [1, 2, 1]/4 smoothing then every second voxel.
+
+        The binomial filter is centred, so voxel i of the result sits on voxel
+        2i of this map and the grid keeps its origin (Grid.strided(2)).
+        """
+        values = self.as_float()
+        kernel = np.array([0.25, 0.5, 0.25], dtype=np.float32)
+        for axis in range(3):
+            values = ndimage.convolve1d(values, kernel, axis=axis, mode="constant", cval=0.0)
+        values = np.ascontiguousarray(values[::2, ::2, ::2])
+        pooled = DescriptorMap(values, self.grid.strided(2))
+        return pooled.quantised() if self.is_int8 else pooled
+
+    def masked(self, mask: np.ndarray) -> DescriptorMap:
+        """Descriptors zeroed where ``mask`` (bool on this grid) is False: no similarity there."""
+        data = self.data.copy()
+        data[~mask] = 0
+        return DescriptorMap(data, self.grid, self.scale)

@@ -1,0 +1,999 @@
+"""Image input and output for the registration engine.
+
+Reads NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and
+DICOM series (a folder, or a .zip of one) into 3D scalar ``sitkFloat32``
+SimpleITK images, and writes images back atomically.
+
+Coordinates are those of ITK/SimpleITK: physical LPS millimetres. Sizes,
+spacings and indices are in ITK order (x, y, z = columns, rows, slices); a
+numpy array from ``sitk.GetArrayFromImage`` is indexed the other way round
+(z, y, x). A direction is the 3x3 matrix of direction cosines, row-major, whose
+columns are the physical directions of the x, y and z axes.
+
+Every input is checked from its header before a single pixel is decoded: a
+68-byte .nii.gz can claim a 32 GiB image, and NRRD/MetaImage headers can point
+the reader at any local file (RESEARCH.md section 6). Every rejection is an
+`InputError` whose message starts with the file's basename and says what is
+wrong in words a user can act on; no SimpleITK/C++ text leaks into it.
+"""
+
+import contextlib
+import gzip
+import math
+import os
+import re
+import stat
+import struct
+import tempfile
+import uuid
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FORMATS",
+    "ImageInfo",
+    "InputLimits",
+    "detect_format",
+    "format_info",
+    "inspect_image",
+    "read_image",
+    "write_image",
+]
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Caps applied to one input before its pixels are read.
+
+    `max_zip_members` also caps the number of files in a DICOM folder, because
+    the series scan opens every file it finds.
+    """
+
+    max_voxels: int = 512**3  # per image
+    max_bytes: int = 2 * 1024**3  # decoded pixel bytes per image (voxels x bytes of stored type)
+    max_zip_members: int = 4096
+    max_zip_bytes: int = 4 * 1024**3  # total uncompressed size of a DICOM zip
+    max_compression_ratio: float = 200.0  # per member, zip-bomb guard
+
+
+DEFAULT_LIMITS = InputLimits()
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Header facts of one 3D image, in ITK order and physical LPS millimetres.
+
+    `size` is (x, y, z) in voxels, `spacing` the voxel size in mm along x, y, z,
+    `origin` the LPS position in mm of the centre of voxel (0, 0, 0), and
+    `direction` the 9 direction cosines, row-major (columns = axis directions).
+    `modality` and `series_uid` come from DICOM tags (0008,0060) and
+    (0020,000E); they are None for the other formats.
+    """
+
+    path: str
+    format: str
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    pixel_type: str
+    components: int
+    modality: str | None
+    series_uid: str | None
+
+    def as_dict(self) -> dict:
+        """JSON-ready copy (tuples become lists)."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "pixel_type": self.pixel_type,
+            "components": self.components,
+            "modality": self.modality,
+            "series_uid": self.series_uid,
+        }
+
+
+FORMATS = ("nifti", "nrrd", "metaimage", "dicom")
+
+_EXTENSIONS: dict[str, str] = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".mha": "metaimage",
+    ".mhd": "metaimage",
+    ".zip": "dicom",
+}
+_ACCEPTED = (
+    "NIfTI (.nii, .nii.gz), NRRD (.nrrd; .nhdr only with inline data), "
+    "MetaImage (.mha; .mhd only with inline data), DICOM series (a folder or a .zip)"
+)
+# The reader is fixed by the detected format, never guessed by SimpleITK from the
+# content: a file then gets exactly the header checks of its own format.
+_IMAGE_IO = {
+    "nifti": "NiftiImageIO",
+    "nrrd": "NrrdImageIO",
+    "metaimage": "MetaImageIO",
+    "dicom": "GDCMImageIO",
+}
+_FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage", "dicom": "DICOM"}
+# Only single-file formats: a detached header would need a second, non-atomic write.
+_WRITE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha")
+
+_TEXT_HEADER_MAX = 64 * 1024  # bytes of NRRD/MetaImage text header we are willing to parse
+_MIN_AXIS_VOXELS = 4  # fewer voxels along an axis leave nothing to register
+_ORTHONORMAL_TOL = 1e-3  # NIfTI stores the rotation as float32 quaternions
+# Blank DICOM slices (a 512x512 int16 slice is 512 KiB) legitimately compress
+# about 1000:1, so the ratio guard looks only at members large enough to matter;
+# the total is capped by max_zip_bytes, counted on the bytes actually written.
+_RATIO_CHECK_MIN_BYTES = 1024**2
+_CHUNK = 1024**2
+
+_COMPONENT_BYTES: dict[int, int] = {
+    sitk.sitkUInt8: 1,
+    sitk.sitkInt8: 1,
+    sitk.sitkUInt16: 2,
+    sitk.sitkInt16: 2,
+    sitk.sitkUInt32: 4,
+    sitk.sitkInt32: 4,
+    sitk.sitkUInt64: 8,
+    sitk.sitkInt64: 8,
+    sitk.sitkFloat32: 4,
+    sitk.sitkFloat64: 8,
+}
+
+# Series-level DICOM tags kept on the image that `read_image` returns, for the
+# DICOM outputs (Spatial Registration object) written later. Patient tags are
+# deliberately not copied: writers such as NRRD would put them into headers.
+_DICOM_TAGS_KEPT = (
+    "0008|0060",  # Modality
+    "0020|000d",  # Study Instance UID
+    "0020|000e",  # Series Instance UID
+    "0020|0052",  # Frame of Reference UID
+)
+
+
+# --------------------------------------------------------------------- public
+
+
+def detect_format(path: str | Path) -> str:
+    """Format of `path`: "nifti", "nrrd", "metaimage" or "dicom".
+
+    Decided by the extension (case-insensitive); a folder is a DICOM series and
+    so is a .zip. Raises InputError for anything else.
+    """
+    path = Path(path)
+    name = _name(path)
+    ext = _extension(path)
+    if path.is_dir():
+        if _EXTENSIONS.get(ext, "dicom") != "dicom":
+            raise InputError(
+                f"{name}: is a folder, but its name says {_FORMAT_NAMES[_EXTENSIONS[ext]]}; "
+                "give the image file itself"
+            )
+        return "dicom"
+    fmt = _EXTENSIONS.get(ext)
+    if fmt is None:
+        shown = f"'{ext}'" if ext else "no extension"
+        raise InputError(f"{name}: unknown image format ({shown}); accepted: {_ACCEPTED}")
+    return fmt
+
+
+def inspect_image(
+    path: str | Path, limits: InputLimits = DEFAULT_LIMITS, series_uid: str | None = None
+) -> ImageInfo:
+    """Header facts of an image, after all the checks, without decoding pixels.
+
+    A DICOM zip is extracted to a temporary folder (its headers are inside the
+    members) and removed again. A file whose pixel data is truncated passes
+    here and is caught by `read_image`.
+    """
+    path = Path(path)
+    name = _name(path)
+    fmt = _existing_format(path, name, series_uid)
+    if fmt == "dicom":
+        with _dicom_folder(path, name, limits) as folder:
+            info, _files = _inspect_dicom(folder, name, limits, series_uid)
+        return info
+    info, _reader = _inspect_file(path, name, fmt, limits)
+    return info
+
+
+def read_image(
+    path: str | Path, limits: InputLimits = DEFAULT_LIMITS, series_uid: str | None = None
+) -> sitk.Image:
+    """Read a 3D scalar image as ``sitkFloat32`` with its geometry intact.
+
+    Origin, spacing and direction are kept as stored (LPS mm). DICOM pixel
+    values have rescale slope and intercept applied (e.g. Hounsfield units),
+    and the image carries the series-level tags Modality, Study, Series and
+    Frame of Reference UIDs as metadata. `series_uid` picks one series of a
+    DICOM folder or zip holding several. Raises InputError for any input that
+    fails the checks of `inspect_image` or whose pixel data cannot be decoded.
+    """
+    path = Path(path)
+    name = _name(path)
+    fmt = _existing_format(path, name, series_uid)
+    if fmt == "dicom":
+        with _dicom_folder(path, name, limits) as folder:
+            info, files = _inspect_dicom(folder, name, limits, series_uid)
+            image = _read_series(files, name)
+    else:
+        info, reader = _inspect_file(path, name, fmt, limits)
+        if fmt == "nifti":
+            # The NIfTI reader fills missing data with zeros instead of failing.
+            _check_nifti_data(path, name)
+        image = sitk.Cast(_execute(reader, name), sitk.sitkFloat32)
+    if image.GetDimension() != 3 or tuple(image.GetSize()) != info.size:
+        raise InputError(
+            f"{name}: decoded image size {_dims(image.GetSize())} differs from the header's "
+            f"{_dims(info.size)}; the file is inconsistent"
+        )
+    return image
+
+
+def write_image(image: sitk.Image, path: str | Path) -> None:
+    """Write `image` to `path` atomically, compressed, geometry as stored.
+
+    The image goes to a temporary file in the same folder, is flushed to disk
+    and then renamed over `path`, so readers never see a half-written file.
+    Accepted: .nii, .nii.gz, .nrrd, .mha (single-file formats).
+    """
+    path = Path(path)
+    ext = _extension(path)
+    if ext not in _WRITE_EXTENSIONS:
+        raise InputError(
+            f"{path.name}: cannot write '{ext or 'no extension'}'; "
+            f"output formats: {', '.join(_WRITE_EXTENSIONS)}"
+        )
+    if not path.parent.is_dir():
+        raise InputError(f"{path.name}: output folder {path.parent.name or '.'} does not exist")
+    # The temporary name keeps the extension, which is how SimpleITK picks the writer.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp{ext}"
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.SetFileName(str(tmp))
+        writer.UseCompressionOn()
+        try:
+            writer.Execute(image)
+        except RuntimeError as err:
+            raise OSError(f"{path.name}: cannot write image: {_itk_detail(err)}") from err
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def format_info(info: ImageInfo) -> str:
+    """Multi-line human-readable description of `info` (for ``disa info FILE``)."""
+    d = np.asarray(info.direction, dtype=float).reshape(3, 3)
+    extent = tuple(n * s for n, s in zip(info.size, info.spacing, strict=True))
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(info.direction)
+    # Largest angle between an image axis and the nearest patient axis.
+    obliquity = math.degrees(math.acos(min(1.0, float(np.abs(d).max(axis=0).min()))))
+    orient = f"{code} (axes x, y, z point towards {code[0]}, {code[1]}, {code[2]})"
+    if obliquity > 0.5:
+        orient += f"; oblique by up to {obliquity:.1f} deg, code is the nearest"
+    rows = [
+        ("file", f"{info.path} ({_FORMAT_NAMES.get(info.format, info.format)})"),
+        ("size", f"{_dims(info.size)} voxels (x, y, z)"),
+        ("spacing", " x ".join(f"{s:.4g}" for s in info.spacing) + " mm"),
+        ("extent", " x ".join(f"{e:.1f}" for e in extent) + " mm"),
+        ("origin", "(" + ", ".join(f"{o:.3f}" for o in info.origin) + ") mm, LPS"),
+        ("direction", f"{_row(d[0])}  (3x3 matrix; columns = x, y, z axis directions)"),
+        ("", _row(d[1])),
+        ("", _row(d[2])),
+        ("orientation", orient),
+        ("pixel type", f"{info.pixel_type}, {info.components} component(s)"),
+        ("modality", info.modality or "-"),
+    ]
+    if info.series_uid is not None:
+        rows.append(("series UID", info.series_uid))
+    width = max(len(k) for k, _ in rows) + 1
+    return "\n".join(f"{k + ':' if k else '':<{width}} {v}" for k, v in rows)
+
+
+def _row(values: np.ndarray) -> str:
+    # Adding 0.0 after rounding prints -0.0 as +0.0000.
+    return " ".join(f"{round(float(v), 4) + 0.0:+.4f}" for v in values)
+
+
+# ------------------------------------------------------------- common checks
+
+
+def _name(path: Path) -> str:
+    """Basename used in messages: never the folder a user or server chose."""
+    return path.name or path.resolve().name or str(path)
+
+
+def _extension(path: Path) -> str:
+    lower = path.name.lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else Path(lower).suffix
+
+
+def _existing_format(path: Path, name: str, series_uid: str | None) -> str:
+    """Format of an input that must exist; file-level checks for single files."""
+    if not path.exists():
+        raise InputError(f"{name}: file not found")
+    fmt = detect_format(path)
+    if series_uid is not None and fmt != "dicom":
+        raise InputError(f"{name}: series_uid applies only to DICOM input, this is {fmt}")
+    if not path.is_dir():
+        _check_regular_file(path, name)
+    return fmt
+
+
+def _check_regular_file(path: Path, name: str) -> None:
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise InputError(f"{name}: cannot be accessed ({err.strerror})") from err
+    # A FIFO or device named .nii would block or never end.
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{name}: not a regular file")
+    if st.st_size == 0:
+        raise InputError(f"{name}: file is empty (0 bytes)")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise InputError(f"{name}: cannot be read ({err.strerror})") from err
+
+
+def _validate(info: ImageInfo, pixel_id: int, limits: InputLimits) -> None:
+    """Shape, size and geometry checks shared by all formats (header values only)."""
+    name = info.path
+    if info.components != 1:
+        raise InputError(
+            f"{name}: has {info.components} components per voxel ({info.pixel_type}); "
+            "a scalar image is required"
+        )
+    for axis, n in zip("xyz", info.size, strict=True):
+        if n < _MIN_AXIS_VOXELS:
+            raise InputError(
+                f"{name}: too thin to register: the {axis} axis has {n} voxel(s) "
+                f"(at least {_MIN_AXIS_VOXELS} needed)"
+            )
+    voxels = math.prod(info.size)
+    if voxels > limits.max_voxels:
+        raise InputError(
+            f"{name}: header claims {_dims(info.size)} voxels ({_count(voxels)}), "
+            f"above the limit of {_count(limits.max_voxels)} voxels"
+        )
+    nbytes = voxels * _COMPONENT_BYTES.get(pixel_id, 8)
+    if nbytes > limits.max_bytes:
+        raise InputError(
+            f"{name}: header claims {_gib(nbytes)} of pixel data ({info.pixel_type}), "
+            f"above the limit of {_gib(limits.max_bytes)}"
+        )
+    if not all(math.isfinite(s) and s > 0 for s in info.spacing):
+        raise InputError(
+            f"{name}: voxel spacing {_vec(info.spacing)} mm; spacing must be positive and finite"
+        )
+    if not all(math.isfinite(o) for o in info.origin):
+        raise InputError(f"{name}: origin {_vec(info.origin)} is not a finite position")
+    d = np.asarray(info.direction, dtype=float).reshape(3, 3)
+    if not np.isfinite(d).all():
+        raise InputError(f"{name}: direction cosines are not finite numbers")
+    deviation = float(np.abs(d.T @ d - np.eye(3)).max())
+    if deviation > _ORTHONORMAL_TOL:
+        raise InputError(
+            f"{name}: direction cosines are not orthonormal (off by {deviation:.3g}); the header "
+            "encodes shear or scaling, which an image grid cannot hold"
+        )
+
+
+def _header_reader(path: str | Path, fmt: str, name: str) -> sitk.ImageFileReader:
+    """ImageFileReader that has read the header only (ReadImageInformation is lazy)."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(_IMAGE_IO[fmt])
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise InputError(
+            f"{name}: not a readable {_FORMAT_NAMES[fmt]} image ({_itk_detail(err)})"
+        ) from err
+    return reader
+
+
+def _info_from_reader(reader: sitk.ImageFileReader, name: str, fmt: str) -> ImageInfo:
+    dim = reader.GetDimension()
+    if dim != 3:
+        raise InputError(
+            f"{name}: is a {dim}D image ({_dims(reader.GetSize())} voxels); a 3D volume is required"
+        )
+    return ImageInfo(
+        path=name,
+        format=fmt,
+        size=_triple(reader.GetSize(), int),
+        spacing=_triple(reader.GetSpacing(), float),
+        origin=_triple(reader.GetOrigin(), float),
+        direction=tuple(float(v) for v in reader.GetDirection()),
+        pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+        components=int(reader.GetNumberOfComponents()),
+        modality=None,
+        series_uid=None,
+    )
+
+
+def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, name: str) -> sitk.Image:
+    try:
+        with _quiet_itk():
+            return reader.Execute()
+    except RuntimeError as err:
+        raise InputError(
+            f"{name}: cannot read the pixel data; the file is truncated or corrupt "
+            f"({_itk_detail(err)})"
+        ) from err
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK warnings on stderr (e.g. 'No Series were found'); errors still raise."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+_ITK_PREFIX = re.compile(r"(?:ITK ERROR|itk::ERROR|ERROR):\s*(?:\w+\(0x[0-9a-fA-F]+\):\s*)?")
+_ABS_PATH = re.compile(r"/[^\s\"':]+")
+
+
+def _itk_detail(err: Exception) -> str:
+    """The useful words of a SimpleITK error: no C++ source paths, no folders."""
+    text = str(err)
+    found = list(_ITK_PREFIX.finditer(text))
+    if found:
+        text = text[found[-1].end() :]
+    text = _ABS_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/")), text)
+    lines = [ln.strip().removeprefix("[nrrd]").strip() for ln in text.splitlines()]
+    # The SimpleITK wrapper line only names a C++ source file.
+    lines = [ln for ln in lines if ln and not ln.startswith("Exception thrown in SimpleITK")]
+    if not lines:
+        return "reader failed"
+    parts = [ln.rstrip(":") for ln in lines[:1] + lines[1:][-1:]]
+    return _short("; ".join(parts), 200)
+
+
+# ----------------------------------------------------------- single files
+
+
+def _inspect_file(
+    path: Path, name: str, fmt: str, limits: InputLimits
+) -> tuple[ImageInfo, sitk.ImageFileReader]:
+    layout = None
+    if fmt == "nifti":
+        layout = _nifti_layout(path, name)
+    elif fmt == "nrrd":
+        _check_nrrd_header(path, name)
+    elif fmt == "metaimage":
+        _check_metaimage_header(path, name)
+    try:
+        reader = _header_reader(path, fmt, name)
+    except InputError:
+        if layout is not None and _is_gzip(path, name):
+            # The NIfTI reader says only "not recognized"; name the real cause
+            # if it is broken gzip (bounded by the byte cap: caps are unchecked yet).
+            _scan_gzip(path, name, min(layout.vox_offset + layout.data_bytes, limits.max_bytes))
+        raise
+    info = _info_from_reader(reader, name, fmt)
+    _validate(info, reader.GetPixelID(), limits)
+    return info, reader
+
+
+def _read_prefix(path: Path, name: str, n: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError as err:
+        raise InputError(f"{name}: cannot be read ({err.strerror})") from err
+
+
+def _is_gzip(path: Path, name: str) -> bool:
+    # znzlib reads plain and gzip NIfTI alike, whatever the extension says.
+    return _read_prefix(path, name, 2) == b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class _NiftiLayout:
+    vox_offset: int
+    data_bytes: int
+
+
+def _nifti_layout(path: Path, name: str) -> _NiftiLayout:
+    """Parse the raw NIfTI-1/2 header: magic, dims, pixdim, data offset.
+
+    The ITK reader quietly replaces a NaN or zero pixdim by 1 mm and accepts a
+    header-only .hdr/.img pair under a .nii name, so these are checked here.
+    """
+    head = _nifti_head(path, name)
+    if len(head) < 348:
+        raise InputError(f"{name}: not a NIfTI file ({len(head)} bytes, shorter than a header)")
+    for endian in "<>":
+        (sizeof_hdr,) = struct.unpack_from(endian + "i", head, 0)
+        if sizeof_hdr in (348, 540):
+            break
+    else:
+        raise InputError(f"{name}: not a NIfTI file (no NIfTI header size field)")
+    if sizeof_hdr == 348:
+        magic = head[344:348]
+        pair, single = magic == b"ni1\0", magic == b"n+1\0"
+        dims = struct.unpack_from(endian + "8h", head, 40)
+        (bitpix,) = struct.unpack_from(endian + "h", head, 72)
+        pixdim = struct.unpack_from(endian + "8f", head, 76)
+        (vox_offset,) = struct.unpack_from(endian + "f", head, 108)
+        qform, sform = struct.unpack_from(endian + "2h", head, 252)
+        quatern = struct.unpack_from(endian + "6f", head, 256)
+        srows = struct.unpack_from(endian + "12f", head, 280)
+    else:
+        if len(head) < 540:
+            raise InputError(f"{name}: NIfTI-2 header is truncated")
+        magic = head[4:12]
+        pair, single = magic[:4] == b"ni2\0", magic[:4] == b"n+2\0"
+        (bitpix,) = struct.unpack_from(endian + "h", head, 14)
+        dims = struct.unpack_from(endian + "8q", head, 16)
+        pixdim = struct.unpack_from(endian + "8d", head, 104)
+        (vox_offset,) = struct.unpack_from(endian + "q", head, 168)
+        qform, sform = struct.unpack_from(endian + "2i", head, 344)
+        quatern = struct.unpack_from(endian + "6d", head, 352)
+        srows = struct.unpack_from(endian + "12d", head, 400)
+    if pair:
+        raise InputError(
+            f"{name}: is the header of a NIfTI pair (.hdr/.img) whose pixels are in a separate "
+            "data file, which is not accepted; save it as a single .nii or .nii.gz"
+        )
+    if not single:
+        raise InputError(f"{name}: not a NIfTI file (bad magic string)")
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(n < 1 for n in dims[1 : ndim + 1]):
+        raise InputError(f"{name}: NIfTI header has invalid dimensions {list(dims[: ndim + 1])}")
+    spatial = pixdim[1 : min(ndim, 3) + 1]
+    if not all(math.isfinite(s) and s > 0 for s in spatial):
+        raise InputError(
+            f"{name}: NIfTI pixdim gives voxel spacing {_vec(spatial)} mm; "
+            "spacing must be positive and finite"
+        )
+    used = (quatern if qform > 0 else ()) + (srows if sform > 0 else ())
+    if not all(math.isfinite(v) for v in used):
+        raise InputError(f"{name}: NIfTI orientation (qform/sform) holds non-finite numbers")
+    if bitpix <= 0 or bitpix % 8 or not math.isfinite(vox_offset) or vox_offset < 0:
+        raise InputError(f"{name}: NIfTI header is corrupt (bitpix {bitpix}, offset {vox_offset})")
+    # Like the NIfTI library, read a too-small offset as "data right after the header".
+    offset = max(int(vox_offset), sizeof_hdr)
+    return _NiftiLayout(offset, math.prod(dims[1 : ndim + 1]) * bitpix // 8)
+
+
+def _nifti_head(path: Path, name: str) -> bytes:
+    """First 540 bytes (a NIfTI-2 header) of the file, decompressed if it is gzip."""
+    if not _is_gzip(path, name):
+        return _read_prefix(path, name, 540)
+    try:
+        with gzip.open(path, "rb") as fh:
+            return fh.read(540)
+    except EOFError as err:
+        raise InputError(
+            f"{name}: gzip data is truncated (the stream ends inside the header)"
+        ) from err
+    except (OSError, zlib.error) as err:
+        raise InputError(f"{name}: corrupt gzip data ({_short(str(err), 80)})") from err
+
+
+def _check_nifti_data(path: Path, name: str) -> None:
+    """Fail on truncated NIfTI pixel data, which ITK would silently pad with zeros.
+
+    Runs after the size caps, so the bytes it reads are bounded by them.
+    """
+    layout = _nifti_layout(path, name)
+    need = layout.vox_offset + layout.data_bytes
+    if _is_gzip(path, name):
+        got = _scan_gzip(path, name, need)
+        what = f"decompresses to {got} bytes"
+    else:
+        got = path.stat().st_size
+        what = f"{got} bytes"
+    if got < need:
+        raise InputError(f"{name}: file is truncated: {what}, its header needs {need}")
+
+
+def _scan_gzip(path: Path, name: str, limit: int) -> int:
+    """Decompress up to `limit` bytes; return how many there were.
+
+    Raises InputError for a stream cut short or corrupt. When the stream ends
+    within the limit, Python also checks the gzip CRC.
+    """
+    got = 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while got < limit and (chunk := fh.read(min(_CHUNK, limit - got))):
+                got += len(chunk)
+            if got == limit:
+                fh.read(64 * 1024)  # reach the end of the stream, if it is there
+    except EOFError as err:
+        raise InputError(
+            f"{name}: gzip data is truncated (the stream ends early); the file is incomplete"
+        ) from err
+    except (OSError, zlib.error) as err:
+        raise InputError(f"{name}: corrupt gzip data ({_short(str(err), 80)})") from err
+    return got
+
+
+def _text_header_lines(path: Path, name: str) -> tuple[list[str], bool]:
+    """Lines of a text header (latin-1) and whether the whole file fit in the cap."""
+    head = _read_prefix(path, name, _TEXT_HEADER_MAX + 1)
+    whole = len(head) <= _TEXT_HEADER_MAX
+    return [raw.decode("latin-1").rstrip("\r") for raw in head.split(b"\n")], whole
+
+
+def _detached(name: str, field: str, value: str, single: str) -> InputError:
+    return InputError(
+        f"{name}: header points to a separate data file ({field} {_short(value, 60)}); only "
+        f"inline pixel data is accepted, so that no other file is ever read. Save it as a "
+        f"single {single} file"
+    )
+
+
+def _check_numbers(name: str, key: str, value: str, spacing: bool) -> None:
+    """Reject NaN/inf (and, for spacing, non-positive values) in a geometry field.
+
+    MetaIO reads 'nan' as 0 and the NIfTI library replaces a NaN pixdim by 1, so
+    the header text is checked before either gets to it. Words that are not
+    numbers (NRRD's 'none') are left to the reader.
+    """
+    numbers = []
+    for token in re.split(r"[\s,()]+", value):
+        with contextlib.suppress(ValueError):
+            numbers.append(float(token))
+    if spacing and not (numbers and all(math.isfinite(v) and v > 0 for v in numbers)):
+        raise InputError(
+            f"{name}: header gives voxel spacing '{_short(value, 60)}' ({key}); "
+            "spacing must be positive and finite"
+        )
+    if not all(math.isfinite(v) for v in numbers):
+        raise InputError(
+            f"{name}: header field {key} = '{_short(value, 60)}' holds a value that is not a "
+            "finite number"
+        )
+
+
+_META_SPACING = {"elementspacing"}
+_META_GEOMETRY = {
+    "elementsize",
+    "offset",
+    "origin",
+    "position",
+    "transformmatrix",
+    "rotation",
+    "orientation",
+}
+
+
+def _check_metaimage_header(path: Path, name: str) -> None:
+    """Accept only ``ElementDataFile = LOCAL`` (pixels inline after the header).
+
+    Any other value names a file (or a list or pattern of files) that MetaIO
+    would open: a way to read arbitrary local files through an upload.
+    """
+    lines, whole = _text_header_lines(path, name)
+    if not whole:
+        lines = lines[:-1]  # cut at the cap: the last line may be partial
+    for line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise InputError(f"{name}: not a MetaImage header (a line without 'key = value')")
+        key, value = key.strip(), value.strip()
+        low = key.lower()
+        if low == "elementdatafile":
+            if value.lower() != "local":
+                raise _detached(name, "ElementDataFile =", value, ".mha")
+            return
+        if low in _META_SPACING or low in _META_GEOMETRY:
+            _check_numbers(name, key, value, spacing=low in _META_SPACING)
+    raise InputError(
+        f"{name}: not a MetaImage file (no ElementDataFile line in the first "
+        f"{_TEXT_HEADER_MAX // 1024} KiB)"
+    )
+
+
+# Fields ITK turns into geometry. NRRD writes NaN in 'spacings' of axes that a
+# 'space directions' vector describes, so spacings count only without one.
+_NRRD_GEOMETRY = ("spacedirections", "spaceorigin", "spacings")
+
+
+def _check_nrrd_header(path: Path, name: str) -> None:
+    """Reject NRRD headers with a 'data file' field (detached pixel data).
+
+    The header ends at the first blank line; .nhdr files may end without one.
+    """
+    lines, whole = _text_header_lines(path, name)
+    if not lines[0].startswith("NRRD000"):
+        raise InputError(f"{name}: not a NRRD file (no NRRD magic line)")
+    if not whole:
+        lines = lines[:-1]  # cut at the cap: the last line may be partial
+    ended = False
+    fields: dict[str, tuple[str, str]] = {}
+    for line in lines[1:]:
+        if not line.strip():
+            ended = True
+            break
+        if line.startswith("#"):
+            continue
+        key, _sep, value = line.partition(":")
+        norm = key.strip().lower().replace(" ", "")
+        # Checked before the ':=' key/value test: no spelling of it may slip through.
+        if norm == "datafile":
+            raise _detached(name, "data file:", value.strip(), ".nrrd")
+        if value.startswith("="):
+            continue  # 'key:=value' pair: free text, never read as a field
+        if norm in _NRRD_GEOMETRY:
+            fields[norm] = (key.strip(), value.strip())
+    for norm in _NRRD_GEOMETRY:
+        if norm in fields and not (norm == "spacings" and "spacedirections" in fields):
+            _check_numbers(name, *fields[norm], spacing=norm == "spacings")
+    if not ended and not whole:
+        raise InputError(
+            f"{name}: NRRD header is longer than {_TEXT_HEADER_MAX // 1024} KiB; not accepted"
+        )
+
+
+# ----------------------------------------------------------------- DICOM
+
+
+@contextlib.contextmanager
+def _dicom_folder(path: Path, name: str, limits: InputLimits) -> Iterator[Path]:
+    """The folder holding the DICOM files: `path` itself, or a zip extracted to a temp dir."""
+    if path.is_dir():
+        _check_folder(path, name, limits)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="disa-dicom-") as tmp:
+        _extract_zip(path, name, Path(tmp), limits)
+        yield Path(tmp)
+
+
+def _check_folder(folder: Path, name: str, limits: InputLimits) -> None:
+    try:
+        with os.scandir(folder) as entries:
+            count = sum(1 for e in entries if e.is_file())
+    except OSError as err:
+        raise InputError(f"{name}: folder cannot be read ({err.strerror})") from err
+    if count > limits.max_zip_members:
+        raise InputError(
+            f"{name}: folder holds {count} files, above the limit of {limits.max_zip_members}"
+        )
+
+
+def _extract_zip(path: Path, name: str, dest: Path, limits: InputLimits) -> None:
+    """Check a zip's directory, then extract its files under server-chosen names.
+
+    Member names are only checked, never used as paths. Declared sizes are
+    checked first (cheap) and the bytes actually written are counted as well,
+    because a hostile archive can understate them.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise InputError(f"{name}: not a valid zip archive") from err
+    with archive:
+        members = archive.infolist()
+        if len(members) > limits.max_zip_members:
+            raise InputError(
+                f"{name}: zip holds {len(members)} members, above the limit of "
+                f"{limits.max_zip_members}"
+            )
+        for member in members:
+            _check_member(name, member, limits)
+        declared = sum(m.file_size for m in members)
+        if declared > limits.max_zip_bytes:
+            raise InputError(
+                f"{name}: zip expands to {_gib(declared)}, above the limit of "
+                f"{_gib(limits.max_zip_bytes)}"
+            )
+        total = 0
+        files = [m for m in members if not m.is_dir()]
+        try:
+            for index, member in enumerate(files):
+                target = dest / f"{index:05d}.dcm"
+                total += _extract_member(archive, member, target, name, total, limits)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+            raise InputError(f"{name}: corrupt zip archive ({_short(str(err), 80)})") from err
+
+
+def _check_member(name: str, member: zipfile.ZipInfo, limits: InputLimits) -> None:
+    shown = _short(member.filename, 60)
+    parts = member.filename.replace("\\", "/").split("/")
+    if member.filename.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member.filename):
+        raise InputError(f"{name}: zip member '{shown}' has an unsafe absolute path")
+    if ".." in parts:
+        raise InputError(f"{name}: zip member '{shown}' has an unsafe path with '..'")
+    if stat.S_ISLNK(member.external_attr >> 16):
+        raise InputError(f"{name}: zip member '{shown}' is a symbolic link; not accepted")
+    if member.flag_bits & 0x1:
+        raise InputError(f"{name}: zip member '{shown}' is encrypted; not accepted")
+    if (
+        member.file_size > _RATIO_CHECK_MIN_BYTES
+        and member.file_size > limits.max_compression_ratio * max(member.compress_size, 1)
+    ):
+        ratio = member.file_size / max(member.compress_size, 1)
+        raise InputError(
+            f"{name}: zip member '{shown}' has compression ratio {ratio:.0f}:1, above the limit "
+            f"of {limits.max_compression_ratio:.0f}:1 (zip bomb)"
+        )
+
+
+def _extract_member(
+    archive: zipfile.ZipFile,
+    member: zipfile.ZipInfo,
+    target: Path,
+    name: str,
+    total: int,
+    limits: InputLimits,
+) -> int:
+    """Copy one member to `target`, counting real bytes; returns the bytes written."""
+    written = 0
+    with archive.open(member) as src, open(target, "wb") as dst:
+        while chunk := src.read(_CHUNK):
+            written += len(chunk)
+            if total + written > limits.max_zip_bytes:
+                raise InputError(
+                    f"{name}: zip expands to more than {_gib(limits.max_zip_bytes)}, the limit"
+                )
+            if written > member.file_size:
+                raise InputError(
+                    f"{name}: zip member '{_short(member.filename, 60)}' expands beyond its "
+                    "declared size; corrupt zip archive"
+                )
+            dst.write(chunk)
+    return written
+
+
+def _inspect_dicom(
+    folder: Path, name: str, limits: InputLimits, series_uid: str | None
+) -> tuple[ImageInfo, list[str]]:
+    """Header facts of one DICOM series in `folder` and its files in slice order.
+
+    The geometry follows ImageSeriesReader: direction and in-plane spacing from
+    the first slice, slice spacing from the distance between the first and the
+    last slice positions. Deeper consistency checks (gaps, tilt, mixed sizes)
+    belong here too.
+    """
+    ids = _gdcm(name, sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(folder))
+    if not ids:
+        raise InputError(f"{name}: no DICOM series found")
+    uid = _choose_series(folder, name, ids, series_uid)
+    files = _gdcm(name, sitk.ImageSeriesReader.GetGDCMSeriesFileNames, str(folder), uid)
+    if not files:
+        raise InputError(f"{name}: DICOM series {uid} has no readable files")
+    first = _header_reader(files[0], "dicom", name)
+    size = tuple(first.GetSize()) + (1,) * (3 - first.GetDimension())
+    spacing = tuple(first.GetSpacing()) + (1.0,) * (3 - first.GetDimension())
+    if len(files) > 1:
+        if size[2] != 1:
+            raise InputError(
+                f"{name}: DICOM series {uid} mixes multi-frame files; give one file per series"
+            )
+        last = _header_reader(files[-1], "dicom", name)
+        step = np.subtract(last.GetOrigin(), first.GetOrigin())
+        dz = float(np.linalg.norm(step)) / (len(files) - 1)
+        if not dz > 1e-6:
+            raise InputError(
+                f"{name}: the {len(files)} slices of DICOM series {uid} share one position"
+            )
+        size = (size[0], size[1], len(files))
+        spacing = (spacing[0], spacing[1], dz)
+    modality = first.GetMetaData("0008|0060").strip() if first.HasMetaDataKey("0008|0060") else ""
+    info = ImageInfo(
+        path=name,
+        format="dicom",
+        size=_triple(size, int),
+        spacing=_triple(spacing, float),
+        origin=_triple(first.GetOrigin(), float),
+        direction=tuple(float(v) for v in first.GetDirection()),
+        pixel_type=sitk.GetPixelIDValueAsString(first.GetPixelID()),
+        components=int(first.GetNumberOfComponents()),
+        modality=modality or None,
+        series_uid=uid,
+    )
+    _validate(info, first.GetPixelID(), limits)
+    return info, files
+
+
+def _gdcm(name: str, scan: Callable[..., tuple[str, ...]], *args: str) -> list[str]:
+    """Run a GDCM folder scan quietly; its failures are the input's fault."""
+    try:
+        with _quiet_itk():
+            return list(scan(*args))
+    except RuntimeError as err:
+        raise InputError(f"{name}: cannot scan for DICOM files ({_itk_detail(err)})") from err
+
+
+def _choose_series(folder: Path, name: str, ids: list[str], series_uid: str | None) -> str:
+    if series_uid is not None and series_uid in ids:
+        return series_uid
+    if series_uid is None and len(ids) == 1:
+        return ids[0]
+    listed = []
+    for uid in ids[:20]:
+        count = len(_gdcm(name, sitk.ImageSeriesReader.GetGDCMSeriesFileNames, str(folder), uid))
+        listed.append(f"{uid} ({count} slices)")
+    if len(ids) > 20:
+        listed.append(f"and {len(ids) - 20} more")
+    if series_uid is None:
+        raise InputError(
+            f"{name}: holds {len(ids)} DICOM series; choose one with series_uid: "
+            + ", ".join(listed)
+        )
+    raise InputError(
+        f"{name}: DICOM series {_short(series_uid, 70)} is not in it; its series: "
+        + ", ".join(listed)
+    )
+
+
+def _read_series(files: list[str], name: str) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = sitk.Cast(_execute(reader, name), sitk.sitkFloat32)
+    for key in _DICOM_TAGS_KEPT:
+        if reader.HasMetaDataKey(0, key):
+            image.SetMetaData(key, reader.GetMetaData(0, key).strip())
+    return image
+
+
+# ------------------------------------------------------------------ text
+
+
+def _triple(values: tuple, kind: type) -> tuple:
+    a, b, c = (kind(v) for v in values)
+    return (a, b, c)
+
+
+def _dims(size: tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in size)
+
+
+def _vec(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return str(int(n))
+
+
+def _gib(nbytes: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def _short(text: str, limit: int) -> str:
+    """Printable ASCII, cut to `limit` characters: client text goes into messages."""
+    safe = text.encode("ascii", "backslashreplace").decode("ascii").replace("\n", "\\n")
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."

@@ -1,0 +1,196 @@
+"""Similarities behind one interface: the optimisers only see costs of parameters.
+
+Every objective is a cost to MINIMISE over transform parameters theta (B, P)
+of a ``TransformModel`` (fixed -> moving points, LPS mm):
+
+- ``DescriptorObjective``: the paper's Eq. 2, sum_p w(p) <F[p], M(T(x_p))>, with
+  trilinear interpolation of the moving map and an analytic gradient; "dot"
+  for DISA descriptors (cost = -similarity), "ssd" for MIND-SSC (cost = SSD).
+- ``LC2Objective``: LC2 of the fixed image and the resampled moving image
+  (no gradient: used with a derivative-free optimiser).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+from disa.registration.descriptor_map import DescriptorMap
+from disa.registration.grid import Grid
+from disa.registration.kernels import descriptor_cost
+from disa.registration.transforms import TransformModel
+
+
+class Objective(Protocol):
+    """A cost over transform parameters; lower is better."""
+
+    model: TransformModel
+    differentiable: bool
+    evaluations: int
+
+    def cost(self, theta: np.ndarray) -> np.ndarray:
+        """Costs (B,) of parameters (B, P)."""
+        ...
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Costs (B,) and gradients (B, P) w.r.t. theta."""
+        ...
+
+
+def sample_points(weight_map: np.ndarray, n_points: int | None, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Sample points of a weight map (Z, Y, X) for the objective.
+
+    With ``n_points`` None or at least the number of weighted voxels, every
+    voxel with positive weight is used with its weight. Otherwise points are
+    drawn without replacement with probability proportional to the weight and
+    weighted equally, an importance sample of the same weighted sum.
+
+    Returns indices (N, 3) in (x, y, z) order as float32 and weights (N,)
+    float32 summing to 1.
+    """
+    flat = weight_map.ravel().astype(np.float64)
+    candidates = np.flatnonzero(flat > 0)
+    if candidates.size == 0:
+        raise ValueError("no voxel of the fixed image carries weight")
+    if n_points is None or n_points >= candidates.size:
+        chosen = candidates
+        weights = flat[chosen]
+    else:
+        p = flat[candidates] / flat[candidates].sum()
+        chosen = np.sort(rng.choice(candidates, size=n_points, replace=False, p=p))
+        weights = np.ones(n_points)
+    z, y, x = np.unravel_index(chosen, weight_map.shape)
+    points = np.stack([x, y, z], axis=1).astype(np.float32)
+    return points, (weights / weights.sum()).astype(np.float32)
+
+
+def fold_grids(p: np.ndarray, fixed_grid: Grid, moving_grid: Grid) -> np.ndarray:
+    """Physical [M | o] (B, 3, 4) -> the same map from fixed indices to moving indices."""
+    h_fixed = fixed_grid.index_to_physical
+    h_moving_inv = moving_grid.physical_to_index
+    full = np.zeros((len(p), 4, 4))
+    full[:, :3] = p
+    full[:, 3, 3] = 1.0
+    return np.ascontiguousarray((h_moving_inv @ full @ h_fixed)[:, :3])
+
+
+@dataclass
+class DescriptorObjective:
+    """Weighted descriptor similarity of a fixed and a moving map (paper, Eq. 2).
+
+    cost(theta) = -sum_p w_p <F_p, M(T_theta(x_p))>    (kind "dot", DISA)
+    cost(theta) =  sum_p w_p ||F_p - M(T_theta(x_p))||^2  (kind "ssd", MIND-SSC)
+
+    with x_p the physical positions of the sampled fixed grid points, weights
+    summing to 1, and moving descriptors zero outside the moving map.
+    """
+
+    fixed: DescriptorMap
+    moving: DescriptorMap
+    weight_map: np.ndarray
+    model: TransformModel
+    kind: Literal["dot", "ssd"] = "dot"
+    n_points: int | None = None
+    seed: int = 0
+    differentiable: bool = True
+    evaluations: int = 0
+    points: np.ndarray = field(init=False)
+    weights: np.ndarray = field(init=False)
+    fixed_values: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.fixed.channels != self.moving.channels:
+            raise ValueError("fixed and moving descriptors have different channel counts")
+        if self.weight_map.shape != tuple(self.fixed.grid.shape):
+            raise ValueError("weight map is not on the fixed descriptor grid")
+        rng = np.random.default_rng(self.seed)
+        self.points, self.weights = sample_points(self.weight_map, self.n_points, rng)
+        idx = self.points.astype(np.int64)
+        self.fixed_values = np.ascontiguousarray(self.fixed.data[idx[:, 2], idx[:, 1], idx[:, 0]])
+        self._moving = np.ascontiguousarray(self.moving.data)
+
+    @property
+    def physical_points(self) -> np.ndarray:
+        """The sample points in LPS mm (N, 3)."""
+        return self.fixed.grid.to_physical(self.points)
+
+    def _evaluate(self, theta: np.ndarray, want_grad: bool) -> tuple[np.ndarray, np.ndarray,
+                                                                      np.ndarray]:
+        theta = np.atleast_2d(np.asarray(theta, dtype=np.float64))
+        p, dp = self.model.matrices(theta)
+        mats = fold_grids(p, self.fixed.grid, self.moving.grid)
+        cost, grad_idx, inside = descriptor_cost(
+            self.fixed_values, self.weights, self.points, self._moving, mats,
+            float(self.fixed.scale), float(self.moving.scale), self.kind == "ssd", want_grad)
+        self.evaluations += len(theta)
+        if not want_grad:
+            return cost, np.zeros_like(theta), inside
+        # d cost / d P = A_m^-T  S  H_f^T  (chain rule through fold_grids).
+        a_inv = self.moving.grid.physical_to_index[:3, :3]
+        grad_p = np.einsum("ji,bjk,lk->bil", a_inv, grad_idx, self.fixed.grid.index_to_physical)
+        grad_p = grad_p[:, :, :4]
+        grad_theta = np.einsum("bij,bkij->bk", grad_p, dp)
+        return cost, grad_theta, inside
+
+    def cost(self, theta: np.ndarray) -> np.ndarray:
+        return self._evaluate(theta, want_grad=False)[0]
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cost, grad, _ = self._evaluate(theta, want_grad=True)
+        return cost, grad
+
+    def overlap(self, theta: np.ndarray) -> float:
+        """Weighted fraction of fixed sample points that land inside the moving map."""
+        return float(self._evaluate(theta, want_grad=False)[2][0])
+
+
+@dataclass
+class LC2Objective:
+    """Negative global LC2 (Wein et al. 2008) of the fixed image and the warped moving image.
+
+    The moving volume (z-scored, working grid) is resampled trilinearly onto
+    the fixed working grid for each parameter set; LC2 uses radii 3, 5 and 7
+    voxels with the fixed image as the target and the moving image in the
+    intensity + gradient role. No gradient: use a derivative-free optimiser.
+    """
+
+    fixed: np.ndarray
+    fixed_grid: Grid
+    moving: np.ndarray
+    moving_grid: Grid
+    model: TransformModel
+    fixed_mask: np.ndarray | None = None
+    radii: tuple[int, ...] = (3, 5, 7)
+    differentiable: bool = False
+    evaluations: int = 0
+
+    def warped_moving(self, theta: np.ndarray) -> np.ndarray:
+        """The moving volume resampled on the fixed grid (zero outside) for one theta."""
+        from scipy import ndimage
+
+        p, _ = self.model.matrices(np.atleast_2d(theta))
+        mat = fold_grids(p, self.fixed_grid, self.moving_grid)[0]
+        # map_coordinates wants (z, y, x) indices; permute the xyz matrix accordingly.
+        perm = np.array([2, 1, 0])
+        zyx = np.zeros((3, 4))
+        zyx[:, :3] = mat[perm][:, perm]
+        zyx[:, 3] = mat[perm, 3]
+        return ndimage.affine_transform(self.moving, zyx[:, :3], offset=zyx[:, 3],
+                                        output_shape=self.fixed.shape, order=1, mode="constant",
+                                        cval=0.0).astype(np.float32)
+
+    def cost(self, theta: np.ndarray) -> np.ndarray:
+        from disa.registration.lc2 import global_lc2
+
+        theta = np.atleast_2d(theta)
+        out = np.empty(len(theta))
+        for i, th in enumerate(theta):
+            warped = self.warped_moving(th)
+            out[i] = -global_lc2(self.fixed, warped, radii=self.radii, mask=self.fixed_mask)
+        self.evaluations += len(theta)
+        return out
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError("LC2 has no analytic gradient here: use a derivative-free optimiser")

@@ -1,0 +1,138 @@
+"""Preprocessing shared by registration, descriptor extraction and training.
+
+Images are resampled to an isotropic working spacing (mm) on a grid that keeps
+the direction cosines and covers the original field of view, then intensities
+are z-scored robustly over the foreground. The network was trained on exactly
+this normalisation (see the model card), so extraction must call these
+functions rather than re-implementing them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from disa.registration.errors import InputError
+from scipy import ndimage
+
+#: Percentiles that bound intensities before the z-score (metal, air, spikes).
+CLIP_PERCENTILES = (0.5, 99.5)
+#: Z-scored values are clipped to this range: outliers must not dominate descriptors.
+Z_CLIP = 5.0
+
+
+def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int = sitk.sitkLinear,
+                        default_value: float | None = None, direction: np.ndarray | None = None
+                        ) -> sitk.Image:
+    """Resample ``image`` to isotropic ``spacing_mm`` over the same field of view.
+
+    Without ``direction`` the new grid keeps origin and direction (voxel 0 stays
+    at the same physical point) and extends to cover the old extent. With a 3x3
+    ``direction`` the grid axes follow it and the grid covers the bounding box
+    of the old field of view in that frame (voxels outside get
+    ``default_value``, by default the image minimum). When coarsening, a
+    Gaussian with sigma = 0.4 x new spacing (mm) suppresses aliasing first.
+    """
+    if not np.isfinite(spacing_mm) or spacing_mm <= 0:
+        raise InputError(f"working spacing must be a positive number of mm, got {spacing_mm}")
+    old_spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    old_size = np.asarray(image.GetSize(), dtype=np.float64)
+    new_size = np.maximum(1, np.round((old_size - 1) * old_spacing / spacing_mm).astype(int) + 1)
+    origin = image.GetOrigin()
+    new_direction = image.GetDirection()
+    if direction is not None:
+        corners = np.array([[i, j, k] for i in (0, old_size[0] - 1) for j in (0, old_size[1] - 1)
+                            for k in (0, old_size[2] - 1)], dtype=np.float64)
+        physical = np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(c))
+                             for c in corners])
+        local = physical @ direction  # coordinates along the new axes
+        low, high = local.min(axis=0), local.max(axis=0)
+        new_size = np.maximum(1, np.ceil((high - low) / spacing_mm).astype(int) + 1)
+        origin = tuple(float(v) for v in direction @ low)
+        new_direction = tuple(float(v) for v in np.asarray(direction).ravel())
+    source = sitk.Cast(image, sitk.sitkFloat32)
+    if interpolator != sitk.sitkNearestNeighbor and np.any(old_spacing < spacing_mm * 0.99):
+        sigma = [
+            float(np.sqrt(max((0.4 * spacing_mm) ** 2 - (0.4 * s) ** 2, 0.0))) for s in old_spacing
+        ]
+        if max(sigma) > 0:
+            source = sitk.SmoothingRecursiveGaussian(source, sigma)
+    if default_value is None:
+        default_value = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(
+        source, [int(v) for v in new_size], sitk.Transform(), interpolator,
+        origin, (float(spacing_mm),) * 3, new_direction, default_value,
+        sitk.sitkFloat32,
+    )
+
+
+def foreground_mask(volume: np.ndarray) -> np.ndarray:
+    """Automatic foreground (bool, same shape): Otsu on a smoothed copy, dilated, holes filled.
+
+    Generous on purpose: it only bounds the statistics and the similarity weights,
+    so losing anatomy would cost more than keeping some background.
+    """
+    smooth = ndimage.uniform_filter(volume.astype(np.float32), size=3)
+    finite = smooth[np.isfinite(smooth)]
+    if finite.size == 0 or finite.max() <= finite.min():
+        return np.zeros(volume.shape, dtype=bool)
+    threshold = _otsu_threshold(finite)
+    mask = smooth > threshold
+    if mask.sum() < 0.01 * mask.size:
+        # Sparse bright structures (a CT with mostly air): keep everything not at the minimum.
+        mask = smooth > finite.min() + 1e-3 * (finite.max() - finite.min())
+    mask = ndimage.binary_dilation(mask, iterations=2)
+    mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1-D sample (maximises between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    weight0 = np.cumsum(hist)
+    weight1 = weight0[-1] - weight0
+    sum0 = np.cumsum(hist * centres)
+    mean0 = sum0 / np.maximum(weight0, 1)
+    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
+    between = weight0 * weight1 * (mean0 - mean1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def normalise_intensities(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Robust z-score (float32): clip to the 0.5-99.5 percentiles of the foreground, subtract
+    the foreground mean, divide by its standard deviation, clip to +-5.
+
+    ``mask`` selects the voxels whose statistics define the normalisation
+    (default: the automatic foreground); every voxel is normalised.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    if mask is None:
+        mask = foreground_mask(volume)
+    values = volume[mask] if mask.any() else volume.ravel()
+    lo, hi = np.percentile(values, CLIP_PERCENTILES)
+    clipped = np.clip(values, lo, hi)
+    mean = float(clipped.mean())
+    std = float(clipped.std())
+    if std <= 1e-8 * max(1.0, abs(mean)):
+        raise InputError("image has constant intensity over its foreground: nothing to register")
+    out = (np.clip(volume, lo, hi) - mean) / std
+    return np.clip(out, -Z_CLIP, Z_CLIP).astype(np.float32)
+
+
+def local_std(volume: np.ndarray, radius: int) -> np.ndarray:
+    """Standard deviation in a (2r+1)^3 cube around every voxel (same units as volume)."""
+    size = 2 * radius + 1
+    v = volume.astype(np.float64)
+    mean = ndimage.uniform_filter(v, size=size, mode="nearest")
+    mean_sq = ndimage.uniform_filter(v * v, size=size, mode="nearest")
+    return np.sqrt(np.maximum(mean_sq - mean * mean, 0.0)).astype(np.float32)
+
+
+def mask_to_grid(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """A user mask (any grid, non-zero = inside) as a bool array on ``reference``'s grid."""
+    resampled = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkUInt8), reference, sitk.Transform(),
+                              sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    array = sitk.GetArrayFromImage(resampled).astype(bool)
+    if not array.any():
+        raise InputError("mask does not overlap its image: check that it was drawn on that image")
+    return array

@@ -1,0 +1,525 @@
+"""The QA picture of a registration result (``qa.png`` in the result folder).
+
+Three orthogonal planes through the fixed image centre (or a given physical
+point), each resampled from physical space onto square pixels so that
+anisotropic voxels and oblique direction matrices still give anatomically
+proportioned pictures. Rows compare the fixed image with the moving image
+before registration (initial transform) and after it, as
+
+* overlay: fixed in the green channel, moving in red + blue (magenta), so
+  agreeing structure looks grey and misalignment shows green/magenta fringes;
+* checkerboard: alternating tiles of fixed and moving, both in grey, so
+  edges that continue across tile borders mean alignment;
+
+and, for deformable results, the displacement magnitude with the fixed grid
+drawn where the transform sends it (the ITK convention: a fixed point p maps to
+p + u(p) in the moving image; the in-plane part of u is drawn).
+
+Coordinates and display convention: SimpleITK physical space, LPS millimetres
+(+x = patient Left, +y = Posterior, +z = Superior); numpy arrays of SimpleITK
+images are indexed (z, y, x). Panels are shown in the radiological view:
+axial seen from the feet (patient Right on the viewer's left, Anterior up),
+coronal seen from the front (Right on the left, Superior up), sagittal seen
+from the patient's left (Anterior on the left, Superior up). Every panel
+carries its orientation letters on its edges and the picture states the
+convention in its footer.
+
+Rendering uses Pillow and numpy only (no matplotlib in the runtime).
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["PLANES", "PlaneGrid", "QALayout", "plane_grids", "qa_layout", "render_qa"]
+
+Mode = Literal["overlay", "checkerboard", "both"]
+Box = tuple[int, int, int, int]
+Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
+
+PLANES = ("axial", "coronal", "sagittal")
+
+# LPS unit vectors of each panel: (column direction, row direction, normal).
+# Rows run downwards on screen, so "Superior up" means rows along -z.
+_PLANE_AXES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "axial": ((1, 0, 0), (0, 1, 0), (0, 0, 1)),
+    "coronal": ((1, 0, 0), (0, 0, -1), (0, 1, 0)),
+    "sagittal": ((0, 1, 0), (0, 0, -1), (-1, 0, 0)),
+}
+_AXIS_NAMES = ("x", "y", "z")
+# Letter of the patient direction that each LPS axis points to (+) or from (-).
+_LETTERS = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}
+
+CONVENTION_NOTE = (
+    "LPS mm (+x Left, +y Posterior, +z Superior). Radiological view: axial from feet, "
+    "coronal from front (patient R on viewer's left), sagittal from patient's left "
+    "(A on left). Overlay: fixed green, moving magenta, grey = agreement."
+)
+
+# Layout in canvas pixels.
+_TITLE_H = 20
+_HEADER_H = 16
+_LABEL_W = 96
+_FOOTER_H = 40
+_GAP = 4
+_BACKGROUND = (24, 24, 32)  # R != B: never an overlay pixel (R == B there)
+_LABEL_COLOUR = (230, 230, 230)
+_LETTER_COLOUR = (255, 215, 0)
+_GRID_COLOUR = (255, 255, 255)
+
+# Magnitude colour map stops (value in [0, 1] -> RGB): dark blue to yellow.
+_CMAP_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+_CMAP_RGB = np.array(
+    [[16, 16, 72], [40, 80, 190], [30, 170, 160], [170, 210, 60], [250, 235, 40]], dtype=float
+)
+
+
+@dataclass(frozen=True)
+class PlaneGrid:
+    """A display plane in physical space: square pixels of ``spacing`` mm.
+
+    Pixel (column i, row j) is centred at ``origin + i*spacing*col_dir +
+    j*spacing*row_dir`` (LPS mm). ``position`` is the plane's LPS coordinate
+    along its normal axis (z for axial, y for coronal, x for sagittal).
+    """
+
+    name: str
+    origin: tuple[float, float, float]
+    col_dir: tuple[int, int, int]
+    row_dir: tuple[int, int, int]
+    normal: tuple[int, int, int]
+    spacing: float
+    size: tuple[int, int]  # (columns, rows) in pixels
+    position: float
+
+    def reference(self) -> sitk.Image:
+        """A one-slice 3D image with this geometry, for ``sitk.Resample``."""
+        ref = sitk.Image([self.size[0], self.size[1], 1], sitk.sitkUInt8)
+        ref.SetOrigin(self.origin)
+        ref.SetSpacing((self.spacing, self.spacing, self.spacing))
+        # Direction columns are the physical directions of index axes i, j, k.
+        direction = np.column_stack([self.col_dir, self.row_dir, self.normal]).astype(float)
+        ref.SetDirection(tuple(direction.ravel()))
+        return ref
+
+    def edge_letters(self) -> dict[str, str]:
+        """Patient-direction letters at the panel's left, right, top and bottom edges."""
+
+        def letter(v: tuple[int, int, int], sign: int) -> str:
+            axis = int(np.flatnonzero(v)[0])
+            return _LETTERS[(axis, sign * v[axis])]
+
+        return {
+            "left": letter(self.col_dir, -1),
+            "right": letter(self.col_dir, 1),
+            "top": letter(self.row_dir, -1),
+            "bottom": letter(self.row_dir, 1),
+        }
+
+
+@dataclass(frozen=True)
+class QALayout:
+    """Where things go on the QA canvas (pixels, boxes as (x0, y0, x1, y1))."""
+
+    size: tuple[int, int]  # (width, height)
+    rows: tuple[str, ...]  # row names, top to bottom
+    panels: dict[tuple[str, str], Box]  # (row name, plane name) -> panel box
+    panel_size: int
+
+
+def plane_grids(
+    fixed: sitk.Image,
+    point: Sequence[float] | None = None,
+    panel_size: int = 256,
+) -> list[PlaneGrid]:
+    """Axial, coronal and sagittal display planes covering the fixed image.
+
+    Args:
+        fixed: 3D image; its physical bounding box (voxel edges, LPS mm) sets
+            the field of view of each plane.
+        point: LPS mm point the three planes pass through; default the
+            physical centre of ``fixed``.
+        panel_size: pixels along the longest physical extent. The same mm per
+            pixel is used for all planes, so panels keep physical proportions.
+    """
+    if panel_size < 16:
+        raise ValueError(f"panel_size must be at least 16 pixels, got {panel_size}")
+    size = np.array(fixed.GetSize(), dtype=float)
+    if point is None:
+        point = fixed.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2))
+    centre = np.asarray(point, dtype=float)
+    if centre.shape != (3,):
+        raise ValueError(f"point must be 3 LPS coordinates in mm, got {point!r}")
+    # Voxel edges (continuous index -0.5 and size - 0.5) bound the image.
+    corners = np.array(
+        [
+            fixed.TransformContinuousIndexToPhysicalPoint(
+                tuple(-0.5 + size[k] * bit for k, bit in enumerate(bits))
+            )
+            for bits in np.ndindex(2, 2, 2)
+        ]
+    )
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    spacing = float((hi - lo).max()) / panel_size
+
+    grids = []
+    for name in PLANES:
+        col_dir, row_dir, normal = (np.array(v, dtype=float) for v in _PLANE_AXES[name])
+        extents = []
+        for direction in (col_dir, row_dir):
+            proj = corners @ direction
+            extents.append((float(proj.min()), float(proj.max())))
+        n_cols, n_rows = (max(1, round((b - a) / spacing)) for a, b in extents)
+        origin = (
+            (extents[0][0] + spacing / 2) * col_dir
+            + (extents[1][0] + spacing / 2) * row_dir
+            + float(centre @ normal) * normal
+        )
+        axis = int(np.flatnonzero(normal)[0])
+        grids.append(
+            PlaneGrid(
+                name=name,
+                origin=tuple(float(c) for c in origin),  # type: ignore[arg-type]
+                col_dir=_PLANE_AXES[name][0],
+                row_dir=_PLANE_AXES[name][1],
+                normal=_PLANE_AXES[name][2],
+                spacing=spacing,
+                size=(n_cols, n_rows),
+                position=float(centre[axis]),
+            )
+        )
+    return grids
+
+
+def _row_names(mode: Mode, has_before: bool, has_displacement: bool) -> tuple[str, ...]:
+    if mode not in ("overlay", "checkerboard", "both"):
+        raise ValueError(f"mode must be 'overlay', 'checkerboard' or 'both', got {mode!r}")
+    kinds = ["overlay", "checkerboard"] if mode == "both" else [mode]
+    stages = ["before", "after"] if has_before else ["after"]
+    # Before and after of one kind sit next to each other: that is the comparison.
+    rows = [f"{stage} {kind}" for kind in kinds for stage in stages]
+    if has_displacement:
+        rows.append("displacement")
+    return tuple(rows)
+
+
+def qa_layout(
+    fixed: sitk.Image,
+    *,
+    mode: Mode = "both",
+    has_before: bool = True,
+    has_displacement: bool = False,
+    point: Sequence[float] | None = None,
+    panel_size: int = 256,
+) -> QALayout:
+    """The canvas size and panel boxes that :func:`render_qa` uses for these inputs.
+
+    Each plane sits centred in a ``panel_size`` square cell; its own box is
+    smaller along a shorter physical extent.
+    """
+    rows = _row_names(mode, has_before, has_displacement)
+    grids = plane_grids(fixed, point, panel_size)
+    width = _LABEL_W + len(PLANES) * (panel_size + _GAP) + _GAP
+    height = _TITLE_H + _HEADER_H + len(rows) * (panel_size + _GAP) + _FOOTER_H
+    panels: dict[tuple[str, str], Box] = {}
+    for r, row in enumerate(rows):
+        cell_y = _TITLE_H + _HEADER_H + r * (panel_size + _GAP)
+        for c, grid in enumerate(grids):
+            cell_x = _LABEL_W + _GAP + c * (panel_size + _GAP)
+            w, h = min(grid.size[0], panel_size), min(grid.size[1], panel_size)
+            x0 = cell_x + (panel_size - w) // 2
+            y0 = cell_y + (panel_size - h) // 2
+            panels[(row, grid.name)] = (x0, y0, x0 + w, y0 + h)
+    return QALayout(size=(width, height), rows=rows, panels=panels, panel_size=panel_size)
+
+
+def _check_on_grid(name: str, image: sitk.Image, fixed: sitk.Image, components: int) -> None:
+    """Raise ValueError unless ``image`` has the fixed image's voxel grid."""
+    if image.GetDimension() != 3:
+        raise ValueError(f"{name} must be a 3D image, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != components:
+        raise ValueError(
+            f"{name} must have {components} component(s) per voxel, "
+            f"got {image.GetNumberOfComponentsPerPixel()}"
+        )
+    if image is fixed:
+        return
+    problems = []
+    if image.GetSize() != fixed.GetSize():
+        problems.append(f"size {image.GetSize()} vs {fixed.GetSize()}")
+    if not np.allclose(image.GetSpacing(), fixed.GetSpacing(), rtol=1e-5, atol=1e-6):
+        problems.append(f"spacing {image.GetSpacing()} vs {fixed.GetSpacing()} mm")
+    # Origins may differ by float noise after a round trip through a file.
+    tol = 1e-3 * max(fixed.GetSpacing())
+    if not np.allclose(image.GetOrigin(), fixed.GetOrigin(), rtol=0, atol=tol):
+        problems.append(f"origin {image.GetOrigin()} vs {fixed.GetOrigin()} mm")
+    if not np.allclose(image.GetDirection(), fixed.GetDirection(), rtol=0, atol=1e-5):
+        problems.append(f"direction {image.GetDirection()} vs {fixed.GetDirection()}")
+    if problems:
+        raise ValueError(
+            f"{name} is not on the fixed grid ({'; '.join(problems)}); "
+            "resample it onto the fixed image first"
+        )
+
+
+def _window(image: sitk.Image, max_voxels: int = 1_000_000) -> tuple[float, float]:
+    """Robust display window: 1st and 99th intensity percentiles of the whole volume."""
+    arr = sitk.GetArrayViewFromImage(image)
+    # A strided subsample gives the same percentiles to display precision.
+    step = max(1, int(np.ceil((arr.size / max_voxels) ** (1 / 3))))
+    sample = np.asarray(arr[::step, ::step, ::step], dtype=np.float64).ravel()
+    sample = sample[np.isfinite(sample)]
+    if sample.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(sample, [1.0, 99.0])
+    if hi <= lo:  # flat image: any window shows it as one grey
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def _resample_plane(image: sitk.Image, grid: PlaneGrid, vector: bool = False) -> np.ndarray:
+    """Image values on the plane's pixels (rows, cols[, 3]); NaN outside the image."""
+    pixel_type = sitk.sitkVectorFloat32 if vector else sitk.sitkFloat32
+    plane = sitk.Resample(
+        image, grid.reference(), sitk.Transform(), sitk.sitkLinear, float("nan"), pixel_type
+    )
+    return sitk.GetArrayFromImage(plane)[0]
+
+
+def _normalise(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Map intensities through the window to [0, 1]; outside the image -> 0 (black)."""
+    lo, hi = window
+    out = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    return np.nan_to_num(out, nan=0.0)
+
+
+def _to_rgb(channels: Sequence[np.ndarray]) -> np.ndarray:
+    return (np.stack(channels, axis=-1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _overlay(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
+    return _to_rgb([moving, fixed, moving])
+
+
+def _checkerboard(fixed: np.ndarray, moving: np.ndarray, tile: int) -> np.ndarray:
+    rows, cols = np.indices(fixed.shape)
+    use_fixed = ((rows // tile) + (cols // tile)) % 2 == 0
+    grey = np.where(use_fixed, fixed, moving)
+    return _to_rgb([grey, grey, grey])
+
+
+def _colour_map(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (NaN = outside) -> uint8 RGB by the magnitude colour map."""
+    v = np.nan_to_num(np.clip(values, 0.0, 1.0), nan=0.0)
+    rgb = np.stack([np.interp(v, _CMAP_STOPS, _CMAP_RGB[:, k]) for k in range(3)], axis=-1)
+    rgb[np.isnan(values)] = 0.0
+    return (rgb + 0.5).astype(np.uint8)
+
+
+def _displacement_panel(
+    field: np.ndarray, grid: PlaneGrid, max_mm: float, step: int
+) -> Image.Image:
+    """|u| colour map with the fixed grid displaced by the in-plane part of u.
+
+    ``field``: (rows, cols, 3) LPS displacement in mm on the plane's pixels.
+    """
+    magnitude = np.linalg.norm(field, axis=-1)
+    panel = Image.fromarray(_colour_map(magnitude / max_mm))
+    draw = ImageDraw.Draw(panel)
+    # In-plane displacement in display pixels along the panel's columns and rows.
+    du = field @ np.asarray(grid.col_dir, dtype=float) / grid.spacing
+    dv = field @ np.asarray(grid.row_dir, dtype=float) / grid.spacing
+    n_rows, n_cols = magnitude.shape
+    rows = np.arange(step // 2, n_rows, step)
+    cols = np.arange(step // 2, n_cols, step)
+
+    def polyline(rr: np.ndarray, cc: np.ndarray) -> None:
+        # Break the line where the field is undefined (outside the image).
+        points: list[tuple[float, float]] = []
+        for r, c in zip(rr, cc, strict=True):
+            if np.isfinite(du[r, c]) and np.isfinite(dv[r, c]):
+                points.append((c + du[r, c], r + dv[r, c]))
+                continue
+            if len(points) > 1:
+                draw.line(points, fill=_GRID_COLOUR, width=1)
+            points = []
+        if len(points) > 1:
+            draw.line(points, fill=_GRID_COLOUR, width=1)
+
+    all_cols = np.arange(n_cols)
+    all_rows = np.arange(n_rows)
+    for r in rows:
+        polyline(np.full(n_cols, r), all_cols)
+    for c in cols:
+        polyline(all_rows, np.full(n_rows, c))
+    return panel
+
+
+def _text(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[float, float],
+    text: str,
+    font: Font,
+    align: tuple[str, str] = ("left", "top"),
+    fill: tuple[int, int, int] = _LABEL_COLOUR,
+    shadow: bool = False,
+) -> None:
+    """Draw (multi-line) text aligned at ``xy``: align = (left|centre|right, top|middle|bottom).
+
+    Aligns by the measured text box rather than Pillow anchors, which the
+    bitmap default font of older Pillow versions does not support.
+    """
+    x0, y0, x1, y1 = draw.multiline_textbbox((0, 0), text, font=font)
+    fx = {"left": 0.0, "centre": 0.5, "right": 1.0}[align[0]]
+    fy = {"top": 0.0, "middle": 0.5, "bottom": 1.0}[align[1]]
+    x = xy[0] - x0 - fx * (x1 - x0)
+    y = xy[1] - y0 - fy * (y1 - y0)
+    if shadow:  # a dark halo keeps letters legible on bright anatomy
+        for dx, dy in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            draw.multiline_text((x + dx, y + dy), text, fill=(0, 0, 0), font=font)
+    draw.multiline_text((x, y), text, fill=fill, font=font)
+
+
+def _draw_letters(draw: ImageDraw.ImageDraw, box: Box, grid: PlaneGrid, font: Font) -> None:
+    x0, y0, x1, y1 = box
+    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+    places = {
+        "left": ((x0 + 2, ym), ("left", "middle")),
+        "right": ((x1 - 2, ym), ("right", "middle")),
+        "top": ((xm, y0 + 2), ("centre", "top")),
+        "bottom": ((xm, y1 - 2), ("centre", "bottom")),
+    }
+    for edge, letter in grid.edge_letters().items():
+        xy, align = places[edge]
+        _text(draw, xy, letter, font, align, fill=_LETTER_COLOUR, shadow=True)
+
+
+def _write_png_atomically(image: Image.Image, path: Path) -> None:
+    """Write next to the target and rename: readers never see a half-written PNG."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def render_qa(
+    fixed: sitk.Image,
+    registered: sitk.Image,
+    before: sitk.Image | None = None,
+    path: str | Path | None = None,
+    mode: Mode = "both",
+    title: str | None = None,
+    displacement: sitk.Image | None = None,
+    *,
+    point: Sequence[float] | None = None,
+    panel_size: int = 256,
+) -> Image.Image:
+    """Render (and optionally write) the QA picture of a registration.
+
+    Args:
+        fixed: 3D scalar fixed image.
+        registered: moving image resampled onto the fixed grid with the final
+            transform (same size, spacing, origin and direction as ``fixed``).
+        before: moving image resampled onto the fixed grid with the initial
+            (or identity) transform; adds "before" rows when given.
+        path: where to write the PNG (atomically: temp file + rename).
+        mode: "overlay", "checkerboard" or "both" (one row pair each).
+        title: text of the title bar.
+        displacement: 3-component LPS displacement field in mm on the fixed
+            grid (fixed point p maps to p + u(p)); adds a row of |u| with the
+            deformed grid.
+        point: LPS mm point the planes pass through (default: fixed centre).
+        panel_size: pixels along the longest physical extent of the image.
+
+    Returns:
+        The RGB picture; its size and panel boxes are ``qa_layout(...)``'s.
+
+    Raises:
+        ValueError: an input is not 3D, has the wrong number of components or
+            is not on the fixed grid; or a bad mode / point / panel size.
+    """
+    _check_on_grid("fixed image", fixed, fixed, 1)
+    _check_on_grid("registered image", registered, fixed, 1)
+    if before is not None:
+        _check_on_grid("'before' image", before, fixed, 1)
+    if displacement is not None:
+        _check_on_grid("displacement field", displacement, fixed, 3)
+
+    layout = qa_layout(
+        fixed,
+        mode=mode,
+        has_before=before is not None,
+        has_displacement=displacement is not None,
+        point=point,
+        panel_size=panel_size,
+    )
+    grids = plane_grids(fixed, point, panel_size)
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", layout.size, _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+
+    fixed_planes = [_normalise(_resample_plane(fixed, g), _window(fixed)) for g in grids]
+    moving_images = {"before": before, "after": registered}
+    moving_planes: dict[str, list[np.ndarray]] = {}
+    for stage, image in moving_images.items():
+        if image is not None:
+            window = _window(image)
+            moving_planes[stage] = [_normalise(_resample_plane(image, g), window) for g in grids]
+    tile = max(4, panel_size // 8)
+
+    max_mm = 0.0
+    field_planes: list[np.ndarray] = []
+    if displacement is not None:
+        field_planes = [_resample_plane(displacement, g, vector=True) for g in grids]
+        field = sitk.GetArrayViewFromImage(displacement)
+        max_mm = float(np.sqrt(np.nanmax(np.sum(np.square(field, dtype=np.float64), axis=-1))))
+    step = max(6, panel_size // 16)
+
+    for row in layout.rows:
+        for i, grid in enumerate(grids):
+            box = layout.panels[(row, grid.name)]
+            if row == "displacement":
+                panel = _displacement_panel(field_planes[i], grid, max(max_mm, 1e-6), step)
+            else:
+                stage, kind = row.split(" ")
+                f, m = fixed_planes[i], moving_planes[stage][i]
+                rgb = _overlay(f, m) if kind == "overlay" else _checkerboard(f, m, tile)
+                panel = Image.fromarray(rgb)
+            # Planes larger than the cell (only by rounding) are cropped to it.
+            canvas.paste(panel.crop((0, 0, box[2] - box[0], box[3] - box[1])), box[:2])
+            _draw_letters(draw, box, grid, font)
+
+    # Labels: title, column headers, row names, convention footer.
+    _text(draw, (_GAP, _TITLE_H / 2), title or "registration QA", font, ("left", "middle"))
+    for i, grid in enumerate(grids):
+        x_mid = _LABEL_W + _GAP + i * (layout.panel_size + _GAP) + layout.panel_size / 2
+        axis = _AXIS_NAMES[int(np.flatnonzero(grid.normal)[0])]
+        header = f"{grid.name}  {axis} = {grid.position:.1f} mm"
+        _text(draw, (x_mid, _TITLE_H + _HEADER_H / 2), header, font, ("centre", "middle"))
+    for r, row in enumerate(layout.rows):
+        y_mid = _TITLE_H + _HEADER_H + r * (layout.panel_size + _GAP) + layout.panel_size / 2
+        if row == "displacement":
+            text = f"displacement\n|u| 0 to {max_mm:.1f} mm\ngrid: p + u(p)"
+        else:
+            stage, kind = row.split(" ")
+            text = f"{stage}\n{kind}"
+        _text(draw, (_GAP, y_mid), text, font, ("left", "middle"))
+    chars_per_line = max(20, (layout.size[0] - 2 * _GAP) // 6)
+    footer = "\n".join(textwrap.wrap(CONVENTION_NOTE, chars_per_line)[:3])
+    _text(draw, (_GAP, layout.size[1] - _FOOTER_H + _GAP), footer, font)
+
+    if path is not None:
+        _write_png_atomically(canvas, Path(path))
+    return canvas

@@ -1,0 +1,256 @@
+"""Global multi-start search and local refinement of transform parameters.
+
+Strategy (coarse to fine, everything batched over starts):
+
+1. Draw N random starts around the initial pose: Euler angles uniform in
+   +-rotation_range degrees, translations uniform in +-translation_range mm
+   (start 0 is the initial pose itself). Deterministic for a seed.
+2. Successive halving on the coarse objective: every surviving start takes a
+   few batched Adam steps in displacement units (mm), then the weaker
+   half/quarter is pruned. Batched steps cost one kernel call for all starts,
+   which is what makes hundreds of starts affordable on a CPU.
+3. The survivors continue on the fine objective; the best K are refined with
+   scipy's L-BFGS-B and the analytic gradient.
+4. Confidence: the fraction of the K refined solutions whose mapping agrees
+   with the best one (RMS point distance below a tolerance) and whether a
+   disagreeing solution scores almost as well (an ambiguous result).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from disa.registration.errors import CancelledError
+from disa.registration.objective import Objective
+from disa.registration.transforms import TransformModel
+from scipy import optimize
+
+#: progress(stage, fraction in [0, 1]) is called between optimiser iterations.
+Progress = Callable[[str, float], None]
+#: cancel() returning True stops the search at the next iteration.
+Cancel = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Settings of the global search. Angles in degrees, distances in mm."""
+
+    starts: int = 500
+    rotation_range_deg: float = 40.0
+    translation_range_mm: float = 100.0
+    top_k: int = 8
+    seed: int = 0
+    coarse_rounds: tuple[tuple[int, float], ...] = ((8, 0.25), (12, 0.25))
+    fine_steps: int = 15
+    lbfgs_iterations: int = 60
+    agree_tolerance_mm: float = 2.0
+    ambiguity_margin: float = 0.02
+
+
+@dataclass
+class RefinedSolution:
+    theta: np.ndarray
+    cost: float
+    start_index: int
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a search: best parameters, their cost and diagnostics."""
+
+    theta: np.ndarray
+    cost: float
+    solutions: list[RefinedSolution]
+    agreeing: int
+    confidence: float
+    ambiguous: bool
+    evaluations: int
+    starts: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def draw_starts(model: TransformModel, init: np.ndarray, settings: SearchSettings,
+                rng: np.random.Generator) -> np.ndarray:
+    """Random starts (N, P) around ``init``; row 0 is ``init``. Rigid parameters only vary
+    rotation and translation; affine starts are rigid perturbations of ``init``."""
+    n = max(1, settings.starts)
+    rot = np.deg2rad(settings.rotation_range_deg) * rng.uniform(-1, 1, size=(n, 3))
+    trans = settings.translation_range_mm * rng.uniform(-1, 1, size=(n, 3))
+    rot[0] = 0.0
+    trans[0] = 0.0
+    if model.mode == "rigid":
+        starts = np.tile(init, (n, 1))
+        starts[:, :3] += rot
+        starts[:, 3:] += trans
+        return starts
+    from disa.registration.transforms import rotation_matrix
+
+    m0 = init[:9].reshape(3, 3)
+    mats = rotation_matrix(rot) @ m0
+    return np.concatenate([mats.reshape(n, 9), init[None, 9:] + trans], axis=1)
+
+
+def _check(cancel: Cancel | None) -> None:
+    if cancel is not None and cancel():
+        raise CancelledError("registration cancelled")
+
+
+def adam_steps(objective: Objective, theta: np.ndarray, scales: np.ndarray, steps: int,
+               lr_start: float, lr_end: float, cancel: Cancel | None = None) -> tuple[np.ndarray,
+                                                                                      np.ndarray]:
+    """Batched Adam on theta (B, P) in displacement units u = theta / scales (mm).
+
+    Adam's per-coordinate normalisation makes the step length (mm) independent
+    of the objective's scale, so one schedule serves DISA and MIND alike. The
+    learning rate decays geometrically from lr_start to lr_end mm. Returns the
+    best parameters seen per start and their costs.
+    """
+    theta = theta.copy()
+    best_theta = theta.copy()
+    best_cost = np.full(len(theta), np.inf)
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    beta1, beta2, eps = 0.9, 0.999, 1e-12
+    for step in range(steps):
+        _check(cancel)
+        cost, grad = objective.cost_and_grad(theta)
+        better = cost < best_cost
+        best_cost[better] = cost[better]
+        best_theta[better] = theta[better]
+        g = grad * scales
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1 ** (step + 1))
+        v_hat = v / (1 - beta2 ** (step + 1))
+        frac = step / max(steps - 1, 1)
+        lr = lr_start * (lr_end / lr_start) ** frac
+        theta = theta - lr * scales * m_hat / (np.sqrt(v_hat) + eps)
+    cost = objective.cost(theta)
+    better = cost < best_cost
+    best_cost[better] = cost[better]
+    best_theta[better] = theta[better]
+    return best_theta, best_cost
+
+
+def lbfgs_refine(objective: Objective, theta: np.ndarray, scales: np.ndarray, iterations: int,
+                 cancel: Cancel | None = None, bounds_mm: float | None = None
+                 ) -> tuple[np.ndarray, float]:
+    """L-BFGS-B (scipy) from one start, in displacement units, with the analytic gradient."""
+    theta0 = np.asarray(theta, dtype=np.float64)
+
+    def fun(u: np.ndarray) -> tuple[float, np.ndarray]:
+        _check(cancel)
+        th = theta0 + u * scales
+        cost, grad = objective.cost_and_grad(th[None, :])
+        return float(cost[0]), grad[0] * scales
+
+    bounds = None if bounds_mm is None else [(-bounds_mm, bounds_mm)] * len(theta0)
+    res = optimize.minimize(fun, np.zeros_like(theta0), jac=True, method="L-BFGS-B",
+                            bounds=bounds,
+                            options={"maxiter": iterations, "ftol": 1e-10, "gtol": 1e-9})
+    return theta0 + res.x * scales, float(res.fun)
+
+
+def mapping_distance(model: TransformModel, theta_a: np.ndarray, theta_b: np.ndarray,
+                     points: np.ndarray) -> float:
+    """RMS distance (mm) between where two parameter sets map the same points (N, 3)."""
+    return float(np.sqrt(np.mean(np.sum(
+        (model.apply(theta_a, points) - model.apply(theta_b, points)) ** 2, axis=1))))
+
+
+def global_search(coarse: Objective, fine: Objective, refine: Objective, model: TransformModel,
+                  init: np.ndarray, settings: SearchSettings, radius_mm: float,
+                  coarse_spacing_mm: float, fine_spacing_mm: float, check_points: np.ndarray,
+                  progress: Progress | None = None, cancel: Cancel | None = None
+                  ) -> SearchResult:
+    """Multi-start search: successive halving on ``coarse``, Adam on ``fine``, L-BFGS on
+    ``refine`` for the best K; ``check_points`` (N, 3, mm) measure agreement."""
+    report = progress or (lambda stage, fraction: None)
+    timings: dict[str, float] = {}
+    rng = np.random.default_rng(settings.seed)
+    scales = model.scales(radius_mm)
+    t0 = time.perf_counter()
+    theta = draw_starts(model, np.asarray(init, dtype=np.float64), settings, rng)
+    n_starts = len(theta)
+    report("search", 0.0)
+    cost = coarse.cost(theta)
+    lr = coarse_spacing_mm
+    n_rounds = len(settings.coarse_rounds)
+    for r, (steps, keep) in enumerate(settings.coarse_rounds):
+        theta, cost = adam_steps(coarse, theta, scales, steps, lr, lr / 4, cancel)
+        lr /= 2
+        n_keep = max(settings.top_k * 2, int(math.ceil(len(theta) * keep)))
+        order = np.argsort(cost, kind="stable")[:n_keep]
+        theta, cost = theta[order], cost[order]
+        report("search", 0.5 * (r + 1) / n_rounds)
+    timings["coarse"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    theta, cost = adam_steps(fine, theta, scales, settings.fine_steps, fine_spacing_mm / 2,
+                             fine_spacing_mm / 16, cancel)
+    order = np.argsort(cost, kind="stable")[: settings.top_k]
+    theta = theta[order]
+    report("search", 0.6)
+    timings["fine"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    solutions: list[RefinedSolution] = []
+    for i, th in enumerate(theta):
+        refined, refined_cost = lbfgs_refine(refine, th, scales, settings.lbfgs_iterations, cancel)
+        solutions.append(RefinedSolution(refined, refined_cost, int(order[i])))
+        report("refine", 0.6 + 0.4 * (i + 1) / len(theta))
+    solutions.sort(key=lambda s: s.cost)
+    timings["refine"] = time.perf_counter() - t2
+
+    agreeing, confidence, ambiguous = assess(model, solutions, check_points, settings)
+    evaluations = coarse.evaluations + fine.evaluations + refine.evaluations
+    return SearchResult(theta=solutions[0].theta, cost=solutions[0].cost, solutions=solutions,
+                        agreeing=agreeing, confidence=confidence, ambiguous=ambiguous,
+                        evaluations=evaluations, starts=n_starts, timings=timings)
+
+
+def assess(model: TransformModel, solutions: list[RefinedSolution], check_points: np.ndarray,
+           settings: SearchSettings) -> tuple[int, float, bool]:
+    """Agreement of refined solutions with the best: (count, fraction, ambiguous).
+
+    A solution agrees when its mapping of ``check_points`` is within
+    ``agree_tolerance_mm`` RMS of the best. The result is ambiguous when a
+    disagreeing solution's cost is within ``ambiguity_margin`` (relative to the
+    cost spread scale |best|) of the best.
+    """
+    best = solutions[0]
+    agreeing = 0
+    ambiguous = False
+    scale = max(abs(best.cost), 1e-12)
+    for s in solutions:
+        if mapping_distance(model, s.theta, best.theta, check_points) <= settings.agree_tolerance_mm:
+            agreeing += 1
+        elif (s.cost - best.cost) / scale < settings.ambiguity_margin:
+            ambiguous = True
+    return agreeing, agreeing / len(solutions), ambiguous
+
+
+def local_search(objective: Objective, model: TransformModel, init: np.ndarray,
+                 radius_mm: float, step_mm: float, max_evaluations: int = 600,
+                 cancel: Cancel | None = None) -> SearchResult:
+    """Derivative-free local optimisation (scipy Powell) from ``init``, for LC2."""
+    scales = model.scales(radius_mm)
+    theta0 = np.asarray(init, dtype=np.float64)
+    t0 = time.perf_counter()
+
+    def fun(u: np.ndarray) -> float:
+        _check(cancel)
+        return float(objective.cost((theta0 + u * scales)[None, :])[0])
+
+    res = optimize.minimize(fun, np.zeros_like(theta0), method="Powell",
+                            options={"maxfev": max_evaluations, "xtol": 0.05, "ftol": 1e-6,
+                                     "direc": np.eye(len(theta0)) * step_mm})
+    theta = theta0 + res.x * scales
+    sol = RefinedSolution(theta, float(res.fun), 0)
+    return SearchResult(theta=theta, cost=float(res.fun), solutions=[sol], agreeing=1,
+                        confidence=1.0, ambiguous=False, evaluations=objective.evaluations,
+                        starts=1, timings={"local": time.perf_counter() - t0})
