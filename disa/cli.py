@@ -1,2 +1,183 @@
-def main() -> int:
-    return 0
+"""The `disa` command: register, info, descriptors, demo (and the service commands).
+
+Exit codes: 0 success, 2 bad input or options (one line on stderr naming the
+problem), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from disa.registration.errors import InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on usage errors already; keep its message to one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_INPUT, f"disa: error: {message}\n")
+
+
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register", help="register MOVING to FIXED and write a result folder",
+                       description="Register MOVING to FIXED. The output transform maps fixed "
+                                   "points to moving points (LPS mm, ITK convention).")
+    p.add_argument("fixed", type=Path, help="fixed image (NIfTI, NRRD, MetaImage .mha, DICOM "
+                                            "folder or .zip)")
+    p.add_argument("moving", type=Path, help="moving image (same formats)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="result folder")
+    p.add_argument("--mode", choices=["rigid", "affine"], default="rigid")
+    p.add_argument("--similarity", choices=["disa", "mind", "lc2"], default=None,
+                   help="default: disa when the model ships, else mind")
+    p.add_argument("--starts", type=int, default=500, help="random starts (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotation-range", type=float, default=40.0, metavar="DEG")
+    p.add_argument("--translation-range", type=float, default=100.0, metavar="MM")
+    p.add_argument("--working-spacing", type=float, default=None, metavar="MM")
+    p.add_argument("--init", choices=["centers", "geometry"], default="centers")
+    p.add_argument("--precision", choices=["int8", "float32"], default="int8")
+    p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
+    p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(handler=_cmd_register)
+
+
+def _options_from_args(args: argparse.Namespace):  # -> RegistrationOptions
+    from disa.registration.options import RegistrationOptions
+
+    return RegistrationOptions(
+        mode=args.mode, similarity=args.similarity, starts=args.starts, seed=args.seed,
+        rotation_range=args.rotation_range, translation_range=args.translation_range,
+        working_spacing=args.working_spacing, init=args.init, precision=args.precision)
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from disa.progress import progress_reporter
+    from disa.registration.runner import run_registration
+
+    options = _options_from_args(args)
+    with progress_reporter(quiet=args.quiet) as report:
+        data = run_registration(args.fixed, args.moving, args.output, options,
+                                args.fixed_mask, args.moving_mask, progress=report)
+    _print_summary(data, args.output)
+    return EXIT_OK
+
+
+def _print_summary(data: dict, outdir: Path) -> None:
+    verdict = "AMBIGUOUS: check qa.png" if data["ambiguous"] else "unambiguous"
+    print(f"{data['mode']} registration with {data['similarity']}: "
+          f"similarity {data['similarity_value']:.4f}, confidence {data['confidence']:.2f} "
+          f"({data['agreeing_solutions']}/{data['refined_solutions']} refined solutions agree, "
+          f"{verdict}), {data['evaluations']} evaluations, "
+          f"{sum(v for k, v in data['timings_s'].items() if '_' not in k):.2f} s")
+    print(f"results in {outdir}/ : {', '.join(data['files'])}")
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print the geometry of an image without reading its pixels")
+    p.add_argument("image", type=Path)
+    p.add_argument("--series-uid", default=None, help="DICOM series to describe")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from disa.registration.io import format_info, inspect_image
+
+    info = inspect_image(args.image, series_uid=args.series_uid)
+    print(json.dumps(info.as_dict(), indent=2) if args.json else format_info(info))
+    return EXIT_OK
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="register the bundled sample pair and check it against "
+                                    "its known transform")
+    p.add_argument("-o", "--output", type=Path, default=Path("disa-demo"))
+    p.add_argument("--starts", type=int, default=500)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from disa.progress import progress_reporter
+    from disa.registration.options import RegistrationOptions
+    from disa.registration.runner import run_registration
+    from disa.sample import sample_paths, sample_truth_error
+
+    fixed, moving, truth = sample_paths()
+    print(f"fixed:  {fixed}\nmoving: {moving}")
+    with progress_reporter(quiet=args.quiet) as report:
+        data = run_registration(fixed, moving, args.output,
+                                RegistrationOptions(starts=args.starts), progress=report)
+    _print_summary(data, args.output)
+    error = sample_truth_error(args.output / "transform.tfm", truth)
+    print(f"mean target registration error against the known transform: {error:.2f} mm")
+    return EXIT_OK if error < 2.0 else EXIT_INTERNAL
+
+
+#: Subcommand builders; other packages (model, service, worker) add theirs here.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_register, _add_info,
+                                                                 _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from disa import __version__
+
+    parser = _Parser(prog="disa", description="DISA multimodal image registration")
+    parser.add_argument("--version", action="version", version=f"disa {__version__}")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for internal errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands of packages that may be absent or still growing (descriptors, service)."""
+    import importlib
+
+    for module_name in ("disa.model.cli", "disa.service.cli", "disa.worker.cli"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        module.add_commands(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except InputError as exc:
+        print(f"disa: error: {_one_line(str(exc))}", file=sys.stderr)
+        return EXIT_INPUT
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             for e in exc.errors())
+        print(f"disa: error: invalid options: {problems}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("disa: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line unless --debug
+        if args.debug:
+            raise
+        print(f"disa: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -43,8 +43,9 @@ RECEPTIVE_FIELD_VOXELS = 49
 PARAMETERS = 90_752
 INPUT_SPACING_MM = 2.0
 NORMALISATION = (
-    "robust z-score: (x - median) / (1.4826 * MAD) of the volume's intensities "
-    "(foreground mask if given), as disa.registration.preprocess.normalise_intensities"
+    "robust z-score over the foreground (automatic Otsu-based mask unless given): clip to the "
+    "0.5-99.5 percentiles, subtract the mean, divide by the standard deviation, clip to +-5; "
+    "disa.registration.preprocess.normalise_intensities after resample_to_spacing"
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

@@ -171,8 +171,10 @@ def plan_tiles(
     """
     if len(shape) != 3:
         raise ValueError(f"expected a 3-D shape (z, y, x), got {tuple(shape)}")
-    if halo % STRIDE or halo < RECEPTIVE_FIELD_VOXELS // 2:
-        raise ValueError(f"halo must be a multiple of {STRIDE} and >= {RECEPTIVE_FIELD_VOXELS // 2}")
+    # A halo below HALO_VOXELS is allowed (tests show what it breaks), but
+    # it must keep tiles on the stride grid.
+    if halo % STRIDE or halo < 0:
+        raise ValueError(f"halo must be a non-negative multiple of {STRIDE}, got {halo}")
     n_out = output_shape(shape)
     if max_tile_voxels is None or math.prod(shape) <= max_tile_voxels:
         splits = (1, 1, 1)
@@ -198,28 +200,30 @@ def plan_tiles(
 def _best_splits(
     shape: tuple[int, ...], n_out: tuple[int, ...], max_tile_voxels: int, halo: int
 ) -> tuple[int, int, int]:
-    def extents(n: int, k: int) -> list[int]:
-        return [b - a for a, b, _, _ in _axis_ranges(n, k, halo)]
-
-    best: tuple[int, int, tuple[int, int, int]] | None = None
-    candidates = [range(1, min(m, 64) + 1) for m in n_out]
-    cache = {(ax, k): extents(shape[ax], k) for ax in range(3) for k in candidates[ax]}
+    # Up to 16 parts per axis: beyond that the halo (48 voxels per tile and
+    # axis) dwarfs the kept core and the limit is unreachable anyway.
+    candidates = [range(1, min(m, 16) + 1) for m in n_out]
+    extents = {
+        (ax, k): [b - a for a, b, _, _ in _axis_ranges(shape[ax], k, halo)]
+        for ax in range(3)
+        for k in candidates[ax]
+    }
+    best_key: tuple[int, int, int] | None = None
+    best = (1, 1, 1)
     for kz in candidates[0]:
         for ky in candidates[1]:
             for kx in candidates[2]:
-                ez, ey, ex = cache[0, kz], cache[1, ky], cache[2, kx]
-                if max(ez) * max(ey) * max(ex) > max_tile_voxels:
-                    continue
+                ez, ey, ex = extents[0, kz], extents[1, ky], extents[2, kx]
+                largest = max(ez) * max(ey) * max(ex)
                 total = sum(ez) * sum(ey) * sum(ex)
-                # Fewer tiles on ties; among equal tile counts z slabs come first
-                # because the loop order visits kz before ky and kx.
-                key = (total, kz * ky * kx)
-                if best is None or key < best[:2]:
-                    best = (total, kz * ky * kx, (kz, ky, kx))
-    if best is None:
-        # Even the finest split exceeds the limit: use it anyway (it is the smallest).
-        return tuple(len(c) for c in candidates)  # type: ignore[return-value]
-    return best[2]
+                # Feasible splits by least computed voxels, then fewest tiles;
+                # if none fits (the halo bounds how small a tile can be), the
+                # one with the smallest largest tile. Strict "<" with z as the
+                # outer loop keeps z slabs (contiguous copies) on ties.
+                key = (max(0, largest - max_tile_voxels), total, kz * ky * kx)
+                if best_key is None or key < best_key:
+                    best_key, best = key, (kz, ky, kx)
+    return best
 
 
 class DescriptorExtractor:

@@ -147,7 +147,8 @@ def auto_working_spacing(fixed: sitk.Image, moving: sitk.Image, similarity: str)
         if card_path is None:
             raise InputError("similarity 'disa' needs the DISA model, which is not installed")
         return float(load_model_card(card_path, verify=False).input_spacing_mm)
-    finest = min(min(fixed.GetSpacing()), min(moving.GetSpacing()))
+    # Resolving finer than the coarser of the two images adds cost, not information.
+    finest = max(min(fixed.GetSpacing()), min(moving.GetSpacing()))
     extent = max(s * (n - 1) for s, n in zip(fixed.GetSpacing(), fixed.GetSize(), strict=True))
     return float(round(max(finest, extent / 160.0), 3))
 
@@ -278,7 +279,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
         settings = SearchSettings(
             starts=options.starts, rotation_range_deg=options.rotation_range,
             translation_range_mm=options.translation_range, top_k=options.top_k,
-            seed=options.seed, agree_tolerance_mm=max(2.0, spacing),
+            seed=options.seed, agree_tolerance_mm=max(5.0, 2.0 * float(fixed_map.grid.spacing[0])),
         )
         desc_spacing = float(fixed_map.grid.spacing[0])
         search = global_search(
@@ -349,7 +350,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     objective: DescriptorObjective | None = None
     cost = np.inf
     scales = model.scales(radius)
-    for _ in range(passes):
+    converged = False
+    for pass_index in range(passes):
         rotation = model.linear_part(theta[None, :])[0][0]
         moving_p = prepare(moving, spacing, moving_mask, direction=rotation @ fixed_direction)
         moving_map, stride, _ = descriptor_maps(moving_p, similarity, options)
@@ -357,13 +359,19 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
             moving_map = moving_map.masked(moving_p.mask[::stride, ::stride, ::stride])
         if options.precision == "int8":
             moving_map = moving_map.quantised()
+        final = pass_index == passes - 1 or converged
         objective = DescriptorObjective(fixed_map, moving_map, weights, model, kind=kind,
-                                        n_points=REFINE_POINTS, seed=options.seed)
-        refined, cost = lbfgs_refine(objective, theta, scales, 40, cancel)
+                                        n_points=REFINE_POINTS if final else FINE_POINTS,
+                                        seed=options.seed)
+        refined, cost = lbfgs_refine(objective, theta, scales, 100 if final else 30, cancel)
         step = (refined - theta) / scales  # mm of displacement at the sample radius
-        if np.abs(step).max() < 0.05:
+        if final:
             theta = refined
             break
+        converged = bool(np.abs(step).max() < 0.1)
+        if converged:
+            theta = refined
+            continue
         # Each pass removes only part of the residual rotation: the optimum lies between the
         # true pose and the pose of the descriptor grid (measured ratio ~0.5 near the
         # solution, ~0.8 far away). Over-relaxation by 1.5 keeps the iteration contracting

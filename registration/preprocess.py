@@ -54,8 +54,10 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
         sigma = [
             float(np.sqrt(max((0.4 * spacing_mm) ** 2 - (0.4 * s) ** 2, 0.0))) for s in old_spacing
         ]
-        if max(sigma) > 0:
-            source = sitk.SmoothingRecursiveGaussian(source, sigma)
+        for axis, sigma_mm in enumerate(sigma):
+            # Axis by axis: already-coarse axes (sigma 0) must stay untouched.
+            if sigma_mm > 0:
+                source = sitk.RecursiveGaussian(source, sigma_mm, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(image).min())
     return sitk.Resample(

@@ -46,9 +46,9 @@ class SearchSettings:
     seed: int = 0
     coarse_rounds: tuple[tuple[int, float], ...] = ((8, 0.25), (12, 0.25))
     fine_steps: int = 15
-    lbfgs_iterations: int = 60
-    agree_tolerance_mm: float = 2.0
-    ambiguity_margin: float = 0.02
+    lbfgs_iterations: int = 100
+    agree_tolerance_mm: float = 5.0
+    ambiguity_margin: float = 0.05
 
 
 @dataclass
@@ -178,6 +178,7 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     n_starts = len(theta)
     report("search", 0.0)
     cost = coarse.cost(theta)
+    start_median = float(np.median(cost))
     lr = coarse_spacing_mm
     n_rounds = len(settings.coarse_rounds)
     for r, (steps, keep) in enumerate(settings.coarse_rounds):
@@ -206,7 +207,10 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     solutions.sort(key=lambda s: s.cost)
     timings["refine"] = time.perf_counter() - t2
 
-    agreeing, confidence, ambiguous = assess(model, solutions, check_points, settings)
+    # The cost contrast between a typical random start and the best solution is the scale
+    # for "almost as good": SSD costs carry a large constant offset, so |best| is not.
+    contrast = max(start_median - solutions[0].cost, 1e-12)
+    agreeing, confidence, ambiguous = assess(model, solutions, check_points, settings, contrast)
     evaluations = coarse.evaluations + fine.evaluations + refine.evaluations
     return SearchResult(theta=solutions[0].theta, cost=solutions[0].cost, solutions=solutions,
                         agreeing=agreeing, confidence=confidence, ambiguous=ambiguous,
@@ -214,22 +218,24 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
 
 
 def assess(model: TransformModel, solutions: list[RefinedSolution], check_points: np.ndarray,
-           settings: SearchSettings) -> tuple[int, float, bool]:
+           settings: SearchSettings, contrast: float) -> tuple[int, float, bool]:
     """Agreement of refined solutions with the best: (count, fraction, ambiguous).
 
     A solution agrees when its mapping of ``check_points`` is within
-    ``agree_tolerance_mm`` RMS of the best. The result is ambiguous when a
-    disagreeing solution's cost is within ``ambiguity_margin`` (relative to the
-    cost spread scale |best|) of the best.
+    ``agree_tolerance_mm`` RMS of the best: the same answer up to the local
+    minima that any similarity has within a few voxels of its optimum. The
+    result is ambiguous when a disagreeing solution's cost is within
+    ``ambiguity_margin`` x ``contrast`` (median start cost - best cost) of the
+    best: a different pose that the similarity can hardly tell apart.
     """
     best = solutions[0]
     agreeing = 0
     ambiguous = False
-    scale = max(abs(best.cost), 1e-12)
     for s in solutions:
-        if mapping_distance(model, s.theta, best.theta, check_points) <= settings.agree_tolerance_mm:
+        distance = mapping_distance(model, s.theta, best.theta, check_points)
+        if distance <= settings.agree_tolerance_mm:
             agreeing += 1
-        elif (s.cost - best.cost) / scale < settings.ambiguity_margin:
+        elif (s.cost - best.cost) / contrast < settings.ambiguity_margin:
             ambiguous = True
     return agreeing, agreeing / len(solutions), ambiguous
 

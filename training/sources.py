@@ -343,8 +343,11 @@ def _load_ct_brain_atlas() -> Volume:
     # The template is skull-stripped with exactly 0 outside the brain.
     brain = ndimage.binary_fill_holes(ndimage.binary_opening(hu != 0))
     soft = brain & (hu < 100)
-    centres = kmeans_1d(np.clip(hu[soft][::7], -10, 80), 3)  # csf < wm < gm in CT
-    cls = _nearest_centre(np.clip(hu, -10, 80), centres)
+    # CT grey/white contrast is a few HU, below the template's noise: classify a
+    # smoothed copy (sigma 1.5 mm) so the classes form regions, not speckle.
+    smooth = ndimage.gaussian_filter(np.clip(hu, -10, 80), 1.5)
+    centres = kmeans_1d(smooth[soft][::7], 3)  # csf < wm < gm in CT
+    cls = _nearest_centre(smooth, centres)
     # Labels: 0 air, 1 csf, 2 wm, 3 gm, 4 dense (calcification / bone-like, > 100 HU).
     label_map = np.where(brain, 1 + cls, 0)
     label_map = np.where(brain & (hu >= 100), 4, label_map)

@@ -1,0 +1,7 @@
+"""`python -m disa` is the `disa` command."""
+
+import sys
+
+from disa.cli import main
+
+sys.exit(main())

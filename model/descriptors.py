@@ -1,0 +1,102 @@
+"""Descriptor images with physical geometry (no torch).
+
+`compute_descriptor_image` takes an image in physical space (LPS mm), brings it
+to what the network was trained on (isotropic `card.input_spacing_mm`, robust
+z-score), runs the extractor and returns a 16-component float32 vector image
+whose geometry places every descriptor at the physical point it describes:
+
+    output voxel i  <->  input voxel stride * i + offset of the resampled grid
+    origin'    = origin + D @ (offset * spacing)      (offset 0: origin kept)
+    spacing'   = stride * spacing
+    direction' = direction
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from disa.model.card import ModelCard, card_path_for, default_model_path, load_model_card
+from disa.model.runtime import Device, DescriptorExtractor
+from disa.registration.preprocess import normalise_intensities, resample_to_spacing
+
+__all__ = ["compute_descriptor_file", "compute_descriptor_image", "descriptor_geometry"]
+
+
+def descriptor_geometry(
+    resampled: sitk.Image, card: ModelCard
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(origin, spacing, direction) of the descriptor grid over a resampled input grid.
+
+    ITK order (x, y, z), LPS mm. The offset is along the grid axes, so it goes
+    through the direction cosines.
+    """
+    spacing = np.asarray(resampled.GetSpacing(), dtype=np.float64)
+    direction = np.asarray(resampled.GetDirection(), dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(resampled.GetOrigin(), dtype=np.float64)
+    origin = origin + direction @ (card.output_offset_voxels * spacing)
+    return (
+        tuple(float(v) for v in origin),
+        tuple(float(v) for v in card.output_stride * spacing),
+        tuple(float(v) for v in direction.ravel()),
+    )
+
+
+def compute_descriptor_image(
+    image: sitk.Image,
+    extractor: DescriptorExtractor,
+    card: ModelCard,
+    mask: np.ndarray | None = None,
+) -> sitk.Image:
+    """Descriptors of a 3-D scalar image as a 16-component float32 vector image.
+
+    `image`: any spacing and direction (LPS mm). It is resampled to
+    `card.input_spacing_mm` isotropic with the registration engine's
+    `resample_to_spacing` (same origin and direction) and z-scored with
+    `normalise_intensities` (`mask`, on the resampled grid, selects the voxels
+    whose statistics define the z-score; default: automatic foreground), so the
+    descriptors equal those the registration pipeline computes.
+    """
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("expected a 3-D scalar image")
+    resampled = resample_to_spacing(image, card.input_spacing_mm)
+    volume = normalise_intensities(sitk.GetArrayFromImage(resampled), mask=mask)
+    descriptors = extractor.extract(volume)  # (z', y', x', 16)
+    out = sitk.GetImageFromArray(descriptors, isVector=True)
+    origin, spacing, direction = descriptor_geometry(resampled, card)
+    out.SetOrigin(origin)
+    out.SetSpacing(spacing)
+    out.SetDirection(direction)
+    return out
+
+
+def compute_descriptor_file(
+    image_path: str | Path,
+    output_path: str | Path,
+    model_path: str | Path | None = None,
+    device: Device = "auto",
+) -> sitk.Image:
+    """`disa descriptors IMAGE -o OUT`: read, describe, write (.nii.gz, .nii, .nrrd, .mha).
+
+    `model_path` names an ONNX file with its card next to it (`.json`);
+    default: the shipped model. The card's sha256 is checked. Input is read
+    and validated with the engine's `read_image`, output written atomically
+    with `write_image`; both raise InputError for problems a user can fix.
+    """
+    from disa.registration.errors import InputError
+    from disa.registration.io import read_image, write_image
+
+    onnx_path = Path(model_path) if model_path is not None else default_model_path()
+    if onnx_path is None:
+        raise InputError("no descriptor model is installed: pass a model file (.onnx with its card)")
+    card_path = card_path_for(onnx_path)
+    if not card_path.is_file():
+        raise InputError(f"model card {card_path.name} not found next to {onnx_path.name}")
+    card = load_model_card(card_path)
+    extractor = DescriptorExtractor(card.onnx_path(card_path.parent), device=device)
+    image = read_image(image_path)
+    descriptors = compute_descriptor_image(image, extractor, card)
+    write_image(descriptors, output_path)
+    return descriptors

@@ -1,0 +1,105 @@
+"""The result folder of a registration (ARCHITECTURE.md contract).
+
+    transform.tfm      ITK transform, fixed points -> moving points (LPS mm)
+    registered.nii.gz  moving image resampled on the fixed grid with that transform
+    qa.png             fixed/moving overlay and checkerboard, before and after
+    result.json        mode, similarity, parameters, objective, confidence, timings,
+                       versions, model hash (written last: its presence means complete)
+
+Every file is written to a temporary name in the folder and moved into place
+with os.replace, so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from disa.registration.io import write_image
+from disa.registration.pipeline import RegistrationResult
+from disa.registration.qa import render_qa
+
+TRANSFORM_FILE = "transform.tfm"
+REGISTERED_FILE = "registered.nii.gz"
+QA_FILE = "qa.png"
+RESULT_FILE = "result.json"
+
+
+def resample_moving(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform
+                    ) -> sitk.Image:
+    """The moving image on the fixed grid (linear; outside the moving image: its minimum)."""
+    background = float(sitk.GetArrayViewFromImage(moving).min())
+    return sitk.Resample(moving, fixed, transform, sitk.sitkLinear, background, sitk.sitkFloat32)
+
+
+def write_transform(transform: sitk.Transform, path: Path) -> None:
+    """Write an ITK transform file atomically (the writer picks the format from '.tfm')."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tfm", dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteTransform(transform, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the API may run as another user
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write JSON atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the software that produced a result (for reproducibility)."""
+    found = {"python": platform.python_version()}
+    for package in ("disa", "numpy", "scipy", "SimpleITK", "numba", "onnxruntime",
+                    "onnxruntime-gpu"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
+                        outdir: str | Path, inputs: dict[str, Any] | None = None
+                        ) -> dict[str, Any]:
+    """Write transform, registered image, QA picture and result.json; return the JSON data."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    write_transform(result.transform, outdir / TRANSFORM_FILE)
+    registered = resample_moving(moving, fixed, result.transform)
+    write_image(registered, outdir / REGISTERED_FILE)
+    before = resample_moving(moving, fixed, sitk.Transform())
+    title = (f"DISA {result.mode} / {result.similarity}: confidence {result.confidence:.2f}"
+             + (" AMBIGUOUS" if result.ambiguous else ""))
+    render_qa(fixed, registered, before=before, path=outdir / QA_FILE, title=title)
+    data = {
+        "format": "disa-result/1",
+        **result.summary(),
+        "transform_convention": "transform.tfm maps fixed points to moving points (LPS mm); "
+                                "sitk.Resample(moving, fixed, transform) gives registered.nii.gz",
+        "files": [TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE],
+        "inputs": inputs or {},
+        "versions": versions(),
+    }
+    write_json(data, outdir / RESULT_FILE)
+    return data

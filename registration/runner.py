@@ -1,0 +1,55 @@
+"""Run one registration from files to a result folder: the entry of the CLI and the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from disa.registration.io import DEFAULT_LIMITS, InputLimits, inspect_image, read_image
+from disa.registration.options import RegistrationOptions
+from disa.registration.outputs import write_result_folder
+from disa.registration.pipeline import register
+from disa.registration.search import Cancel, Progress
+
+
+def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: str | Path,
+                     options: RegistrationOptions | None = None,
+                     fixed_mask_path: str | Path | None = None,
+                     moving_mask_path: str | Path | None = None,
+                     progress: Progress | None = None, cancel: Cancel | None = None,
+                     limits: InputLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Read and check the inputs, register, write the result folder; return result.json data.
+
+    Raises InputError for bad input (with a message for the user) and
+    CancelledError when ``cancel`` asks to stop. ``progress(stage, fraction)``
+    reports stages: read, preprocess, descriptors, search, refine, reorient,
+    affine, write.
+    """
+    report = progress or (lambda stage, fraction: None)
+    report("read", 0.0)
+    options = options or RegistrationOptions()
+    fixed_info = inspect_image(fixed_path, limits)
+    moving_info = inspect_image(moving_path, limits)
+    fixed = read_image(fixed_path, limits)
+    moving = read_image(moving_path, limits)
+    fixed_mask = read_image(fixed_mask_path, limits) if fixed_mask_path else None
+    moving_mask = read_image(moving_mask_path, limits) if moving_mask_path else None
+    result = register(fixed, moving, options, fixed_mask, moving_mask, progress=report,
+                      cancel=cancel)
+    report("write", 0.0)
+    inputs = {
+        "fixed": _describe(fixed_info.as_dict()),
+        "moving": _describe(moving_info.as_dict()),
+        "fixed_mask": fixed_mask_path is not None,
+        "moving_mask": moving_mask_path is not None,
+        "options": options.model_dump(),
+    }
+    data = write_result_folder(result, fixed, moving, outdir, inputs)
+    report("done", 1.0)
+    return data
+
+
+def _describe(info: dict[str, Any]) -> dict[str, Any]:
+    """Geometry facts of an input for result.json (no identifiers: only the file's basename)."""
+    keep = ("path", "format", "size", "spacing", "origin", "direction", "modality")
+    return {k: info[k] for k in keep if k in info}

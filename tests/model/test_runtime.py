@@ -1,0 +1,188 @@
+"""Tests of the ONNX Runtime extractor: layout, tiling, providers, CPU quota."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ort = pytest.importorskip("onnxruntime")
+
+from disa.model import runtime  # noqa: E402
+from disa.model.runtime import (  # noqa: E402
+    HALO_VOXELS,
+    DescriptorExtractor,
+    cpu_quota,
+    output_shape,
+    plan_tiles,
+)
+
+SHAPE = (53, 47, 61)  # odd sizes: outputs (14, 12, 16)
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=SHAPE).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def whole(onnx_model: Path, volume: np.ndarray) -> np.ndarray:
+    extractor = DescriptorExtractor(onnx_model, device="cpu", memory_budget_bytes=1 << 40)
+    assert len(extractor.plan(volume.shape)) == 1
+    return extractor.extract(volume)
+
+
+def test_extract_is_channels_last_contiguous_unit_ball(
+    onnx_model: Path, volume: np.ndarray, whole: np.ndarray
+) -> None:
+    assert whole.shape == (14, 12, 16, 16) == (*output_shape(SHAPE), 16)
+    assert whole.dtype == np.float32 and whole.flags.c_contiguous
+    assert np.linalg.norm(whole, axis=-1).max() <= 1 + 1e-6
+    session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+    direct = session.run(None, {"volume": volume[None, None]})[0][0]
+    np.testing.assert_allclose(whole, np.moveaxis(direct, 0, -1), atol=1e-6)
+
+
+def test_session_is_created_lazily_and_again_after_fork(onnx_model: Path) -> None:
+    extractor = DescriptorExtractor(onnx_model, device="cpu", threads=1)
+    assert extractor._session is None
+    first = extractor.session
+    assert extractor.session is first
+    extractor._session_pid = -1  # as seen from a forked child
+    assert extractor.session is not first
+
+
+@pytest.mark.parametrize("tile_voxels", [40_000, 150_000, 60 * 60 * 30])
+def test_tiled_equals_whole(
+    onnx_model: Path, volume: np.ndarray, whole: np.ndarray, tile_voxels: int
+) -> None:
+    extractor = DescriptorExtractor(onnx_model, device="cpu", tile_voxels=tile_voxels)
+    assert len(extractor.plan(volume.shape)) > 1
+    np.testing.assert_allclose(extractor.extract(volume), whole, atol=1e-4, rtol=0)
+
+
+def test_halo_below_receptive_field_changes_results(
+    onnx_model: Path, volume: np.ndarray, whole: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The equality above is not vacuous: with 8 voxels less context than the
+    # receptive field needs, the tile borders show.
+    extractor = DescriptorExtractor(onnx_model, device="cpu")
+    short = HALO_VOXELS - 8
+    monkeypatch.setattr(extractor, "plan", lambda shape: plan_tiles(shape, 40_000, halo=short))
+    assert len(extractor.plan(volume.shape)) > 1
+    assert np.abs(extractor.extract(volume) - whole).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "shape,limit",
+    [((53, 47, 61), 40_000), ((256, 256, 256), 8_000_000), ((9, 300, 17), 20_000), ((5, 6, 7), 10)],
+)
+def test_tiles_cover_every_output_once(shape: tuple[int, int, int], limit: int) -> None:
+    tiles = plan_tiles(shape, limit)
+    count = np.zeros(output_shape(shape), dtype=int)
+    for tile in tiles:
+        count[tile.output_slices()] += 1
+        assert all(a % 4 == 0 for a in tile.in_start)
+        for i0, i1, o0, o1, n in zip(tile.in_start, tile.in_stop, tile.out_start, tile.out_stop,
+                                     shape, strict=True):
+            assert i0 == 0 or i0 <= 4 * o0 - HALO_VOXELS
+            assert i1 == n or i1 >= 4 * (o1 - 1) + HALO_VOXELS
+            assert output_shape([i1 - i0])[0] >= o1 - i0 // 4
+    assert (count == 1).all()
+
+
+def test_large_volume_is_tiled_by_memory_budget() -> None:
+    tiles = plan_tiles((256, 256, 256), 8_000_000)
+    assert 1 < len(tiles) <= 8
+    assert max(t.input_voxels for t in tiles) <= 8_000_000
+    assert plan_tiles((256, 256, 256), None) == plan_tiles((256, 256, 256), 256**3)
+    assert len(plan_tiles((256, 256, 256), None)) == 1
+
+
+# -- providers ------------------------------------------------------------------
+
+
+def test_auto_on_cpu_build_uses_cpu(onnx_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime offers CUDA")
+    with caplog.at_level(logging.INFO, logger="disa.model"):
+        extractor = DescriptorExtractor(onnx_model, device="auto")
+        assert extractor.provider == "CPUExecutionProvider"
+    assert "CPUExecutionProvider" in caplog.text
+
+
+def test_cuda_required_but_not_offered_raises(
+    onnx_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    extractor = DescriptorExtractor(onnx_model, device="cuda")
+    with pytest.raises(RuntimeError, match="GPU required by configuration but CUDA provider"):
+        extractor.extract(np.zeros((8, 8, 8), np.float32))
+
+
+def test_cuda_listed_but_session_falls_back_raises(
+    onnx_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A GPU build whose CUDA libraries or device are missing lists the
+    # provider, then quietly runs on CPU: only session.get_providers() tells.
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort.InferenceSession, "get_providers", lambda self: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="GPU required by configuration.*runs on"):
+        DescriptorExtractor(onnx_model, device="cuda").provider
+    # "auto" accepts the fallback and says so.
+    assert DescriptorExtractor(onnx_model, device="auto").provider == "CPUExecutionProvider"
+
+
+def test_bad_arguments(onnx_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        DescriptorExtractor(onnx_model, device="gpu")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        DescriptorExtractor(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="3-D"):
+        DescriptorExtractor(onnx_model).extract(np.zeros((4, 4), np.float32))
+
+
+# -- CPU quota ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cpu_max,expected",
+    [("max 100000", 8), ("150000 100000", 2), ("50000 100000", 1), ("400000 100000", 4),
+     ("2000000 100000", 8), ("garbage", 8)],
+)
+def test_cpu_quota_cgroup_v2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_max: str, expected: int
+) -> None:
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max + "\n")
+    assert cpu_quota(path, tmp_path / "no-v1") == expected
+
+
+def test_cpu_quota_cgroup_v1_and_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert cpu_quota(tmp_path / "absent", tmp_path / "absent") == 3
+    (tmp_path / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(tmp_path / "absent", tmp_path) == 2
+    (tmp_path / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(tmp_path / "absent", tmp_path) == 3
+
+
+def test_threads_default_to_quota(onnx_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "cpu_quota", lambda: 3)
+    assert DescriptorExtractor(onnx_model)._session_options().intra_op_num_threads == 3
+    assert DescriptorExtractor(onnx_model, threads=1)._session_options().intra_op_num_threads == 1
+
+
+def test_tiny_volume_with_tiny_tile_limit(onnx_model: Path) -> None:
+    # Volumes smaller than the halo: every split degenerates to whole-volume tiles.
+    x = np.random.default_rng(2).normal(size=(6, 5, 7)).astype(np.float32)
+    a = DescriptorExtractor(onnx_model, device="cpu", tile_voxels=10).extract(x)
+    b = DescriptorExtractor(onnx_model, device="cpu").extract(x)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert a.shape == (2, 2, 2, 16)

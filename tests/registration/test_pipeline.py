@@ -1,0 +1,96 @@
+"""End-to-end accuracy on phantoms with known transforms (two contrasts of one anatomy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from disa.registration import phantom as ph
+from disa.registration.errors import CancelledError, InputError
+from disa.registration.options import RegistrationOptions
+from disa.registration.pipeline import register
+
+from .conftest import tre
+
+
+def test_rigid_recovered_from_20mm_15deg_to_sub_millimetre(small_pair) -> None:
+    options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
+                                  rotation_range=20, translation_range=30)
+    result = register(small_pair.fixed, small_pair.moving, options)
+    assert tre(result.transform, small_pair.truth) < 1.0
+    assert result.confidence >= 0.5 and not result.ambiguous
+    assert result.overlap > 0.9
+
+
+def test_affine_recovered_to_sub_millimetre() -> None:
+    truth = sitk.AffineTransform(3)
+    r = ph.rigid_truth((8.0, -6.0, 10.0), (10.0, -8.0, 12.0))
+    linear = np.asarray(r.GetMatrix()).reshape(3, 3) @ np.diag([1.08, 0.94, 1.03])
+    linear[0, 1] += 0.04
+    truth.SetMatrix(tuple(linear.ravel()))
+    truth.SetTranslation(r.GetTranslation())
+    grid = ph.make_grid((64, 64, 64), (3.0, 3.0, 3.0))
+    pair = ph.make_pair(truth, fixed_grid=grid, moving_grid=grid, seed=3)
+    options = RegistrationOptions(similarity="mind", mode="affine", init="geometry", starts=100,
+                                  rotation_range=20, translation_range=30)
+    result = register(pair.fixed, pair.moving, options)
+    assert result.mode == "affine" and len(result.theta) == 12
+    assert tre(result.transform, truth) < 1.0
+
+
+def test_global_search_recovers_90mm_40deg(far_pair) -> None:
+    options = RegistrationOptions(similarity="mind", init="geometry", starts=500,
+                                  rotation_range=40, translation_range=100)
+    result = register(far_pair.fixed, far_pair.moving, options)
+    assert tre(result.transform, far_pair.truth) < 1.0
+    assert result.starts == 500
+
+
+def test_same_seed_same_result(small_pair) -> None:
+    options = RegistrationOptions(similarity="mind", starts=40, seed=5)
+    a = register(small_pair.fixed, small_pair.moving, options)
+    b = register(small_pair.fixed, small_pair.moving, options)
+    np.testing.assert_array_equal(a.theta, b.theta)
+
+
+def test_lc2_local_refinement_recovers_a_small_offset() -> None:
+    truth = ph.rigid_truth((4.0, -3.0, 3.0), (4.0, -3.0, 5.0))
+    pair = ph.make_pair(truth, seed=4)
+    options = RegistrationOptions(similarity="lc2", init="geometry")
+    result = register(pair.fixed, pair.moving, options)
+    assert result.similarity == "lc2" and result.starts == 1
+    assert tre(result.transform, truth) < 1.5
+    assert 0.0 < result.similarity_value <= 1.0
+
+
+def test_masks_restrict_the_similarity(small_pair) -> None:
+    mask = sitk.Cast(small_pair.fixed_labels > 0, sitk.sitkUInt8)
+    options = RegistrationOptions(similarity="mind", init="geometry", starts=50,
+                                  rotation_range=20, translation_range=30)
+    result = register(small_pair.fixed, small_pair.moving, options, fixed_mask=mask,
+                      moving_mask=sitk.Cast(small_pair.moving_labels > 0, sitk.sitkUInt8))
+    assert tre(result.transform, small_pair.truth) < 1.5
+
+
+def test_cancel_stops_the_search(small_pair) -> None:
+    with pytest.raises(CancelledError):
+        register(small_pair.fixed, small_pair.moving, RegistrationOptions(similarity="mind"),
+                 cancel=lambda: True)
+
+
+def test_progress_reports_stages_in_order(small_pair) -> None:
+    stages: list[str] = []
+    register(small_pair.fixed, small_pair.moving,
+             RegistrationOptions(similarity="mind", starts=20),
+             progress=lambda stage, fraction: stages.append(stage))
+    order = [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s]
+    assert order[:3] == ["preprocess", "descriptors", "search"]
+    assert "reorient" in order
+
+
+def test_constant_image_is_rejected(small_pair) -> None:
+    flat = sitk.Image(small_pair.fixed.GetSize(), sitk.sitkFloat32) + 5.0
+    flat.CopyInformation(small_pair.fixed)
+    with pytest.raises(InputError, match="nothing to register"):
+        register(flat, small_pair.moving, RegistrationOptions(similarity="mind"))

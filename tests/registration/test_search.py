@@ -1,0 +1,87 @@
+"""Global search pieces: starts, batched Adam, L-BFGS, confidence assessment."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from disa.registration.search import (
+    RefinedSolution,
+    SearchSettings,
+    adam_steps,
+    assess,
+    draw_starts,
+    lbfgs_refine,
+)
+from disa.registration.transforms import TransformModel
+
+
+class Quadratic:
+    """cost = ||theta - target||^2 (scaled), a stand-in objective with a known optimum."""
+
+    differentiable = True
+
+    def __init__(self, model: TransformModel, target: np.ndarray) -> None:
+        self.model = model
+        self.target = target
+        self.evaluations = 0
+
+    def cost(self, theta: np.ndarray) -> np.ndarray:
+        return self.cost_and_grad(theta)[0]
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        theta = np.atleast_2d(theta)
+        self.evaluations += len(theta)
+        d = (theta - self.target) * [100, 100, 100, 1, 1, 1]
+        return np.sum(d * d, axis=1), 2 * d * [100, 100, 100, 1, 1, 1]
+
+
+def test_starts_are_deterministic_and_within_the_ranges() -> None:
+    model = TransformModel("rigid", np.zeros(3))
+    settings = SearchSettings(starts=300, rotation_range_deg=30, translation_range_mm=50)
+    init = np.array([0.1, 0, 0, 5, 0, 0])
+    a = draw_starts(model, init, settings, np.random.default_rng(1))
+    b = draw_starts(model, init, settings, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[0], init)
+    assert a.shape == (300, 6)
+    assert np.abs(a[:, :3] - init[:3]).max() <= np.deg2rad(30)
+    assert np.abs(a[:, 3:] - init[3:]).max() <= 50
+    # The ranges are explored, not just the centre.
+    assert np.abs(a[:, 3:] - init[3:]).max() > 45
+
+
+def test_affine_starts_are_rotated_copies_of_the_initial_matrix() -> None:
+    model = TransformModel("affine", np.zeros(3))
+    starts = draw_starts(model, model.identity(), SearchSettings(starts=10),
+                         np.random.default_rng(0))
+    for s in starts:
+        m = s[:9].reshape(3, 3)
+        np.testing.assert_allclose(m @ m.T, np.eye(3), atol=1e-12)
+
+
+def test_adam_and_lbfgs_reach_the_optimum() -> None:
+    model = TransformModel("rigid", np.zeros(3))
+    target = np.array([0.1, -0.05, 0.2, 10.0, -4.0, 3.0])
+    objective = Quadratic(model, target)
+    scales = model.scales(50.0)
+    starts = np.zeros((4, 6))
+    theta, cost = adam_steps(objective, starts, scales, 60, 5.0, 0.1)
+    assert cost.max() < objective.cost(starts).min()
+    refined, final = lbfgs_refine(objective, theta[0], scales, 100)
+    np.testing.assert_allclose(refined, target, atol=1e-5)
+    assert final < 1e-8
+
+
+def test_assess_counts_agreement_and_flags_ambiguity() -> None:
+    model = TransformModel("rigid", np.zeros(3))
+    points = np.random.default_rng(0).normal(size=(100, 3)) * 40
+    best = RefinedSolution(np.zeros(6), -1.0, 0)
+    near = RefinedSolution(np.array([0, 0, 0, 1.0, 0, 0]), -0.99, 1)
+    far_bad = RefinedSolution(np.array([0, 0, 0, 40.0, 0, 0]), -0.2, 2)
+    far_good = RefinedSolution(np.array([0, 0, 0, -40.0, 0, 0]), -0.99, 3)
+    settings = SearchSettings(agree_tolerance_mm=5.0, ambiguity_margin=0.05)
+    assert assess(model, [best, near, far_bad], points, settings, contrast=1.0) == (2, 2 / 3,
+                                                                                   False)
+    agreeing, confidence, ambiguous = assess(model, [best, near, far_bad, far_good], points,
+                                             settings, contrast=1.0)
+    assert (agreeing, confidence, ambiguous) == (2, 0.5, True)

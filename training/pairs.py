@@ -1,0 +1,195 @@
+"""Crop pairs with dense LC2 targets: what one training step sees.
+
+A *scene* is one volume rendered in two settings (z-scored like real inputs).
+A *crop pair* samples the scene on two grids of side n = crop + 2 * margin
+voxels (2 mm):
+
+    fixed  voxel x  ->  scene point  c + R (x - h)
+    moving voxel x  ->  scene point  c + s + R Q (x - h)          h = (n - 1) / 2
+
+R is a shared random rotation with axis flips (the paper's augmentation), s a
+random relative shift and Q a small relative rotation. Descriptor i of the
+fixed crop and descriptor i of the moving crop (both centred on crop voxel
+4i) therefore see patches offset by s and Q, and the target at i is the LC2 of
+those two patches as sampled: local LC2 of the two aligned arrays, taken at
+the descriptor centres (every 4th voxel) with the box-sum identities of
+`disa.registration.lc2`. Every output voxel is supervised. The margin (8 = the
+largest LC2 radius 7 + 1 voxel for the gradient) lets the cubes of border
+descriptors use real context; the network sees only the central crop^3.
+
+Which crop plays the MR (gradient) role is drawn per pair; intensity
+augmentation (sign flip p = 0.3, shift N(0, 0.2^2), scale U(0.7, 1.3)) is drawn
+per crop and applied before the target is computed, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from disa.registration import lc2
+from disa.registration.errors import InputError
+from disa.registration.preprocess import normalise_intensities
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
+
+from disa.training.sources import Volume
+from disa.training.synthesis import TRAINING_SETTINGS, synthesize
+
+STRIDE = 4  # the network's output stride (disa.model.card.STRIDE)
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """How crop pairs are drawn (voxels of the 2 mm grid, degrees)."""
+
+    crop: int = 64
+    margin: int = 8
+    radii: tuple[int, ...] = (3, 5, 7)
+    settings: tuple[str, ...] = TRAINING_SETTINGS
+    #: Probability of no relative shift/rotation (targets then follow local structure).
+    p_aligned: float = 0.3
+    #: Shift length = max_shift * u^2, u ~ U(0, 1): mostly small shifts, since
+    #: LC2 falls to its floor within a few voxels and high targets are the rare ones.
+    max_shift: float = 8.0
+    max_rotation_deg: float = 10.0
+    #: Crop centres scatter this much (voxels, sd) around the scene focus.
+    centre_jitter: float = 4.0
+    p_sign_flip: float = 0.3
+    shift_sd: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.3)
+
+    def __post_init__(self) -> None:
+        if self.crop % STRIDE or self.crop < 2 * STRIDE:
+            raise ValueError(f"crop must be a multiple of {STRIDE} and >= {2 * STRIDE}, got {self.crop}")
+        if self.margin < max(self.radii) + 1:
+            raise ValueError("margin must cover the largest LC2 radius plus the gradient voxel")
+
+    @property
+    def side(self) -> int:
+        return self.crop + 2 * self.margin
+
+    @property
+    def out_side(self) -> int:
+        return self.crop // STRIDE
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One volume in two settings, each z-scored over the whole volume (float32)."""
+
+    volume_id: str
+    anatomy: str
+    settings: tuple[str, str]
+    images: tuple[np.ndarray, np.ndarray]
+    focus: np.ndarray  # voxel (z, y, x) around which crops are taken
+    border_mode: str
+
+
+@dataclass
+class CropPair:
+    """Network inputs (crop^3 each) and LC2 targets ((crop/4)^3) of one pair."""
+
+    fixed: np.ndarray
+    moving: np.ndarray
+    target: np.ndarray
+    meta: dict[str, object] = field(default_factory=dict)
+
+
+def pick_focus(volume: Volume, rng: np.random.Generator) -> np.ndarray:
+    """A random voxel inside the anatomy (any voxel for phantoms)."""
+    if volume.border_mode == "mirror":
+        return np.array([rng.uniform(0.3, 0.7) * (s - 1) for s in volume.shape])
+    fg = np.flatnonzero(volume.foreground()[::2, ::2, ::2])
+    idx = np.unravel_index(rng.choice(fg), tuple((s + 1) // 2 for s in volume.shape))
+    return np.asarray(idx, dtype=np.float64) * 2.0
+
+
+def normalise(image: np.ndarray) -> np.ndarray:
+    """The inference normalisation; a constant image (possible for a tiny US fan) maps to 0."""
+    try:
+        return normalise_intensities(image)
+    except InputError:
+        return np.zeros(image.shape, np.float32)
+
+
+def make_scene(
+    volume: Volume, settings: tuple[str, str], rng: np.random.Generator, extent: float
+) -> Scene:
+    """Render ``volume`` in two settings around a random focus; ``extent`` sizes the US fan."""
+    focus = pick_focus(volume, rng)
+    images = tuple(normalise(synthesize(volume, s, rng, focus, extent)) for s in settings)
+    return Scene(volume.id, volume.anatomy, settings, images, focus, volume.border_mode)  # type: ignore[arg-type]
+
+
+def random_rotation(rng: np.random.Generator, max_deg: float | None = None) -> np.ndarray:
+    """3x3 rotation: uniform on SO(3) with random axis flips, or a random axis and angle <= max_deg."""
+    if max_deg is None:
+        flips = np.diag(rng.choice([-1.0, 1.0], size=3))
+        return Rotation.random(random_state=rng).as_matrix() @ flips
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    return Rotation.from_rotvec(axis * np.deg2rad(rng.uniform(0.0, max_deg))).as_matrix()
+
+
+def sample_grid(image: np.ndarray, centre: np.ndarray, matrix: np.ndarray, side: int,
+                mode: str) -> np.ndarray:
+    """Sample ``image`` on a side^3 grid: voxel x -> centre + matrix (x - h) (trilinear)."""
+    h = (side - 1) / 2.0
+    local = np.indices((side,) * 3, dtype=np.float32).reshape(3, -1) - np.float32(h)
+    coords = (matrix.astype(np.float32) @ local) + centre.astype(np.float32)[:, None]
+    out = ndimage.map_coordinates(image, coords, order=1, mode=mode)
+    return out.reshape((side,) * 3).astype(np.float32)
+
+
+def augment_intensity(crop: np.ndarray, rng: np.random.Generator, cfg: PairConfig) -> np.ndarray:
+    sign = -1.0 if rng.random() < cfg.p_sign_flip else 1.0
+    scale = rng.uniform(*cfg.scale_range)
+    shift = rng.normal(0.0, cfg.shift_sd)
+    return (sign * scale * crop + shift).astype(np.float32)
+
+
+def descriptor_centres(cfg: PairConfig) -> np.ndarray:
+    """(K, 3) voxel indices, in the padded crop, of the descriptor centres 4i (+ margin)."""
+    axis = cfg.margin + STRIDE * np.arange(cfg.out_side)
+    zz, yy, xx = np.meshgrid(axis, axis, axis, indexing="ij")
+    return np.stack([zz.ravel(), yy.ravel(), xx.ravel()], axis=1)
+
+
+def dense_targets(fixed: np.ndarray, moving: np.ndarray, mr_role: str, cfg: PairConfig) -> np.ndarray:
+    """Multi-radius LC2 of the two padded crops at every descriptor centre, (k, k, k) float32."""
+    source, target = (fixed, moving) if mr_role == "fixed" else (moving, fixed)
+    values = lc2.local_lc2_multi(target, source, cfg.radii, points=descriptor_centres(cfg))
+    k = cfg.out_side
+    return values.reshape(k, k, k).astype(np.float32)
+
+
+def sample_crop_pair(scene: Scene, rng: np.random.Generator, cfg: PairConfig) -> CropPair:
+    """One fixed/moving crop pair of ``scene`` with its dense LC2 targets."""
+    shared = random_rotation(rng)
+    if rng.random() < cfg.p_aligned:
+        shift, relative = np.zeros(3), np.eye(3)
+    else:
+        direction = rng.normal(size=3)
+        shift = direction / np.linalg.norm(direction) * cfg.max_shift * rng.uniform() ** 2
+        relative = random_rotation(rng, cfg.max_rotation_deg)
+    centre = scene.focus + rng.normal(0.0, cfg.centre_jitter, 3)
+    fixed = sample_grid(scene.images[0], centre, shared, cfg.side, scene.border_mode)
+    moving = sample_grid(scene.images[1], centre + shift, shared @ relative, cfg.side, scene.border_mode)
+    fixed = augment_intensity(fixed, rng, cfg)
+    moving = augment_intensity(moving, rng, cfg)
+    mr_role = "fixed" if rng.random() < 0.5 else "moving"
+    target = dense_targets(fixed, moving, mr_role, cfg)
+    inner = slice(cfg.margin, cfg.margin + cfg.crop)
+    return CropPair(
+        fixed=np.ascontiguousarray(fixed[inner, inner, inner]),
+        moving=np.ascontiguousarray(moving[inner, inner, inner]),
+        target=target,
+        meta={
+            "volume": scene.volume_id,
+            "anatomy": scene.anatomy,
+            "settings": scene.settings,
+            "mr_role": mr_role,
+            "shift_voxels": float(np.linalg.norm(shift)),
+        },
+    )
