@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from disa.model.card import ModelCard, card_path_for, default_model_path, load_model_card
-from disa.model.runtime import Device, DescriptorExtractor
+from disa.model.runtime import DescriptorExtractor, Device
 from disa.registration.preprocess import normalise_intensities, resample_to_spacing
 
 __all__ = ["compute_descriptor_file", "compute_descriptor_image", "descriptor_geometry"]
@@ -90,7 +90,9 @@ def compute_descriptor_file(
 
     onnx_path = Path(model_path) if model_path is not None else default_model_path()
     if onnx_path is None:
-        raise InputError("no descriptor model is installed: pass a model file (.onnx with its card)")
+        raise InputError(
+            "no descriptor model is installed: pass a model file (.onnx with its card)"
+        )
     card_path = card_path_for(onnx_path)
     if not card_path.is_file():
         raise InputError(f"model card {card_path.name} not found next to {onnx_path.name}")

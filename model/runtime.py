@@ -12,6 +12,7 @@ CUDA context) must never cross a fork.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -33,8 +34,9 @@ __all__ = [
     "ACTIVATION_BYTES_PER_VOXEL",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "HALO_VOXELS",
-    "Device",
+    "MIN_TILE_VOXELS",
     "DescriptorExtractor",
+    "Device",
     "Tile",
     "cpu_quota",
     "output_shape",
@@ -59,6 +61,9 @@ HALO_VOXELS = STRIDE * math.ceil((RECEPTIVE_FIELD_VOXELS // 2) / STRIDE)
 # 16 channels, the replicate-padded blur input and im2col buffers.
 ACTIVATION_BYTES_PER_VOXEL = 400
 DEFAULT_MEMORY_BUDGET_BYTES = 3 << 30
+# Budget-derived tiles are never smaller than this: below a core of twice the
+# halo per axis, a tile computes 8x the voxels it keeps.
+MIN_TILE_VOXELS = (4 * HALO_VOXELS) ** 3
 
 
 def cpu_quota(
@@ -110,7 +115,7 @@ def _cgroup_v1_quota(cfs_dir: Path) -> float | None:
 
 def output_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """Descriptor grid size for an input grid: ceil(ceil(n / 2) / 2) per axis."""
-    return tuple(-(-(-(-int(n) // 2)) // 2) for n in shape)
+    return tuple(((int(n) + 1) // 2 + 1) // 2 for n in shape)
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,7 @@ def _axis_ranges(n: int, parts: int, halo: int) -> list[tuple[int, int, int, int
     n_out = output_shape([n])[0]
     bounds = [round(k * n_out / parts) for k in range(parts + 1)]
     ranges = []
-    for o0, o1 in zip(bounds[:-1], bounds[1:], strict=True):
+    for o0, o1 in itertools.pairwise(bounds):
         # Output o is centred on input 4o and sees inputs 4o +- 24, so the
         # halo (a multiple of 4, >= 24) on both sides keeps every kept output
         # exact; at the true border the tile ends where the volume ends, so
@@ -262,9 +267,15 @@ class DescriptorExtractor:
             raise FileNotFoundError(f"descriptor model {self.onnx_path} does not exist")
         self.device: Device = device
         self.threads = threads
-        budget = memory_budget_bytes if memory_budget_bytes is not None else DEFAULT_MEMORY_BUDGET_BYTES
+        budget = (
+            memory_budget_bytes if memory_budget_bytes is not None else DEFAULT_MEMORY_BUDGET_BYTES
+        )
+        # An explicit tile size is honoured as given (tests force tiny tiles);
+        # one derived from the budget is floored, trading memory for sanity.
         self.tile_voxels = (
-            tile_voxels if tile_voxels is not None else max(1, budget // ACTIVATION_BYTES_PER_VOXEL)
+            tile_voxels
+            if tile_voxels is not None
+            else max(MIN_TILE_VOXELS, budget // ACTIVATION_BYTES_PER_VOXEL)
         )
         self._session: ort.InferenceSession | None = None
         self._session_pid: int | None = None
@@ -364,7 +375,8 @@ class DescriptorExtractor:
         out = np.empty((*output_shape(volume.shape), CHANNELS), dtype=np.float32)
         for tile, descriptors in self._run_tiles(volume):
             # (16, z, y, x) -> (z, y, x, 16): one copy per tile into the result.
-            out[tile.output_slices()] = np.moveaxis(descriptors[(slice(None), *tile.crop_slices())], 0, -1)
+            kept = descriptors[(slice(None), *tile.crop_slices())]
+            out[tile.output_slices()] = np.moveaxis(kept, 0, -1)
         return clip_to_unit_ball(out, axis=-1)
 
     def _run_tiles(self, volume: np.ndarray) -> Iterator[tuple[Tile, np.ndarray]]:

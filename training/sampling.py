@@ -2,16 +2,17 @@
 
 For a fixed image F and a moving image M of one scene: pick a patch of M with
 probability proportional to a weight (local standard deviation: flat patches
-carry no information and are never picked), compute its LC2 against every
-patch of F (one FFT pass, `disa.registration.lc2.LC2AgainstAll`), draw
-t ~ U[0, 1] and keep the F patch whose LC2 is closest to t. Dense supervision
-in training sees the natural, skewed target distribution; this sampler gives
-the near-uniform one the paper reports its errors on.
+carry no information and are never picked), compute its LC2 against the
+patches of F, draw t ~ U[0, 1] and keep the F patch whose LC2 is closest to t.
+Dense supervision in training sees the natural, skewed target distribution;
+this sampler gives the near-uniform one the paper reports its errors on.
 
-Two deliberate restrictions, both for cost: centres lie on the descriptor grid
+Deliberate restrictions, for cost: centres lie on the descriptor grid
 (multiples of 4 voxels), so a network's descriptors are read without
-interpolation, and F is searched in a window of ``search`` voxels around the M
-centre instead of the whole volume. A draw whose closest LC2 is further than
+interpolation, and F is searched at the grid points within a window of
+``search`` voxels around the M centre rather than everywhere (LC2 at those
+points by `disa.registration.lc2.lc2_against_points`, cheaper there than the
+FFT of `LC2AgainstAll`). A draw whose closest LC2 is further than
 ``tolerance`` from t is discarded (values F cannot reach are not faked), and
 t is stratified: each of ``bins`` target bins gets an equal quota, so the
 spread is uniform wherever the scene can reach.
@@ -51,8 +52,8 @@ def sample_patch_pairs(
     n_pairs: int,
     rng: np.random.Generator,
     radii: tuple[int, ...] = lc2.DEFAULT_RADII,
-    search: int = 56,
-    per_patch: int = 4,
+    search: int = 32,
+    per_patch: int = 8,
     tolerance: float = 0.05,
     step: int = STEP,
     bins: int = 10,
@@ -63,7 +64,7 @@ def sample_patch_pairs(
     The MR role is drawn per M patch. t is drawn uniformly over the target bins
     whose quota (n_pairs / bins each) is not yet filled. Returns fewer pairs if
     M has no textured patch or some bins stay out of reach after
-    ``max_patches`` M patches (default 4 n_pairs).
+    ``max_patches`` M patches (default 2 n_pairs).
     """
     if fixed.shape != moving.shape:
         raise ValueError("fixed and moving must share one grid")
@@ -77,44 +78,26 @@ def sample_patch_pairs(
     if weight.sum() <= 0:
         return []
     p = weight / weight.sum()
-    shape = np.array(fixed.shape)
     out: list[PatchPair] = []
     # Equal quotas per target bin: t is drawn among bins still open, so targets
     # that are common (low LC2) cannot crowd out the rare high ones.
     quota = np.full(bins, n_pairs // bins)
     quota[: n_pairs % bins] += 1
-    for _ in range(max_patches if max_patches is not None else 4 * n_pairs):
+    half = search // 2
+    for _ in range(max_patches if max_patches is not None else 2 * n_pairs):
         if len(out) >= n_pairs:
             break
         c = candidates[rng.choice(len(candidates), p=p)]
-        # Search window of F around c, starting on the grid so its positions stay on it.
-        lo = np.maximum((c - search // 2) // step * step, 0)
-        hi = np.minimum(lo + search, shape)
-        window = np.ascontiguousarray(fixed[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]])
-        if min(window.shape) < 2 * rmax + 3:
-            continue
+        # F positions: grid points (with the same gradient margin) within the window.
+        near = np.all(np.abs(candidates - c) <= half, axis=1)
+        pos = candidates[near]
         mr_role = "moving" if rng.random() < 0.5 else "fixed"
         if mr_role == "moving":
             patch = moving[tuple(slice(ci - rmax - 1, ci + rmax + 2) for ci in c)]
-            scores = lc2.lc2_against_all(patch, window, radii, "source")
+            values = lc2.lc2_against_points(patch, fixed, pos, radii, "source")
         else:
             patch = moving[tuple(slice(ci - rmax, ci + rmax + 1) for ci in c)]
-            scores = lc2.lc2_against_all(patch, window, radii, "target")
-        # Positions within rmax + 1 of a window face that is not the volume's face
-        # would see a gradient clipped by the window: keep them out.
-        pos = _grid_candidates(window.shape, 0, step)
-        keep = np.ones(len(pos), bool)
-        for ax in range(3):
-            if lo[ax] > 0:
-                keep &= pos[:, ax] >= rmax + 1
-            if hi[ax] < shape[ax]:
-                keep &= pos[:, ax] < window.shape[ax] - rmax - 1
-        pos = pos[keep]
-        values = scores[tuple(pos.T)] if len(pos) else np.zeros(0)
-        finite = np.isfinite(values)
-        pos, values = pos[finite], values[finite]
-        if len(values) == 0:
-            continue
+            values = lc2.lc2_against_points(patch, fixed, pos, radii, "target")
         for _ in range(per_patch):
             open_bins = np.flatnonzero(quota > 0)
             if len(open_bins) == 0:
@@ -124,8 +107,7 @@ def sample_patch_pairs(
             b = min(int(values[j] * bins), bins - 1)
             if abs(values[j] - t) <= tolerance and quota[b] > 0:
                 quota[b] -= 1
-                f = lo + pos[j]
-                out.append(PatchPair(tuple(int(v) for v in f), tuple(int(v) for v in c),  # type: ignore[arg-type]
+                out.append(PatchPair(tuple(int(v) for v in pos[j]), tuple(int(v) for v in c),  # type: ignore[arg-type]
                                      float(values[j]), mr_role))
     return out
 

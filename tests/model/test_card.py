@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from disa.model import card as card_module
 from disa.model.card import (
     CHANNELS,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from disa.model.codes import INT8_SCALE, clip_to_unit_ball, decode_int8, encode_int8
 
 

@@ -48,7 +48,7 @@ def test_output_shape_is_ceil_ceil_half(shape: tuple[int, int, int]) -> None:
     net = make_net()
     with torch.no_grad():
         out = net(torch.randn(2, 1, *shape))
-    expected = tuple(-(-(-(-n // 2)) // 2) for n in shape)
+    expected = tuple(((n + 1) // 2 + 1) // 2 for n in shape)
     assert out.shape == (2, CHANNELS, *expected)
 
 

@@ -154,3 +154,20 @@ def test_global_lc2_ranks_alignment() -> None:
     shifted = L.global_lc2(us, np.roll(mr, 4, axis=2))
     assert 0.0 <= 5.0 * shifted < aligned <= 1.0
     assert L.global_lc2(mr, mr) > 0.99
+
+
+@pytest.mark.parametrize("role", ["source", "target"])
+def test_against_points_matches_against_all(role: str) -> None:
+    mr, us = _pair(12, shape=(30, 31, 29))
+    c0, rm = (14, 15, 13), 7
+    if role == "source":
+        patch, volume = mr[_cube(c0, rm + 1, mr.shape)], us
+    else:
+        patch, volume = us[_cube(c0, rm, us.shape)], mr
+    every = L.lc2_against_all(patch, volume, (3, 5, 7), role)
+    rng = np.random.default_rng(13)
+    centres = np.stack([rng.integers(rm, s - rm, 40) for s in volume.shape], axis=1)
+    at = L.lc2_against_points(patch, volume, centres, (3, 5, 7), role)
+    np.testing.assert_allclose(at, every[tuple(centres.T)], atol=1e-8)
+    with pytest.raises(ValueError):
+        L.lc2_against_points(patch, volume, np.array([[0, 10, 10]]), (3, 5, 7), role)
