@@ -82,18 +82,28 @@ def _print_summary(data: dict, outdir: Path) -> None:
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="print the geometry of an image without reading its pixels")
+    p = sub.add_parser("info", help="print an image's geometry and a modality hint")
     p.add_argument("image", type=Path)
     p.add_argument("--series-uid", default=None, help="DICOM series to describe")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--header-only", action="store_true",
+                   help="read only the header (no intensity-based modality hint)")
     p.set_defaults(handler=_cmd_info)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from disa.registration.io import format_info, inspect_image
+    from disa.registration.io import format_info, inspect_image, read_image
+    from disa.registration.modality import modality_hint
 
     info = inspect_image(args.image, series_uid=args.series_uid)
-    print(json.dumps(info.as_dict(), indent=2) if args.json else format_info(info))
+    hint = None if args.header_only else modality_hint(read_image(args.image,
+                                                                  series_uid=args.series_uid))
+    if args.json:
+        print(json.dumps({**info.as_dict(), "modality_hint": hint}, indent=2))
+    else:
+        print(format_info(info))
+        if hint is not None:
+            print(f"modality hint: {hint}")
     return EXIT_OK
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
+
 from disa.model.codes import INT8_SCALE, encode_int8
 from disa.registration.grid import Grid
-from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ class DescriptorMap:
 
     def __post_init__(self) -> None:
         if self.data.ndim != 4 or tuple(self.data.shape[:3]) != tuple(self.grid.shape):
-            raise ValueError(f"descriptor array {self.data.shape} does not match grid {self.grid.shape}")
+            raise ValueError(f"descriptor array {self.data.shape} does not match grid "
+                             f"{self.grid.shape}")
 
     @property
     def channels(self) -> int:

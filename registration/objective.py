@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
+
 from disa.registration.descriptor_map import DescriptorMap
 from disa.registration.grid import Grid
 from disa.registration.kernels import descriptor_cost
@@ -193,4 +194,5 @@ class LC2Objective:
         return out
 
     def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError("LC2 has no analytic gradient here: use a derivative-free optimiser")
+        raise NotImplementedError("LC2 has no analytic gradient here: "
+                                  "use a derivative-free optimiser")

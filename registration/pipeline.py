@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+
 from disa.registration.descriptor_map import DescriptorMap
 from disa.registration.errors import InputError
 from disa.registration.grid import Grid
@@ -408,7 +409,8 @@ def _lc2_objective(fixed_p: PreparedImage, moving_p: PreparedImage,
     """LC2 on copies of both images coarsened to at most LC2_MAX_DIM voxels per axis."""
     factor = max(1, int(np.ceil(max(max(fixed_p.volume.shape), max(moving_p.volume.shape))
                                 / LC2_MAX_DIM)))
-    f, m = fixed_p.volume[::factor, ::factor, ::factor], moving_p.volume[::factor, ::factor, ::factor]
+    step = slice(None, None, factor)
+    f, m = fixed_p.volume[step, step, step], moving_p.volume[step, step, step]
     return LC2Objective(np.ascontiguousarray(f), fixed_p.grid.strided(factor),
                         np.ascontiguousarray(m), moving_p.grid.strided(factor), model,
                         fixed_mask=fixed_p.mask[::factor, ::factor, ::factor])

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from disa.registration.errors import InputError
 from scipy import ndimage
+
+from disa.registration.errors import InputError
 
 #: Percentiles that bound intensities before the z-score (metal, air, spikes).
 CLIP_PERCENTILES = (0.5, 99.5)
@@ -57,7 +58,8 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
         for axis, sigma_mm in enumerate(sigma):
             # Axis by axis: already-coarse axes (sigma 0) must stay untouched.
             if sigma_mm > 0:
-                source = sitk.RecursiveGaussian(source, sigma_mm, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+                source = sitk.RecursiveGaussian(source, sigma_mm, False,
+                                                sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(image).min())
     return sitk.Resample(

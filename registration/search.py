@@ -24,10 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import optimize
+
 from disa.registration.errors import CancelledError
 from disa.registration.objective import Objective
 from disa.registration.transforms import TransformModel
-from scipy import optimize
 
 #: progress(stage, fraction in [0, 1]) is called between optimiser iterations.
 Progress = Callable[[str, float], None]
@@ -184,7 +185,7 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     for r, (steps, keep) in enumerate(settings.coarse_rounds):
         theta, cost = adam_steps(coarse, theta, scales, steps, lr, lr / 4, cancel)
         lr /= 2
-        n_keep = max(settings.top_k * 2, int(math.ceil(len(theta) * keep)))
+        n_keep = max(settings.top_k * 2, math.ceil(len(theta) * keep))
         order = np.argsort(cost, kind="stable")[:n_keep]
         theta, cost = theta[order], cost[order]
         report("search", 0.5 * (r + 1) / n_rounds)

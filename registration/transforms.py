@@ -46,9 +46,10 @@ def _rotation_derivatives(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     drx = np.zeros_like(rx)
     dry = np.zeros_like(ry)
     drz = np.zeros_like(rz)
-    drx[:, 1, 1], drx[:, 1, 2], drx[:, 2, 1], drx[:, 2, 2] = -np.sin(a), -np.cos(a), np.cos(a), -np.sin(a)
-    dry[:, 0, 0], dry[:, 0, 2], dry[:, 2, 0], dry[:, 2, 2] = -np.sin(b), np.cos(b), -np.cos(b), -np.sin(b)
-    drz[:, 0, 0], drz[:, 0, 1], drz[:, 1, 0], drz[:, 1, 1] = -np.sin(g), -np.cos(g), np.cos(g), -np.sin(g)
+    sa, ca, sb, cb, sg, cg = np.sin(a), np.cos(a), np.sin(b), np.cos(b), np.sin(g), np.cos(g)
+    drx[:, 1, 1], drx[:, 1, 2], drx[:, 2, 1], drx[:, 2, 2] = -sa, -ca, ca, -sa
+    dry[:, 0, 0], dry[:, 0, 2], dry[:, 2, 0], dry[:, 2, 2] = -sb, cb, -cb, -sb
+    drz[:, 0, 0], drz[:, 0, 1], drz[:, 1, 0], drz[:, 1, 1] = -sg, -cg, cg, -sg
     r = rz @ ry @ rx
     d = np.stack([rz @ ry @ drx, rz @ dry @ rx, drz @ ry @ rx], axis=1)
     return r, d
@@ -58,7 +59,7 @@ def rotation_matrix(angles_rad: np.ndarray) -> np.ndarray:
     """Rotation matrices R = Rz Ry Rx for angles (..., 3) in radians about x, y, z."""
     angles = np.atleast_2d(np.asarray(angles_rad, dtype=np.float64))
     r, _ = _rotation_derivatives(angles)
-    return r.reshape(np.shape(angles_rad)[:-1] + (3, 3))
+    return r.reshape((*np.shape(angles_rad)[:-1], 3, 3))
 
 
 def euler_from_matrix(r: np.ndarray) -> np.ndarray:

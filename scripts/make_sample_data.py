@@ -33,7 +33,7 @@ def main() -> None:
     wm = sitk.ReadImage(str(nilearn_file("mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")),
                         sitk.sitkFloat32)
     spacing = 2.5
-    size = [int(round(n * s / spacing)) for n, s in zip(t1.GetSize(), t1.GetSpacing(), strict=True)]
+    size = [round(n * s / spacing) for n, s in zip(t1.GetSize(), t1.GetSpacing(), strict=True)]
     ref = sitk.Image(size, sitk.sitkFloat32)
     ref.SetOrigin(t1.GetOrigin())
     ref.SetDirection(t1.GetDirection())

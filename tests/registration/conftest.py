@@ -11,14 +11,14 @@ from disa.registration import phantom as ph
 TRE_POINTS = ph.grid_points(ph.make_grid((9, 9, 9), (10.0, 10.0, 10.0)))
 
 
-def tre(estimate, truth) -> float:  # noqa: ANN001 - sitk transforms
+def tre(estimate, truth) -> float:
     return ph.target_registration_error(estimate, truth, TRE_POINTS)
 
 
 @pytest.fixture(scope="session")
 def small_pair() -> ph.PhantomPair:
-    """20 mm / 15 degrees apart, both images on one 64^3 x 3 mm field of view."""
-    truth = ph.rigid_truth((9.0, -7.0, 8.0), (12.0, -10.0, 11.0))
+    """20 mm / 16 degrees apart, both images on one 64^3 x 3 mm field of view."""
+    truth = ph.rigid_truth((10.0, -8.0, 9.0), (12.0, -11.0, 12.0))
     grid = ph.make_grid((64, 64, 64), (3.0, 3.0, 3.0))
     return ph.make_pair(truth, fixed_grid=grid, moving_grid=grid, seed=1)
 

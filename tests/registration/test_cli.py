@@ -129,3 +129,11 @@ def test_console_script_plain_progress_lines(registered, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert "search" in done.stderr and "\x1b[" not in done.stderr
     assert "confidence" in done.stdout
+
+
+def test_info_gives_a_modality_hint_unless_header_only(registered, capsys) -> None:
+    fixed, _, _ = registered
+    assert main(["info", str(fixed)]) == EXIT_OK
+    assert "modality hint: " in capsys.readouterr().out
+    assert main(["info", str(fixed), "--header-only"]) == EXIT_OK
+    assert "modality hint" not in capsys.readouterr().out

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from disa.registration.errors import InputError
 from disa.registration.io import (
     ImageInfo,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from disa.registration import lc2 as L
 from scipy.ndimage import gaussian_filter
+
+from disa.registration import lc2 as L
 
 
 def _pair(seed: int = 0, shape: tuple[int, int, int] = (28, 30, 32)) -> tuple[np.ndarray, ...]:

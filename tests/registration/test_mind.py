@@ -6,8 +6,9 @@ import itertools
 
 import numpy as np
 import pytest
-from disa.registration.mind import MIND_CHANNELS, mind_pairs, mind_ssc
 from scipy import ndimage
+
+from disa.registration.mind import MIND_CHANNELS, mind_pairs, mind_ssc
 
 
 def _smooth_volume(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:

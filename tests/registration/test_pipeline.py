@@ -25,7 +25,7 @@ def test_rigid_recovered_from_20mm_15deg_to_sub_millimetre(small_pair) -> None:
 
 def test_affine_recovered_to_sub_millimetre() -> None:
     truth = sitk.AffineTransform(3)
-    r = ph.rigid_truth((8.0, -6.0, 10.0), (10.0, -8.0, 12.0))
+    r = ph.rigid_truth((10.0, -8.0, 9.0), (12.0, -11.0, 12.0))  # 20 mm, 16 degrees
     linear = np.asarray(r.GetMatrix()).reshape(3, 3) @ np.diag([1.08, 0.94, 1.03])
     linear[0, 1] += 0.04
     truth.SetMatrix(tuple(linear.ravel()))

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from disa.registration.qa import PLANES, plane_grids, qa_layout, render_qa
 from PIL import Image
 from scipy import ndimage
+
+from disa.registration.qa import PLANES, plane_grids, qa_layout, render_qa
 
 PANEL = 96  # small panels keep the tests fast
 

@@ -15,7 +15,8 @@ def _theta(mode: str) -> np.ndarray:
     rigid = np.array([0.3, -0.2, 0.5, 4.0, 5.0, -6.0])
     if mode == "rigid":
         return rigid
-    m = rotation_matrix(rigid[:3]) @ np.array([[1.1, 0.05, 0.0], [0.0, 0.95, 0.02], [0.03, 0, 1.05]])
+    stretch = np.array([[1.1, 0.05, 0.0], [0.0, 0.95, 0.02], [0.03, 0, 1.05]])
+    m = rotation_matrix(rigid[:3]) @ stretch
     return np.concatenate([m.ravel(), rigid[3:]])
 
 
@@ -32,7 +33,7 @@ def test_points_map_as_simpleitk_maps_them(mode: str) -> None:
 def test_matrix_derivatives_match_finite_differences(mode: str) -> None:
     model = TransformModel(mode, CENTER)
     theta = _theta(mode)
-    p, dp = model.matrices(theta)
+    _, dp = model.matrices(theta)
     for k in range(model.n_params):
         step = np.zeros(model.n_params)
         step[k] = 1e-6
