@@ -26,14 +26,19 @@ import stat
 import struct
 import tempfile
 import uuid
+import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from .errors import InputError
 
@@ -45,6 +50,7 @@ __all__ = [
     "detect_format",
     "format_info",
     "inspect_image",
+    "read_dicom_headers",
     "read_image",
     "write_image",
 ]
@@ -158,12 +164,12 @@ _COMPONENT_BYTES: dict[int, int] = {
 # Series-level DICOM tags kept on the image that `read_image` returns, for the
 # DICOM outputs (Spatial Registration object) written later. Patient tags are
 # deliberately not copied: writers such as NRRD would put them into headers.
-_DICOM_TAGS_KEPT = (
-    "0008|0060",  # Modality
-    "0020|000d",  # Study Instance UID
-    "0020|000e",  # Series Instance UID
-    "0020|0052",  # Frame of Reference UID
-)
+_DICOM_TAGS_KEPT = {
+    "0008|0060": "Modality",
+    "0020|000d": "StudyInstanceUID",
+    "0020|000e": "SeriesInstanceUID",
+    "0020|0052": "FrameOfReferenceUID",
+}
 
 
 # --------------------------------------------------------------------- public
@@ -206,7 +212,7 @@ def inspect_image(
     fmt = _existing_format(path, name, series_uid)
     if fmt == "dicom":
         with _dicom_folder(path, name, limits) as folder:
-            info, _files = _inspect_dicom(folder, name, limits, series_uid)
+            info, _series = _inspect_dicom(folder, name, limits, series_uid)
         return info
     info, _reader = _inspect_file(path, name, fmt, limits)
     return info
@@ -229,8 +235,8 @@ def read_image(
     fmt = _existing_format(path, name, series_uid)
     if fmt == "dicom":
         with _dicom_folder(path, name, limits) as folder:
-            info, files = _inspect_dicom(folder, name, limits, series_uid)
-            image = _read_series(files, name)
+            info, series = _inspect_dicom(folder, name, limits, series_uid)
+            image = _read_series(series, name)
     else:
         info, reader = _inspect_file(path, name, fmt, limits)
         if fmt == "nifti":
@@ -869,75 +875,154 @@ def _extract_member(
     return written
 
 
+# Tolerances of the series consistency checks. Scanners write positions and
+# cosines as decimal strings of about six digits, so exact equality is too strict.
+_IOP_TOL = 1e-3  # direction cosines of two slices: about 0.06 degrees apart at most
+_SPACING_REL_TOL = 1e-3  # pixel spacing of two slices
+_DUPLICATE_MM = 0.01  # two slices closer than this along the normal are one position
+_GAP_REL_TOL = 0.1  # a step 10 % off the median step is a missing or an extra slice
+_DRIFT_PIXELS = 0.25  # sideways drift of the slice positions (gantry tilt), in pixels
+_DEFER_BYTES = 64 * 1024  # header values larger than this are never loaded (private blobs)
+
+
+@dataclass(frozen=True)
+class _DicomSeries:
+    """One DICOM series as a regular grid: files, slice order and geometry (LPS mm, ITK order).
+
+    Single-frame series: `files` are in slice order and `frame_order` is None.
+    Multi-frame (enhanced) series: one file, and `frame_order[k]` is the
+    stored frame that is slice k. Slice order is ascending position along the
+    normal, row x column direction cosines, so the direction is a proper rotation.
+    """
+
+    uid: str
+    files: tuple[str, ...]
+    frame_order: tuple[int, ...] | None
+    headers: tuple[Dataset, ...]
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Geometry of one slice as its header states it (LPS mm)."""
+
+    orientation: np.ndarray  # 6 cosines: row direction, then column direction
+    position: np.ndarray  # centre of the first pixel
+    pixel_spacing: np.ndarray  # (between rows, between columns), as DICOM orders it
+
+
+def read_dicom_headers(
+    path: str | Path, limits: InputLimits = DEFAULT_LIMITS, series_uid: str | None = None
+) -> list[Dataset]:
+    """Headers (no pixel data) of one DICOM series, in slice order, after all checks.
+
+    For writers of derived objects (Spatial Registration, registered series),
+    which need the patient, study and instance identifiers that `read_image`
+    deliberately leaves off the image. A multi-frame series gives one header.
+    """
+    path = Path(path)
+    name = _name(path)
+    fmt = _existing_format(path, name, series_uid)
+    if fmt != "dicom":
+        raise InputError(f"{name}: is {_FORMAT_NAMES[fmt]}, not a DICOM series")
+    with _dicom_folder(path, name, limits) as folder:
+        _info, series = _inspect_dicom(folder, name, limits, series_uid)
+    return list(series.headers)
+
+
 def _inspect_dicom(
     folder: Path, name: str, limits: InputLimits, series_uid: str | None
-) -> tuple[ImageInfo, list[str]]:
-    """Header facts of one DICOM series in `folder` and its files in slice order.
+) -> tuple[ImageInfo, _DicomSeries]:
+    """Header facts of one DICOM series in `folder`, with the series in slice order.
 
-    The geometry follows ImageSeriesReader: direction and in-plane spacing from
-    the first slice, slice spacing from the distance between the first and the
-    last slice positions. Deeper consistency checks (gaps, tilt, mixed sizes)
-    belong here too.
+    Headers are read with pydicom (no pixel data). The geometry comes from the
+    slice positions, never from SliceThickness or SpacingBetweenSlices:
+    slices are sorted by their position along the normal, the slice spacing
+    is the mean step, and a series with uneven steps (missing slices), mixed
+    orientations, sizes or spacings, duplicate positions or sideways drift
+    (gantry tilt) is refused, because no regular grid describes it.
     """
-    ids = _gdcm(name, sitk.ImageSeriesReader.GetGDCMSeriesIDs, str(folder))
-    if not ids:
+    found = _scan_dicom(folder, name)
+    if not found:
         raise InputError(f"{name}: no DICOM series found")
-    uid = _choose_series(folder, name, ids, series_uid)
-    files = _gdcm(name, sitk.ImageSeriesReader.GetGDCMSeriesFileNames, str(folder), uid)
-    if not files:
-        raise InputError(f"{name}: DICOM series {uid} has no readable files")
-    first = _header_reader(files[0], "dicom", name)
-    size = tuple(first.GetSize()) + (1,) * (3 - first.GetDimension())
-    spacing = tuple(first.GetSpacing()) + (1.0,) * (3 - first.GetDimension())
-    if len(files) > 1:
-        if size[2] != 1:
-            raise InputError(
-                f"{name}: DICOM series {uid} mixes multi-frame files; give one file per series"
-            )
-        last = _header_reader(files[-1], "dicom", name)
-        step = np.subtract(last.GetOrigin(), first.GetOrigin())
-        dz = float(np.linalg.norm(step)) / (len(files) - 1)
-        if not dz > 1e-6:
-            raise InputError(
-                f"{name}: the {len(files)} slices of DICOM series {uid} share one position"
-            )
-        size = (size[0], size[1], len(files))
-        spacing = (spacing[0], spacing[1], dz)
-    modality = first.GetMetaData("0008|0060").strip() if first.HasMetaDataKey("0008|0060") else ""
+    uid = _choose_series(name, found, series_uid)
+    series = _series_geometry(name, uid, found[uid])
+    first = _header_reader(series.files[0], "dicom", name)
     info = ImageInfo(
         path=name,
         format="dicom",
-        size=_triple(size, int),
-        spacing=_triple(spacing, float),
-        origin=_triple(first.GetOrigin(), float),
-        direction=tuple(float(v) for v in first.GetDirection()),
+        size=series.size,
+        spacing=series.spacing,
+        origin=series.origin,
+        direction=series.direction,
         pixel_type=sitk.GetPixelIDValueAsString(first.GetPixelID()),
         components=int(first.GetNumberOfComponents()),
-        modality=modality or None,
+        modality=series.tags.get("0008|0060") or None,
         series_uid=uid,
     )
     _validate(info, first.GetPixelID(), limits)
-    return info, files
+    return info, series
 
 
-def _gdcm(name: str, scan: Callable[..., tuple[str, ...]], *args: str) -> list[str]:
-    """Run a GDCM folder scan quietly; its failures are the input's fault."""
+def _scan_dicom(folder: Path, name: str) -> dict[str, list[tuple[str, Dataset]]]:
+    """Image headers of the files in `folder` (not its subfolders), grouped by series UID.
+
+    Files that are not DICOM (no 'DICM' preamble) are skipped, and so are
+    DICOM objects without pixels (DICOMDIR, registrations, reports). A DICOM
+    file that breaks while parsing is an error: skipping it would hide a slice.
+    """
+    series: dict[str, list[tuple[str, Dataset]]] = {}
     try:
-        with _quiet_itk():
-            return list(scan(*args))
-    except RuntimeError as err:
-        raise InputError(f"{name}: cannot scan for DICOM files ({_itk_detail(err)})") from err
+        paths = sorted(e.path for e in os.scandir(folder) if e.is_file())
+    except OSError as err:
+        raise InputError(f"{name}: folder cannot be read ({err.strerror})") from err
+    for file in paths:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns about every odd value
+                ds = pydicom.dcmread(file, stop_before_pixels=True, defer_size=_DEFER_BYTES)
+        except InvalidDicomError:
+            if not _has_dicom_preamble(file):
+                continue
+            raise InputError(f"{name}: holds a DICOM file that cannot be parsed") from None
+        except Exception as err:  # pydicom raises many kinds on hostile input
+            raise InputError(
+                f"{name}: holds a DICOM file that cannot be parsed ({_short(str(err), 80)})"
+            ) from err
+        uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+        if uid and "Rows" in ds and "Columns" in ds:
+            series.setdefault(uid, []).append((file, ds))
+    return series
 
 
-def _choose_series(folder: Path, name: str, ids: list[str], series_uid: str | None) -> str:
-    if series_uid is not None and series_uid in ids:
+def _has_dicom_preamble(file: str) -> bool:
+    try:
+        with open(file, "rb") as fh:
+            return fh.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _frames_in(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _choose_series(
+    name: str, found: dict[str, list[tuple[str, Dataset]]], series_uid: str | None
+) -> str:
+    ids = list(found)
+    if series_uid is not None and series_uid in found:
         return series_uid
     if series_uid is None and len(ids) == 1:
         return ids[0]
-    listed = []
-    for uid in ids[:20]:
-        count = len(_gdcm(name, sitk.ImageSeriesReader.GetGDCMSeriesFileNames, str(folder), uid))
-        listed.append(f"{uid} ({count} slices)")
+    listed = [f"{uid} ({sum(_frames_in(ds) for _f, ds in found[uid])} slices)" for uid in ids[:20]]
     if len(ids) > 20:
         listed.append(f"and {len(ids) - 20} more")
     if series_uid is None:
@@ -951,15 +1036,279 @@ def _choose_series(folder: Path, name: str, ids: list[str], series_uid: str | No
     )
 
 
-def _read_series(files: list[str], name: str) -> sitk.Image:
-    reader = sitk.ImageSeriesReader()
+def _series_geometry(name: str, uid: str, items: list[tuple[str, Dataset]]) -> _DicomSeries:
+    """Check one series for consistency and derive its grid (see `_inspect_dicom`)."""
+    label = f"DICOM series {_short(uid, 70)}"
+    headers = [ds for _f, ds in items]
+    multi = [ds for ds in headers if _frames_in(ds) > 1]
+    if multi and len(headers) > 1:
+        raise InputError(
+            f"{name}: {label} mixes multi-frame files with others; give one file per series"
+        )
+    sizes = sorted({(_int(ds, "Rows"), _int(ds, "Columns")) for ds in headers})
+    if len(sizes) > 1:
+        shown = " and ".join(f"{c}x{r}" for r, c in sizes[:2])
+        raise InputError(f"{name}: {label} mixes image sizes ({shown} pixels)")
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in headers}
+    if len(frames_of_reference) > 1:
+        raise InputError(f"{name}: {label} mixes frames of reference (FrameOfReferenceUID)")
+    if multi:
+        frames = _multiframe_frames(name, label, headers[0])
+    else:
+        frames = [_single_frame(name, label, ds) for ds in headers]
+    order, spacing, origin, direction = _stack_geometry(name, label, frames)
+    if multi:
+        files: tuple[str, ...] = (items[0][0],)
+        frame_order: tuple[int, ...] | None = tuple(order)
+        kept: tuple[Dataset, ...] = (headers[0],)
+    else:
+        files = tuple(items[i][0] for i in order)
+        frame_order = None
+        kept = tuple(headers[i] for i in order)
+    rows, cols = sizes[0]
+    first = kept[0]
+    tags = {}
+    for key, keyword in _DICOM_TAGS_KEPT.items():
+        value = str(first.get(keyword, "") or "").strip()
+        if value:
+            tags[key] = value
+    return _DicomSeries(
+        uid=uid,
+        files=files,
+        frame_order=frame_order,
+        headers=kept,
+        size=(cols, rows, len(frames)),
+        spacing=spacing,
+        origin=origin,
+        direction=direction,
+        tags=tags,
+    )
+
+
+def _int(ds: Dataset, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword))
+    except (TypeError, ValueError):
+        return -1
+
+
+def _numbers(source: Dataset | None, keyword: str, count: int) -> np.ndarray | None:
+    """`count` finite floats from a multi-valued decimal string, or None."""
+    if source is None or keyword not in source:
+        return None
+    value = source.get(keyword)
+    try:
+        items = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+        numbers = np.asarray([float(v) for v in items], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if numbers.shape != (count,) or not np.isfinite(numbers).all():
+        return None
+    return numbers
+
+
+def _single_frame(name: str, label: str, ds: Dataset) -> _Frame:
+    return _frame(name, label, ds, ds, ds)
+
+
+def _frame(
+    name: str,
+    label: str,
+    orientation_item: Dataset | None,
+    position_item: Dataset | None,
+    measures_item: Dataset | None,
+) -> _Frame:
+    orientation = _numbers(orientation_item, "ImageOrientationPatient", 6)
+    position = _numbers(position_item, "ImagePositionPatient", 3)
+    pixel_spacing = _numbers(measures_item, "PixelSpacing", 2)
+    missing = [
+        keyword
+        for keyword, value in (
+            ("ImageOrientationPatient", orientation),
+            ("ImagePositionPatient", position),
+            ("PixelSpacing", pixel_spacing),
+        )
+        if value is None
+    ]
+    if missing:
+        raise InputError(
+            f"{name}: {label} lacks a valid {' and '.join(missing)}; a volume needs the "
+            "patient geometry of every slice"
+        )
+    assert orientation is not None and position is not None and pixel_spacing is not None
+    return _Frame(orientation, position, pixel_spacing)
+
+
+def _functional_item(ds: Dataset, index: int, keyword: str) -> Dataset | None:
+    """First item of functional group `keyword` for frame `index`: per-frame, else shared."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for groups in (per_frame[index] if per_frame else None, shared[0] if shared else None):
+        if groups is not None and keyword in groups and len(groups.get(keyword)) > 0:
+            return groups.get(keyword)[0]
+    return None
+
+
+def _multiframe_frames(name: str, label: str, ds: Dataset) -> list[_Frame]:
+    """Per-frame geometry of a multi-frame file.
+
+    Enhanced objects (CT, MR, PET...) state each frame's position in the
+    functional groups. A legacy multi-frame file states one position and
+    orientation plus SpacingBetweenSlices: frame k lies k steps along the
+    normal (how GDCM and the NM IOD read it).
+    """
+    count = _frames_in(ds)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None or "SharedFunctionalGroupsSequence" in ds:
+        if per_frame is None or len(per_frame) != count:
+            raise InputError(
+                f"{name}: {label} has {count} frames but "
+                f"{len(per_frame) if per_frame is not None else 'no'} per-frame functional "
+                "groups; the file is inconsistent"
+            )
+        rescales = set()
+        for k in range(count):
+            item = _functional_item(ds, k, "PixelValueTransformationSequence")
+            if item is not None:
+                rescales.add(
+                    (
+                        str(item.get("RescaleSlope", "1")).strip(),
+                        str(item.get("RescaleIntercept", "0")).strip(),
+                    )
+                )
+        if len(rescales) > 1:
+            raise InputError(
+                f"{name}: {label} rescales pixel values differently frame by frame; not supported"
+            )
+        return [
+            _frame(
+                name,
+                label,
+                _functional_item(ds, k, "PlaneOrientationSequence"),
+                _functional_item(ds, k, "PlanePositionSequence"),
+                _functional_item(ds, k, "PixelMeasuresSequence"),
+            )
+            for k in range(count)
+        ]
+    first = _single_frame(name, label, ds)
+    step = _numbers(ds, "SpacingBetweenSlices", 1)
+    if step is None or not step[0] > 0:
+        raise InputError(
+            f"{name}: {label} is a multi-frame file without per-frame positions or "
+            "SpacingBetweenSlices; its slice geometry is unknown"
+        )
+    normal = np.cross(first.orientation[:3], first.orientation[3:])
+    return [
+        _Frame(first.orientation, first.position + k * float(step[0]) * normal, first.pixel_spacing)
+        for k in range(count)
+    ]
+
+
+def _stack_geometry(
+    name: str, label: str, frames: list[_Frame]
+) -> tuple[list[int], tuple[float, float, float], tuple[float, float, float], tuple[float, ...]]:
+    """Slice order, spacing (x, y, z), origin and direction of a stack of slices.
+
+    Slices are ordered by their position along the normal n = row x column
+    direction, so the third axis is +n and the direction matrix [r c n] is a
+    rotation. Raises InputError when the slices do not form a regular grid.
+    """
+    orientations = np.stack([f.orientation for f in frames])
+    if float(np.abs(orientations - orientations[0]).max()) > _IOP_TOL:
+        raise InputError(
+            f"{name}: {label} mixes slice orientations (ImageOrientationPatient differs "
+            "between slices); give one stack per series"
+        )
+    row, col = orientations[0, :3], orientations[0, 3:]
+    norms = (float(np.linalg.norm(row)), float(np.linalg.norm(col)))
+    if abs(norms[0] - 1.0) > 1e-2 or abs(norms[1] - 1.0) > 1e-2 or abs(float(row @ col)) > 1e-2:
+        raise InputError(
+            f"{name}: {label} has ImageOrientationPatient cosines that are not orthonormal"
+        )
+    row, col = row / norms[0], col / norms[1]
+    col = col - (col @ row) * row  # remove the rounding residue of the stored decimals
+    col /= np.linalg.norm(col)
+    normal = np.cross(row, col)
+    spacings = np.stack([f.pixel_spacing for f in frames])
+    if not (spacings > 0).all():
+        raise InputError(f"{name}: {label} has a pixel spacing that is not positive")
+    if float(np.abs(spacings / spacings[0] - 1.0).max()) > _SPACING_REL_TOL:
+        other = spacings[int(np.abs(spacings / spacings[0] - 1.0).max(axis=1).argmax())]
+        raise InputError(
+            f"{name}: {label} mixes pixel spacings ({_pair(spacings[0])} and {_pair(other)} mm)"
+        )
+    positions = np.stack([f.position for f in frames])
+    along = positions @ normal
+    order = [int(i) for i in np.argsort(along, kind="stable")]
+    ordered = along[order]
+    n = len(frames)
+    dz = 1.0
+    if n > 1:
+        if float(ordered[-1] - ordered[0]) < 1e-6:
+            raise InputError(f"{name}: the {n} slices of {label} share one position")
+        steps = np.diff(ordered)
+        if float(steps.min()) < _DUPLICATE_MM:
+            k = int(steps.argmin())
+            raise InputError(
+                f"{name}: two slices of {label} share the position {ordered[k]:.2f} mm along "
+                "the slice normal (duplicate slices, or several volumes in one series)"
+            )
+        median = float(np.median(steps))
+        k = int(np.abs(steps - median).argmax())
+        if abs(float(steps[k]) - median) > _GAP_REL_TOL * median:
+            raise InputError(
+                f"{name}: slices of {label} are not evenly spaced: {steps[k]:.3g} mm between "
+                f"slices {k + 1} and {k + 2}, {median:.3g} mm elsewhere (missing slices?)"
+            )
+        lateral = positions[order] - positions[order[0]] - np.outer(ordered - ordered[0], normal)
+        drift = float(np.linalg.norm(lateral, axis=1).max())
+        if drift > _DRIFT_PIXELS * float(spacings[0].min()):
+            raise InputError(
+                f"{name}: slice positions of {label} drift sideways by {drift:.2g} mm across "
+                "the series (gantry tilt?); a sheared volume is not supported"
+            )
+        dz = float(ordered[-1] - ordered[0]) / (n - 1)
+    direction = np.column_stack([row, col, normal])
+    spacing = (float(spacings[0][1]), float(spacings[0][0]), dz)
+    origin = _triple(tuple(positions[order[0]]), float)
+    return order, spacing, origin, tuple(float(v) for v in direction.ravel())
+
+
+def _pair(values: np.ndarray) -> str:
+    return " x ".join(f"{v:g}" for v in values)
+
+
+def _read_series(series: _DicomSeries, name: str) -> sitk.Image:
+    """Decode the pixels (GDCM: all transfer syntaxes, rescale applied) onto the checked grid.
+
+    The geometry GDCM derives itself is replaced by ours: it takes the slice
+    spacing of a multi-frame file from SliceThickness and keeps frames in
+    stored order.
+    """
+    if series.frame_order is None:
+        reader: sitk.ImageSeriesReader | sitk.ImageFileReader = sitk.ImageSeriesReader()
+        reader.SetFileNames(list(series.files))
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(series.files[0])
     reader.SetImageIO("GDCMImageIO")
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()
-    image = sitk.Cast(_execute(reader, name), sitk.sitkFloat32)
-    for key in _DICOM_TAGS_KEPT:
-        if reader.HasMetaDataKey(0, key):
-            image.SetMetaData(key, reader.GetMetaData(0, key).strip())
+    # Float output per file: each slice then keeps its own rescale slope and intercept.
+    reader.SetOutputPixelType(sitk.sitkFloat32)
+    image = _execute(reader, name)
+    if image.GetDimension() != 3 or tuple(image.GetSize()) != series.size:
+        raise InputError(
+            f"{name}: decoded image size {_dims(image.GetSize())} differs from the headers' "
+            f"{_dims(series.size)}; the series is inconsistent"
+        )
+    order = series.frame_order
+    if order is not None and order != tuple(range(len(order))):
+        array = sitk.GetArrayFromImage(image)[list(order)]
+        image = sitk.GetImageFromArray(array)
+    image.SetOrigin(series.origin)
+    image.SetSpacing(series.spacing)
+    image.SetDirection(series.direction)
+    for key, value in series.tags.items():
+        image.SetMetaData(key, value)
     return image
 
 

@@ -505,16 +505,33 @@ def lc2_against_points(
             p = p_full[sl, sl, sl] - p_full[sl, sl, sl].mean()
             g = g_full[sl, sl, sl] - g_full[sl, sl, sl].mean()
             u = u_cubes[cube]
-            moments = [n, zero, zero, u.sum((1, 2, 3)), zero + (p * p).sum(), zero + (p * g).sum(),
-                       zero + (g * g).sum(), np.einsum("kabc,abc->k", u, p),
-                       np.einsum("kabc,abc->k", u, g), (u * u).sum((1, 2, 3))]
+            moments = [
+                n,
+                zero,
+                zero,
+                u.sum((1, 2, 3)),
+                zero + (p * p).sum(),
+                zero + (p * g).sum(),
+                zero + (g * g).sum(),
+                np.einsum("kabc,abc->k", u, p),
+                np.einsum("kabc,abc->k", u, g),
+                (u * u).sum((1, 2, 3)),
+            ]
         else:
             u = u_full[sl, sl, sl] - u_full[sl, sl, sl].mean()
             p, g = p_cubes[cube], g_cubes[cube]
-            moments = [n, p.sum((1, 2, 3)), g.sum((1, 2, 3)), zero, (p * p).sum((1, 2, 3)),
-                       (p * g).sum((1, 2, 3)), (g * g).sum((1, 2, 3)),
-                       np.einsum("kabc,abc->k", p, u), np.einsum("kabc,abc->k", g, u),
-                       zero + (u * u).sum()]
+            moments = [
+                n,
+                p.sum((1, 2, 3)),
+                g.sum((1, 2, 3)),
+                zero,
+                (p * p).sum((1, 2, 3)),
+                (p * g).sum((1, 2, 3)),
+                (g * g).sum((1, 2, 3)),
+                np.einsum("kabc,abc->k", p, u),
+                np.einsum("kabc,abc->k", g, u),
+                zero + (u * u).sum(),
+            ]
         acc += lc2_from_moments(moments)
     return acc / len(rr)
 

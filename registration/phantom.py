@@ -31,9 +31,13 @@ class Ellipsoid:
 
 
 def default_anatomy(scale_mm: float = 60.0, seed: int = 7) -> list[Ellipsoid]:
-    """A body with asymmetric organs: no rotation or mirror maps it onto itself."""
+    """A body with asymmetric organs: no rotation or mirror maps it onto itself.
+
+    The body's three radii differ by at least 15 %: with nearly equal radii a
+    rotation about the third axis is constrained by the small organs alone.
+    """
     rng = np.random.default_rng(seed)
-    parts = [Ellipsoid((0.0, 0.0, 0.0), (scale_mm, 0.8 * scale_mm, 0.95 * scale_mm), (0, 0, 0), 1)]
+    parts = [Ellipsoid((0.0, 0.0, 0.0), (scale_mm, 0.7 * scale_mm, 0.85 * scale_mm), (0, 0, 0), 1)]
     for label in range(2, 9):
         center = tuple(float(v) for v in rng.uniform(-0.5, 0.5, 3) * scale_mm)
         radii = tuple(float(v) for v in rng.uniform(0.12, 0.3, 3) * scale_mm)

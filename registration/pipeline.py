@@ -51,8 +51,6 @@ FINE_POINTS = 4096
 REFINE_POINTS = 16384
 #: The coarse level is the base map pooled 2x when the base grid is larger than this.
 COARSE_POOL_ABOVE = 40
-#: Step factor of the re-orientation passes (see _reoriented_refinement).
-OVER_RELAXATION = 1.5
 #: LC2 runs on a grid of at most this many voxels along its longest axis (it is slow).
 LC2_MAX_DIM = 64
 
@@ -352,6 +350,7 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     cost = np.inf
     scales = model.scales(radius)
     converged = False
+    history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
     for pass_index in range(passes):
         rotation = model.linear_part(theta[None, :])[0][0]
         moving_p = prepare(moving, spacing, moving_mask, direction=rotation @ fixed_direction)
@@ -365,21 +364,43 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                                         n_points=REFINE_POINTS if final else FINE_POINTS,
                                         seed=options.seed)
         refined, cost = lbfgs_refine(objective, theta, scales, 100 if final else 30, cancel)
-        step = (refined - theta) / scales  # mm of displacement at the sample radius
         if final:
             theta = refined
             break
+        step = (refined - theta) / scales  # mm of displacement at the sample radius
         converged = bool(np.abs(step).max() < 0.1)
         if converged:
             theta = refined
             continue
-        # Each pass removes only part of the residual rotation: the optimum lies between the
-        # true pose and the pose of the descriptor grid (measured ratio ~0.5 near the
-        # solution, ~0.8 far away). Over-relaxation by 1.5 keeps the iteration contracting
-        # for any ratio in [0, 0.8] and roughly halves the number of passes.
-        theta = theta + OVER_RELAXATION * (refined - theta)
+        theta = theta + scales * _anderson_step(history, theta / scales, step)
     assert objective is not None
     return theta, cost, objective
+
+
+def _anderson_step(history: list[tuple[np.ndarray, np.ndarray]], pose: np.ndarray,
+                   step: np.ndarray, memory: int = 3) -> np.ndarray:
+    """Next move of the re-orientation fixed-point iteration (Anderson acceleration).
+
+    Each pass removes only part of the residual rotation: the optimum lies
+    between the true pose and the pose of the descriptor grid (measured ratio
+    ~0.5 near the solution, up to ~0.9 along poorly constrained axes), so plain
+    passes converge slowly. Anderson acceleration fits the last few (pose,
+    step) pairs and jumps towards the pose whose step is zero; the jump is
+    capped at 4x the plain step so a noisy fit cannot throw the pose away.
+    """
+    history.append((pose.copy(), step.copy()))
+    del history[:-(memory + 1)]
+    if len(history) < 2:
+        return 1.5 * step  # over-relaxed first move: contracting for any ratio in [0, 0.8]
+    poses = np.array([h[0] for h in history])
+    steps = np.array([h[1] for h in history])
+    d_pose = np.diff(poses, axis=0).T
+    d_step = np.diff(steps, axis=0).T
+    gamma, *_ = np.linalg.lstsq(d_step, step, rcond=None)
+    move = step - (d_pose + d_step) @ gamma
+    limit = 4.0 * np.linalg.norm(step)
+    norm = np.linalg.norm(move)
+    return move * (limit / norm) if norm > limit else move
 
 
 def _affine_stage(similarity: str, model: TransformModel, rigid_theta: np.ndarray,

@@ -41,8 +41,9 @@ def training_volumes(cfg: DataConfig) -> list[sources.Volume]:
     return [sources.load_volume(s) for s in cfg.source_ids if s in installed]
 
 
-def make_training_scene(group: int, seed: int, cfg: DataConfig,
-                        volumes: Sequence[sources.Volume]) -> Scene:
+def make_training_scene(
+    group: int, seed: int, cfg: DataConfig, volumes: Sequence[sources.Volume]
+) -> Scene:
     rng = np.random.default_rng([seed, group, 0])
     if not volumes or rng.random() < cfg.phantom_fraction:
         volume = sources.make_phantom(rng, cfg.phantom_shape, subject=f"phantom-train-{group}")
@@ -52,8 +53,13 @@ def make_training_scene(group: int, seed: int, cfg: DataConfig,
     return make_scene(volume, settings, rng, float(cfg.pairs.crop))  # type: ignore[arg-type]
 
 
-def make_batch(index: int, seed: int, cfg: DataConfig, volumes: Sequence[sources.Volume],
-               scene: Scene | None = None) -> dict[str, torch.Tensor]:
+def make_batch(
+    index: int,
+    seed: int,
+    cfg: DataConfig,
+    volumes: Sequence[sources.Volume],
+    scene: Scene | None = None,
+) -> dict[str, torch.Tensor]:
     """Batch ``index``: fixed/moving (B, 1, c, c, c) float32 and target (B, k, k, k)."""
     if scene is None:
         scene = make_training_scene(index // cfg.scene_reuse, seed, cfg, volumes)
@@ -70,7 +76,7 @@ def make_batch(index: int, seed: int, cfg: DataConfig, volumes: Sequence[sources
 
 
 class BatchStream(IterableDataset):
-    """Batches ``start``, ``start + 1``, ... (up to ``stop``) for a DataLoader with batch_size=None."""
+    """Batches start, start + 1, ... (up to stop), for a DataLoader with batch_size=None."""
 
     def __init__(self, cfg: DataConfig, seed: int, start: int = 0, stop: int | None = None) -> None:
         super().__init__()
@@ -93,8 +99,9 @@ class BatchStream(IterableDataset):
             b += workers
 
 
-def batch_loader(cfg: DataConfig, seed: int, start: int, workers: int,
-                 stop: int | None = None) -> DataLoader:
+def batch_loader(
+    cfg: DataConfig, seed: int, start: int, workers: int, stop: int | None = None
+) -> DataLoader:
     """A DataLoader over ``BatchStream``; ``workers`` = 0 makes batches in this process."""
     if workers > 0:
         training_volumes(cfg)  # load before forking so workers share the arrays

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from disa.model.network import DisaNet
 
+from disa.model.network import DisaNet
 from disa.training.data import DataConfig, batch_loader
 from disa.training.pairs import PairConfig
 
@@ -114,8 +114,9 @@ def lr_factor(step: int, warmup_steps: int, halve_every: int) -> float:
     return warm * 0.5 ** (step // max(halve_every, 1))
 
 
-def pair_loss(net: DisaNet, batch: dict[str, torch.Tensor],
-              balancer: TargetBalancer | None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_loss(
+    net: DisaNet, batch: dict[str, torch.Tensor], balancer: TargetBalancer | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(weighted loss to minimise, plain MSE) of one batch."""
     fixed, moving, target = batch["fixed"], batch["moving"], batch["target"]
     x = torch.cat([fixed, moving]).contiguous(memory_format=torch.channels_last_3d)
@@ -178,7 +179,9 @@ class Reporter:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.description}"),
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.description}"),
                 TimeRemainingColumn(),
             )
             self._task = self._progress.add_task("", total=total_s, completed=done_s)
@@ -195,9 +198,13 @@ class Reporter:
             self._progress.stop()
 
 
-def fit(cfg: TrainConfig, out: str | Path, resume: bool = False,
-        interactive: bool | None = None,
-        on_step: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def fit(
+    cfg: TrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    interactive: bool | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
     """Train (or continue training) into the folder ``out``; returns the run summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,9 +218,13 @@ def fit(cfg: TrainConfig, out: str | Path, resume: bool = False,
         # The data stream and the model must not change under a resumed run;
         # the budget, step cap, logging and parallelism may.
         cfg = dataclasses.replace(
-            saved, budget_minutes=cfg.budget_minutes, max_steps=cfg.max_steps,
-            checkpoint_minutes=cfg.checkpoint_minutes, workers=cfg.workers,
-            threads=cfg.threads, log_every_s=cfg.log_every_s,
+            saved,
+            budget_minutes=cfg.budget_minutes,
+            max_steps=cfg.max_steps,
+            checkpoint_minutes=cfg.checkpoint_minutes,
+            workers=cfg.workers,
+            threads=cfg.threads,
+            log_every_s=cfg.log_every_s,
         )
     elif ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) or another --out")
@@ -281,7 +292,7 @@ def fit(cfg: TrainConfig, out: str | Path, resume: bool = False,
             opt.step()
             sched.step()
             step += 1
-            window["loss"] += float(loss)
+            window["loss"] += float(loss.detach())
             window["mse"] += float(mse)
             window["n"] += 1
             now = time.monotonic()
@@ -318,8 +329,16 @@ def fit(cfg: TrainConfig, out: str | Path, resume: bool = False,
     return summary
 
 
-def _log_window(log: Any, reporter: Reporter, window: dict[str, float], step: int, elapsed: float,
-                budget_s: float, opt: torch.optim.Optimizer, targets_per_step: int) -> None:
+def _log_window(
+    log: Any,
+    reporter: Reporter,
+    window: dict[str, float],
+    step: int,
+    elapsed: float,
+    budget_s: float,
+    opt: torch.optim.Optimizer,
+    targets_per_step: int,
+) -> None:
     now = time.monotonic()
     span = max(now - window["t0"], 1e-9)
     n = max(int(window["n"]), 1)

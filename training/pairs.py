@@ -27,12 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from disa.registration import lc2
-from disa.registration.errors import InputError
-from disa.registration.preprocess import normalise_intensities
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from disa.registration import lc2
+from disa.registration.errors import InputError
+from disa.registration.preprocess import normalise_intensities
 from disa.training.sources import Volume
 from disa.training.synthesis import TRAINING_SETTINGS, synthesize
 
@@ -61,7 +61,9 @@ class PairConfig:
 
     def __post_init__(self) -> None:
         if self.crop % STRIDE or self.crop < 2 * STRIDE:
-            raise ValueError(f"crop must be a multiple of {STRIDE} and >= {2 * STRIDE}, got {self.crop}")
+            raise ValueError(
+                f"crop must be a multiple of {STRIDE} and >= {2 * STRIDE}, got {self.crop}"
+            )
         if self.margin < max(self.radii) + 1:
             raise ValueError("margin must cover the largest LC2 radius plus the gradient voxel")
 
@@ -123,7 +125,7 @@ def make_scene(
 
 
 def random_rotation(rng: np.random.Generator, max_deg: float | None = None) -> np.ndarray:
-    """3x3 rotation: uniform on SO(3) with random axis flips, or a random axis and angle <= max_deg."""
+    """3x3 matrix: uniform rotation with random axis flips, or a rotation of at most max_deg."""
     if max_deg is None:
         flips = np.diag(rng.choice([-1.0, 1.0], size=3))
         return Rotation.random(random_state=rng).as_matrix() @ flips
@@ -132,8 +134,9 @@ def random_rotation(rng: np.random.Generator, max_deg: float | None = None) -> n
     return Rotation.from_rotvec(axis * np.deg2rad(rng.uniform(0.0, max_deg))).as_matrix()
 
 
-def sample_grid(image: np.ndarray, centre: np.ndarray, matrix: np.ndarray, side: int,
-                mode: str) -> np.ndarray:
+def sample_grid(
+    image: np.ndarray, centre: np.ndarray, matrix: np.ndarray, side: int, mode: str
+) -> np.ndarray:
     """Sample ``image`` on a side^3 grid: voxel x -> centre + matrix (x - h) (trilinear)."""
     h = (side - 1) / 2.0
     local = np.indices((side,) * 3, dtype=np.float32).reshape(3, -1) - np.float32(h)
@@ -156,7 +159,9 @@ def descriptor_centres(cfg: PairConfig) -> np.ndarray:
     return np.stack([zz.ravel(), yy.ravel(), xx.ravel()], axis=1)
 
 
-def dense_targets(fixed: np.ndarray, moving: np.ndarray, mr_role: str, cfg: PairConfig) -> np.ndarray:
+def dense_targets(
+    fixed: np.ndarray, moving: np.ndarray, mr_role: str, cfg: PairConfig
+) -> np.ndarray:
     """Multi-radius LC2 of the two padded crops at every descriptor centre, (k, k, k) float32."""
     source, target = (fixed, moving) if mr_role == "fixed" else (moving, fixed)
     values = lc2.local_lc2_multi(target, source, cfg.radii, points=descriptor_centres(cfg))
@@ -175,7 +180,9 @@ def sample_crop_pair(scene: Scene, rng: np.random.Generator, cfg: PairConfig) ->
         relative = random_rotation(rng, cfg.max_rotation_deg)
     centre = scene.focus + rng.normal(0.0, cfg.centre_jitter, 3)
     fixed = sample_grid(scene.images[0], centre, shared, cfg.side, scene.border_mode)
-    moving = sample_grid(scene.images[1], centre + shift, shared @ relative, cfg.side, scene.border_mode)
+    moving = sample_grid(
+        scene.images[1], centre + shift, shared @ relative, cfg.side, scene.border_mode
+    )
     fixed = augment_intensity(fixed, rng, cfg)
     moving = augment_intensity(moving, rng, cfg)
     mr_role = "fixed" if rng.random() < 0.5 else "moving"

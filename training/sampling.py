@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from disa.registration import lc2
 
 STEP = 4
@@ -107,13 +108,23 @@ def sample_patch_pairs(
             b = min(int(values[j] * bins), bins - 1)
             if abs(values[j] - t) <= tolerance and quota[b] > 0:
                 quota[b] -= 1
-                out.append(PatchPair(tuple(int(v) for v in pos[j]), tuple(int(v) for v in c),  # type: ignore[arg-type]
-                                     float(values[j]), mr_role))
+                out.append(
+                    PatchPair(
+                        tuple(int(v) for v in pos[j]),
+                        tuple(int(v) for v in c),  # type: ignore[arg-type]
+                        float(values[j]),
+                        mr_role,
+                    )
+                )
     return out
 
 
-def patch_pair_lc2(fixed: np.ndarray, moving: np.ndarray, pair: PatchPair,
-                   radii: tuple[int, ...] = lc2.DEFAULT_RADII) -> float:
+def patch_pair_lc2(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    pair: PatchPair,
+    radii: tuple[int, ...] = lc2.DEFAULT_RADII,
+) -> float:
     """Direct least-squares LC2 of one sampled pair (the check for the sampler's targets)."""
     values = []
     for r in radii:

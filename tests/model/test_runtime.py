@@ -127,8 +127,10 @@ def test_cuda_required_but_not_offered_raises(
         extractor.extract(np.zeros((8, 8, 8), np.float32))
 
 
+# The CPU-only build warns that it lacks the provider we pretend it lists.
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")
 def test_cuda_listed_but_session_falls_back_raises(
-    onnx_model: Path, monkeypatch: pytest.MonkeyPatch
+    onnx_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A GPU build whose CUDA libraries or device are missing lists the
     # provider, then quietly runs on CPU: only session.get_providers() tells.
@@ -141,7 +143,9 @@ def test_cuda_listed_but_session_falls_back_raises(
     with pytest.raises(RuntimeError, match=r"GPU required by configuration.*runs on"):
         _ = DescriptorExtractor(onnx_model, device="cuda").provider
     # "auto" accepts the fallback and says so.
-    assert DescriptorExtractor(onnx_model, device="auto").provider == "CPUExecutionProvider"
+    with caplog.at_level(logging.WARNING, logger="disa.model"):
+        assert DescriptorExtractor(onnx_model, device="auto").provider == "CPUExecutionProvider"
+    assert "fell back" in caplog.text
 
 
 def test_bad_arguments(onnx_model: Path, tmp_path: Path) -> None:

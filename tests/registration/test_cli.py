@@ -60,7 +60,7 @@ def test_written_transform_follows_the_itk_resampling_convention(registered, sma
     # Nearest-neighbour labels of small organs at 3 mm cap Dice below 1 even for the true
     # transform: compare with what the truth itself achieves.
     achieved, perfect, before = dice(transform), dice(small_pair.truth), dice(sitk.Transform())
-    assert np.all(achieved >= 0.95 * perfect)
+    assert achieved.mean() >= 0.97 * perfect.mean() and np.all(achieved >= 0.9 * perfect)
     assert before.mean() < 0.6 * perfect.mean()
     # registered.nii.gz is exactly that resampling of the moving image.
     registered_image = sitk.ReadImage(str(out / "registered.nii.gz"))

@@ -1,0 +1,164 @@
+"""`disa serve` (the API, with an embedded worker when no broker is set) and `disa submit`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from disa.registration.errors import InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `disa serve` and `disa submit` with the main CLI."""
+    _add_serve(sub)
+    _add_submit(sub)
+
+
+# ------------------------------------------------------------------- serve
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the REST API (and a worker, when no broker is set)",
+                       description="Run the DISA REST API. Without DISA_BROKER_URL it also runs "
+                                   "jobs itself (one at a time); with it, `disa worker` "
+                                   "processes run them. Settings: DISA_* environment variables.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--jobs-dir", type=Path, default=None,
+                   help="job folders (default: DISA_JOBS_DIR, ./disa-jobs)")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error", "critical"])
+    p.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from disa.service.settings import get_settings
+
+    if args.jobs_dir is not None:
+        os.environ["DISA_JOBS_DIR"] = str(args.jobs_dir)
+        get_settings.cache_clear()
+    get_settings()  # bad settings fail here, as one line, before the server starts
+    from disa.service.app import create_app
+
+    # One process: the embedded worker and the sweeper live in it.
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level,
+                proxy_headers=True, timeout_graceful_shutdown=30)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ submit
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="send a registration to a DISA service",
+                       description="Upload FIXED and MOVING to a DISA service; with --wait, "
+                                   "show progress and download the result folder.")
+    p.add_argument("fixed", type=Path, help="fixed image (NIfTI, NRRD, .mha, DICOM folder/.zip)")
+    p.add_argument("moving", type=Path, help="moving image (same formats)")
+    p.add_argument("--url", default=os.environ.get("DISA_URL", "http://127.0.0.1:8000"),
+                   help="service URL (default: DISA_URL or http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="API key (default: DISA_API_KEY)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end")
+    p.add_argument("-o", "--output", type=Path, default=None,
+                   help="download the result folder here (implies --wait)")
+    p.add_argument("--poll", type=float, default=1.0, metavar="S", help="poll period (s)")
+    p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
+    p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _add_option_arguments(p)
+    p.set_defaults(handler=_cmd_submit)
+
+
+def _add_option_arguments(p: argparse.ArgumentParser) -> None:
+    """One --flag per RegistrationOptions field (the `disa register` names).
+
+    Generated from the model so the two never drift; unset flags are not sent
+    and the server applies the engine's defaults.
+    """
+    from disa.registration.options import RegistrationOptions
+
+    group = p.add_argument_group("registration options (as disa register)")
+    for name, info in RegistrationOptions.model_fields.items():
+        kind, choices = _argument_type(info.annotation)
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", type=kind,
+                           choices=choices, default=None, help=info.description,
+                           metavar=None if choices else name.upper())
+
+
+def _argument_type(annotation: Any) -> tuple[type, list[str] | None]:
+    """argparse type and choices for an options field (Literal, int, float; optional)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _argument_type(args[0])
+    if origin is typing.Literal:
+        return str, [str(a) for a in args]
+    if annotation in (int, float):
+        return annotation, None
+    return str, None
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from disa.progress import progress_reporter
+    from disa.service.client import DisaClient, ServiceError
+
+    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    api_key = args.api_key or os.environ.get("DISA_API_KEY") or None
+    wait = args.wait or args.output is not None
+    try:
+        with DisaClient(args.url, api_key=api_key) as client:
+            job = client.submit(args.fixed, args.moving, options, args.fixed_mask,
+                                args.moving_mask)
+            print(f"job {job['id']} {job['state']}", flush=True)
+            if not wait:
+                return EXIT_OK
+            with progress_reporter(quiet=args.quiet) as report:
+                job = client.wait(job["id"], poll_s=args.poll, on_progress=report)
+            if job["state"] != "succeeded":
+                return _report_failure(job)
+            _print_result(job)
+            if args.output is not None:
+                paths = client.download(job["id"], args.output)
+                print(f"results in {args.output}/ : {', '.join(p.name for p in paths)}")
+    except ServiceError as exc:
+        if 400 <= exc.status_code < 500:
+            raise InputError(f"service refused the job: {exc.detail}") from None
+        raise RuntimeError(f"service error {exc.status_code}: {exc.detail}") from None
+    except ValueError as exc:  # the client refused a file type before uploading
+        raise InputError(str(exc)) from None
+    except _connection_errors() as exc:
+        raise InputError(f"cannot reach {args.url}: {type(exc).__name__}") from None
+    return EXIT_OK
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+
+    return (httpx.TransportError,)
+
+
+def _report_failure(job: dict[str, Any]) -> int:
+    if job["state"] == "cancelled":
+        print(f"disa: job {job['id']} was cancelled", file=sys.stderr)
+        return EXIT_INTERNAL
+    message = job.get("error") or "failed"
+    print(f"disa: error: job {job['id']} failed: {message}", file=sys.stderr)
+    return EXIT_INTERNAL if message.startswith("internal error") else EXIT_INPUT
+
+
+def _print_result(job: dict[str, Any]) -> None:
+    r = job.get("result") or {}
+    verdict = "AMBIGUOUS: check qa.png" if r.get("ambiguous") else "unambiguous"
+    run_s = job.get("timings", {}).get("run_s") or 0.0
+    print(f"{r.get('mode')} registration with {r.get('similarity')}: similarity "
+          f"{r.get('similarity_value', float('nan')):.4f}, confidence "
+          f"{r.get('confidence', float('nan')):.2f} ({verdict}), {run_s:.2f} s on the service")

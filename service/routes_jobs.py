@@ -1,0 +1,210 @@
+"""/v1/jobs: submit, inspect, list, cancel or delete registration jobs, fetch results."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from disa.registration.errors import InputError
+from disa.service.deps import JobIdPath, RuntimeDep, StoreDep, require_api_key
+from disa.service.models import JobListOut, JobOut, error_responses
+from disa.service.runtime import Runtime
+from disa.service.store import (
+    INPUTS_DIR,
+    RESULT_FILES,
+    TERMINAL_STATES,
+    JobNotFound,
+    JobState,
+    JobStore,
+    Manifest,
+    new_job_id,
+    now,
+)
+from disa.service.uploads import FILE_FIELDS, TEXT_FIELDS, UploadError, receive_upload
+
+log = logging.getLogger("disa.service")
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
+                   responses=error_responses(401, 403))
+
+_SUBMIT_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["fixed", "moving"],
+        "properties": {
+            **{role: {"type": "string", "format": "binary",
+                      "description": f"{role.replace('_', ' ')} image: .nii.gz, .nii, .nrrd, "
+                                     ".mha or a DICOM series as .zip (the file name's "
+                                     "extension decides the format)"}
+               for role in FILE_FIELDS},
+            "options": {"type": "string", "maxLength": TEXT_FIELDS["options"],
+                        "description": "registration options as JSON, names as the CLI's "
+                                       "with underscores, e.g. {\"mode\": \"rigid\", "
+                                       "\"starts\": 500}"},
+        },
+    }}},
+}
+
+
+def _job_out(store: JobStore, manifest: Manifest) -> JobOut:
+    try:
+        flagged = store.cancel_requested(manifest.id)
+    except (JobNotFound, OSError):
+        flagged = False
+    return JobOut.from_manifest(manifest, cancel_requested=flagged)
+
+
+def _read(store: JobStore, job_id: str) -> Manifest:
+    try:
+        return store.read(job_id)
+    except JobNotFound:
+        raise HTTPException(status_code=404, detail="no such job") from None
+
+
+@router.post("", status_code=202, response_model=JobOut,
+             summary="Submit a registration job",
+             openapi_extra={"requestBody": _SUBMIT_BODY},
+             responses={202: {"description": "accepted; poll the Location URL",
+                              "headers": {"Location": {"description": "URL of the job",
+                                                       "schema": {"type": "string"}}}},
+                        **error_responses(400, 413, 415, 422)})
+async def submit_job(request: Request, response: Response, runtime: RuntimeDep) -> JobOut:
+    """Upload fixed and moving images (optional masks, options JSON); headers are
+    checked before the job is queued. Answers 202 with the job and its Location."""
+    store = runtime.store
+    job_id = new_job_id()
+    staging = await run_in_threadpool(store.create_incoming, job_id)
+    try:
+        upload = await receive_upload(request, staging / INPUTS_DIR,
+                                      runtime.settings.max_upload_bytes)
+        options = _parse_options(upload.fields.get("options"))
+        info = await run_in_threadpool(_inspect_inputs, upload.files, runtime)
+        t = now()
+        manifest = Manifest(
+            id=job_id, created_at=t, updated_at=t,
+            inputs={role: f"{INPUTS_DIR}/{path.name}" for role, path in upload.files.items()},
+            input_info=info, options=options)
+        await run_in_threadpool(store.publish, manifest)
+    except UploadError as exc:
+        await run_in_threadpool(store.discard_incoming, job_id)
+        raise HTTPException(status_code=exc.status, detail=exc.detail) from None
+    except BaseException:
+        await run_in_threadpool(store.discard_incoming, job_id)
+        raise
+    runtime.metrics.submitted.inc()
+    await run_in_threadpool(runtime.dispatch, job_id)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job_id).path)
+    log.info("job %s: queued", job_id)
+    return _job_out(store, manifest)
+
+
+def _parse_options(text: str | None) -> dict[str, Any]:
+    """Validate the options JSON with the engine's RegistrationOptions; 422 on any problem."""
+    from disa.registration.options import RegistrationOptions
+
+    try:
+        options = RegistrationOptions.model_validate_json(text or "{}")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
+            for e in exc.errors(include_url=False, include_input=False))
+        raise UploadError(422, f"invalid options: {problems}") from None
+    return options.model_dump(mode="json")
+
+
+def _inspect_inputs(files: dict, runtime: Runtime) -> dict[str, dict[str, Any]]:
+    """Header checks of every input (no pixels decoded); keep only geometry facts."""
+    from disa.registration.io import InputLimits, inspect_image
+
+    limits = InputLimits(max_voxels=runtime.settings.max_voxels)
+    info: dict[str, dict[str, Any]] = {}
+    for role, path in files.items():
+        try:
+            facts = inspect_image(path, limits)
+        except InputError as exc:
+            raise UploadError(422, str(exc)) from None
+        info[role] = {"format": facts.format, "size": list(facts.size),
+                      "spacing": list(facts.spacing), "modality": facts.modality}
+    return info
+
+
+@router.get("", response_model=JobListOut, summary="List jobs, newest first",
+            responses=error_responses(422))
+def list_jobs(store: StoreDep,
+              offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20,
+              state: Annotated[JobState | None, Query(description="only jobs in this state")]
+              = None) -> JobListOut:
+    manifests = [m for m in store.manifests() if state is None or m.state == state]
+    manifests.sort(key=lambda m: m.created_at, reverse=True)
+    page = manifests[offset:offset + limit]
+    return JobListOut(items=[_job_out(store, m) for m in page], total=len(manifests),
+                      offset=offset, limit=limit)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="State, progress and result of a job",
+            responses=error_responses(404, 422))
+def get_job(job_id: JobIdPath, store: StoreDep) -> JobOut:
+    return _job_out(store, _read(store, job_id))
+
+
+@router.get("/{job_id}/files/{name}", response_class=FileResponse,
+            summary="Download a result file",
+            responses={200: {"description": "the file", "content": {
+                ctype.split(";")[0]: {} for ctype in RESULT_FILES.values()}},
+                **error_responses(404, 409, 422)})
+def get_job_file(job_id: JobIdPath, name: str, store: StoreDep) -> FileResponse:
+    """One of the result folder's files (transform.tfm, registered.nii.gz, qa.png,
+    result.json, ...); 409 until the job has succeeded."""
+    manifest = _read(store, job_id)
+    if name not in RESULT_FILES:
+        raise HTTPException(status_code=404, detail=f"no result file named '{name[:40]}'; "
+                                                    f"known: {', '.join(RESULT_FILES)}")
+    if manifest.state != "succeeded":
+        raise HTTPException(status_code=409, detail=f"job is {manifest.state}: "
+                                                    "results exist only once it has succeeded")
+    path = store.result_path(job_id, name) if name in manifest.files else None
+    if path is None:
+        raise HTTPException(status_code=404, detail=f"this job has no '{name}'")
+    return FileResponse(path, media_type=RESULT_FILES[name], filename=name)
+
+
+@router.delete("/{job_id}", summary="Cancel a queued or running job, or delete a finished one",
+               responses={202: {"model": JobOut, "description": "cancel requested or done"},
+                          204: {"description": "finished job deleted"},
+                          **error_responses(404, 409, 422)})
+def delete_job(job_id: JobIdPath, store: StoreDep) -> Response:
+    manifest = _read(store, job_id)
+    if manifest.state in TERMINAL_STATES:
+        try:
+            with store.lock(job_id) as lock:
+                if not lock.acquire(timeout=5.0):
+                    raise HTTPException(status_code=409, detail="job is busy; try again")
+                store.delete(job_id)
+        except JobNotFound:
+            raise HTTPException(status_code=404, detail="no such job") from None
+        return Response(status_code=204)
+    # Cooperative cancel: the worker's cancel() sees the flag between optimiser
+    # iterations. If nobody holds the lock, no worker runs the job: end it here.
+    try:
+        store.request_cancel(job_id)
+        with store.lock(job_id) as lock:
+            if lock.acquire(timeout=0.0):
+                manifest = store.read(job_id)
+                if manifest.state not in TERMINAL_STATES:
+                    manifest.state = "cancelled"
+                    manifest.finished_at = now()
+                    store.write(manifest)
+            else:
+                manifest = store.read(job_id)
+    except JobNotFound:
+        raise HTTPException(status_code=404, detail="no such job") from None
+    body = _job_out(store, manifest).model_dump_json()
+    return Response(content=body, status_code=202, media_type="application/json")
+

@@ -1,0 +1,206 @@
+"""Streaming multipart upload straight into a job's staging folder.
+
+The body is parsed as it arrives (python-multipart's push parser) and written
+to server-chosen names: `inputs/<role><ext>`, where the extension comes from
+the client's file name and nothing else of that name is kept. The size limit is
+enforced on the bytes received, before they are written; the caller removes
+the staging folder on any error.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+
+#: File fields of POST /v1/jobs (roles of the engine's inputs).
+FILE_FIELDS = ("fixed", "moving", "fixed_mask", "moving_mask")
+REQUIRED_FILES = ("fixed", "moving")
+#: Text fields and their size caps in bytes.
+TEXT_FIELDS = {"options": 64 * 1024}
+#: Extensions accepted, longest first so .nii.gz wins over .gz. Detached-header
+#: formats (.nhdr, .mhd) are left out: an upload is one file.
+INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
+_FLUSH_BYTES = 1024 * 1024  # write to disk (in a thread) once this much is pending
+
+
+class UploadError(Exception):
+    """The request body cannot be accepted; `status` is the HTTP status to answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def input_extension(filename: str) -> str | None:
+    """The accepted extension of a client file name (case-insensitive), or None."""
+    lower = filename.strip().lower()
+    for ext in INPUT_EXTENSIONS:
+        if lower.endswith(ext):
+            return ext
+    return None
+
+
+@dataclass
+class Upload:
+    """What a request carried: role -> file written, field -> text."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+class _Sink:
+    """Callbacks of the push parser. Parsing happens on the event loop; data is
+    queued and written by `flush` in a worker thread, so big uploads never
+    block other requests."""
+
+    def __init__(self, inputs_dir: Path) -> None:
+        self.inputs_dir = inputs_dir
+        self.upload = Upload()
+        self.pending: list[tuple[str, bytes | None]] = []  # (role, data) or (role, None) = end
+        self.pending_bytes = 0
+        self.finished = False
+        self._seen: set[str] = set()
+        self._header_name = bytearray()
+        self._header_value = bytearray()
+        self._headers: dict[str, str] = {}
+        self._part: str | None = None  # role or text field of the current part
+        self._text: dict[str, bytearray] = {}
+        self._open: dict[str, io.BufferedWriter] = {}
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda d, s, e: self._header_name.extend(d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_value.extend(d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._part = None
+
+    def _header_end(self) -> None:
+        name = self._header_name.decode("latin-1").strip().lower()
+        self._headers[name] = self._header_value.decode("latin-1").strip()
+        self._header_name.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        disposition, params = parse_options_header(self._headers.get("content-disposition"))
+        if disposition != b"form-data" or b"name" not in params:
+            raise UploadError(400, "malformed multipart part: no form-data name")
+        name = params[b"name"].decode("latin-1")
+        if name not in FILE_FIELDS and name not in TEXT_FIELDS:
+            expected = ", ".join((*FILE_FIELDS, *TEXT_FIELDS))
+            raise UploadError(400, f"unknown form field '{_clip(name)}'; expected: {expected}")
+        if name in self._seen:
+            raise UploadError(400, f"form field '{name}' given twice")
+        self._seen.add(name)
+        self._part = name
+        if name in TEXT_FIELDS:
+            self._text[name] = bytearray()
+            return
+        filename = params.get(b"filename")
+        if filename is None:
+            raise UploadError(400, f"'{name}' must be a file part (with a filename)")
+        ext = input_extension(filename.decode("utf-8", "replace"))
+        if ext is None:
+            raise UploadError(422, f"{name}: unsupported file type; accepted: "
+                                   f"{', '.join(INPUT_EXTENSIONS)} (DICOM series as .zip)")
+        self.upload.files[name] = self.inputs_dir / f"{name}{ext}"
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._part is None or end <= start:
+            return
+        if self._part in TEXT_FIELDS:
+            buf = self._text[self._part]
+            if len(buf) + end - start > TEXT_FIELDS[self._part]:
+                raise UploadError(413, f"form field '{self._part}' is longer than "
+                                       f"{TEXT_FIELDS[self._part]} bytes")
+            buf.extend(data[start:end])
+            return
+        self.pending.append((self._part, bytes(data[start:end])))
+        self.pending_bytes += end - start
+
+    def _part_end(self) -> None:
+        if self._part in TEXT_FIELDS:
+            try:
+                self.upload.fields[self._part] = self._text.pop(self._part).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UploadError(422, f"form field '{self._part}' is not UTF-8 text") from exc
+        elif self._part is not None:
+            self.pending.append((self._part, None))
+        self._part = None
+
+    def _end(self) -> None:
+        self.finished = True
+
+    def flush(self) -> None:
+        """Write pending data to the role files (in a worker thread)."""
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        for role, data in pending:
+            f = self._open.get(role)
+            if f is None:
+                # 'x': a fresh staging folder; a second file for a role is refused above.
+                f = self._open[role] = open(self.upload.files[role], "xb")  # noqa: SIM115
+            if data is None:
+                f.close()
+            else:
+                f.write(data)
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+
+
+async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int) -> Upload:
+    """Parse a multipart/form-data body into `inputs_dir`; raise UploadError on any problem."""
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise UploadError(415, "send the job as multipart/form-data")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise UploadError(413, f"upload of {length} bytes exceeds the limit of {max_bytes}")
+    sink = _Sink(inputs_dir)
+    try:
+        parser = MultipartParser(boundary, sink.callbacks())
+        received = 0
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > max_bytes:
+                    raise UploadError(413, f"upload exceeds the limit of {max_bytes} bytes")
+                parser.write(chunk)
+                if sink.pending_bytes >= _FLUSH_BYTES:
+                    await run_in_threadpool(sink.flush)
+            parser.finalize()
+        except ClientDisconnect as exc:
+            raise UploadError(400, "the client went away during the upload") from exc
+        except UploadError:
+            raise
+        except Exception as exc:  # the parser's own errors: a malformed body
+            raise UploadError(400, "malformed multipart body") from exc
+        await run_in_threadpool(sink.flush)
+    finally:
+        sink.close()
+    if not sink.finished:
+        raise UploadError(400, "incomplete multipart body")
+    missing = [role for role in REQUIRED_FILES if role not in sink.upload.files]
+    if missing:
+        raise UploadError(422, f"missing file field(s): {', '.join(missing)}")
+    return sink.upload
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,120 @@
+"""Training loop: learns, resumes exactly, exports an ONNX file that ONNX Runtime runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from disa.training import data, evaluate, loop
+from disa.training.cli import main as cli_main
+from disa.training.sources import Volume
+
+
+def test_lr_schedule_warms_up_then_halves() -> None:
+    assert loop.lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert loop.lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert loop.lr_factor(150, 10, 100) == pytest.approx(0.5)
+    assert loop.lr_factor(250, 10, 100) == pytest.approx(0.25)
+
+
+def test_batches_depend_only_on_seed_and_index(tiny_config: loop.TrainConfig) -> None:
+    cfg = tiny_config.data_config()
+    a = data.make_batch(5, 1, cfg, [])
+    b = data.make_batch(5, 1, cfg, [])
+    c = data.make_batch(6, 1, cfg, [])
+    assert a["fixed"].shape == (1, 1, 16, 16, 16) and a["target"].shape == (1, 4, 4, 4)
+    assert torch.equal(a["target"], b["target"]) and torch.equal(a["moving"], b["moving"])
+    assert not torch.equal(a["fixed"], c["fixed"])
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config: loop.TrainConfig) -> None:
+    torch.set_num_threads(1)
+    cfg = dataclasses.replace(tiny_config, batch=2).data_config()
+    batch = data.make_batch(0, 11, cfg, [])
+    net = loop.new_model(0)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-3)
+    losses = []
+    for _ in range(40):
+        loss, _ = loop.pair_loss(net, batch, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _params(run: Path) -> dict[str, torch.Tensor]:
+    return loop.load_checkpoint(run)["model"]
+
+
+def test_resume_reproduces_an_uninterrupted_run(
+    tiny_config: loop.TrainConfig, tmp_path: Path
+) -> None:
+    straight = dataclasses.replace(tiny_config, max_steps=6)
+    loop.fit(straight, tmp_path / "a", interactive=False)
+    loop.fit(dataclasses.replace(tiny_config, max_steps=3), tmp_path / "b", interactive=False)
+    with pytest.raises(FileExistsError):
+        loop.fit(straight, tmp_path / "b", interactive=False)
+    summary = loop.fit(straight, tmp_path / "b", resume=True, interactive=False)
+    assert summary["steps"] == 6
+    a, b = loop.load_checkpoint(tmp_path / "a"), loop.load_checkpoint(tmp_path / "b")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 6
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert torch.equal(a["balancer"]["freq"], b["balancer"]["freq"])
+    log = [json.loads(line) for line in (tmp_path / "b" / loop.LOG).read_text().splitlines()]
+    assert log[-1]["step"] == 6 and "targets_per_s" in log[-1]
+
+
+def test_budget_stops_training(tiny_config: loop.TrainConfig, tmp_path: Path) -> None:
+    summary = loop.fit(
+        dataclasses.replace(tiny_config, budget_minutes=0.0), tmp_path / "r", interactive=False
+    )
+    assert summary["stopped_by"] == "budget" and summary["steps"] == 0
+    assert (tmp_path / "r" / loop.CHECKPOINT).is_file()
+
+
+def test_export_runs_in_onnxruntime_and_evaluate_merges_into_card(
+    tiny_config: loop.TrainConfig, tmp_path: Path, phantom: Volume
+) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    loop.fit(dataclasses.replace(tiny_config, max_steps=2), run, interactive=False)
+    assert cli_main(["export", "--run", str(run), "--out", str(tmp_path / "w")]) == 0
+    onnx_path = tmp_path / "w" / "disa.onnx"
+    card_path = tmp_path / "w" / "disa.json"
+    assert onnx_path.is_file() and card_path.is_file()
+    x = np.random.default_rng(0).normal(size=(1, 1, 24, 20, 28)).astype(np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x})
+    net = loop.model_from_checkpoint(run)
+    with torch.no_grad():
+        torch_out = net(torch.from_numpy(x)).numpy()
+    assert onnx_out.shape == (1, 16, 6, 5, 7)
+    np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4)
+
+    cfg = evaluate.EvalConfig(
+        pairs_per_scene=12, setting_pairs=(("t1", "us"), ("ct", "lut-high-frequency"))
+    )
+    result = evaluate.evaluate(
+        evaluate.onnx_describer(onnx_path, threads=1), cfg, volumes=[phantom]
+    )
+    assert result["pairs"] > 0 and 0.0 <= result["mse"] <= 4.0
+    assert set(result["by_setting"]) >= {"t1", "us"}
+    assert "held-out-setting" in result["by_setting_family"]
+    assert len(result["by_target_bin"]) >= 3
+    evaluate.merge_into_card(card_path, result)
+    card = json.loads(card_path.read_text())
+    assert card["held_out_metrics"]["mse"] == pytest.approx(result["mse"])
+    from disa.model.card import load_model_card
+
+    load_model_card(card_path)  # the sha256 still matches the ONNX file

@@ -1,0 +1,162 @@
+"""`disa-train`: fit, export and evaluate the descriptor network.
+
+disa-train fit --out runs/NAME --budget MINUTES --seed S [--crop 64 --batch 2 ...] [--resume]
+disa-train export --run runs/NAME --out model/weights/
+disa-train evaluate --run runs/NAME | --onnx model/weights/disa.onnx [--card CARD.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from disa.model.card import card_path_for
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="disa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="train (or --resume) into a run folder")
+    f.add_argument(
+        "--out", required=True, type=Path, help="run folder (checkpoint, log.jsonl, run.json)"
+    )
+    f.add_argument(
+        "--budget",
+        required=True,
+        type=float,
+        help="training minutes in total, over all resumed runs",
+    )
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--crop", type=int, default=64, help="crop side in voxels (2 mm), multiple of 4")
+    f.add_argument("--batch", type=int, default=2, help="crop pairs per step")
+    f.add_argument(
+        "--scene-reuse", type=int, default=2, help="consecutive batches drawn from one scene"
+    )
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--weight-decay", type=float, default=1e-3)
+    f.add_argument("--warmup", type=int, default=100, help="warm-up steps")
+    f.add_argument(
+        "--halve-every", type=int, default=600, help="steps between halvings of the rate"
+    )
+    f.add_argument("--max-steps", type=int, default=None)
+    f.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    f.add_argument("--workers", type=int, default=1, help="data processes (0: in the trainer)")
+    f.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    f.add_argument("--no-balance", action="store_true", help="plain MSE, no target-bin weights")
+    f.add_argument("--phantom-fraction", type=float, default=0.35)
+    f.add_argument(
+        "--sources",
+        nargs="+",
+        default=["icbm152-brain", "icbm152-head"],
+        help="training volumes (missing packages are skipped)",
+    )
+    f.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines")
+    f.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+
+    e = sub.add_parser("export", help="write ONNX + model card from a run")
+    e.add_argument("--run", required=True, type=Path)
+    e.add_argument("--out", type=Path, default=Path("model/weights"))
+    e.add_argument("--file-name", default="disa.onnx")
+    e.add_argument("--version", default=None)
+
+    v = sub.add_parser("evaluate", help="held-out MSE / Pearson r against LC2")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", type=Path, help="run folder (uses its checkpoint through torch)")
+    src.add_argument("--onnx", type=Path, help="exported model (through ONNX Runtime)")
+    v.add_argument(
+        "--card",
+        type=Path,
+        default=None,
+        help="model card to merge held_out_metrics into (default: the ONNX file's card)",
+    )
+    v.add_argument(
+        "--out", type=Path, default=None, help="JSON (default: RUN/eval.json or ONNX.eval.json)"
+    )
+    v.add_argument("--pairs-per-scene", type=int, default=50)
+    v.add_argument("--seed", type=int, default=20230)
+    v.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from disa.training.loop import TrainConfig, fit
+
+    cfg = TrainConfig(
+        budget_minutes=args.budget,
+        seed=args.seed,
+        crop=args.crop,
+        batch=args.batch,
+        scene_reuse=args.scene_reuse,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup,
+        halve_every=args.halve_every,
+        max_steps=args.max_steps,
+        checkpoint_minutes=args.checkpoint_minutes,
+        workers=args.workers,
+        threads=args.threads,
+        balance=not args.no_balance,
+        phantom_fraction=args.phantom_fraction,
+        source_ids=tuple(args.sources),
+        log_every_s=args.log_every,
+    )
+    summary = fit(cfg, args.out, resume=args.resume)
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("steps", "elapsed_minutes", "stopped_by", "checkpoint")}
+        )
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from disa.training.export import export_run
+
+    result = export_run(args.run, args.out, args.file_name, version=args.version)
+    print(json.dumps({"onnx": result["onnx"], "sha256": result["sha256"]}))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from disa.training import evaluate as ev
+
+    if args.run is not None:
+        from disa.training.loop import model_from_checkpoint
+
+        describe = ev.torch_describer(model_from_checkpoint(args.run), args.threads)
+        out = args.out or args.run / "eval.json"
+        card = args.card
+    else:
+        describe = ev.onnx_describer(args.onnx, args.threads)
+        out = args.out or args.onnx.with_suffix(".eval.json")
+        card = args.card or card_path_for(args.onnx)
+    cfg = ev.EvalConfig(seed=args.seed, pairs_per_scene=args.pairs_per_scene)
+    result = ev.evaluate(describe, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    ev.write_json(result, out)
+    if card is not None and Path(card).is_file():
+        ev.merge_into_card(card, result)
+    print(
+        json.dumps(
+            {
+                "pairs": result.get("pairs"),
+                "mse": result.get("mse"),
+                "pearson_r": result.get("pearson_r"),
+                "json": str(out),
+            }
+        )
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"fit": _fit, "export": _export, "evaluate": _evaluate}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
