@@ -27,6 +27,7 @@ from disa.registration.grid import Grid
 from disa.registration.objective import DescriptorObjective, LC2Objective
 from disa.registration.options import RegistrationOptions
 from disa.registration.preprocess import (
+    antialias,
     foreground_mask,
     local_std,
     mask_to_grid,
@@ -153,10 +154,10 @@ def auto_working_spacing(fixed: sitk.Image, moving: sitk.Image, similarity: str)
 
 
 def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
-            direction: np.ndarray | None = None) -> PreparedImage:
+            direction: np.ndarray | None = None, smooth: bool = True) -> PreparedImage:
     """Resample to the working spacing (optionally onto axes ``direction``), find the
-    foreground and z-score the intensities."""
-    resampled = resample_to_spacing(image, spacing_mm, direction=direction)
+    foreground and z-score the intensities. ``smooth=False``: already antialiased."""
+    resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     if min(array.shape) < 8:
         raise InputError(f"image is only {array.shape[::-1]} voxels at {spacing_mm} mm working "
@@ -351,9 +352,11 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     scales = model.scales(radius)
     converged = False
     history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
+    smoothed = antialias(moving, spacing)  # once: every pass re-grids the same image
     for pass_index in range(passes):
         rotation = model.linear_part(theta[None, :])[0][0]
-        moving_p = prepare(moving, spacing, moving_mask, direction=rotation @ fixed_direction)
+        moving_p = prepare(smoothed, spacing, moving_mask, direction=rotation @ fixed_direction,
+                           smooth=False)
         moving_map, stride, _ = descriptor_maps(moving_p, similarity, options)
         if moving_mask is not None:
             moving_map = moving_map.masked(moving_p.mask[::stride, ::stride, ::stride])

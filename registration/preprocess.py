@@ -21,9 +21,21 @@ CLIP_PERCENTILES = (0.5, 99.5)
 Z_CLIP = 5.0
 
 
+def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Smooth ``image`` (float32) before resampling it to ``spacing_mm``: a Gaussian with
+    sigma^2 = (0.4 s_new)^2 - (0.4 s_old)^2 per axis, axes already coarse enough untouched."""
+    source = sitk.Cast(image, sitk.sitkFloat32)
+    for axis, old in enumerate(image.GetSpacing()):
+        sigma_mm = float(np.sqrt(max((0.4 * spacing_mm) ** 2 - (0.4 * old) ** 2, 0.0)))
+        if old < spacing_mm * 0.99 and sigma_mm > 0:
+            source = sitk.RecursiveGaussian(source, sigma_mm, False,
+                                            sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    return source
+
+
 def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int = sitk.sitkLinear,
-                        default_value: float | None = None, direction: np.ndarray | None = None
-                        ) -> sitk.Image:
+                        default_value: float | None = None, direction: np.ndarray | None = None,
+                        smooth: bool = True) -> sitk.Image:
     """Resample ``image`` to isotropic ``spacing_mm`` over the same field of view.
 
     Without ``direction`` the new grid keeps origin and direction (voxel 0 stays
@@ -31,7 +43,8 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
     ``direction`` the grid axes follow it and the grid covers the bounding box
     of the old field of view in that frame (voxels outside get
     ``default_value``, by default the image minimum). When coarsening, a
-    Gaussian with sigma = 0.4 x new spacing (mm) suppresses aliasing first.
+    Gaussian (``antialias``) suppresses aliasing first unless ``smooth`` is
+    False (the caller has smoothed already).
     """
     if not np.isfinite(spacing_mm) or spacing_mm <= 0:
         raise InputError(f"working spacing must be a positive number of mm, got {spacing_mm}")
@@ -51,15 +64,8 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
         origin = tuple(float(v) for v in direction @ low)
         new_direction = tuple(float(v) for v in np.asarray(direction).ravel())
     source = sitk.Cast(image, sitk.sitkFloat32)
-    if interpolator != sitk.sitkNearestNeighbor and np.any(old_spacing < spacing_mm * 0.99):
-        sigma = [
-            float(np.sqrt(max((0.4 * spacing_mm) ** 2 - (0.4 * s) ** 2, 0.0))) for s in old_spacing
-        ]
-        for axis, sigma_mm in enumerate(sigma):
-            # Axis by axis: already-coarse axes (sigma 0) must stay untouched.
-            if sigma_mm > 0:
-                source = sitk.RecursiveGaussian(source, sigma_mm, False,
-                                                sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    if smooth and interpolator != sitk.sitkNearestNeighbor:
+        source = antialias(source, spacing_mm)
     if default_value is None:
         default_value = float(sitk.GetArrayViewFromImage(image).min())
     return sitk.Resample(

@@ -254,7 +254,7 @@ def local_search(objective: Objective, model: TransformModel, init: np.ndarray,
         return float(objective.cost((theta0 + u * scales)[None, :])[0])
 
     res = optimize.minimize(fun, np.zeros_like(theta0), method="Powell",
-                            options={"maxfev": max_evaluations, "xtol": 0.05, "ftol": 1e-6,
+                            options={"maxfev": max_evaluations, "xtol": 0.1, "ftol": 1e-5,
                                      "direc": np.eye(len(theta0)) * step_mm})
     theta = theta0 + res.x * scales
     sol = RefinedSolution(theta, float(res.fun), 0)

@@ -112,7 +112,7 @@ def check_job_id(job_id: str) -> str:
     Every path under the jobs folder is built from a checked id, so no URL can
     reach outside it.
     """
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise JobNotFound(job_id)
     return job_id
 
@@ -246,7 +246,7 @@ class JobStore:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return []
-        return [e.name for e in entries if _JOB_ID.match(e.name) and e.is_dir()]
+        return [e.name for e in entries if _JOB_ID.fullmatch(e.name) and e.is_dir()]
 
     def manifests(self) -> Iterator[Manifest]:
         """Every readable manifest; jobs deleted or corrupt meanwhile are skipped."""

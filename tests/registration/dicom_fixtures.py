@@ -75,6 +75,9 @@ def base_dataset(
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.SeriesDescription = f"phantom {modality}"
+    ds.Laterality = ""
+    if sop_class in (CT_IMAGE, MR_IMAGE, ENHANCED_MR_IMAGE):
+        ds.PatientPosition = "HFS"
     ds.Manufacturer = "DISA test"
     ds.FrameOfReferenceUID = frame_uid
     ds.PositionReferenceIndicator = ""

@@ -1,0 +1,309 @@
+"""DICOM outputs: Spatial Registration, Deformable Spatial Registration, registered series.
+
+Every object written is checked with dciodvfy (Debian dicom3tools) for errors;
+those checks skip only where dciodvfy is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from disa.cli import EXIT_OK, main
+from disa.registration import dicom_reg as dr
+from disa.registration import phantom as ph
+from disa.registration.io import read_dicom_headers, read_image
+
+from . import dicom_fixtures as dx
+from .io_fixtures import phantom
+
+FIXED_STUDY = "1.2.826.0.1.3680043.9.7777.6.1"
+OTHER_STUDY = "1.2.826.0.1.3680043.9.7777.6.2"
+
+
+@pytest.fixture(autouse=True)
+def strict_writing():
+    """Values that break their VR (length, characters) raise instead of warning."""
+    settings = pydicom.config.settings
+    saved = settings.writing_validation_mode
+    settings.writing_validation_mode = pydicom.config.RAISE
+    yield
+    settings.writing_validation_mode = saved
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Error lines of dciodvfy for one file (warnings are allowed)."""
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (run.stdout + run.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]
+
+
+def rigid_matrix(angles_deg: tuple[float, float, float], t: tuple[float, float, float]
+                 ) -> np.ndarray:
+    """4x4 of an Euler rigid transform (fixed -> moving), ITK ZYX convention, centre 0."""
+    tx = ph.rigid_truth(angles_deg, t)
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(tx.GetMatrix()).reshape(3, 3)
+    m[:3, 3] = tx.GetTranslation()
+    return m
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> dict[str, Path]:
+    """A CT fixed series and an MR moving series (other frame of reference) of one study,
+    and an MR series in another study."""
+    root = tmp_path_factory.mktemp("series")
+    image = phantom()
+    dx.write_series(image, root / "ct", modality="CT", study_uid=FIXED_STUDY)
+    dx.write_series(image, root / "mr", modality="MR", study_uid=FIXED_STUDY, series_number=2,
+                    slope=0.5, intercept=0.0)
+    dx.write_series(image, root / "mr_other", modality="MR", study_uid=OTHER_STUDY,
+                    series_number=3)
+    return {"ct": root / "ct", "mr": root / "mr", "mr_other": root / "mr_other"}
+
+
+# ------------------------------------------------------------------ spatial
+
+
+def test_rigid_registration_object(series, tmp_path: Path) -> None:
+    fixed, moving = read_dicom_headers(series["ct"]), read_dicom_headers(series["mr"])
+    a = rigid_matrix((10.0, -5.0, 20.0), (12.0, -3.0, 7.5))
+    ds = dr.build_spatial_registration(a, fixed, moving, description="test rigid")
+    path = tmp_path / "reg.dcm"
+    dr.write_dataset(ds, path)
+    assert dciodvfy_errors(path) == []
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == dr.SPATIAL_REGISTRATION_STORAGE
+    assert back.Modality == "REG"
+    assert back.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert back.SOPInstanceUID.startswith(dr.UID_PREFIX)
+    assert back.SeriesInstanceUID.startswith(dr.UID_PREFIX)
+    assert back.SeriesInstanceUID not in (fixed[0].SeriesInstanceUID, moving[0].SeriesInstanceUID)
+    # Patient and study of the fixed series; registered frame = fixed frame.
+    assert (back.PatientName, back.PatientID) == (dx.PATIENT_NAME, dx.PATIENT_ID)
+    assert back.StudyInstanceUID == FIXED_STUDY
+    assert back.FrameOfReferenceUID == fixed[0].FrameOfReferenceUID
+    assert back.Manufacturer == "DISA" and back.ManufacturerModelName
+    assert back.DeviceSerialNumber and back.SoftwareVersions
+    assert back.ContentLabel == "DISA_REG" and back.InstanceNumber == 1
+    # Two items: fixed frame with identity, moving frame with the moving -> fixed matrix.
+    first, second = back.RegistrationSequence
+    assert first.FrameOfReferenceUID == fixed[0].FrameOfReferenceUID
+    assert second.FrameOfReferenceUID == moving[0].FrameOfReferenceUID
+    assert len(second.ReferencedImageSequence) == len(moving)
+    assert {r.ReferencedSOPInstanceUID for r in first.ReferencedImageSequence} == {
+        h.SOPInstanceUID for h in fixed}
+    identity = first.MatrixRegistrationSequence[0].MatrixSequence[0]
+    np.testing.assert_allclose(
+        np.asarray(identity.FrameOfReferenceTransformationMatrix, float).reshape(4, 4), np.eye(4))
+    one = second.MatrixRegistrationSequence[0].MatrixSequence[0]
+    assert one.FrameOfReferenceTransformationMatrixType == "RIGID"
+    matrix = dr.read_registration_matrix(path)
+    np.testing.assert_allclose(matrix, np.linalg.inv(a), atol=1e-9)
+    # Both series are in the REG's own study: referenced there, nowhere else.
+    assert {s.SeriesInstanceUID for s in back.ReferencedSeriesSequence} == {
+        fixed[0].SeriesInstanceUID, moving[0].SeriesInstanceUID}
+    assert "StudiesContainingOtherReferencedInstancesSequence" not in back
+
+
+def test_matrix_maps_moving_points_onto_fixed_points(series) -> None:
+    """The REG matrix undoes the engine's transform: fixed x -> moving A x -> fixed x."""
+    a = rigid_matrix((-12.0, 8.0, 4.0), (-20.0, 5.0, 33.0))
+    fixed, moving = read_dicom_headers(series["ct"]), read_dicom_headers(series["mr"])
+    ds = dr.build_spatial_registration(a, fixed, moving)
+    m = np.asarray(ds.RegistrationSequence[1].MatrixRegistrationSequence[0].MatrixSequence[0]
+                   .FrameOfReferenceTransformationMatrix, float).reshape(4, 4)
+    points = np.random.default_rng(0).uniform(-100, 100, (20, 3))
+    homogeneous = np.c_[points, np.ones(20)]
+    moving_points = homogeneous @ a.T
+    np.testing.assert_allclose((moving_points @ m.T)[:, :3], points, atol=1e-6)
+
+
+def test_affine_matrix_type_and_other_study(series, tmp_path: Path) -> None:
+    fixed, moving = read_dicom_headers(series["ct"]), read_dicom_headers(series["mr_other"])
+    a = rigid_matrix((5.0, 0.0, 0.0), (1.0, 2.0, 3.0))
+    a[:3, :3] = a[:3, :3] @ np.diag([1.1, 0.95, 1.0])
+    path = tmp_path / "affine.dcm"
+    dr.write_dataset(dr.build_spatial_registration(a, fixed, moving), path)
+    assert dciodvfy_errors(path) == []
+    back = pydicom.dcmread(path)
+    one = back.RegistrationSequence[1].MatrixRegistrationSequence[0].MatrixSequence[0]
+    assert one.FrameOfReferenceTransformationMatrixType == "AFFINE"
+    np.testing.assert_allclose(dr.read_registration_matrix(path), np.linalg.inv(a), atol=1e-9)
+    # The moving series lives in another study: referenced through that study.
+    assert [s.SeriesInstanceUID for s in back.ReferencedSeriesSequence] == [
+        fixed[0].SeriesInstanceUID]
+    (other,) = back.StudiesContainingOtherReferencedInstancesSequence
+    assert other.StudyInstanceUID == OTHER_STUDY
+    assert other.ReferencedSeriesSequence[0].SeriesInstanceUID == moving[0].SeriesInstanceUID
+
+
+def test_matrix_type() -> None:
+    assert dr.matrix_type(np.eye(4)) == "RIGID"
+    assert dr.matrix_type(rigid_matrix((30.0, 20.0, -10.0), (5.0, 6.0, 7.0))) == "RIGID"
+    reflection = np.diag([1.0, 1.0, -1.0, 1.0])
+    assert dr.matrix_type(reflection) == "AFFINE"
+    assert dr.matrix_type(np.diag([1.0, 1.0, 1.01, 1.0])) == "AFFINE"
+
+
+# --------------------------------------------------------------- deformable
+
+
+def _field(grid_image: sitk.Image) -> sitk.Image:
+    """A smooth synthetic displacement (LPS mm) on `grid_image`'s grid."""
+    z, y, x = np.meshgrid(*(np.linspace(0, np.pi, n) for n in grid_image.GetSize()[::-1]),
+                          indexing="ij")
+    vectors = np.stack([2.0 * np.sin(x) * np.cos(z), -1.5 * np.sin(y), 0.7 * np.cos(x + y)],
+                       axis=-1).astype(np.float32)
+    field = sitk.GetImageFromArray(vectors, isVector=True)
+    field.CopyInformation(grid_image)
+    return field
+
+
+def _maps(pre: np.ndarray, post: np.ndarray, field: sitk.Image, points: np.ndarray
+          ) -> np.ndarray:
+    """post @ (pre @ x + u(x)) for grid points x, u interpolated linearly."""
+    u = np.array([field.EvaluateAtPhysicalPoint(tuple(p), sitk.sitkLinear) for p in points])
+    inner = np.c_[points, np.ones(len(points))] @ pre.T
+    inner[:, :3] += u
+    return (inner @ post.T)[:, :3]
+
+
+def test_deformable_registration_object(series, tmp_path: Path) -> None:
+    fixed, moving = read_dicom_headers(series["ct"]), read_dicom_headers(series["mr"])
+    grid = read_image(series["ct"])
+    field = _field(grid)
+    pre = rigid_matrix((3.0, -4.0, 5.0), (2.0, 1.0, -3.0))
+    path = tmp_path / "deformable.dcm"
+    dr.write_dataset(dr.build_deformable_registration(field, fixed, moving, pre_matrix=pre), path)
+    assert dciodvfy_errors(path) == []
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == dr.DEFORMABLE_REGISTRATION_STORAGE and back.Modality == "REG"
+    assert back.FrameOfReferenceUID == fixed[0].FrameOfReferenceUID
+    (item,) = back.DeformableRegistrationSequence
+    assert item.SourceFrameOfReferenceUID == moving[0].FrameOfReferenceUID
+    grid_item = item.DeformableRegistrationGridSequence[0]
+    assert list(grid_item.GridDimensions) == list(grid.GetSize())
+    assert len(grid_item.VectorGridData) == 4 * 3 * int(np.prod(grid.GetSize()))
+    read = dr.read_deformable_registration(path)
+    np.testing.assert_allclose(read.pre, pre, atol=1e-9)
+    np.testing.assert_allclose(read.post, np.eye(4))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(read.displacement),
+                               sitk.GetArrayFromImage(field), atol=1e-6)
+    np.testing.assert_allclose(read.displacement.GetOrigin(), grid.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(read.displacement.GetDirection(), grid.GetDirection(), atol=1e-6)
+    points = np.array([grid.TransformIndexToPhysicalPoint(i) for i in
+                       [(0, 0, 0), (5, 7, 3), (23, 19, 15), (12, 2, 9)]])
+    np.testing.assert_allclose(_maps(read.pre, read.post, read.displacement, points),
+                               _maps(pre, np.eye(4), field, points), atol=1e-4)
+
+
+def test_deformable_grid_is_made_right_handed(series) -> None:
+    """A grid whose z axis is -(x cross y) is flipped: same vectors at the same points."""
+    fixed, moving = read_dicom_headers(series["ct"]), read_dicom_headers(series["mr"])
+    grid = sitk.Image(10, 8, 6, sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.5, 3.0))
+    grid.SetOrigin((-5.0, 4.0, 30.0))
+    grid.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))  # left-handed: z runs towards the feet
+    field = _field(grid)
+    ds = dr.build_deformable_registration(field, fixed, moving)
+    grid_item = ds.DeformableRegistrationSequence[0].DeformableRegistrationGridSequence[0]
+    np.testing.assert_allclose([float(v) for v in grid_item.ImagePositionPatient],
+                               (-5.0, 4.0, 30.0 - 3.0 * 5))
+    vectors = np.frombuffer(grid_item.VectorGridData, "<f4").reshape(6, 8, 10, 3)
+    original = sitk.GetArrayFromImage(field)
+    np.testing.assert_allclose(vectors, original[::-1], atol=1e-6)
+
+
+# -------------------------------------------------------- registered series
+
+
+@pytest.mark.parametrize("moving_key", ["mr", None])
+def test_registered_series(series, tmp_path: Path, moving_key: str | None) -> None:
+    fixed_image = read_image(series["ct"])
+    registered = sitk.Resample(read_image(series["mr"]), fixed_image,
+                               sitk.TranslationTransform(3, (1.0, -2.0, 0.5)))
+    moving_dir = series[moving_key] if moving_key else None
+    files = dr.write_registered_series(registered, series["ct"], tmp_path / "out",
+                                       moving_series_dir=moving_dir)
+    assert len(files) == fixed_image.GetSize()[2]
+    assert dciodvfy_errors(files[0]) == []
+    assert dciodvfy_errors(files[-1]) == []
+    back = read_image(tmp_path / "out")
+    np.testing.assert_allclose(back.GetOrigin(), fixed_image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetSpacing(), fixed_image.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(back.GetDirection(), fixed_image.GetDirection(), atol=1e-5)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    fixed_header = read_dicom_headers(series["ct"])[0]
+    assert header.FrameOfReferenceUID == fixed_header.FrameOfReferenceUID
+    assert header.StudyInstanceUID == fixed_header.StudyInstanceUID
+    assert header.Modality == ("MR" if moving_key else "CT")
+    assert list(header.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    values, original = sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(registered)
+    if moving_key is None:  # CT: rescale keeps the values (rounded to the stored grid)
+        np.testing.assert_allclose(values, original, atol=0.01 * np.ptp(original))
+    else:  # MR has no rescale: values are linearly related
+        assert np.corrcoef(values.ravel(), original.ravel())[0, 1] > 0.999
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def dicom_pair(tmp_path_factory) -> tuple[Path, Path, ph.PhantomPair]:
+    """The phantom pair as two DICOM series with different frames of reference."""
+    root = tmp_path_factory.mktemp("pair")
+    truth = ph.rigid_truth((8.0, -6.0, 7.0), (10.0, -8.0, 9.0))
+    pair = ph.make_pair(truth, fixed_grid=ph.make_grid((40, 40, 40), (4.0, 4.0, 4.0)))
+    dx.write_series(pair.fixed, root / "fixed", modality="MR", study_uid=FIXED_STUDY,
+                    slope=0.001, intercept=0.0)
+    dx.write_series(pair.moving, root / "moving", modality="CT", study_uid=FIXED_STUDY,
+                    series_number=2, slope=1.0, intercept=0.0)
+    return root / "fixed", root / "moving", pair
+
+
+def test_cli_writes_registration_dcm_for_dicom_inputs(dicom_pair, tmp_path: Path) -> None:
+    fixed_dir, moving_dir, pair = dicom_pair
+    out = tmp_path / "out"
+    code = main(["register", str(fixed_dir), str(moving_dir), "-o", str(out),
+                 "--similarity", "mind", "--starts", "50", "--quiet"])
+    assert code == EXIT_OK
+    data = json.loads((out / "result.json").read_text())
+    assert "registration.dcm" in data["files"]
+    assert (out / "registration.dcm").is_file()
+    assert dciodvfy_errors(out / "registration.dcm") == []
+    reg = pydicom.dcmread(out / "registration.dcm")
+    fixed_header = read_dicom_headers(fixed_dir)[0]
+    moving_header = read_dicom_headers(moving_dir)[0]
+    assert reg.FrameOfReferenceUID == fixed_header.FrameOfReferenceUID
+    assert reg.RegistrationSequence[1].FrameOfReferenceUID == moving_header.FrameOfReferenceUID
+    matrix = dr.read_registration_matrix(out / "registration.dcm")
+    a = np.asarray(data["matrix_fixed_to_moving"])
+    np.testing.assert_allclose(matrix, np.linalg.inv(a), atol=1e-8)
+    # Moving-frame points of the anatomy land on their fixed-frame points (truth: fixed->moving).
+    fixed_points = ph.grid_points(ph.make_grid((5, 5, 5), (15.0, 15.0, 15.0)))
+    moving_points = np.array([pair.truth.TransformPoint(tuple(p)) for p in fixed_points])
+    mapped = (np.c_[moving_points, np.ones(len(moving_points))] @ matrix.T)[:, :3]
+    errors = np.linalg.norm(mapped - fixed_points, axis=1)
+    assert errors.mean() < 1.0, errors.mean()
+    # The same holds for transform.tfm, which the REG matrix inverts.
+    tfm = sitk.ReadTransform(str(out / "transform.tfm"))
+    for p in fixed_points[:5]:
+        q = np.r_[tfm.TransformPoint(tuple(p)), 1.0]
+        np.testing.assert_allclose((matrix @ q)[:3], p, atol=1e-6)
+
+
+def test_no_registration_dcm_for_other_formats(tmp_path: Path) -> None:
+    assert dr.write_dicom_outputs(tmp_path, tmp_path / "a.nii.gz", tmp_path / "b.nii.gz",
+                                  {"matrix_fixed_to_moving": np.eye(4).tolist()}) == []
+    assert not (tmp_path / "registration.dcm").exists()

@@ -1,0 +1,101 @@
+"""Helpers of the service tests: environments, a live uvicorn server, phantom files, waiting."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from disa.service.security import key_digest
+from disa.service.settings import get_settings
+
+API_KEY = "test-key-5f0c"
+TINY_OPTIONS = {"similarity": "mind", "starts": 10}
+
+
+def service_env(jobs_dir: Path, broker_url: str | None = None, queue: str = "disa",
+                **extra: Any) -> dict[str, str]:
+    """DISA_ variables of a test deployment (API and workers alike)."""
+    env = {"DISA_JOBS_DIR": str(jobs_dir), "DISA_QUEUE": queue, "DISA_SWEEP_INTERVAL_S": "0.5",
+           "DISA_READY_CACHE_S": "0", "DISA_SOFT_TIME_LIMIT_S": "120",
+           "DISA_HARD_TIME_LIMIT_S": "150", "DISA_API_KEYS": "", "DISA_BROKER_URL": "",
+           # one numba thread per job: tests run jobs side by side on small machines
+           "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    if broker_url:
+        env["DISA_BROKER_URL"] = broker_url
+    env.update({f"DISA_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+@contextlib.contextmanager
+def using_env(env: dict[str, str]) -> Iterator[None]:
+    """Apply `env` to this process and make get_settings() read it afresh."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        get_settings.cache_clear()
+        try:
+            yield
+        finally:
+            get_settings.cache_clear()
+    get_settings.cache_clear()
+
+
+def api_key_env() -> dict[str, str]:
+    return {"DISA_API_KEYS": key_digest(API_KEY)}
+
+
+class LiveServer:
+    """The app on a real socket: uvicorn in a thread, lifespan included."""
+
+    def __init__(self, app: Any, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                     log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+
+
+def write_pair(folder: Path, size: int = 24, spacing: float = 4.0) -> tuple[Path, Path]:
+    """A phantom fixed/moving pair (known rigid motion) as .nii.gz files."""
+    from disa.registration import phantom as ph
+    from disa.registration.io import write_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
+                        fixed_grid=ph.make_grid((size,) * 3, (spacing,) * 3))
+    fixed, moving = folder / "fixed.nii.gz", folder / "moving.nii.gz"
+    write_image(pair.fixed, fixed)
+    write_image(pair.moving, moving)
+    return fixed, moving
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.1) -> Any:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

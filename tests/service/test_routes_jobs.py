@@ -1,0 +1,246 @@
+"""/v1/jobs against the app with a recording dispatcher (no broker, no worker)."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from disa.service.store import JobStore
+
+from .helpers import API_KEY, TINY_OPTIONS, api_key_env
+
+
+def _files(pair: tuple[Path, Path], fixed_name: str = "a.nii.gz",
+           moving_name: str = "b.nii.gz") -> dict:
+    return {"fixed": (fixed_name, pair[0].read_bytes()),
+            "moving": (moving_name, pair[1].read_bytes())}
+
+
+def _submit(client: TestClient, pair, options=TINY_OPTIONS, **kw):
+    return client.post("/v1/jobs", files=_files(pair, **kw),
+                       data={"options": json.dumps(options)})
+
+
+def _store(client: TestClient) -> JobStore:
+    return client.app.state.runtime.store
+
+
+def test_submit_queues_a_job_under_server_names(client, pair_files, dispatcher):
+    r = _submit(client, pair_files, fixed_name="../../Doe^John.NII.GZ")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "queued" and len(job["id"]) == 32
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert dispatcher.sent == [job["id"]]
+    assert job["options"]["starts"] == 10 and job["options"]["similarity"] == "mind"
+    assert job["inputs"]["fixed"]["size"] == [24, 24, 24]
+    folder = _store(client).job_dir(job["id"])
+    assert sorted(p.name for p in (folder / "inputs").iterdir()) == ["fixed.nii.gz",
+                                                                      "moving.nii.gz"]
+    # nothing of the client's file name survives anywhere in the job folder
+    assert "Doe" not in (folder / "manifest.json").read_text()
+    assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"
+
+
+def test_masks_and_every_single_file_format(client, pair_files, tmp_path):
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(pair_files[0]))
+    paths = {}
+    for ext in (".nii", ".nrrd", ".mha"):
+        paths[ext] = tmp_path / f"x{ext}"
+        sitk.WriteImage(image, str(paths[ext]))
+    r = client.post("/v1/jobs", files={
+        "fixed": ("f.nrrd", paths[".nrrd"].read_bytes()),
+        "moving": ("m.mha", paths[".mha"].read_bytes()),
+        "fixed_mask": ("fm.nii", paths[".nii"].read_bytes()),
+        "moving_mask": ("mm.nii.gz", pair_files[1].read_bytes())})
+    assert r.status_code == 202, r.text
+    inputs = _store(client).read(r.json()["id"]).inputs
+    assert inputs == {"fixed": "inputs/fixed.nrrd", "moving": "inputs/moving.mha",
+                      "fixed_mask": "inputs/fixed_mask.nii",
+                      "moving_mask": "inputs/moving_mask.nii.gz"}
+
+
+def test_unknown_and_malformed_ids(client):
+    assert client.get(f"/v1/jobs/{'0' * 32}").status_code == 404
+    assert client.get(f"/v1/jobs/{'0' * 32}").json() == {"detail": "no such job"}
+    for bad in ("..", "ABCDEF" * 6, "0" * 31, "%2e%2e%2fetc"):
+        r = client.get(f"/v1/jobs/{bad}")
+        assert r.status_code in (404, 422) and isinstance(r.json()["detail"], str)
+
+
+def test_files_409_until_succeeded_then_404_for_unknown_names(client, pair_files):
+    job_id = _submit(client, pair_files).json()["id"]
+    r = client.get(f"/v1/jobs/{job_id}/files/transform.tfm")
+    assert r.status_code == 409 and "queued" in r.json()["detail"]
+    assert client.get(f"/v1/jobs/{job_id}/files/manifest.json").status_code == 404
+    assert client.get(f"/v1/jobs/{job_id}/files/..%2Fmanifest.json").status_code == 404
+    # finish it by hand, as a worker would
+    store = _store(client)
+    out = store.outputs_dir(job_id)
+    (out / "transform.tfm").write_text("#Insight Transform File V1.0\n")
+    (out / "qa.png").write_bytes(b"\x89PNG")
+    m = store.read(job_id)
+    m.state, m.files = "succeeded", ["transform.tfm", "qa.png"]
+    store.write(m)
+    r = client.get(f"/v1/jobs/{job_id}/files/transform.tfm")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert client.get(f"/v1/jobs/{job_id}/files/qa.png").headers["content-type"] == "image/png"
+    assert client.get(f"/v1/jobs/{job_id}/files/registered.nii.gz").status_code == 404
+
+
+def test_delete_cancels_a_queued_job_and_removes_a_finished_one(client, pair_files):
+    job_id = _submit(client, pair_files).json()["id"]
+    r = client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 202 and r.json()["state"] == "cancelled"
+    assert r.json()["cancel_requested"] is True
+    r = client.delete(f"/v1/jobs/{job_id}")  # now finished: delete its files
+    assert r.status_code == 204
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 404
+    assert not _store(client).job_dir(job_id).exists()
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_delete_of_a_running_job_leaves_the_flag_for_its_worker(client, pair_files):
+    job_id = _submit(client, pair_files).json()["id"]
+    store = _store(client)
+    with store.lock(job_id) as lock:  # a worker holds the job
+        assert lock.acquire()
+        m = store.read(job_id)
+        m.state = "running"
+        store.write(m)
+        r = client.delete(f"/v1/jobs/{job_id}")
+    assert r.status_code == 202
+    assert r.json()["state"] == "running" and r.json()["cancel_requested"] is True
+    assert store.cancel_requested(job_id)
+
+
+def test_list_is_paged_newest_first_and_filters_by_state(client, pair_files):
+    ids = [_submit(client, pair_files).json()["id"] for _ in range(3)]
+    page = client.get("/v1/jobs", params={"limit": 2}).json()
+    assert page["total"] == 3 and [j["id"] for j in page["items"]] == ids[::-1][:2]
+    page = client.get("/v1/jobs", params={"limit": 2, "offset": 2}).json()
+    assert [j["id"] for j in page["items"]] == [ids[0]]
+    client.delete(f"/v1/jobs/{ids[1]}")
+    page = client.get("/v1/jobs", params={"state": "cancelled"}).json()
+    assert [j["id"] for j in page["items"]] == [ids[1]]
+    assert client.get("/v1/jobs", params={"limit": 1000}).status_code == 422
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"starts": 0}, "starts"),
+    ({"mode": "bspline"}, "mode"),
+    ({"unknown": 1}, "unknown"),
+])
+def test_invalid_options_are_422_with_the_field_named(client, pair_files, options, words,
+                                                      dispatcher):
+    r = _submit(client, pair_files, options=options)
+    assert r.status_code == 422 and words in r.json()["detail"]
+    assert dispatcher.sent == []
+
+
+def test_malformed_requests(client, pair_files):
+    fixed = pair_files[0].read_bytes()
+    r = client.post("/v1/jobs", files={"fixed": ("f.nii.gz", fixed)})
+    assert r.status_code == 422 and "moving" in r.json()["detail"]
+    r = client.post("/v1/jobs", files={"fixed": ("f.nii.gz", fixed), "moving": ("m.nii.gz", fixed),
+                                       "extra": ("e.nii.gz", fixed)})
+    assert r.status_code == 400 and "extra" in r.json()["detail"]
+    r = client.post("/v1/jobs", files={"fixed": ("f.dcm", fixed), "moving": ("m.nii.gz", fixed)})
+    assert r.status_code == 422 and "unsupported file type" in r.json()["detail"]
+    r = client.post("/v1/jobs", files={"fixed": ("f.mhd", fixed), "moving": ("m.nii.gz", fixed)})
+    assert r.status_code == 422
+    r = client.post("/v1/jobs", content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code == 415
+    r = client.post("/v1/jobs", content=b"--xyz\r\nbroken",
+                    headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 400
+    r = client.post("/v1/jobs", files=_files(pair_files), data={"options": "{not json"})
+    assert r.status_code == 422 and "options" in r.json()["detail"]
+    assert list(_store(client).root.glob("[0-9a-f]*")) == []
+    assert list((_store(client).root / ".incoming").iterdir()) == []
+
+
+# --------------------------------------------------------------- security
+
+
+def test_api_key_missing_is_401_wrong_is_403(make_client, pair_files):
+    client = make_client(**{k[5:].lower(): v for k, v in api_key_env().items()})
+    assert client.get("/v1/jobs").status_code == 401
+    assert client.get("/v1/jobs", headers={"X-API-Key": "nope"}).status_code == 403
+    assert _submit(client, pair_files).status_code == 401
+    r = client.get("/v1/jobs", headers={"X-API-Key": API_KEY})
+    assert r.status_code == 200
+    assert client.get("/healthz").status_code == 200  # probes stay open
+
+
+def test_oversize_upload_is_413_and_leaves_nothing(make_client, pair_files):
+    client = make_client(max_upload_bytes=20_000)
+    r = _submit(client, pair_files)  # the pair is about 2 x 25 kB
+    assert r.status_code == 413
+    store = _store(client)
+    assert store.ids() == [] and list((store.root / ".incoming").iterdir()) == []
+
+
+def test_oversize_chunked_upload_is_cut_off_while_streaming(make_client):
+    client = make_client(max_upload_bytes=100_000)
+
+    def body():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"fixed\"; filename=\"f.nii.gz\"\r\n\r\n"
+        for _ in range(100):
+            yield b"\0" * 10_000
+
+    r = client.post("/v1/jobs", content=body(),
+                    headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413
+    store = _store(client)
+    assert store.ids() == [] and list((store.root / ".incoming").iterdir()) == []
+
+
+def _nifti_header_claiming(size: tuple[int, int, int]) -> bytes:
+    import struct
+
+    header = bytearray(348)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, *size, 1, 1, 1, 1)
+    struct.pack_into("<h", header, 70, 16)  # float32
+    struct.pack_into("<h", header, 72, 32)
+    struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", header, 108, 352)
+    header[344:348] = b"n+1\0"
+    return bytes(header) + b"\0\0\0\0"
+
+
+def _zip_bomb() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("0001.dcm", b"\0" * (32 * 1024 * 1024))  # 32 MiB of zeros, ~32 kB packed
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("f.nii.gz", b"this is not an image at all", "fixed.nii.gz"),
+    ("f.nii", _nifti_header_claiming((4000, 4000, 4000)), "fixed.nii"),
+    ("f.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 8 8 8\nencoding: raw\n"
+               b"data file: /etc/passwd\n\n", "fixed.nrrd"),
+    ("f.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_FLOAT\n"
+              b"ElementDataFile = /etc/shadow\n", "fixed.mha"),
+    ("f.zip", _zip_bomb, "fixed.zip"),
+    ("f.zip", b"PK\x03\x04 broken zip", "fixed.zip"),
+])
+def test_malicious_or_broken_files_are_422_with_a_clear_message(client, pair_files, name,
+                                                                content, words, dispatcher):
+    content = content() if callable(content) else content  # the zip bomb is made on demand
+    r = client.post("/v1/jobs", files={"fixed": (name, content),
+                                       "moving": ("m.nii.gz", pair_files[1].read_bytes())})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith(words) and "\n" not in detail
+    assert dispatcher.sent == []
+    assert _store(client).ids() == []
