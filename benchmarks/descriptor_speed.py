@@ -1,8 +1,8 @@
 """Speed and memory of descriptor extraction: eager PyTorch vs ONNX Runtime vs ours.
 
 Each variant runs in its own subprocess, so that its peak resident memory
-(ru_maxrss) is its own, and reports wall seconds of one inference on a random
-z-scored volume of size N^3 after a small warm-up call, the peak RSS, and the
+(VmHWM) is its own, and reports wall and CPU seconds of one inference on a
+random z-scored volume of size N^3 after a small warm-up call, the peak RSS, and the
 error of its descriptors against eager PyTorch (max |difference| per
 component and max |difference| of dot products with the volume's mean descriptor).
 
@@ -11,8 +11,9 @@ component and max |difference| of dot products with the volume's mean descriptor
 Variants: torch (eager, torch.set_num_threads), ort-default (an untouched
 InferenceSession), extractor (disa.model.runtime.DescriptorExtractor, tuned,
 tiled by its default memory budget), extractor-whole (the same, never tiled),
-openvino-f32 / openvino-bf16 (only if `openvino` imports in --openvino-python,
-default this interpreter; bf16 needs AVX512_BF16 or AMX). The model is a
+openvino-fp32 / openvino-bf16 (the extractor with engine="openvino-..."; only
+where `openvino` and disa import in --openvino-python, default this
+interpreter; bf16 needs AVX512_BF16 or AMX). The model is a
 seeded random DisaNet unless --model names an exported ONNX file; speed does
 not depend on the weights.
 """
@@ -32,7 +33,12 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = (
-    "torch", "ort-default", "extractor", "extractor-whole", "openvino-f32", "openvino-bf16"
+    "torch",
+    "ort-default",
+    "extractor",
+    "extractor-whole",
+    "openvino-fp32",
+    "openvino-bf16",
 )
 
 
@@ -40,7 +46,25 @@ def _volume(n: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, n, n)).astype(np.float32)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (s)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (MB).
+
+    VmHWM belongs to the process image; ru_maxrss survives execve and would
+    report the parent's peak at fork time (with torch loaded) for small runs.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -80,29 +104,24 @@ def _worker(variant: str, n: int, model: Path, threads: int, out: Path) -> dict[
         )
         run = extractor.extract
     elif variant.startswith("openvino-"):
-        import openvino as ov
+        from disa.model.runtime import DescriptorExtractor
 
-        core = ov.Core()
-        precision = variant.split("-", 1)[1]
-        config = {
-            "INFERENCE_NUM_THREADS": threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": precision,
-        }
-        compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
-
-        def run(v: np.ndarray) -> np.ndarray:
-            y = compiled({0: v[None, None]})[compiled.outputs[0]]
-            return np.moveaxis(y[0], 0, -1)
-
+        extractor = DescriptorExtractor(model, device="cpu", threads=threads, engine=variant)
+        run = extractor.extract
     else:
         raise ValueError(f"unknown variant {variant}")
     run(small)
-    start = time.perf_counter()
+    cpu_start, start = _cpu_seconds(), time.perf_counter()
     descriptors = run(volume)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
     np.save(out, np.ascontiguousarray(descriptors, dtype=np.float32))
-    return {"variant": variant, "n": n, "seconds": seconds, "peak_rss_mb": _peak_rss_mb()}
+    return {
+        "variant": variant,
+        "n": n,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
 
 
 def _export(folder: Path) -> Path:
@@ -132,10 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:3]), choices=VARIANTS)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", type=Path, help="exported ONNX (with a .pt state dict beside "
-                        "it for the torch variant); default: a seeded random net")
-    parser.add_argument("--openvino-python", default=sys.executable,
-                        help="interpreter that has openvino installed")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="exported ONNX (with a .pt state dict beside "
+        "it for the torch variant); default: a seeded random net",
+    )
+    parser.add_argument(
+        "--openvino-python", default=sys.executable, help="interpreter that has openvino installed"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -148,31 +172,51 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         model = args.model or _export(folder)
         print(f"threads={args.threads} cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}")
-        print(f"{'size':>5} {'variant':<14} {'seconds':>8} {'vs torch':>9} {'peak MB':>8} "
-              f"{'max|d|':>9} {'max|dot|':>9}")
+        # On a shared machine wall time swings with the neighbours' load; CPU
+        # seconds / threads is what the variant would take on idle cores.
+        print(
+            f"{'size':>5} {'variant':<16} {'wall s':>7} {'cpu/thr s':>9} {'vs torch':>9} "
+            f"{'peak MB':>8} {'max|d|':>9} {'max|dot|':>9}"
+        )
         for n in args.sizes:
             reference: np.ndarray | None = None
             torch_seconds: float | None = None
             for variant in args.variants:
                 out = folder / f"{variant}-{n}.npy"
                 python = args.openvino_python if variant.startswith("openvino") else sys.executable
-                cmd = [python, __file__, "--worker", variant, "--sizes", str(n),
-                       "--model", str(model), "--threads", str(args.threads), "--out", str(out)]
+                cmd = [
+                    python,
+                    __file__,
+                    "--worker",
+                    variant,
+                    "--sizes",
+                    str(n),
+                    "--model",
+                    str(model),
+                    "--threads",
+                    str(args.threads),
+                    "--out",
+                    str(out),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
                     reason = (proc.stderr.strip().splitlines() or ["failed"])[-1]
-                    print(f"{n:>5} {variant:<14} skipped: {reason}")
+                    print(f"{n:>5} {variant:<16} skipped: {reason}")
                     continue
                 result = json.loads(proc.stdout.strip().splitlines()[-1])
                 descriptors = np.load(out)
                 if reference is None:
                     reference = descriptors
+                per_thread = result["cpu_seconds"] / args.threads
                 if variant == "torch":
-                    torch_seconds = result["seconds"]
+                    torch_seconds = per_thread
                 err, dot_err = _errors(descriptors, reference)
-                ratio = f"{torch_seconds / result['seconds']:.2f}x" if torch_seconds else "-"
-                print(f"{n:>5} {variant:<14} {result['seconds']:8.2f} {ratio:>9} "
-                      f"{result['peak_rss_mb']:8.0f} {err:9.1e} {dot_err:9.1e}", flush=True)
+                ratio = f"{torch_seconds / per_thread:.2f}x" if torch_seconds else "-"
+                print(
+                    f"{n:>5} {variant:<16} {result['seconds']:7.2f} {per_thread:9.2f} {ratio:>9} "
+                    f"{result['peak_rss_mb']:8.0f} {err:9.1e} {dot_err:9.1e}",
+                    flush=True,
+                )
     return 0
 
 

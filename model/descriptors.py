@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from disa.model.card import ModelCard, card_path_for, default_model_path, load_model_card
-from disa.model.runtime import DescriptorExtractor, Device
+from disa.model.runtime import DescriptorExtractor, Device, Engine
 from disa.registration.preprocess import normalise_intensities, resample_to_spacing
 
 __all__ = ["compute_descriptor_file", "compute_descriptor_image", "descriptor_geometry"]
@@ -77,11 +77,13 @@ def compute_descriptor_file(
     output_path: str | Path,
     model_path: str | Path | None = None,
     device: Device = "auto",
+    engine: Engine = "onnxruntime",
 ) -> sitk.Image:
     """`disa descriptors IMAGE -o OUT`: read, describe, write (.nii.gz, .nii, .nrrd, .mha).
 
     `model_path` names an ONNX file with its card next to it (`.json`);
-    default: the shipped model. The card's sha256 is checked. Input is read
+    default: the shipped model. The card's sha256 is checked. `device` and
+    `engine` as for `DescriptorExtractor`. Input is read
     and validated with the engine's `read_image`, output written atomically
     with `write_image`; both raise InputError for problems a user can fix.
     """
@@ -97,7 +99,7 @@ def compute_descriptor_file(
     if not card_path.is_file():
         raise InputError(f"model card {card_path.name} not found next to {onnx_path.name}")
     card = load_model_card(card_path)
-    extractor = DescriptorExtractor(card.onnx_path(card_path.parent), device=device)
+    extractor = DescriptorExtractor(card.onnx_path(card_path.parent), device=device, engine=engine)
     image = read_image(image_path)
     descriptors = compute_descriptor_image(image, extractor, card)
     write_image(descriptors, output_path)

@@ -38,9 +38,14 @@ def _physical_points(image: sitk.Image) -> np.ndarray:
     return (index * image.GetSpacing()) @ direction.T + image.GetOrigin()
 
 
-def _blob_image(size: tuple[int, int, int], spacing: tuple[float, float, float],
-                direction: np.ndarray, origin: tuple[float, float, float],
-                centre: np.ndarray, sigma_mm: float) -> sitk.Image:
+def _blob_image(
+    size: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    direction: np.ndarray,
+    origin: tuple[float, float, float],
+    centre: np.ndarray,
+    sigma_mm: float,
+) -> sitk.Image:
     image = sitk.Image(list(size), sitk.sitkFloat32)
     image.SetSpacing(spacing)
     image.SetDirection(tuple(direction.ravel()))
@@ -56,8 +61,14 @@ def test_descriptor_grid_is_every_fourth_resampled_voxel(onnx_model: Path) -> No
     card = load_model_card(card_path_for(onnx_model))
     extractor = DescriptorExtractor(onnx_model, device="cpu")
     direction = _rotation(0.3, -0.2)
-    image = _blob_image((40, 36, 30), (1.5, 1.7, 2.4), direction, (10.0, -20.0, 30.0),
-                        centre=np.array([40.0, 10.0, 60.0]), sigma_mm=8.0)
+    image = _blob_image(
+        (40, 36, 30),
+        (1.5, 1.7, 2.4),
+        direction,
+        (10.0, -20.0, 30.0),
+        centre=np.array([40.0, 10.0, 60.0]),
+        sigma_mm=8.0,
+    )
     out = compute_descriptor_image(image, extractor, card)
     resampled = resample_to_spacing(image, card.input_spacing_mm)
     assert out.GetNumberOfComponentsPerPixel() == 16
@@ -107,8 +118,14 @@ def test_blob_activity_is_centred_on_the_blob(symmetric_model: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
 def test_compute_descriptor_file_round_trip(onnx_model: Path, tmp_path: Path, suffix: str) -> None:
-    image = _blob_image((30, 28, 26), (2.0, 2.0, 2.0), np.eye(3), (0.0, 0.0, 0.0),
-                        centre=np.array([30.0, 28.0, 26.0]), sigma_mm=6.0)
+    image = _blob_image(
+        (30, 28, 26),
+        (2.0, 2.0, 2.0),
+        np.eye(3),
+        (0.0, 0.0, 0.0),
+        centre=np.array([30.0, 28.0, 26.0]),
+        sigma_mm=6.0,
+    )
     source = tmp_path / "image.nii.gz"
     sitk.WriteImage(image, str(source))
     target = tmp_path / f"descriptors{suffix}"
@@ -117,5 +134,6 @@ def test_compute_descriptor_file_round_trip(onnx_model: Path, tmp_path: Path, su
     assert back.GetNumberOfComponentsPerPixel() == 16
     np.testing.assert_allclose(back.GetSpacing(), written.GetSpacing(), rtol=1e-6)
     np.testing.assert_allclose(back.GetOrigin(), written.GetOrigin(), atol=1e-5)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(written),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(written), atol=1e-6
+    )

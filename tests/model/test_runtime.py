@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,8 +91,9 @@ def test_tiles_cover_every_output_once(shape: tuple[int, int, int], limit: int) 
     for tile in tiles:
         count[tile.output_slices()] += 1
         assert all(a % 4 == 0 for a in tile.in_start)
-        for i0, i1, o0, o1, n in zip(tile.in_start, tile.in_stop, tile.out_start, tile.out_stop,
-                                     shape, strict=True):
+        for i0, i1, o0, o1, n in zip(
+            tile.in_start, tile.in_stop, tile.out_start, tile.out_stop, shape, strict=True
+        ):
             assert i0 == 0 or i0 <= 4 * o0 - HALO_VOXELS
             assert i1 == n or i1 >= 4 * (o1 - 1) + HALO_VOXELS
             assert output_shape([i1 - i0])[0] >= o1 - i0 // 4
@@ -162,8 +164,14 @@ def test_bad_arguments(onnx_model: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "cpu_max,expected",
-    [("max 100000", 8), ("150000 100000", 2), ("50000 100000", 1), ("400000 100000", 4),
-     ("2000000 100000", 8), ("garbage", 8)],
+    [
+        ("max 100000", 8),
+        ("150000 100000", 2),
+        ("50000 100000", 1),
+        ("400000 100000", 4),
+        ("2000000 100000", 8),
+        ("garbage", 8),
+    ],
 )
 def test_cpu_quota_cgroup_v2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_max: str, expected: int
@@ -197,3 +205,34 @@ def test_tiny_volume_with_tiny_tile_limit(onnx_model: Path) -> None:
     b = DescriptorExtractor(onnx_model, device="cpu").extract(x)
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert a.shape == (2, 2, 2, 16)
+
+
+# -- optional OpenVINO engine ----------------------------------------------------
+
+
+def test_engine_arguments(onnx_model: Path) -> None:
+    with pytest.raises(ValueError, match="engine must be one of"):
+        DescriptorExtractor(onnx_model, engine="tensorrt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="CPU only"):
+        DescriptorExtractor(onnx_model, device="cuda", engine="openvino-bf16")
+
+
+def test_openvino_engine_without_package_says_what_to_install(
+    onnx_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails
+    extractor = DescriptorExtractor(onnx_model, engine="openvino-bf16")
+    with pytest.raises(RuntimeError, match="needs the openvino package"):
+        extractor.extract(np.zeros((8, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize("engine,atol", [("openvino-fp32", 1e-4), ("openvino-bf16", 2e-2)])
+def test_openvino_engine_matches_onnxruntime(
+    onnx_model: Path, volume: np.ndarray, whole: np.ndarray, engine: str, atol: float
+) -> None:
+    pytest.importorskip("openvino")
+    extractor = DescriptorExtractor(onnx_model, engine=engine)  # type: ignore[arg-type]
+    assert extractor.provider.startswith("OpenVINO-CPU")
+    got = extractor.extract(volume)
+    assert got.shape == whole.shape and got.flags.c_contiguous
+    np.testing.assert_allclose(got, whole, atol=atol, rtol=0)
