@@ -237,6 +237,20 @@ def _best_splits(
     return best
 
 
+def default_engine() -> Engine:
+    """The descriptor engine from DISA_DESCRIPTOR_ENGINE (deployment setting), else onnxruntime.
+
+    onnxruntime is the default because it is the one engine that also runs on
+    CUDA; CPU-only deployments with the `openvino` extra set openvino-bf16
+    (about 3.7x faster here, see benchmarks/README.md).
+    """
+    value = os.environ.get("DISA_DESCRIPTOR_ENGINE", "onnxruntime").strip() or "onnxruntime"
+    if value not in ENGINES:
+        raise ValueError(f"DISA_DESCRIPTOR_ENGINE must be one of {', '.join(ENGINES)}, "
+                         f"got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 class DescriptorExtractor:
     """Descriptors of whole volumes from an ONNX descriptor network.
 

@@ -174,7 +174,7 @@ _extractors: dict[str, Any] = {}
 def disa_extractor() -> tuple[Any, dict[str, Any]]:
     """The process-wide DISA extractor (created lazily, after any fork) and model facts."""
     from disa.model.card import default_card_path, load_model_card
-    from disa.model.runtime import DescriptorExtractor
+    from disa.model.runtime import DescriptorExtractor, default_engine
 
     card_path = default_card_path()
     if card_path is None:
@@ -182,7 +182,7 @@ def disa_extractor() -> tuple[Any, dict[str, Any]]:
     key = str(card_path)
     if key not in _extractors:
         card = load_model_card(card_path)
-        extractor = DescriptorExtractor(card.onnx_path(card_path.parent))
+        extractor = DescriptorExtractor(card.onnx_path(card_path.parent), engine=default_engine())
         _extractors[key] = (extractor, {"name": card.name, "version": card.version,
                                         "sha256": card.sha256, "stride": card.output_stride})
     return _extractors[key]
