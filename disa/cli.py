@@ -155,7 +155,7 @@ def _add_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands of packages that may be absent or still growing (descriptors, service)."""
     import importlib
 
-    for module_name in ("disa.model.cli", "disa.service.cli", "disa.worker.cli"):
+    for module_name in ("disa.model.cli", "disa.service.cli", "disa.worker.cli", "disa.pacs.cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -658,12 +658,20 @@ def write_dicom_outputs(
 
     `result_data` is result.json's content (``matrix_fixed_to_moving``, mode,
     similarity, confidence). Returns the names of the files written (empty
-    when an input is not DICOM).
+    when an input is not DICOM). A series that a REG object cannot reference
+    (no Frame of Reference UID, say) costs only the REG: the reason goes into
+    ``result_data["registration_dcm_skipped"]`` and the registration stands.
     """
     if detect_format(fixed_path) != "dicom" or detect_format(moving_path) != "dicom":
         return []
     fixed = read_dicom_headers(fixed_path, limits)
     moving = read_dicom_headers(moving_path, limits)
+    try:
+        _check_series("fixed", fixed)
+        _check_series("moving", moving)
+    except ValueError as exc:
+        result_data["registration_dcm_skipped"] = str(exc)
+        return []
     mode = str(result_data.get("mode", "rigid"))
     similarity = str(result_data.get("similarity", ""))
     confidence = result_data.get("confidence")

@@ -307,3 +307,15 @@ def test_no_registration_dcm_for_other_formats(tmp_path: Path) -> None:
     assert dr.write_dicom_outputs(tmp_path, tmp_path / "a.nii.gz", tmp_path / "b.nii.gz",
                                   {"matrix_fixed_to_moving": np.eye(4).tolist()}) == []
     assert not (tmp_path / "registration.dcm").exists()
+
+
+def test_series_without_frame_of_reference_skip_only_the_reg(tmp_path: Path) -> None:
+    datasets, _ = dx.series_datasets(phantom())
+    (tmp_path / "ct").mkdir()
+    for k, ds in enumerate(datasets):
+        del ds.FrameOfReferenceUID
+        ds.save_as(tmp_path / "ct" / f"{k}.dcm", enforce_file_format=True)
+    data = {"matrix_fixed_to_moving": np.eye(4).tolist()}
+    assert dr.write_dicom_outputs(tmp_path, tmp_path / "ct", tmp_path / "ct", data) == []
+    assert "FrameOfReferenceUID" in data["registration_dcm_skipped"]
+    assert not (tmp_path / "registration.dcm").exists()

@@ -1,0 +1,328 @@
+"""A small DICOMweb client (httpx): find a series (QIDO-RS), fetch it (WADO-RS), store
+instances (STOW-RS). Transient failures (connection errors, timeouts, HTTP 408,
+429, 5xx) are retried with bounded exponential back-off; everything is
+streamed, never held whole in memory.
+
+Files fetched are written under counter names (000001.dcm, ...): names built
+from UIDs or headers could carry identifiers and would be the PACS's choice,
+not ours. Caps on instance count and bytes keep a misbehaving server from
+filling the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+from disa.pacs.retry import PacsError, RetryPolicy, SeriesNotFound, call_with_retries
+from disa.registration.io import DEFAULT_LIMITS
+
+DICOM_JSON = "application/dicom+json"
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"'
+_TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_CHUNK = 1024**2
+_MAX_PART_HEADERS = 16 * 1024
+UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+# Tags in DICOM JSON (PS3.18 F.2): group and element, upper-case hex.
+_STUDY_UID, _SERIES_UID, _MODALITY = "0020000D", "0020000E", "00080060"
+_INSTANCES = "00201209"  # Number of Series Related Instances
+_FAILED_SOP, _REFERENCED_SOP = "00081198", "00081199"
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """Where a series lives: its study and series UIDs, and what QIDO said about it."""
+
+    study_uid: str
+    series_uid: str
+    modality: str | None = None
+    instances: int | None = None
+
+
+class HttpStatusError(PacsError):
+    """An HTTP error status from the PACS."""
+
+    def __init__(self, status_code: int, what: str) -> None:
+        super().__init__(f"{what}: HTTP {status_code}")
+        self.status_code = status_code
+
+
+def check_uid(uid: str) -> str:
+    """`uid` if it is a well-formed DICOM UID (digits and dots, <= 64 chars), else ValueError.
+
+    UIDs are put into URL paths: this keeps anything else out of them.
+    """
+    if len(uid) > 64 or not UID_PATTERN.match(uid):
+        raise ValueError(f"not a DICOM UID: {uid[:70]!r}")
+    return uid
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: the network or the server may do better next time."""
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, HttpStatusError) and exc.status_code in _TRANSIENT_STATUS
+
+
+class DicomWebClient:
+    """QIDO-RS, WADO-RS and STOW-RS against one DICOMweb root URL (e.g. .../dicom-web)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout_s: float = 60.0,
+        retry: RetryPolicy | None = None,
+        transport: httpx.BaseTransport | None = None,
+        max_instances: int = DEFAULT_LIMITS.max_zip_members,
+        max_bytes: int = DEFAULT_LIMITS.max_zip_bytes,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, transport=transport,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)))
+        self.retry = retry or RetryPolicy()
+        self.max_instances = max_instances
+        self.max_bytes = max_bytes
+
+    def __enter__(self) -> DicomWebClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _retrying(self, call: Callable[[], Any], what: str) -> Any:
+        return call_with_retries(call, self.retry, is_transient, what)
+
+    # ---------------------------------------------------------------- QIDO
+
+    def find_series(self, series_uid: str, study_uid: str | None = None) -> SeriesRef:
+        """Look a series up by UID (QIDO-RS); SeriesNotFound if the PACS lacks it."""
+        check_uid(series_uid)
+        path = f"/studies/{check_uid(study_uid)}/series" if study_uid else "/series"
+        params = [("SeriesInstanceUID", series_uid), ("includefield", _STUDY_UID),
+                  ("includefield", _MODALITY), ("includefield", _INSTANCES)]
+
+        def query() -> list[dict[str, Any]]:
+            response = self._http.get(path, params=params, headers={"Accept": DICOM_JSON})
+            if response.status_code == 204:
+                return []
+            _raise_for_status(response, "QIDO-RS series query")
+            found = response.json()
+            return found if isinstance(found, list) else []
+
+        matches = self._retrying(query, "QIDO-RS series query")
+        for item in matches:
+            if _first(item, _SERIES_UID) == series_uid:
+                study = _first(item, _STUDY_UID) or study_uid
+                if not study:
+                    raise PacsError("QIDO-RS answer names no study for the series")
+                count = _first(item, _INSTANCES)
+                return SeriesRef(check_uid(str(study)), series_uid, _first(item, _MODALITY),
+                                 int(count) if count is not None else None)
+        raise SeriesNotFound("the PACS has no series with that SeriesInstanceUID")
+
+    # ---------------------------------------------------------------- WADO
+
+    def retrieve_series(self, ref: SeriesRef, folder: Path) -> list[Path]:
+        """Fetch every instance of a series (WADO-RS) into `folder`, as 000001.dcm, ...
+
+        A failed attempt is retried from the start, into an emptied folder.
+        """
+        path = f"/studies/{check_uid(ref.study_uid)}/series/{check_uid(ref.series_uid)}"
+
+        def fetch() -> list[Path]:
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            with self._http.stream("GET", path, headers={"Accept": MULTIPART_DICOM}) as r:
+                if r.status_code == 404:
+                    raise SeriesNotFound("the PACS has no series with that SeriesInstanceUID")
+                _raise_for_status(r, "WADO-RS retrieve")
+                boundary = _boundary(r.headers.get("content-type", ""))
+                return split_multipart(r.iter_bytes(), boundary, folder, self.max_instances,
+                                       self.max_bytes)
+
+        files = self._retrying(fetch, "WADO-RS retrieve")
+        if not files:
+            raise SeriesNotFound("the PACS returned no instances for the series")
+        return files
+
+    fetch = retrieve_series  # the name the workflow uses for every transport
+
+    # ---------------------------------------------------------------- STOW
+
+    def store(self, files: Sequence[Path], study_uid: str | None = None) -> int:
+        """Send DICOM files with STOW-RS; return how many the PACS accepted.
+
+        Raises PacsError naming how many instances the PACS refused.
+        """
+        if not files:
+            return 0
+        path = f"/studies/{check_uid(study_uid)}" if study_uid else "/studies"
+        boundary = uuid.uuid4().hex
+        head = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+        tail = f"--{boundary}--\r\n".encode()
+        length = sum(len(head) + Path(f).stat().st_size + 2 for f in files) + len(tail)
+        headers = {
+            "Content-Type": f'{MULTIPART_DICOM}; boundary="{boundary}"',
+            "Accept": DICOM_JSON,
+            "Content-Length": str(length),  # not chunked: some servers refuse chunked bodies
+        }
+
+        def body() -> Iterator[bytes]:
+            for file in files:
+                yield head
+                with open(file, "rb") as fh:
+                    while chunk := fh.read(_CHUNK):
+                        yield chunk
+                yield b"\r\n"
+            yield tail
+
+        def send() -> dict[str, Any]:
+            response = self._http.post(path, content=body(), headers=headers)
+            if response.status_code not in (200, 202, 409):
+                _raise_for_status(response, "STOW-RS store")
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = {}
+            if response.status_code == 409 and not answer:
+                raise PacsError("STOW-RS store: the PACS refused every instance (HTTP 409)")
+            return answer if isinstance(answer, dict) else {}
+
+        answer = self._retrying(send, "STOW-RS store")
+        failed = len(answer.get(_FAILED_SOP, {}).get("Value", []))
+        stored = len(answer.get(_REFERENCED_SOP, {}).get("Value", []))
+        if failed:
+            raise PacsError(f"STOW-RS store: the PACS refused {failed} of {len(files)} instances")
+        return stored or len(files)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _raise_for_status(response: httpx.Response, what: str) -> None:
+    if response.status_code >= 400:
+        with contextlib.suppress(httpx.ResponseNotRead, httpx.StreamError):
+            response.close()
+        raise HttpStatusError(response.status_code, what)
+
+
+def _first(item: dict[str, Any], tag: str) -> Any:
+    values = item.get(tag, {}).get("Value") or [None]
+    return values[0]
+
+
+def _boundary(content_type: str) -> bytes:
+    """The boundary parameter of a multipart/related Content-Type."""
+    kind, _sep, params = content_type.partition(";")
+    if kind.strip().lower() != "multipart/related":
+        raise PacsError(f"WADO-RS answer is {kind.strip()[:40] or 'untyped'}, "
+                        "not multipart/related")
+    match = re.search(r'boundary\s*=\s*"?([^";]+)"?', params, flags=re.IGNORECASE)
+    if not match:
+        raise PacsError("WADO-RS answer has no multipart boundary")
+    return match.group(1).strip().encode("latin-1")
+
+
+def split_multipart(
+    chunks: Iterable[bytes], boundary: bytes, folder: Path, max_parts: int, max_bytes: int
+) -> list[Path]:
+    """Write each application/dicom part of a multipart/related stream to its own file.
+
+    Streaming: only a boundary's length of data is held back between chunks.
+    Files are folder/000001.dcm, ... in the order received. Raises PacsError
+    for a stream that is cut short, a part of another type, or caps exceeded.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    delimiter = b"\r\n--" + boundary
+    buffer = b"\r\n"  # lets the first boundary, which has no CRLF before it, match
+    state = "preamble"
+    written: list[Path] = []
+    total = 0
+    out: BinaryIO | None = None
+    try:
+        for chunk in chunks:
+            buffer += chunk
+            while True:
+                if state == "preamble":
+                    at = buffer.find(delimiter)
+                    if at < 0:
+                        buffer = buffer[-len(delimiter):]
+                        break
+                    buffer, state = buffer[at + len(delimiter):], "delimiter"
+                if state == "delimiter":
+                    if len(buffer) < 2:
+                        break
+                    if buffer.startswith(b"--"):
+                        state = "end"
+                        break
+                    line_end = buffer.find(b"\r\n")
+                    if line_end < 0:
+                        if len(buffer) > 1024:
+                            raise PacsError("WADO-RS answer is not valid multipart data")
+                        break
+                    buffer, state = buffer[line_end + 2:], "headers"
+                if state == "headers":
+                    if buffer.startswith(b"\r\n"):
+                        headers, buffer = b"", buffer[2:]
+                    else:
+                        end = buffer.find(b"\r\n\r\n")
+                        if end < 0:
+                            if len(buffer) > _MAX_PART_HEADERS:
+                                raise PacsError("WADO-RS part headers are too long")
+                            break
+                        headers, buffer = buffer[:end], buffer[end + 4:]
+                    _check_part_type(headers)
+                    if len(written) >= max_parts:
+                        raise PacsError(f"the series has more than {max_parts} instances, "
+                                        "the limit")
+                    path = folder / f"{len(written) + 1:06d}.dcm"
+                    out = open(path, "wb")  # noqa: SIM115 - closed when the part ends
+                    written.append(path)
+                    state = "body"
+                if state == "body":
+                    assert out is not None
+                    at = buffer.find(delimiter)
+                    data = buffer[:at] if at >= 0 else buffer[: max(0, len(buffer)
+                                                                   - len(delimiter))]
+                    total += len(data)
+                    if total > max_bytes:
+                        raise PacsError(f"the series is larger than {max_bytes} bytes, the limit")
+                    out.write(data)
+                    if at < 0:
+                        buffer = buffer[len(data):]
+                        break
+                    out.close()
+                    out = None
+                    buffer, state = buffer[at + len(delimiter):], "delimiter"
+            if state == "end":
+                break
+    finally:
+        if out is not None:
+            out.close()
+    if state != "end":
+        raise PacsError("WADO-RS answer ended early (truncated multipart data)")
+    return written
+
+
+def _check_part_type(headers: bytes) -> None:
+    for line in headers.decode("latin-1").split("\r\n"):
+        name, _sep, value = line.partition(":")
+        if name.strip().lower() == "content-type":
+            kind = value.split(";")[0].strip().lower()
+            if kind != "application/dicom":
+                raise PacsError(f"WADO-RS part is {kind[:40]}, not application/dicom")

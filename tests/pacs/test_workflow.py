@@ -1,0 +1,123 @@
+"""The PACS workflow and the Orthanc plugin's logic with stand-ins (no Orthanc, no service)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from disa.pacs import orthanc_plugin as plugin
+from disa.pacs.dicomweb import SeriesRef
+from disa.pacs.retry import PacsUnavailable, RetryPolicy
+from disa.pacs.workflow import JobFailed, register_series
+
+FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.0, max_delay_s=0.0)
+
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.stored: list[str] = []
+
+    def find_series(self, series_uid: str, study_uid: str | None = None) -> SeriesRef:
+        return SeriesRef("1.2.3", series_uid, "CT", 2)
+
+    def fetch(self, ref: SeriesRef, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True)
+        files = [folder / f"{i:06d}.dcm" for i in (1, 2)]
+        for f in files:
+            f.write_bytes(b"x")
+        return files
+
+    def store(self, files: Sequence[Path]) -> int:
+        self.stored += [f.name for f in files]
+        return len(files)
+
+
+class FakeService:
+    def __init__(self, states: list[dict[str, Any]], submit_errors: int = 0) -> None:
+        self.states, self.submit_errors = states, submit_errors
+        self.submitted: list[tuple[str, str]] = []
+
+    def submit(self, fixed: Any, moving: Any, options: Any = None) -> dict[str, Any]:
+        if self.submit_errors:
+            self.submit_errors -= 1
+            raise httpx.ConnectError("refused")
+        self.submitted.append((Path(fixed).name, Path(moving).name))
+        return {"id": "job-1", "state": "queued"}
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def download(self, job_id: str, outdir: Any, names: list[str] | None = None) -> list[Path]:
+        outdir = Path(outdir)
+        outdir.mkdir(parents=True, exist_ok=True)
+        for name in names or []:
+            data = json.dumps({"matrix_fixed_to_moving": [[1, 0, 0, 0], [0, 1, 0, 0],
+                                                          [0, 0, 1, 0], [0, 0, 0, 1]]})
+            (outdir / name).write_text(data if name == "result.json" else "dicom")
+        return [outdir / n for n in names or []]
+
+
+def test_round_trip_submits_role_folders_and_stores_the_registration() -> None:
+    source = FakeSource()
+    service = FakeService([{"state": "running"},
+                           {"state": "succeeded", "files": ["registration.dcm", "result.json"]}],
+                          submit_errors=2)
+    done = register_series(source, service, "1.2.3.1", "1.2.3.2", retry=FAST_RETRY, poll_s=0.0)
+    assert service.submitted == [("fixed", "moving")]  # role names only, after 2 retries
+    assert source.stored == ["registration.dcm"]
+    assert (done.job_id, done.fixed_instances, done.stored_instances) == ("job-1", 2, 1)
+
+
+def test_failed_job_is_reported_as_input_or_internal() -> None:
+    service = FakeService([{"state": "failed", "error": "fixed.zip: not a DICOM series"}])
+    with pytest.raises(JobFailed, match="not a DICOM series") as caught:
+        register_series(FakeSource(), service, "1.2", "1.3", retry=FAST_RETRY, poll_s=0.0)
+    assert caught.value.input_error
+    service = FakeService([{"state": "failed", "error": "internal error: boom"}])
+    with pytest.raises(JobFailed) as caught:
+        register_series(FakeSource(), service, "1.2", "1.3", retry=FAST_RETRY, poll_s=0.0)
+    assert not caught.value.input_error
+
+
+def test_unreachable_service_gives_up_after_the_retries() -> None:
+    service = FakeService([], submit_errors=10)
+    with pytest.raises(PacsUnavailable, match=r"DISA service \(submit\): no answer after 3"):
+        register_series(FakeSource(), service, "1.2", "1.3", retry=FAST_RETRY, poll_s=0.0)
+
+
+# ------------------------------------------------------------------ plugin
+
+
+def _series(id_: str, modality: str, stable: bool = True, disa: bool = False
+            ) -> plugin.SeriesFacts:
+    return plugin.SeriesFacts(id_, modality, stable, disa)
+
+
+def test_plugin_pairs_series_by_rule() -> None:
+    rules = [plugin.Rule("CT", "MR")]
+    ct, mr = _series("ct", "CT"), _series("mr", "MR")
+    assert plugin.pairs_for(ct, [mr], rules) == [("ct", "mr")]
+    assert plugin.pairs_for(mr, [ct], rules) == [("ct", "mr")]  # fixed stays fixed
+    assert plugin.pairs_for(mr, [_series("ct", "CT", stable=False)], rules) == []
+    assert plugin.pairs_for(mr, [_series("reg", "REG"), _series("pt", "PT")], rules) == []
+    # Series DISA made (registered series, REG) never start or join a pair.
+    assert plugin.pairs_for(mr, [_series("ct2", "CT", disa=True)], rules) == []
+    assert plugin.pairs_for(_series("mr2", "MR", disa=True), [ct], rules) == []
+    assert plugin.pairs_for(ct, [mr, _series("mr3", "MR")], rules) == [("ct", "mr"),
+                                                                        ("ct", "mr3")]
+
+
+def test_plugin_settings_from_the_orthanc_configuration() -> None:
+    settings = plugin.Settings.from_configuration({"Disa": {
+        "ServiceUrl": "http://disa:8000/", "Rules": [{"Fixed": "mr", "Moving": "ct"}],
+        "Options": {"mode": "affine"}, "PollSeconds": 5}})
+    assert settings.service_url == "http://disa:8000"
+    assert settings.rules == [plugin.Rule("MR", "CT")]
+    assert (settings.options, settings.poll_s) == ({"mode": "affine"}, 5.0)
+    with pytest.raises(ValueError, match="ServiceUrl"):
+        plugin.Settings.from_configuration({})
