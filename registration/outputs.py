@@ -17,6 +17,7 @@ import os
 import platform
 import tempfile
 from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,14 @@ def versions() -> dict[str, str]:
 
 
 def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
-                        outdir: str | Path, inputs: dict[str, Any] | None = None
+                        outdir: str | Path, inputs: dict[str, Any] | None = None,
+                        extra: Callable[[dict[str, Any]], list[str]] | None = None
                         ) -> dict[str, Any]:
-    """Write transform, registered image, QA picture and result.json; return the JSON data."""
+    """Write transform, registered image, QA picture and result.json; return the JSON data.
+
+    ``extra(data)`` writes further files (e.g. DICOM REG) and returns their
+    names; it runs before result.json, which stays the last file written.
+    """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     write_transform(result.transform, outdir / TRANSFORM_FILE)
@@ -101,5 +107,7 @@ def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: s
         "inputs": inputs or {},
         "versions": versions(),
     }
+    if extra is not None:
+        data["files"] += extra(data)
     write_json(data, outdir / RESULT_FILE)
     return data

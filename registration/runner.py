@@ -8,7 +8,7 @@ from typing import Any
 from disa.registration.dicom_reg import write_dicom_outputs
 from disa.registration.io import DEFAULT_LIMITS, InputLimits, inspect_image, read_image
 from disa.registration.options import RegistrationOptions
-from disa.registration.outputs import RESULT_FILE, write_json, write_result_folder
+from disa.registration.outputs import write_result_folder
 from disa.registration.pipeline import register
 from disa.registration.search import Cancel, Progress
 
@@ -45,10 +45,12 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
         "moving_mask": moving_mask_path is not None,
         "options": options.model_dump(),
     }
-    data = write_result_folder(result, fixed, moving, outdir, inputs)
-    if fixed_info.format == moving_info.format == "dicom":  # DICOM REG beside the outputs
-        data["files"] += write_dicom_outputs(outdir, fixed_path, moving_path, data, limits)
-        write_json(data, Path(outdir) / RESULT_FILE)
+    both_dicom = fixed_info.format == moving_info.format == "dicom"
+    data = write_result_folder(
+        result, fixed, moving, outdir, inputs,
+        # DICOM REG beside the other outputs when both inputs are DICOM series.
+        extra=(lambda d: write_dicom_outputs(outdir, fixed_path, moving_path, d, limits))
+        if both_dicom else None)
     report("done", 1.0)
     return data
 
