@@ -16,8 +16,8 @@ import json
 import os
 import platform
 import tempfile
-from importlib import metadata
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 

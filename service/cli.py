@@ -39,6 +39,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from disa.service.settings import get_settings
@@ -47,6 +49,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         os.environ["DISA_JOBS_DIR"] = str(args.jobs_dir)
         get_settings.cache_clear()
     get_settings()  # bad settings fail here, as one line, before the server starts
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from disa.service.app import create_app
 
     # One process: the embedded worker and the sweeper live in it.

@@ -51,8 +51,8 @@ class Runtime:
 
     # ----------------------------------------------------------- dispatch
 
-    def dispatch(self, job_id: str) -> None:
-        """Send a job to a worker; if the broker fails, the next sweep sends it again."""
+    def dispatch(self, job_id: str) -> bool:
+        """Send a job to a worker; if the broker fails, a later sweep sends it again."""
         try:
             self.dispatcher.submit(job_id)
         except Exception as exc:  # the job is safe in the store either way
@@ -60,12 +60,17 @@ class Runtime:
                         type(exc).__name__)
             with self._guard:
                 self._requeue_queued = True
+            return False
+        return True
 
     def recover(self, include_queued: bool) -> list[str]:
         """Send again the jobs that may have no message in the broker; return their ids."""
         ids = jobs_to_requeue(self.store, include_queued)
         for job_id in ids:
-            self.dispatch(job_id)
+            # A broker that refuses one will refuse the rest: leave them all for
+            # the next sweep instead of waiting out a timeout per job.
+            if not self.dispatch(job_id):
+                return []
         if ids:
             log.info("requeued %d jobs", len(ids))
         return ids

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,12 @@ from disa.service.settings import get_settings
 
 API_KEY = "test-key-5f0c"
 TINY_OPTIONS = {"similarity": "mind", "starts": 10}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def service_env(jobs_dir: Path, broker_url: str | None = None, queue: str = "disa",

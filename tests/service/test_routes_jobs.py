@@ -192,7 +192,8 @@ def test_oversize_chunked_upload_is_cut_off_while_streaming(make_client):
     client = make_client(max_upload_bytes=100_000)
 
     def body():
-        yield b"--b\r\nContent-Disposition: form-data; name=\"fixed\"; filename=\"f.nii.gz\"\r\n\r\n"
+        yield (b"--b\r\nContent-Disposition: form-data; name=\"fixed\"; "
+               b"filename=\"f.nii.gz\"\r\n\r\n")
         for _ in range(100):
             yield b"\0" * 10_000
 
