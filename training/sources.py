@@ -415,8 +415,13 @@ def _save_cached(volume: Volume, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, native=volume.native, tissues=volume.tissues, labels=volume.labels,
-                     label_tissue=volume.label_tissue)
+            np.savez(
+                f,
+                native=volume.native,
+                tissues=volume.tissues,
+                labels=volume.labels,
+                label_tissue=volume.label_tissue,
+            )
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only home only costs the derivation next time
@@ -430,8 +435,13 @@ def _load_cached(source_id: str, path: Path) -> Volume | None:
         return None
     info = CATALOGUE[source_id]
     native_modality = "ct" if info.anatomy == "head-ct" else "t1"
-    return Volume(id=source_id, subject=info.subject, anatomy=info.anatomy,
-                  native_modality=native_modality, **arrays)
+    return Volume(
+        id=source_id,
+        subject=info.subject,
+        anatomy=info.anatomy,
+        native_modality=native_modality,
+        **arrays,
+    )
 
 
 @functools.cache
