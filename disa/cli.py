@@ -46,6 +46,10 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=["int8", "float32"], default="int8")
     p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
     p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
+    p.add_argument("--fixed-series-uid", default=None, metavar="UID",
+                   help="series to use when FIXED is a DICOM folder/zip with several")
+    p.add_argument("--moving-series-uid", default=None, metavar="UID",
+                   help="series to use when MOVING is a DICOM folder/zip with several")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.set_defaults(handler=_cmd_register)
 
@@ -66,7 +70,9 @@ def _cmd_register(args: argparse.Namespace) -> int:
     options = _options_from_args(args)
     with progress_reporter(quiet=args.quiet) as report:
         data = run_registration(args.fixed, args.moving, args.output, options,
-                                args.fixed_mask, args.moving_mask, progress=report)
+                                args.fixed_mask, args.moving_mask, progress=report,
+                                fixed_series_uid=args.fixed_series_uid,
+                                moving_series_uid=args.moving_series_uid)
     _print_summary(data, args.output)
     return EXIT_OK
 

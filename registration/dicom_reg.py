@@ -653,6 +653,8 @@ def write_dicom_outputs(
     moving_path: str | Path,
     result_data: dict[str, Any],
     limits: InputLimits = DEFAULT_LIMITS,
+    fixed_series_uid: str | None = None,
+    moving_series_uid: str | None = None,
 ) -> list[str]:
     """Write registration.dcm into a result folder when both inputs are DICOM.
 
@@ -664,8 +666,8 @@ def write_dicom_outputs(
     """
     if detect_format(fixed_path) != "dicom" or detect_format(moving_path) != "dicom":
         return []
-    fixed = read_dicom_headers(fixed_path, limits)
-    moving = read_dicom_headers(moving_path, limits)
+    fixed = read_dicom_headers(fixed_path, limits, series_uid=fixed_series_uid)
+    moving = read_dicom_headers(moving_path, limits, series_uid=moving_series_uid)
     try:
         _check_series("fixed", fixed)
         _check_series("moving", moving)

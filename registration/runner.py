@@ -18,21 +18,24 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
                      fixed_mask_path: str | Path | None = None,
                      moving_mask_path: str | Path | None = None,
                      progress: Progress | None = None, cancel: Cancel | None = None,
-                     limits: InputLimits = DEFAULT_LIMITS) -> dict[str, Any]:
+                     limits: InputLimits = DEFAULT_LIMITS,
+                     fixed_series_uid: str | None = None,
+                     moving_series_uid: str | None = None) -> dict[str, Any]:
     """Read and check the inputs, register, write the result folder; return result.json data.
 
     Raises InputError for bad input (with a message for the user) and
-    CancelledError when ``cancel`` asks to stop. ``progress(stage, fraction)``
+    CancelledError when ``cancel`` asks to stop. ``*_series_uid`` choose one
+    series of a DICOM folder or zip that holds several. ``progress(stage, fraction)``
     reports stages: read, preprocess, descriptors, search, refine, reorient,
     affine, write.
     """
     report = progress or (lambda stage, fraction: None)
     report("read", 0.0)
     options = options or RegistrationOptions()
-    fixed_info = inspect_image(fixed_path, limits)
-    moving_info = inspect_image(moving_path, limits)
-    fixed = read_image(fixed_path, limits)
-    moving = read_image(moving_path, limits)
+    fixed_info = inspect_image(fixed_path, limits, series_uid=fixed_series_uid)
+    moving_info = inspect_image(moving_path, limits, series_uid=moving_series_uid)
+    fixed = read_image(fixed_path, limits, series_uid=fixed_series_uid)
+    moving = read_image(moving_path, limits, series_uid=moving_series_uid)
     fixed_mask = read_image(fixed_mask_path, limits) if fixed_mask_path else None
     moving_mask = read_image(moving_mask_path, limits) if moving_mask_path else None
     result = register(fixed, moving, options, fixed_mask, moving_mask, progress=report,
@@ -49,7 +52,8 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     data = write_result_folder(
         result, fixed, moving, outdir, inputs,
         # DICOM REG beside the other outputs when both inputs are DICOM series.
-        extra=(lambda d: write_dicom_outputs(outdir, fixed_path, moving_path, d, limits))
+        extra=(lambda d: write_dicom_outputs(outdir, fixed_path, moving_path, d, limits,
+                                             fixed_series_uid, moving_series_uid))
         if both_dicom else None)
     report("done", 1.0)
     return data

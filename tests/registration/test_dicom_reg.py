@@ -319,3 +319,24 @@ def test_series_without_frame_of_reference_skip_only_the_reg(tmp_path: Path) -> 
     assert dr.write_dicom_outputs(tmp_path, tmp_path / "ct", tmp_path / "ct", data) == []
     assert "FrameOfReferenceUID" in data["registration_dcm_skipped"]
     assert not (tmp_path / "registration.dcm").exists()
+
+
+def test_cli_chooses_series_of_one_folder_by_uid(dicom_pair, tmp_path: Path, capsys) -> None:
+    """Both series in one folder: without a choice exit 2 naming the UIDs; with it a REG."""
+    fixed_dir, moving_dir, _ = dicom_pair
+    both = tmp_path / "both"
+    both.mkdir()
+    for i, f in enumerate(sorted(fixed_dir.iterdir()) + sorted(moving_dir.iterdir())):
+        shutil.copy(f, both / f"{i:04d}.dcm")
+    fixed_uid = read_dicom_headers(fixed_dir)[0].SeriesInstanceUID
+    moving_uid = read_dicom_headers(moving_dir)[0].SeriesInstanceUID
+    out = tmp_path / "out"
+    code = main(["register", str(both), str(both), "-o", str(out), "--quiet"])
+    assert code == 2 and fixed_uid in capsys.readouterr().err
+    code = main(["register", str(both), str(both), "-o", str(out), "--similarity", "mind",
+                 "--starts", "30", "--fixed-series-uid", fixed_uid, "--moving-series-uid",
+                 moving_uid, "--quiet"])
+    assert code == EXIT_OK
+    reg = pydicom.dcmread(out / "registration.dcm")
+    assert reg.RegistrationSequence[1].FrameOfReferenceUID == \
+        read_dicom_headers(moving_dir)[0].FrameOfReferenceUID
