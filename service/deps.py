@@ -1,4 +1,8 @@
-"""Shared route dependencies as Annotated aliases."""
+"""Shared route dependencies as Annotated aliases.
+
+They are `async def` on purpose: they do no I/O, and FastAPI would run plain
+`def` dependencies in its thread pool, one hop each, on every request.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +17,15 @@ from disa.service.settings import Settings
 from disa.service.store import JOB_ID_PATTERN, JobStore
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_settings_dep(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Settings:
+async def get_settings_dep(runtime: Annotated[Runtime, Depends(get_runtime)]) -> Settings:
     return runtime.settings
 
 
-def get_store(runtime: Annotated[Runtime, Depends(get_runtime)]) -> JobStore:
+async def get_store(runtime: Annotated[Runtime, Depends(get_runtime)]) -> JobStore:
     return runtime.store
 
 
@@ -33,7 +37,7 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                description="API key; required when the server lists keys")
 
 
-def require_api_key(settings: SettingsDep,
+async def require_api_key(settings: SettingsDep,
                     key: Annotated[str | None, Security(_api_key_header)]) -> None:
     """401 without a key, 403 with a wrong one; open when no keys are configured."""
     digests = settings.api_key_digests

@@ -118,7 +118,8 @@ def check_job_id(job_id: str) -> str:
 
 
 class JobLock:
-    """An exclusive flock on a job folder's lock file.
+    """An exclusive flock on a job folder's lock file. `with store.lock(id) as lock:`
+    does not take it (call acquire()); leaving the block releases it.
 
     flock (not fcntl record locks) because two threads of one process (the
     embedded worker and the API) must exclude each other too. The kernel drops

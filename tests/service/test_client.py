@@ -1,0 +1,56 @@
+"""The Python client: what leaves the machine, DICOM folders, errors."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from disa.service.client import DisaClient, ServiceError, _as_upload
+
+
+def test_uploads_carry_role_names_not_local_names(tmp_path: Path):
+    fixed = tmp_path / "Doe^Jane_T1.nii.gz"
+    moving = tmp_path / "Doe^Jane_T2.NRRD"
+    fixed.write_bytes(b"fixed-bytes")
+    moving.write_bytes(b"moving-bytes")
+    seen: dict = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["body"] = request.read()
+        seen["key"] = request.headers.get("x-api-key")
+        return httpx.Response(202, json={"id": "0" * 32, "state": "queued"})
+
+    with DisaClient("http://disa", api_key="k", transport=httpx.MockTransport(handler)) as c:
+        assert c.submit(fixed, moving, {"starts": 10})["state"] == "queued"
+    body = seen["body"]
+    assert b'filename="fixed.nii.gz"' in body and b'filename="moving.nrrd"' in body
+    assert b"Doe" not in body and seen["key"] == "k"
+    assert json.dumps({"starts": 10}).encode() in body
+
+
+def test_a_dicom_folder_is_zipped_with_neutral_member_names(tmp_path: Path):
+    series = tmp_path / "Doe^Jane" / "CT"
+    series.mkdir(parents=True)
+    for i in range(3):
+        (series / f"IM_Doe_{i}.dcm").write_bytes(b"DICM" + bytes([i]))
+    with _as_upload(tmp_path / "Doe^Jane") as upload:
+        assert upload.suffix == ".zip"
+        with zipfile.ZipFile(upload) as z:
+            assert z.namelist() == ["000000.dcm", "000001.dcm", "000002.dcm"]
+    assert not upload.exists()
+
+
+def test_errors_carry_the_service_detail(tmp_path: Path):
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404, json={"detail": "no such job"})
+
+    with DisaClient("http://disa", transport=httpx.MockTransport(handler)) as c, \
+            pytest.raises(ServiceError) as info:
+        c.job("0" * 32)
+    assert info.value.status_code == 404 and info.value.detail == "no such job"
+    with pytest.raises(ValueError, match="unsupported file type"):
+        DisaClient("http://disa").submit(tmp_path / "a.png", tmp_path / "b.png")

@@ -1,0 +1,118 @@
+"""Over real HTTP with a real redis-server and a real Celery worker process."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from disa.service.app import create_app
+from disa.service.client import DisaClient
+
+from .helpers import (
+    API_KEY,
+    TINY_OPTIONS,
+    LiveServer,
+    api_key_env,
+    free_port,
+    service_env,
+    using_env,
+    wait_until,
+    write_pair,
+)
+
+
+@pytest.fixture(scope="module")
+def deployment(redis_server, start_worker, tmp_path_factory) -> Iterator[tuple[str, object]]:
+    """API (uvicorn thread) + one worker process with two pool processes, own queue."""
+    env = {**service_env(tmp_path_factory.mktemp("jobs"), redis_server.url, queue="roundtrip"),
+           **api_key_env()}
+    worker = start_worker(env, concurrency=2)
+    with using_env(env), LiveServer(create_app(), free_port()) as server:
+        yield server.url, worker
+
+
+@pytest.fixture(scope="module")
+def client(deployment) -> Iterator[DisaClient]:
+    with DisaClient(deployment[0], api_key=API_KEY) as c:
+        yield c
+
+
+def test_round_trip_with_a_real_registration(client, tmp_path: Path):
+    import SimpleITK as sitk
+
+    fixed, moving = write_pair(tmp_path / "in", size=32)
+    job = client.submit(fixed, moving, {"similarity": "mind", "starts": 30, "seed": 3})
+    stages: list[str] = []
+    job = client.wait(job["id"], poll_s=0.2, timeout_s=120,
+                      on_progress=lambda stage, fraction: stages.append(stage))
+    assert job["state"] == "succeeded", job["error"]
+    assert job["timings"]["run_s"] > 0 and "search" in job["timings"]["stages"]
+    assert "search" in stages or "refine" in stages  # progress was visible while running
+    paths = client.download(job["id"], tmp_path / "out")
+    assert sorted(p.name for p in paths) == sorted(["transform.tfm", "registered.nii.gz",
+                                                     "qa.png", "result.json"])
+    transform = sitk.ReadTransform(str(tmp_path / "out" / "transform.tfm"))
+    assert transform.GetNumberOfParameters() >= 6
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    for key in ("mode", "similarity", "parameters", "final_objective", "evaluations", "starts",
+                "timings_s", "confidence", "versions"):
+        assert key in result
+    assert result["parameters"] == job["result"]["parameters"]
+    # the phantom moved by (10, -8, 9) mm: the estimate is near it
+    assert abs(result["parameters"][3] - 10) < 2 and abs(result["parameters"][4] + 8) < 2
+    registered = sitk.ReadImage(str(tmp_path / "out" / "registered.nii.gz"))
+    assert registered.GetSize() == (32, 32, 32)
+    assert (tmp_path / "out" / "qa.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_twenty_concurrent_submissions_all_complete(client, pair_files):
+    with ThreadPoolExecutor(20) as pool:
+        jobs = list(pool.map(lambda _: client.submit(*pair_files, TINY_OPTIONS), range(20)))
+    assert len({j["id"] for j in jobs}) == 20
+    done = [client.wait(j["id"], poll_s=0.5, timeout_s=180) for j in jobs]
+    assert [j["state"] for j in done] == ["succeeded"] * 20, [j["error"] for j in done]
+    page = client.jobs(limit=100, state="succeeded")
+    assert {j["id"] for j in jobs} <= {j["id"] for j in page["items"]}
+
+
+def test_a_broken_file_fails_its_job_with_a_message_and_the_worker_stays_up(
+        client, deployment, pair_files, tmp_path: Path):
+    data = pair_files[1].read_bytes()
+    truncated = tmp_path / "moving.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])  # the header is fine, the pixels are not
+    job = client.wait(client.submit(pair_files[0], truncated, TINY_OPTIONS)["id"],
+                      poll_s=0.2, timeout_s=60)
+    assert job["state"] == "failed"
+    assert job["error"].startswith("moving.nii.gz:") and "truncated" in job["error"]
+    assert deployment[1].alive
+    again = client.wait(client.submit(*pair_files, TINY_OPTIONS)["id"], poll_s=0.2,
+                        timeout_s=60)
+    assert again["state"] == "succeeded"
+
+
+def test_cancel_a_running_job(client, tmp_path: Path):
+    fixed, moving = write_pair(tmp_path / "in", size=40)
+    job = client.submit(fixed, moving, {"similarity": "mind", "starts": 2000})
+    wait_until(lambda: client.job(job["id"])["state"] == "running", 60, "the job to start")
+    cancelled = client.cancel(job["id"])
+    assert cancelled["cancel_requested"] is True
+    end = client.wait(job["id"], poll_s=0.2, timeout_s=60)
+    assert end["state"] == "cancelled"
+    with pytest.raises(Exception, match="409"):
+        client.download(job["id"], tmp_path / "out", names=["transform.tfm"])
+    assert client.cancel(job["id"]) is None  # finished now: deleted
+
+
+def test_readyz_sees_the_worker_and_metrics_the_jobs(deployment):
+    import httpx
+
+    ready = httpx.get(f"{deployment[0]}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["workers"]["ok"]
+    metrics = httpx.get(f"{deployment[0]}/metrics", timeout=10).text
+    assert 'disa_jobs{state="succeeded"}' in metrics
+    assert "disa_stage_duration_seconds_count" in metrics

@@ -1,0 +1,200 @@
+"""The job function shared by the Celery task and the embedded worker."""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+
+import pytest
+
+from disa.registration import runner
+from disa.registration.errors import CancelledError, InputError
+from disa.worker import execute
+from disa.worker.execute import Interrupted, TransientStorageError, execute_job
+
+
+def _fake_engine(monkeypatch: pytest.MonkeyPatch, behaviour) -> list:
+    """Replace the engine's entry point; `behaviour(outdir, progress, cancel)`."""
+    calls: list = []
+
+    def fake(fixed, moving, outdir, options, fixed_mask=None, moving_mask=None,
+             progress=None, cancel=None, limits=None):
+        calls.append(options)
+        return behaviour(outdir, progress, cancel)
+
+    monkeypatch.setattr(runner, "run_registration", fake)
+    return calls
+
+
+def _result(outdir, progress, cancel):
+    progress("read", 0.0)
+    progress("search", 0.5)
+    data = {"mode": "rigid", "similarity": "mind", "parameters": [0.0] * 6,
+            "files": ["transform.tfm", "result.json"], "secret": "stays in result.json"}
+    (outdir / "transform.tfm").write_text("t")
+    (outdir / "result.json").write_text(json.dumps(data))
+    progress("done", 1.0)
+    return data
+
+
+def test_a_real_registration_succeeds_with_summary_and_timings(store, settings, make_job):
+    job_id = make_job()
+    assert execute_job(store, job_id, settings) == "succeeded"
+    m = store.read(job_id)
+    assert m.state == "succeeded" and m.attempts == 1 and m.error is None
+    assert m.files == ["transform.tfm", "registered.nii.gz", "qa.png", "result.json"]
+    assert len(m.result["parameters"]) == 6 and 0 <= m.result["confidence"] <= 1
+    assert {"read", "search", "write"} <= set(m.stage_seconds)
+    assert m.progress.stage == "done" and m.finished_at >= m.started_at
+
+
+def test_idempotent_by_job_id(store, settings, make_job, monkeypatch):
+    calls = _fake_engine(monkeypatch, _result)
+    job_id = make_job()
+    assert execute_job(store, job_id, settings) == "succeeded"
+    assert execute_job(store, job_id, settings) == "succeeded"  # a second delivery
+    assert len(calls) == 1
+    assert "secret" not in store.read(job_id).result
+
+
+def test_a_complete_result_folder_is_adopted_without_running_again(store, settings, make_job,
+                                                                  monkeypatch):
+    calls = _fake_engine(monkeypatch, _result)
+    job_id = make_job()
+    _result(store.outputs_dir(job_id), lambda *a: None, None)  # a run died after writing
+    assert execute_job(store, job_id, settings) == "succeeded"
+    assert calls == [] and store.read(job_id).files == ["transform.tfm", "result.json"]
+
+
+def test_input_errors_fail_the_job_with_their_message(store, settings, make_job, monkeypatch):
+    def bad(outdir, progress, cancel):
+        raise InputError("moving.nii.gz: gzip data is truncated")
+
+    _fake_engine(monkeypatch, bad)
+    job_id = make_job()
+    assert execute_job(store, job_id, settings) == "failed"
+    assert store.read(job_id).error == "moving.nii.gz: gzip data is truncated"
+
+
+def test_internal_errors_say_only_their_type(store, settings, make_job, monkeypatch):
+    def boom(outdir, progress, cancel):
+        raise ZeroDivisionError("patient Doe")
+
+    _fake_engine(monkeypatch, boom)
+    job_id = make_job()
+    assert execute_job(store, job_id, settings) == "failed"
+    assert store.read(job_id).error == "internal error: ZeroDivisionError"
+
+
+def test_storage_errors_are_retried_then_fail(store, settings, make_job, monkeypatch):
+    def flaky(outdir, progress, cancel):
+        raise OSError(errno.EIO, "I/O error")
+
+    calls = _fake_engine(monkeypatch, flaky)
+    job_id = make_job()
+    for attempt in (1, 2):
+        with pytest.raises(TransientStorageError):
+            execute_job(store, job_id, settings)
+        m = store.read(job_id)
+        assert m.state == "queued" and m.attempts == attempt
+    assert execute_job(store, job_id, settings) == "failed"
+    assert store.read(job_id).error == "internal error: OSError"
+    assert execute_job(store, job_id, settings) == "failed" and len(calls) == 3
+
+
+def test_gives_up_after_max_attempts_of_lost_workers(store, settings, make_job):
+    job_id = make_job()
+    m = store.read(job_id)
+    m.attempts = settings.max_attempts  # three workers died running it
+    store.write(m)
+    assert execute_job(store, job_id, settings) == "failed"
+    assert "gave up after 3 attempts" in store.read(job_id).error
+
+
+def test_cancel_flag_stops_a_running_job_between_iterations(store, settings, make_job,
+                                                            monkeypatch):
+    monkeypatch.setattr(execute, "CANCEL_CHECK_INTERVAL_S", 0.0)
+
+    def long_run(outdir, progress, cancel):
+        store.request_cancel(job_id)  # the API, while the optimiser iterates
+        for _ in range(1000):
+            if cancel():
+                raise CancelledError("registration cancelled")
+        raise AssertionError("cancel() never said stop")
+
+    _fake_engine(monkeypatch, long_run)
+    job_id = make_job()
+    assert execute_job(store, job_id, settings) == "cancelled"
+    assert store.read(job_id).state == "cancelled"
+
+
+def test_a_cancelled_queued_job_never_runs(store, settings, make_job, monkeypatch):
+    calls = _fake_engine(monkeypatch, _result)
+    job_id = make_job()
+    store.request_cancel(job_id)
+    assert execute_job(store, job_id, settings) == "cancelled" and calls == []
+
+
+def test_soft_deadline_fails_the_job(store, settings, make_job, monkeypatch):
+    monkeypatch.setattr(execute, "CANCEL_CHECK_INTERVAL_S", 0.0)
+    settings.soft_time_limit_s = 0
+
+    def run(outdir, progress, cancel):
+        while not cancel():
+            pass
+        raise CancelledError("registration cancelled")
+
+    _fake_engine(monkeypatch, run)
+    job_id = make_job()
+    assert execute_job(store, job_id, settings) == "failed"
+    assert store.read(job_id).error.startswith("time limit exceeded")
+
+
+def test_interrupt_puts_the_job_back_in_the_queue(store, settings, make_job, monkeypatch):
+    def run(outdir, progress, cancel):
+        assert cancel()
+        raise CancelledError("registration cancelled")
+
+    _fake_engine(monkeypatch, run)
+    job_id = make_job()
+    with pytest.raises(Interrupted):
+        execute_job(store, job_id, settings, interrupted=lambda: True)
+    m = store.read(job_id)
+    assert m.state == "queued" and m.attempts == 0
+
+
+def test_duplicate_delivery_steps_aside_while_another_runs(store, settings, make_job,
+                                                          monkeypatch):
+    monkeypatch.setattr(execute, "LOCK_WAIT_S", 0.2)
+    job_id = make_job()
+    lock = store.lock(job_id)
+    assert lock.acquire()
+    try:
+        assert execute_job(store, job_id, settings) == "busy"
+    finally:
+        lock.release()
+    assert store.read(job_id).state == "queued"
+
+
+def test_deleted_job_is_missing(store, settings, make_job):
+    job_id = make_job()
+    store.delete(job_id)
+    assert execute_job(store, job_id, settings) == "missing"
+    assert execute_job(store, "not-an-id", settings) == "missing"
+
+
+def test_progress_reaches_the_manifest_while_running(store, settings, make_job, monkeypatch):
+    seen = threading.Event()
+
+    def run(outdir, progress, cancel):
+        progress("search", 0.25)
+        m = store.read(job_id)
+        if m.state == "running" and m.progress.stage == "search":
+            seen.set()
+        return _result(outdir, progress, cancel)
+
+    _fake_engine(monkeypatch, run)
+    job_id = make_job()
+    execute_job(store, job_id, settings)
+    assert seen.is_set()
