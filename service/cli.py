@@ -77,6 +77,10 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--poll", type=float, default=1.0, metavar="S", help="poll period (s)")
     p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
     p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
+    p.add_argument("--fixed-series-uid", default=None, metavar="UID",
+                   help="series to use when FIXED is a DICOM folder/zip with several")
+    p.add_argument("--moving-series-uid", default=None, metavar="UID",
+                   help="series to use when MOVING is a DICOM folder/zip with several")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     _add_option_arguments(p)
     p.set_defaults(handler=_cmd_submit)
@@ -121,7 +125,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     try:
         with DisaClient(args.url, api_key=api_key) as client:
             job = client.submit(args.fixed, args.moving, options, args.fixed_mask,
-                                args.moving_mask)
+                                args.moving_mask, fixed_series_uid=args.fixed_series_uid,
+                                moving_series_uid=args.moving_series_uid)
             print(f"job {job['id']} {job['state']}", flush=True)
             if not wait:
                 return EXIT_OK

@@ -60,8 +60,11 @@ class DisaClient:
     def submit(self, fixed: str | Path, moving: str | Path,
                options: Mapping[str, Any] | None = None,
                fixed_mask: str | Path | None = None,
-               moving_mask: str | Path | None = None) -> dict[str, Any]:
-        """Upload a pair (and masks); return the queued job. Options use engine names."""
+               moving_mask: str | Path | None = None,
+               fixed_series_uid: str | None = None,
+               moving_series_uid: str | None = None) -> dict[str, Any]:
+        """Upload a pair (and masks); return the queued job. Options use engine names;
+        ``*_series_uid`` choose one series of a DICOM input holding several."""
         import json
 
         roles = {"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask,
@@ -75,6 +78,9 @@ class DisaClient:
                 handle = stack.enter_context(open(upload, "rb"))
                 files[role] = (f"{role}{_extension(upload)}", handle, "application/octet-stream")
             data = {"options": json.dumps(dict(options or {}))}
+            for role, uid in (("fixed", fixed_series_uid), ("moving", moving_series_uid)):
+                if uid:
+                    data[f"{role}_series_uid"] = uid
             return self._json(self._http.post("/v1/jobs", files=files, data=data))
 
     def job(self, job_id: str) -> dict[str, Any]:

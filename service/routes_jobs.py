@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -43,6 +44,10 @@ _SUBMIT_BODY: dict[str, Any] = {
                                      ".mha or a DICOM series as .zip (the file name's "
                                      "extension decides the format)"}
                for role in FILE_FIELDS},
+            **{f"{role}_series_uid": {
+                "type": "string", "maxLength": TEXT_FIELDS[f"{role}_series_uid"],
+                "description": f"SeriesInstanceUID of the {role} series when the {role} "
+                               "zip holds several DICOM series"} for role in ("fixed", "moving")},
             "options": {"type": "string", "maxLength": TEXT_FIELDS["options"],
                         "description": "registration options as JSON, names as the CLI's "
                                        "with underscores, e.g. {\"mode\": \"rigid\", "
@@ -84,12 +89,13 @@ async def submit_job(request: Request, response: Response, runtime: RuntimeDep) 
         upload = await receive_upload(request, staging / INPUTS_DIR,
                                       runtime.settings.max_upload_bytes)
         options = _parse_options(upload.fields.get("options"))
-        info = await run_in_threadpool(_inspect_inputs, upload.files, runtime)
+        series = _parse_series(upload.fields)
+        info = await run_in_threadpool(_inspect_inputs, upload.files, runtime, series)
         t = now()
         manifest = Manifest(
             id=job_id, created_at=t, updated_at=t,
             inputs={role: f"{INPUTS_DIR}/{path.name}" for role, path in upload.files.items()},
-            input_info=info, options=options)
+            input_info=info, options=options, series=series)
         await run_in_threadpool(store.publish, manifest)
     except UploadError as exc:
         await run_in_threadpool(store.discard_incoming, job_id)
@@ -118,7 +124,24 @@ def _parse_options(text: str | None) -> dict[str, Any]:
     return options.model_dump(mode="json")
 
 
-def _inspect_inputs(files: dict, runtime: Runtime) -> dict[str, dict[str, Any]]:
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def _parse_series(fields: dict[str, str]) -> dict[str, str]:
+    """Chosen DICOM series per role; 422 unless each is a well-formed UID (digits and dots)."""
+    series: dict[str, str] = {}
+    for role in ("fixed", "moving"):
+        uid = (fields.get(f"{role}_series_uid") or "").strip()
+        if not uid:
+            continue
+        if not _UID.match(uid):
+            raise UploadError(422, f"{role}_series_uid is not a DICOM UID (digits and dots)")
+        series[role] = uid
+    return series
+
+
+def _inspect_inputs(files: dict, runtime: Runtime, series: dict[str, str] | None = None
+                    ) -> dict[str, dict[str, Any]]:
     """Header checks of every input (no pixels decoded); keep only geometry facts."""
     from disa.registration.io import InputLimits, inspect_image
 
@@ -126,7 +149,7 @@ def _inspect_inputs(files: dict, runtime: Runtime) -> dict[str, dict[str, Any]]:
     info: dict[str, dict[str, Any]] = {}
     for role, path in files.items():
         try:
-            facts = inspect_image(path, limits)
+            facts = inspect_image(path, limits, series_uid=(series or {}).get(role))
         except InputError as exc:
             raise UploadError(422, str(exc)) from None
         info[role] = {"format": facts.format, "size": list(facts.size),

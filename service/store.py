@@ -88,6 +88,8 @@ class Manifest(BaseModel):
     #: role -> header facts (format, size, spacing); no names, no DICOM UIDs
     input_info: dict[str, dict[str, Any]] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict)
+    #: role (fixed, moving) -> chosen SeriesInstanceUID of a multi-series DICOM zip
+    series: dict[str, str] = Field(default_factory=dict)
     attempts: int = 0
     #: seconds spent in each engine stage of the last run
     stage_seconds: dict[str, float] = Field(default_factory=dict)

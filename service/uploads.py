@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 FILE_FIELDS = ("fixed", "moving", "fixed_mask", "moving_mask")
 REQUIRED_FILES = ("fixed", "moving")
 #: Text fields and their size caps in bytes.
-TEXT_FIELDS = {"options": 64 * 1024}
+TEXT_FIELDS = {"options": 64 * 1024, "fixed_series_uid": 64, "moving_series_uid": 64}
 #: Extensions accepted, longest first so .nii.gz wins over .gz. Detached-header
 #: formats (.nhdr, .mhd) are left out: an upload is one file.
 INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")

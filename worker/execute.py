@@ -224,7 +224,9 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
     return run_registration(paths["fixed"], paths["moving"], store.outputs_dir(manifest.id),
                             options, paths.get("fixed_mask"), paths.get("moving_mask"),
                             progress=progress, cancel=canceller,
-                            limits=InputLimits(max_voxels=settings.max_voxels))
+                            limits=InputLimits(max_voxels=settings.max_voxels),
+                            fixed_series_uid=manifest.series.get("fixed"),
+                            moving_series_uid=manifest.series.get("moving"))
 
 
 def _storage_failure(store: JobStore, manifest: Manifest, settings: Settings, exc: OSError,

@@ -116,3 +116,37 @@ def test_readyz_sees_the_worker_and_metrics_the_jobs(deployment):
     metrics = httpx.get(f"{deployment[0]}/metrics", timeout=10).text
     assert 'disa_jobs{state="succeeded"}' in metrics
     assert "disa_stage_duration_seconds_count" in metrics
+
+
+def test_series_are_chosen_by_uid_in_a_multi_series_zip(client, tmp_path: Path):
+    """One zip holding the fixed and the moving DICOM series, each chosen by its UID."""
+    import zipfile
+
+    import SimpleITK as sitk
+
+    from disa.registration import phantom as ph
+    from disa.registration.io import read_dicom_headers
+    from disa.service.client import ServiceError
+
+    from ..registration import dicom_fixtures as dx
+
+    pair = ph.make_pair(ph.rigid_truth((6, -4, 5), (6, -5, 4)),
+                        fixed_grid=ph.make_grid((24, 24, 24), (4.0, 4.0, 4.0)))
+    dx.write_series(pair.fixed, tmp_path / "ct", modality="CT", slope=0.001, intercept=0.0)
+    dx.write_series(pair.moving, tmp_path / "mr", modality="MR", series_number=2)
+    uids = {k: read_dicom_headers(tmp_path / k)[0].SeriesInstanceUID for k in ("ct", "mr")}
+    both = tmp_path / "both.zip"
+    with zipfile.ZipFile(both, "w") as z:
+        for k in ("ct", "mr"):
+            for f in sorted((tmp_path / k).iterdir()):
+                z.write(f, f"{k}-{f.name}")
+    with pytest.raises(ServiceError) as caught:
+        client.submit(both, both, TINY_OPTIONS)
+    assert caught.value.status_code == 422 and uids["ct"] in caught.value.detail
+    job = client.submit(both, both, TINY_OPTIONS, fixed_series_uid=uids["ct"],
+                        moving_series_uid=uids["mr"])
+    done = client.wait(job["id"], timeout_s=120)
+    assert done["state"] == "succeeded", done
+    client.download(job["id"], tmp_path / "out")
+    registered = sitk.ReadImage(str(tmp_path / "out" / "registered.nii.gz"))
+    assert registered.GetSize() == pair.fixed.GetSize()
