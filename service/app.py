@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from disa import __version__
-from disa.service import routes_health, routes_jobs, routes_metrics
+from disa.service import routes_health, routes_jobs, routes_metrics, routes_viewer, web
 from disa.service.runtime import Runtime
 from disa.service.settings import get_settings
 
@@ -69,6 +69,8 @@ def create_app() -> FastAPI:
     app.include_router(routes_health.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_jobs.router, prefix=API_PREFIX)
+    app.include_router(routes_viewer.router, prefix=API_PREFIX)
+    web.install(app)
     _use_shared_error_model(app)
     return app
 

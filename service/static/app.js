@@ -1,0 +1,380 @@
+// The DISA web page: API key, upload form, job list with live progress, result page.
+// Plain ES modules, no framework; every request goes to the same origin's /v1 API.
+
+import * as api from "./api.js";
+import { Viewer } from "./viewer.js";
+
+const $ = (id) => document.getElementById(id);
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const JOB_ID = /^[0-9a-f]{32}$/;
+const FILE_ROLES = ["fixed", "moving", "fixed_mask", "moving_mask"];
+const NUMBER_OPTIONS = [
+  ["opt-starts", "starts", true],
+  ["opt-seed", "seed", true],
+  ["opt-rotation", "rotation_range", false],
+  ["opt-translation", "translation_range", false],
+];
+const LIST_ACTIVE_MS = 1500;
+const LIST_IDLE_MS = 10000;
+const JOB_POLL_MS = 700;
+
+const short = (id) => id.slice(0, 8);
+const percent = (f) => `${Math.round(100 * f)}%`;
+const lastSeen = new Map(); // job id -> "state/stage" last announced
+let listTimer = null;
+let current = null; // the job shown on the result page: {id, timer, viewer, shown}
+
+function announce(text) {
+  $("announcer").textContent = text;
+}
+
+function progressText(job) {
+  if (job.state === "running") return `${job.progress.stage} ${percent(job.progress.fraction)}`;
+  if (job.state === "queued") return "waiting for a worker";
+  return job.state;
+}
+
+// Tell screen readers about state and stage changes (not every percent).
+function noteJob(job) {
+  const key = `${job.state}/${job.state === "running" ? job.progress.stage : ""}`;
+  const before = lastSeen.get(job.id);
+  lastSeen.set(job.id, key);
+  if (before === key) return;
+  if (before === undefined && !(current && current.id === job.id)) return;
+  let text = `Job ${short(job.id)}: ${job.state}`;
+  if (job.state === "running") text += `, ${job.progress.stage}`;
+  if (job.state === "succeeded" && job.result) {
+    text += `, confidence ${percent(job.result.confidence)}`;
+    if (job.result.ambiguous) text += ", ambiguous";
+  }
+  if (job.state === "failed" && job.error) text += `: ${job.error}`;
+  announce(`${text}.`);
+}
+
+// ------------------------------------------------------------------ API key
+
+function initKey() {
+  $("api-key").value = api.getKey();
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    api.setKey($("api-key").value.trim());
+    $("key-status").textContent = api.getKey() ? "Key set for this tab." : "No key set.";
+    refreshJobs();
+  });
+  $("key-forget").addEventListener("click", () => {
+    api.setKey("");
+    $("api-key").value = "";
+    $("key-status").textContent = "Key forgotten.";
+  });
+}
+
+// ------------------------------------------------------------------- upload
+
+function uploadOptions() {
+  const options = { mode: $("opt-mode").value };
+  if ($("opt-similarity").value) options.similarity = $("opt-similarity").value;
+  for (const [id, name, integer] of NUMBER_OPTIONS) {
+    const text = $(id).value.trim();
+    if (text !== "") options[name] = integer ? Number.parseInt(text, 10) : Number.parseFloat(text);
+  }
+  return options;
+}
+
+async function onSubmit(event) {
+  event.preventDefault();
+  const form = $("upload-form");
+  const status = $("upload-status");
+  if (!form.reportValidity()) return;
+  const data = new FormData();
+  for (const role of FILE_ROLES) {
+    const file = $(role).files[0];
+    if (file) data.append(role, file, file.name);
+  }
+  for (const name of ["fixed_series_uid", "moving_series_uid"]) {
+    const uid = $(name).value.trim();
+    if (uid) data.append(name, uid);
+  }
+  data.append("options", JSON.stringify(uploadOptions()));
+  const button = $("submit");
+  const bar = $("upload-progress");
+  button.disabled = true;
+  bar.hidden = false;
+  bar.value = 0;
+  status.classList.remove("error");
+  status.textContent = "Uploading…";
+  try {
+    const job = await api.submitJob(data, (fraction) => { bar.value = fraction; });
+    status.textContent = `Job ${short(job.id)} queued.`;
+    for (const role of FILE_ROLES) $(role).value = "";
+    await refreshJobs();
+    location.hash = `job=${job.id}`;
+  } catch (err) {
+    status.classList.add("error");
+    status.textContent = `Not submitted: ${api.describeError(err)}`;
+  } finally {
+    button.disabled = false;
+    bar.hidden = true;
+  }
+}
+
+// ----------------------------------------------------------------- job list
+
+function makeRow(job) {
+  const row = document.createElement("tr");
+  row.dataset.id = job.id;
+  row.innerHTML = `
+    <th scope="row"><a class="job-link" href="#job=${job.id}"></a></th>
+    <td class="created"></td>
+    <td class="state"></td>
+    <td class="progress"><progress max="1" value="0"></progress> <span class="stage"></span></td>
+    <td><button type="button" class="job-action"></button></td>`;
+  const link = row.querySelector(".job-link");
+  link.textContent = short(job.id);
+  link.setAttribute("aria-label", `Job ${short(job.id)}: open result`);
+  row.querySelector("progress").setAttribute("aria-label", `Progress of job ${short(job.id)}`);
+  row.querySelector(".job-action").addEventListener("click", () => onJobAction(row));
+  return row;
+}
+
+function updateRow(row, job) {
+  row.dataset.state = job.state;
+  row.querySelector(".created").textContent = new Date(job.created_at).toLocaleString();
+  row.querySelector(".state").textContent = job.state;
+  const bar = row.querySelector("progress");
+  bar.value = job.state === "succeeded" ? 1 : job.progress.fraction;
+  row.querySelector(".stage").textContent = progressText(job);
+  const action = row.querySelector(".job-action");
+  const finished = TERMINAL.has(job.state);
+  action.textContent = finished ? "Delete" : "Cancel";
+  action.setAttribute("aria-label", `${finished ? "Delete" : "Cancel"} job ${short(job.id)}`);
+}
+
+function renderJobs(jobs) {
+  const body = $("jobs-body");
+  const rows = new Map([...body.rows].map((row) => [row.dataset.id, row]));
+  jobs.forEach((job, i) => {
+    const row = rows.get(job.id) || makeRow(job);
+    rows.delete(job.id);
+    updateRow(row, job);
+    if (body.rows[i] !== row) body.insertBefore(row, body.rows[i] || null);
+    noteJob(job);
+  });
+  for (const row of rows.values()) row.remove();
+  $("jobs-empty").hidden = jobs.length > 0;
+}
+
+async function refreshJobs() {
+  clearTimeout(listTimer);
+  let active = false;
+  try {
+    const page = await api.getJson("/v1/jobs?limit=50");
+    renderJobs(page.items);
+    active = page.items.some((job) => !TERMINAL.has(job.state));
+    $("jobs-status").textContent = page.total > page.items.length
+      ? `Showing the newest ${page.items.length} of ${page.total} jobs.` : "";
+  } catch (err) {
+    $("jobs-status").textContent = `Job list: ${api.describeError(err)}`;
+  }
+  listTimer = setTimeout(refreshJobs, active ? LIST_ACTIVE_MS : LIST_IDLE_MS);
+}
+
+async function onJobAction(row) {
+  const id = row.dataset.id;
+  const finished = TERMINAL.has(row.dataset.state);
+  if (finished && !window.confirm(`Delete job ${short(id)} and its files?`)) return;
+  try {
+    await api.remove(api.jobPath(id));
+    $("jobs-status").textContent = `Job ${short(id)} ${finished ? "deleted" : "cancel requested"}.`;
+    if (finished && current && current.id === id) location.hash = "";
+  } catch (err) {
+    $("jobs-status").textContent = api.describeError(err);
+  }
+  refreshJobs();
+}
+
+// --------------------------------------------------------------- result page
+
+function closeJob() {
+  if (!current) return;
+  clearTimeout(current.timer);
+  if (current.viewer) current.viewer.destroy();
+  if (current.qaUrl) URL.revokeObjectURL(current.qaUrl);
+  current = null;
+  $("result").hidden = true;
+}
+
+function openJob(id) {
+  if (current && current.id === id) return;
+  closeJob();
+  current = { id, timer: null, viewer: null, shown: false, qaUrl: null };
+  const section = $("result");
+  section.hidden = false;
+  section.dataset.job = id;
+  $("result-heading").textContent = `Job ${short(id)}`;
+  $("result-heading").title = id;
+  $("result-body").hidden = true;
+  $("result-warning").hidden = true;
+  $("result-error").hidden = true;
+  $("result-state").textContent = "";
+  $("result-heading").focus();
+  pollJob();
+}
+
+async function pollJob() {
+  const shown = current;
+  if (!shown) return;
+  try {
+    const job = await api.getJson(api.jobPath(shown.id));
+    if (current !== shown) return;
+    showJob(job);
+    if (!TERMINAL.has(job.state)) shown.timer = setTimeout(pollJob, JOB_POLL_MS);
+  } catch (err) {
+    if (current !== shown) return;
+    $("result-error").hidden = false;
+    $("result-error").textContent = api.describeError(err);
+    if (err.status !== 404) shown.timer = setTimeout(pollJob, 3000);
+  }
+}
+
+function showJob(job) {
+  noteJob(job);
+  const section = $("result");
+  section.dataset.state = job.state;
+  $("result-state").textContent = job.state;
+  $("result-bar").value = job.state === "succeeded" ? 1 : job.progress.fraction;
+  $("result-stage").textContent = progressText(job);
+  const error = $("result-error");
+  error.hidden = !job.error;
+  error.textContent = job.error ? `The job failed: ${job.error}` : "";
+  if (job.state === "succeeded" && !current.shown) {
+    current.shown = true;
+    showResult(job);
+  }
+}
+
+function degrees(radians) {
+  return (radians * 180) / Math.PI;
+}
+
+function summaryRows(job) {
+  const r = job.result || {};
+  const rows = [
+    ["Mode", r.mode],
+    ["Similarity", r.similarity],
+    ["Similarity value", r.similarity_value === undefined ? undefined
+      : Number(r.similarity_value).toPrecision(4)],
+    ["Solutions agreeing", r.refined_solutions === undefined ? undefined
+      : `${r.agreeing_solutions} of ${r.refined_solutions}`],
+    ["Ambiguous", r.ambiguous === undefined ? undefined : (r.ambiguous ? "yes" : "no")],
+    ["Random starts", r.starts],
+    ["Objective evaluations", r.evaluations],
+    ["Working spacing", r.working_spacing_mm === undefined ? undefined : `${r.working_spacing_mm} mm`],
+    ["Run time", job.timings.run_s === null ? undefined : `${job.timings.run_s.toFixed(1)} s`],
+  ];
+  (r.parameter_names || []).forEach((name, i) => {
+    const value = r.parameters[i];
+    const text = name.endsWith("_rad")
+      ? `${degrees(value).toFixed(2)}° (${value.toFixed(4)} rad)`
+      : name.endsWith("_mm") ? `${value.toFixed(2)} mm` : value.toFixed(4);
+    rows.push([name.replace(/_(rad|mm)$/, ""), text]);
+  });
+  return rows.filter(([, value]) => value !== undefined && value !== null);
+}
+
+async function showResult(job) {
+  const shown = current;
+  const r = job.result || {};
+  const confidence = $("confidence");
+  confidence.textContent = `Confidence: ${percent(r.confidence ?? 0)} — ${r.agreeing_solutions ?? "?"} of `
+    + `${r.refined_solutions ?? "?"} independently refined solutions land within 5 mm of the best one.`;
+  const warning = $("result-warning");
+  if (r.ambiguous) {
+    warning.hidden = false;
+    warning.textContent = "Ambiguous result: a different pose scores almost as well as the one "
+      + "chosen. Check the QA picture and the viewer before using this transform.";
+  } else if ((r.confidence ?? 1) < 0.5) {
+    warning.hidden = false;
+    warning.textContent = "Low confidence: fewer than half of the refined solutions agree. "
+      + "Check the QA picture and the viewer before using this transform.";
+  }
+  const summary = $("result-summary");
+  summary.replaceChildren();
+  for (const [name, value] of summaryRows(job)) {
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = String(value);
+    summary.append(dt, dd);
+  }
+  const list = $("downloads");
+  list.replaceChildren();
+  for (const name of job.files) {
+    const item = document.createElement("li");
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = `Download ${name}`;
+    button.dataset.file = name;
+    button.addEventListener("click", () => download(job.id, name));
+    item.append(button);
+    list.append(item);
+  }
+  $("result-body").hidden = false;
+  if (job.files.includes("qa.png")) {
+    api.getBlob(api.jobPath(job.id, "/files/qa.png")).then((blob) => {
+      if (current !== shown) return;
+      shown.qaUrl = URL.createObjectURL(blob);
+      $("qa").src = shown.qaUrl;
+    }).catch(() => { $("qa").alt = "The QA picture could not be loaded."; });
+  }
+  shown.viewer = new Viewer(job.id, $("result"));
+  try {
+    await shown.viewer.open();
+  } catch (err) {
+    $("viewer-status").textContent = `Viewer: ${api.describeError(err)}`;
+  }
+}
+
+async function download(id, name) {
+  const status = $("viewer-status");
+  try {
+    const blob = await api.getBlob(api.jobPath(id, `/files/${encodeURIComponent(name)}`));
+    const url = URL.createObjectURL(blob);
+    const link = document.createElement("a");
+    link.href = url;
+    link.download = name;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (err) {
+    status.textContent = `Download of ${name}: ${api.describeError(err)}`;
+  }
+}
+
+// ------------------------------------------------------------------- routing
+
+function route() {
+  const match = /^#job=([0-9a-f]{32})$/.exec(location.hash);
+  if (match && JOB_ID.test(match[1])) openJob(match[1]);
+  else if (current) {
+    closeJob();
+    $("jobs-heading").focus();
+  }
+}
+
+function init() {
+  initKey();
+  $("upload-form").addEventListener("submit", onSubmit);
+  $("jobs-refresh").addEventListener("click", () => refreshJobs());
+  $("result-close").addEventListener("click", () => { location.hash = ""; });
+  $("jobs-heading").tabIndex = -1;
+  window.addEventListener("hashchange", route);
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) refreshJobs();
+  });
+  refreshJobs();
+  route();
+  document.body.dataset.ready = "1";
+}
+
+init();
