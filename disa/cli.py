@@ -34,7 +34,9 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                                             "folder or .zip)")
     p.add_argument("moving", type=Path, help="moving image (same formats)")
     p.add_argument("-o", "--output", type=Path, required=True, help="result folder")
-    p.add_argument("--mode", choices=["rigid", "affine"], default="rigid")
+    p.add_argument("--mode", choices=["rigid", "affine", "rigid+probe", "deformable"],
+                   default="rigid", help="rigid+probe: ultrasound probe compression with the "
+                                         "pose; deformable: dense field after rigid/affine")
     p.add_argument("--similarity", choices=["disa", "mind", "lc2"], default=None,
                    help="default: disa when the model ships, else mind")
     p.add_argument("--starts", type=int, default=500, help="random starts (default 500)")
@@ -44,6 +46,21 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--working-spacing", type=float, default=None, metavar="MM")
     p.add_argument("--init", choices=["centers", "geometry"], default="centers")
     p.add_argument("--precision", choices=["int8", "float32"], default="int8")
+    p.add_argument("--deformable-from", choices=["rigid", "affine"], default="affine",
+                   help="deformable mode: the linear stage the field starts from")
+    p.add_argument("--regularisation", type=float, default=1.0, metavar="W",
+                   help="deformable mode: smoothness weight relative to the default (1)")
+    p.add_argument("--search-radius", type=float, default=None, metavar="MM",
+                   help="deformable mode: discrete search half-width (default 1.5 control "
+                        "spacings)")
+    p.add_argument("--ultrasound", choices=["moving", "fixed"], default="moving",
+                   help="rigid+probe mode: which image is the ultrasound")
+    p.add_argument("--probe-origin", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="rigid+probe mode: probe face centre, LPS mm (default: from the "
+                        "ultrasound's field of view)")
+    p.add_argument("--probe-axis", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="rigid+probe mode: direction into the body, LPS (default: from the "
+                        "ultrasound's field of view)")
     p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
     p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
     p.add_argument("--fixed-series-uid", default=None, metavar="UID",
@@ -60,7 +77,11 @@ def _options_from_args(args: argparse.Namespace):  # -> RegistrationOptions
     return RegistrationOptions(
         mode=args.mode, similarity=args.similarity, starts=args.starts, seed=args.seed,
         rotation_range=args.rotation_range, translation_range=args.translation_range,
-        working_spacing=args.working_spacing, init=args.init, precision=args.precision)
+        working_spacing=args.working_spacing, init=args.init, precision=args.precision,
+        deformable_from=args.deformable_from, regularisation=args.regularisation,
+        search_radius=args.search_radius, ultrasound=args.ultrasound,
+        probe_origin=tuple(args.probe_origin) if args.probe_origin else None,
+        probe_axis=tuple(args.probe_axis) if args.probe_axis else None)
 
 
 def _cmd_register(args: argparse.Namespace) -> int:

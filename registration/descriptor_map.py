@@ -72,3 +72,12 @@ class DescriptorMap:
         data = self.data.copy()
         data[~mask] = 0
         return DescriptorMap(data, self.grid, self.scale)
+
+
+def pool_weights(weights: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Weights of a 2x pooled grid of ``shape``: the maximum of each 2x2x2 cell (keeps thin
+    structures that a mean would dilute)."""
+    padded = np.zeros(tuple(2 * n for n in shape), dtype=np.float32)
+    padded[: weights.shape[0], : weights.shape[1], : weights.shape[2]] = weights
+    cells = padded.reshape(shape[0], 2, shape[1], 2, shape[2], 2)
+    return np.ascontiguousarray(cells.max(axis=(1, 3, 5)))

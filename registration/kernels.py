@@ -200,3 +200,215 @@ def descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_mov
     n_chunks = max(1, -(-4 * threads // mats.shape[0]))
     return _cost_parallel(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
                           want_grad, n_chunks)
+
+
+# ------------------------------------------------------------------ per-point mappings
+#
+# The kernel above folds the transform into a 3x4 matrix, which covers affine
+# families only. The one below takes the moving-index coordinate of every point
+# for every candidate transform, so any non-linear mapping (the probe
+# compression model, a dense displacement field) can evaluate the same cost and
+# chain its own Jacobian to the per-point gradient in numpy.
+
+
+def _point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
+                           want_grad, n_chunks):
+    """Weighted descriptor cost of B mappings given per-point moving coordinates.
+
+    Args:
+        fixed: (N, C) fixed descriptors at the points (int8 or float32).
+        weights: (N,) float32 point weights (the cost is sum_p w_p c_p).
+        coords: (B, N, 3) float32/float64 continuous moving-map indices (x, y, z)
+            where each mapping sends each point.
+        moving: (Z, Y, X, C) moving descriptor map (int8 or float32).
+        scale_fixed, scale_moving: dequantisation factors (1/127 for int8 codes).
+        ssd: False -> c_p = -<F_p, M(y_p)>; True -> c_p = ||F_p - M(y_p)||^2.
+        want_grad: also return d cost / d coords.
+        n_chunks: point chunks per mapping (parallel work items = B x n_chunks).
+
+    Returns:
+        cost (B,), grad (B, N, 3) float64 d cost / d moving index (zeros when
+        want_grad is False; zero for points outside the map), inside (B,)
+        weighted fraction of points that land inside the moving map.
+    """
+    n_batch = coords.shape[0]
+    n_points = coords.shape[1]
+    n_chan = fixed.shape[1]
+    nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
+    part_cost = np.zeros((n_batch, n_chunks))
+    part_inside = np.zeros((n_batch, n_chunks))
+    grad = np.zeros((n_batch, n_points if want_grad else 0, 3))
+    chunk = (n_points + n_chunks - 1) // n_chunks
+    for task in prange(n_batch * n_chunks):
+        b = task // n_chunks
+        k = task % n_chunks
+        start = k * chunk
+        stop = min(n_points, start + chunk)
+        f_vec = np.empty(n_chan)
+        m_val = np.zeros(n_chan)
+        m_gx = np.zeros(n_chan)
+        m_gy = np.zeros(n_chan)
+        m_gz = np.zeros(n_chan)
+        acc = 0.0
+        inside = 0.0
+        for p in range(start, stop):
+            w = weights[p]
+            mx = coords[b, p, 0]
+            my = coords[b, p, 1]
+            mz = coords[b, p, 2]
+            for c in range(n_chan):
+                f_vec[c] = fixed[p, c] * scale_fixed
+            if not (mx > -1.0 and my > -1.0 and mz > -1.0 and mx < nx and my < ny and mz < nz):
+                if ssd:
+                    s = 0.0
+                    for c in range(n_chan):
+                        s += f_vec[c] * f_vec[c]
+                    acc += w * s
+                continue
+            if mx >= 0.0 and my >= 0.0 and mz >= 0.0 and mx <= nx - 1 and my <= ny - 1 \
+                    and mz <= nz - 1:
+                inside += w
+            ix = int(np.floor(mx))
+            iy = int(np.floor(my))
+            iz = int(np.floor(mz))
+            fx = mx - ix
+            fy = my - iy
+            fz = mz - iz
+            val = 0.0
+            gx = 0.0
+            gy = 0.0
+            gz = 0.0
+            if ssd:
+                for c in range(n_chan):
+                    m_val[c] = 0.0
+                    m_gx[c] = 0.0
+                    m_gy[c] = 0.0
+                    m_gz[c] = 0.0
+            for corner in range(8):
+                ux = corner & 1
+                uy = (corner >> 1) & 1
+                uz = (corner >> 2) & 1
+                cx = ix + ux
+                cy = iy + uy
+                cz = iz + uz
+                if cx < 0 or cy < 0 or cz < 0 or cx >= nx or cy >= ny or cz >= nz:
+                    continue
+                wx, dwx = _corner_weights(fx, ux)
+                wy, dwy = _corner_weights(fy, uy)
+                wz, dwz = _corner_weights(fz, uz)
+                if ssd:
+                    for c in range(n_chan):
+                        v = moving[cz, cy, cx, c] * scale_moving
+                        m_val[c] += wx * wy * wz * v
+                        m_gx[c] += dwx * wy * wz * v
+                        m_gy[c] += wx * dwy * wz * v
+                        m_gz[c] += wx * wy * dwz * v
+                else:
+                    d = 0.0
+                    for c in range(n_chan):
+                        d += f_vec[c] * moving[cz, cy, cx, c]
+                    d *= scale_moving
+                    val += wx * wy * wz * d
+                    gx += dwx * wy * wz * d
+                    gy += wx * dwy * wz * d
+                    gz += wx * wy * dwz * d
+            if ssd:
+                for c in range(n_chan):
+                    r = f_vec[c] - m_val[c]
+                    val += r * r
+                    gx -= 2.0 * r * m_gx[c]
+                    gy -= 2.0 * r * m_gy[c]
+                    gz -= 2.0 * r * m_gz[c]
+                acc += w * val
+            else:
+                acc -= w * val
+                gx = -gx
+                gy = -gy
+                gz = -gz
+            if want_grad:
+                # Each (b, p) is written by exactly one task: no reduction needed.
+                grad[b, p, 0] = w * gx
+                grad[b, p, 1] = w * gy
+                grad[b, p, 2] = w * gz
+        part_cost[b, k] = acc
+        part_inside[b, k] = inside
+    cost = np.zeros(n_batch)
+    inside_out = np.zeros(n_batch)
+    for b in range(n_batch):
+        for k in range(n_chunks):
+            cost[b] += part_cost[b, k]
+            inside_out[b] += part_inside[b, k]
+    return cost, grad, inside_out
+
+
+_point_parallel = njit(parallel=True, fastmath=True, cache=True)(_point_descriptor_cost)
+_point_serial = njit(parallel=False, fastmath=True, cache=True)(_point_descriptor_cost)
+
+
+def point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
+                          want_grad):
+    """Dispatch the per-point kernel to its serial or parallel compilation by work size.
+
+    Same conventions as ``descriptor_cost`` (trilinear, zero outside the map,
+    int8 or float32 maps, dot or ssd) but ``coords`` (B, N, 3) holds the moving
+    index (x, y, z) of every point under every mapping, and the gradient is
+    per point: (B, N, 3) d cost / d moving index coordinate.
+    """
+    work = coords.shape[0] * coords.shape[1]
+    threads = numba.get_num_threads()
+    if threads == 1 or work < PARALLEL_MIN_WORK:
+        return _point_serial(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
+                             want_grad, 1)
+    n_chunks = max(1, -(-4 * threads // coords.shape[0]))
+    return _point_parallel(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
+                           want_grad, n_chunks)
+
+
+def _sample_descriptors(moving, coords, scale, out):
+    """Trilinear samples (N, C) float32 of a map at continuous indices (N, 3) (x, y, z),
+    zero outside the map (the objective's convention)."""
+    nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
+    n_chan = moving.shape[3]
+    for p in prange(coords.shape[0]):
+        mx = coords[p, 0]
+        my = coords[p, 1]
+        mz = coords[p, 2]
+        for c in range(n_chan):
+            out[p, c] = 0.0
+        if not (mx > -1.0 and my > -1.0 and mz > -1.0 and mx < nx and my < ny and mz < nz):
+            continue
+        ix = int(np.floor(mx))
+        iy = int(np.floor(my))
+        iz = int(np.floor(mz))
+        fx = mx - ix
+        fy = my - iy
+        fz = mz - iz
+        for corner in range(8):
+            ux = corner & 1
+            uy = (corner >> 1) & 1
+            uz = (corner >> 2) & 1
+            cx = ix + ux
+            cy = iy + uy
+            cz = iz + uz
+            if cx < 0 or cy < 0 or cz < 0 or cx >= nx or cy >= ny or cz >= nz:
+                continue
+            wx, _ = _corner_weights(fx, ux)
+            wy, _ = _corner_weights(fy, uy)
+            wz, _ = _corner_weights(fz, uz)
+            w = wx * wy * wz * scale
+            for c in range(n_chan):
+                out[p, c] += w * moving[cz, cy, cx, c]
+
+
+_sample_parallel = njit(parallel=True, fastmath=True, cache=True)(_sample_descriptors)
+
+
+def sample_descriptors(moving: np.ndarray, coords: np.ndarray, scale: float) -> np.ndarray:
+    """Moving descriptors (N, C) float32 at continuous indices ``coords`` (N, 3), (x, y, z).
+
+    Used to warp a moving map onto a grid in the fixed frame once, so that a
+    search over many displacements becomes plain array shifts.
+    """
+    out = np.empty((coords.shape[0], moving.shape[3]), dtype=np.float32)
+    _sample_parallel(moving, np.ascontiguousarray(coords, dtype=np.float64), float(scale), out)
+    return out

@@ -6,6 +6,9 @@ of a ``TransformModel`` (fixed -> moving points, LPS mm):
 - ``DescriptorObjective``: the paper's Eq. 2, sum_p w(p) <F[p], M(T(x_p))>, with
   trilinear interpolation of the moving map and an analytic gradient; "dot"
   for DISA descriptors (cost = -similarity), "ssd" for MIND-SSC (cost = SSD).
+- ``PointObjective``: the same cost for a non-linear mapping of the points (a
+  ``PointModel``, e.g. rigid + probe compression); the per-point kernel returns
+  d cost / d moving point and the model chains its own Jacobian.
 - ``LC2Objective``: LC2 of the fixed image and the resampled moving image
   (no gradient: used with a derivative-free optimiser).
 """
@@ -19,7 +22,7 @@ import numpy as np
 
 from disa.registration.descriptor_map import DescriptorMap
 from disa.registration.grid import Grid
-from disa.registration.kernels import descriptor_cost
+from disa.registration.kernels import descriptor_cost, point_descriptor_cost
 from disa.registration.transforms import TransformModel
 
 
@@ -145,6 +148,52 @@ class DescriptorObjective:
     def overlap(self, theta: np.ndarray) -> float:
         """Weighted fraction of fixed sample points that land inside the moving map."""
         return float(self._evaluate(theta, want_grad=False)[2][0])
+
+
+class PointModel(Protocol):
+    """A transform family given by where it maps points, not by a 3x4 matrix.
+
+    ``map_points`` sends fixed points (N, 3, LPS mm) to moving points (B, N, 3)
+    for parameters (B, P); ``pullback`` turns d cost / d moving point (B, N, 3)
+    into d cost / d theta (B, P) (the transposed Jacobian of the mapping).
+    """
+
+    mode: str
+    n_params: int
+
+    def map_points(self, theta: np.ndarray, points: np.ndarray) -> np.ndarray: ...
+
+    def pullback(self, theta: np.ndarray, points: np.ndarray, grad: np.ndarray
+                 ) -> np.ndarray: ...
+
+
+@dataclass
+class PointObjective(DescriptorObjective):
+    """Eq. 2 for a non-linear mapping: the moving point of every sample point comes from
+    ``model.map_points`` (LPS mm) and the per-point kernel; same points, weights and
+    conventions as ``DescriptorObjective``."""
+
+    model: PointModel  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._physical = self.fixed.grid.to_physical(self.points)
+
+    def _evaluate(self, theta: np.ndarray, want_grad: bool) -> tuple[np.ndarray, np.ndarray,
+                                                                      np.ndarray]:
+        theta = np.atleast_2d(np.asarray(theta, dtype=np.float64))
+        moved = self.model.map_points(theta, self._physical)  # (B, N, 3) LPS mm
+        to_index = self.moving.grid.physical_to_index
+        coords = np.ascontiguousarray(moved @ to_index[:3, :3].T + to_index[:3, 3])
+        cost, grad_idx, inside = point_descriptor_cost(
+            self.fixed_values, self.weights, coords, self._moving, float(self.fixed.scale),
+            float(self.moving.scale), self.kind == "ssd", want_grad)
+        self.evaluations += len(theta)
+        if not want_grad:
+            return cost, np.zeros_like(theta), inside
+        # Row-vector chain rule through index = A y + b: d cost / d y = (d cost / d index) A.
+        grad_physical = grad_idx @ to_index[:3, :3]
+        return cost, self.model.pullback(theta, self._physical, grad_physical), inside
 
 
 @dataclass

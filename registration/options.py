@@ -6,11 +6,14 @@ same names in its ``options`` JSON.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Similarity = Literal["disa", "mind", "lc2"]
+Mode = Literal["rigid", "affine", "rigid+probe", "deformable"]
+Point = tuple[float, float, float]
 
 
 class RegistrationOptions(BaseModel):
@@ -18,8 +21,11 @@ class RegistrationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["rigid", "affine"] = Field(
-        "rigid", description="rigid: 6 parameters; affine: 12 (rigid search, affine refinement)")
+    mode: Mode = Field(
+        "rigid", description="rigid: 6 parameters; affine: 12 (rigid search, affine refinement); "
+                             "rigid+probe: rigid + 2 ultrasound probe-compression parameters "
+                             "(amplitude, decay length) searched jointly; deformable: a dense "
+                             "displacement field after the rigid or affine stage")
     similarity: Similarity | None = Field(
         None, description="disa (learned descriptors), mind (MIND-SSC, SSD) or lc2 (local only); "
                           "default: disa when the model ships, else mind")
@@ -39,3 +45,37 @@ class RegistrationOptions(BaseModel):
     top_k: int = Field(8, ge=1, le=64, description="solutions refined with L-BFGS")
     mind_radius: int = Field(1, ge=1, le=4, description="MIND-SSC box radius (voxels)")
     mind_dilation: int = Field(2, ge=1, le=6, description="MIND-SSC neighbour distance (voxels)")
+    deformable_from: Literal["rigid", "affine"] = Field(
+        "affine",
+        description="deformable mode: the linear stage the displacement field starts from")
+    regularisation: float = Field(
+        1.0, gt=0.0, le=1000.0,
+        description="deformable mode: weight of the smoothness (diffusion) term, relative to the "
+                    "tuned default 1; larger is smoother")
+    search_radius: float | None = Field(
+        None, gt=0.0, le=100.0,
+        description="deformable mode: half-width (mm) of the discrete displacement search "
+                    "(default 1.5 control-grid spacings)")
+    ultrasound: Literal["moving", "fixed"] = Field(
+        "moving", description="rigid+probe mode: which image is the ultrasound volume")
+    probe_origin: Point | None = Field(
+        None, description="rigid+probe mode: centre of the probe face, LPS mm in the ultrasound "
+                          "image's space (default: from the ultrasound's field of view)")
+    probe_axis: Point | None = Field(
+        None, description="rigid+probe mode: direction from the probe into the body, LPS "
+                          "(any length; default: from the ultrasound's field of view)")
+
+    @model_validator(mode="after")
+    def _check_mode_options(self) -> RegistrationOptions:
+        for name in ("probe_origin", "probe_axis"):
+            value = getattr(self, name)
+            if value is not None and not all(math.isfinite(v) for v in value):
+                raise ValueError(f"{name} must be finite numbers")
+        if self.probe_axis is not None and math.hypot(*self.probe_axis) < 1e-9:
+            raise ValueError("probe_axis must not be the zero vector")
+        if self.mode != "rigid+probe" and (self.probe_origin is not None
+                                           or self.probe_axis is not None):
+            raise ValueError("probe_origin and probe_axis apply to mode 'rigid+probe' only")
+        if self.similarity == "lc2" and self.mode in ("rigid+probe", "deformable"):
+            raise ValueError(f"mode '{self.mode}' needs a descriptor similarity (disa or mind)")
+        return self

@@ -1,8 +1,14 @@
 """The result folder of a registration (ARCHITECTURE.md contract).
 
-    transform.tfm      ITK transform, fixed points -> moving points (LPS mm)
-    registered.nii.gz  moving image resampled on the fixed grid with that transform
-    qa.png             fixed/moving overlay and checkerboard, before and after
+    transform.tfm      ITK transform, fixed points -> moving points (LPS mm); for the
+                       non-linear modes (deformable, rigid+probe) its rigid/affine part
+    registered.nii.gz  moving image resampled on the fixed grid with the full mapping
+    qa.png             fixed/moving overlay and checkerboard, before and after (and the
+                       deformation for non-linear modes)
+    displacement.nii.gz  non-linear modes: u(x) = T(x) - x of the full mapping on the fixed
+                       grid (3-component float32, LPS mm, ITK displacement-field convention)
+    transform.h5       non-linear modes: the full mapping as an ITK composite transform
+                       (linear part + displacement field), for sitk.ReadTransform
     result.json        mode, similarity, parameters, objective, confidence, timings,
                        versions, model hash (written last: its presence means complete)
 
@@ -31,6 +37,8 @@ TRANSFORM_FILE = "transform.tfm"
 REGISTERED_FILE = "registered.nii.gz"
 QA_FILE = "qa.png"
 RESULT_FILE = "result.json"
+DISPLACEMENT_FILE = "displacement.nii.gz"
+FIELD_TRANSFORM_FILE = "transform.h5"
 
 
 def resample_moving(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform
@@ -41,8 +49,9 @@ def resample_moving(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Trans
 
 
 def write_transform(transform: sitk.Transform, path: Path) -> None:
-    """Write an ITK transform file atomically (the writer picks the format from '.tfm')."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tfm", dir=path.parent)
+    """Write an ITK transform file atomically (the writer picks the format from the suffix:
+    '.tfm' text, '.h5' HDF5, which also holds displacement fields)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         sitk.WriteTransform(transform, tmp)
@@ -92,18 +101,31 @@ def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: s
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     write_transform(result.transform, outdir / TRANSFORM_FILE)
-    registered = resample_moving(moving, fixed, result.transform)
+    files = [TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE]
+    final = result.transform
+    convention = ("transform.tfm maps fixed points to moving points (LPS mm); "
+                  "sitk.Resample(moving, fixed, transform) gives registered.nii.gz")
+    if result.field_transform is not None and result.displacement is not None:
+        final = result.field_transform
+        write_transform(final, outdir / FIELD_TRANSFORM_FILE)
+        write_image(result.displacement, outdir / DISPLACEMENT_FILE)
+        files[1:1] = [FIELD_TRANSFORM_FILE, DISPLACEMENT_FILE]
+        convention = ("transform.h5 (the full mapping) maps fixed points to moving points "
+                      "(LPS mm); sitk.Resample(moving, fixed, sitk.ReadTransform('transform.h5')) "
+                      "gives registered.nii.gz; displacement.nii.gz is u(x) = T(x) - x on the "
+                      "fixed grid; transform.tfm holds the rigid/affine part only")
+    registered = resample_moving(moving, fixed, final)
     write_image(registered, outdir / REGISTERED_FILE)
     before = resample_moving(moving, fixed, sitk.Transform())
     title = (f"DISA {result.mode} / {result.similarity}: confidence {result.confidence:.2f}"
              + (" AMBIGUOUS" if result.ambiguous else ""))
-    render_qa(fixed, registered, before=before, path=outdir / QA_FILE, title=title)
+    render_qa(fixed, registered, before=before, path=outdir / QA_FILE, title=title,
+              displacement=result.displacement)
     data = {
         "format": "disa-result/1",
         **result.summary(),
-        "transform_convention": "transform.tfm maps fixed points to moving points (LPS mm); "
-                                "sitk.Resample(moving, fixed, transform) gives registered.nii.gz",
-        "files": [TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE],
+        "transform_convention": convention,
+        "files": files,
         "inputs": inputs or {},
         "versions": versions(),
     }

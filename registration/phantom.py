@@ -14,11 +14,13 @@ gives the second contrast of the anatomy found at x.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
+from disa.registration.displacement import residual_transform
 from disa.registration.grid import Grid
 
 
@@ -128,11 +130,14 @@ def make_grid(size: tuple[int, int, int] = (48, 48, 48), spacing: tuple[float, f
 
 def make_pair(truth: sitk.Transform, fixed_grid: Grid | None = None,
               moving_grid: Grid | None = None, seed: int = 0, noise: float = 0.02,
-              anatomy: list[Ellipsoid] | None = None) -> PhantomPair:
+              anatomy: list[Ellipsoid] | None = None,
+              inverse: Callable[[np.ndarray], np.ndarray] | None = None) -> PhantomPair:
     """Two contrasts of one phantom: fixed on ``fixed_grid``, moving with M(y) = B(T^-1(y)).
 
     ``moving_grid`` defaults to the fixed grid moved by the truth (so the moving
     field of view follows the anatomy, as a second scanner's would).
+    ``inverse`` maps moving points (N, 3, mm) to fixed points, T^-1, when the
+    truth has no inverse that ITK can compute (a non-linear truth).
     """
     anatomy = anatomy or default_anatomy()
     fixed_grid = fixed_grid or make_grid()
@@ -147,11 +152,14 @@ def make_pair(truth: sitk.Transform, fixed_grid: Grid | None = None,
     fixed_pts = grid_points(fixed_grid)
     fixed_values = render(fixed_pts, anatomy, table_a, seed + 4)
     fixed_values += noise * rng.normal(size=fixed_values.shape)
-    inverse = truth.GetInverse()
     moving_pts = grid_points(moving_grid)
-    anatomical = np.array([inverse.TransformPoint(tuple(p)) for p in moving_pts]) \
-        if not isinstance(truth, sitk.AffineTransform | sitk.Euler3DTransform) \
-        else _apply_affine(inverse, moving_pts)
+    if inverse is not None:
+        anatomical = inverse(moving_pts)
+    elif isinstance(truth, sitk.AffineTransform | sitk.Euler3DTransform):
+        anatomical = _apply_affine(truth.GetInverse(), moving_pts)
+    else:
+        inv = truth.GetInverse()
+        anatomical = np.array([inv.TransformPoint(tuple(p)) for p in moving_pts])
     moving_values = render(anatomical, anatomy, table_b, seed + 5)
     moving_values += noise * rng.normal(size=moving_values.shape)
     fixed_labels = np.argmax(label_map(fixed_pts, anatomy), axis=1)
@@ -194,3 +202,59 @@ def rigid_truth(angles_deg: tuple[float, float, float], translation_mm: tuple[fl
     tx.SetRotation(*np.deg2rad(angles_deg))
     tx.SetTranslation(translation_mm)
     return tx
+
+
+@dataclass(frozen=True)
+class GaussianBumps:
+    """A smooth displacement g(z) = sum_k a_k exp(-|z - c_k|^2 / (2 s_k^2)) (LPS mm).
+
+    ``centers`` (K, 3) mm, ``amplitudes`` (K, 3) mm vectors, ``sigmas`` (K,) mm.
+    z -> z + g(z) is invertible when |dg/dz| < 1 (max |a| / s < e^0.5 per bump).
+    """
+
+    centers: np.ndarray
+    amplitudes: np.ndarray
+    sigmas: np.ndarray
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        d2 = np.sum((points[:, None, :] - self.centers[None]) ** 2, axis=2)
+        return np.exp(-d2 / (2 * self.sigmas[None] ** 2)) @ self.amplitudes
+
+    def inverse(self, points: np.ndarray, iterations: int = 40) -> np.ndarray:
+        """r(x) with x + r(x) the inverse of z -> z + g(z): fixed-point z = x - g(z)."""
+        z = points.copy()
+        for _ in range(iterations):
+            z = points - self(z)
+        return z - points
+
+
+def random_bumps(rng: np.random.Generator, count: int = 4, max_mm: float = 6.0,
+                 sigma_mm: float = 18.0, extent_mm: float = 40.0) -> GaussianBumps:
+    """``count`` bumps of up to ``max_mm`` each, centres within +-``extent_mm`` of 0."""
+    directions = rng.normal(size=(count, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    amplitudes = directions * rng.uniform(0.6, 1.0, (count, 1)) * max_mm
+    return GaussianBumps(rng.uniform(-extent_mm, extent_mm, (count, 3)), amplitudes,
+                         np.full(count, sigma_mm))
+
+
+def make_deformed_pair(linear: sitk.Transform, bumps: GaussianBumps, fixed_grid: Grid,
+                       moving_grid: Grid | None = None, seed: int = 0, noise: float = 0.02,
+                       anatomy: list[Ellipsoid] | None = None) -> PhantomPair:
+    """A pair whose truth is T(x) = linear(x + r(x)), x + r(x) the inverse of z + g(z).
+
+    The moving image at y shows the anatomy at S(linear^-1(y)), S(z) = z + g(z)
+    (``bumps``), so the truth is the engine's form (``displacement``): a
+    composite of ``linear`` and a displacement field r on the fixed grid.
+    """
+    inv_linear = linear.GetInverse()
+
+    def inverse(points: np.ndarray) -> np.ndarray:
+        z = _apply_affine(inv_linear, points)
+        return z + bumps(z)
+
+    points = grid_points(fixed_grid)
+    residual = bumps.inverse(points).reshape(*fixed_grid.shape, 3)
+    truth = residual_transform(linear, residual, fixed_grid)
+    return make_pair(truth, fixed_grid=fixed_grid, moving_grid=moving_grid or fixed_grid,
+                     seed=seed, noise=noise, anatomy=anatomy, inverse=inverse)

@@ -6,7 +6,10 @@
       -> weights w(p) from the local standard deviation of the fixed image
       -> global multi-start search (coarse), L-BFGS refinement (fine)
       -> optional affine refinement
-      -> RegistrationResult (transform fixed -> moving, confidence, timings)
+      -> optional deformable stage (``deformable``) or, in rigid+probe mode, the search
+         runs on rigid pose + probe compression (``probe``) from the start
+      -> RegistrationResult (transform fixed -> moving, confidence, timings; a displacement
+         field and its ITK transform for non-linear modes)
 
 The CLI (`disa register`) and the Celery worker both call ``register``.
 """
@@ -21,10 +24,17 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from disa.registration.descriptor_map import DescriptorMap
+from disa.registration.deformable import DeformableSettings, deformable_stage
+from disa.registration.descriptor_map import DescriptorMap, pool_weights
+from disa.registration.displacement import (
+    covering_grid,
+    dense_displacement,
+    jacobian_metrics,
+    residual_transform,
+)
 from disa.registration.errors import InputError
 from disa.registration.grid import Grid
-from disa.registration.objective import DescriptorObjective, LC2Objective
+from disa.registration.objective import DescriptorObjective, LC2Objective, PointObjective
 from disa.registration.options import RegistrationOptions
 from disa.registration.preprocess import (
     antialias,
@@ -34,6 +44,7 @@ from disa.registration.preprocess import (
     normalise_intensities,
     resample_to_spacing,
 )
+from disa.registration.probe import ProbeModel, resolve_probe
 from disa.registration.search import (
     Cancel,
     Progress,
@@ -52,6 +63,8 @@ FINE_POINTS = 4096
 REFINE_POINTS = 16384
 #: The coarse level is the base map pooled 2x when the base grid is larger than this.
 COARSE_POOL_ABOVE = 40
+#: Most re-orientation passes per similarity (see _reoriented_refinement).
+REORIENT_PASSES = {"mind": 8, "disa": 4}
 #: LC2 runs on a grid of at most this many voxels along its longest axis (it is slow).
 LC2_MAX_DIM = 64
 
@@ -96,6 +109,14 @@ class RegistrationResult:
     timings: dict[str, float]
     solutions: list[dict[str, float]] = field(default_factory=list)
     model: dict[str, Any] | None = None
+    #: Non-linear modes: the full mapping fixed -> moving (``transform`` is its linear part).
+    field_transform: sitk.Transform | None = None
+    #: u(x) = T(x) - x of the full mapping on the fixed image grid (VectorFloat32, LPS mm).
+    displacement: sitk.Image | None = None
+    #: Jacobian metrics of the full mapping and facts of the deformable stage.
+    deformation: dict[str, Any] | None = None
+    #: rigid+probe mode: probe geometry and the fitted compression.
+    probe: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready fields of result.json (units in the key names or documented there)."""
@@ -103,7 +124,7 @@ class RegistrationResult:
             "mode": self.mode,
             "similarity": self.similarity,
             "parameters": [float(v) for v in self.theta],
-            "parameter_names": _parameter_names(self.mode),
+            "parameter_names": _parameter_names(len(self.theta)),
             "matrix_fixed_to_moving": self.matrix.tolist(),
             "final_objective": self.cost,
             "similarity_value": self.similarity_value,
@@ -119,22 +140,39 @@ class RegistrationResult:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
             "solutions": self.solutions,
             "model": self.model,
+            **({"deformation": self.deformation} if self.deformation is not None else {}),
+            **({"probe": self.probe} if self.probe is not None else {}),
         }
 
 
-def _parameter_names(mode: str) -> list[str]:
-    if mode == "rigid":
-        return ["angle_x_rad", "angle_y_rad", "angle_z_rad", "t_x_mm", "t_y_mm", "t_z_mm"]
+def _parameter_names(n_params: int) -> list[str]:
+    """Names of theta: rigid (6), rigid + probe (8) or affine (12) parameters."""
+    rigid = ["angle_x_rad", "angle_y_rad", "angle_z_rad", "t_x_mm", "t_y_mm", "t_z_mm"]
+    if n_params == 6:
+        return rigid
+    if n_params == 8:
+        return [*rigid, "probe_amplitude_mm", "probe_decay_length_mm"]
     return [f"m{i}{j}" for i in range(3) for j in range(3)] + ["t_x_mm", "t_y_mm", "t_z_mm"]
 
 
+#: DISA is the default similarity once the shipped model's held-out MSE (its model card)
+#: reaches the paper's validation figure; a weaker model stays available on request.
+DISA_DEFAULT_MAX_MSE = 0.0083
+
+
 def resolve_similarity(options: RegistrationOptions) -> str:
-    """The similarity to use: the option, or DISA when its model ships, else MIND-SSC."""
+    """The similarity to use: the option; else DISA when a shipped model meets the held-out
+    accuracy target on its card (DISA_DEFAULT_MAX_MSE), else MIND-SSC."""
     if options.similarity is not None:
         return options.similarity
-    from disa.model.card import default_model_path
+    from disa.model.card import default_card_path, load_model_card
 
-    return "disa" if default_model_path() is not None else "mind"
+    card_path = default_card_path()
+    if card_path is None:
+        return "mind"
+    mse = load_model_card(card_path, verify=False).held_out_metrics.get("mse")
+    good = isinstance(mse, int | float) and mse <= DISA_DEFAULT_MAX_MSE
+    return "disa" if good else "mind"
 
 
 def auto_working_spacing(fixed: sitk.Image, moving: sitk.Image, similarity: str) -> float:
@@ -239,10 +277,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
 
     center = Grid.from_image(fixed).center
     rigid = TransformModel("rigid", center)
-    init = rigid.identity()
+    # The search model: rigid, or (rigid+probe) rigid pose and compression searched jointly.
+    search_model: TransformModel | ProbeModel = rigid
+    if options.mode == "rigid+probe":
+        ultrasound = moving if options.ultrasound == "moving" else fixed
+        probe = resolve_probe(options.probe_origin, options.probe_axis, ultrasound)
+        search_model = ProbeModel(center, probe, options.ultrasound)
+    init = search_model.identity()
     if options.init == "centers":
-        init[3:] = moving_p.centroid - fixed_p.centroid
-    initial_transform = rigid.to_sitk(init)
+        init[3:6] = moving_p.centroid - fixed_p.centroid
+    initial_transform = rigid.to_sitk(init[:6])
 
     if similarity == "lc2":
         search, radius, model_facts, desc_spacing, overlap = _run_lc2(
@@ -265,15 +309,16 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
         pool = max(fixed_map.grid.shape) > COARSE_POOL_ABOVE
         coarse_fixed = fixed_map.pooled() if pool else fixed_map
         coarse_moving = moving_map.pooled() if pool else moving_map
-        coarse_weights = _pool_weights(weights, coarse_fixed.grid.shape) if pool else weights
+        coarse_weights = pool_weights(weights, coarse_fixed.grid.shape) if pool else weights
 
         def objective(f: DescriptorMap, m: DescriptorMap, w: np.ndarray, n: int,
-                      model: TransformModel) -> DescriptorObjective:
-            return DescriptorObjective(f, m, w, model, kind=kind, n_points=n, seed=options.seed)
+                      model: TransformModel | ProbeModel) -> DescriptorObjective:
+            return _objective(f, m, w, model, kind, n, options.seed)
 
-        coarse = objective(coarse_fixed, coarse_moving, coarse_weights, COARSE_POINTS, rigid)
-        fine = objective(fixed_map, moving_map, weights, FINE_POINTS, rigid)
-        refine_objective = objective(fixed_map, moving_map, weights, FINE_POINTS, rigid)
+        coarse = objective(coarse_fixed, coarse_moving, coarse_weights, COARSE_POINTS,
+                           search_model)
+        fine = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
+        refine_objective = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
         points = refine_objective.physical_points
         radius = _radius(points, center)
         settings = SearchSettings(
@@ -283,31 +328,51 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
         )
         desc_spacing = float(fixed_map.grid.spacing[0])
         search = global_search(
-            coarse, fine, refine_objective, rigid, init, settings, radius,
+            coarse, fine, refine_objective, search_model, init, settings, radius,
             coarse_spacing_mm=float(coarse_fixed.grid.spacing[0]), fine_spacing_mm=desc_spacing,
             check_points=points[:: max(1, len(points) // 2000)], progress=report, cancel=cancel)
         t = _timed(timings, "search", t)
         timings.update({f"search_{k}": v for k, v in search.timings.items()})
         report("reorient", 0.0)
         theta, cost, refine_objective = _reoriented_refinement(
-            search.theta, moving, moving_mask, spacing, Grid.from_image(fixed).direction, rigid,
-            options, similarity, fixed_map, weights, kind, radius, cancel)
+            search.theta, moving, moving_mask, spacing, Grid.from_image(fixed).direction,
+            search_model, options, similarity, fixed_map, weights, kind, radius, cancel)
         search.evaluations += refine_objective.evaluations
         overlap = refine_objective.overlap(theta[None, :])
         t = _timed(timings, "reorient", t)
 
-    model = rigid
-    if options.mode == "affine":
+    model: TransformModel | ProbeModel = search_model
+    if options.mode == "affine" or (options.mode == "deformable"
+                                    and options.deformable_from == "affine"):
         report("affine", 0.0)
         model = TransformModel("affine", center)
         theta, cost = _affine_stage(similarity, model, theta, refine_objective, radius, cancel,
                                     fixed_p, moving_p)
         t = _timed(timings, "affine", t)
 
+    field_transform: sitk.Transform | None = None
+    deformation: dict[str, Any] | None = None
+    probe_facts: dict[str, Any] | None = None
+    if options.mode == "deformable":
+        report("deformable", 0.0)
+        assert refine_objective is not None  # options refuse LC2 for this mode
+        field_transform, deformation = _deformable(
+            model, theta, refine_objective, kind, fixed, spacing, options, cancel)
+        timings.update(deformation.pop("timings"))
+        t = _timed(timings, "deformable", t)
+    elif isinstance(model, ProbeModel):
+        field_transform = _probe_transform(model, theta, fixed, fixed_p.grid)
+        probe_facts = model.describe(theta)
+    displacement = None
+    if field_transform is not None:
+        report("field", 0.0)
+        displacement = dense_displacement(field_transform, fixed)
+        deformation = {**jacobian_metrics(displacement), **(deformation or {})}
+        t = _timed(timings, "field", t)
+
     check = fixed_p.grid.to_physical(np.argwhere(fixed_p.mask)[::97, ::-1].astype(np.float64))
-    solutions = [{"cost": s.cost,
-                  "distance_to_best_mm": mapping_distance(rigid, s.theta, search.theta, check)}
-                 for s in search.solutions]
+    solutions = [{"cost": s.cost, "distance_to_best_mm": mapping_distance(
+        search_model, s.theta, search.theta, check)} for s in search.solutions]
     return RegistrationResult(
         mode=options.mode, similarity=similarity, theta=theta, transform=model.to_sitk(theta),
         initial_transform=initial_transform, matrix=model.matrix_4x4(theta), cost=cost,
@@ -316,7 +381,71 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
         agreeing=search.agreeing, refined=len(search.solutions), ambiguous=search.ambiguous,
         overlap=overlap, working_spacing_mm=spacing, descriptor_spacing_mm=desc_spacing,
         timings=timings, solutions=solutions, model=model_facts,
+        field_transform=field_transform, displacement=displacement, deformation=deformation,
+        probe=probe_facts,
     )
+
+
+def _objective(fixed_map: DescriptorMap, moving_map: DescriptorMap, weights: np.ndarray,
+               model: TransformModel | ProbeModel, kind: str, n_points: int, seed: int
+               ) -> DescriptorObjective:
+    """Eq. 2 for a transform family: the matrix kernel for rigid/affine, the per-point
+    kernel for non-linear families (rigid+probe)."""
+    cls = PointObjective if isinstance(model, ProbeModel) else DescriptorObjective
+    return cls(fixed_map, moving_map, weights, model, kind=kind,  # type: ignore[arg-type]
+               n_points=n_points, seed=seed)
+
+
+def _deformable(model: TransformModel, theta: np.ndarray, objective: DescriptorObjective,
+                kind: str, fixed: sitk.Image, spacing: float, options: RegistrationOptions,
+                cancel: Cancel | None) -> tuple[sitk.Transform, dict[str, Any]]:
+    """The deformable stage on the final linear stage's descriptor maps (the moving map
+    re-gridded along the fixed axes); returns T(x) = L(x + v(x)) and the stage's facts."""
+    linear = model.matrices(theta[None, :])[0][0]
+    settings = DeformableSettings(regularisation=options.regularisation,
+                                  search_radius_mm=options.search_radius)
+    stage = deformable_stage(objective.fixed, objective.moving, objective.weight_map, linear,
+                             kind, fixed, spacing, settings, cancel)  # type: ignore[arg-type]
+    transform = residual_transform(model.to_sitk(theta), stage.field, stage.grid)
+    facts = {"linear_stage": model.mode,
+             "control_spacing_mm": float(stage.grid.spacing[0]),
+             "control_grid_size": list(stage.grid.size_xyz),
+             "similarity_term_before": stage.similarity_before,
+             "similarity_term_after": stage.similarity_after,
+             "min_control_jacobian": stage.min_corner_jacobian,
+             "timings": stage.timings}
+    return transform, facts
+
+
+def _probe_transform(model: ProbeModel, theta: np.ndarray, fixed: sitk.Image,
+                     working_grid: Grid) -> sitk.Transform:
+    """The rigid+probe mapping as T(x) = R(x + r(x)), r on a 2-voxel grid covering the fixed
+    image (the compression varies over tens of mm: linear interpolation is exact to
+    ~0.05 mm there)."""
+    grid, _ = covering_grid(working_grid.strided(2), fixed)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij")
+    points = grid.to_physical(np.stack([x.ravel(), y.ravel(), z.ravel()], 1).astype(float))
+    p = model.rigid.matrices(theta[None, :6])[0][0]
+    moved = model.apply(theta, points)
+    residual = np.linalg.solve(p[:, :3], (moved - points @ p[:, :3].T - p[:, 3]).T).T
+    return residual_transform(model.to_sitk(theta), residual.reshape(*grid.shape, 3), grid)
+
+
+def _matched_deformation(model: ProbeModel, theta: np.ndarray, smoothed: sitk.Image,
+                         mask: sitk.Image | None, regridded: PreparedImage, spacing: float,
+                         fixed_grid: Grid) -> PreparedImage:
+    """The re-gridded moving image resampled so that it shows the tissue deformed as the
+    fixed image does under theta (probe.py, "Matched-deformation refinement")."""
+    reference = regridded.grid.reference_image()
+    stride = max(1, round(4.0 / float(fixed_grid.spacing[0])))  # ~4 mm: exact to ~0.1 mm
+    field_grid, _ = covering_grid(fixed_grid.strided(stride), fixed_grid.reference_image())
+    warp = model.regrid_transform(theta, regridded.grid.strided(2), field_grid)
+    background = float(sitk.GetArrayViewFromImage(smoothed).min())
+    image = sitk.Resample(smoothed, reference, warp, sitk.sitkLinear, background,
+                          sitk.sitkFloat32)
+    warped_mask = None if mask is None else sitk.Resample(
+        mask, reference, warp, sitk.sitkNearestNeighbor, 0)
+    return prepare(image, spacing, warped_mask, smooth=False)
 
 
 def _radius(points: np.ndarray, center: np.ndarray) -> float:
@@ -324,19 +453,12 @@ def _radius(points: np.ndarray, center: np.ndarray) -> float:
     return max(10.0, float(np.sqrt(np.mean(np.sum((points - center) ** 2, axis=1)))))
 
 
-def _pool_weights(weights: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Weights of a 2x pooled grid: the maximum of each 2x2x2 cell (keeps thin structures)."""
-    padded = np.zeros(tuple(2 * n for n in shape), dtype=np.float32)
-    padded[: weights.shape[0], : weights.shape[1], : weights.shape[2]] = weights
-    cells = padded.reshape(shape[0], 2, shape[1], 2, shape[2], 2)
-    return np.ascontiguousarray(cells.max(axis=(1, 3, 5)))
-
-
 def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: sitk.Image | None,
-                           spacing: float, fixed_direction: np.ndarray, model: TransformModel,
+                           spacing: float, fixed_direction: np.ndarray,
+                           model: TransformModel | ProbeModel,
                            options: RegistrationOptions, similarity: str,
                            fixed_map: DescriptorMap, weights: np.ndarray, kind: str,
-                           radius: float, cancel: Cancel | None, passes: int = 8
+                           radius: float, cancel: Cancel | None, passes: int | None = None
                            ) -> tuple[np.ndarray, float, DescriptorObjective]:
     """L-BFGS refinement on moving descriptors computed on a grid aligned with the fixed axes.
 
@@ -351,28 +473,39 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     cost = np.inf
     scales = model.scales(radius)
     converged = False
+    if passes is None:
+        # Each pass re-extracts the moving descriptors: cheap for MIND-SSC, a network
+        # inference for DISA, whose coarser grid needs fewer passes anyway.
+        passes = REORIENT_PASSES.get(similarity, 4)
     history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
     smoothed = antialias(moving, spacing)  # once: every pass re-grids the same image
     for pass_index in range(passes):
         rotation = model.linear_part(theta[None, :])[0][0]
         moving_p = prepare(smoothed, spacing, moving_mask, direction=rotation @ fixed_direction,
                            smooth=False)
+        pass_model = model
+        if isinstance(model, ProbeModel):
+            moving_p = _matched_deformation(model, theta, smoothed, moving_mask, moving_p,
+                                            spacing, fixed_map.grid)
+            pass_model = model.referenced(theta)
         moving_map, stride, _ = descriptor_maps(moving_p, similarity, options)
         if moving_mask is not None:
             moving_map = moving_map.masked(moving_p.mask[::stride, ::stride, ::stride])
         if options.precision == "int8":
             moving_map = moving_map.quantised()
         final = pass_index == passes - 1 or converged
-        objective = DescriptorObjective(fixed_map, moving_map, weights, model, kind=kind,
-                                        n_points=REFINE_POINTS if final else FINE_POINTS,
-                                        seed=options.seed)
+        objective = _objective(fixed_map, moving_map, weights, pass_model, kind,
+                               REFINE_POINTS if final else FINE_POINTS, options.seed)
         refined, cost = lbfgs_refine(objective, theta, scales, 100 if final else 30, cancel)
         if final:
             theta = refined
             break
         step = (refined - theta) / scales  # mm of displacement at the sample radius
-        converged = bool(np.abs(step).max() < 0.1)
-        if converged:
+        # Converged when the pass moved points by < 3 % of a descriptor voxel.
+        converged = bool(np.abs(step).max() < 0.03 * float(fixed_map.grid.spacing[0]))
+        if converged or isinstance(model, ProbeModel):
+            # The probe's decay length is a flat, noisy direction from pass to pass:
+            # extrapolating it (Anderson) diverged on phantoms; plain passes do not.
             theta = refined
             continue
         theta = theta + scales * _anderson_step(history, theta / scales, step)

@@ -27,7 +27,7 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     CancelledError when ``cancel`` asks to stop. ``*_series_uid`` choose one
     series of a DICOM folder or zip that holds several. ``progress(stage, fraction)``
     reports stages: read, preprocess, descriptors, search, refine, reorient,
-    affine, write.
+    affine, deformable, field (non-linear modes), write.
     """
     report = progress or (lambda stage, fraction: None)
     report("read", 0.0)

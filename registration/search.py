@@ -77,16 +77,17 @@ class SearchResult:
 def draw_starts(model: TransformModel, init: np.ndarray, settings: SearchSettings,
                 rng: np.random.Generator) -> np.ndarray:
     """Random starts (N, P) around ``init``; row 0 is ``init``. Rigid parameters only vary
-    rotation and translation; affine starts are rigid perturbations of ``init``."""
+    rotation and translation (rigid+probe: the compression starts at ``init``'s); affine
+    starts are rigid perturbations of ``init``."""
     n = max(1, settings.starts)
     rot = np.deg2rad(settings.rotation_range_deg) * rng.uniform(-1, 1, size=(n, 3))
     trans = settings.translation_range_mm * rng.uniform(-1, 1, size=(n, 3))
     rot[0] = 0.0
     trans[0] = 0.0
-    if model.mode == "rigid":
+    if model.mode in ("rigid", "rigid+probe"):
         starts = np.tile(init, (n, 1))
         starts[:, :3] += rot
-        starts[:, 3:] += trans
+        starts[:, 3:6] += trans
         return starts
     from disa.registration.transforms import rotation_matrix
 

@@ -94,3 +94,21 @@ def test_constant_image_is_rejected(small_pair) -> None:
     flat.CopyInformation(small_pair.fixed)
     with pytest.raises(InputError, match="nothing to register"):
         register(flat, small_pair.moving, RegistrationOptions(similarity="mind"))
+
+
+@pytest.mark.parametrize("mse, expected", [(None, "mind"), (0.05, "mind"), (0.008, "disa")])
+def test_default_similarity_follows_the_model_cards_held_out_error(monkeypatch, tmp_path,
+                                                                   mse, expected) -> None:
+    from types import SimpleNamespace
+
+    import disa.model.card as card
+    from disa.registration.pipeline import resolve_similarity
+
+    metrics = {} if mse is None else {"mse": mse}
+    monkeypatch.setattr(card, "default_card_path", lambda: tmp_path / "disa.json")
+    monkeypatch.setattr(card, "load_model_card",
+                        lambda path, verify=True: SimpleNamespace(held_out_metrics=metrics))
+    assert resolve_similarity(RegistrationOptions()) == expected
+    assert resolve_similarity(RegistrationOptions(similarity="lc2")) == "lc2"
+    monkeypatch.setattr(card, "default_card_path", lambda: None)
+    assert resolve_similarity(RegistrationOptions()) == "mind"

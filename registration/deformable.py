@@ -1,0 +1,303 @@
+"""Dense deformable stage on descriptor maps, after the rigid or affine stage.
+
+The mapping is T(x) = L(x + v(x)): L the linear stage's 3x4 matrix (fixed ->
+moving, LPS mm) and v a displacement field (LPS mm) on a control grid in the
+fixed frame, linear between nodes. The control grid is the fixed descriptor
+grid (DISA: stride 4) or, for maps computed at the working spacing (MIND-SSC),
+every k-th voxel of it so that its spacing is ``control_stride`` working voxels
+too: both similarities run through the same optimiser at the same cost.
+
+1. Warp: the moving map is sampled once at L(y) on a grid y in the fixed frame
+   that is twice as fine as the control grid (plus a margin of the window).
+2. Cost volume: for every weighted control node, the descriptor cost (dot or
+   SSD, as the linear stage) of every displacement in a window of +-radius
+   half-node steps: plain shifts on the warped fine grid.
+3. Convex coupling (ConvexAdam-like): alternately smooth the field and
+   re-choose per node the displacement minimising cost + pull |d - smooth|^2,
+   the pull growing over the iterations. Gives a smooth, large-capture start.
+4. Adam on v (every node, sub-voxel): similarity at the nodes through the
+   per-point kernel (exact trilinear interpolation of the moving map at
+   L(x + v)), plus a diffusion regulariser and a penalty that keeps det J
+   above ``jacobian_floor`` at every cell corner (no folding).
+
+Energies are normalised so that one setting serves DISA and MIND: costs are
+divided by the median cost contrast of the window (mean - min over the
+window), and node weights by their mean.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import SimpleITK as sitk
+from numba import njit
+from scipy import ndimage
+
+from disa.registration.descriptor_map import DescriptorMap
+from disa.registration.discrete import cost_volume, coupled_argmin
+from disa.registration.displacement import covering_grid
+from disa.registration.errors import CancelledError
+from disa.registration.grid import Grid
+from disa.registration.kernels import point_descriptor_cost, sample_descriptors
+from disa.registration.regularise import diffusion, jacobian_penalty
+
+
+@dataclass(frozen=True)
+class DeformableSettings:
+    """Settings of the deformable stage. Distances in mm unless named otherwise."""
+
+    #: Control node spacing in working voxels (the DISA network's output stride).
+    control_stride: int = 4
+    #: Half-width of the discrete search window (mm); None: 1.5 control spacings.
+    search_radius_mm: float | None = None
+    #: Weight of the diffusion regulariser (relative; 1 is the tuned default).
+    regularisation: float = 1.0
+    #: Pull of the coupling iterations, in (cost contrast) per (half-node step)^2.
+    coupling: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    #: Gaussian smoothing of the coupled field, in control nodes.
+    smoothing_nodes: float = 1.0
+    adam_steps: int = 80
+    #: det J is kept above this at every cell corner.
+    jacobian_floor: float = 0.2
+    jacobian_weight: float = 10.0
+
+
+@dataclass
+class DeformableResult:
+    """v (Z, Y, X, 3) LPS mm on ``grid`` (fixed frame): fixed x -> L(x + v(x))."""
+
+    grid: Grid
+    field: np.ndarray
+    min_corner_jacobian: float
+    similarity_before: float
+    similarity_after: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+#: Largest cost volume (bytes) the stage allocates; the window shrinks beyond it.
+COST_VOLUME_MAX_BYTES = 512 * 2**20
+#: Base diffusion weight at ``regularisation`` 1 (tuned on phantoms; see DESIGN.md).
+DIFFUSION_WEIGHT = 2.5
+
+
+def control_maps(fixed: DescriptorMap, weights: np.ndarray, working_spacing_mm: float,
+                 control_stride: int) -> tuple[DescriptorMap, np.ndarray]:
+    """The fixed map and weights read at the control nodes: every k-th voxel, k the power
+    of 2 that brings the map's spacing to ``control_stride`` working voxels (k = 1 for DISA
+    at its stride 4). Weights are the maximum over the node's cell, centred on it.
+
+    Why subsample rather than pool: the moving map stays at its own resolution and is
+    interpolated where the nodes land, as in the linear stage; pooling both maps blurred
+    MIND-SSC so much that label Dice dropped by 0.02-0.03 (phantom and ICBM152 head).
+    """
+    target = control_stride * working_spacing_mm
+    k = 2 ** max(0, round(math.log2(target / float(fixed.grid.spacing.min()))))
+    if k == 1:
+        return fixed, weights
+    nodes = DescriptorMap(np.ascontiguousarray(fixed.data[::k, ::k, ::k]),
+                          fixed.grid.strided(k), fixed.scale)
+    cell_max = ndimage.maximum_filter(weights, size=k + 1, mode="constant")
+    return nodes, np.ascontiguousarray(cell_max[::k, ::k, ::k])
+
+
+def _fold(linear: np.ndarray, moving_grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Physical fixed point -> moving index: (3x3, 3) of index = A x + b."""
+    h = moving_grid.physical_to_index
+    return h[:3, :3] @ linear[:, :3], h[:3, :3] @ linear[:, 3] + h[:3, 3]
+
+
+def _warp_fine(moving: DescriptorMap, linear: np.ndarray, grid: Grid, radius: int
+               ) -> np.ndarray:
+    """Moving descriptors (Zf, Yf, Xf, C) float32 at L(y) for y on ``grid`` refined 2x with
+    a margin of ``radius`` fine steps: fine voxel 2 i + radius is control node i."""
+    fine = Grid(shape=tuple(2 * (n - 1) + 1 + 2 * radius for n in grid.shape),
+                origin=grid.to_physical(np.full((1, 3), -radius / 2.0))[0],
+                spacing=grid.spacing / 2.0, direction=grid.direction)
+    z, y, x = np.meshgrid(*(np.arange(n) for n in fine.shape), indexing="ij")
+    index = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1).astype(np.float64)
+    a, b = _fold(linear, moving.grid)
+    coords = fine.to_physical(index) @ a.T + b
+    data = sample_descriptors(np.ascontiguousarray(moving.data), coords, float(moving.scale))
+    return data.reshape(*fine.shape, moving.channels)
+
+
+@njit(cache=True)
+def _node_coords(field, nodes, base, a, out):
+    """out[p] = base[p] + a @ field[nodes[p]]: moving indices of the nodes (flat field)."""
+    for p in range(nodes.shape[0]):
+        k = nodes[p]
+        for i in range(3):
+            out[0, p, i] = base[p, i] + a[i, 0] * field[k, 0] + a[i, 1] * field[k, 1] \
+                + a[i, 2] * field[k, 2]
+
+
+@njit(cache=True)
+def _scatter_grad(grad_index, nodes, a, out):
+    """out[nodes[p]] = a^T grad_index[p]: d cost / d node displacement (flat field)."""
+    for p in range(nodes.shape[0]):
+        k = nodes[p]
+        for j in range(3):
+            out[k, j] = a[0, j] * grad_index[0, p, 0] + a[1, j] * grad_index[0, p, 1] \
+                + a[2, j] * grad_index[0, p, 2]
+
+
+def _smooth(values: np.ndarray, confidence: np.ndarray, sigma: float) -> np.ndarray:
+    """Confidence-weighted Gaussian smoothing of a field (Z, Y, X, 3): nodes without
+    confidence take their neighbours' values, fading to zero far from any (the floor of
+    the normaliser: no division by ~0 in the background)."""
+    num = np.stack([ndimage.gaussian_filter(values[..., k] * confidence, sigma, mode="nearest")
+                    for k in range(3)], axis=-1)
+    den = ndimage.gaussian_filter(confidence, sigma, mode="nearest")
+    return num / np.maximum(den, 0.1)[..., None]
+
+
+def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.ndarray,
+                     linear: np.ndarray, kind: Literal["dot", "ssd"], fixed_image: sitk.Image,
+                     working_spacing_mm: float, settings: DeformableSettings | None = None,
+                     cancel: Callable[[], bool] | None = None) -> DeformableResult:
+    """Find v with fixed x -> L(x + v(x)) on descriptor maps (see the module docstring).
+
+    Args:
+        fixed, moving: descriptor maps of the fixed and (re-oriented) moving image.
+        weights: w(p) on the fixed map's grid (zero: no similarity at that node).
+        linear: (3, 4) physical fixed -> moving matrix of the linear stage (LPS mm).
+        kind: "dot" (DISA) or "ssd" (MIND-SSC), as the linear stage.
+        fixed_image: the fixed image; the control grid is padded to cover it.
+        working_spacing_mm: the pipeline's working spacing.
+    """
+    settings = settings or DeformableSettings()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def check() -> None:
+        if cancel is not None and cancel():
+            raise CancelledError("registration cancelled")
+
+    f_map, w_map = control_maps(fixed, weights, working_spacing_mm, settings.control_stride)
+    m_map = moving
+    grid0 = f_map.grid
+    h = float(grid0.spacing.min())
+    radius_mm = settings.search_radius_mm or 1.5 * h
+    radius = max(1, round(radius_mm / (h / 2)))
+    weighted = int(np.count_nonzero(w_map > 0))
+    while radius > 1 and weighted * (2 * radius + 1) ** 3 * 4 > COST_VOLUME_MAX_BYTES:
+        radius -= 1  # a whole-body grid would not fit: a smaller window, not a crash
+    grid, inner = covering_grid(grid0, fixed_image)
+    offset = np.array([inner[2].start, inner[1].start, inner[0].start])  # (x, y, z) pad
+    if weighted == 0:  # nothing to match: the linear stage stands
+        return DeformableResult(grid=grid, field=np.zeros((*grid.shape, 3)),
+                                min_corner_jacobian=1.0, similarity_before=0.0,
+                                similarity_after=0.0, timings=timings)
+
+    zz, yy, xx = np.nonzero(w_map > 0)
+    nodes0 = np.stack([xx, yy, zz], axis=1)  # ITK index on grid0
+    node_weight = w_map[zz, yy, xx].astype(np.float64)
+    node_weight /= node_weight.mean()
+    fixed_values = np.ascontiguousarray(f_map.data[zz, yy, xx])
+    padded_nodes = nodes0 + offset
+    positions = grid.to_physical(padded_nodes.astype(np.float64))
+    warped = _warp_fine(m_map, linear, grid0, radius)
+    t1 = time.perf_counter()
+    timings["deformable_warp"] = t1 - t0
+    check()
+
+    costs = cost_volume(fixed_values, float(f_map.scale), 2 * nodes0 + radius, warped, radius,
+                        kind == "ssd")
+    del warped
+    costs -= costs.min(axis=1, keepdims=True)
+    contrast = float(np.median(costs.mean(axis=1)))
+    contrast = contrast if contrast > 0 else 1.0
+    costs *= (node_weight / contrast).astype(np.float32)[:, None]
+    t2 = time.perf_counter()
+    timings["deformable_costs"] = t2 - t1
+    check()
+
+    # Coupling on the padded grid, displacements in half-node steps along the grid axes.
+    confidence = np.zeros(grid.shape)
+    confidence[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]] = node_weight
+    steps = np.zeros((*grid.shape, 3))
+    chosen = coupled_argmin(costs, radius, np.zeros((len(costs), 3)), 0.0)
+    for pull in settings.coupling:
+        steps[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]] = chosen
+        smooth = _smooth(steps, confidence, settings.smoothing_nodes)
+        target = smooth[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]]
+        chosen = coupled_argmin(costs, radius, target, pull)
+        steps = smooth
+    steps[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]] = chosen
+    steps = _smooth(steps, confidence, settings.smoothing_nodes)
+    del costs
+    # Steps along grid axes -> LPS mm: v = D (s/2 * steps).
+    v = (steps * (grid.spacing / 2.0)) @ grid.direction.T
+    t3 = time.perf_counter()
+    timings["deformable_coupling"] = t3 - t2
+    check()
+
+    v, before, after, min_det = _adam(v, grid, positions, padded_nodes, fixed_values,
+                                      f_map.scale, node_weight, m_map, linear, kind,
+                                      contrast, settings, check)
+    timings["deformable_adam"] = time.perf_counter() - t3
+    return DeformableResult(grid=grid, field=v, min_corner_jacobian=min_det,
+                            similarity_before=before, similarity_after=after, timings=timings)
+
+
+def _adam(v: np.ndarray, grid: Grid, positions: np.ndarray, nodes: np.ndarray,
+          fixed_values: np.ndarray, fixed_scale: float, node_weight: np.ndarray,
+          moving: DescriptorMap, linear: np.ndarray, kind: str, contrast: float,
+          settings: DeformableSettings, check: Callable[[], None]
+          ) -> tuple[np.ndarray, float, float, float]:
+    """Adam on the node displacements (mm) of E = similarity + diffusion + folding penalty.
+
+    Returns the field, the normalised similarity term before and after, and the
+    smallest corner det J of the result.
+    """
+    a, b = _fold(linear, moving.grid)
+    n_weighted = len(nodes)
+    kernel_weights = (node_weight / (contrast * n_weighted)).astype(np.float32)
+    moving_data = np.ascontiguousarray(moving.data)
+    ssd = kind == "ssd"
+    index_to_physical = grid.direction * grid.spacing[None, :]
+    alpha = DIFFUSION_WEIGHT * settings.regularisation / n_weighted
+    beta = settings.jacobian_weight / n_weighted
+    h = float(grid.spacing.min())
+    flat_nodes = np.ravel_multi_index((nodes[:, 2], nodes[:, 1], nodes[:, 0]), grid.shape)
+    base = positions @ a.T + b  # moving index of every node at zero displacement
+    coords = np.empty((1, len(nodes), 3))
+
+    def similarity(field_: np.ndarray, want_grad: bool) -> tuple[float, np.ndarray]:
+        """Normalised similarity term and its gradient on the whole field (Z, Y, X, 3)."""
+        _node_coords(field_.reshape(-1, 3), flat_nodes, base, a, coords)
+        cost, grad_index, _ = point_descriptor_cost(
+            fixed_values, kernel_weights, coords, moving_data, float(fixed_scale),
+            float(moving.scale), ssd, want_grad)
+        grad = np.zeros_like(field_)
+        if want_grad:
+            _scatter_grad(grad_index, flat_nodes, a, grad.reshape(-1, 3))
+        return float(cost[0]), grad
+
+    before = similarity(v, False)[0]
+    m = np.zeros_like(v)
+    s = np.zeros_like(v)
+    beta1, beta2 = 0.9, 0.999
+    lr_start, lr_end = h / 8.0, h / 64.0
+    steps = settings.adam_steps
+    min_det = 1.0
+    for step in range(steps):
+        check()
+        _, grad = similarity(v, True)
+        _, g_diff = diffusion(v, grid.spacing)
+        _, g_jac, min_det = jacobian_penalty(v, index_to_physical, settings.jacobian_floor)
+        grad += alpha * g_diff + beta * g_jac
+        m = beta1 * m + (1 - beta1) * grad
+        s = beta2 * s + (1 - beta2) * grad * grad
+        m_hat = m / (1 - beta1 ** (step + 1))
+        s_hat = s / (1 - beta2 ** (step + 1))
+        lr = lr_start * (lr_end / lr_start) ** (step / max(steps - 1, 1))
+        v = v - lr * m_hat / (np.sqrt(s_hat) + 1e-12)
+    _, _, min_det = jacobian_penalty(v, index_to_physical, settings.jacobian_floor)
+    after = similarity(v, False)[0]
+    return v, before, after, min_det
