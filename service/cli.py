@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
+from disa.cli_options import add_option_arguments, options_from_args
 from disa.registration.errors import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
@@ -82,44 +81,15 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--moving-series-uid", default=None, metavar="UID",
                    help="series to use when MOVING is a DICOM folder/zip with several")
     p.add_argument("--quiet", action="store_true", help="no progress display")
-    _add_option_arguments(p)
+    add_option_arguments(p)
     p.set_defaults(handler=_cmd_submit)
-
-
-def _add_option_arguments(p: argparse.ArgumentParser) -> None:
-    """One --flag per RegistrationOptions field (the `disa register` names).
-
-    Generated from the model so the two never drift; unset flags are not sent
-    and the server applies the engine's defaults.
-    """
-    from disa.registration.options import RegistrationOptions
-
-    group = p.add_argument_group("registration options (as disa register)")
-    for name, info in RegistrationOptions.model_fields.items():
-        kind, choices = _argument_type(info.annotation)
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", type=kind,
-                           choices=choices, default=None, help=info.description,
-                           metavar=None if choices else name.upper())
-
-
-def _argument_type(annotation: Any) -> tuple[type, list[str] | None]:
-    """argparse type and choices for an options field (Literal, int, float; optional)."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _argument_type(args[0])
-    if origin is typing.Literal:
-        return str, [str(a) for a in args]
-    if annotation in (int, float):
-        return annotation, None
-    return str, None
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from disa.progress import progress_reporter
     from disa.service.client import DisaClient, ServiceError
 
-    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    options = options_from_args(args)
     api_key = args.api_key or os.environ.get("DISA_API_KEY") or None
     wait = args.wait or args.output is not None
     try:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
+
+from disa.cli_options import add_option_arguments, options_from_args
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
 
@@ -105,31 +105,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=_positive, default=1.0, metavar="S",
                    help="job status poll period (default 1 s)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    _add_option_arguments(p)
-
-
-def _add_option_arguments(p: argparse.ArgumentParser) -> None:
-    """One --flag per RegistrationOptions field (as `disa register`); unset ones are not sent."""
-    from disa.registration.options import RegistrationOptions
-
-    group = p.add_argument_group("registration options (as disa register)")
-    for name, info in RegistrationOptions.model_fields.items():
-        kind, choices = _argument_type(info.annotation)
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"opt_{name}", type=kind,
-                           choices=choices, default=None, help=info.description,
-                           metavar=None if choices else name.upper())
-
-
-def _argument_type(annotation: Any) -> tuple[type, list[str] | None]:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType) and len(args) == 1:
-        return _argument_type(args[0])
-    if origin is typing.Literal:
-        return str, [str(a) for a in args]
-    if annotation in (int, float):
-        return annotation, None
-    return str, None
+    add_option_arguments(p)
 
 
 def _add_pull(commands: argparse._SubParsersAction) -> None:
@@ -198,7 +174,7 @@ def _run(args: argparse.Namespace, source: Any) -> int:
     from disa.pacs.workflow import JobFailed, register_series
     from disa.service.client import DisaClient, ServiceError
 
-    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    options = options_from_args(args)
     api_key = args.api_key or os.environ.get("DISA_API_KEY") or None
     report = (lambda message: None) if args.quiet else _progress
     _show_retries(not args.quiet)
