@@ -427,6 +427,32 @@ def test_heatmap_values_are_descriptor_similarities(site, done_job, jobs_dir):
         assert disa.status_code == 409 and "DISA model" in disa.json()["detail"]
     else:
         assert disa.status_code == 200 and disa.json()["kind"] == "dot"
+        _check_disa_values(disa.json(), fixed, moving, options, matrix, viewer, p)
+
+
+def _check_disa_values(heat, fixed, moving, options, matrix, viewer, p) -> None:
+    """DISA heatmap values are dot products of the fixed descriptor at p and the moving
+    descriptors at T(q), both interpolated trilinearly (computed here independently)."""
+    from disa.registration.pipeline import auto_working_spacing, descriptor_maps, prepare
+
+    spacing = auto_working_spacing(fixed, moving, "disa")
+    fixed_map, _, _ = descriptor_maps(prepare(fixed, spacing, None), "disa", options)
+    moving_map, _, _ = descriptor_maps(prepare(moving, spacing, None), "disa", options)
+    f = _trilinear_scipy(fixed_map, p[None, :])[0]
+    geometry = viewer["planes"][heat["plane"]]
+    values = np.array([np.nan if v is None else v for v in heat["values"]]
+                      ).reshape(heat["height"], heat["width"])
+    checked = 0
+    for row, column in ((12, 12), (5, 17), (18, 6), (10, 3)):
+        q = (np.array(geometry["pixel_to_physical"]) @ [column, row, heat["slice"], 1])[:3]
+        moved = (matrix @ np.append(q, 1))[:3]
+        idx = moving_map.grid.to_index(moved[None, :])[0]
+        if np.any(idx < 0) or np.any(idx > np.array(moving_map.grid.size_xyz) - 1):
+            continue
+        m = _trilinear_scipy(moving_map, moved[None, :])[0]
+        assert values[row, column] == pytest.approx(float(np.dot(m, f)), rel=1e-3, abs=1e-4)
+        checked += 1
+    assert checked >= 1
 
 
 def test_planes_follow_flipped_and_permuted_grids():
