@@ -684,13 +684,21 @@ def write_dicom_outputs(
     model = result_data.get("model")
     if isinstance(model, dict) and model.get("sha256"):
         versions.append(f"model sha256 {str(model['sha256'])[:16]}")
-    ds = build_spatial_registration(
-        np.asarray(result_data["matrix_fixed_to_moving"], dtype=np.float64),
-        fixed,
-        moving,
-        description=text,
-        comment=f"moving frame to fixed frame, DISA {mode} ({similarity})",
-        versions=versions,
-    )
+    field_path = Path(outdir) / "displacement.nii.gz"
+    if field_path.is_file():
+        # Non-linear result: the Deformable Spatial Registration carries the full mapping
+        # (displacement.nii.gz is u(x) = T(x) - x, so the pre-deformation matrix is identity).
+        ds = build_deformable_registration(
+            sitk.ReadImage(str(field_path), sitk.sitkVectorFloat32), fixed, moving,
+            description=text, versions=versions)
+    else:
+        ds = build_spatial_registration(
+            np.asarray(result_data["matrix_fixed_to_moving"], dtype=np.float64),
+            fixed,
+            moving,
+            description=text,
+            comment=f"moving frame to fixed frame, DISA {mode} ({similarity})",
+            versions=versions,
+        )
     write_dataset(ds, Path(outdir) / REGISTRATION_FILE)
     return [REGISTRATION_FILE]

@@ -340,3 +340,24 @@ def test_cli_chooses_series_of_one_folder_by_uid(dicom_pair, tmp_path: Path, cap
     reg = pydicom.dcmread(out / "registration.dcm")
     assert reg.RegistrationSequence[1].FrameOfReferenceUID == \
         read_dicom_headers(moving_dir)[0].FrameOfReferenceUID
+
+
+def test_deformable_result_writes_a_deformable_registration(dicom_pair, tmp_path: Path) -> None:
+    """--mode deformable on DICOM inputs: registration.dcm is a Deformable SRO whose mapping
+    equals transform.h5 (the full fixed -> moving mapping)."""
+    fixed_dir, moving_dir, _ = dicom_pair
+    out = tmp_path / "out"
+    code = main(["register", str(fixed_dir), str(moving_dir), "-o", str(out), "--similarity",
+                 "mind", "--starts", "30", "--mode", "deformable", "--quiet"])
+    assert code == EXIT_OK
+    path = out / "registration.dcm"
+    assert dciodvfy_errors(path) == []
+    assert pydicom.dcmread(path).SOPClassUID == dr.DEFORMABLE_REGISTRATION_STORAGE
+    read = dr.read_deformable_registration(path)
+    full = sitk.ReadTransform(str(out / "transform.h5"))
+    grid = read_image(fixed_dir)
+    points = np.array([grid.TransformIndexToPhysicalPoint(i) for i in
+                       [(5, 5, 5), (20, 20, 20), (30, 12, 25), (12, 28, 9)]])
+    expected = np.array([full.TransformPoint(tuple(p)) for p in points])
+    np.testing.assert_allclose(_maps(read.pre, read.post, read.displacement, points), expected,
+                               atol=0.05)
