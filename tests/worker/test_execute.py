@@ -19,7 +19,8 @@ def _fake_engine(monkeypatch: pytest.MonkeyPatch, behaviour) -> list:
     calls: list = []
 
     def fake(fixed, moving, outdir, options, fixed_mask=None, moving_mask=None,
-             progress=None, cancel=None, limits=None):
+             progress=None, cancel=None, limits=None, fixed_series_uid=None,
+             moving_series_uid=None):
         calls.append(options)
         return behaviour(outdir, progress, cancel)
 
