@@ -99,7 +99,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _print_summary(data: dict, outdir: Path) -> None:
-    verdict = "AMBIGUOUS: check qa.png" if data["ambiguous"] else "unambiguous"
+    verdict = ("AMBIGUOUS: another pose scores almost as well, check qa.png"
+               if data["ambiguous"] else "no other pose scores as well")
     print(f"{data['mode']} registration with {data['similarity']}: "
           f"similarity {data['similarity_value']:.4f}, confidence {data['confidence']:.2f} "
           f"({data['agreeing_solutions']}/{data['refined_solutions']} refined solutions agree, "
