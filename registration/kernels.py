@@ -27,6 +27,82 @@ def _corner_weights(frac: float, upper: int) -> tuple[float, float]:
     return 1.0 - frac, -1.0
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz):
+    """Cost of one point whose moving-map index is (mx, my, mz), and its gradient.
+
+    ``f_vec`` holds the (dequantised) fixed descriptor; ``m_*`` are scratch
+    arrays of the channel count. Returns (cost, d cost/d mx, d/d my, d/d mz,
+    inside) with cost = -<F, M> (dot) or ||F - M||^2 (ssd), M trilinear with
+    zeros outside the map, and inside = 1 when the point lies within the map.
+    Inlined into both kernels, so the hot loop pays no call.
+    """
+    n_chan = f_vec.shape[0]
+    nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
+    if not (mx > -1.0 and my > -1.0 and mz > -1.0 and mx < nx and my < ny and mz < nz):
+        s = 0.0
+        if ssd:
+            for c in range(n_chan):
+                s += f_vec[c] * f_vec[c]
+        return s, 0.0, 0.0, 0.0, 0.0
+    inside = 0.0
+    if mx >= 0.0 and my >= 0.0 and mz >= 0.0 and mx <= nx - 1 and my <= ny - 1 and mz <= nz - 1:
+        inside = 1.0
+    ix = int(np.floor(mx))
+    iy = int(np.floor(my))
+    iz = int(np.floor(mz))
+    fx = mx - ix
+    fy = my - iy
+    fz = mz - iz
+    val = 0.0
+    gx = 0.0
+    gy = 0.0
+    gz = 0.0
+    if ssd:
+        for c in range(n_chan):
+            m_val[c] = 0.0
+            m_gx[c] = 0.0
+            m_gy[c] = 0.0
+            m_gz[c] = 0.0
+    for corner in range(8):
+        ux = corner & 1
+        uy = (corner >> 1) & 1
+        uz = (corner >> 2) & 1
+        cx = ix + ux
+        cy = iy + uy
+        cz = iz + uz
+        if cx < 0 or cy < 0 or cz < 0 or cx >= nx or cy >= ny or cz >= nz:
+            continue
+        wx, dwx = _corner_weights(fx, ux)
+        wy, dwy = _corner_weights(fy, uy)
+        wz, dwz = _corner_weights(fz, uz)
+        if ssd:
+            for c in range(n_chan):
+                v = moving[cz, cy, cx, c] * scale_moving
+                m_val[c] += wx * wy * wz * v
+                m_gx[c] += dwx * wy * wz * v
+                m_gy[c] += wx * dwy * wz * v
+                m_gz[c] += wx * wy * dwz * v
+        else:
+            d = 0.0
+            for c in range(n_chan):
+                d += f_vec[c] * moving[cz, cy, cx, c]
+            d *= scale_moving
+            val += wx * wy * wz * d
+            gx += dwx * wy * wz * d
+            gy += wx * dwy * wz * d
+            gz += wx * wy * dwz * d
+    if ssd:
+        for c in range(n_chan):
+            r = f_vec[c] - m_val[c]
+            val += r * r
+            gx -= 2.0 * r * m_gx[c]
+            gy -= 2.0 * r * m_gy[c]
+            gz -= 2.0 * r * m_gz[c]
+        return val, gx, gy, gz, inside
+    return -val, -gx, -gy, -gz, inside
+
+
 def _descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
                     want_grad, n_chunks):
     """Weighted descriptor cost of B transforms and its gradient w.r.t. each 3x4 matrix.
@@ -49,7 +125,6 @@ def _descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_mo
     """
     n_points = points.shape[0]
     n_chan = fixed.shape[1]
-    nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
     n_batch = mats.shape[0]
     part_cost = np.zeros((n_batch, n_chunks))
     part_inside = np.zeros((n_batch, n_chunks))
@@ -79,73 +154,10 @@ def _descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_mo
             mz = m[2, 0] * px + m[2, 1] * py + m[2, 2] * pz + m[2, 3]
             for c in range(n_chan):
                 f_vec[c] = fixed[p, c] * scale_fixed
-            if not (mx > -1.0 and my > -1.0 and mz > -1.0 and mx < nx and my < ny and mz < nz):
-                if ssd:
-                    s = 0.0
-                    for c in range(n_chan):
-                        s += f_vec[c] * f_vec[c]
-                    acc += w * s
-                continue
-            if mx >= 0.0 and my >= 0.0 and mz >= 0.0 and mx <= nx - 1 and my <= ny - 1 \
-                    and mz <= nz - 1:
-                inside += w
-            ix = int(np.floor(mx))
-            iy = int(np.floor(my))
-            iz = int(np.floor(mz))
-            fx = mx - ix
-            fy = my - iy
-            fz = mz - iz
-            val = 0.0
-            gx = 0.0
-            gy = 0.0
-            gz = 0.0
-            if ssd:
-                for c in range(n_chan):
-                    m_val[c] = 0.0
-                    m_gx[c] = 0.0
-                    m_gy[c] = 0.0
-                    m_gz[c] = 0.0
-            for corner in range(8):
-                ux = corner & 1
-                uy = (corner >> 1) & 1
-                uz = (corner >> 2) & 1
-                cx = ix + ux
-                cy = iy + uy
-                cz = iz + uz
-                if cx < 0 or cy < 0 or cz < 0 or cx >= nx or cy >= ny or cz >= nz:
-                    continue
-                wx, dwx = _corner_weights(fx, ux)
-                wy, dwy = _corner_weights(fy, uy)
-                wz, dwz = _corner_weights(fz, uz)
-                if ssd:
-                    for c in range(n_chan):
-                        v = moving[cz, cy, cx, c] * scale_moving
-                        m_val[c] += wx * wy * wz * v
-                        m_gx[c] += dwx * wy * wz * v
-                        m_gy[c] += wx * dwy * wz * v
-                        m_gz[c] += wx * wy * dwz * v
-                else:
-                    d = 0.0
-                    for c in range(n_chan):
-                        d += f_vec[c] * moving[cz, cy, cx, c]
-                    d *= scale_moving
-                    val += wx * wy * wz * d
-                    gx += dwx * wy * wz * d
-                    gy += wx * dwy * wz * d
-                    gz += wx * wy * dwz * d
-            if ssd:
-                for c in range(n_chan):
-                    r = f_vec[c] - m_val[c]
-                    val += r * r
-                    gx -= 2.0 * r * m_gx[c]
-                    gy -= 2.0 * r * m_gy[c]
-                    gz -= 2.0 * r * m_gz[c]
-                acc += w * val
-            else:
-                acc -= w * val
-                gx = -gx
-                gy = -gy
-                gz = -gz
+            term, gx, gy, gz, within = _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd,
+                                                   m_val, m_gx, m_gy, m_gz)
+            acc += w * term
+            inside += w * within
             if want_grad:
                 gx *= w
                 gy *= w
@@ -234,7 +246,6 @@ def _point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mo
     n_batch = coords.shape[0]
     n_points = coords.shape[1]
     n_chan = fixed.shape[1]
-    nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
     part_cost = np.zeros((n_batch, n_chunks))
     part_inside = np.zeros((n_batch, n_chunks))
     grad = np.zeros((n_batch, n_points if want_grad else 0, 3))
@@ -258,73 +269,10 @@ def _point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mo
             mz = coords[b, p, 2]
             for c in range(n_chan):
                 f_vec[c] = fixed[p, c] * scale_fixed
-            if not (mx > -1.0 and my > -1.0 and mz > -1.0 and mx < nx and my < ny and mz < nz):
-                if ssd:
-                    s = 0.0
-                    for c in range(n_chan):
-                        s += f_vec[c] * f_vec[c]
-                    acc += w * s
-                continue
-            if mx >= 0.0 and my >= 0.0 and mz >= 0.0 and mx <= nx - 1 and my <= ny - 1 \
-                    and mz <= nz - 1:
-                inside += w
-            ix = int(np.floor(mx))
-            iy = int(np.floor(my))
-            iz = int(np.floor(mz))
-            fx = mx - ix
-            fy = my - iy
-            fz = mz - iz
-            val = 0.0
-            gx = 0.0
-            gy = 0.0
-            gz = 0.0
-            if ssd:
-                for c in range(n_chan):
-                    m_val[c] = 0.0
-                    m_gx[c] = 0.0
-                    m_gy[c] = 0.0
-                    m_gz[c] = 0.0
-            for corner in range(8):
-                ux = corner & 1
-                uy = (corner >> 1) & 1
-                uz = (corner >> 2) & 1
-                cx = ix + ux
-                cy = iy + uy
-                cz = iz + uz
-                if cx < 0 or cy < 0 or cz < 0 or cx >= nx or cy >= ny or cz >= nz:
-                    continue
-                wx, dwx = _corner_weights(fx, ux)
-                wy, dwy = _corner_weights(fy, uy)
-                wz, dwz = _corner_weights(fz, uz)
-                if ssd:
-                    for c in range(n_chan):
-                        v = moving[cz, cy, cx, c] * scale_moving
-                        m_val[c] += wx * wy * wz * v
-                        m_gx[c] += dwx * wy * wz * v
-                        m_gy[c] += wx * dwy * wz * v
-                        m_gz[c] += wx * wy * dwz * v
-                else:
-                    d = 0.0
-                    for c in range(n_chan):
-                        d += f_vec[c] * moving[cz, cy, cx, c]
-                    d *= scale_moving
-                    val += wx * wy * wz * d
-                    gx += dwx * wy * wz * d
-                    gy += wx * dwy * wz * d
-                    gz += wx * wy * dwz * d
-            if ssd:
-                for c in range(n_chan):
-                    r = f_vec[c] - m_val[c]
-                    val += r * r
-                    gx -= 2.0 * r * m_gx[c]
-                    gy -= 2.0 * r * m_gy[c]
-                    gz -= 2.0 * r * m_gz[c]
-                acc += w * val
-            else:
-                acc -= w * val
-                gx = -gx
-                gy = -gy
-                gz = -gz
+            term, gx, gy, gz, within = _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd,
+                                                   m_val, m_gx, m_gy, m_gz)
+            acc += w * term
+            inside += w * within
             if want_grad:
                 # Each (b, p) is written by exactly one task: no reduction needed.
                 grad[b, p, 0] = w * gx
@@ -367,8 +315,8 @@ def point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mov
 def _sample_descriptors(moving, coords, scale, out):
     """Trilinear samples (N, C) float32 of a map at continuous indices (N, 3) (x, y, z),
     zero outside the map (the objective's convention)."""
-    nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
     n_chan = moving.shape[3]
+    nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
     for p in prange(coords.shape[0]):
         mx = coords[p, 0]
         my = coords[p, 1]
