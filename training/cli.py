@@ -48,6 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--workers", type=int, default=1, help="data processes (0: in the trainer)")
     f.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
     f.add_argument("--no-balance", action="store_true", help="plain MSE, no target-bin weights")
+    f.add_argument(
+        "--role-target",
+        action="store_true",
+        help="target LC2 with a random MR role per pair (paper) instead of the mean of both roles",
+    )
+    f.add_argument(
+        "--cross-pairs",
+        type=int,
+        default=4096,
+        help="supervised pairs at different positions per crop pair (0: same positions only)",
+    )
+    f.add_argument(
+        "--cross-reach",
+        type=int,
+        default=4,
+        help="reach of cross pairs, descriptor voxels per axis",
+    )
     f.add_argument("--phantom-fraction", type=float, default=0.35)
     f.add_argument(
         "--sources",
@@ -101,6 +118,9 @@ def _fit(args: argparse.Namespace) -> int:
         workers=args.workers,
         threads=args.threads,
         balance=not args.no_balance,
+        symmetric_target=not args.role_target,
+        cross_pairs=args.cross_pairs,
+        cross_reach=args.cross_reach,
         phantom_fraction=args.phantom_fraction,
         source_ids=tuple(args.sources),
         log_every_s=args.log_every,

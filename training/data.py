@@ -60,17 +60,27 @@ def make_batch(
     volumes: Sequence[sources.Volume],
     scene: Scene | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Batch ``index``: fixed/moving (B, 1, c, c, c) float32 and target (B, k, k, k)."""
+    """Batch ``index``: fixed/moving (B, 1, c, c, c) float32, target (B, k, k, k), and
+    cross pairs (cross_fixed, cross_moving: flat indices into B * k^3; cross_target)."""
     if scene is None:
         scene = make_training_scene(index // cfg.scene_reuse, seed, cfg, volumes)
     pairs = [
         sample_crop_pair(scene, np.random.default_rng([seed, index, i + 1]), cfg.pairs)
         for i in range(cfg.batch)
     ]
+    # Cross pairs as flat indices into the batch's (B * k^3) descriptors.
+    per_pair = cfg.pairs.out_side**3
     return {
         "fixed": torch.from_numpy(np.stack([p.fixed for p in pairs])[:, None]),
         "moving": torch.from_numpy(np.stack([p.moving for p in pairs])[:, None]),
         "target": torch.from_numpy(np.stack([p.target for p in pairs])),
+        "cross_fixed": torch.from_numpy(
+            np.concatenate([p.cross_fixed + b * per_pair for b, p in enumerate(pairs)])
+        ),
+        "cross_moving": torch.from_numpy(
+            np.concatenate([p.cross_moving + b * per_pair for b, p in enumerate(pairs)])
+        ),
+        "cross_target": torch.from_numpy(np.concatenate([p.cross_target for p in pairs])),
         "index": torch.tensor(index),
     }
 

@@ -60,6 +60,9 @@ class TrainConfig:
     workers: int = 1
     threads: int = 1
     balance: bool = True
+    symmetric_target: bool = True
+    cross_pairs: int = 4096
+    cross_reach: int = 4
     phantom_fraction: float = 0.35
     source_ids: tuple[str, ...] = ("icbm152-brain", "icbm152-head")
     phantom_shape: tuple[int, int, int] = (96, 96, 96)
@@ -68,7 +71,12 @@ class TrainConfig:
 
     def data_config(self) -> DataConfig:
         return DataConfig(
-            pairs=PairConfig(crop=self.crop),
+            pairs=PairConfig(
+                crop=self.crop,
+                symmetric_target=self.symmetric_target,
+                cross_pairs=self.cross_pairs,
+                cross_reach=self.cross_reach,
+            ),
             batch=self.batch,
             scene_reuse=self.scene_reuse,
             source_ids=tuple(self.source_ids),
@@ -122,7 +130,15 @@ def pair_loss(
     x = torch.cat([fixed, moving]).contiguous(memory_format=torch.channels_last_3d)
     d = net(x)
     b = fixed.shape[0]
-    pred = (d[:b] * d[b:]).sum(dim=1)
+    pred = (d[:b] * d[b:]).sum(dim=1).flatten()
+    target = target.flatten()
+    if "cross_target" in batch and batch["cross_target"].numel():
+        # Descriptors as (B * k^3, C) rows; cross pairs index fixed and moving rows.
+        rows_f = d[:b].permute(0, 2, 3, 4, 1).reshape(-1, d.shape[1])
+        rows_m = d[b:].permute(0, 2, 3, 4, 1).reshape(-1, d.shape[1])
+        cross = (rows_f[batch["cross_fixed"]] * rows_m[batch["cross_moving"]]).sum(dim=1)
+        pred = torch.cat([pred, cross])
+        target = torch.cat([target, batch["cross_target"]])
     err = (pred - target) ** 2
     mse = err.mean()
     if balancer is None:
@@ -263,7 +279,7 @@ def fit(
 
     budget_s = cfg.budget_minutes * 60.0
     data_cfg = cfg.data_config()
-    targets_per_step = cfg.batch * data_cfg.pairs.out_side**3
+    targets_per_step = cfg.batch * (data_cfg.pairs.out_side**3 + data_cfg.pairs.cross_pairs)
     interactive = sys.stdout.isatty() if interactive is None else interactive
     reporter = Reporter(budget_s, elapsed, interactive)
     log = (out / LOG).open("a", encoding="utf-8")

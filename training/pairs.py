@@ -17,8 +17,19 @@ the descriptor centres (every 4th voxel) with the box-sum identities of
 largest LC2 radius 7 + 1 voxel for the gradient) lets the cubes of border
 descriptors use real context; the network sees only the central crop^3.
 
-Which crop plays the MR (gradient) role is drawn per pair; intensity
-augmentation (sign flip p = 0.3, shift N(0, 0.2^2), scale U(0.7, 1.3)) is drawn
+Cross pairs: besides descriptor i of both crops, ``cross_pairs`` pairs
+(fixed descriptor i, moving descriptor j) with j - i drawn uniformly within
++-``cross_reach`` descriptor voxels (+-16 input voxels, the window of the
+held-out evaluation) are supervised with the LC2 of their patches
+(`disa.training.pair_lc2`). Without them the network only ever compares
+nearly co-located patches and over-predicts the similarity of unrelated ones.
+
+Targets are symmetric by default: the mean of LC2 with either crop in the MR
+(gradient) role. The dot product is symmetric, so against a role drawn at
+random (the paper's target, and our evaluation's) the best it can do is
+predict that mean; training on it removes label noise the network cannot fit.
+With ``symmetric_target=False`` the role is drawn per pair as in the paper.
+Intensity augmentation (sign flip p = 0.3, shift N(0, 0.2^2), scale U(0.7, 1.3)) is drawn
 per crop and applied before the target is computed, as in the paper.
 """
 
@@ -33,6 +44,7 @@ from scipy.spatial.transform import Rotation
 from disa.registration import lc2
 from disa.registration.errors import InputError
 from disa.registration.preprocess import normalise_intensities
+from disa.training.pair_lc2 import pair_lc2
 from disa.training.sources import Volume
 from disa.training.synthesis import TRAINING_SETTINGS, synthesize
 
@@ -58,6 +70,12 @@ class PairConfig:
     p_sign_flip: float = 0.3
     shift_sd: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.3)
+    #: Target = mean LC2 over both MR roles (else one role drawn per pair).
+    symmetric_target: bool = True
+    #: Supervised pairs at different positions per crop pair, and their reach
+    #: (descriptor voxels per axis; 4 = 16 input voxels).
+    cross_pairs: int = 4096
+    cross_reach: int = 4
 
     def __post_init__(self) -> None:
         if self.crop % STRIDE or self.crop < 2 * STRIDE:
@@ -90,11 +108,15 @@ class Scene:
 
 @dataclass
 class CropPair:
-    """Network inputs (crop^3 each) and LC2 targets ((crop/4)^3) of one pair."""
+    """Network inputs (crop^3 each), LC2 targets at equal positions ((crop/4)^3) and
+    at cross positions (flat descriptor indices into fixed and moving, and targets)."""
 
     fixed: np.ndarray
     moving: np.ndarray
     target: np.ndarray
+    cross_fixed: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cross_moving: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    cross_target: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     meta: dict[str, object] = field(default_factory=dict)
 
 
@@ -169,6 +191,24 @@ def dense_targets(
     return values.reshape(k, k, k).astype(np.float32)
 
 
+def cross_indices(
+    rng: np.random.Generator, cfg: PairConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) descriptor indices i (fixed) and j (moving), j - i uniform in the reach, j != i."""
+    k, reach, n = cfg.out_side, cfg.cross_reach, cfg.cross_pairs
+    chosen_i: list[np.ndarray] = []
+    chosen_j: list[np.ndarray] = []
+    have = 0
+    while have < n:
+        i = rng.integers(0, k, size=(2 * n, 3))
+        j = i + rng.integers(-reach, reach + 1, size=(2 * n, 3))
+        ok = np.all((j >= 0) & (j < k), axis=1) & np.any(j != i, axis=1)
+        chosen_i.append(i[ok])
+        chosen_j.append(j[ok])
+        have += int(ok.sum())
+    return np.concatenate(chosen_i)[:n], np.concatenate(chosen_j)[:n]
+
+
 def sample_crop_pair(scene: Scene, rng: np.random.Generator, cfg: PairConfig) -> CropPair:
     """One fixed/moving crop pair of ``scene`` with its dense LC2 targets."""
     shared = random_rotation(rng)
@@ -186,12 +226,30 @@ def sample_crop_pair(scene: Scene, rng: np.random.Generator, cfg: PairConfig) ->
     fixed = augment_intensity(fixed, rng, cfg)
     moving = augment_intensity(moving, rng, cfg)
     mr_role = "fixed" if rng.random() < 0.5 else "moving"
-    target = dense_targets(fixed, moving, mr_role, cfg)
+    k = cfg.out_side
+    if cfg.symmetric_target:
+        centres = descriptor_centres(cfg)
+        target = pair_lc2(fixed, moving, centres, centres, cfg.radii).mean(axis=1)
+        target = target.reshape(k, k, k).astype(np.float32)
+        mr_role = "both"
+    else:
+        target = dense_targets(fixed, moving, mr_role, cfg)
+    cross_i, cross_j = cross_indices(rng, cfg) if cfg.cross_pairs else (np.zeros((0, 3), int),) * 2
+    both = pair_lc2(
+        fixed, moving, cfg.margin + STRIDE * cross_i, cfg.margin + STRIDE * cross_j, cfg.radii
+    )
+    if cfg.symmetric_target:
+        cross_target = both.mean(axis=1)
+    else:
+        cross_target = both[np.arange(len(both)), rng.integers(0, 2, len(both))]
     inner = slice(cfg.margin, cfg.margin + cfg.crop)
     return CropPair(
         fixed=np.ascontiguousarray(fixed[inner, inner, inner]),
         moving=np.ascontiguousarray(moving[inner, inner, inner]),
         target=target,
+        cross_fixed=np.ravel_multi_index(tuple(cross_i.T), (k, k, k)).astype(np.int64),
+        cross_moving=np.ravel_multi_index(tuple(cross_j.T), (k, k, k)).astype(np.int64),
+        cross_target=cross_target.astype(np.float32),
         meta={
             "volume": scene.volume_id,
             "anatomy": scene.anatomy,

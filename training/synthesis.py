@@ -23,6 +23,8 @@ Settings (``SETTINGS``; training uses ``TRAINING_SETTINGS``, evaluation adds
     held out:
     us-steep-attenuation   us with 3x attenuation, stronger shadows, narrower fan
     lut-high-frequency     lut with 12-20 knots
+    flair                  FLAIR-like MR contrast (CSF dark, GM brighter than WM), a
+                           contrast table no training setting uses
 
 Shared corruptions (not for us-like settings, which have their own): smooth
 multiplicative bias field, blur, noise, partial field of view (a half-space
@@ -42,7 +44,7 @@ from scipy.interpolate import PchipInterpolator
 from disa.training.sources import TISSUES, Volume
 
 TRAINING_SETTINGS: tuple[str, ...] = ("t1", "t2", "pd", "ct", "labels", "lut", "native", "us")
-HELD_OUT_SETTINGS: tuple[str, ...] = ("us-steep-attenuation", "lut-high-frequency")
+HELD_OUT_SETTINGS: tuple[str, ...] = ("us-steep-attenuation", "lut-high-frequency", "flair")
 
 # (mean, between-scene sd) per tissue, in the order of TISSUES:
 # air, soft, bone, csf, gm, wm, deep.
@@ -73,6 +75,18 @@ _MR_TABLES: dict[str, list[tuple[float, float]]] = {
         (0.8, 0.06),
         (0.68, 0.06),
         (0.75, 0.06),
+    ],
+    # Held out (benchmarks): fluid-suppressed T2. CSF dark as in T1, but grey
+    # matter brighter than white matter as in T2: a contrast order of the brain
+    # tissues that none of the training tables has.
+    "flair": [
+        (0.0, 0.02),
+        (0.5, 0.15),
+        (0.05, 0.04),
+        (0.12, 0.05),
+        (0.7, 0.08),
+        (0.48, 0.08),
+        (0.6, 0.08),
     ],
 }
 _CT_TABLE_HU = [
@@ -278,6 +292,7 @@ SETTINGS: dict[str, Callable[[Volume, np.random.Generator, np.ndarray, float], n
     "us": _us(US_DEFAULT),
     "us-steep-attenuation": _us(US_STEEP),
     "lut-high-frequency": _lut((12, 20)),
+    "flair": _mr("flair"),
 }
 
 

@@ -31,5 +31,6 @@ def tiny_config() -> TrainConfig:
         source_ids=(),
         phantom_fraction=1.0,
         phantom_shape=SMALL,
+        cross_pairs=32,
         log_every_s=1e9,
     )

@@ -48,6 +48,25 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_config: loop.TrainConf
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_loss_covers_equal_and_cross_positions(tiny_config: loop.TrainConfig) -> None:
+    cfg = dataclasses.replace(tiny_config, batch=2, cross_pairs=30).data_config()
+    batch = data.make_batch(0, 5, cfg, [])
+    assert batch["cross_target"].shape == (60,)
+    # Flat indices address the batch's 2 x 4^3 descriptors: the second pair's are offset.
+    assert batch["cross_fixed"][:30].max() < 64 and batch["cross_fixed"][30:].min() >= 64
+    net = loop.new_model(1).eval()
+    with torch.no_grad():
+        loss, mse = loop.pair_loss(net, batch, None)
+        d = net(torch.cat([batch["fixed"], batch["moving"]]))
+    f = d[:2].permute(0, 2, 3, 4, 1).reshape(-1, 16)
+    m = d[2:].permute(0, 2, 3, 4, 1).reshape(-1, 16)
+    equal = (f * m).sum(1) - batch["target"].flatten()
+    cross = (f[batch["cross_fixed"]] * m[batch["cross_moving"]]).sum(1) - batch["cross_target"]
+    expected = torch.cat([equal, cross]).pow(2).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(mse) == pytest.approx(float(expected), rel=1e-5)
+
+
 def _params(run: Path) -> dict[str, torch.Tensor]:
     return loop.load_checkpoint(run)["model"]
 

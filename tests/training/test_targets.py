@@ -57,6 +57,59 @@ def test_crop_pair_shapes_ranges_and_determinism(phantom: sources.Volume) -> Non
     assert a.target.min() >= 0.0 and a.target.max() <= 1.0
     np.testing.assert_array_equal(a.target, b.target)
     np.testing.assert_array_equal(a.moving, b.moving)
+    np.testing.assert_array_equal(a.cross_target, b.cross_target)
+    np.testing.assert_array_equal(a.cross_moving, b.cross_moving)
+
+
+def test_cross_pairs_lie_within_reach_and_carry_their_patches_lc2(
+    phantom: sources.Volume,
+) -> None:
+    cfg = pairs.PairConfig(crop=32, cross_pairs=200, cross_reach=2)
+    scene = pairs.make_scene(phantom, ("t2", "labels"), np.random.default_rng(12), 32.0)
+    rng = np.random.default_rng(13)
+    pair = pairs.sample_crop_pair(scene, rng, cfg)
+    k = cfg.out_side
+    i = np.array(np.unravel_index(pair.cross_fixed, (k,) * 3)).T
+    j = np.array(np.unravel_index(pair.cross_moving, (k,) * 3)).T
+    assert len(i) == 200 and pair.cross_target.shape == (200,)
+    offsets = j - i
+    assert np.abs(offsets).max() <= 2 and np.all(np.any(offsets != 0, axis=1))
+    assert np.all((pair.cross_target >= 0) & (pair.cross_target <= 1))
+    # One image on both sides, aligned: equal positions match perfectly while
+    # patches at other positions mostly do not.
+    same = pairs.Scene(scene.volume_id, scene.anatomy, scene.settings,
+                       (scene.images[0], scene.images[0]), scene.focus, scene.border_mode)
+    aligned = pairs.PairConfig(crop=32, p_aligned=1.0, cross_pairs=400, cross_reach=2)
+    twin = pairs.sample_crop_pair(same, np.random.default_rng(14), aligned)
+    assert twin.meta["mr_role"] == "both"
+    assert np.median(twin.target) > 0.9
+    assert np.mean(twin.cross_target) < np.mean(twin.target) - 0.3
+
+
+def test_symmetric_targets_are_the_mean_of_both_roles() -> None:
+    fixed, moving = _related(15, (CFG.side,) * 3)
+    centres = pairs.descriptor_centres(CFG)
+    from disa.training.pair_lc2 import pair_lc2
+
+    both = pair_lc2(fixed, moving, centres, centres, CFG.radii).mean(axis=1)
+    ref = 0.5 * (
+        pairs.dense_targets(fixed, moving, "fixed", CFG)
+        + pairs.dense_targets(fixed, moving, "moving", CFG)
+    )
+    np.testing.assert_allclose(both.reshape(ref.shape), ref, atol=1e-6)
+    # Cross targets index the same padded crops: offset (0, 0, 1) descriptors.
+    shifted = pair_lc2(fixed, moving, centres[:-1], centres[:-1] + np.array([0, 0, 4]), CFG.radii)
+    c, d = centres[0], centres[0] + np.array([0, 0, 4])
+    ref0 = np.mean(
+        [
+            lc2.lc2_patch_naive(
+                moving[tuple(slice(x - r, x + r + 1) for x in d)],
+                fixed[tuple(slice(x - r - 1, x + r + 2) for x in c)],
+            )
+            for r in CFG.radii
+        ]
+    )
+    assert abs(shifted[0, 0] - ref0) < 1e-6
 
 
 def test_aligned_same_image_gives_high_targets(phantom: sources.Volume) -> None:

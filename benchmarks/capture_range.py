@@ -1,0 +1,505 @@
+"""Capture range and accuracy against peers (the paper's Table 3 protocol, rigid).
+
+    python benchmarks/capture_range.py [--cases-per-bin N] [--methods a,b,...] [--out DIR]
+    python benchmarks/capture_range.py --quick          # one case: the harness works
+
+Pairs (``make_cases``): real anatomy held out of DISA's training (the
+totalsegmentator CT head, ``pip install --no-deps totalsegmentator``; without
+it a phantom of the held-out seed stream) and a partner modality synthesised
+from it with settings held out of training:
+
+    ct-mr   fixed: the real CT;                 moving: FLAIR-like MR ("flair")
+    ct-us   fixed: ultrasound-like volume        moving: the real CT
+            ("us-steep-attenuation", a fan of a held-out attenuation family)
+
+The ultrasound is the fixed image because it covers only a fan: every fixed
+point then has a partner in the full-field CT (as a tracked probe's volume is
+registered to a planning CT).
+
+Initial poses: the moving image's header carries a random rigid transform T
+(rotation about a random axis by up to ``--max-rotation`` degrees, a random
+translation), drawn until the initial error (mean distance |T(x) - x| over
+the fixed image's foreground points) falls into a bin: 0-25, 25-50, 50-75,
+75-100 mm. The moving voxels are untouched (only origin and direction change),
+so no interpolation blurs the partner and the true mapping fixed -> moving is
+exactly T.
+
+Every method starts from the header geometry (identity) and none may use a
+centre-of-mass initialisation: with full-field images that alone removes most
+of the translation and would measure the initialiser, not the method.
+Methods (same cases, same machine, one at a time):
+
+    disa-global   DISA descriptors, 500 random starts (+-40 deg, +-100 mm) + L-BFGS
+    disa-local    DISA descriptors, the same refinement from the initial pose only
+    mind-global   MIND-SSC descriptors (SSD), the same global search
+    lc2-local     LC2 (Wein et al.), local optimiser from the initial pose
+    sitk-mi       SimpleITK Mattes mutual information, 3 levels, gradient descent
+    elastix       itk-elastix default rigid parameter map (4 levels, AdvancedMattesMI)
+    ants          ANTsPy rigid (Mattes MI, its default multi-resolution schedule)
+
+The peers come with the ``bench`` extra (itk-elastix, antspyx); a method whose
+package is missing is reported as skipped. Per method and bin: converged rate
+(mean TRE < 10 mm), TRE median and 90th percentile of converged cases, mean
+time per case, mean objective evaluations where the method reports them.
+TRE of a case = mean |T_est(x) - T(x)| over the fixed foreground points.
+Output: ``capture_range.md`` (table) and ``capture_range.png`` (converged
+rate by bin) in ``--out`` (default benchmarks/results/), and the table on
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+BINS_MM: tuple[tuple[float, float], ...] = ((0, 25), (25, 50), (50, 75), (75, 100))
+CONVERGED_MM = 10.0
+SPACING_MM = 2.0
+ALL_METHODS = (
+    "disa-global", "disa-local", "mind-global", "lc2-local", "sitk-mi", "elastix", "ants",
+)
+PAIRS = ("ct-mr", "ct-us")
+
+
+@dataclass
+class Case:
+    """One registration problem: ``truth`` maps fixed points to moving points (LPS mm)."""
+
+    name: str
+    pair: str
+    bin_index: int
+    fixed: sitk.Image
+    moving: sitk.Image
+    truth: sitk.Euler3DTransform
+    points: np.ndarray  # (N, 3) fixed foreground points, LPS mm
+    initial_error_mm: float
+
+
+@dataclass
+class Outcome:
+    """What one method did on one case."""
+
+    case: str
+    pair: str
+    bin_index: int
+    method: str
+    tre_mm: float
+    seconds: float
+    evaluations: int | None
+    error: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def machine() -> str:
+    cpus = len(os.sched_getaffinity(0))
+    return f"{platform.processor() or platform.machine()}, {cpus} CPU cores, {platform.system()}"
+
+
+# ----------------------------------------------------------------------- cases
+
+
+def _volume(source: str):  # -> disa.training.sources.Volume
+    """The held-out volume ``source``, or a held-out phantom when its package is missing."""
+    from disa.training import sources
+
+    if source != "phantom":
+        try:
+            return sources.load_volume(source)
+        except (ImportError, LookupError, FileNotFoundError):
+            pass
+    rng = np.random.default_rng(sources.phantom_seed("held-out", 0, 0))
+    return sources.make_phantom(rng, subject="phantom-held-out-0")
+
+
+def _image(array: np.ndarray) -> sitk.Image:
+    """A (z, y, x) array as an image on the 2 mm grid, origin 0, identity direction."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetSpacing((SPACING_MM,) * 3)
+    return image
+
+
+def _foreground_points(image: sitk.Image, mask: np.ndarray, count: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    idx = np.argwhere(mask)[:, ::-1]  # (x, y, z) indices
+    if len(idx) > count:
+        idx = idx[rng.choice(len(idx), count, replace=False)]
+    return np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, i)))
+                     for i in idx])
+
+
+def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A rotation matrix about a uniform random axis by an angle uniform in [0, max_deg]."""
+    from scipy.spatial.transform import Rotation
+
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    return Rotation.from_rotvec(axis * np.deg2rad(rng.uniform(0.0, max_deg))).as_matrix()
+
+
+def draw_pose(rng: np.random.Generator, points: np.ndarray, center: np.ndarray,
+              bin_mm: tuple[float, float], max_deg: float) -> sitk.Euler3DTransform:
+    """A rigid T about ``center`` whose mean |T(x) - x| over ``points`` lies in ``bin_mm``."""
+    lo, hi = bin_mm
+    for _ in range(10000):
+        rot = random_rotation(rng, max_deg)
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        shift = direction * rng.uniform(0.0, hi * 1.2)
+        moved = (points - center) @ rot.T + center + shift
+        error = float(np.mean(np.linalg.norm(moved - points, axis=1)))
+        if lo <= error < hi:
+            tx = sitk.Euler3DTransform()
+            tx.SetCenter(tuple(map(float, center)))
+            tx.SetMatrix(tuple(map(float, rot.ravel())))
+            tx.SetTranslation(tuple(map(float, shift)))
+            return tx
+    raise RuntimeError(f"no pose found for the bin {bin_mm}")
+
+
+def with_header_transform(array: np.ndarray, truth: sitk.Euler3DTransform,
+                          rng: np.random.Generator) -> sitk.Image:
+    """``array`` (on the fixed 2 mm grid) as a moving image showing the anatomy at fixed
+    point x at physical point T(x), so T is exactly the fixed -> moving mapping.
+
+    The header alone carries T (origin and direction); the voxels are then resampled
+    (linear) onto a lattice shifted by a random fraction of a voxel along each axis.
+    Without that shift the two lattices coincide at the true pose, and methods that
+    sample on grids find it to a hundredth of a millimetre, which real pairs never allow.
+    """
+    image = _image(array)
+    rot = np.asarray(truth.GetMatrix()).reshape(3, 3)
+    image.SetOrigin(truth.TransformPoint(image.GetOrigin()))
+    direction = rot @ np.asarray(image.GetDirection()).reshape(3, 3)
+    image.SetDirection(tuple(map(float, direction.ravel())))
+    shifted = sitk.Image(image.GetSize(), sitk.sitkFloat32)
+    shifted.CopyInformation(image)
+    offset = direction @ (rng.uniform(-0.5, 0.5, 3) * SPACING_MM)
+    shifted.SetOrigin(tuple(map(float, np.asarray(image.GetOrigin()) + offset)))
+    return sitk.Resample(image, shifted, sitk.Transform(), sitk.sitkLinear,
+                         float(np.min(array)))
+
+
+def make_cases(cases_per_bin: int, pairs: Sequence[str] = PAIRS, seed: int = 0,
+               source: str = "ct-brain-atlas", bins: Sequence[int] = (0, 1, 2, 3),
+               max_rotation_deg: float = 40.0, crop: int | None = None) -> list[Case]:
+    """``cases_per_bin`` cases per pair and bin, deterministic in ``seed``.
+
+    ``crop``: keep a centred cube of this many voxels (quick mode).
+    """
+    from disa.training.synthesis import synthesize
+
+    volume = _volume(source)
+    cases: list[Case] = []
+    for pi, pair in enumerate(pairs):
+        for b in bins:
+            for k in range(cases_per_bin):
+                rng = np.random.default_rng([seed, pi, b, k])
+                centre_voxel = (np.array(volume.shape) - 1) / 2.0
+                extent = 0.6 * float(min(volume.shape))
+                if pair == "ct-mr":
+                    fixed_a = synthesize(volume, "native", rng)
+                    moving_a = synthesize(volume, "flair", rng)
+                    fixed_mask = volume.foreground()
+                elif pair == "ct-us":
+                    fixed_a = synthesize(volume, "us-steep-attenuation", rng, centre_voxel,
+                                         extent)
+                    moving_a = synthesize(volume, "native", rng)
+                    fixed_mask = (fixed_a > 0) & volume.foreground()
+                else:
+                    raise ValueError(f"unknown pair {pair!r}; known: {PAIRS}")
+                if crop is not None:
+                    lo = [max(0, (n - crop) // 2) for n in fixed_a.shape]
+                    box = tuple(slice(a, a + crop) for a in lo)
+                    fixed_a, moving_a, fixed_mask = fixed_a[box], moving_a[box], fixed_mask[box]
+                fixed = _image(fixed_a)
+                points = _foreground_points(fixed, fixed_mask, 2000, rng)
+                center = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint(
+                    [(s - 1) / 2.0 for s in fixed.GetSize()]))
+                truth = draw_pose(rng, points, center, BINS_MM[b], max_rotation_deg)
+                initial = tre(sitk.Euler3DTransform(), truth, points)
+                cases.append(Case(f"{pair}-bin{b}-{k}", pair, b, fixed,
+                                  with_header_transform(moving_a, truth, rng), truth, points,
+                                  initial))
+    return cases
+
+
+def tre(estimate: sitk.Transform, truth: sitk.Transform, points: np.ndarray) -> float:
+    """Mean distance (mm) between where ``estimate`` and ``truth`` map ``points``."""
+    est = np.array([estimate.TransformPoint(tuple(map(float, p))) for p in points])
+    ref = np.array([truth.TransformPoint(tuple(map(float, p))) for p in points])
+    return float(np.mean(np.linalg.norm(est - ref, axis=1)))
+
+
+# --------------------------------------------------------------------- methods
+
+Method = Callable[[sitk.Image, sitk.Image], tuple[sitk.Transform, int | None]]
+
+
+def _engine(similarity: str, starts: int) -> Method:
+    def run(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int | None]:
+        from disa.registration.options import RegistrationOptions
+        from disa.registration.pipeline import register
+
+        options = RegistrationOptions(similarity=similarity, starts=starts, init="geometry",
+                                      rotation_range=40.0, translation_range=100.0)
+        result = register(fixed, moving, options)
+        return result.transform, int(result.evaluations)
+
+    return run
+
+
+def sitk_mi(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int | None]:
+    """Mattes MI (50 bins, 20 % random samples), 3 levels, regular-step gradient descent."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.2, seed=1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=2.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.5)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    initial = sitk.Euler3DTransform()
+    initial.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2.0 for s in fixed.GetSize()]))
+    reg.SetInitialTransform(initial, inPlace=False)
+    iterations = [0]
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: iterations.__setitem__(0, iterations[0] + 1))
+    result = reg.Execute(sitk.Cast(fixed, sitk.sitkFloat32), sitk.Cast(moving, sitk.sitkFloat32))
+    return result, iterations[0]
+
+
+def _write(image: sitk.Image, folder: str, name: str) -> str:
+    path = os.path.join(folder, name)
+    sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32), path)
+    return path
+
+
+def elastix(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int | None]:
+    """itk-elastix with its default rigid map; geometry initialisation (no centring)."""
+    import itk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = itk.imread(_write(fixed, tmp, "fixed.nii.gz"), itk.F)
+        m = itk.imread(_write(moving, tmp, "moving.nii.gz"), itk.F)
+    params = itk.ParameterObject.New()
+    rigid = params.GetDefaultParameterMap("rigid")
+    rigid["AutomaticTransformInitialization"] = ["false"]
+    params.AddParameterMap(rigid)
+    _, result = itk.elastix_registration_method(f, m, parameter_object=params,
+                                                log_to_console=bool(os.environ.get("ELASTIX_LOG")))
+    # The transform map: EulerTransform (angles x, y, z in rad, then translation, mm)
+    # about CenterOfRotationPoint, fixed points -> moving points as in ITK.
+    p = dict(result.GetParameterMap(0))
+    tx = sitk.Euler3DTransform()
+    tx.SetCenter([float(v) for v in p["CenterOfRotationPoint"]])
+    tx.SetComputeZYX(p.get("ComputeZYX", ("false",))[0] == "true")
+    tx.SetParameters([float(v) for v in p["TransformParameters"]])
+    # Iterations per level are fixed (no early stop in its default optimiser).
+    return tx, int(rigid["MaximumNumberOfIterations"][0]) * int(rigid["NumberOfResolutions"][0])
+
+
+def ants(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int | None]:
+    """ANTsPy rigid (Mattes MI), identity initial transform (not its centre-of-mass default)."""
+    import ants as antspy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = antspy.image_read(_write(fixed, tmp, "fixed.nii.gz"))
+        m = antspy.image_read(_write(moving, tmp, "moving.nii.gz"))
+        out = antspy.registration(f, m, type_of_transform="Rigid", initial_transform="Identity",
+                                  aff_metric="mattes", random_seed=1,
+                                  outprefix=os.path.join(tmp, "ants_"))
+        # ANTs writes an ITK transform file: fixed points -> moving points, like ours.
+        transform = sitk.ReadTransform(out["fwdtransforms"][0])
+    return transform, None
+
+
+METHODS: dict[str, Method] = {
+    "disa-global": _engine("disa", 500),
+    "disa-local": _engine("disa", 1),
+    "mind-global": _engine("mind", 500),
+    "lc2-local": _engine("lc2", 1),
+    "sitk-mi": sitk_mi,
+    "elastix": elastix,
+    "ants": ants,
+}
+_PACKAGE = {"elastix": "itk", "ants": "ants"}
+
+
+def available(method: str) -> bool:
+    """Whether ``method`` can run here (its peer package installed, DISA weights shipped)."""
+    import importlib.util
+
+    if method.startswith("disa"):
+        from disa.model.card import default_model_path
+
+        path = default_model_path()
+        return path is not None and path.is_file()
+    package = _PACKAGE.get(method)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def run_case(case: Case, method: str) -> Outcome:
+    """One method on one case; a method's exception is a failed case, not a crash."""
+    t0 = time.perf_counter()
+    try:
+        transform, evaluations = METHODS[method](case.fixed, case.moving)
+    except Exception as exc:  # a peer failing on a hard start is a result too
+        return Outcome(case.name, case.pair, case.bin_index, method, float("inf"),
+                       time.perf_counter() - t0, None, f"{type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - t0
+    return Outcome(case.name, case.pair, case.bin_index, method,
+                   tre(transform, case.truth, case.points), seconds, evaluations)
+
+
+# --------------------------------------------------------------------- report
+
+
+def summarise(outcomes: Sequence[Outcome], methods: Sequence[str],
+              bins: Sequence[int]) -> list[dict[str, object]]:
+    """Per (method, bin): cases, converged rate, TRE p50/p90 of converged, time, evaluations."""
+    rows = []
+    for method in methods:
+        for b in bins:
+            sel = [o for o in outcomes if o.method == method and o.bin_index == b]
+            if not sel:
+                continue
+            ok = [o.tre_mm for o in sel if o.tre_mm < CONVERGED_MM]
+            evals = [o.evaluations for o in sel if o.evaluations is not None]
+            rows.append({
+                "method": method,
+                "bin": b,
+                "cases": len(sel),
+                "converged": len(ok) / len(sel),
+                "tre_p50": float(np.percentile(ok, 50)) if ok else None,
+                "tre_p90": float(np.percentile(ok, 90)) if ok else None,
+                "seconds": float(np.mean([o.seconds for o in sel])),
+                "evaluations": float(np.mean(evals)) if evals else None,
+                "errors": sum(o.error is not None for o in sel),
+            })
+    return rows
+
+
+def _fmt(value: object, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: Sequence[dict[str, object]], header: str) -> str:
+    lines = [header, "",
+             "| method | initial error | cases | converged | TRE p50 / p90 (mm) | s / case "
+             "| evaluations |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lo, hi = BINS_MM[int(r["bin"])]  # type: ignore[call-overload]
+        lines.append(
+            f"| {r['method']} | {lo:.0f}-{hi:.0f} mm | {r['cases']} "
+            f"| {100 * float(r['converged']):.0f} % "  # type: ignore[arg-type]
+            f"| {_fmt(r['tre_p50'], '.1f')} / {_fmt(r['tre_p90'], '.1f')} "
+            f"| {float(r['seconds']):.1f} | {_fmt(r['evaluations'], ',.0f')} |"  # type: ignore[arg-type]
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, object]], path: Path) -> None:
+    """Converged rate per bin, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for method in dict.fromkeys(str(r["method"]) for r in rows):
+        sel = [r for r in rows if r["method"] == method]
+        x = [np.mean(BINS_MM[int(r["bin"])]) for r in sel]  # type: ignore[call-overload]
+        ax.plot(x, [100 * float(r["converged"]) for r in sel], marker="o",  # type: ignore[arg-type]
+                label=method)
+    ax.set_xlabel("initial error (mm, bin centre)")
+    ax.set_ylabel(f"converged (TRE < {CONVERGED_MM:.0f} mm), %")
+    ax.set_ylim(-5, 105)
+    ax.set_xticks([np.mean(b) for b in BINS_MM],
+                  [f"{lo:.0f}-{hi:.0f}" for lo, hi in BINS_MM])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[str] = PAIRS,
+        bins: Sequence[int] = (0, 1, 2, 3), crop: int | None = None, seed: int = 0,
+        source: str = "ct-brain-atlas", log: Callable[[str], None] = print
+        ) -> tuple[list[Outcome], list[dict[str, object]]]:
+    """Build the cases, run every available method on each, write table and plot."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    runnable = [m for m in methods if available(m)]
+    skipped = [m for m in methods if m not in runnable]
+    cases = make_cases(cases_per_bin, pairs, seed, source, bins, crop=crop)
+    outcomes: list[Outcome] = []
+    for case in cases:
+        for method in runnable:
+            o = run_case(case, method)
+            outcomes.append(o)
+            log(f"{case.name} (initial {case.initial_error_mm:.0f} mm) {method}: "
+                f"TRE {o.tre_mm:.1f} mm, {o.seconds:.1f} s" + (f" [{o.error}]" if o.error else ""))
+    rows = summarise(outcomes, runnable, bins)
+    header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop)}`. "
+              f"Machine: {machine()}. Pairs: {', '.join(pairs)} ({source}, held out); "
+              f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm."
+              + (f" Skipped (not installed): {', '.join(skipped)}." if skipped else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows, header)
+    (out / "capture_range.md").write_text(table, encoding="utf-8")
+    if rows:
+        plot(rows, out / "capture_range.png")
+    return outcomes, rows
+
+
+def _command(cases_per_bin: int, methods: Sequence[str], pairs: Sequence[str],
+             crop: int | None) -> str:
+    parts = ["python benchmarks/capture_range.py", f"--cases-per-bin {cases_per_bin}"]
+    if tuple(methods) != ALL_METHODS:
+        parts.append(f"--methods {','.join(methods)}")
+    if tuple(pairs) != PAIRS:
+        parts.append(f"--pairs {','.join(pairs)}")
+    if crop is not None:
+        parts.append(f"--crop {crop}")
+    return " ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases-per-bin", type=int, default=5)
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--pairs", default=",".join(PAIRS))
+    p.add_argument("--crop", type=int, default=None, help="centred cube of this many voxels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--quick", action="store_true",
+                   help="one CT / FLAIR case in the 0-25 mm bin (what the test suite runs)")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    pairs = [s for s in args.pairs.split(",") if s]
+    bins: tuple[int, ...] = (0, 1, 2, 3)
+    cases, crop = args.cases_per_bin, args.crop
+    if args.quick:
+        cases, bins, pairs = 1, (0,), ["ct-mr"]
+    _, rows = run(cases, methods, args.out, pairs, bins, crop, args.seed)
+    print((args.out / "capture_range.md").read_text(encoding="utf-8"))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
