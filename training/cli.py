@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
         default=4,
         help="reach of cross pairs, descriptor voxels per axis",
     )
+    f.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from these weights (exported .onnx, run folder or checkpoint)",
+    )
     f.add_argument("--phantom-fraction", type=float, default=0.35)
     f.add_argument(
         "--sources",
@@ -121,6 +127,7 @@ def _fit(args: argparse.Namespace) -> int:
         symmetric_target=not args.role_target,
         cross_pairs=args.cross_pairs,
         cross_reach=args.cross_reach,
+        init_from=str(args.init_from) if args.init_from is not None else None,
         phantom_fraction=args.phantom_fraction,
         source_ids=tuple(args.sources),
         log_every_s=args.log_every,

@@ -35,22 +35,47 @@ def training_description(run: Path) -> dict[str, Any]:
             "spacing_mm": 2.0,
             "note": "multimodal pairs synthesised from one anatomy (no real multimodal data)",
         },
-        "recipe": (
-            f"dense LC2 regression (radii 3,5,7) of descriptor dot products at every output voxel "
-            f"of {cfg['crop']}^3 crop pairs (batch {cfg['batch']}), "
-            "random relative shift/rotation, "
-            f"shared rotation+flip, intensity augmentation; target-bin balanced MSE; AdamW lr "
-            f"{cfg['lr']} wd {cfg['weight_decay']}, warm-up {cfg['warmup_steps']}, halving every "
-            f"{cfg['halve_every']} steps; seed {cfg['seed']}"
-        ),
-        "command": (
-            f"disa-train fit --out {run} --budget {cfg['budget_minutes']} "
-            f"--seed {cfg['seed']} --crop {cfg['crop']} --batch {cfg['batch']}"
-        ),
+        "recipe": _recipe(cfg),
+        "command": _command(run, cfg),
+        **({"init_from": {"path": cfg["init_from"], "sha256": cfg.get("init_sha256")}}
+           if cfg.get("init_from") else {}),
         "minutes": round(float(state["elapsed_s"]) / 60.0, 2),
         "steps": int(state["step"]),
         "stopped_by": summary.get("stopped_by"),
     }
+
+
+def _recipe(cfg: dict[str, Any]) -> str:
+    cross = int(cfg.get("cross_pairs", 0))
+    reach = int(cfg.get("cross_reach", 0))
+    return (
+        f"dense LC2 regression (radii 3,5,7) of descriptor dot products at every output voxel "
+        f"of {cfg['crop']}^3 crop pairs (batch {cfg['batch']}), random relative shift/rotation"
+        + (f", plus {cross} cross-position pairs per crop pair within +-{4 * reach} voxels"
+           if cross else "")
+        + ("; symmetric target (mean LC2 over both MR roles)"
+           if cfg.get("symmetric_target", False) else "; MR role drawn per pair")
+        + "; shared rotation+flip, intensity augmentation; "
+        + ("target-bin balanced MSE" if cfg.get("balance", True) else "plain MSE")
+        + f"; AdamW lr {cfg['lr']} wd {cfg['weight_decay']}, warm-up {cfg['warmup_steps']}, "
+        f"halving every {cfg['halve_every']} steps; seed {cfg['seed']}"
+        + (f"; initialised from {cfg['init_from']}" if cfg.get("init_from") else "")
+    )
+
+
+def _command(run: Path, cfg: dict[str, Any]) -> str:
+    parts = [
+        f"disa-train fit --out {run} --budget {cfg['budget_minutes']} --seed {cfg['seed']}",
+        f"--crop {cfg['crop']} --batch {cfg['batch']} --lr {cfg['lr']}",
+        f"--halve-every {cfg['halve_every']}",
+    ]
+    if "cross_pairs" in cfg:
+        parts.append(f"--cross-pairs {cfg['cross_pairs']} --cross-reach {cfg['cross_reach']}")
+    if not cfg.get("symmetric_target", True):
+        parts.append("--role-target")
+    if cfg.get("init_from"):
+        parts.append(f"--init-from {cfg['init_from']}")
+    return " ".join(parts)
 
 
 def export_run(

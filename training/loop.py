@@ -63,6 +63,11 @@ class TrainConfig:
     symmetric_target: bool = True
     cross_pairs: int = 4096
     cross_reach: int = 4
+    #: Start from these weights (an exported ONNX file or a run's checkpoint) rather
+    #: than from the seed's random initialisation; optimiser and schedule start fresh.
+    init_from: str | None = None
+    #: sha256 of ``init_from`` at the start, so the card can name the exact parent.
+    init_sha256: str | None = None
     phantom_fraction: float = 0.35
     source_ids: tuple[str, ...] = ("icbm152-brain", "icbm152-head")
     phantom_shape: tuple[int, int, int] = (96, 96, 96)
@@ -150,6 +155,30 @@ def new_model(seed: int) -> DisaNet:
     torch.manual_seed(seed)
     # channels_last_3d: about twice as fast on CPU (oneDNN) for this net.
     return DisaNet().to(memory_format=torch.channels_last_3d)
+
+
+def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """DisaNet parameters from an exported ONNX file (its initialisers keep the
+    parameter names) or from a run folder / checkpoint file."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path)).graph
+        weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+                   for i in graph.initializer}
+    else:
+        weights = load_checkpoint(path)["model"]
+    expected = DisaNet().state_dict()
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise ValueError(f"{path} lacks DisaNet parameters: {', '.join(missing[:4])}")
+    for name, value in expected.items():
+        if tuple(weights[name].shape) != tuple(value.shape):
+            raise ValueError(f"{path}: {name} has shape {tuple(weights[name].shape)}, "
+                             f"DisaNet expects {tuple(value.shape)}")
+    return {name: weights[name] for name in expected}
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -247,6 +276,12 @@ def fit(
 
     torch.set_num_threads(cfg.threads)
     net = new_model(cfg.seed)
+    if state is None and cfg.init_from is not None:
+        from disa.model.card import file_sha256
+
+        cfg = dataclasses.replace(cfg, init_sha256=file_sha256(cfg.init_from)
+                                  if Path(cfg.init_from).is_file() else None)
+        net.load_state_dict(initial_weights(cfg.init_from))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.halve_every)

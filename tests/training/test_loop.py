@@ -137,3 +137,27 @@ def test_export_runs_in_onnxruntime_and_evaluate_merges_into_card(
     from disa.model.card import load_model_card
 
     load_model_card(card_path)  # the sha256 still matches the ONNX file
+
+
+def test_fit_can_start_from_an_exported_model(
+    tiny_config: loop.TrainConfig, tmp_path: Path
+) -> None:
+    from disa.model.card import file_sha256
+    from disa.model.export import export_onnx
+
+    parent = loop.new_model(42)
+    onnx_path = tmp_path / "parent.onnx"
+    export_onnx(parent, onnx_path)
+    weights = loop.initial_weights(onnx_path)
+    for name, value in parent.state_dict().items():
+        assert torch.equal(weights[name], value), name
+    cfg = dataclasses.replace(tiny_config, max_steps=1, lr=0.0, init_from=str(onnx_path))
+    loop.fit(cfg, tmp_path / "child", interactive=False)
+    state = loop.load_checkpoint(tmp_path / "child")
+    # lr 0: the child still holds the parent's weights, and names its parent exactly.
+    assert torch.equal(state["model"]["head.weight"], parent.state_dict()["head.weight"])
+    assert state["config"]["init_sha256"] == file_sha256(onnx_path)
+    bad = {k: v for k, v in parent.state_dict().items() if k != "head.weight"}
+    torch.save({"model": bad}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"lacks DisaNet parameters: head\.weight"):
+        loop.initial_weights(tmp_path / "bad.pt")
