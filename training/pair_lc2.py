@@ -30,12 +30,19 @@ from numba import njit
 
 from disa.registration import lc2
 
-# Moment order expected by lc2.lc2_from_moments.
-_N_MOMENTS = 10
+# The kernel accumulates 14 sums per cube: 0 n, 1 f, 2 m, 3 gf, 4 gm, 5 ff, 6 mm,
+# 7 gf gf, 8 gm gm, 9 f gf, 10 m gm, 11 f m, 12 gf m, 13 gm f, where
+# f, m are the fixed and moving intensities and gf, gm their gradient magnitudes.
+# Row r picks the ten moments (n, Sp, Sg, Su, Spp, Spg, Sgg, Spu, Sgu, Suu) of
+# lc2.lc2_from_moments for role r: 0 = fixed is the source p (MR role), 1 = moving.
+_ROLE_MOMENTS = np.array(
+    [[0, 1, 3, 2, 5, 9, 7, 11, 12, 6], [0, 2, 4, 1, 6, 10, 8, 11, 13, 5]], dtype=np.int64
+)
 
 
 @njit(cache=True, fastmath=False)
-def _pair_moments(fixed, moving, grad_fixed, grad_moving, fixed_pts, moving_pts, radii):
+def _pair_moments(fixed, moving, grad_fixed, grad_moving, fixed_pts, moving_pts, radii,
+                  role_moments):
     """Raw cube moments (pairs, role, radius, 10); role 0: fixed gives intensity+gradient."""
     n_pairs = fixed_pts.shape[0]
     n_radii = radii.shape[0]
@@ -44,7 +51,7 @@ def _pair_moments(fixed, moving, grad_fixed, grad_moving, fixed_pts, moving_pts,
         rmax = max(rmax, radii[k])
     out = np.zeros((n_pairs, 2, n_radii, 10))
     # Shell sums: index s accumulates voxels with Chebyshev distance exactly s.
-    shell = np.zeros((rmax + 1, 15))
+    shell = np.zeros((rmax + 1, 14))
     for i in range(n_pairs):
         fz, fy, fx = fixed_pts[i, 0], fixed_pts[i, 1], fixed_pts[i, 2]
         mz, my, mx = moving_pts[i, 0], moving_pts[i, 1], moving_pts[i, 2]
@@ -73,33 +80,12 @@ def _pair_moments(fixed, moving, grad_fixed, grad_moving, fixed_pts, moving_pts,
                     row[12] += gf * m
                     row[13] += gm * f
         for k in range(n_radii):
-            acc = np.zeros(15)
+            acc = np.zeros(14)
             for s in range(radii[k] + 1):
                 acc += shell[s]
-            # Role 0: source p = fixed, g = grad fixed, target u = moving.
-            o = out[i, 0, k]
-            o[0] = acc[0]
-            o[1] = acc[1]
-            o[2] = acc[3]
-            o[3] = acc[2]
-            o[4] = acc[5]
-            o[5] = acc[9]
-            o[6] = acc[7]
-            o[7] = acc[11]
-            o[8] = acc[12]
-            o[9] = acc[6]
-            # Role 1: source p = moving, g = grad moving, target u = fixed.
-            o = out[i, 1, k]
-            o[0] = acc[0]
-            o[1] = acc[2]
-            o[2] = acc[4]
-            o[3] = acc[1]
-            o[4] = acc[6]
-            o[5] = acc[10]
-            o[6] = acc[8]
-            o[7] = acc[11]
-            o[8] = acc[13]
-            o[9] = acc[5]
+            for role in range(2):
+                for q in range(10):
+                    out[i, role, k, q] = acc[role_moments[role, q]]
     return out
 
 
@@ -132,7 +118,7 @@ def pair_lc2(
     if len(fp) == 0:
         return np.zeros((0, 2))
     moments = _pair_moments(
-        f, m, lc2.gradient_magnitude(f), lc2.gradient_magnitude(m), fp, mp, r
+        f, m, lc2.gradient_magnitude(f), lc2.gradient_magnitude(m), fp, mp, r, _ROLE_MOMENTS
     )
     # (pairs, 2, radii, 10) -> the shared closed-form solve, then mean over radii.
     values = lc2.lc2_from_moments(np.moveaxis(moments, -1, 0))
