@@ -42,14 +42,17 @@ package is missing is reported as skipped. Per method and bin: converged rate
 (mean TRE < 10 mm), TRE median and 90th percentile of converged cases, mean
 time per case, mean objective evaluations where the method reports them.
 TRE of a case = mean |T_est(x) - T(x)| over the fixed foreground points.
-Output: ``capture_range.md`` (table) and ``capture_range.png`` (converged
-rate by bin) in ``--out`` (default benchmarks/results/), and the table on
-stdout.
+Output: ``capture_range.md`` (table), ``capture_range.png`` (converged
+rate by bin) and ``capture_range.jsonl`` (every outcome, appended as it
+finishes; ``--resume`` continues an interrupted run) in ``--out`` (default
+benchmarks/results/), and the table on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import tempfile
@@ -436,30 +439,56 @@ def plot(rows: Sequence[dict[str, object]], path: Path) -> None:
     plt.close(fig)
 
 
+OUTCOMES = "capture_range.jsonl"
+
+
+def _load_outcomes(path: Path) -> list[Outcome]:
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [Outcome(**json.loads(line)) for line in lines if line.strip()]
+
+
 def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[str] = PAIRS,
         bins: Sequence[int] = (0, 1, 2, 3), crop: int | None = None, seed: int = 0,
-        source: str = "ct-brain-atlas", log: Callable[[str], None] = print
-        ) -> tuple[list[Outcome], list[dict[str, object]]]:
-    """Build the cases, run every available method on each, write table and plot."""
+        source: str = "ct-brain-atlas", log: Callable[[str], None] = print,
+        resume: bool = False) -> tuple[list[Outcome], list[dict[str, object]]]:
+    """Build the cases, run every available method on each, write table and plot.
+
+    Every outcome is appended to ``out/capture_range.jsonl`` as it finishes; with
+    ``resume`` the (case, method) pairs already there are not run again, so an
+    interrupted full run continues where it stopped.
+    """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
     runnable = [m for m in methods if available(m)]
     skipped = [m for m in methods if m not in runnable]
     cases = make_cases(cases_per_bin, pairs, seed, source, bins, crop=crop)
-    outcomes: list[Outcome] = []
-    for case in cases:
-        for method in runnable:
-            o = run_case(case, method)
-            outcomes.append(o)
-            log(f"{case.name} (initial {case.initial_error_mm:.0f} mm) {method}: "
-                f"TRE {o.tre_mm:.1f} mm, {o.seconds:.1f} s" + (f" [{o.error}]" if o.error else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    record = out / OUTCOMES
+    if not resume:
+        record.unlink(missing_ok=True)
+    wanted = {(c.name, m) for c in cases for m in runnable}
+    outcomes = [o for o in _load_outcomes(record) if (o.case, o.method) in wanted]
+    done = {(o.case, o.method) for o in outcomes}
+    with record.open("a", encoding="utf-8") as sink:
+        for case in cases:
+            for method in runnable:
+                if (case.name, method) in done:
+                    continue
+                o = run_case(case, method)
+                outcomes.append(o)
+                sink.write(json.dumps(dataclasses.asdict(o)) + "\n")
+                sink.flush()
+                log(f"{case.name} (initial {case.initial_error_mm:.0f} mm) {method}: "
+                    f"TRE {o.tre_mm:.1f} mm, {o.seconds:.1f} s"
+                    + (f" [{o.error}]" if o.error else ""))
     rows = summarise(outcomes, runnable, bins)
     header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop)}`. "
               f"Machine: {machine()}. Pairs: {', '.join(pairs)} ({source}, held out); "
               f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm."
               + (f" Skipped (not installed): {', '.join(skipped)}." if skipped else ""))
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, header)
     (out / "capture_range.md").write_text(table, encoding="utf-8")
     if rows:
@@ -487,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--crop", type=int, default=None, help="centred cube of this many voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the outcomes already in OUT/capture_range.jsonl, run the rest")
     p.add_argument("--quick", action="store_true",
                    help="one CT / FLAIR case in the 0-25 mm bin (what the test suite runs)")
     args = p.parse_args(argv)
@@ -496,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases, crop = args.cases_per_bin, args.crop
     if args.quick:
         cases, bins, pairs = 1, (0,), ["ct-mr"]
-    _, rows = run(cases, methods, args.out, pairs, bins, crop, args.seed)
+    _, rows = run(cases, methods, args.out, pairs, bins, crop, args.seed, resume=args.resume)
     print((args.out / "capture_range.md").read_text(encoding="utf-8"))
     return 0 if rows else 1
 

@@ -112,3 +112,28 @@ def test_quick_run_of_every_method_writes_table_and_plot(tmp_path: Path) -> None
         assert f"| {method} | 0-25 mm | 1 |" in table
     png = tmp_path / "capture_range.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_keeps_finished_outcomes_and_runs_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def identity(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int]:
+        calls.append("identity")
+        return sitk.Euler3DTransform(), 1
+
+    monkeypatch.setitem(cr.METHODS, "identity", identity)
+    kwargs = dict(pairs=("ct-mr",), bins=(0, 1), crop=40, source="phantom")
+    first, _ = cr.run(1, ["identity"], tmp_path, **kwargs)
+    assert len(calls) == 2
+    # The identity's TRE is each case's initial error, by definition.
+    assert all(cr.BINS_MM[o.bin_index][0] <= o.tre_mm < cr.BINS_MM[o.bin_index][1]
+               for o in first)
+    lines = (tmp_path / cr.OUTCOMES).read_text().splitlines()
+    (tmp_path / cr.OUTCOMES).write_text(lines[0] + "\n")  # as if interrupted after one
+    again, rows = cr.run(1, ["identity"], tmp_path, resume=True, **kwargs)
+    assert len(calls) == 3 and len(again) == 2
+    assert [r["cases"] for r in rows] == [1, 1]
+    cr.run(1, ["identity"], tmp_path, **kwargs)  # without resume: everything again
+    assert len(calls) == 5
