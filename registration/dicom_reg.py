@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -45,6 +43,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
+from disa.registration.atomic import atomic_write
 from disa.registration.io import (
     DEFAULT_LIMITS,
     InputLimits,
@@ -633,18 +632,7 @@ def write_registered_series(
 
 def write_dataset(ds: Dataset, path: str | Path) -> None:
     """Write a DICOM file (preamble, file meta) atomically: temp file, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda fh: ds.save_as(fh, enforce_file_format=True))
 
 
 def write_dicom_outputs(

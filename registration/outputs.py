@@ -18,7 +18,6 @@ with os.replace, so a reader never sees a half-written file.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
+from disa.registration.atomic import write_json
 from disa.registration.io import write_image
 from disa.registration.pipeline import RegistrationResult
 from disa.registration.qa import render_qa
@@ -56,21 +56,6 @@ def write_transform(transform: sitk.Transform, path: Path) -> None:
     try:
         sitk.WriteTransform(transform, tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the API may run as another user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Write JSON atomically."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -16,9 +16,7 @@ Shared by the API and the worker: no FastAPI here.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import json
 import logging
 import os
 import re
@@ -32,6 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
+
+from disa.registration.atomic import fsync_dir, write_json
 
 log = logging.getLogger("disa.store")
 
@@ -212,9 +212,9 @@ class JobStore:
         """
         staging = self.incoming_dir(manifest.id)
         (staging / OUTPUTS_DIR).mkdir(exist_ok=True)
-        _write_json_atomic(staging / MANIFEST_FILE, manifest.model_dump(mode="json"))
+        write_json(manifest.model_dump(mode="json"), staging / MANIFEST_FILE, indent=1)
         os.rename(staging, self.job_dir(manifest.id))
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def discard_incoming(self, job_id: str) -> None:
         """Remove a staging folder (failed or rejected upload)."""
@@ -242,7 +242,8 @@ class JobStore:
         folder = self.job_dir(manifest.id)
         if not folder.is_dir():
             raise JobNotFound(manifest.id)
-        _write_json_atomic(folder / MANIFEST_FILE, manifest.model_dump(mode="json"), durable)
+        write_json(manifest.model_dump(mode="json"), folder / MANIFEST_FILE, indent=1,
+                   durable=durable)
 
     def ids(self) -> list[str]:
         """Ids of all published jobs (unordered)."""
@@ -323,36 +324,3 @@ class JobStore:
         finally:
             os.close(fd)
             os.unlink(tmp)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any], durable: bool = True) -> None:
-    """Write JSON to a temp file in the same folder, then os.replace it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; API and worker may run as other users
-        os.replace(tmp, path)
-        if durable:
-            _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (some file systems cannot fsync folders)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)

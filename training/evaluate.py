@@ -15,8 +15,6 @@ settings).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -26,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from disa.registration import atomic
 from disa.training import sources
 from disa.training.pairs import make_scene
 from disa.training.sampling import sample_patch_pairs
@@ -194,14 +193,9 @@ def evaluate(
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write JSON atomically, creating the folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(obj, path)
 
 
 def card_metrics(result: dict[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 
 from disa.model.network import DisaNet
+from disa.registration.atomic import atomic_write, write_json
 from disa.training.data import DataConfig, batch_loader
 from disa.training.pairs import PairConfig
 
@@ -182,21 +181,7 @@ def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _atomic_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(obj, fh), durable=False)
 
 
 def load_checkpoint(run: str | Path) -> dict[str, Any]:
@@ -376,7 +361,7 @@ def fit(
         "config": dataclasses.asdict(cfg),
         "checkpoint": str(ckpt_path),
     }
-    _atomic_json(summary, out / SUMMARY)
+    write_json(summary, out / SUMMARY, durable=False)
     return summary
 
 

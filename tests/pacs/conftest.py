@@ -13,11 +13,10 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -27,18 +26,14 @@ import httpx
 import numpy as np
 import pytest
 
+from ..support import free_port
+
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 DICOMWEB_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so"
 PYTHON_PLUGIN = PLUGIN_DIR / "libOrthancPython.so"
 PLUGIN_SCRIPT = Path(__file__).resolve().parents[2] / "disa" / "pacs" / "orthanc_plugin.py"
 ORTHANC_AET = "ORTHANC"
 TEST_AET = "DISATEST"  # the AE title the tests (and the pacs commands) call from
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_dicom_fixtures() -> ModuleType:
@@ -286,15 +281,3 @@ def truth_error_mm(moving_to_fixed: np.ndarray, truth: Any, spacing: float = 15.
     moving_points = np.array([truth.TransformPoint(tuple(p)) for p in fixed_points])
     mapped = (np.c_[moving_points, np.ones(len(moving_points))] @ moving_to_fixed.T)[:, :3]
     return float(np.linalg.norm(mapped - fixed_points, axis=1).mean())
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2
-             ) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)

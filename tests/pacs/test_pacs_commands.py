@@ -17,6 +17,7 @@ import pytest
 from disa.cli import main
 from disa.registration import dicom_reg as dr
 
+from ..support import wait_until
 from .conftest import (
     DICOMWEB_PLUGIN,
     ORTHANC_AET,
@@ -31,7 +32,6 @@ from .conftest import (
     load_dicom_fixtures,
     orthanc_config,
     truth_error_mm,
-    wait_for,
 )
 
 JOB_OPTIONS = ["--similarity", "mind", "--starts", "50"]
@@ -165,7 +165,7 @@ def test_orthanc_plugin_registers_a_pair_as_it_arrives(
     server.start()
     try:
         server.upload(phantom_study.files())
-        wait_for(lambda: server.series_by_modality("REG"), 120, "the plugin's REG object",
+        wait_until(lambda: server.series_by_modality("REG"), 120, "the plugin's REG object",
                  interval=0.5)
         path = _stored_registration(server, tmp_path)
         jobs = httpx.get(f"{disa_service.url}/v1/jobs", params={"limit": 50}).json()

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,6 @@ from disa.service.settings import get_settings
 
 API_KEY = "test-key-5f0c"
 TINY_OPTIONS = {"similarity": "mind", "starts": 10}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def service_env(jobs_dir: Path, broker_url: str | None = None, queue: str = "disa",
@@ -93,16 +86,3 @@ def write_pair(folder: Path, size: int = 24, spacing: float = 4.0) -> tuple[Path
     write_image(pair.fixed, fixed)
     write_image(pair.moving, moving)
     return fixed, moving
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               interval: float = 0.1) -> Any:
-    """Poll `predicate` until it returns something truthy; fail the test after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)

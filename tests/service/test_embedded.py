@@ -15,7 +15,8 @@ import pytest
 from disa.cli import main
 from disa.service.client import DisaClient
 
-from .helpers import API_KEY, api_key_env, free_port, service_env, wait_until
+from ..support import free_port, wait_until
+from .helpers import API_KEY, api_key_env, service_env
 
 
 class Serve:

@@ -7,7 +7,8 @@ from fastapi.testclient import TestClient
 
 from disa.service.app import create_app
 
-from .helpers import TINY_OPTIONS, service_env, using_env, wait_until
+from ..support import wait_until
+from .helpers import TINY_OPTIONS, service_env, using_env
 
 
 def _submit(client: TestClient, pair_files) -> str:

@@ -22,12 +22,12 @@ import pytest
 from disa.service.app import create_app
 from disa.service.client import DisaClient
 
+from ..support import free_port
 from .helpers import (
     API_KEY,
     TINY_OPTIONS,
     LiveServer,
     api_key_env,
-    free_port,
     service_env,
     using_env,
 )
