@@ -304,6 +304,7 @@ def fit(
     reporter = Reporter(budget_s, elapsed, interactive)
     log = (out / LOG).open("a", encoding="utf-8")
     loader = batch_loader(data_cfg, cfg.seed, start=step, workers=cfg.workers, stop=cfg.max_steps)
+    restore_signals = _stop_on_signals()
     t_start = time.monotonic()
     elapsed0 = elapsed
     last_ckpt = last_log = t_start
@@ -352,6 +353,7 @@ def fit(
         if window["n"]:
             _log_window(log, reporter, window, step, elapsed, budget_s, opt, targets_per_step)
         checkpoint()
+        restore_signals()
         reporter.close()
         log.close()
     summary = {
@@ -363,6 +365,32 @@ def fit(
     }
     write_json(summary, out / SUMMARY, durable=False)
     return summary
+
+
+def _stop_on_signals() -> Callable[[], None]:
+    """Make SIGTERM and SIGINT stop training the way Ctrl-C does (checkpoint, then
+    return), and return a function that restores the previous handlers.
+
+    Why: a scheduler, ``kill`` or the end of a session sends SIGTERM, and a job
+    started in the background by a non-interactive shell ignores SIGINT; without
+    this the run would lose everything since the last periodic checkpoint.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _log_window(

@@ -161,3 +161,39 @@ def test_fit_can_start_from_an_exported_model(
     torch.save({"model": bad}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"lacks DisaNet parameters: head\.weight"):
         loop.initial_weights(tmp_path / "bad.pt")
+
+
+def test_sigterm_stops_with_a_checkpoint(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM (or the end of a session) must not lose the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "disa.training.cli", "fit", "--out", str(out),
+           "--budget", "10", "--crop", "16", "--batch", "1", "--workers", "0",
+           "--phantom-fraction", "1.0", "--sources", "none", "--cross-pairs", "16",
+           "--log-every", "0.2"]
+    # start_new_session: like a job started in the background, away from our signals.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = out / loop.LOG
+            if log.is_file() and log.read_text().count("\n") >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.2)
+        else:
+            pytest.fail("training logged no progress within 120 s")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((out / loop.SUMMARY).read_text())
+    assert summary["stopped_by"] == "interrupted" and summary["steps"] >= 1
+    assert loop.load_checkpoint(out)["step"] == summary["steps"]
