@@ -384,26 +384,32 @@ def warm_up(case: Case, methods: Sequence[str], log: Callable[[str], None]) -> N
 
 def summarise(outcomes: Sequence[Outcome], methods: Sequence[str],
               bins: Sequence[int]) -> list[dict[str, object]]:
-    """Per (method, bin): cases, converged rate, TRE p50/p90 of converged, time, evaluations."""
+    """Per (pair, method, bin): cases, converged rate, TRE p50/p90 of converged cases,
+    mean time per case, mean evaluations; pair "all" pools the pairs."""
+    pairs = list(dict.fromkeys(o.pair for o in outcomes))
+    groups = [*pairs, "all"] if len(pairs) > 1 else pairs
     rows = []
-    for method in methods:
-        for b in bins:
-            sel = [o for o in outcomes if o.method == method and o.bin_index == b]
-            if not sel:
-                continue
-            ok = [o.tre_mm for o in sel if o.tre_mm < CONVERGED_MM]
-            evals = [o.evaluations for o in sel if o.evaluations is not None]
-            rows.append({
-                "method": method,
-                "bin": b,
-                "cases": len(sel),
-                "converged": len(ok) / len(sel),
-                "tre_p50": float(np.percentile(ok, 50)) if ok else None,
-                "tre_p90": float(np.percentile(ok, 90)) if ok else None,
-                "seconds": float(np.mean([o.seconds for o in sel])),
-                "evaluations": float(np.mean(evals)) if evals else None,
-                "errors": sum(o.error is not None for o in sel),
-            })
+    for pair in groups:
+        for method in methods:
+            for b in bins:
+                sel = [o for o in outcomes if o.method == method and o.bin_index == b
+                       and pair in (o.pair, "all")]
+                if not sel:
+                    continue
+                ok = [o.tre_mm for o in sel if o.tre_mm < CONVERGED_MM]
+                evals = [o.evaluations for o in sel if o.evaluations is not None]
+                rows.append({
+                    "pair": pair,
+                    "method": method,
+                    "bin": b,
+                    "cases": len(sel),
+                    "converged": len(ok) / len(sel),
+                    "tre_p50": float(np.percentile(ok, 50)) if ok else None,
+                    "tre_p90": float(np.percentile(ok, 90)) if ok else None,
+                    "seconds": float(np.mean([o.seconds for o in sel])),
+                    "evaluations": float(np.mean(evals)) if evals else None,
+                    "errors": sum(o.error is not None for o in sel),
+                })
     return rows
 
 
@@ -413,13 +419,13 @@ def _fmt(value: object, spec: str) -> str:
 
 def markdown(rows: Sequence[dict[str, object]], header: str) -> str:
     lines = [header, "",
-             "| method | initial error | cases | converged | TRE p50 / p90 (mm) | s / case "
-             "| evaluations |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| pair | method | initial error | cases | converged | TRE p50 / p90 (mm) "
+             "| s / case | evaluations |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lo, hi = BINS_MM[int(r["bin"])]  # type: ignore[call-overload]
         lines.append(
-            f"| {r['method']} | {lo:.0f}-{hi:.0f} mm | {r['cases']} "
+            f"| {r['pair']} | {r['method']} | {lo:.0f}-{hi:.0f} mm | {r['cases']} "
             f"| {100 * float(r['converged']):.0f} % "  # type: ignore[arg-type]
             f"| {_fmt(r['tre_p50'], '.1f')} / {_fmt(r['tre_p90'], '.1f')} "
             f"| {float(r['seconds']):.1f} | {_fmt(r['evaluations'], ',.0f')} |"  # type: ignore[arg-type]
@@ -428,25 +434,29 @@ def markdown(rows: Sequence[dict[str, object]], header: str) -> str:
 
 
 def plot(rows: Sequence[dict[str, object]], path: Path) -> None:
-    """Converged rate per bin, one line per method."""
+    """Converged rate per bin, one panel per pair, one line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for method in dict.fromkeys(str(r["method"]) for r in rows):
-        sel = [r for r in rows if r["method"] == method]
-        x = [np.mean(BINS_MM[int(r["bin"])]) for r in sel]  # type: ignore[call-overload]
-        ax.plot(x, [100 * float(r["converged"]) for r in sel], marker="o",  # type: ignore[arg-type]
-                label=method)
-    ax.set_xlabel("initial error (mm, bin centre)")
-    ax.set_ylabel(f"converged (TRE < {CONVERGED_MM:.0f} mm), %")
-    ax.set_ylim(-5, 105)
-    ax.set_xticks([np.mean(b) for b in BINS_MM],
-                  [f"{lo:.0f}-{hi:.0f}" for lo, hi in BINS_MM])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    pairs = list(dict.fromkeys(str(r["pair"]) for r in rows))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), dpi=100,
+                             squeeze=False)
+    for ax, pair in zip(axes[0], pairs, strict=True):
+        for method in dict.fromkeys(str(r["method"]) for r in rows):
+            sel = [r for r in rows if r["method"] == method and r["pair"] == pair]
+            x = [np.mean(BINS_MM[int(r["bin"])]) for r in sel]  # type: ignore[call-overload]
+            ax.plot(x, [100 * float(r["converged"]) for r in sel],  # type: ignore[arg-type]
+                    marker="o", label=method)
+        ax.set_title(pair)
+        ax.set_xlabel("initial error (mm, bin centre)")
+        ax.set_ylabel(f"converged (TRE < {CONVERGED_MM:.0f} mm), %")
+        ax.set_ylim(-5, 105)
+        ax.set_xticks([np.mean(b) for b in BINS_MM],
+                      [f"{lo:.0f}-{hi:.0f}" for lo, hi in BINS_MM])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

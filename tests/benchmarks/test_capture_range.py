@@ -80,7 +80,10 @@ def test_summary_counts_converged_cases_per_method_and_bin() -> None:
     assert rows[0]["seconds"] == 2.0 and rows[0]["evaluations"] == 20.0
     assert rows[1]["converged"] == 0.0 and rows[1]["tre_p50"] is None and rows[1]["errors"] == 1
     table = cr.markdown(rows, "header")
-    assert "| m | 0-25 mm | 2 | 50 % | 2.0 / 2.0 | 2.0 | 20 |" in table
+    assert "| ct-mr | m | 0-25 mm | 2 | 50 % | 2.0 / 2.0 | 2.0 | 20 |" in table
+    both = cr.summarise([*outcomes, cr.Outcome("d", "ct-us", 0, "m", 1.0, 1.0, 10)], ["m"],
+                        (0,))
+    assert [(r["pair"], r["cases"]) for r in both] == [("ct-mr", 2), ("ct-us", 1), ("all", 3)]
     with pytest.raises(ValueError, match="unknown methods"):
         cr.run(1, ["nope"], Path("unused"))
 
@@ -109,7 +112,7 @@ def test_quick_run_of_every_method_writes_table_and_plot(tmp_path: Path) -> None
             assert by_method[method].tre_mm < cr.CONVERGED_MM, by_method[method]
     table = (tmp_path / "capture_range.md").read_text()
     for method in ran:
-        assert f"| {method} | 0-25 mm | 1 |" in table
+        assert f"| ct-mr | {method} | 0-25 mm | 1 |" in table
     png = tmp_path / "capture_range.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
