@@ -444,9 +444,13 @@ def plot(rows: Sequence[dict[str, object]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4), dpi=100,
                              squeeze=False)
     for ax, pair in zip(axes[0], pairs, strict=True):
-        for method in dict.fromkeys(str(r["method"]) for r in rows):
+        methods = list(dict.fromkeys(str(r["method"]) for r in rows))
+        for k, method in enumerate(methods):
             sel = [r for r in rows if r["method"] == method and r["pair"] == pair]
-            x = [np.mean(BINS_MM[int(r["bin"])]) for r in sel]  # type: ignore[call-overload]
+            # A small horizontal offset per method keeps coinciding lines visible.
+            dodge = 1.2 * (k - (len(methods) - 1) / 2)
+            x = [np.mean(BINS_MM[int(r["bin"])]) + dodge  # type: ignore[call-overload]
+                 for r in sel]
             ax.plot(x, [100 * float(r["converged"]) for r in sel],  # type: ignore[arg-type]
                     marker="o", label=method)
         ax.set_title(pair)
