@@ -164,6 +164,22 @@ def mapping_distance(model: TransformModel, theta_a: np.ndarray, theta_b: np.nda
         (model.apply(theta_a, points) - model.apply(theta_b, points)) ** 2, axis=1))))
 
 
+def _keep_initial(order: np.ndarray, origin: np.ndarray) -> np.ndarray:
+    """``order`` (row indices to keep), with the row descending from start 0 (the
+    initial pose) swapped in for the last kept row if the cut dropped it.
+
+    Why: the coarse levels pool the descriptor maps, and a good initial pose (a
+    header or a previous registration already close) can rank low there while it
+    is the best optimum at full resolution. Carrying it to the L-BFGS stage means
+    the global search never ends worse, in the refinement's cost, than a local
+    search from the initial pose would have.
+    """
+    initial = np.flatnonzero(origin == 0)
+    if len(initial) == 0 or initial[0] in order:
+        return order
+    return np.concatenate([order[:-1], initial[:1]])
+
+
 def global_search(coarse: Objective, fine: Objective, refine: Objective, model: TransformModel,
                   init: np.ndarray, settings: SearchSettings, radius_mm: float,
                   coarse_spacing_mm: float, fine_spacing_mm: float, check_points: np.ndarray,
@@ -183,20 +199,21 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     start_median = float(np.median(cost))
     lr = coarse_spacing_mm
     n_rounds = len(settings.coarse_rounds)
+    origin = np.arange(n_starts)  # which start each surviving row descends from
     for r, (steps, keep) in enumerate(settings.coarse_rounds):
         theta, cost = adam_steps(coarse, theta, scales, steps, lr, lr / 4, cancel)
         lr /= 2
         n_keep = max(settings.top_k * 2, math.ceil(len(theta) * keep))
-        order = np.argsort(cost, kind="stable")[:n_keep]
-        theta, cost = theta[order], cost[order]
+        order = _keep_initial(np.argsort(cost, kind="stable")[:n_keep], origin)
+        theta, cost, origin = theta[order], cost[order], origin[order]
         report("search", 0.5 * (r + 1) / n_rounds)
     timings["coarse"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     theta, cost = adam_steps(fine, theta, scales, settings.fine_steps, fine_spacing_mm / 2,
                              fine_spacing_mm / 16, cancel)
-    order = np.argsort(cost, kind="stable")[: settings.top_k]
-    theta = theta[order]
+    order = _keep_initial(np.argsort(cost, kind="stable")[: settings.top_k], origin)
+    theta, origin = theta[order], origin[order]
     report("search", 0.6)
     timings["fine"] = time.perf_counter() - t1
 
@@ -204,7 +221,7 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     solutions: list[RefinedSolution] = []
     for i, th in enumerate(theta):
         refined, refined_cost = lbfgs_refine(refine, th, scales, settings.lbfgs_iterations, cancel)
-        solutions.append(RefinedSolution(refined, refined_cost, int(order[i])))
+        solutions.append(RefinedSolution(refined, refined_cost, int(origin[i])))
         report("refine", 0.6 + 0.4 * (i + 1) / len(theta))
     solutions.sort(key=lambda s: s.cost)
     timings["refine"] = time.perf_counter() - t2

@@ -10,6 +10,7 @@ from disa.registration.search import (
     adam_steps,
     assess,
     draw_starts,
+    global_search,
     lbfgs_refine,
 )
 from disa.registration.transforms import TransformModel
@@ -85,3 +86,52 @@ def test_assess_counts_agreement_and_flags_ambiguity() -> None:
     agreeing, confidence, ambiguous = assess(model, [best, near, far_bad, far_good], points,
                                              settings, contrast=1.0)
     assert (agreeing, confidence, ambiguous) == (2, 0.5, True)
+
+
+class TwoBasins:
+    """min of two quadratic basins: a decoy at ``decoy`` with depth ``decoy_depth`` and
+    the true one at ``target`` with depth ``target_depth`` (lower cost wins)."""
+
+    differentiable = True
+
+    def __init__(self, target: np.ndarray, decoy: np.ndarray, target_depth: float,
+                 decoy_depth: float) -> None:
+        self.basins = [(target, target_depth), (decoy, decoy_depth)]
+        self.evaluations = 0
+
+    def cost(self, theta: np.ndarray) -> np.ndarray:
+        return self.cost_and_grad(theta)[0]
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        theta = np.atleast_2d(theta)
+        self.evaluations += len(theta)
+        w = np.array([100, 100, 100, 1, 1, 1.0])
+        costs, grads = [], []
+        for centre, depth in self.basins:
+            d = (theta - centre) * w
+            costs.append(np.minimum(np.sum(d * d, axis=1), 400.0) - depth)
+            inside = (np.sum(d * d, axis=1) < 400.0)[:, None]
+            grads.append(np.where(inside, 2 * d * w, 0.0))
+        costs, grads = np.array(costs), np.array(grads)
+        pick = np.argmin(costs, axis=0)
+        return costs[pick, np.arange(len(theta))], grads[pick, np.arange(len(theta))]
+
+
+def test_global_search_keeps_the_initial_pose_to_the_refinement() -> None:
+    """At the coarse level the decoy looks deeper and attracts every random start; at
+    full resolution the basin around the initial pose is the deeper one. The initial
+    pose must survive the cuts, so the search returns it rather than the decoy."""
+    model = TransformModel("rigid", np.zeros(3))
+    init = np.array([0.0, 0.0, 0.0, 2.0, 0.0, 0.0])
+    target = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    decoy = np.array([0.0, 0.0, 0.0, 40.0, 10.0, 0.0])
+    coarse = TwoBasins(target, decoy, target_depth=100.0, decoy_depth=300.0)
+    fine = TwoBasins(target, decoy, target_depth=100.0, decoy_depth=300.0)
+    refine = TwoBasins(target, decoy, target_depth=500.0, decoy_depth=300.0)
+    settings = SearchSettings(starts=200, rotation_range_deg=0.0, translation_range_mm=60.0,
+                              top_k=2, seed=3)
+    result = global_search(coarse, fine, refine, model, init, settings, radius_mm=50.0,
+                           coarse_spacing_mm=4.0, fine_spacing_mm=2.0,
+                           check_points=np.zeros((1, 3)))
+    np.testing.assert_allclose(result.theta, target, atol=1e-3)
+    assert any(s.start_index == 0 for s in result.solutions)
