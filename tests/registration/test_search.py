@@ -89,14 +89,16 @@ def test_assess_counts_agreement_and_flags_ambiguity() -> None:
 
 
 class TwoBasins:
-    """min of two quadratic basins: a decoy at ``decoy`` with depth ``decoy_depth`` and
+    """Two clipped Quadratic basins: a decoy at ``decoy`` with depth ``decoy_depth`` and
     the true one at ``target`` with depth ``target_depth`` (lower cost wins)."""
 
     differentiable = True
 
     def __init__(self, target: np.ndarray, decoy: np.ndarray, target_depth: float,
                  decoy_depth: float) -> None:
-        self.basins = [(target, target_depth), (decoy, decoy_depth)]
+        model = TransformModel("rigid", np.zeros(3))
+        self.basins = [(Quadratic(model, target), target_depth),
+                       (Quadratic(model, decoy), decoy_depth)]
         self.evaluations = 0
 
     def cost(self, theta: np.ndarray) -> np.ndarray:
@@ -105,16 +107,15 @@ class TwoBasins:
     def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         theta = np.atleast_2d(theta)
         self.evaluations += len(theta)
-        w = np.array([100, 100, 100, 1, 1, 1.0])
         costs, grads = [], []
-        for centre, depth in self.basins:
-            d = (theta - centre) * w
-            costs.append(np.minimum(np.sum(d * d, axis=1), 400.0) - depth)
-            inside = (np.sum(d * d, axis=1) < 400.0)[:, None]
-            grads.append(np.where(inside, 2 * d * w, 0.0))
-        costs, grads = np.array(costs), np.array(grads)
+        for basin, depth in self.basins:
+            cost, grad = basin.cost_and_grad(theta)
+            inside = cost < 400.0  # flat beyond the basin's rim
+            costs.append(np.where(inside, cost, 400.0) - depth)
+            grads.append(np.where(inside[:, None], grad, 0.0))
         pick = np.argmin(costs, axis=0)
-        return costs[pick, np.arange(len(theta))], grads[pick, np.arange(len(theta))]
+        rows = np.arange(len(theta))
+        return np.array(costs)[pick, rows], np.array(grads)[pick, rows]
 
 
 def test_global_search_keeps_the_initial_pose_to_the_refinement() -> None:
