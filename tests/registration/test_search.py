@@ -16,18 +16,25 @@ from disa.registration.search import (
 from disa.registration.transforms import TransformModel
 
 
-class Quadratic:
-    """cost = ||theta - target||^2 (scaled), a stand-in objective with a known optimum."""
+class Counted:
+    """The Objective protocol's bookkeeping: evaluation count and cost from cost_and_grad."""
 
     differentiable = True
+    evaluations = 0
+
+    def cost(self, theta: np.ndarray) -> np.ndarray:
+        return self.cost_and_grad(theta)[0]
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class Quadratic(Counted):
+    """cost = ||theta - target||^2 (scaled), a stand-in objective with a known optimum."""
 
     def __init__(self, model: TransformModel, target: np.ndarray) -> None:
         self.model = model
         self.target = target
-        self.evaluations = 0
-
-    def cost(self, theta: np.ndarray) -> np.ndarray:
-        return self.cost_and_grad(theta)[0]
 
     def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         theta = np.atleast_2d(theta)
@@ -88,21 +95,15 @@ def test_assess_counts_agreement_and_flags_ambiguity() -> None:
     assert (agreeing, confidence, ambiguous) == (2, 0.5, True)
 
 
-class TwoBasins:
+class TwoBasins(Counted):
     """Two clipped Quadratic basins: a decoy at ``decoy`` with depth ``decoy_depth`` and
     the true one at ``target`` with depth ``target_depth`` (lower cost wins)."""
-
-    differentiable = True
 
     def __init__(self, target: np.ndarray, decoy: np.ndarray, target_depth: float,
                  decoy_depth: float) -> None:
         model = TransformModel("rigid", np.zeros(3))
         self.basins = [(Quadratic(model, target), target_depth),
                        (Quadratic(model, decoy), decoy_depth)]
-        self.evaluations = 0
-
-    def cost(self, theta: np.ndarray) -> np.ndarray:
-        return self.cost_and_grad(theta)[0]
 
     def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         theta = np.atleast_2d(theta)
