@@ -79,13 +79,13 @@ def _pair_moments(fixed, moving, grad_fixed, grad_moving, fixed_pts, moving_pts,
                     row[11] += f * m
                     row[12] += gf * m
                     row[13] += gm * f
+        # Cumulative over shells: row s then holds the sums of the cube of radius s.
+        for s in range(1, rmax + 1):
+            shell[s] += shell[s - 1]
         for k in range(n_radii):
-            acc = np.zeros(14)
-            for s in range(radii[k] + 1):
-                acc += shell[s]
             for role in range(2):
                 for q in range(10):
-                    out[i, role, k, q] = acc[role_moments[role, q]]
+                    out[i, role, k, q] = shell[radii[k], role_moments[role, q]]
     return out
 
 

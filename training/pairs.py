@@ -12,8 +12,10 @@ random relative shift and Q a small relative rotation. Descriptor i of the
 fixed crop and descriptor i of the moving crop (both centred on crop voxel
 4i) therefore see patches offset by s and Q, and the target at i is the LC2 of
 those two patches as sampled: local LC2 of the two aligned arrays, taken at
-the descriptor centres (every 4th voxel) with the box-sum identities of
-`disa.registration.lc2`. Every output voxel is supervised. The margin (8 = the
+the descriptor centres (every 4th voxel) by the pair kernel of
+`disa.training.pair_lc2`, in one call with the cross pairs below
+(`dense_targets`, the box-sum identities of `disa.registration.lc2`, is the
+independent reference the tests hold it to). Every output voxel is supervised. The margin (8 = the
 largest LC2 radius 7 + 1 voxel for the gradient) lets the cubes of border
 descriptors use real context; the network sees only the central crop^3.
 
@@ -184,7 +186,8 @@ def descriptor_centres(cfg: PairConfig) -> np.ndarray:
 def dense_targets(
     fixed: np.ndarray, moving: np.ndarray, mr_role: str, cfg: PairConfig
 ) -> np.ndarray:
-    """Multi-radius LC2 of the two padded crops at every descriptor centre, (k, k, k) float32."""
+    """Multi-radius LC2 of the two padded crops at every descriptor centre, (k, k, k) float32,
+    by box sums: the reference for the pair kernel that `sample_crop_pair` uses."""
     source, target = (fixed, moving) if mr_role == "fixed" else (moving, fixed)
     values = lc2.local_lc2_multi(target, source, cfg.radii, points=descriptor_centres(cfg))
     k = cfg.out_side
@@ -227,21 +230,27 @@ def sample_crop_pair(scene: Scene, rng: np.random.Generator, cfg: PairConfig) ->
     moving = augment_intensity(moving, rng, cfg)
     mr_role = "fixed" if rng.random() < 0.5 else "moving"
     k = cfg.out_side
-    if cfg.symmetric_target:
-        centres = descriptor_centres(cfg)
-        target = pair_lc2(fixed, moving, centres, centres, cfg.radii).mean(axis=1)
-        target = target.reshape(k, k, k).astype(np.float32)
-        mr_role = "both"
-    else:
-        target = dense_targets(fixed, moving, mr_role, cfg)
     cross_i, cross_j = cross_indices(rng, cfg) if cfg.cross_pairs else (np.zeros((0, 3), int),) * 2
+    # One kernel call for equal positions and cross pairs: the crops' gradients and
+    # float64 copies are made once.
+    centres = descriptor_centres(cfg)
     both = pair_lc2(
-        fixed, moving, cfg.margin + STRIDE * cross_i, cfg.margin + STRIDE * cross_j, cfg.radii
+        fixed,
+        moving,
+        np.concatenate([centres, cfg.margin + STRIDE * cross_i]),
+        np.concatenate([centres, cfg.margin + STRIDE * cross_j]),
+        cfg.radii,
     )
+    equal, cross = both[: len(centres)], both[len(centres):]
     if cfg.symmetric_target:
-        cross_target = both.mean(axis=1)
+        mr_role = "both"
+        target = equal.mean(axis=1)
+        cross_target = cross.mean(axis=1)
     else:
-        cross_target = both[np.arange(len(both)), rng.integers(0, 2, len(both))]
+        # Column 0: the fixed crop gives intensity and gradient (the MR role).
+        target = equal[:, 0 if mr_role == "fixed" else 1]
+        cross_target = cross[np.arange(len(cross)), rng.integers(0, 2, len(cross))]
+    target = target.reshape(k, k, k).astype(np.float32)
     inner = slice(cfg.margin, cfg.margin + cfg.crop)
     return CropPair(
         fixed=np.ascontiguousarray(fixed[inner, inner, inner]),
