@@ -56,7 +56,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -65,6 +64,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from common import machine
+
+from disa.registration.phantom import target_registration_error
+from disa.training.pairs import random_rotation
 
 BINS_MM: tuple[tuple[float, float], ...] = ((0, 25), (25, 50), (50, 75), (75, 100))
 CONVERGED_MM = 10.0
@@ -104,11 +107,6 @@ class Outcome:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def machine() -> str:
-    cpus = len(os.sched_getaffinity(0))
-    return f"{platform.processor() or platform.machine()}, {cpus} CPU cores, {platform.system()}"
-
-
 # ----------------------------------------------------------------------- cases
 
 
@@ -139,15 +137,6 @@ def _foreground_points(image: sitk.Image, mask: np.ndarray, count: int,
         idx = idx[rng.choice(len(idx), count, replace=False)]
     return np.array([image.TransformContinuousIndexToPhysicalPoint(tuple(map(float, i)))
                      for i in idx])
-
-
-def random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    """A rotation matrix about a uniform random axis by an angle uniform in [0, max_deg]."""
-    from scipy.spatial.transform import Rotation
-
-    axis = rng.normal(size=3)
-    axis /= np.linalg.norm(axis)
-    return Rotation.from_rotvec(axis * np.deg2rad(rng.uniform(0.0, max_deg))).as_matrix()
 
 
 def draw_pose(rng: np.random.Generator, points: np.ndarray, center: np.ndarray,
@@ -239,9 +228,7 @@ def make_cases(cases_per_bin: int, pairs: Sequence[str] = PAIRS, seed: int = 0,
 
 def tre(estimate: sitk.Transform, truth: sitk.Transform, points: np.ndarray) -> float:
     """Mean distance (mm) between where ``estimate`` and ``truth`` map ``points``."""
-    est = np.array([estimate.TransformPoint(tuple(map(float, p))) for p in points])
-    ref = np.array([truth.TransformPoint(tuple(map(float, p))) for p in points])
-    return float(np.mean(np.linalg.norm(est - ref, axis=1)))
+    return target_registration_error(estimate, truth, points)
 
 
 # --------------------------------------------------------------------- methods

@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from common import machine
 from scipy import ndimage
 
 from disa.registration import phantom as ph
@@ -68,11 +68,6 @@ class Case:
     moving_labels: sitk.Image
     truth: sitk.Transform
     labels: list[int]
-
-
-def machine() -> str:
-    cpus = len(os.sched_getaffinity(0))
-    return f"{platform.processor() or platform.machine()}, {cpus} CPU cores, {platform.system()}"
 
 
 def _grid_for(shape: tuple[int, int, int], spacing: float) -> Grid:

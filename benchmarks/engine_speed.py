@@ -19,11 +19,10 @@ and say so.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
+from common import machine
 from scipy import ndimage
 
 from disa.registration import phantom as ph
@@ -33,11 +32,6 @@ from disa.registration.objective import DescriptorObjective, LC2Objective
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import fixed_weights, prepare, register
 from disa.registration.transforms import TransformModel
-
-
-def machine() -> str:
-    cpus = len(os.sched_getaffinity(0))
-    return f"{platform.processor() or platform.machine()}, {cpus} CPU cores, {platform.system()}"
 
 
 def disa_maps(fixed_p, moving_p) -> tuple[DescriptorMap, DescriptorMap, str]:

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load():
+    # The scripts import their shared helpers (benchmarks/common.py) as `common`.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("capture_range", ROOT / "benchmarks" /
                                                   "capture_range.py")
     module = importlib.util.module_from_spec(spec)
