@@ -29,9 +29,7 @@ Rendering uses Pillow and numpy only (no matplotlib in the runtime).
 
 from __future__ import annotations
 
-import os
 import textwrap
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,8 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
+
+from disa.registration.atomic import atomic_write
 
 __all__ = ["PLANES", "PlaneGrid", "QALayout", "plane_grids", "qa_layout", "render_qa"]
 
@@ -406,12 +406,7 @@ def _draw_letters(draw: ImageDraw.ImageDraw, box: Box, grid: PlaneGrid, font: Fo
 
 def _write_png_atomically(image: Image.Image, path: Path) -> None:
     """Write next to the target and rename: readers never see a half-written PNG."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda fh: image.save(fh, format="PNG"))
 
 
 def render_qa(

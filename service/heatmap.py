@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from disa.registration.atomic import atomic_write
 from disa.registration.descriptor_map import DescriptorMap
 from disa.registration.grid import Grid
 from disa.service.store import JobStore, Manifest
@@ -211,9 +212,8 @@ def _store(cache: Path, key: str, fixed_map: DescriptorMap, moving_map: Descript
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    # A cache file: atomic for concurrent readers, but not worth an fsync.
+    atomic_write(path, lambda fh: fh.write(data), durable=False)
 
 
 # --------------------------------------------------------------------- sampling
