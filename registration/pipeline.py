@@ -55,6 +55,7 @@ from disa.registration.search import (
     local_search,
     mapping_distance,
 )
+from disa.registration.threads import serial_blas
 from disa.registration.transforms import TransformModel
 
 #: Points of the fixed descriptor grid used by the coarse, fine and refinement objectives.
@@ -264,6 +265,13 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
              progress: Progress | None = None, cancel: Cancel | None = None
              ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; the result maps fixed points to moving points (mm)."""
+    with serial_blas():  # see threads.py: spinning BLAS workers stall a busy machine
+        return _register(fixed, moving, options, fixed_mask, moving_mask, progress, cancel)
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None,
+              fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
+              progress: Progress | None, cancel: Cancel | None) -> RegistrationResult:
     options = options or RegistrationOptions()
     report = progress or (lambda stage, fraction: None)
     timings: dict[str, float] = {}
