@@ -20,7 +20,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", type=Path, default=None, help="ONNX file (default: shipped model)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--engine", choices=list(ENGINES), default=None,
-                   help="default: DISA_DESCRIPTOR_ENGINE or onnxruntime")
+                   help="default: DISA_DESCRIPTOR_ENGINE, else auto (onnxruntime on CUDA, "
+                        "else openvino-fp32 when installed, else onnxruntime)")
     p.set_defaults(handler=_cmd_descriptors)
 
 
@@ -28,8 +29,10 @@ def _cmd_descriptors(args: argparse.Namespace) -> int:
     from disa.model.descriptors import compute_descriptor_file
     from disa.model.runtime import default_engine
 
+    # --device cuda asks for the one engine that runs on CUDA (and fails loudly without it).
+    engine = args.engine or ("onnxruntime" if args.device == "cuda" else default_engine())
     image = compute_descriptor_file(args.image, args.output, model_path=args.model,
-                                    device=args.device, engine=args.engine or default_engine())
+                                    device=args.device, engine=engine)
     print(f"wrote {args.output}: {image.GetSize()} voxels x {image.GetNumberOfComponentsPerPixel()}"
           f" channels, spacing {tuple(round(s, 3) for s in image.GetSpacing())} mm")
     return 0

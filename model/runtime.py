@@ -237,16 +237,29 @@ def _best_splits(
     return best
 
 
-def default_engine() -> Engine:
-    """The descriptor engine from DISA_DESCRIPTOR_ENGINE (deployment setting), else onnxruntime.
+def auto_engine(cuda_available: bool, openvino_available: bool) -> Engine:
+    """The engine "auto" resolves to: onnxruntime where it can run on CUDA (the GPU
+    path), else OpenVINO fp32 where installed (3x faster than onnxruntime on CPU for
+    registration-sized volumes, same fp32 numbers; benchmarks/README.md), else
+    onnxruntime on CPU. bf16 is never chosen automatically: it changes the numbers."""
+    if cuda_available:
+        return "onnxruntime"
+    return "openvino-fp32" if openvino_available else "onnxruntime"
 
-    onnxruntime is the default because it is the one engine that also runs on
-    CUDA; CPU-only deployments with the `openvino` extra set openvino-bf16
-    (about 3.7x faster here, see benchmarks/README.md).
-    """
-    value = os.environ.get("DISA_DESCRIPTOR_ENGINE", "onnxruntime").strip() or "onnxruntime"
+
+def default_engine() -> Engine:
+    """The descriptor engine from DISA_DESCRIPTOR_ENGINE (deployment setting, default
+    ``auto``: see `auto_engine`)."""
+    value = os.environ.get("DISA_DESCRIPTOR_ENGINE", "auto").strip() or "auto"
+    if value == "auto":
+        import importlib.util
+
+        import onnxruntime as ort
+
+        return auto_engine(CUDA_PROVIDER in ort.get_available_providers(),
+                           importlib.util.find_spec("openvino") is not None)
     if value not in ENGINES:
-        raise ValueError(f"DISA_DESCRIPTOR_ENGINE must be one of {', '.join(ENGINES)}, "
+        raise ValueError(f"DISA_DESCRIPTOR_ENGINE must be auto or one of {', '.join(ENGINES)}, "
                          f"got {value!r}")
     return value  # type: ignore[return-value]
 

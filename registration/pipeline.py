@@ -223,7 +223,8 @@ def disa_extractor() -> tuple[Any, dict[str, Any]]:
         card = load_model_card(card_path)
         extractor = DescriptorExtractor(card.onnx_path(card_path.parent), engine=default_engine())
         _extractors[key] = (extractor, {"name": card.name, "version": card.version,
-                                        "sha256": card.sha256, "stride": card.output_stride})
+                                        "sha256": card.sha256, "stride": card.output_stride,
+                                        "engine": extractor.engine})
     return _extractors[key]
 
 

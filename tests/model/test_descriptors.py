@@ -137,3 +137,41 @@ def test_compute_descriptor_file_round_trip(onnx_model: Path, tmp_path: Path, su
     np.testing.assert_allclose(
         sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(written), atol=1e-6
     )
+
+
+def _image_file(tmp_path: Path) -> Path:
+    image = _blob_image((30, 28, 26), (2.0, 2.0, 2.0), np.eye(3), (5.0, -3.0, 7.0),
+                        centre=np.array([35.0, 25.0, 33.0]), sigma_mm=6.0)
+    source = tmp_path / "image.nii.gz"
+    sitk.WriteImage(image, str(source))
+    return source
+
+
+def test_descriptors_command_writes_the_vector_image(onnx_model: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from disa.cli import main
+
+    target = tmp_path / "out.nrrd"
+    code = main(["descriptors", str(_image_file(tmp_path)), "-o", str(target),
+                 "--model", str(onnx_model), "--engine", "onnxruntime"])
+    assert code == 0 and "wrote" in capsys.readouterr().out
+    back = sitk.ReadImage(str(target))
+    assert back.GetNumberOfComponentsPerPixel() == 16
+    np.testing.assert_allclose(back.GetSpacing(), (8.0, 8.0, 8.0), rtol=1e-6)
+    assert back.GetPixelID() == sitk.sitkVectorFloat32
+
+
+def test_descriptors_command_on_cuda_without_a_gpu_fails_in_one_line(
+        onnx_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import onnxruntime as ort
+
+    from disa.cli import main
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    target = tmp_path / "out.nii.gz"
+    code = main(["descriptors", str(_image_file(tmp_path)), "-o", str(target),
+                 "--model", str(onnx_model), "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and not target.exists()
+    assert len(err.splitlines()) == 1 and "GPU required by configuration" in err

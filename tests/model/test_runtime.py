@@ -236,3 +236,36 @@ def test_openvino_engine_matches_onnxruntime(
     got = extractor.extract(volume)
     assert got.shape == whole.shape and got.flags.c_contiguous
     np.testing.assert_allclose(got, whole, atol=atol, rtol=0)
+
+
+# -- engine selection ("auto") ---------------------------------------------------
+
+
+def test_auto_engine_prefers_cuda_then_openvino_fp32_then_onnxruntime() -> None:
+    assert runtime.auto_engine(cuda_available=True, openvino_available=True) == "onnxruntime"
+    assert runtime.auto_engine(cuda_available=False, openvino_available=True) == "openvino-fp32"
+    assert runtime.auto_engine(cuda_available=False, openvino_available=False) == "onnxruntime"
+
+
+def test_default_engine_resolves_auto_from_what_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    monkeypatch.delenv("DISA_DESCRIPTOR_ENGINE", raising=False)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    has_openvino = importlib.util.find_spec("openvino") is not None
+    assert runtime.default_engine() == ("openvino-fp32" if has_openvino else "onnxruntime")
+    # Where onnxruntime offers CUDA, the GPU path wins over any CPU engine.
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert runtime.default_engine() == "onnxruntime"
+
+
+def test_default_engine_explicit_setting_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISA_DESCRIPTOR_ENGINE", "openvino-bf16")
+    assert runtime.default_engine() == "openvino-bf16"
+    monkeypatch.setenv("DISA_DESCRIPTOR_ENGINE", "tensorrt")
+    with pytest.raises(ValueError, match="DISA_DESCRIPTOR_ENGINE must be auto or one of"):
+        runtime.default_engine()

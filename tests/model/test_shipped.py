@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from disa.model.card import default_card_path, default_model_path, load_model_card
+from disa.model.runtime import default_engine
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
 
@@ -59,6 +60,7 @@ def test_shipped_model_registers_a_held_out_ct_mr_pair() -> None:
     assert error < 3.0, f"TRE {error:.1f} mm from {initial:.1f} mm"
     assert result.similarity == "disa" and result.model is not None
     assert result.model["sha256"] == load_model_card(default_card_path()).sha256
+    assert result.model["engine"] == default_engine()  # provenance: which engine ran the net
 
 
 @pytest.mark.parametrize("precision", ["int8", "float32"])
