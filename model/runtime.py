@@ -239,7 +239,7 @@ def _best_splits(
 
 def auto_engine(cuda_available: bool, openvino_available: bool) -> Engine:
     """The engine "auto" resolves to: onnxruntime where it can run on CUDA (the GPU
-    path), else OpenVINO fp32 where installed (3x faster than onnxruntime on CPU for
+    path), else OpenVINO fp32 where installed (2-3x faster than onnxruntime on CPU for
     registration-sized volumes, same fp32 numbers; benchmarks/README.md), else
     onnxruntime on CPU. bf16 is never chosen automatically: it changes the numbers."""
     if cuda_available:
