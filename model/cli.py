@@ -29,8 +29,7 @@ def _cmd_descriptors(args: argparse.Namespace) -> int:
     from disa.model.descriptors import compute_descriptor_file
     from disa.model.runtime import default_engine
 
-    # --device cuda asks for the one engine that runs on CUDA (and fails loudly without it).
-    engine = args.engine or ("onnxruntime" if args.device == "cuda" else default_engine())
+    engine = args.engine or default_engine(args.device)
     image = compute_descriptor_file(args.image, args.output, model_path=args.model,
                                     device=args.device, engine=engine)
     print(f"wrote {args.output}: {image.GetSize()} voxels x {image.GetNumberOfComponentsPerPixel()}"

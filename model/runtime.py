@@ -247,10 +247,13 @@ def auto_engine(cuda_available: bool, openvino_available: bool) -> Engine:
     return "openvino-fp32" if openvino_available else "onnxruntime"
 
 
-def default_engine() -> Engine:
+def default_engine(device: Device = "auto") -> Engine:
     """The descriptor engine from DISA_DESCRIPTOR_ENGINE (deployment setting, default
-    ``auto``: see `auto_engine`)."""
+    ``auto``: see `auto_engine`). ``auto`` with ``device="cuda"`` is onnxruntime, the one
+    engine that runs on CUDA (and fails loudly without it)."""
     value = os.environ.get("DISA_DESCRIPTOR_ENGINE", "auto").strip() or "auto"
+    if value == "auto" and device == "cuda":
+        return "onnxruntime"
     if value == "auto":
         import importlib.util
 

@@ -261,6 +261,8 @@ def test_default_engine_resolves_auto_from_what_is_installed(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     assert runtime.default_engine() == "onnxruntime"
+    # Asking for the GPU asks for the one engine that runs on it.
+    assert runtime.default_engine("cuda") == "onnxruntime"
 
 
 def test_default_engine_explicit_setting_and_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,12 +43,17 @@ def _blas_threads() -> list[int]:
     return [m["num_threads"] for m in threadpool_info() if m["user_api"] == "blas"]
 
 
-def test_register_runs_with_one_blas_thread_and_restores_it(monkeypatch) -> None:
+@pytest.fixture
+def blas() -> None:
+    """BLAS loaded and visible to threadpoolctl, else skip."""
     import numpy as np
 
-    np.dot(np.ones((4, 4)), np.ones((4, 4)))  # BLAS is loaded
+    np.dot(np.ones((4, 4)), np.ones((4, 4)))
     if not _blas_threads():
         pytest.skip("no BLAS library visible to threadpoolctl")
+
+
+def test_register_runs_with_one_blas_thread_and_restores_it(monkeypatch, blas) -> None:
     seen: list[list[int]] = []
     real_prepare = pipeline.prepare
 
@@ -68,12 +73,7 @@ def test_register_runs_with_one_blas_thread_and_restores_it(monkeypatch) -> None
     assert after == [2] * len(after)
 
 
-def test_default_policy_leaves_blas_alone(monkeypatch) -> None:
-    import numpy as np
-
-    np.dot(np.ones((4, 4)), np.ones((4, 4)))
-    if not _blas_threads():
-        pytest.skip("no BLAS library visible to threadpoolctl")
+def test_default_policy_leaves_blas_alone(monkeypatch, blas) -> None:
     monkeypatch.setenv(POLICY_ENV, "default")
     with threadpool_limits(limits=2, user_api="blas"), serial_blas():
         assert _blas_threads() == [2] * len(_blas_threads())
