@@ -22,7 +22,7 @@ import numpy as np
 
 from disa.registration.descriptor_map import DescriptorMap
 from disa.registration.grid import Grid
-from disa.registration.kernels import descriptor_cost, point_descriptor_cost
+from disa.registration.kernels import descriptor_cost, point_descriptor_cost, sample_descriptors
 from disa.registration.transforms import TransformModel
 
 
@@ -42,14 +42,16 @@ class Objective(Protocol):
         ...
 
 
-def sample_points(weight_map: np.ndarray, n_points: int | None, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def sample_points(weight_map: np.ndarray, n_points: int | None, rng: np.random.Generator,
+                  replicate: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Sample points of a weight map (Z, Y, X) for the objective.
 
     With ``n_points`` None or at least the number of weighted voxels, every
-    voxel with positive weight is used with its weight. Otherwise points are
-    drawn without replacement with probability proportional to the weight and
-    weighted equally, an importance sample of the same weighted sum.
+    voxel with positive weight is used with its weight (``replicate``: each
+    repeated until there are at least ``n_points``, for callers that move the
+    copies apart). Otherwise points are drawn without replacement with
+    probability proportional to the weight and weighted equally, an importance
+    sample of the same weighted sum.
 
     Returns indices (N, 3) in (x, y, z) order as float32 and weights (N,)
     float32 summing to 1.
@@ -59,7 +61,8 @@ def sample_points(weight_map: np.ndarray, n_points: int | None, rng: np.random.G
     if candidates.size == 0:
         raise ValueError("no voxel of the fixed image carries weight")
     if n_points is None or n_points >= candidates.size:
-        chosen = candidates
+        copies = -(-n_points // candidates.size) if replicate and n_points else 1
+        chosen = np.repeat(candidates, copies)
         weights = flat[chosen]
     else:
         p = flat[candidates] / flat[candidates].sum()
@@ -87,8 +90,22 @@ class DescriptorObjective:
     cost(theta) = -sum_p w_p <F_p, M(T_theta(x_p))>    (kind "dot", DISA)
     cost(theta) =  sum_p w_p ||F_p - M(T_theta(x_p))||^2  (kind "ssd", MIND-SSC)
 
-    with x_p the physical positions of the sampled fixed grid points, weights
+    with x_p the physical positions of the sampled fixed points, weights
     summing to 1, and moving descriptors zero outside the moving map.
+
+    ``jitter`` moves every sampled grid point by a uniform random
+    offset within its descriptor cell and interpolates the fixed map there, so
+    the cost is the cross-correlation of two interpolated maps rather than the
+    moving map's interpolation read at fixed nodes. Why: a dot product with a
+    trilinearly interpolated vector is linear between nodes, so with every
+    point on a node of a parallel grid (shared grids, or the re-oriented
+    refinement) the cost is piecewise linear in translation with all kinks at
+    grid alignment, and its optimum snaps to a multiple of the descriptor
+    spacing (8 mm for DISA). Spread over the cell, the kinks average out
+    (docs/DESIGN.md, "The objective and its kernel"). The engine turns it on
+    for DISA's coarse maps only: on MIND-SSC's 2-4 mm grids the kinks are
+    small and interpolating the fixed map only blurs it (a probe phantom's
+    decay length drifted from 30 to 23 mm).
     """
 
     fixed: DescriptorMap
@@ -98,6 +115,7 @@ class DescriptorObjective:
     kind: Literal["dot", "ssd"] = "dot"
     n_points: int | None = None
     seed: int = 0
+    jitter: bool = False
     differentiable: bool = True
     evaluations: int = 0
     points: np.ndarray = field(init=False)
@@ -110,9 +128,19 @@ class DescriptorObjective:
         if self.weight_map.shape != tuple(self.fixed.grid.shape):
             raise ValueError("weight map is not on the fixed descriptor grid")
         rng = np.random.default_rng(self.seed)
-        self.points, self.weights = sample_points(self.weight_map, self.n_points, rng)
-        idx = self.points.astype(np.int64)
-        self.fixed_values = np.ascontiguousarray(self.fixed.data[idx[:, 2], idx[:, 1], idx[:, 0]])
+        self.points, self.weights = sample_points(self.weight_map, self.n_points, rng,
+                                                  replicate=self.jitter)
+        self._fixed_scale = float(self.fixed.scale)
+        if self.jitter:
+            upper = np.array(self.fixed.grid.shape[::-1], dtype=np.float32) - 1.0
+            offsets = rng.uniform(-0.5, 0.5, self.points.shape).astype(np.float32)
+            self.points = np.clip(self.points + offsets, 0.0, upper)
+            self.fixed_values = sample_descriptors(self.fixed.data, self.points, self._fixed_scale)
+            self._fixed_scale = 1.0
+        else:
+            idx = self.points.astype(np.int64)
+            self.fixed_values = np.ascontiguousarray(
+                self.fixed.data[idx[:, 2], idx[:, 1], idx[:, 0]])
         self._moving = np.ascontiguousarray(self.moving.data)
 
     @property
@@ -127,7 +155,7 @@ class DescriptorObjective:
         mats = fold_grids(p, self.fixed.grid, self.moving.grid)
         cost, grad_idx, inside = descriptor_cost(
             self.fixed_values, self.weights, self.points, self._moving, mats,
-            float(self.fixed.scale), float(self.moving.scale), self.kind == "ssd", want_grad)
+            self._fixed_scale, float(self.moving.scale), self.kind == "ssd", want_grad)
         self.evaluations += len(theta)
         if not want_grad:
             return cost, np.zeros_like(theta), inside
@@ -186,7 +214,7 @@ class PointObjective(DescriptorObjective):
         to_index = self.moving.grid.physical_to_index
         coords = np.ascontiguousarray(moved @ to_index[:3, :3].T + to_index[:3, 3])
         cost, grad_idx, inside = point_descriptor_cost(
-            self.fixed_values, self.weights, coords, self._moving, float(self.fixed.scale),
+            self.fixed_values, self.weights, coords, self._moving, self._fixed_scale,
             float(self.moving.scale), self.kind == "ssd", want_grad)
         self.evaluations += len(theta)
         if not want_grad:

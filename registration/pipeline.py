@@ -399,10 +399,11 @@ def _objective(fixed_map: DescriptorMap, moving_map: DescriptorMap, weights: np.
                model: TransformModel | ProbeModel, kind: str, n_points: int, seed: int
                ) -> DescriptorObjective:
     """Eq. 2 for a transform family: the matrix kernel for rigid/affine, the per-point
-    kernel for non-linear families (rigid+probe)."""
+    kernel for non-linear families (rigid+probe). DISA's points are jittered within
+    their 8 mm descriptor cells (``DescriptorObjective``: the grid-alignment bias)."""
     cls = PointObjective if isinstance(model, ProbeModel) else DescriptorObjective
     return cls(fixed_map, moving_map, weights, model, kind=kind,  # type: ignore[arg-type]
-               n_points=n_points, seed=seed)
+               n_points=n_points, seed=seed, jitter=kind == "dot")
 
 
 def _deformable(model: TransformModel, theta: np.ndarray, objective: DescriptorObjective,
