@@ -15,10 +15,14 @@ too: both similarities run through the same optimiser at the same cost.
 3. Convex coupling (ConvexAdam-like): alternately smooth the field and
    re-choose per node the displacement minimising cost + pull |d - smooth|^2,
    the pull growing over the iterations. Gives a smooth, large-capture start.
-4. Adam on v (every node, sub-voxel): similarity at the nodes through the
-   per-point kernel (exact trilinear interpolation of the moving map at
-   L(x + v)), plus a diffusion regulariser and a penalty that keeps det J
-   above ``jacobian_floor`` at every cell corner (no folding).
+4. Adam on v (every node, sub-voxel): similarity through the per-point kernel
+   (exact trilinear interpolation of the moving map at L(x + v)), plus a
+   diffusion regulariser and a penalty that keeps det J above
+   ``jacobian_floor`` at every cell corner (no folding). The similarity is
+   read at the nodes, or (``sub_points`` > 0, DISA) at that many points per
+   weighted node jittered within its cell, with v interpolated there: read at
+   nodes only, a coarse moving map pulls every node onto moving grid nodes
+   (the grid-alignment bias of docs/DESIGN.md).
 
 Energies are normalised so that one setting serves DISA and MIND: costs are
 divided by the median cost contrast of the window (mean - min over the
@@ -65,6 +69,9 @@ class DeformableSettings:
     #: det J is kept above this at every cell corner.
     jacobian_floor: float = 0.2
     jacobian_weight: float = 10.0
+    #: Similarity points per weighted node for Adam, jittered within its cell (0: the
+    #: node itself). The pipeline uses 8 for DISA's 8 mm maps, 0 for MIND-SSC.
+    sub_points: int = 0
 
 
 @dataclass
@@ -144,6 +151,68 @@ def _scatter_grad(grad_index, nodes, a, out):
         for j in range(3):
             out[k, j] = a[0, j] * grad_index[0, p, 0] + a[1, j] * grad_index[0, p, 1] \
                 + a[2, j] * grad_index[0, p, 2]
+
+
+@njit(cache=True)
+def _sub_coords(field, corners, weights, base, a, out):
+    """out[p] = base[p] + a @ (sum_c weights[p, c] field[corners[p, c]]): moving indices
+    of sub-points whose displacement is interpolated from 8 nodes (flat field)."""
+    for p in range(corners.shape[0]):
+        vx = 0.0
+        vy = 0.0
+        vz = 0.0
+        for c in range(8):
+            k = corners[p, c]
+            w = weights[p, c]
+            vx += w * field[k, 0]
+            vy += w * field[k, 1]
+            vz += w * field[k, 2]
+        for i in range(3):
+            out[0, p, i] = base[p, i] + a[i, 0] * vx + a[i, 1] * vy + a[i, 2] * vz
+
+
+@njit(cache=True)
+def _sub_scatter(grad_index, corners, weights, a, out):
+    """out[corners[p, c]] += weights[p, c] a^T grad_index[p]: the transpose of
+    ``_sub_coords`` (d cost / d node displacement, flat field)."""
+    for p in range(corners.shape[0]):
+        g0 = a[0, 0] * grad_index[0, p, 0] + a[1, 0] * grad_index[0, p, 1] \
+            + a[2, 0] * grad_index[0, p, 2]
+        g1 = a[0, 1] * grad_index[0, p, 0] + a[1, 1] * grad_index[0, p, 1] \
+            + a[2, 1] * grad_index[0, p, 2]
+        g2 = a[0, 2] * grad_index[0, p, 0] + a[1, 2] * grad_index[0, p, 1] \
+            + a[2, 2] * grad_index[0, p, 2]
+        for c in range(8):
+            k = corners[p, c]
+            w = weights[p, c]
+            out[k, 0] += w * g0
+            out[k, 1] += w * g1
+            out[k, 2] += w * g2
+
+
+def _sub_points(nodes: np.ndarray, offset: np.ndarray, grid: Grid, f_map: DescriptorMap,
+                count: int, seed: int = 0
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` points per node (padded-grid index, x y z) jittered uniformly within
+    +-0.5 node: their padded-grid positions (P, 3), the 8 surrounding nodes as flat
+    indices (P, 8) with trilinear weights (P, 8), and the fixed descriptors there (P, C),
+    interpolated on ``f_map`` (whose index is the padded index minus ``offset``)."""
+    rng = np.random.default_rng(seed)
+    base = np.repeat(nodes.astype(np.float64), count, axis=0)
+    upper = np.array(grid.shape[::-1], dtype=np.float64) - 1.0
+    points = np.clip(base + rng.uniform(-0.5, 0.5, base.shape), 0.0, upper)
+    low = np.minimum(np.floor(points), upper - 1).astype(np.int64)
+    frac = points - low
+    corners = np.empty((len(points), 8), dtype=np.int64)
+    weights = np.empty((len(points), 8))
+    for c in range(8):
+        bit = np.array([c & 1, (c >> 1) & 1, (c >> 2) & 1])
+        idx = low + bit
+        corners[:, c] = np.ravel_multi_index((idx[:, 2], idx[:, 1], idx[:, 0]), grid.shape)
+        weights[:, c] = np.prod(np.where(bit == 1, frac, 1.0 - frac), axis=1)
+    values = sample_descriptors(np.ascontiguousarray(f_map.data), points - offset,
+                                float(f_map.scale))
+    return points, corners, weights, values
 
 
 def _smooth(values: np.ndarray, confidence: np.ndarray, sigma: float) -> np.ndarray:
@@ -239,7 +308,7 @@ def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.nd
 
     v, before, after, min_det = _adam(v, grid, positions, padded_nodes, fixed_values,
                                       f_map.scale, node_weight, m_map, linear, kind,
-                                      contrast, settings, check)
+                                      contrast, settings, check, (f_map, offset))
     timings["deformable_adam"] = time.perf_counter() - t3
     return DeformableResult(grid=grid, field=v, min_corner_jacobian=min_det,
                             similarity_before=before, similarity_after=after, timings=timings)
@@ -248,15 +317,25 @@ def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.nd
 def _adam(v: np.ndarray, grid: Grid, positions: np.ndarray, nodes: np.ndarray,
           fixed_values: np.ndarray, fixed_scale: float, node_weight: np.ndarray,
           moving: DescriptorMap, linear: np.ndarray, kind: str, contrast: float,
-          settings: DeformableSettings, check: Callable[[], None]
+          settings: DeformableSettings, check: Callable[[], None],
+          fixed_map: tuple[DescriptorMap, np.ndarray] | None = None
           ) -> tuple[np.ndarray, float, float, float]:
     """Adam on the node displacements (mm) of E = similarity + diffusion + folding penalty.
 
-    Returns the field, the normalised similarity term before and after, and the
-    smallest corner det J of the result.
+    ``fixed_map`` (the control-grid map and the padding offset, x y z) is needed for
+    ``settings.sub_points`` > 0. Returns the field, the normalised similarity term
+    before and after, and the smallest corner det J of the result.
     """
     a, b = _fold(linear, moving.grid)
     n_weighted = len(nodes)
+    sub = settings.sub_points if fixed_map is not None else 0
+    if sub > 0:
+        assert fixed_map is not None
+        sub_positions, corners, corner_weights, fixed_values = _sub_points(
+            nodes, fixed_map[1], grid, fixed_map[0], sub)
+        fixed_scale = 1.0
+        positions = grid.to_physical(sub_positions)
+        node_weight = np.repeat(node_weight, sub) / sub
     kernel_weights = (node_weight / (contrast * n_weighted)).astype(np.float32)
     moving_data = np.ascontiguousarray(moving.data)
     ssd = kind == "ssd"
@@ -265,18 +344,24 @@ def _adam(v: np.ndarray, grid: Grid, positions: np.ndarray, nodes: np.ndarray,
     beta = settings.jacobian_weight / n_weighted
     h = float(grid.spacing.min())
     flat_nodes = np.ravel_multi_index((nodes[:, 2], nodes[:, 1], nodes[:, 0]), grid.shape)
-    base = positions @ a.T + b  # moving index of every node at zero displacement
-    coords = np.empty((1, len(nodes), 3))
+    base = positions @ a.T + b  # moving index of every point at zero displacement
+    coords = np.empty((1, len(positions), 3))
 
     def similarity(field_: np.ndarray, want_grad: bool) -> tuple[float, np.ndarray]:
         """Normalised similarity term and its gradient on the whole field (Z, Y, X, 3)."""
-        _node_coords(field_.reshape(-1, 3), flat_nodes, base, a, coords)
+        if sub > 0:
+            _sub_coords(field_.reshape(-1, 3), corners, corner_weights, base, a, coords)
+        else:
+            _node_coords(field_.reshape(-1, 3), flat_nodes, base, a, coords)
         cost, grad_index, _ = point_descriptor_cost(
             fixed_values, kernel_weights, coords, moving_data, float(fixed_scale),
             float(moving.scale), ssd, want_grad)
         grad = np.zeros_like(field_)
         if want_grad:
-            _scatter_grad(grad_index, flat_nodes, a, grad.reshape(-1, 3))
+            if sub > 0:
+                _sub_scatter(grad_index, corners, corner_weights, a, grad.reshape(-1, 3))
+            else:
+                _scatter_grad(grad_index, flat_nodes, a, grad.reshape(-1, 3))
         return float(cost[0]), grad
 
     before = similarity(v, False)[0]

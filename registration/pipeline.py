@@ -412,8 +412,11 @@ def _deformable(model: TransformModel, theta: np.ndarray, objective: DescriptorO
     """The deformable stage on the final linear stage's descriptor maps (the moving map
     re-gridded along the fixed axes); returns T(x) = L(x + v(x)) and the stage's facts."""
     linear = model.matrices(theta[None, :])[0][0]
+    # DISA's 8 mm moving map pulls node-sampled similarity onto its nodes: integrate
+    # over each cell instead (deformable.py, step 4).
     settings = DeformableSettings(regularisation=options.regularisation,
-                                  search_radius_mm=options.search_radius)
+                                  search_radius_mm=options.search_radius,
+                                  sub_points=8 if kind == "dot" else 0)
     stage = deformable_stage(objective.fixed, objective.moving, objective.weight_map, linear,
                              kind, fixed, spacing, settings, cancel)  # type: ignore[arg-type]
     transform = residual_transform(model.to_sitk(theta), stage.field, stage.grid)
