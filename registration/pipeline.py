@@ -59,7 +59,7 @@ from disa.registration.threads import serial_blas
 from disa.registration.transforms import TransformModel
 
 #: Points of the fixed descriptor grid used by the coarse, fine and refinement objectives.
-COARSE_POINTS = 1024
+COARSE_POINTS = 512
 FINE_POINTS = 4096
 REFINE_POINTS = 16384
 #: The coarse level is the base map pooled 2x when the base grid is larger than this.
