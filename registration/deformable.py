@@ -134,29 +134,9 @@ def _warp_fine(moving: DescriptorMap, linear: np.ndarray, grid: Grid, radius: in
 
 
 @njit(cache=True)
-def _node_coords(field, nodes, base, a, out):
-    """out[p] = base[p] + a @ field[nodes[p]]: moving indices of the nodes (flat field)."""
-    for p in range(nodes.shape[0]):
-        k = nodes[p]
-        for i in range(3):
-            out[0, p, i] = base[p, i] + a[i, 0] * field[k, 0] + a[i, 1] * field[k, 1] \
-                + a[i, 2] * field[k, 2]
-
-
-@njit(cache=True)
-def _scatter_grad(grad_index, nodes, a, out):
-    """out[nodes[p]] = a^T grad_index[p]: d cost / d node displacement (flat field)."""
-    for p in range(nodes.shape[0]):
-        k = nodes[p]
-        for j in range(3):
-            out[k, j] = a[0, j] * grad_index[0, p, 0] + a[1, j] * grad_index[0, p, 1] \
-                + a[2, j] * grad_index[0, p, 2]
-
-
-@njit(cache=True)
-def _sub_coords(field, corners, weights, base, a, out):
+def _point_coords(field, corners, weights, base, a, out):
     """out[p] = base[p] + a @ (sum_c weights[p, c] field[corners[p, c]]): moving indices
-    of sub-points whose displacement is interpolated from 8 nodes (flat field)."""
+    of similarity points whose displacement is interpolated from 8 nodes (flat field)."""
     for p in range(corners.shape[0]):
         vx = 0.0
         vy = 0.0
@@ -172,9 +152,9 @@ def _sub_coords(field, corners, weights, base, a, out):
 
 
 @njit(cache=True)
-def _sub_scatter(grad_index, corners, weights, a, out):
+def _scatter_to_nodes(grad_index, corners, weights, a, out):
     """out[corners[p, c]] += weights[p, c] a^T grad_index[p]: the transpose of
-    ``_sub_coords`` (d cost / d node displacement, flat field)."""
+    ``_point_coords`` (d cost / d node displacement, flat field)."""
     for p in range(corners.shape[0]):
         g0 = a[0, 0] * grad_index[0, p, 0] + a[1, 0] * grad_index[0, p, 1] \
             + a[2, 0] * grad_index[0, p, 2]
@@ -190,13 +170,35 @@ def _sub_scatter(grad_index, corners, weights, a, out):
             out[k, 2] += w * g2
 
 
-def _sub_points(nodes: np.ndarray, offset: np.ndarray, grid: Grid, f_map: DescriptorMap,
-                count: int, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``count`` points per node (padded-grid index, x y z) jittered uniformly within
-    +-0.5 node: their padded-grid positions (P, 3), the 8 surrounding nodes as flat
-    indices (P, 8) with trilinear weights (P, 8), and the fixed descriptors there (P, C),
-    interpolated on ``f_map`` (whose index is the padded index minus ``offset``)."""
+@dataclass
+class SimilarityPoints:
+    """Where the Adam stage reads the similarity: physical positions (P, 3) at zero
+    displacement, the 8 control nodes (flat padded-grid indices, P x 8) whose trilinear
+    weights (P x 8) give each point's displacement, the fixed descriptors there (P, C) with
+    their dequantisation scale, and the point weights (P,)."""
+
+    positions: np.ndarray
+    corners: np.ndarray
+    corner_weights: np.ndarray
+    fixed_values: np.ndarray
+    fixed_scale: float
+    weights: np.ndarray
+
+
+def similarity_points(nodes: np.ndarray, offset: np.ndarray, grid: Grid, f_map: DescriptorMap,
+                      node_weight: np.ndarray, count: int, seed: int = 0) -> SimilarityPoints:
+    """The weighted nodes themselves (``count`` 0), or ``count`` points per node jittered
+    uniformly within +-0.5 node, the fixed map interpolated there. ``nodes``: padded-grid
+    indices (x, y, z); ``f_map`` is indexed by the padded index minus ``offset``."""
+    if count == 0:
+        points = nodes.astype(np.float64)
+        values = np.ascontiguousarray(f_map.data[tuple((nodes - offset)[:, ::-1].T)])
+        flat = np.ravel_multi_index((nodes[:, 2], nodes[:, 1], nodes[:, 0]), grid.shape)
+        corners = np.repeat(flat[:, None], 8, axis=1)
+        weights = np.zeros((len(nodes), 8))
+        weights[:, 0] = 1.0
+        return SimilarityPoints(grid.to_physical(points), corners, weights, values,
+                                float(f_map.scale), node_weight)
     rng = np.random.default_rng(seed)
     base = np.repeat(nodes.astype(np.float64), count, axis=0)
     upper = np.array(grid.shape[::-1], dtype=np.float64) - 1.0
@@ -212,7 +214,8 @@ def _sub_points(nodes: np.ndarray, offset: np.ndarray, grid: Grid, f_map: Descri
         weights[:, c] = np.prod(np.where(bit == 1, frac, 1.0 - frac), axis=1)
     values = sample_descriptors(np.ascontiguousarray(f_map.data), points - offset,
                                 float(f_map.scale))
-    return points, corners, weights, values
+    return SimilarityPoints(grid.to_physical(points), corners, weights, values, 1.0,
+                            np.repeat(node_weight, count) / count)
 
 
 def _smooth(values: np.ndarray, confidence: np.ndarray, sigma: float) -> np.ndarray:
@@ -269,7 +272,6 @@ def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.nd
     node_weight /= node_weight.mean()
     fixed_values = np.ascontiguousarray(f_map.data[zz, yy, xx])
     padded_nodes = nodes0 + offset
-    positions = grid.to_physical(padded_nodes.astype(np.float64))
     warped = _warp_fine(m_map, linear, grid0, radius)
     t1 = time.perf_counter()
     timings["deformable_warp"] = t1 - t0
@@ -306,62 +308,47 @@ def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.nd
     timings["deformable_coupling"] = t3 - t2
     check()
 
-    v, before, after, min_det = _adam(v, grid, positions, padded_nodes, fixed_values,
-                                      f_map.scale, node_weight, m_map, linear, kind,
-                                      contrast, settings, check, (f_map, offset))
+    points = similarity_points(padded_nodes, offset, grid, f_map, node_weight,
+                               settings.sub_points)
+    v, before, after, min_det = _adam(v, grid, points, len(padded_nodes), m_map, linear, kind,
+                                      contrast, settings, check)
     timings["deformable_adam"] = time.perf_counter() - t3
     return DeformableResult(grid=grid, field=v, min_corner_jacobian=min_det,
                             similarity_before=before, similarity_after=after, timings=timings)
 
 
-def _adam(v: np.ndarray, grid: Grid, positions: np.ndarray, nodes: np.ndarray,
-          fixed_values: np.ndarray, fixed_scale: float, node_weight: np.ndarray,
+def _adam(v: np.ndarray, grid: Grid, points: SimilarityPoints, n_weighted: int,
           moving: DescriptorMap, linear: np.ndarray, kind: str, contrast: float,
-          settings: DeformableSettings, check: Callable[[], None],
-          fixed_map: tuple[DescriptorMap, np.ndarray] | None = None
+          settings: DeformableSettings, check: Callable[[], None]
           ) -> tuple[np.ndarray, float, float, float]:
-    """Adam on the node displacements (mm) of E = similarity + diffusion + folding penalty.
+    """Adam on the node displacements (mm) of E = similarity + diffusion + folding penalty,
+    the similarity read at ``points`` (``n_weighted`` weighted nodes normalise the terms).
 
-    ``fixed_map`` (the control-grid map and the padding offset, x y z) is needed for
-    ``settings.sub_points`` > 0. Returns the field, the normalised similarity term
-    before and after, and the smallest corner det J of the result.
+    Returns the field, the normalised similarity term before and after, and the
+    smallest corner det J of the result.
     """
     a, b = _fold(linear, moving.grid)
-    n_weighted = len(nodes)
-    sub = settings.sub_points if fixed_map is not None else 0
-    if sub > 0:
-        assert fixed_map is not None
-        sub_positions, corners, corner_weights, fixed_values = _sub_points(
-            nodes, fixed_map[1], grid, fixed_map[0], sub)
-        fixed_scale = 1.0
-        positions = grid.to_physical(sub_positions)
-        node_weight = np.repeat(node_weight, sub) / sub
-    kernel_weights = (node_weight / (contrast * n_weighted)).astype(np.float32)
+    kernel_weights = (points.weights / (contrast * n_weighted)).astype(np.float32)
     moving_data = np.ascontiguousarray(moving.data)
     ssd = kind == "ssd"
     index_to_physical = grid.direction * grid.spacing[None, :]
     alpha = DIFFUSION_WEIGHT * settings.regularisation / n_weighted
     beta = settings.jacobian_weight / n_weighted
     h = float(grid.spacing.min())
-    flat_nodes = np.ravel_multi_index((nodes[:, 2], nodes[:, 1], nodes[:, 0]), grid.shape)
-    base = positions @ a.T + b  # moving index of every point at zero displacement
-    coords = np.empty((1, len(positions), 3))
+    base = points.positions @ a.T + b  # moving index of every point at zero displacement
+    coords = np.empty((1, len(base), 3))
 
     def similarity(field_: np.ndarray, want_grad: bool) -> tuple[float, np.ndarray]:
         """Normalised similarity term and its gradient on the whole field (Z, Y, X, 3)."""
-        if sub > 0:
-            _sub_coords(field_.reshape(-1, 3), corners, corner_weights, base, a, coords)
-        else:
-            _node_coords(field_.reshape(-1, 3), flat_nodes, base, a, coords)
+        _point_coords(field_.reshape(-1, 3), points.corners, points.corner_weights, base, a,
+                      coords)
         cost, grad_index, _ = point_descriptor_cost(
-            fixed_values, kernel_weights, coords, moving_data, float(fixed_scale),
+            points.fixed_values, kernel_weights, coords, moving_data, points.fixed_scale,
             float(moving.scale), ssd, want_grad)
         grad = np.zeros_like(field_)
         if want_grad:
-            if sub > 0:
-                _sub_scatter(grad_index, corners, corner_weights, a, grad.reshape(-1, 3))
-            else:
-                _scatter_grad(grad_index, flat_nodes, a, grad.reshape(-1, 3))
+            _scatter_to_nodes(grad_index, points.corners, points.corner_weights, a,
+                              grad.reshape(-1, 3))
         return float(cost[0]), grad
 
     before = similarity(v, False)[0]

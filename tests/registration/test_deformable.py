@@ -283,20 +283,22 @@ def test_sub_cell_shift_on_a_shared_coarse_grid() -> None:
 
 def test_sub_point_gather_and_scatter_are_adjoint() -> None:
     """d cost / d node = the transpose of the node -> sub-point interpolation."""
-    from disa.registration.deformable import _sub_coords, _sub_points, _sub_scatter
+    from disa.registration.deformable import _point_coords, _scatter_to_nodes, similarity_points
 
     grid = Grid((6, 7, 8), np.zeros(3), np.full(3, 8.0), np.eye(3))
     f_map = DescriptorMap(np.random.default_rng(1).normal(size=(6, 7, 8, 4)).astype(np.float32),
                           grid)
     nodes = np.array([[1, 2, 3], [4, 5, 2], [7, 6, 5], [0, 0, 0]])
-    points, corners, weights, values = _sub_points(nodes, np.zeros(3), grid, f_map, 5)
+    sampled = similarity_points(nodes, np.zeros(3, dtype=int), grid, f_map, np.ones(4), 5)
+    points, corners, weights, values = (sampled.positions, sampled.corners,
+                                        sampled.corner_weights, sampled.fixed_values)
     assert np.allclose(weights.sum(axis=1), 1.0) and values.shape == (20, 4)
     rng = np.random.default_rng(2)
     field = rng.normal(size=(grid.shape[0] * grid.shape[1] * grid.shape[2], 3))
     a = rng.normal(size=(3, 3))
     coords = np.empty((1, len(points), 3))
-    _sub_coords(field, corners, weights, np.zeros((len(points), 3)), a, coords)
+    _point_coords(field, corners, weights, np.zeros((len(points), 3)), a, coords)
     g = rng.normal(size=(1, len(points), 3))
     back = np.zeros_like(field)
-    _sub_scatter(g, corners, weights, a, back)
+    _scatter_to_nodes(g, corners, weights, a, back)
     assert np.isclose(np.sum(g * coords), np.sum(back * field))
