@@ -516,6 +516,14 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
         step = (refined - theta) / scales  # mm of displacement at the sample radius
         # Converged when the pass moved points by < 3 % of a descriptor voxel.
         converged = bool(np.abs(step).max() < 0.03 * float(fixed_map.grid.spacing[0]))
+        if converged and not isinstance(model, ProbeModel):
+            # The pose barely moved, so this pass's descriptors are already aligned
+            # with it: the final, denser refinement reuses them rather than paying
+            # for another network inference (same TRE on the capture-range cases).
+            objective = _objective(fixed_map, moving_map, weights, pass_model, kind,
+                                   REFINE_POINTS, options.seed)
+            theta, cost = lbfgs_refine(objective, refined, scales, 100, cancel)
+            break
         if converged or isinstance(model, ProbeModel):
             # The probe's decay length is a flat, noisy direction from pass to pass:
             # extrapolating it (Anderson) diverged on phantoms; plain passes do not.

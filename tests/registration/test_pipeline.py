@@ -89,6 +89,38 @@ def test_progress_reports_stages_in_order(small_pair) -> None:
     assert "reorient" in order
 
 
+def test_converged_reorientation_pass_reuses_its_descriptors(small_pair, monkeypatch) -> None:
+    """Once a re-orientation pass barely moves the pose, the final refinement runs on
+    that pass's moving descriptors instead of extracting them again."""
+    from disa.registration import pipeline
+
+    events: list[tuple[str, object]] = []
+    extract, refine = pipeline.descriptor_maps, pipeline.lbfgs_refine
+
+    def counting_extract(*args, **kwargs):
+        out = extract(*args, **kwargs)
+        events.append(("extract", out[0]))
+        return out
+
+    def recording_refine(objective, *args, **kwargs):
+        events.append(("refine", (objective.moving, objective.n_points)))
+        return refine(objective, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "descriptor_maps", counting_extract)
+    monkeypatch.setattr(pipeline, "lbfgs_refine", recording_refine)
+    options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
+                                  rotation_range=20, translation_range=30)
+    result = register(small_pair.fixed, small_pair.moving, options)
+    assert tre(result.transform, small_pair.truth) < 1.0
+    refines = [value for kind, value in events if kind == "refine"]
+    assert 2 <= len(refines) < pipeline.REORIENT_PASSES["mind"]  # converged before the cap
+    (last_map, last_points), (previous_map, _) = refines[-1], refines[-2]
+    assert last_points == pipeline.REFINE_POINTS
+    assert last_map is previous_map and events[-2][0] == "refine"  # no extraction between
+    # fixed + moving for the search, then one extraction per pass but the last
+    assert sum(kind == "extract" for kind, _ in events) == 2 + len(refines) - 1
+
+
 def test_constant_image_is_rejected(small_pair) -> None:
     flat = sitk.Image(small_pair.fixed.GetSize(), sitk.sitkFloat32) + 5.0
     flat.CopyInformation(small_pair.fixed)
