@@ -571,9 +571,12 @@ def _affine_stage(similarity: str, model: TransformModel, rigid_theta: np.ndarra
         result = local_search(lc2, model, start, radius, step_mm=2.0, max_evaluations=1200,
                               cancel=cancel)
         return result.theta, result.cost
+    # Same sampling as the rigid stage, jitter included: without it DISA's affine
+    # optimum snaps back to the 8 mm grid alignment that the jitter removed.
     affine_objective = DescriptorObjective(
         rigid_objective.fixed, rigid_objective.moving, rigid_objective.weight_map, model,
-        kind=rigid_objective.kind, n_points=rigid_objective.n_points, seed=rigid_objective.seed)
+        kind=rigid_objective.kind, n_points=rigid_objective.n_points, seed=rigid_objective.seed,
+        jitter=rigid_objective.jitter)
     theta, cost = lbfgs_refine(affine_objective, start, model.scales(radius), 200, cancel)
     det = float(np.linalg.det(theta[:9].reshape(3, 3)))
     if not 0.25 < det < 4.0:
