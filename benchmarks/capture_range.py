@@ -233,7 +233,13 @@ def tre(estimate: sitk.Transform, truth: sitk.Transform, points: np.ndarray) -> 
 
 # --------------------------------------------------------------------- methods
 
-Method = Callable[[sitk.Image, sitk.Image], tuple[sitk.Transform, int | None]]
+Method = Callable[[sitk.Image, sitk.Image], tuple]
+"""(fixed, moving) -> (transform, evaluations or None[, extra]); the engine's methods add
+extra = {"confidence", "ambiguous"}, what result.json tells a user about the answer."""
+
+#: The service warns when a result is ambiguous or its confidence is below this
+#: (docs/SERVICE.md, the result page): a "flagged" result.
+FLAG_CONFIDENCE = 0.5
 
 
 def _engine(similarity: str, starts: int) -> Method:
@@ -244,7 +250,10 @@ def _engine(similarity: str, starts: int) -> Method:
         options = RegistrationOptions(similarity=similarity, starts=starts, init="geometry",
                                       rotation_range=40.0, translation_range=100.0)
         result = register(fixed, moving, options)
-        return result.transform, int(result.evaluations)
+        if starts == 1:  # one solution agrees with itself: no confidence to report
+            return result.transform, int(result.evaluations)
+        return result.transform, int(result.evaluations), {
+            "confidence": float(result.confidence), "ambiguous": float(result.ambiguous)}
 
     return run
 
@@ -346,13 +355,48 @@ def run_case(case: Case, method: str) -> Outcome:
     """One method on one case; a method's exception is a failed case, not a crash."""
     t0 = time.perf_counter()
     try:
-        transform, evaluations = METHODS[method](case.fixed, case.moving)
+        transform, evaluations, *rest = METHODS[method](case.fixed, case.moving)
     except Exception as exc:  # a peer failing on a hard start is a result too
         return Outcome(case.name, case.pair, case.bin_index, method, float("inf"),
                        time.perf_counter() - t0, None, f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - t0
     return Outcome(case.name, case.pair, case.bin_index, method,
-                   tre(transform, case.truth, case.points), seconds, evaluations)
+                   tre(transform, case.truth, case.points), seconds, evaluations,
+                   extra=dict(rest[0]) if rest else {})
+
+
+def flagged(outcome: Outcome) -> bool | None:
+    """Whether the method warned about its answer (None: it reports no confidence)."""
+    if "confidence" not in outcome.extra:
+        return None
+    return bool(outcome.extra.get("ambiguous")) or outcome.extra["confidence"] < FLAG_CONFIDENCE
+
+
+def confidence_summary(outcomes: Sequence[Outcome]) -> list[dict[str, object]]:
+    """Per (pair, method) that reports a confidence: how many failed cases it flagged
+    (a warning where one was due) and how many converged ones (a false alarm)."""
+    rows = []
+    keys = dict.fromkeys((o.pair, o.method) for o in outcomes if flagged(o) is not None)
+    for pair, method in keys:
+        sel = [o for o in outcomes if o.pair == pair and o.method == method and o.error is None]
+        failed = [o for o in sel if o.tre_mm >= CONVERGED_MM]
+        converged = [o for o in sel if o.tre_mm < CONVERGED_MM]
+        rows.append({
+            "pair": pair, "method": method,
+            "failed": len(failed), "failed_flagged": sum(bool(flagged(o)) for o in failed),
+            "converged": len(converged),
+            "converged_flagged": sum(bool(flagged(o)) for o in converged),
+        })
+    return rows
+
+
+def confidence_markdown(rows: Sequence[dict[str, object]]) -> str:
+    lines = [f"Warnings (ambiguous, or confidence < {FLAG_CONFIDENCE:.0%}): failed cases "
+             "flagged / failed, converged cases flagged / converged.", "",
+             "| pair | method | failed flagged | converged flagged |", "|---|---|---:|---:|"]
+    lines += [f"| {r['pair']} | {r['method']} | {r['failed_flagged']} / {r['failed']} "
+              f"| {r['converged_flagged']} / {r['converged']} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def warm_up(case: Case, methods: Sequence[str], log: Callable[[str], None]) -> None:
@@ -509,6 +553,9 @@ def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[s
               f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm."
               + (f" Skipped (not installed): {', '.join(skipped)}." if skipped else ""))
     table = markdown(rows, header)
+    warnings = confidence_summary(outcomes)
+    if warnings:
+        table += "\n" + confidence_markdown(warnings)
     (out / "capture_range.md").write_text(table, encoding="utf-8")
     if rows:
         plot(rows, out / "capture_range.png")

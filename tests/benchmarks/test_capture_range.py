@@ -90,6 +90,20 @@ def test_summary_counts_converged_cases_per_method_and_bin() -> None:
         cr.run(1, ["nope"], Path("unused"))
 
 
+def test_confidence_summary_counts_warnings_on_failed_and_converged_cases() -> None:
+    def outcome(tre: float, confidence: float | None, ambiguous: float = 0.0) -> cr.Outcome:
+        extra = {} if confidence is None else {"confidence": confidence, "ambiguous": ambiguous}
+        return cr.Outcome("x", "ct-us", 0, "g" if confidence is not None else "p", tre, 1.0,
+                          None, extra=extra)
+
+    outcomes = [outcome(40.0, 0.25), outcome(40.0, 1.0), outcome(40.0, 0.75, ambiguous=1.0),
+                outcome(2.0, 1.0), outcome(2.0, 0.25), outcome(2.0, 0.75), outcome(40.0, None)]
+    rows = cr.confidence_summary(outcomes)
+    assert rows == [{"pair": "ct-us", "method": "g", "failed": 3, "failed_flagged": 2,
+                     "converged": 3, "converged_flagged": 1}]  # "p" reports none
+    assert "| ct-us | g | 2 / 3 | 1 / 3 |" in cr.confidence_markdown(rows)
+
+
 def test_quick_run_of_every_method_writes_table_and_plot(tmp_path: Path) -> None:
     """One CT / FLAIR case of the held-out CT head, 0-25 mm initial error, every method.
 
@@ -115,6 +129,10 @@ def test_quick_run_of_every_method_writes_table_and_plot(tmp_path: Path) -> None
     table = (tmp_path / "capture_range.md").read_text()
     for method in ran:
         assert f"| ct-mr | {method} | 0-25 mm | 1 |" in table
+    # Global engine methods report what a user is told about the answer; local ones can't.
+    assert 0.0 <= by_method["mind-global"].extra["confidence"] <= 1.0
+    assert "confidence" not in by_method["lc2-local"].extra
+    assert "| ct-mr | mind-global |" in table.split("Warnings")[1]
     png = tmp_path / "capture_range.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
