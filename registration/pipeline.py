@@ -524,7 +524,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                                    REFINE_POINTS, options.seed)
             theta, cost = lbfgs_refine(objective, refined, scales, 100, cancel)
             break
-        if converged or isinstance(model, ProbeModel):
+        if isinstance(model, ProbeModel):
+            # (converged or not: a converged probe pass makes the next one final.)
             # The probe's decay length is a flat, noisy direction from pass to pass:
             # extrapolating it (Anderson) diverged on phantoms; plain passes do not.
             theta = refined
