@@ -9,6 +9,8 @@ functions rather than re-implementing them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -35,7 +37,9 @@ def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int = sitk.sitkLinear,
                         default_value: float | None = None, direction: np.ndarray | None = None,
-                        smooth: bool = True) -> sitk.Image:
+                        smooth: bool = True,
+                        bounds: tuple[np.ndarray, np.ndarray] | None = None,
+                        align_voxels: int = 1) -> sitk.Image:
     """Resample ``image`` to isotropic ``spacing_mm`` over the same field of view.
 
     Without ``direction`` the new grid keeps origin and direction (voxel 0 stays
@@ -45,6 +49,13 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
     ``default_value``, by default the image minimum). When coarsening, a
     Gaussian (``antialias``) suppresses aliasing first unless ``smooth`` is
     False (the caller has smoothed already).
+
+    ``bounds`` (with ``direction`` only): (low, high) coordinates in mm along
+    the new axes; the grid then covers only their intersection with the
+    field of view's box, its first voxel a whole multiple of ``align_voxels``
+    voxels from the uncropped grid's, so that the cropped grid's voxels (and
+    the descriptor grid strided from them) coincide with the uncropped ones;
+    bounds that miss the box entirely leave it whole.
     """
     if not np.isfinite(spacing_mm) or spacing_mm <= 0:
         raise InputError(f"working spacing must be a positive number of mm, got {spacing_mm}")
@@ -60,6 +71,12 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
                              for c in corners])
         local = physical @ direction  # coordinates along the new axes
         low, high = local.min(axis=0), local.max(axis=0)
+        if bounds is not None:
+            step = spacing_mm * max(1, int(align_voxels))
+            crop_low = low + step * np.floor(np.maximum(bounds[0] - low, 0.0) / step)
+            crop_high = np.minimum(high, np.asarray(bounds[1], dtype=np.float64))
+            if np.all(crop_high >= crop_low):  # (no overlap: keep the whole box)
+                low, high = crop_low, crop_high
         new_size = np.maximum(1, np.ceil((high - low) / spacing_mm).astype(int) + 1)
         origin = tuple(float(v) for v in direction @ low)
         new_direction = tuple(float(v) for v in np.asarray(direction).ravel())
@@ -108,12 +125,34 @@ def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def normalise_intensities(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Robust z-score (float32): clip to the 0.5-99.5 percentiles of the foreground, subtract
-    the foreground mean, divide by its standard deviation, clip to +-5.
+@dataclass(frozen=True)
+class IntensityNormalisation:
+    """A robust z-score fixed by one image's statistics (intensity units of that image).
+
+    Kept with a prepared image so that the same image re-gridded later (the
+    re-oriented refinement) maps the same tissue to the same values.
+    """
+
+    low: float
+    high: float
+    mean: float
+    std: float
+
+    def apply(self, volume: np.ndarray) -> np.ndarray:
+        """Clip to [low, high], subtract the mean, divide by the std, clip to +-5 (float32)."""
+        # float64 bounds: the arithmetic runs in float64, as it always has (same bits).
+        out = (np.clip(np.asarray(volume, dtype=np.float32), np.float64(self.low),
+                       np.float64(self.high)) - self.mean) / self.std
+        return np.clip(out, -Z_CLIP, Z_CLIP).astype(np.float32)
+
+
+def intensity_normalisation(volume: np.ndarray, mask: np.ndarray | None = None
+                            ) -> IntensityNormalisation:
+    """The robust z-score of ``volume``: the 0.5-99.5 percentiles of the foreground bound the
+    intensities, whose mean and standard deviation then define it.
 
     ``mask`` selects the voxels whose statistics define the normalisation
-    (default: the automatic foreground); every voxel is normalised.
+    (default: the automatic foreground).
     """
     volume = np.asarray(volume, dtype=np.float32)
     if mask is None:
@@ -125,8 +164,17 @@ def normalise_intensities(volume: np.ndarray, mask: np.ndarray | None = None) ->
     std = float(clipped.std())
     if std <= 1e-8 * max(1.0, abs(mean)):
         raise InputError("image has constant intensity over its foreground: nothing to register")
-    out = (np.clip(volume, lo, hi) - mean) / std
-    return np.clip(out, -Z_CLIP, Z_CLIP).astype(np.float32)
+    return IntensityNormalisation(float(lo), float(hi), mean, std)
+
+
+def normalise_intensities(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Robust z-score (float32): clip to the 0.5-99.5 percentiles of the foreground, subtract
+    the foreground mean, divide by its standard deviation, clip to +-5.
+
+    ``mask`` selects the voxels whose statistics define the normalisation
+    (default: the automatic foreground); every voxel is normalised.
+    """
+    return intensity_normalisation(volume, mask).apply(volume)
 
 
 def local_std(volume: np.ndarray, radius: int) -> np.ndarray:

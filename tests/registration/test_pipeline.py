@@ -144,3 +144,74 @@ def test_default_similarity_follows_the_model_cards_held_out_error(monkeypatch, 
     assert resolve_similarity(RegistrationOptions(similarity="lc2")) == "lc2"
     monkeypatch.setattr(card, "default_card_path", lambda: None)
     assert resolve_similarity(RegistrationOptions()) == "mind"
+
+
+def test_reoriented_passes_extract_only_the_region_the_fixed_image_maps_to(
+        small_pair, monkeypatch) -> None:
+    """Each re-orientation pass runs the descriptors on the moving region that the weighted
+    fixed points map to (plus footprint and motion margins), not on the rotated box around
+    the whole moving field of view; the answer stays as accurate."""
+    from disa.registration import pipeline
+    from disa.registration.preprocess import resample_to_spacing
+
+    shapes: list[tuple[int, ...]] = []
+    extract = pipeline.descriptor_maps
+
+    def recording_extract(image, *args, **kwargs):
+        shapes.append(image.volume.shape)
+        return extract(image, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "descriptor_maps", recording_extract)
+    options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
+                                  rotation_range=20, translation_range=30)
+    result = register(small_pair.fixed, small_pair.moving, options)
+    assert tre(result.transform, small_pair.truth) < 1.0
+    rotation = result.matrix[:3, :3] @ np.asarray(small_pair.fixed.GetDirection()).reshape(3, 3)
+    whole = resample_to_spacing(small_pair.moving, result.working_spacing_mm, direction=rotation)
+    passes = shapes[2:]  # after the fixed and moving maps of the search
+    assert passes and all(np.prod(s) < 0.6 * np.prod(whole.GetSize()) for s in passes)
+
+
+def test_cropped_regrid_gives_the_uncropped_disa_descriptors() -> None:
+    """The crop's margin covers the network's receptive field and its first voxel sits a
+    whole stride into the uncropped grid: the descriptors inside the requested box are the
+    ones the uncropped re-gridded image gives."""
+    from disa.model.card import default_card_path
+    from disa.registration import pipeline
+    from disa.registration.preprocess import antialias
+
+    if default_card_path() is None:
+        pytest.skip("no shipped DISA model")
+    truth = ph.rigid_truth((0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+    image = ph.make_pair(truth, fixed_grid=ph.make_grid((60, 56, 52), (3.0, 3.0, 3.0)),
+                         seed=4).fixed
+    options = RegistrationOptions(similarity="disa")
+    spacing = 2.0
+    first = pipeline.prepare(image, spacing, None)
+    axes = np.asarray(ph.rigid_truth((14.0, -9.0, 6.0), (0.0, 0.0, 0.0)).GetMatrix()).reshape(3, 3)
+    smoothed = antialias(image, spacing)
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint(
+        [(n - 1) / 2 for n in image.GetSize()])) @ axes
+    inner = (centre - 20.0, centre + 24.0)  # the region the descriptors are wanted in (mm)
+    margin = pipeline.descriptor_footprint_voxels("disa", options) * spacing
+    whole = pipeline.regrid(smoothed, spacing, None, axes, (centre - 1e4, centre + 1e4), 4,
+                            first.normalisation)
+    crop = pipeline.regrid(smoothed, spacing, None, axes, (inner[0] - margin, inner[1] + margin),
+                           4, first.normalisation)
+    assert np.prod(crop.volume.shape) < 0.5 * np.prod(whole.volume.shape)
+    whole_map, _, _ = pipeline.descriptor_maps(whole, "disa", options)
+    crop_map, _, _ = pipeline.descriptor_maps(crop, "disa", options)
+    # Descriptor voxels of the crop whose centres lie in the inner box, and the same
+    # physical points in the uncropped map.
+    z, y, x = np.meshgrid(*(np.arange(n) for n in crop_map.data.shape[:3]), indexing="ij")
+    index = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1).astype(np.float64)
+    local = crop_map.grid.to_physical(index) @ axes
+    inside = np.all((local >= inner[0]) & (local <= inner[1]), axis=1)
+    assert inside.sum() > 50
+    in_whole = np.rint(whole_map.grid.to_index(crop_map.grid.to_physical(index[inside])))
+    np.testing.assert_allclose(in_whole, whole_map.grid.to_index(
+        crop_map.grid.to_physical(index[inside])), atol=1e-6)  # the grids coincide
+    w = in_whole.astype(int)
+    expected = whole_map.data[w[:, 2], w[:, 1], w[:, 0]]
+    got = crop_map.data.reshape(-1, crop_map.data.shape[-1])[inside]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
