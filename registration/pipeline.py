@@ -549,7 +549,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
         passes = REORIENT_PASSES.get(similarity, 4)
     history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
     smoothed = antialias(moving, spacing)  # once: every pass re-grids the same image
-    stride = max(1, round(float(fixed_map.grid.spacing[0]) / spacing))
+    # Descriptor stride in working voxels: crops start a whole stride into the full grid.
+    align = max(1, round(float(fixed_map.grid.spacing[0]) / spacing))
     margin_mm = (descriptor_footprint_voxels(similarity, options) * spacing
                  + max(REORIENT_MOTION_MM, 2.0 * float(fixed_map.grid.spacing[0])))
     for pass_index in range(passes):
@@ -564,7 +565,7 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
             pass_model = model.referenced(theta)
         else:
             bounds = reoriented_bounds(model, theta, fixed_map, weights, direction, margin_mm)
-            moving_p = regrid(smoothed, spacing, moving_mask, direction, bounds, stride,
+            moving_p = regrid(smoothed, spacing, moving_mask, direction, bounds, align,
                               normalisation)
         moving_map, stride, _ = descriptor_maps(moving_p, similarity, options)
         if moving_mask is not None:
