@@ -575,7 +575,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
         final = pass_index == passes - 1 or converged
         objective = _objective(fixed_map, moving_map, weights, pass_model, kind,
                                REFINE_POINTS if final else FINE_POINTS, options.seed)
-        refined, cost = lbfgs_refine(objective, theta, scales, 100 if final else 30, cancel)
+        refined, cost = lbfgs_refine(objective, theta, scales, 100 if final else 30, cancel,
+                                     step_tolerance_mm=model.step_tolerance_mm)
         if final:
             theta = refined
             break
@@ -588,7 +589,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
             # for another network inference (same TRE on the capture-range cases).
             objective = _objective(fixed_map, moving_map, weights, pass_model, kind,
                                    REFINE_POINTS, options.seed)
-            theta, cost = lbfgs_refine(objective, refined, scales, 100, cancel)
+            theta, cost = lbfgs_refine(objective, refined, scales, 100, cancel,
+                                       step_tolerance_mm=model.step_tolerance_mm)
             break
         if isinstance(model, ProbeModel):
             # (converged or not: a converged probe pass makes the next one final.)
@@ -644,7 +646,8 @@ def _affine_stage(similarity: str, model: TransformModel, rigid_theta: np.ndarra
         rigid_objective.fixed, rigid_objective.moving, rigid_objective.weight_map, model,
         kind=rigid_objective.kind, n_points=rigid_objective.n_points, seed=rigid_objective.seed,
         jitter=rigid_objective.jitter)
-    theta, cost = lbfgs_refine(affine_objective, start, model.scales(radius), 200, cancel)
+    theta, cost = lbfgs_refine(affine_objective, start, model.scales(radius), 200, cancel,
+                               step_tolerance_mm=model.step_tolerance_mm)
     det = float(np.linalg.det(theta[:9].reshape(3, 3)))
     if not 0.25 < det < 4.0:
         # A collapsing or exploding affine part is not anatomy: keep the rigid answer.

@@ -47,7 +47,7 @@ the absolute parameters (``referenced``, ``regrid_transform``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -120,6 +120,9 @@ class ProbeModel:
     reference: tuple[float, ...] | None = None
     rigid: TransformModel = field(init=False)
     mode: str = field(init=False, default="rigid+probe")
+    #: No step criterion for L-BFGS (TransformModel.step_tolerance_mm): the decay
+    #: length is a flat direction whose steps stay small far from its optimum.
+    step_tolerance_mm: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rigid", TransformModel("rigid", np.asarray(self.center)))

@@ -139,9 +139,17 @@ def adam_steps(objective: Objective, theta: np.ndarray, scales: np.ndarray, step
 
 
 def lbfgs_refine(objective: Objective, theta: np.ndarray, scales: np.ndarray, iterations: int,
-                 cancel: Cancel | None = None, bounds_mm: float | None = None
-                 ) -> tuple[np.ndarray, float]:
-    """L-BFGS-B (scipy) from one start, in displacement units, with the analytic gradient."""
+                 cancel: Cancel | None = None, bounds_mm: float | None = None,
+                 step_tolerance_mm: float = 0.0) -> tuple[np.ndarray, float]:
+    """L-BFGS-B (scipy) from one start, in displacement units, with the analytic gradient.
+
+    Displacement units u = (theta - theta_start) / scales are mm of motion at the
+    sample radius. Stops after ``iterations``, or when two successive iterations
+    changed no coordinate of u by more than ``step_tolerance_mm`` (the transform
+    family's ``step_tolerance_mm``; 0, the default, leaves it to scipy's own
+    tolerances; two, so that one short step of a line search does not end the run
+    far from the optimum).
+    """
     theta0 = np.asarray(theta, dtype=np.float64)
 
     def fun(u: np.ndarray) -> tuple[float, np.ndarray]:
@@ -150,9 +158,21 @@ def lbfgs_refine(objective: Objective, theta: np.ndarray, scales: np.ndarray, it
         cost, grad = objective.cost_and_grad(th[None, :])
         return float(cost[0]), grad[0] * scales
 
+    previous = np.zeros_like(theta0)
+    small_steps = 0
+
+    def small_step(intermediate_result: optimize.OptimizeResult) -> None:
+        nonlocal previous, small_steps
+        u = np.asarray(intermediate_result.x)
+        moved = float(np.abs(u - previous).max())
+        previous = u.copy()
+        small_steps = small_steps + 1 if moved < step_tolerance_mm else 0
+        if small_steps == 2:
+            raise StopIteration  # scipy ends the run and keeps this iterate
+
     bounds = None if bounds_mm is None else [(-bounds_mm, bounds_mm)] * len(theta0)
     res = optimize.minimize(fun, np.zeros_like(theta0), jac=True, method="L-BFGS-B",
-                            bounds=bounds,
+                            bounds=bounds, callback=small_step if step_tolerance_mm > 0 else None,
                             options={"maxiter": iterations, "ftol": 1e-10, "gtol": 1e-9})
     return theta0 + res.x * scales, float(res.fun)
 
@@ -220,7 +240,8 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     t2 = time.perf_counter()
     solutions: list[RefinedSolution] = []
     for i, th in enumerate(theta):
-        refined, refined_cost = lbfgs_refine(refine, th, scales, settings.lbfgs_iterations, cancel)
+        refined, refined_cost = lbfgs_refine(refine, th, scales, settings.lbfgs_iterations, cancel,
+                                             step_tolerance_mm=model.step_tolerance_mm)
         solutions.append(RefinedSolution(refined, refined_cost, int(origin[i])))
         report("refine", 0.6 + 0.4 * (i + 1) / len(theta))
     solutions.sort(key=lambda s: s.cost)

@@ -14,7 +14,7 @@ kernel serves rigid and affine alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -78,6 +78,14 @@ class TransformModel:
       rigid:  (angle_x, angle_y, angle_z [rad], t_x, t_y, t_z [mm]), M = Rz Ry Rx.
       affine: (m00, m01, ..., m22, t_x, t_y, t_z), M row-major, t in mm.
     """
+
+    #: L-BFGS counts as converged when two iterations in a row move no parameter by
+    #: more than this in displacement units (mm at the sample radius, see scales).
+    #: Why a step and not scipy's ftol/gtol: those are in units of the cost, which
+    #: differ between DISA dot products and MIND-SSC SSD; a step in mm means the
+    #: same for both. On the twelve CT-MR capture-range cases 0.01 mm cut DISA's
+    #: L-BFGS evaluations from ~47 to ~11 a run with every TRE within 0.1 mm.
+    step_tolerance_mm: ClassVar[float] = 0.01
 
     mode: Mode
     center: np.ndarray
