@@ -14,6 +14,8 @@ Moving descriptors outside the map are zero (they carry no similarity).
 
 from __future__ import annotations
 
+import types
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -192,13 +194,35 @@ def _descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_mo
     return cost, grad, inside_out
 
 
-_cost_parallel = njit(parallel=True, fastmath=True, cache=True)(_descriptor_cost)
-_cost_serial = njit(parallel=False, fastmath=True, cache=True)(_descriptor_cost)
+def _compiled(func, parallel: bool):
+    """``func`` compiled (cached) for one or several threads, as its own kernel.
 
-#: Below this many point evaluations (transforms x points) one thread is faster: starting
-#: and joining the thread pool costs more than the work, and far more on a busy machine
-#: (measured here: 1.4 ms serial vs 26-58 ms parallel for one transform on 3.6k points).
-PARALLEL_MIN_WORK = 400_000
+    Why a renamed copy: numba names a function's cache files after its module,
+    qualified name and line, and keys the index by signature and bytecode, not by
+    the compile options. A serial and a parallel njit of one Python function
+    therefore share one cache, and both load whichever compiled first: the
+    "parallel" objective ran on one thread (process CPU time = wall time) until
+    the copies got names of their own (tests/registration/test_kernels.py).
+    """
+    suffix = "_parallel" if parallel else "_serial"
+    copy = types.FunctionType(func.__code__, func.__globals__, func.__name__ + suffix,
+                              func.__defaults__, func.__closure__)
+    copy.__qualname__ = func.__qualname__ + suffix
+    copy.__doc__ = func.__doc__
+    return njit(parallel=parallel, fastmath=True, cache=True)(copy)
+
+
+_cost_parallel = _compiled(_descriptor_cost, parallel=True)
+_cost_serial = _compiled(_descriptor_cost, parallel=False)
+
+#: Below this many point evaluations (transforms x points) the serial kernel runs: waking
+#: the thread pool costs as much as it saves. Measured on 2 cores (AVX2), 2026-12-03, with
+#: the passive wait policy: 1 x 4096 and 1 x 16384 points (an L-BFGS evaluation) the same
+#: either way (0.6 / 1.4 ms); 8 x 4096 points 4.5 -> 2.4 ms; the coarse stage's 500 x 512
+#: 36 -> 17 ms; beside a busy-looping process 8 x 4096 4.7 -> 3.3 ms, 500 x 512 43 -> 32 ms.
+#: (An earlier 400k threshold was set while the parallel kernel, through the cache
+#: collision that ``_compiled`` avoids, actually ran on one thread.)
+PARALLEL_MIN_WORK = 32_768
 
 
 def descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
@@ -289,8 +313,8 @@ def _point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mo
     return cost, grad, inside_out
 
 
-_point_parallel = njit(parallel=True, fastmath=True, cache=True)(_point_descriptor_cost)
-_point_serial = njit(parallel=False, fastmath=True, cache=True)(_point_descriptor_cost)
+_point_parallel = _compiled(_point_descriptor_cost, parallel=True)
+_point_serial = _compiled(_point_descriptor_cost, parallel=False)
 
 
 def point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,

@@ -1,0 +1,96 @@
+"""The compiled descriptor kernels: serial and parallel variants agree and stay distinct."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from disa.registration import kernels
+
+PAIRS = [
+    (kernels._cost_serial, kernels._cost_parallel),
+    (kernels._point_serial, kernels._point_parallel),
+]
+
+
+def _problem(n_batch: int, n_points: int, seed: int = 0) -> tuple:
+    """A random int8 moving map (Z, Y, X, C), fixed descriptors and near-identity transforms."""
+    rng = np.random.default_rng(seed)
+    moving = rng.integers(-127, 128, size=(10, 12, 11, 16)).astype(np.int8)
+    fixed = rng.integers(-127, 128, size=(n_points, 16)).astype(np.int8)
+    weights = np.full(n_points, 1.0 / n_points, np.float32)
+    points = (rng.random((n_points, 3)) * [10, 11, 9]).astype(np.float32)
+    mats = np.tile(np.hstack([np.eye(3), np.full((3, 1), 0.3)])[None], (n_batch, 1, 1))
+    mats = mats + rng.normal(scale=0.05, size=mats.shape)
+    return fixed, weights, points, moving, mats
+
+
+@pytest.mark.parametrize(("serial", "parallel"), PAIRS)
+def test_serial_and_parallel_variants_have_their_own_cache(serial, parallel) -> None:
+    """numba keys its cache by function name, not by compile options: one Python
+    function compiled twice shared a cache, and the parallel kernel ran serially."""
+    assert serial.targetoptions["parallel"] is False
+    assert parallel.targetoptions["parallel"] is True
+    assert serial.py_func.__qualname__ != parallel.py_func.__qualname__
+    assert serial._cache._cache_file._index_name != parallel._cache._cache_file._index_name
+
+
+@pytest.mark.parametrize("ssd", [False, True])
+def test_parallel_kernel_equals_serial(ssd: bool) -> None:
+    fixed, weights, points, moving, mats = _problem(5, 700)
+    args = (fixed, weights, points, moving, mats, 1 / 127, 1 / 127, ssd, True)
+    cost_s, grad_s, inside_s = kernels._cost_serial(*args, 1)
+    for n_chunks in (1, 3, 8):
+        cost_p, grad_p, inside_p = kernels._cost_parallel(*args, n_chunks)
+        np.testing.assert_allclose(cost_p, cost_s, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(grad_p, grad_s, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(inside_p, inside_s, rtol=1e-12)
+    assert 0.0 < inside_s.min() < 1.0  # some points fall outside: the border path runs
+
+
+def test_dispatch_picks_the_parallel_kernel_for_large_batches(monkeypatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(kernels, "_cost_serial",
+                        lambda *a: calls.append("serial") or (None, None, None))
+    monkeypatch.setattr(kernels, "_cost_parallel",
+                        lambda *a: calls.append("parallel") or (None, None, None))
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    small = _problem(1, 4096)
+    large = _problem(8, 4096)
+    kernels.descriptor_cost(*small, 1 / 127, 1 / 127, False, True)
+    kernels.descriptor_cost(*large, 1 / 127, 1 / 127, False, True)
+    assert calls == ["serial", "parallel"]
+
+
+_FRESH_PROCESS = """
+import numba, numpy as np, sys
+sys.path.insert(0, {tests!r})
+from test_kernels import _problem
+from disa.registration import kernels
+variant = getattr(kernels, {name!r})
+args = _problem(4, 300)
+variant(*args, 1 / 127, 1 / 127, False, True, 4)
+try:
+    numba.threading_layer()
+    print("pool")
+except ValueError:
+    print("no pool")
+"""
+
+
+@pytest.mark.parametrize(("name", "expected"), [("_cost_serial", "no pool"),
+                                                ("_cost_parallel", "pool")])
+def test_each_variant_runs_as_compiled_in_a_fresh_process(name: str, expected: str) -> None:
+    """Loaded from the on-disk cache (as every worker process loads it), the parallel
+    kernel starts numba's thread pool and the serial one does not."""
+    import os
+
+    tests = os.path.dirname(__file__)
+    for _ in range(2):  # the first run may compile and fill the cache; the second loads it
+        out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS.format(tests=tests,
+                                                                         name=name)],
+                             capture_output=True, text=True, timeout=300, check=True)
+        assert out.stdout.strip().splitlines()[-1] == expected
