@@ -223,6 +223,12 @@ _cost_serial = _compiled(_descriptor_cost, parallel=False)
 #: (An earlier 400k threshold was set while the parallel kernel, through the cache
 #: collision that ``_compiled`` avoids, actually ran on one thread.)
 PARALLEL_MIN_WORK = 32_768
+#: One mapping of many points (the deformable stage: 41k-512k points at 160^3) runs the
+#: parallel per-point kernel only from this much work: splitting one mapping's points gained
+#: nothing measurable there at 32k (Adam phase 1.4-1.9 s either way, 2026-12-03,
+#: benchmarks/deformable.py --speed). Batches of mappings (the probe model's search) follow
+#: PARALLEL_MIN_WORK, like the matrix kernel's batches.
+POINT_PARALLEL_MIN_WORK = 400_000
 
 
 def descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
@@ -328,7 +334,8 @@ def point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mov
     """
     work = coords.shape[0] * coords.shape[1]
     threads = numba.get_num_threads()
-    if threads == 1 or work < PARALLEL_MIN_WORK:
+    floor = PARALLEL_MIN_WORK if coords.shape[0] > 1 else POINT_PARALLEL_MIN_WORK
+    if threads == 1 or work < floor:
         return _point_serial(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
                              want_grad, 1)
     n_chunks = max(1, -(-4 * threads // coords.shape[0]))

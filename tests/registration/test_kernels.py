@@ -94,3 +94,31 @@ def test_each_variant_runs_as_compiled_in_a_fresh_process(name: str, expected: s
                                                                          name=name)],
                              capture_output=True, text=True, timeout=300, check=True)
         assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_point_kernel_parallel_equals_serial_and_dispatches_batches(monkeypatch) -> None:
+    fixed, weights, points, moving, mats = _problem(4, 600)
+    homogeneous = np.hstack([points.astype(np.float64), np.ones((len(points), 1))])
+    coords = np.einsum("bij,nj->bni", mats, homogeneous)  # (B, N, 3) moving indices
+    args = (fixed, weights, coords, moving, 1 / 127, 1 / 127, False, True)
+    cost_s, grad_s, _ = kernels._point_serial(*args, 1)
+    cost_p, grad_p, _ = kernels._point_parallel(*args, 3)
+    np.testing.assert_allclose(cost_p, cost_s, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(grad_p, grad_s, rtol=1e-9, atol=1e-12)
+    # Same cost as the matrix kernel for the same transforms.
+    cost_m, _, _ = kernels._cost_serial(fixed, weights, points, moving, mats, 1 / 127, 1 / 127,
+                                        False, True, 1)
+    np.testing.assert_allclose(cost_s, cost_m, rtol=1e-6, atol=1e-9)
+
+    calls: list[str] = []
+    monkeypatch.setattr(kernels, "_point_serial",
+                        lambda *a: calls.append("serial") or (None, None, None))
+    monkeypatch.setattr(kernels, "_point_parallel",
+                        lambda *a: calls.append("parallel") or (None, None, None))
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    one_mapping = np.zeros((1, 100_000, 3))  # a deformable field: parallel only from 400k
+    batch = np.zeros((8, 4096, 3))  # probe-model starts: parallel like the matrix kernel
+    for c in (one_mapping, batch):
+        kernels.point_descriptor_cost(fixed[:1].repeat(c.shape[1], 0), np.ones(c.shape[1],
+                                      np.float32), c, moving, 1 / 127, 1 / 127, False, True)
+    assert calls == ["serial", "parallel"]
