@@ -51,13 +51,18 @@ def test_parallel_kernel_equals_serial(ssd: bool) -> None:
     assert 0.0 < inside_s.min() < 1.0  # some points fall outside: the border path runs
 
 
-def test_dispatch_picks_the_parallel_kernel_for_large_batches(monkeypatch) -> None:
+def _record_dispatch(monkeypatch, family: str) -> list[str]:
+    """Replace ``_<family>_serial`` / ``_<family>_parallel`` by recorders on 2 threads."""
     calls: list[str] = []
-    monkeypatch.setattr(kernels, "_cost_serial",
-                        lambda *a: calls.append("serial") or (None, None, None))
-    monkeypatch.setattr(kernels, "_cost_parallel",
-                        lambda *a: calls.append("parallel") or (None, None, None))
+    for variant in ("serial", "parallel"):
+        monkeypatch.setattr(kernels, f"_{family}_{variant}",
+                            lambda *a, v=variant: calls.append(v) or (None, None, None))
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    return calls
+
+
+def test_dispatch_picks_the_parallel_kernel_for_large_batches(monkeypatch) -> None:
+    calls = _record_dispatch(monkeypatch, "cost")
     small = _problem(1, 4096)
     large = _problem(8, 4096)
     kernels.descriptor_cost(*small, 1 / 127, 1 / 127, False, True)
@@ -110,12 +115,7 @@ def test_point_kernel_parallel_equals_serial_and_dispatches_batches(monkeypatch)
                                         False, True, 1)
     np.testing.assert_allclose(cost_s, cost_m, rtol=1e-6, atol=1e-9)
 
-    calls: list[str] = []
-    monkeypatch.setattr(kernels, "_point_serial",
-                        lambda *a: calls.append("serial") or (None, None, None))
-    monkeypatch.setattr(kernels, "_point_parallel",
-                        lambda *a: calls.append("parallel") or (None, None, None))
-    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    calls = _record_dispatch(monkeypatch, "point")
     one_mapping = np.zeros((1, 100_000, 3))  # a deformable field: parallel only from 400k
     batch = np.zeros((8, 4096, 3))  # probe-model starts: parallel like the matrix kernel
     for c in (one_mapping, batch):
