@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
         "--halve-every", type=int, default=600, help="steps between halvings of the rate"
     )
     f.add_argument("--max-steps", type=int, default=None)
+    f.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="decay of an exponential moving average of the weights, which the run then "
+        "serves (export, evaluate); 0: off",
+    )
     f.add_argument("--checkpoint-minutes", type=float, default=5.0)
     f.add_argument("--workers", type=int, default=1, help="data processes (0: in the trainer)")
     f.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
@@ -127,6 +134,7 @@ def _fit(args: argparse.Namespace) -> int:
         symmetric_target=not args.role_target,
         cross_pairs=args.cross_pairs,
         cross_reach=args.cross_reach,
+        ema_decay=args.ema,
         init_from=str(args.init_from) if args.init_from is not None else None,
         phantom_fraction=args.phantom_fraction,
         source_ids=tuple(args.sources),

@@ -59,6 +59,8 @@ def _recipe(cfg: dict[str, Any]) -> str:
         + ("target-bin balanced MSE" if cfg.get("balance", True) else "plain MSE")
         + f"; AdamW lr {cfg['lr']} wd {cfg['weight_decay']}, warm-up {cfg['warmup_steps']}, "
         f"halving every {cfg['halve_every']} steps; seed {cfg['seed']}"
+        + (f"; weights: moving average, decay {cfg['ema_decay']}"
+           if cfg.get("ema_decay", 0.0) > 0 else "")
         + (f"; initialised from {cfg['init_from']}" if cfg.get("init_from") else "")
     )
 
@@ -73,6 +75,8 @@ def _command(run: Path, cfg: dict[str, Any]) -> str:
         parts.append(f"--cross-pairs {cfg['cross_pairs']} --cross-reach {cfg['cross_reach']}")
     if not cfg.get("symmetric_target", True):
         parts.append("--role-target")
+    if cfg.get("ema_decay", 0.0) > 0:
+        parts.append(f"--ema {cfg['ema_decay']}")
     if cfg.get("init_from"):
         parts.append(f"--init-from {cfg['init_from']}")
     return " ".join(parts)

@@ -197,3 +197,28 @@ def test_sigterm_stops_with_a_checkpoint(tmp_path: Path) -> None:
     summary = json.loads((out / loop.SUMMARY).read_text())
     assert summary["stopped_by"] == "interrupted" and summary["steps"] >= 1
     assert loop.load_checkpoint(out)["step"] == summary["steps"]
+
+
+def test_moving_average_is_served_and_resumes_exactly(
+    tiny_config: loop.TrainConfig, tmp_path: Path
+) -> None:
+    averaged = dataclasses.replace(tiny_config, ema_decay=0.5, max_steps=4)
+    loop.fit(averaged, tmp_path / "a", interactive=False)
+    loop.fit(dataclasses.replace(averaged, max_steps=2), tmp_path / "b", interactive=False)
+    loop.fit(averaged, tmp_path / "b", resume=True, interactive=False)
+    a, b = loop.load_checkpoint(tmp_path / "a"), loop.load_checkpoint(tmp_path / "b")
+    for k, v in a["averaged_model"].items():
+        assert torch.equal(v, b["averaged_model"][k]), k
+    # The average lags the raw weights, and it is what the run serves.
+    name = next(iter(a["model"]))
+    assert not torch.equal(a["model"][name], a["averaged_model"][name])
+    served = loop.model_from_checkpoint(tmp_path / "a").state_dict()
+    assert torch.equal(served[name], a["averaged_model"][name])
+    assert torch.equal(loop.initial_weights(tmp_path / "a")[name], a["averaged_model"][name])
+    # Without the option nothing is averaged and the raw weights are served.
+    plain = dataclasses.replace(tiny_config, max_steps=1)
+    loop.fit(plain, tmp_path / "c", interactive=False)
+    c = loop.load_checkpoint(tmp_path / "c")
+    assert c["averaged_model"] is None
+    assert torch.equal(loop.model_from_checkpoint(tmp_path / "c").state_dict()[name],
+                       c["model"][name])
