@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -91,8 +92,6 @@ except ValueError:
 def test_each_variant_runs_as_compiled_in_a_fresh_process(name: str, expected: str) -> None:
     """Loaded from the on-disk cache (as every worker process loads it), the parallel
     kernel starts numba's thread pool and the serial one does not."""
-    import os
-
     tests = os.path.dirname(__file__)
     for _ in range(2):  # the first run may compile and fill the cache; the second loads it
         out = subprocess.run([sys.executable, "-c", _FRESH_PROCESS.format(tests=tests,

@@ -81,15 +81,16 @@ def test_adam_and_lbfgs_reach_the_optimum() -> None:
 
 
 def test_lbfgs_stops_on_small_steps_near_the_optimum() -> None:
-    """The default step tolerance (mm of displacement) ends the run early, close to
-    the optimum in mm, with fewer evaluations than running to scipy's own tolerances."""
+    """The rigid model's step tolerance (mm of displacement) ends the run early, close
+    to the optimum in mm, with fewer evaluations than running to scipy's own tolerances."""
     model = TransformModel("rigid", np.zeros(3))
     target = np.array([0.1, -0.05, 0.2, 10.0, -4.0, 3.0])
     scales = model.scales(50.0)
     start = np.array([0.3, 0.1, -0.1, 30.0, 10.0, -20.0])
     exact, tolerant = Quadratic(model, target), Quadratic(model, target)
     lbfgs_refine(exact, start, scales, 100, step_tolerance_mm=0.0)
-    refined, _ = lbfgs_refine(tolerant, start, scales, 100, step_tolerance_mm=0.01)
+    refined, _ = lbfgs_refine(tolerant, start, scales, 100,
+                              step_tolerance_mm=model.step_tolerance_mm)
     assert np.abs((refined - target) / scales).max() < 0.05  # mm at the sample radius
     assert tolerant.evaluations < exact.evaluations
 
