@@ -11,11 +11,13 @@ component and max |difference| of dot products with the volume's mean descriptor
 Variants: torch (eager, torch.set_num_threads), ort-default (an untouched
 InferenceSession), extractor (disa.model.runtime.DescriptorExtractor, tuned,
 tiled by its default memory budget), extractor-whole (the same, never tiled),
-openvino-fp32 / openvino-bf16 (the extractor with engine="openvino-..."; only
-where `openvino` and disa import in --openvino-python, default this
-interpreter; bf16 needs AVX512_BF16 or AMX). The model is a
-seeded random DisaNet unless --model names an exported ONNX file; speed does
-not depend on the weights.
+openvino-fp32 / openvino-bf16 / openvino-int8 (the extractor with
+engine="openvino-..."; only where `openvino` and disa import in
+--openvino-python, default this interpreter; bf16 needs AVX512_BF16 or AMX;
+int8 runs the variant the model's card names, which for the default random net
+this script makes with `disa-train quantise`'s code on smooth random volumes).
+The model is a seeded random DisaNet unless --model names an exported ONNX
+file; speed does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ VARIANTS = (
     "extractor-whole",
     "openvino-fp32",
     "openvino-bf16",
+    "openvino-int8",
 )
 
 
@@ -124,11 +127,12 @@ def _worker(variant: str, n: int, model: Path, threads: int, out: Path) -> dict[
     }
 
 
-def _export(folder: Path) -> Path:
-    """Seeded random net as ONNX (and its state dict for the eager variant)."""
+def _export(folder: Path, int8: bool) -> Path:
+    """Seeded random net as ONNX (and its state dict for the eager variant); with ``int8``
+    also its card and int8 variant, calibrated on smooth random volumes."""
     import torch
 
-    from disa.model.export import export_onnx
+    from disa.model.export import export_onnx, write_model_card
     from disa.model.network import DisaNet
 
     torch.manual_seed(0)
@@ -136,6 +140,16 @@ def _export(folder: Path) -> Path:
     path = folder / "disa.onnx"
     export_onnx(net, path)
     torch.save(net.state_dict(), path.with_suffix(".pt"))
+    if int8:
+        from scipy import ndimage
+
+        from disa.training.quantise import quantise
+
+        write_model_card(path, name="disa-bench", version="random", training={},
+                         held_out_metrics={}, net=net)
+        rng = np.random.default_rng(0)
+        volumes = [ndimage.gaussian_filter(rng.normal(size=(64,) * 3), 2.0) for _ in range(3)]
+        quantise(path, [((v - v.mean()) / v.std()).astype(np.float32) for v in volumes])
     return path
 
 
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="disa-bench-") as tmp:
         folder = Path(tmp)
-        model = args.model or _export(folder)
+        model = args.model or _export(folder, "openvino-int8" in args.variants)
         print(f"threads={args.threads} cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}")
         # On a shared machine wall time swings with the neighbours' load; CPU
         # seconds / threads is what the variant would take on idle cores.

@@ -25,12 +25,14 @@ __all__ = [
     "RECEPTIVE_FIELD_VOXELS",
     "STRIDE",
     "WEIGHTS_DIR",
+    "Int8Variant",
     "ModelCard",
     "ModelIntegrityError",
     "card_path_for",
     "default_card_path",
     "default_model_path",
     "file_sha256",
+    "int8_model_path",
     "load_model_card",
 ]
 
@@ -56,6 +58,31 @@ class ModelIntegrityError(RuntimeError):
     """The ONNX file does not match its model card (missing, or wrong sha256)."""
 
 
+class Int8Variant(BaseModel):
+    """The int8 variant of the network for OpenVINO on CPU (`disa-train quantise`).
+
+    An OpenVINO IR pair (`xml_file` + `bin_file`, relative to the card's folder)
+    made from the card's ONNX weights by post-training quantisation;
+    `dot_error_vs_fp32` is the RMS / largest error of its descriptor dot products
+    against the fp32 network's on the calibration volumes, `held_out_metrics`
+    the same held-out evaluation as the card's, run through this variant.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    xml_file: str
+    bin_file: str
+    sha256_xml: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256_bin: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tool: str
+    method: str
+    kept_fp32: list[str] = Field(default_factory=list)
+    calibration: dict[str, Any] = Field(default_factory=dict)
+    dot_error_vs_fp32: dict[str, float | int] = Field(default_factory=dict)
+    held_out_metrics: dict[str, Any] = Field(default_factory=dict)
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
 class ModelCard(BaseModel):
     """What the shipped descriptor network expects and what it was trained on.
 
@@ -79,6 +106,7 @@ class ModelCard(BaseModel):
     parameters: int = Field(default=PARAMETERS, ge=0)
     training: dict[str, Any] = Field(default_factory=dict)
     held_out_metrics: dict[str, Any] = Field(default_factory=dict)
+    int8: Int8Variant | None = None
     created: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     def onnx_path(self, card_dir: Path) -> Path:
@@ -122,6 +150,34 @@ def load_model_card(path: str | Path, *, verify: bool = True) -> ModelCard:
                 f"states {card.sha256}: the weights were replaced or corrupted"
             )
     return card
+
+
+def int8_model_path(onnx_path: str | Path, *, verify: bool = True) -> Path | None:
+    """The int8 variant (OpenVINO IR .xml) that the card of ``onnx_path`` names, or None
+    when the card names none or its files are missing.
+
+    With ``verify``, a variant whose files are present but whose sha256 differs from
+    the card's raises ModelIntegrityError, as for the ONNX file.
+    """
+    card_path = card_path_for(onnx_path)
+    if not card_path.is_file():
+        return None
+    card = ModelCard.model_validate_json(card_path.read_text(encoding="utf-8"))
+    if card.int8 is None:
+        return None
+    xml_path = (card_path.parent / card.int8.xml_file).resolve()
+    bin_path = (card_path.parent / card.int8.bin_file).resolve()
+    if not (xml_path.is_file() and bin_path.is_file()):
+        return None
+    if verify:
+        for path, expected in ((xml_path, card.int8.sha256_xml), (bin_path, card.int8.sha256_bin)):
+            actual = file_sha256(path)
+            if actual != expected:
+                raise ModelIntegrityError(
+                    f"int8 model file {path} has sha256 {actual}, but its card {card_path} "
+                    f"states {expected}: the file was replaced or corrupted"
+                )
+    return xml_path
 
 
 def default_model_path() -> Path | None:

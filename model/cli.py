@@ -21,15 +21,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--engine", choices=list(ENGINES), default=None,
                    help="default: DISA_DESCRIPTOR_ENGINE, else auto (onnxruntime on CUDA, "
-                        "else openvino-fp32 when installed, else onnxruntime)")
+                        "else openvino-int8 when installed and the card names an int8 "
+                        "variant, else openvino-fp32 when installed, else onnxruntime)")
     p.set_defaults(handler=_cmd_descriptors)
 
 
 def _cmd_descriptors(args: argparse.Namespace) -> int:
+    from disa.model.card import default_model_path
     from disa.model.descriptors import compute_descriptor_file
     from disa.model.runtime import default_engine
 
-    engine = args.engine or default_engine(args.device)
+    engine = args.engine or default_engine(args.device, args.model or default_model_path())
     image = compute_descriptor_file(args.image, args.output, model_path=args.model,
                                     device=args.device, engine=engine)
     print(f"wrote {args.output}: {image.GetSize()} voxels x {image.GetNumberOfComponentsPerPixel()}"

@@ -48,8 +48,8 @@ __all__ = [
 logger = logging.getLogger("disa.model")
 
 Device = Literal["auto", "cpu", "cuda"]
-Engine = Literal["onnxruntime", "openvino-fp32", "openvino-bf16"]
-ENGINES: tuple[str, ...] = ("onnxruntime", "openvino-fp32", "openvino-bf16")
+Engine = Literal["onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8"]
+ENGINES: tuple[str, ...] = ("onnxruntime", "openvino-fp32", "openvino-bf16", "openvino-int8")
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
@@ -237,19 +237,25 @@ def _best_splits(
     return best
 
 
-def auto_engine(cuda_available: bool, openvino_available: bool) -> Engine:
+def auto_engine(cuda_available: bool, openvino_available: bool,
+                int8_available: bool = False) -> Engine:
     """The engine "auto" resolves to: onnxruntime where it can run on CUDA (the GPU
-    path), else OpenVINO fp32 where installed (2-3x faster than onnxruntime on CPU for
-    registration-sized volumes, same fp32 numbers; benchmarks/README.md), else
-    onnxruntime on CPU. bf16 is never chosen automatically: it changes the numbers."""
+    path); else, where OpenVINO is installed, its int8 variant of the network when the
+    model card names one (about 2x fp32 on AVX2 cores, held-out error unchanged:
+    benchmarks/README.md), else OpenVINO fp32 (2-3x faster than onnxruntime on CPU for
+    registration-sized volumes, same fp32 numbers); else onnxruntime on CPU. bf16 is
+    never chosen automatically: it needs AVX512_BF16/AMX and was not evaluated held out."""
     if cuda_available:
         return "onnxruntime"
-    return "openvino-fp32" if openvino_available else "onnxruntime"
+    if openvino_available:
+        return "openvino-int8" if int8_available else "openvino-fp32"
+    return "onnxruntime"
 
 
-def default_engine(device: Device = "auto") -> Engine:
+def default_engine(device: Device = "auto", model_path: str | Path | None = None) -> Engine:
     """The descriptor engine from DISA_DESCRIPTOR_ENGINE (deployment setting, default
-    ``auto``: see `auto_engine`). ``auto`` with ``device="cuda"`` is onnxruntime, the one
+    ``auto``: see `auto_engine`; ``model_path``, the ONNX file, tells whether its card
+    names an int8 variant). ``auto`` with ``device="cuda"`` is onnxruntime, the one
     engine that runs on CUDA (and fails loudly without it)."""
     value = os.environ.get("DISA_DESCRIPTOR_ENGINE", "auto").strip() or "auto"
     if value == "auto" and device == "cuda":
@@ -259,8 +265,11 @@ def default_engine(device: Device = "auto") -> Engine:
 
         import onnxruntime as ort
 
+        from disa.model.card import int8_model_path
+
+        int8 = model_path is not None and int8_model_path(model_path, verify=False) is not None
         return auto_engine(CUDA_PROVIDER in ort.get_available_providers(),
-                           importlib.util.find_spec("openvino") is not None)
+                           importlib.util.find_spec("openvino") is not None, int8)
     if value not in ENGINES:
         raise ValueError(f"DISA_DESCRIPTOR_ENGINE must be auto or one of {', '.join(ENGINES)}, "
                          f"got {value!r}")
@@ -286,13 +295,15 @@ class DescriptorExtractor:
         estimate exceeds it are tiled automatically.
     engine:
         "onnxruntime" (default; CPU or CUDA), or OpenVINO on CPU (optional
-        `openvino` package): "openvino-fp32" or "openvino-bf16". On 2 AVX-512
-        cores a 256^3 volume takes about 7.3 s with onnxruntime, 3.7 s with
+        `openvino` package): "openvino-fp32", "openvino-bf16" or "openvino-int8"
+        (the quantised variant named by the model card). On 2 AVX-512 cores a
+        256^3 volume takes about 7.3 s with onnxruntime, 3.7 s with
         openvino-fp32 and 2.0 s with openvino-bf16, whose dot-product error
-        (RMS 0.0007) is a fifth of the int8 codes' (0.0032); see
-        benchmarks/descriptor_speed.py. bf16 needs AVX512_BF16 or AMX, else
-        OpenVINO runs fp32. Tiled and whole-volume results agree to 1e-4 in
-        fp32 only.
+        (RMS 0.0007) is a fifth of the int8 codes' (0.0032); on 2 AVX2 cores
+        openvino-fp32 takes 3-4 s and openvino-int8 about 1.9 s (dot-product
+        error RMS ~0.014); see benchmarks/descriptor_speed.py. bf16 needs
+        AVX512_BF16 or AMX, else OpenVINO runs fp32. Tiled and whole-volume
+        results agree to 1e-4 in fp32 only.
     """
 
     def __init__(
@@ -388,11 +399,24 @@ class DescriptorExtractor:
     def _create_session(self) -> ort.InferenceSession:
         if self.engine != "onnxruntime":
             threads = self.threads if self.threads is not None else cpu_quota()
-            session = _OpenVinoSession(self.onnx_path, threads, self.engine.split("-")[1])
+            precision = self.engine.split("-")[1]
+            graph = self.onnx_path
+            if precision == "int8":
+                from disa.model.card import int8_model_path
+
+                int8 = int8_model_path(self.onnx_path)  # sha256 checked against the card
+                if int8 is None:
+                    raise RuntimeError(
+                        f"descriptor engine 'openvino-int8' needs the int8 variant named by "
+                        f"the model card of {self.onnx_path} (run: disa-train quantise "
+                        f"--onnx {self.onnx_path}), or use engine 'openvino-fp32'"
+                    )
+                graph = int8
+            session = _OpenVinoSession(graph, threads, precision)
             self._input_name = session.input_name
             logger.info(
                 "descriptor model %s runs on %s (%d threads)",
-                self.onnx_path.name,
+                graph.name,
                 session.get_providers()[0],
                 threads,
             )
@@ -493,10 +517,12 @@ class _OpenVinoSession:
     """The part of an ONNX Runtime session the extractor uses, run by OpenVINO on CPU.
 
     OpenVINO's CPU plugin has JIT 3-D convolutions and, on AVX512_BF16/AMX
-    cores, bf16 arithmetic; the graph is the same ONNX file.
+    cores, bf16 arithmetic; fp32 and bf16 run the ONNX file, int8 the quantised
+    OpenVINO IR made from it (`disa-train quantise`), whose integer convolutions
+    run whatever the precision hint says.
     """
 
-    def __init__(self, onnx_path: Path, threads: int, precision: str) -> None:
+    def __init__(self, graph_path: Path, threads: int, precision: str) -> None:
         try:
             import openvino as ov
         except ImportError as err:
@@ -505,7 +531,7 @@ class _OpenVinoSession:
                 "(pip install openvino), or use engine 'onnxruntime'"
             ) from err
         core = ov.Core()
-        hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+        hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]
         if precision == "bf16":
             capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
             if "BF16" not in capabilities:
@@ -516,7 +542,7 @@ class _OpenVinoSession:
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": hint,
         }
-        self._compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", config)
+        self._compiled = core.compile_model(core.read_model(str(graph_path)), "CPU", config)
         self._output = self._compiled.outputs[0]
         self.input_name = self._compiled.inputs[0].get_any_name()
         self._provider = f"OpenVINO-CPU-{precision}"

@@ -247,7 +247,8 @@ def disa_extractor() -> tuple[Any, dict[str, Any]]:
     key = str(card_path)
     if key not in _extractors:
         card = load_model_card(card_path)
-        extractor = DescriptorExtractor(card.onnx_path(card_path.parent), engine=default_engine())
+        onnx_path = card.onnx_path(card_path.parent)
+        extractor = DescriptorExtractor(onnx_path, engine=default_engine(model_path=onnx_path))
         _extractors[key] = (extractor, {"name": card.name, "version": card.version,
                                         "sha256": card.sha256, "stride": card.output_stride,
                                         "receptive_field_voxels": card.receptive_field_voxels,

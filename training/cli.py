@@ -1,8 +1,10 @@
-"""`disa-train`: fit, export and evaluate the descriptor network.
+"""`disa-train`: fit, export, quantise and evaluate the descriptor network.
 
 disa-train fit --out runs/NAME --budget MINUTES --seed S [--crop 64 --batch 2 ...] [--resume]
 disa-train export --run runs/NAME --out model/weights/
+disa-train quantise --onnx model/weights/disa.onnx       # int8 variant for OpenVINO
 disa-train evaluate --run runs/NAME | --onnx model/weights/disa.onnx [--card CARD.json]
+                    [--engine openvino-int8]
 """
 
 from __future__ import annotations
@@ -94,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--file-name", default="disa.onnx")
     e.add_argument("--version", default=None)
 
+    q = sub.add_parser("quantise", help="int8 variant of an exported model (OpenVINO IR)")
+    q.add_argument("--onnx", type=Path, default=Path("model/weights/disa.onnx"),
+                   help="exported model whose card the variant is recorded in")
+    q.add_argument("--seed", type=int, default=7, help="calibration scenes")
+    q.add_argument("--phantoms", type=int, default=2,
+                   help="training-stream phantoms added to the training volumes")
+    q.add_argument("--threads", type=int, default=2)
+
     v = sub.add_parser("evaluate", help="held-out MSE / Pearson r against LC2")
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run folder (uses its checkpoint through torch)")
@@ -110,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--pairs-per-scene", type=int, default=50)
     v.add_argument("--seed", type=int, default=20230)
     v.add_argument("--threads", type=int, default=None)
+    v.add_argument("--engine", choices=["onnxruntime", "openvino-fp32", "openvino-int8"],
+                   default="onnxruntime",
+                   help="with --onnx: the runtime engine; openvino-int8 evaluates the card's "
+                        "int8 variant and records the figures in its entry")
     return p
 
 
@@ -157,6 +171,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantise(args: argparse.Namespace) -> int:
+    from disa.model.card import load_model_card
+    from disa.training.quantise import calibration_volumes, quantise
+
+    load_model_card(args.onnx)  # refuse weights that do not match their card, before any work
+    volumes, names = calibration_volumes(args.seed, args.phantoms)
+    variant = quantise(args.onnx, volumes, names, threads=args.threads)
+    print(json.dumps({k: variant[k] for k in ("xml_file", "sha256_xml", "dot_error_vs_fp32")}))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from disa.training import evaluate as ev
 
@@ -167,14 +192,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         out = args.out or args.run / "eval.json"
         card = args.card
     else:
-        describe = ev.onnx_describer(args.onnx, args.threads)
-        out = args.out or args.onnx.with_suffix(".eval.json")
+        describe = ev.onnx_describer(args.onnx, args.threads, args.engine)
+        suffix = ".int8.eval.json" if args.engine == "openvino-int8" else ".eval.json"
+        out = args.out or args.onnx.with_suffix(suffix)
         card = args.card or card_path_for(args.onnx)
     cfg = ev.EvalConfig(seed=args.seed, pairs_per_scene=args.pairs_per_scene)
     result = ev.evaluate(describe, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
     ev.write_json(result, out)
     if card is not None and Path(card).is_file():
-        ev.merge_into_card(card, result)
+        ev.merge_into_card(card, result, int8=args.run is None and args.engine == "openvino-int8")
     print(
         json.dumps(
             {
@@ -190,7 +216,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"fit": _fit, "export": _export, "evaluate": _evaluate}[args.command](args)
+    return {"fit": _fit, "export": _export, "quantise": _quantise,
+            "evaluate": _evaluate}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -82,11 +82,14 @@ def torch_describer(net: Any, threads: int | None = None) -> Describer:
     return describe
 
 
-def onnx_describer(path: str | Path, threads: int | None = None) -> Describer:
-    """Descriptors from an exported ONNX file through the runtime's extractor."""
+def onnx_describer(path: str | Path, threads: int | None = None,
+                   engine: str = "onnxruntime") -> Describer:
+    """Descriptors from an exported ONNX file through the runtime's extractor (``engine``:
+    one of the runtime's engines; openvino-int8 runs the int8 variant its card names)."""
     from disa.model.runtime import DescriptorExtractor
 
-    extractor = DescriptorExtractor(path, device="cpu", threads=threads)
+    extractor = DescriptorExtractor(path, device="cpu", threads=threads,
+                                    engine=engine)  # type: ignore[arg-type]
 
     def describe(volume: np.ndarray) -> np.ndarray:
         return np.moveaxis(extractor.extract(np.asarray(volume, dtype=np.float32)), -1, 0)
@@ -215,11 +218,18 @@ def card_metrics(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in keep if k in result}
 
 
-def merge_into_card(card_path: str | Path, result: dict[str, Any]) -> None:
-    """Replace the held_out_metrics of an existing model card (sha256 unchanged)."""
+def merge_into_card(card_path: str | Path, result: dict[str, Any], int8: bool = False) -> None:
+    """Replace the held_out_metrics of an existing model card (sha256 unchanged), or with
+    ``int8`` those of the card's int8 variant."""
     from disa.model.card import ModelCard
 
     card_path = Path(card_path)
     card = ModelCard.model_validate_json(card_path.read_text(encoding="utf-8"))
-    updated = card.model_copy(update={"held_out_metrics": card_metrics(result)})
+    if int8:
+        if card.int8 is None:
+            raise ValueError(f"card {card_path} names no int8 variant (disa-train quantise)")
+        variant = card.int8.model_copy(update={"held_out_metrics": card_metrics(result)})
+        updated = card.model_copy(update={"int8": variant})
+    else:
+        updated = card.model_copy(update={"held_out_metrics": card_metrics(result)})
     write_json(json.loads(updated.model_dump_json()), card_path)

@@ -241,10 +241,14 @@ def test_openvino_engine_matches_onnxruntime(
 # -- engine selection ("auto") ---------------------------------------------------
 
 
-def test_auto_engine_prefers_cuda_then_openvino_fp32_then_onnxruntime() -> None:
-    assert runtime.auto_engine(cuda_available=True, openvino_available=True) == "onnxruntime"
+def test_auto_engine_prefers_cuda_then_openvino_int8_fp32_then_onnxruntime() -> None:
+    assert runtime.auto_engine(cuda_available=True, openvino_available=True,
+                               int8_available=True) == "onnxruntime"
+    assert runtime.auto_engine(cuda_available=False, openvino_available=True,
+                               int8_available=True) == "openvino-int8"
     assert runtime.auto_engine(cuda_available=False, openvino_available=True) == "openvino-fp32"
-    assert runtime.auto_engine(cuda_available=False, openvino_available=False) == "onnxruntime"
+    assert runtime.auto_engine(cuda_available=False, openvino_available=False,
+                               int8_available=True) == "onnxruntime"
 
 
 def test_default_engine_resolves_auto_from_what_is_installed(

@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from disa.model.card import default_card_path, default_model_path, load_model_card
-from disa.model.runtime import default_engine
+from disa.model.card import (
+    default_card_path,
+    default_model_path,
+    int8_model_path,
+    load_model_card,
+)
+from disa.model.runtime import DescriptorExtractor, default_engine
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
 
@@ -60,7 +65,8 @@ def test_shipped_model_registers_a_held_out_ct_mr_pair() -> None:
     assert error < 3.0, f"TRE {error:.1f} mm from {initial:.1f} mm"
     assert result.similarity == "disa" and result.model is not None
     assert result.model["sha256"] == load_model_card(default_card_path()).sha256
-    assert result.model["engine"] == default_engine()  # provenance: which engine ran the net
+    # Provenance: which engine ran the net.
+    assert result.model["engine"] == default_engine(model_path=default_model_path())
 
 
 @pytest.mark.parametrize("precision", ["int8", "float32"])
@@ -82,3 +88,36 @@ def test_shipped_descriptors_vary_over_a_head(precision: str) -> None:
     values = descriptor_map.as_float()[inside]  # (descriptors in the head, channels)
     assert len(values) > 500
     assert values.std(axis=0).max() > 2.0 / 127
+
+
+def test_shipped_int8_variant_matches_its_card_and_keeps_the_held_out_error() -> None:
+    """The int8 variant that the engine `auto` serves on CPU: files as the card states,
+    evaluated held out, and no worse there than the fp32 network by more than 2 %."""
+    model_path = default_model_path()
+    assert model_path is not None
+    assert int8_model_path(model_path) is not None  # present, sha256 as the card states
+    card = load_model_card(model_path)
+    assert card.int8 is not None and len(card.int8.kept_fp32) >= 1
+    int8_metrics, fp32_metrics = card.int8.held_out_metrics, card.held_out_metrics
+    assert int8_metrics["pairs"] == fp32_metrics["pairs"] > 500  # the same protocol and pairs
+    assert int8_metrics["mse"] <= 1.02 * fp32_metrics["mse"]
+
+
+def test_shipped_int8_descriptors_follow_fp32_on_held_out_anatomy() -> None:
+    pytest.importorskip("openvino")
+    from disa.registration.pipeline import prepare
+    from disa.training.sources import load_volume
+    from disa.training.synthesis import synthesize
+
+    model_path = default_model_path()
+    assert model_path is not None
+    volume = load_volume("ct-brain-atlas")
+    prepared = prepare(_image(synthesize(volume, "flair", np.random.default_rng(2))), 2.0, None)
+    fp32 = DescriptorExtractor(model_path, engine="openvino-fp32").extract(prepared.volume)
+    int8 = DescriptorExtractor(model_path, engine="openvino-int8").extract(prepared.volume)
+    inside = prepared.mask[::4, ::4, ::4]
+    a, b = fp32[inside], int8[inside]
+    idx = np.random.default_rng(0).integers(0, len(a), (5000, 2))
+    err = (np.einsum("nc,nc->n", b[idx[:, 0]], b[idx[:, 1]])
+           - np.einsum("nc,nc->n", a[idx[:, 0]], a[idx[:, 1]]))
+    assert np.sqrt(np.mean(err**2)) < 0.02
