@@ -211,9 +211,13 @@ def plan_tiles(
 def _best_splits(
     shape: tuple[int, ...], n_out: tuple[int, ...], max_tile_voxels: int, halo: int
 ) -> tuple[int, int, int]:
-    # Up to 16 parts per axis: beyond that the halo (48 voxels per tile and
-    # axis) dwarfs the kept core and the limit is unreachable anyway.
-    candidates = [range(1, min(m, 16) + 1) for m in n_out]
+    # Up to 16 parts per axis, and no part whose kept core is thinner than the
+    # halo: beyond that the halo (2 x 28 voxels per tile and axis) dwarfs the core
+    # and a limit that still does not fit is unreachable anyway. (Without the
+    # second bound an unreachable limit split a 120x72x64 volume into 2,880
+    # tiles that computed 130x its voxels.)
+    min_core = max(1, halo // STRIDE)
+    candidates = [range(1, max(1, min(m // min_core, 16)) + 1) for m in n_out]
     extents = {
         (ax, k): [b - a for a, b, _, _ in _axis_ranges(shape[ax], k, halo)]
         for ax in range(3)

@@ -100,6 +100,16 @@ def test_tiles_cover_every_output_once(shape: tuple[int, int, int], limit: int) 
     assert (count == 1).all()
 
 
+def test_unreachable_tile_limit_does_not_multiply_the_work() -> None:
+    # No split of this volume fits 150k voxels (the halo bounds how small a tile can
+    # be). The planner used to chase the limit down to 2,880 tiles computing 130x
+    # the volume's voxels; parts are now never thinner than the halo.
+    shape = (120, 72, 64)
+    tiles = plan_tiles(shape, 150_000)
+    computed = sum(t.input_voxels for t in tiles) / np.prod(shape)
+    assert 1 < len(tiles) <= 32 and computed < 10
+
+
 def test_large_volume_is_tiled_by_memory_budget() -> None:
     tiles = plan_tiles((256, 256, 256), 8_000_000)
     assert 1 < len(tiles) <= 8

@@ -92,6 +92,21 @@ def test_int8_engine_serves_the_variant_close_to_fp32(quantised: Path) -> None:
     assert np.sqrt(np.mean(err**2)) < 0.05, "int8 dot products far from fp32"
 
 
+def test_int8_tiled_equals_whole(quantised: Path) -> None:
+    """Large volumes are tiled automatically: the int8 graph's static scales make every
+    tile compute what the whole volume would."""
+    from scipy import ndimage
+
+    raw = ndimage.gaussian_filter(np.random.default_rng(11).normal(size=(120, 72, 64)), 2.0)
+    volume = ((raw - raw.mean()) / raw.std()).astype(np.float32)
+    whole = DescriptorExtractor(quantised, engine="openvino-int8", threads=1,
+                                memory_budget_bytes=1 << 40)
+    tiled = DescriptorExtractor(quantised, engine="openvino-int8", threads=1,
+                                tile_voxels=150_000)
+    assert len(whole.plan(volume.shape)) == 1 and len(tiled.plan(volume.shape)) > 1
+    np.testing.assert_allclose(tiled.extract(volume), whole.extract(volume), atol=1e-4, rtol=0)
+
+
 def test_auto_engine_takes_the_variant_only_when_the_card_names_it(
     quantised: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
