@@ -162,7 +162,7 @@ def int8_model_path(onnx_path: str | Path, *, verify: bool = True) -> Path | Non
     card_path = card_path_for(onnx_path)
     if not card_path.is_file():
         return None
-    card = ModelCard.model_validate_json(card_path.read_text(encoding="utf-8"))
+    card = load_model_card(card_path, verify=False)
     if card.int8 is None:
         return None
     xml_path = (card_path.parent / card.int8.xml_file).resolve()

@@ -304,10 +304,11 @@ class DescriptorExtractor:
         256^3 volume takes about 7.3 s with onnxruntime, 3.7 s with
         openvino-fp32 and 2.0 s with openvino-bf16, whose dot-product error
         (RMS 0.0007) is a fifth of the int8 codes' (0.0032); on 2 AVX2 cores
-        openvino-fp32 takes 3-4 s and openvino-int8 about 1.9 s (dot-product
-        error RMS ~0.014); see benchmarks/descriptor_speed.py. bf16 needs
-        AVX512_BF16 or AMX, else OpenVINO runs fp32. Tiled and whole-volume
-        results agree to 1e-4 in fp32 only.
+        openvino-fp32 takes 2.8-4.0 s and openvino-int8 2.3-3.7 s (warm / first
+        call; dot-product error RMS 0.008-0.012 against fp32); see
+        benchmarks/descriptor_speed.py. bf16 needs AVX512_BF16 or AMX, else
+        OpenVINO runs fp32. Tiled and whole-volume results agree to 1e-4 in
+        fp32 and int8 (static quantisation scales), not in bf16.
     """
 
     def __init__(

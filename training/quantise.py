@@ -33,6 +33,7 @@ import numpy as np
 
 from disa.model.card import Int8Variant, card_path_for, file_sha256, load_model_card
 from disa.model.codes import clip_to_unit_ball
+from disa.model.runtime import _OpenVinoSession  # the runtime's own OpenVINO set-up
 from disa.training import sources
 from disa.training.pairs import make_scene
 from disa.training.synthesis import TRAINING_SETTINGS
@@ -78,20 +79,15 @@ def calibration_volumes(seed: int = CALIBRATION_SEED, phantoms: int = CALIBRATIO
     return images, names
 
 
-def _compile(model: Any, threads: int) -> Any:
-    import openvino as ov
-
-    return ov.Core().compile_model(model, "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
-
-
-def _descriptors(compiled: Any, volume: np.ndarray) -> np.ndarray:
+def _descriptors(session: _OpenVinoSession, volume: np.ndarray) -> np.ndarray:
     """(N, 16) unit-ball descriptors of one volume."""
-    out = compiled([volume[None, None]])[compiled.output(0)][0]
+    (out,) = session.run(None, {session.input_name: volume[None, None]})
+    out = out[0]
     return clip_to_unit_ball(out.reshape(out.shape[0], -1).T, axis=-1)
 
 
-def dot_error(reference: Any, candidate: Any, volumes: Sequence[np.ndarray],
+def dot_error(reference: _OpenVinoSession, candidate: _OpenVinoSession,
+              volumes: Sequence[np.ndarray],
               pairs_per_volume: int = 4000, seed: int = 0) -> dict[str, float]:
     """RMS and largest error of the candidate's descriptor dot products against the
     reference's, over random descriptor pairs of each volume (same pairs for both)."""
@@ -139,7 +135,8 @@ def quantise(onnx_path: str | Path, volumes: Sequence[np.ndarray] | None = None,
     bin_path = xml_path.with_suffix(".bin")
     ov.save_model(quantised, str(xml_path), compress_to_fp16=False)
 
-    error = dot_error(_compile(model, threads), _compile(quantised, threads), volumes)
+    error = dot_error(_OpenVinoSession(onnx_path, threads, "fp32"),
+                      _OpenVinoSession(xml_path, threads, "int8"), volumes)
     variant = Int8Variant(
         xml_file=xml_path.name, bin_file=bin_path.name,
         sha256_xml=file_sha256(xml_path), sha256_bin=file_sha256(bin_path),
