@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         help="reach of cross pairs, descriptor voxels per axis",
     )
     f.add_argument(
+        "--contrast-weight",
+        type=float,
+        default=0.0,
+        help="weight of the term fitting differences between an anchor's partners (0: off)",
+    )
+    f.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -148,6 +154,7 @@ def _fit(args: argparse.Namespace) -> int:
         symmetric_target=not args.role_target,
         cross_pairs=args.cross_pairs,
         cross_reach=args.cross_reach,
+        contrast_weight=args.contrast_weight,
         ema_decay=args.ema,
         init_from=str(args.init_from) if args.init_from is not None else None,
         phantom_fraction=args.phantom_fraction,

@@ -63,6 +63,8 @@ class TrainConfig:
     symmetric_target: bool = True
     cross_pairs: int = 4096
     cross_reach: int = 4
+    #: Weight of the contrast term (``pair_loss``): 0 = the paper's MSE alone.
+    contrast_weight: float = 0.0
     #: Exponential moving average of the weights (decay per step; 0 = off). The
     #: averaged weights are what a checkpoint serves (export, evaluate, init_from);
     #: why: the batch loss sits at a noise floor (docs/TRAINING.md), and averaging
@@ -133,27 +135,50 @@ def lr_factor(step: int, warmup_steps: int, halve_every: int) -> float:
 
 
 def pair_loss(
-    net: DisaNet, batch: dict[str, torch.Tensor], balancer: TargetBalancer | None
+    net: DisaNet,
+    batch: dict[str, torch.Tensor],
+    balancer: TargetBalancer | None,
+    contrast_weight: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weighted loss to minimise, plain MSE) of one batch."""
+    """(weighted loss to minimise, plain MSE) of one batch.
+
+    ``contrast_weight`` adds a term on differences: for every cross pair (i, j)
+    the difference between the equal-position prediction and the cross one,
+    d_f(i).d_m(i) - d_f(i).d_m(j), is fitted to the same difference of targets,
+    and likewise with the moving descriptor j as the anchor. Why: registration
+    compares, for each fixed point, its similarity to different moving points;
+    an error shared by all partners of one anchor does not move the optimum,
+    while an error that differs between partners (a moving patch that looks
+    "similar to everything") does. The MSE weighs both kinds alike.
+    """
     fixed, moving, target = batch["fixed"], batch["moving"], batch["target"]
     x = torch.cat([fixed, moving]).contiguous(memory_format=torch.channels_last_3d)
     d = net(x)
     b = fixed.shape[0]
     pred = (d[:b] * d[b:]).sum(dim=1).flatten()
     target = target.flatten()
+    same_pred, same_target = pred, target
+    contrast: torch.Tensor | None = None
     if "cross_target" in batch and batch["cross_target"].numel():
         # Descriptors as (B * k^3, C) rows; cross pairs index fixed and moving rows.
         rows_f = d[:b].permute(0, 2, 3, 4, 1).reshape(-1, d.shape[1])
         rows_m = d[b:].permute(0, 2, 3, 4, 1).reshape(-1, d.shape[1])
-        cross = (rows_f[batch["cross_fixed"]] * rows_m[batch["cross_moving"]]).sum(dim=1)
+        i, j, cross_target = batch["cross_fixed"], batch["cross_moving"], batch["cross_target"]
+        cross = (rows_f[i] * rows_m[j]).sum(dim=1)
+        if contrast_weight > 0:
+            # Rows are (crop pair, z, y, x) in both layouts, so row i of the fixed map
+            # and row i of the equal-position predictions are the same position.
+            by_fixed = (same_pred[i] - cross) - (same_target[i] - cross_target)
+            by_moving = (same_pred[j] - cross) - (same_target[j] - cross_target)
+            contrast = 0.5 * (by_fixed**2 + by_moving**2).mean()
         pred = torch.cat([pred, cross])
-        target = torch.cat([target, batch["cross_target"]])
+        target = torch.cat([target, cross_target])
     err = (pred - target) ** 2
     mse = err.mean()
-    if balancer is None:
-        return mse, mse.detach()
-    return (balancer.weights(target) * err).mean(), mse.detach()
+    loss = mse if balancer is None else (balancer.weights(target) * err).mean()
+    if contrast is not None:
+        loss = loss + contrast_weight * contrast
+    return loss, mse.detach()
 
 
 def new_model(seed: int) -> DisaNet:
@@ -340,7 +365,7 @@ def fit(
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 stop_reason = "max_steps"
                 break
-            loss, mse = pair_loss(net, batch, balancer)
+            loss, mse = pair_loss(net, batch, balancer, cfg.contrast_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

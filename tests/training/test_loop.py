@@ -222,3 +222,31 @@ def test_moving_average_is_served_and_resumes_exactly(
     assert c["averaged_model"] is None
     assert torch.equal(loop.model_from_checkpoint(tmp_path / "c").state_dict()[name],
                        c["model"][name])
+
+
+def test_contrast_term_fits_differences_between_an_anchors_partners(
+    tiny_config: loop.TrainConfig,
+) -> None:
+    cfg = dataclasses.replace(tiny_config, batch=2, cross_pairs=30).data_config()
+    batch = data.make_batch(0, 5, cfg, [])
+    net = loop.new_model(1).eval()
+    with torch.no_grad():
+        plain, mse = loop.pair_loss(net, batch, None)
+        with_term, mse2 = loop.pair_loss(net, batch, None, contrast_weight=1.0)
+        d = net(torch.cat([batch["fixed"], batch["moving"]]))
+    assert torch.equal(mse, mse2)  # the reported MSE stays the paper's figure
+    rows_f = d[:2].permute(0, 2, 3, 4, 1).reshape(-1, d.shape[1])
+    rows_m = d[2:].permute(0, 2, 3, 4, 1).reshape(-1, d.shape[1])
+    same = (rows_f * rows_m).sum(dim=1)
+    target = batch["target"].flatten()
+    i, j, t = batch["cross_fixed"], batch["cross_moving"], batch["cross_target"]
+    cross = (rows_f[i] * rows_m[j]).sum(dim=1)
+    expected = 0.5 * (((same[i] - cross) - (target[i] - t)) ** 2
+                      + ((same[j] - cross) - (target[j] - t)) ** 2).mean()
+    assert float(with_term - plain) == pytest.approx(float(expected), rel=1e-5)
+    # An error shared by all partners of every anchor costs the MSE but not the term.
+    shifted = {**batch, "target": batch["target"] + 0.1, "cross_target": t + 0.1}
+    with torch.no_grad():
+        a, _ = loop.pair_loss(net, shifted, None, contrast_weight=1.0)
+        b, _ = loop.pair_loss(net, shifted, None)
+    assert float(a - b) == pytest.approx(float(expected), rel=1e-4)
