@@ -6,12 +6,14 @@
 A registration can only be as accurate as the optimum of its objective. Each
 case is a perfectly aligned pair (two synthetic modalities of one anatomy,
 ``disa.training.synthesis``), registered rigidly with one start (``starts=1``)
-from the header geometry, which *is* the truth: the refinement then walks to
+from the header geometry, which *is* the truth (the moving image is resampled
+onto a grid shifted by a random 0-8 mm, so no grid coincides with the other's;
+``_off_grid``): the refinement then walks to
 the nearest optimum of the objective, and its distance from the identity
 (mean |T(x) - x| over the fixed foreground, mm) measures the objective's bias
 on that pair, free of capture-range effects.
 
-Cases (deterministic): the training anatomy (ICBM152 head) with training
+Cases (deterministic; ``--seeds`` draws of each): the training anatomy (ICBM152 head) with training
 settings, and anatomy held out of training (MNI152 NLin6Asym head, the CT head
 template) with training and held-out settings. Sources whose package is
 missing are skipped; a held-out phantom stands in when none is installed.
@@ -26,8 +28,10 @@ weights differ. MIND-SSC is the reference.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +65,24 @@ def _image(array: np.ndarray) -> sitk.Image:
     return image
 
 
+def _off_grid(image: sitk.Image, rng: np.random.Generator) -> sitk.Image:
+    """``image`` resampled (B-spline) onto its grid shifted by a random 0-8 mm per axis.
+
+    Why: on two identical grids every fixed sample point lands exactly on a moving
+    grid node at the true pose, where trilinear interpolation has a kink: a refinement
+    started there may stay put for that reason alone (drift exactly 0). The shift keeps
+    the anatomy where it is (the true mapping stays the identity) and puts the moving
+    nodes, and DISA's 8 mm descriptor nodes, off the fixed ones, as in real pairs.
+    """
+    shifted = sitk.Image(image.GetSize(), sitk.sitkFloat32)
+    shifted.SetSpacing(image.GetSpacing())
+    shifted.SetDirection(image.GetDirection())
+    shifted.SetOrigin(tuple(np.add(image.GetOrigin(), rng.uniform(0.0, 8.0, 3))))
+    background = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(image, shifted, sitk.Transform(), sitk.sitkBSpline, background,
+                         sitk.sitkFloat32)
+
+
 def _volume(source: str):  # -> disa.training.sources.Volume | None
     from disa.training import sources
 
@@ -70,18 +92,21 @@ def _volume(source: str):  # -> disa.training.sources.Volume | None
         return None
 
 
-def make_pairs(cases: Sequence[tuple[str, str, str]], seed: int = 0
+def make_pairs(cases: Sequence[tuple[str, str, str]], seeds: int = 2
                ) -> list[tuple[str, sitk.Image, sitk.Image, np.ndarray]]:
-    """(name, fixed, moving, fixed foreground points in mm) per case whose source exists."""
+    """(name, fixed, moving, fixed foreground points in mm) per case whose source exists and
+    per seed. A case's images depend only on the case and the seed, not on which other
+    cases are run (``--quick`` draws the same images as the full run)."""
     from disa.training import sources
     from disa.training.synthesis import synthesize
 
     out = []
-    for index, (source, fixed_setting, moving_setting) in enumerate(cases):
+    for (source, fixed_setting, moving_setting), seed in itertools.product(cases, range(seeds)):
         volume = _volume(source)
         if volume is None:
             continue
-        rng = np.random.default_rng([seed, index])
+        key = zlib.crc32(f"{source}|{fixed_setting}|{moving_setting}".encode())
+        rng = np.random.default_rng([seed, key])
         centre = (np.array(volume.shape) - 1) / 2.0
         extent = 0.6 * float(min(volume.shape))
         fixed_a = synthesize(volume, fixed_setting, rng, centre, extent)
@@ -90,8 +115,8 @@ def make_pairs(cases: Sequence[tuple[str, str, str]], seed: int = 0
         idx = np.argwhere(mask)[:, ::-1].astype(np.float64)
         pick = rng.choice(len(idx), size=min(2000, len(idx)), replace=False)
         points = idx[pick] * SPACING_MM  # origin 0, identity direction
-        out.append((f"{volume.subject} {fixed_setting}->{moving_setting}", _image(fixed_a),
-                    _image(moving_a), points))
+        out.append((f"{volume.subject} {fixed_setting}->{moving_setting} #{seed}", _image(fixed_a),
+                    _off_grid(_image(moving_a), rng), points))
     if not out:  # no package installed: a held-out phantom
         rng = np.random.default_rng(sources.phantom_seed("held-out", 0, 0))
         volume = sources.make_phantom(rng, subject="phantom-held-out-0")
@@ -130,11 +155,11 @@ def use_model(path: Path | None) -> str:
 
 
 def run(models: Sequence[Path | None], similarities: Sequence[str],
-        cases: Sequence[tuple[str, str, str]]) -> list[dict]:
+        cases: Sequence[tuple[str, str, str]], seeds: int = 2) -> list[dict]:
     from disa.registration.options import RegistrationOptions
     from disa.registration.pipeline import register
 
-    pairs = make_pairs(cases)
+    pairs = make_pairs(cases, seeds)
     methods: list[tuple[str, str, Path | None]] = []
     for similarity in similarities:
         if similarity == "disa":
@@ -181,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--similarities", default="disa,mind")
     p.add_argument("--engine", default=None,
                    help="DISA engine for every model (default openvino-fp32 when installed)")
-    p.add_argument("--quick", action="store_true", help="two cases only")
+    p.add_argument("--seeds", type=int, default=2, help="image draws per case (default 2)")
+    p.add_argument("--quick", action="store_true", help="two cases, one draw each")
     args = p.parse_args(argv)
     engine = args.engine
     if engine is None:
@@ -196,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         models.insert(0, None)
     cases = CASES[:1] + CASES[5:6] if args.quick else CASES
     print(f"Machine: {machine()}; DISA engine {engine}")
-    rows = run(models, [s.strip() for s in args.similarities.split(",") if s.strip()], cases)
+    seeds = 1 if args.quick else args.seeds
+    rows = run(models, [s.strip() for s in args.similarities.split(",") if s.strip()], cases,
+               seeds)
     print("\nDistance (mm) of the optimum reached from the true pose:\n")
     print(markdown(rows))
     return 0
