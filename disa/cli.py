@@ -86,9 +86,12 @@ def _options_from_args(args: argparse.Namespace):  # -> RegistrationOptions
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from disa.progress import progress_reporter
+    from disa.registration.outputs import check_output_folder
     from disa.registration.runner import run_registration
 
     options = _options_from_args(args)
+    # Before reading anything: a bad -o must not cost a whole registration.
+    check_output_folder(args.output)
     with progress_reporter(quiet=args.quiet) as report:
         data = run_registration(args.fixed, args.moving, args.output, options,
                                 args.fixed_mask, args.moving_mask, progress=report,
@@ -147,9 +150,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from disa.progress import progress_reporter
     from disa.registration.options import RegistrationOptions
+    from disa.registration.outputs import check_output_folder
     from disa.registration.runner import run_registration
     from disa.sample import sample_paths, sample_truth_error
 
+    check_output_folder(args.output)
     fixed, moving, truth = sample_paths()
     print(f"fixed:  {fixed}\nmoving: {moving}")
     with progress_reporter(quiet=args.quiet) as report:

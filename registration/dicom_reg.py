@@ -21,7 +21,10 @@ Direction conventions (the part that is easy to get backwards):
 UIDs are generated under `UID_PREFIX` (pydicom's root, which pydicom offers for
 generated UIDs; replace it with the organisation's own root if it has one).
 Patient and study identifiers are copied from the fixed series into the new
-objects and nowhere else (never into logs or file names).
+objects and nowhere else (never into logs or file names). Fixed and moving must
+belong to one patient: every writer here refuses a pair whose PatientIDs differ
+(`check_same_patient`), because the new objects file the moving series' content
+under the fixed patient.
 """
 
 from __future__ import annotations
@@ -57,8 +60,10 @@ __all__ = [
     "SPATIAL_REGISTRATION_STORAGE",
     "UID_PREFIX",
     "DeformableRegistration",
+    "PatientMismatch",
     "build_deformable_registration",
     "build_spatial_registration",
+    "check_same_patient",
     "matrix_type",
     "read_deformable_registration",
     "read_registration_matrix",
@@ -287,6 +292,53 @@ def _check_series(name: str, headers: Sequence[Dataset]) -> None:
             raise ValueError(f"{name} series lacks {keyword}; cannot reference it")
 
 
+class PatientMismatch(ValueError):
+    """Fixed and moving series belong to different patients.
+
+    The message names both PatientIDs (for the operator who typed the UIDs);
+    `reason` says the same without them, for places that must stay free of
+    identifiers (result.json, service responses and logs).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _patient(ds: Dataset) -> tuple[str, str]:
+    """(PatientID, IssuerOfPatientID) of a header, stripped; empty strings when absent."""
+    return (str(ds.get("PatientID", "") or "").strip(),
+            str(ds.get("IssuerOfPatientID", "") or "").strip())
+
+
+def _shown(patient: tuple[str, str]) -> str:
+    pid, issuer = patient
+    return f"'{pid}'" + (f" (issuer '{issuer}')" if issuer else "")
+
+
+def check_same_patient(fixed: Sequence[Dataset], moving: Sequence[Dataset]) -> None:
+    """Raise PatientMismatch when `fixed` and `moving` name different patients.
+
+    PatientIDs are compared only where both are non-empty: anonymised data often
+    has none, and an empty ID says nothing about the patient. Equal IDs from two
+    issuers (IssuerOfPatientID, compared only when both state one) are two
+    patients. Every header of both series takes part, so a single instance of
+    another patient is caught as well.
+    """
+    # Only headers with an ID take part (see above); sorted for a stable message.
+    fixed_ids = sorted({_patient(h) for h in fixed if _patient(h)[0]})
+    moving_ids = sorted({_patient(h) for h in moving if _patient(h)[0]})
+    for f in fixed_ids:
+        for m in moving_ids:
+            if f[0] != m[0] or (f[1] and m[1] and f[1] != m[1]):
+                raise PatientMismatch(
+                    "fixed and moving series belong to different patients: PatientID "
+                    f"{_shown(f)} (fixed) and {_shown(m)} (moving)",
+                    "fixed and moving series belong to different patients "
+                    "(PatientID or IssuerOfPatientID differ)",
+                )
+
+
 # ------------------------------------------------------- spatial registration
 
 
@@ -306,10 +358,12 @@ def build_spatial_registration(
     and study, its frame of reference is the fixed one, and its Registration
     Sequence holds two items: the fixed frame with identity, and the moving
     frame with inv(matrix_fixed_to_moving), which maps moving-frame points to
-    fixed-frame points as DICOM defines it.
+    fixed-frame points as DICOM defines it. Raises PatientMismatch (a
+    ValueError) when the two series name different patients.
     """
     _check_series("fixed", fixed)
     _check_series("moving", moving)
+    check_same_patient(fixed, moving)
     a = np.asarray(matrix_fixed_to_moving, dtype=np.float64)
     if a.shape != (4, 4) or not np.isfinite(a).all():
         raise ValueError("matrix_fixed_to_moving must be a finite 4x4 matrix")
@@ -341,34 +395,91 @@ def build_spatial_registration(
     return ds
 
 
-def read_registration_matrix(path: str | Path, source_frame_uid: str | None = None) -> np.ndarray:
+def read_registration_matrix(
+    path: str | Path,
+    source_frame_uid: str | None = None,
+    source_series_uid: str | None = None,
+) -> np.ndarray:
     """The 4x4 matrix (source/moving frame -> registered/fixed frame, LPS mm) of a REG file.
 
-    The item read is the one for `source_frame_uid` if given; otherwise the
-    first item whose frame of reference differs from the object's own, or,
-    when all share one frame, the last item (DISA writes fixed, then moving).
+    Which Registration Sequence item is read:
+
+    - `source_series_uid` given: the item whose ReferencedImageSequence lists
+      instances of that series (the object's Common Instance Reference module
+      says which instances belong to it), further narrowed to
+      `source_frame_uid` when that is given too. This is the unambiguous choice
+      when both series share one frame of reference (two series of one session).
+    - `source_frame_uid` alone: the item for that frame. When several items
+      share it (fixed and moving in one frame of reference), the registered
+      frame's own entry, an identity item in the object's frame, is passed
+      over in favour of the others; the last remaining one is read (DISA
+      writes fixed, then moving). A pair whose true result is the identity then
+      still reads as the identity.
+    - neither: the first item whose frame of reference differs from the
+      object's own, or, when all share one frame, the last item.
+
     Several matrices in one item are multiplied in DICOM order (the first
-    item is applied first).
+    item is applied first). Raises ValueError when nothing matches.
     """
     ds = dcmread(str(path))
+    name = Path(path).name
     if ds.SOPClassUID != SPATIAL_REGISTRATION_STORAGE:
-        raise ValueError(f"{Path(path).name}: not a Spatial Registration object")
+        raise ValueError(f"{name}: not a Spatial Registration object")
     items = list(ds.RegistrationSequence)
     own = str(ds.FrameOfReferenceUID)
     if source_frame_uid is not None:
-        chosen = [i for i in items if str(i.FrameOfReferenceUID) == source_frame_uid]
-        if not chosen:
-            raise ValueError(f"{Path(path).name}: no registration for frame {source_frame_uid}")
-        item = chosen[0]
-    else:
-        others = [i for i in items if str(i.get("FrameOfReferenceUID", "")) != own]
-        item = others[0] if others else items[-1]
+        items = [i for i in items if str(i.get("FrameOfReferenceUID", "")) == source_frame_uid]
+        if not items:
+            raise ValueError(f"{name}: no registration for frame {source_frame_uid}")
+    if source_series_uid is not None:
+        instances = _referenced_series_instances(ds, source_series_uid)
+        if not instances:
+            raise ValueError(f"{name}: does not reference series {source_series_uid}")
+        items = [i for i in items if _item_instances(i) & instances]
+        if not items:
+            raise ValueError(f"{name}: no registration item for series {source_series_uid}")
+        return _registration_item_matrix(items[-1])
+    if source_frame_uid is not None:
+        if len(items) > 1:
+            # Both series in one frame: the identity item of the object's own frame is the
+            # registered (fixed) series' entry, never the source asked for.
+            moved = [i for i in items
+                     if not (str(i.get("FrameOfReferenceUID", "")) == own
+                             and np.array_equal(_registration_item_matrix(i), np.eye(4)))]
+            items = moved or items
+        return _registration_item_matrix(items[-1])
+    others = [i for i in items if str(i.get("FrameOfReferenceUID", "")) != own]
+    return _registration_item_matrix(others[0] if others else items[-1])
+
+
+def _registration_item_matrix(item: Dataset) -> np.ndarray:
+    """Product of an item's matrices, in DICOM order (the first is applied first)."""
     total = np.eye(4)
-    for registration in item.MatrixRegistrationSequence:
+    for registration in item.get("MatrixRegistrationSequence", []):
         for one in registration.MatrixSequence:
             m = np.asarray([float(v) for v in one.FrameOfReferenceTransformationMatrix])
             total = m.reshape(4, 4) @ total
     return total
+
+
+def _item_instances(item: Dataset) -> set[str]:
+    """SOP Instance UIDs an item's ReferencedImageSequence lists."""
+    return {str(r.get("ReferencedSOPInstanceUID", ""))
+            for r in item.get("ReferencedImageSequence", [])} - {""}
+
+
+def _referenced_series_instances(ds: Dataset, series_uid: str) -> set[str]:
+    """SOP Instance UIDs of `series_uid` per the object's Common Instance Reference module
+    (its own study's series and those of other studies)."""
+    series_items = list(ds.get("ReferencedSeriesSequence", []))
+    for study in ds.get("StudiesContainingOtherReferencedInstancesSequence", []):
+        series_items += list(study.get("ReferencedSeriesSequence", []))
+    found: set[str] = set()
+    for item in series_items:
+        if str(item.get("SeriesInstanceUID", "")) == series_uid:
+            found |= {str(r.get("ReferencedSOPInstanceUID", ""))
+                      for r in item.get("ReferencedInstanceSequence", [])}
+    return found - {""}
 
 
 # ----------------------------------------------------- deformable registration
@@ -408,9 +519,12 @@ def build_deformable_registration(
     This is the direction of PS3.3 C.20.3.1.1 (registered -> source), so
     matrices and vectors are written unchanged. The grid's third axis must be
     row x column for DICOM; a left-handed grid is flipped along z first.
+    Raises PatientMismatch (a ValueError) when the two series name different
+    patients.
     """
     _check_series("fixed", fixed)
     _check_series("moving", moving)
+    check_same_patient(fixed, moving)
     if displacement.GetDimension() != 3 or displacement.GetNumberOfComponentsPerPixel() != 3:
         raise ValueError("displacement must be a 3D image with 3 components per voxel")
     pre = np.eye(4) if pre_matrix is None else np.asarray(pre_matrix, dtype=np.float64)
@@ -523,19 +637,50 @@ def _mr_range(array: np.ndarray) -> np.ndarray:
     return (array - lo) * (4095.0 / max(hi - lo, 1e-6))
 
 
-# Acquisition attributes the CT and MR Image IODs require (type 1/2), copied from the
-# moving series when present, with the value used otherwise.
+# Acquisition attributes the CT and MR Image IODs require (type 1/2/2C), copied from the
+# moving series when present, with the value used otherwise (None: left out, type 3).
 _CT_ATTRIBUTES = {"KVP": "", "AcquisitionNumber": ""}
 _MR_ATTRIBUTES = {
     "ScanningSequence": "RM",  # research mode: nothing better is known
     "SequenceVariant": "NONE",
     "ScanOptions": "",
     "MRAcquisitionType": "",
-    "RepetitionTime": None,
+    # Type 2C, required unless ScanningSequence is EP with SequenceVariant not SK; with
+    # "RM" it is required, and empty is the type 2 way of saying "unknown".
+    "RepetitionTime": "",
     "EchoTime": "",
     "EchoTrainLength": "",
     "MagneticFieldStrength": None,
 }
+# Where an Enhanced MR series keeps these (functional group macro, attribute in it):
+# it has no top-level RepetitionTime, EchoTime or EchoTrainLength.
+_MR_FUNCTIONAL = {
+    "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+    "EchoTrainLength": ("MRTimingAndRelatedParametersSequence", "EchoTrainLength"),
+    "EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
+}
+
+
+def _acquisition_value(source: Dataset, keyword: str, default: Any) -> Any:
+    """`keyword` of the moving series' header: top level, else (enhanced MR) the shared
+    functional groups, else the first frame's; `default` when none states it."""
+    value = source.get(keyword)
+    if value is not None and value != "":
+        return value
+    if keyword in _MR_FUNCTIONAL:
+        macro, inner = _MR_FUNCTIONAL[keyword]
+        for groups_keyword in ("SharedFunctionalGroupsSequence",
+                               "PerFrameFunctionalGroupsSequence"):
+            groups = source.get(groups_keyword)
+            if not groups or macro not in groups[0] or not groups[0].get(macro):
+                continue
+            found = groups[0].get(macro)[0].get(inner)
+            if found is None or found == "":
+                continue
+            if inner == "EffectiveEchoTime":  # FD (ms) into EchoTime's DS (ms)
+                return DSfloat(float(found), auto_format=True)
+            return found
+    return default if value is None else value
 
 
 def write_registered_series(
@@ -554,11 +699,14 @@ def write_registered_series(
     series directly. The IOD follows the moving modality (MR Image for MR,
     CT Image otherwise), with acquisition attributes copied from the moving
     series when it is given; ImageType is DERIVED\\SECONDARY. Returns the files
-    written (IM00001.dcm, ...) in slice order.
+    written (IM00001.dcm, ...) in slice order. Raises PatientMismatch (a
+    ValueError) before writing anything when the moving series names another
+    patient than the fixed one: its pixels would be filed under the wrong patient.
     """
     fixed = read_dicom_headers(fixed_series_dir, limits)
     moving = read_dicom_headers(moving_series_dir, limits) if moving_series_dir else []
     _check_series("fixed", fixed)
+    check_same_patient(fixed, moving)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     modality = str(moving[0].get("Modality", "")) if moving else ""
@@ -616,7 +764,7 @@ def write_registered_series(
         ds.WindowCenter = DSfloat((low + high) / 2.0, auto_format=True)
         ds.WindowWidth = DSfloat(max(high - low, 1.0), auto_format=True)
         for keyword, default in (_MR_ATTRIBUTES if mr else _CT_ATTRIBUTES).items():
-            value = source.get(keyword, default)
+            value = _acquisition_value(source, keyword, default)
             if value is not None:
                 setattr(ds, keyword, value)
         _sop_common(ds, sop_class, when)
@@ -649,8 +797,9 @@ def write_dicom_outputs(
     `result_data` is result.json's content (``matrix_fixed_to_moving``, mode,
     similarity, confidence). Returns the names of the files written (empty
     when an input is not DICOM). A series that a REG object cannot reference
-    (no Frame of Reference UID, say) costs only the REG: the reason goes into
-    ``result_data["registration_dcm_skipped"]`` and the registration stands.
+    (no Frame of Reference UID, say), or a pair of two patients, costs only the
+    DICOM objects: the reason goes into ``result_data["registration_dcm_skipped"]``
+    and the registration (NIfTI, transform) stands.
     """
     if detect_format(fixed_path) != "dicom" or detect_format(moving_path) != "dicom":
         return []
@@ -659,6 +808,12 @@ def write_dicom_outputs(
     try:
         _check_series("fixed", fixed)
         _check_series("moving", moving)
+        check_same_patient(fixed, moving)
+    except PatientMismatch as exc:
+        # result.json travels through the service's API and logs, which carry no
+        # patient identifiers: the reason without the two IDs.
+        result_data["registration_dcm_skipped"] = exc.reason
+        return []
     except ValueError as exc:
         result_data["registration_dcm_skipped"] = str(exc)
         return []

@@ -248,7 +248,31 @@ def read_image(
             f"{name}: decoded image size {_dims(image.GetSize())} differs from the header's "
             f"{_dims(info.size)}; the file is inconsistent"
         )
+    _check_finite(image, name)
     return image
+
+
+def _check_finite(image: sitk.Image, name: str) -> None:
+    """Refuse an image holding NaN or infinite voxels (InputError naming the file and counts).
+
+    Why: the percentiles, z-score and descriptors downstream turn one NaN into a
+    silently wrong transform. The test is one pass over the decoded float32
+    voxels: their float64 sum is finite exactly when every voxel is (NaN and Inf
+    propagate, and no sum of float32 values can overflow float64), so no mask
+    array is allocated; the counts are taken only for the message.
+    """
+    values = sitk.GetArrayViewFromImage(image)
+    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, and that is the answer wanted
+        total = values.sum(dtype=np.float64)
+    if np.isfinite(total):
+        return
+    nan = int(np.count_nonzero(np.isnan(values)))
+    infinite = int(np.count_nonzero(np.isinf(values)))
+    raise InputError(
+        f"{name}: {nan + infinite} of {values.size} voxels are not finite ({nan} NaN, "
+        f"{infinite} infinite); replace them (e.g. with the background value) before "
+        "registering"
+    )
 
 
 def write_image(image: sitk.Image, path: str | Path) -> None:
@@ -881,6 +905,14 @@ _IOP_TOL = 1e-3  # direction cosines of two slices: about 0.06 degrees apart at 
 _SPACING_REL_TOL = 1e-3  # pixel spacing of two slices
 _DUPLICATE_MM = 0.01  # two slices closer than this along the normal are one position
 _GAP_REL_TOL = 0.1  # a step 10 % off the median step is a missing or an extra slice
+# How far a slice may lie from its place on the regular grid (first position + k * mean
+# step). Comparing steps with their median alone lets a spacing that changes gradually or
+# in two stages through (50 steps of 1.0 mm, then 49 of 1.09 mm misplaces slices by
+# 2.2 mm). A tenth of the step keeps every slice within a tenth of a voxel of where the
+# image puts it; the 0.2 mm floor absorbs positions stored with few decimals on thin
+# slices, and 0.2 mm is well below the in-plane pixel size and the registration accuracy.
+_GRID_REL_TOL = 0.1
+_GRID_MIN_MM = 0.2
 _DRIFT_PIXELS = 0.25  # sideways drift of the slice positions (gantry tilt), in pixels
 _DEFER_BYTES = 64 * 1024  # header values larger than this are never loaded (private blobs)
 
@@ -942,14 +974,29 @@ def _inspect_dicom(
     Headers are read with pydicom (no pixel data). The geometry comes from the
     slice positions, never from SliceThickness or SpacingBetweenSlices:
     slices are sorted by their position along the normal, the slice spacing
-    is the mean step, and a series with uneven steps (missing slices), mixed
-    orientations, sizes or spacings, duplicate positions or sideways drift
-    (gantry tilt) is refused, because no regular grid describes it.
+    is the mean step, and a series with uneven steps (missing slices, a
+    spacing that changes along the series: any slice further than
+    max(0.1 x step, 0.2 mm) from its grid position), mixed orientations, sizes
+    or spacings, duplicate positions or sideways drift (gantry tilt) is
+    refused, because no regular grid describes it.
     """
-    found = _scan_dicom(folder, name)
+    found, skipped = _scan_dicom(folder, name)
     if not found:
-        raise InputError(f"{name}: no DICOM series found")
+        detail = ""
+        if skipped:
+            detail = (f" (skipped {len(skipped)} file(s) that are not DICOM images: "
+                      f"{_listed(sorted(s.file for s in skipped))})")
+        raise InputError(f"{name}: no DICOM series found{detail}")
     uid = _choose_series(name, found, series_uid)
+    # A file without the preamble that names this series but is no complete image would
+    # otherwise be a silently missing slice (the first or last escapes the gap check).
+    partial = sorted(s.file for s in skipped if s.series_uid == uid)
+    if partial:
+        raise InputError(
+            f"{name}: {len(partial)} file(s) of DICOM series {_short(uid, 70)} lack the DICM "
+            f"preamble and SOPClassUID, Rows or Columns: {_listed(partial)}; cannot read "
+            "them as slices"
+        )
     series = _series_geometry(name, uid, found[uid])
     first = _header_reader(series.files[0], "dicom", name)
     info = ImageInfo(
@@ -968,14 +1015,32 @@ def _inspect_dicom(
     return info, series
 
 
-def _scan_dicom(folder: Path, name: str) -> dict[str, list[tuple[str, Dataset]]]:
+@dataclass(frozen=True)
+class _Skipped:
+    """A file of a DICOM folder that is not used: its basename, and the series it names
+    (SeriesInstanceUID, empty when none) if it parsed as a DICOM dataset."""
+
+    file: str
+    series_uid: str
+
+
+def _scan_dicom(
+    folder: Path, name: str
+) -> tuple[dict[str, list[tuple[str, Dataset]]], list[_Skipped]]:
     """Image headers of the files in `folder` (not its subfolders), grouped by series UID.
 
-    Files that are not DICOM (no 'DICM' preamble) are skipped, and so are
-    DICOM objects without pixels (DICOMDIR, registrations, reports). A DICOM
-    file that breaks while parsing is an error: skipping it would hide a slice.
+    Files with the 'DICM' preamble are DICOM; DICOM objects without pixels
+    among them (DICOMDIR, registrations, reports) are passed over, and one
+    that breaks while parsing is an error: skipping it would hide a slice.
+    Files without the preamble (a raw dataset, as some PACS exports write) are
+    read again with pydicom's force=True when they start like a dataset, and
+    used when they hold SOPClassUID, Rows, Columns and SeriesInstanceUID; the
+    force is needed only there, so the checks stay header-first either way
+    (no pixel data, large values deferred). Files passed over without the
+    preamble are returned as well, for the callers' messages.
     """
     series: dict[str, list[tuple[str, Dataset]]] = {}
+    skipped: list[_Skipped] = []
     try:
         paths = sorted(e.path for e in os.scandir(folder) if e.is_file())
     except OSError as err:
@@ -986,9 +1051,15 @@ def _scan_dicom(folder: Path, name: str) -> dict[str, list[tuple[str, Dataset]]]
                 warnings.simplefilter("ignore")  # pydicom warns about every odd value
                 ds = pydicom.dcmread(file, stop_before_pixels=True, defer_size=_DEFER_BYTES)
         except InvalidDicomError:
-            if not _has_dicom_preamble(file):
+            if _has_dicom_preamble(file):
+                raise InputError(f"{name}: holds a DICOM file that cannot be parsed") from None
+            raw = _read_raw_dataset(file)
+            uid = str(raw.get("SeriesInstanceUID", "") or "").strip() if raw is not None else ""
+            if raw is None or "SOPClassUID" not in raw or "Rows" not in raw \
+                    or "Columns" not in raw or not uid:
+                skipped.append(_Skipped(os.path.basename(file), uid))
                 continue
-            raise InputError(f"{name}: holds a DICOM file that cannot be parsed") from None
+            ds = raw
         except Exception as err:  # pydicom raises many kinds on hostile input
             raise InputError(
                 f"{name}: holds a DICOM file that cannot be parsed ({_short(str(err), 80)})"
@@ -996,7 +1067,40 @@ def _scan_dicom(folder: Path, name: str) -> dict[str, list[tuple[str, Dataset]]]
         uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
         if uid and "Rows" in ds and "Columns" in ds:
             series.setdefault(uid, []).append((file, ds))
-    return series
+    return series, skipped
+
+
+# First tag groups a raw (preamble-less) little-endian dataset starts with: the file meta
+# group, or the identifying group every image has (SOPClassUID is (0008,0016)).
+_RAW_DICOM_GROUPS = (b"\x02\x00", b"\x08\x00")
+
+
+def _read_raw_dataset(file: str) -> Dataset | None:
+    """A preamble-less file read with force=True; None when it does not parse as one.
+
+    Only files whose first tag is in group 0002 or 0008 are tried: force=True
+    makes pydicom read any bytes as elements, and text or image files beside a
+    series should stay what they are, skipped.
+    """
+    try:
+        with open(file, "rb") as fh:
+            if fh.read(2) not in _RAW_DICOM_GROUPS:
+                return None
+    except OSError:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(
+                file, stop_before_pixels=True, defer_size=_DEFER_BYTES, force=True)
+    except Exception:  # anything pydicom raises on bytes that are no dataset after all
+        return None
+
+
+def _listed(files: list[str], shown: int = 3) -> str:
+    """Up to `shown` basenames, then how many more."""
+    text = ", ".join(_short(f, 40) for f in files[:shown])
+    return text + (f" and {len(files) - shown} more" if len(files) > shown else "")
 
 
 def _has_dicom_preamble(file: str) -> bool:
@@ -1268,6 +1372,16 @@ def _stack_geometry(
                 "the series (gantry tilt?); a sheared volume is not supported"
             )
         dz = float(ordered[-1] - ordered[0]) / (n - 1)
+        deviation = ordered - (ordered[0] + dz * np.arange(n))
+        k = int(np.abs(deviation).argmax())
+        tolerance = max(_GRID_REL_TOL * dz, _GRID_MIN_MM)
+        if abs(float(deviation[k])) > tolerance:
+            raise InputError(
+                f"{name}: slices of {label} are not evenly spaced: slice {k + 1} of {n} lies "
+                f"{abs(float(deviation[k])):.2f} mm off the regular grid of {dz:.4g} mm steps "
+                f"(at most {tolerance:.2g} mm allowed); the slice spacing changes within the "
+                "series"
+            )
     direction = np.column_stack([row, col, normal])
     spacing = (float(spacings[0][1]), float(spacings[0][0]), dz)
     origin = _triple(tuple(positions[order[0]]), float)

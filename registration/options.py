@@ -37,7 +37,9 @@ class RegistrationOptions(BaseModel):
                                      description="starts draw shifts in +- this many mm per axis")
     working_spacing: float | None = Field(
         None, gt=0.0, le=20.0,
-        description="isotropic resampling spacing in mm (default: from the images' size)")
+        description="isotropic resampling spacing in mm (default: from the images' size); "
+                    "each image's grid at this spacing may hold at most as many voxels as "
+                    "one input may (512^3; DISA_MAX_VOXELS in the service)")
     init: Literal["centers", "geometry"] = Field(
         "centers", description="centers: align foreground centroids first; geometry: trust headers")
     precision: Literal["int8", "float32"] = Field(

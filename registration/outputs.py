@@ -12,15 +12,24 @@
     result.json        mode, similarity, parameters, objective, confidence, timings,
                        versions, model hash (written last: its presence means complete)
 
-Every file is written to a temporary name in the folder and moved into place
-with os.replace, so a reader never sees a half-written file.
+The folder is written as a whole: its files go into a fresh hidden sibling
+(``.NAME.partial-XXXXXXXX``), which then takes the folder's place by rename. A
+reader sees the previous result or the complete new one, never a mix: a failed
+run leaves the previous result as it was, and files of an earlier run that the
+new one does not write (transform.h5 of a deformable run before a rigid one) go
+with it. Because the folder is replaced, only a new folder, an empty one or a
+previous result may be named for it: a folder holding anything else is refused
+(InputError) rather than deleted.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
+import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +37,9 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from disa.registration.atomic import write_json
+from disa.registration.atomic import fsync_dir, write_json
+from disa.registration.dicom_reg import REGISTRATION_FILE
+from disa.registration.errors import InputError
 from disa.registration.io import write_image
 from disa.registration.pipeline import RegistrationResult
 from disa.registration.qa import render_qa
@@ -39,6 +50,9 @@ QA_FILE = "qa.png"
 RESULT_FILE = "result.json"
 DISPLACEMENT_FILE = "displacement.nii.gz"
 FIELD_TRANSFORM_FILE = "transform.h5"
+#: Every name a result folder may hold (registration.dcm: both inputs DICOM).
+RESULT_NAMES = frozenset({TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE,
+                          DISPLACEMENT_FILE, FIELD_TRANSFORM_FILE, REGISTRATION_FILE})
 
 
 def resample_moving(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform
@@ -74,17 +88,123 @@ def versions() -> dict[str, str]:
     return found
 
 
+def check_output_folder(outdir: str | Path) -> Path:
+    """Check, before any work, that ``outdir`` can take a result; return its real path.
+
+    Creates missing parent folders. Raises InputError, its message starting with
+    ``outdir`` as given, when ``outdir`` is an existing file, is (or holds) the
+    current folder, is a folder holding anything but a previous result (replacing
+    it would delete those files), or cannot be created (a parent is a file, no
+    permission).
+    """
+    shown = str(outdir)
+    target = Path(os.path.realpath(outdir))  # "." and "..", and a link's target folder
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        # Even empty, it would be swapped away from under the shell that stands in it.
+        raise InputError(f"{shown}: is the current folder (or holds it); the result replaces "
+                         "the whole folder, so name a new folder for it")
+    _check_replaceable(target, shown)
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{shown}: cannot create the result folder: {existing.name} is a file, "
+                         "not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The sibling that write_result_folder stages into must be creatable there.
+        os.rmdir(tempfile.mkdtemp(prefix=f".{target.name}.probe-", dir=target.parent))
+    except OSError as exc:
+        raise InputError(f"{shown}: cannot create the result folder: "
+                         f"{exc.strerror or type(exc).__name__}") from exc
+    return target
+
+
+def _check_replaceable(target: Path, shown: str) -> None:
+    """InputError unless ``target`` is absent, an empty folder or a previous result's."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise InputError(f"{shown}: is an existing file, not a folder; name a folder for the "
+                         "result")
+    with os.scandir(target) as entries:
+        foreign = sorted(e.name for e in entries if not _is_result_entry(e))
+    if foreign:
+        shown_names = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise InputError(f"{shown}: folder holds {len(foreign)} file(s) that are not part of a "
+                         f"DISA result ({shown_names}); the result replaces the whole folder, so "
+                         "name a new or empty folder")
+
+
+def _is_result_entry(entry: os.DirEntry[str]) -> bool:
+    """A file that a result writer leaves: a result name, or the temporary name that an
+    interrupted older writer left (".NAME.*" of write_image and atomic_write, ".tmp-*" of
+    write_transform)."""
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    name = entry.name
+    return (name in RESULT_NAMES or name.startswith(".tmp-")
+            or any(name.startswith(f".{known}.") for known in RESULT_NAMES))
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` at ``target`` (a sibling), replacing what is there.
+
+    Absent or empty ``target`` (the worker's fresh job folder): one rename, atomic.
+    A previous result: it is renamed aside first, then ``staging`` in, then the old
+    one deleted; for the instant between the two renames ``target`` is absent, never
+    a mix, and should the second rename fail the previous result is put back.
+    """
+    try:
+        os.rename(staging, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+
+
 def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
                         outdir: str | Path, inputs: dict[str, Any] | None = None,
-                        extra: Callable[[dict[str, Any]], list[str]] | None = None
+                        extra: Callable[[dict[str, Any], Path], list[str]] | None = None
                         ) -> dict[str, Any]:
     """Write transform, registered image, QA picture and result.json; return the JSON data.
 
-    ``extra(data)`` writes further files (e.g. DICOM REG) and returns their
-    names; it runs before result.json, which stays the last file written.
+    The files are written into a fresh hidden sibling of ``outdir``, which then
+    replaces ``outdir`` (module docstring): the previous result stays whole if
+    anything fails, and is replaced only by a complete new one. Raises InputError
+    when ``outdir`` is a file or a folder holding other files (nothing is deleted).
+    ``extra(data, folder)`` writes further files (e.g. DICOM REG) into ``folder``,
+    the folder being written, and returns their names; it runs before
+    result.json, which stays the last file written.
     """
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    target = Path(os.path.realpath(outdir))
+    _check_replaceable(target, str(outdir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp makes 0700; the API may run as another user
+        data = _write_files(result, fixed, moving, staging, inputs, extra)
+        # Checked again: the folder may have changed during the run.
+        _check_replaceable(target, str(outdir))
+        _swap_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # (gone already after the swap)
+    return data
+
+
+def _write_files(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
+                 outdir: Path, inputs: dict[str, Any] | None,
+                 extra: Callable[[dict[str, Any], Path], list[str]] | None) -> dict[str, Any]:
+    """The files of write_result_folder, into the (staging) folder ``outdir``."""
     write_transform(result.transform, outdir / TRANSFORM_FILE)
     files = [TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE]
     final = result.transform
@@ -115,6 +235,6 @@ def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: s
         "versions": versions(),
     }
     if extra is not None:
-        data["files"] += extra(data)
+        data["files"] += extra(data, outdir)
     write_json(data, outdir / RESULT_FILE)
     return data

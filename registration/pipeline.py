@@ -198,18 +198,30 @@ def auto_working_spacing(fixed: sitk.Image, moving: sitk.Image, similarity: str)
 
 
 def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
-            direction: np.ndarray | None = None, smooth: bool = True) -> PreparedImage:
+            direction: np.ndarray | None = None, smooth: bool = True,
+            role: str | None = None) -> PreparedImage:
     """Resample to the working spacing (optionally onto axes ``direction``), find the
-    foreground and z-score the intensities. ``smooth=False``: already antialiased."""
+    foreground and z-score the intensities. ``smooth=False``: already antialiased.
+
+    ``role`` ("fixed" or "moving") prefixes every InputError message ("fixed: ...",
+    "moving mask: ..."), so that a user knows which of the inputs to fix.
+    """
+    prefix, mask_prefix = (f"{role}: ", f"{role} mask: ") if role else ("", "")
     resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     if min(array.shape) < 8:
-        raise InputError(f"image is only {array.shape[::-1]} voxels at {spacing_mm} mm working "
-                         "spacing: too small to register (choose a finer --working-spacing)")
-    mask = mask_to_grid(user_mask, resampled) if user_mask is not None else foreground_mask(array)
+        raise InputError(f"{prefix}image is only {array.shape[::-1]} voxels at {spacing_mm} mm "
+                         "working spacing: too small to register (choose a finer "
+                         "--working-spacing)")
+    mask = (mask_to_grid(user_mask, resampled, f"{role} mask" if role else None)
+            if user_mask is not None else foreground_mask(array))
     if mask.sum() < 64:
-        raise InputError("image foreground is (nearly) empty: nothing to register")
-    normalisation = intensity_normalisation(array, mask)
+        if user_mask is not None:
+            # The user's mask decides the foreground here: name it, not the image.
+            raise InputError(f"{mask_prefix}mask covers only {int(mask.sum())} voxels at "
+                             f"{spacing_mm} mm working spacing: too few to register")
+        raise InputError(f"{prefix}image foreground is (nearly) empty: nothing to register")
+    normalisation = intensity_normalisation(array, mask, role)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
                          normalisation)
 
@@ -227,7 +239,7 @@ def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None
     resampled = resample_to_spacing(smoothed, spacing_mm, direction=direction, smooth=False,
                                     bounds=bounds, align_voxels=align_voxels)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
-    mask = (mask_to_grid(user_mask, resampled) if user_mask is not None
+    mask = (mask_to_grid(user_mask, resampled, "moving mask") if user_mask is not None
             else np.ones(array.shape, dtype=bool))
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
                          normalisation)
@@ -308,8 +320,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     similarity = resolve_similarity(options)
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
     report("preprocess", 0.0)
-    fixed_p = prepare(fixed, spacing, fixed_mask)
-    moving_p = prepare(moving, spacing, moving_mask)
+    fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed")
+    moving_p = prepare(moving, spacing, moving_mask, role="moving")
     t = _timed(timings, "preprocess", t)
 
     center = Grid.from_image(fixed).center
@@ -487,7 +499,7 @@ def _matched_deformation(model: ProbeModel, theta: np.ndarray, smoothed: sitk.Im
                           sitk.sitkFloat32)
     warped_mask = None if mask is None else sitk.Resample(
         mask, reference, warp, sitk.sitkNearestNeighbor, 0)
-    return prepare(image, spacing, warped_mask, smooth=False)
+    return prepare(image, spacing, warped_mask, smooth=False, role="moving")
 
 
 def _radius(points: np.ndarray, center: np.ndarray) -> float:
@@ -560,7 +572,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
         pass_model = model
         if isinstance(model, ProbeModel):
             # (The probe's matched deformation resamples the whole re-gridded image.)
-            moving_p = prepare(smoothed, spacing, moving_mask, direction=direction, smooth=False)
+            moving_p = prepare(smoothed, spacing, moving_mask, direction=direction, smooth=False,
+                               role="moving")
             moving_p = _matched_deformation(model, theta, smoothed, moving_mask, moving_p,
                                             spacing, fixed_map.grid)
             pass_model = model.referenced(theta)

@@ -9,6 +9,10 @@ functions rather than re-implementing them.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +25,48 @@ from disa.registration.errors import InputError
 CLIP_PERCENTILES = (0.5, 99.5)
 #: Z-scored values are clipped to this range: outliers must not dominate descriptors.
 Z_CLIP = 5.0
+#: Voxels a working grid may hold by default: the engine's cap on one input
+#: (io.InputLimits.max_voxels). One float32 copy of such a grid is 512 MiB and
+#: preprocessing holds several, so a tiny --working-spacing must be refused here
+#: rather than end in a MemoryError (or the OOM killer) many GB later.
+MAX_WORKING_VOXELS = 512**3
+# A context variable, not a parameter threaded through the pipeline: the worker
+# applies DISA_MAX_VOXELS to every grid of the registrations it runs.
+_working_voxel_limit: ContextVar[int] = ContextVar("working_voxel_limit",
+                                                   default=MAX_WORKING_VOXELS)
+
+
+@contextmanager
+def working_voxel_limit(max_voxels: int) -> Iterator[None]:
+    """Inside this block (this thread or task only), working grids hold at most
+    ``max_voxels`` voxels instead of MAX_WORKING_VOXELS."""
+    token = _working_voxel_limit.set(int(max_voxels))
+    try:
+        yield
+    finally:
+        _working_voxel_limit.reset(token)
+
+
+def working_grid_size(size: Sequence[int], spacing: Sequence[float],
+                      spacing_mm: float) -> tuple[int, ...]:
+    """Voxels per axis of the grid ``resample_to_spacing`` makes (without ``direction``)
+    for an image of ``size`` voxels of ``spacing`` mm, at isotropic ``spacing_mm``."""
+    return tuple(max(1, round((n - 1) * s / spacing_mm) + 1)
+                 for n, s in zip(size, spacing, strict=True))
+
+
+def check_working_grid(size: Sequence[int], spacing_mm: float,
+                       max_voxels: int | None = None) -> None:
+    """Raise InputError when a working grid of ``size`` voxels (at ``spacing_mm`` mm) holds
+    more than ``max_voxels`` (default: the limit of ``working_voxel_limit``, else
+    MAX_WORKING_VOXELS)."""
+    limit = _working_voxel_limit.get() if max_voxels is None else max_voxels
+    voxels = math.prod(int(n) for n in size)
+    if voxels > limit:
+        shape = " x ".join(str(int(n)) for n in size)
+        raise InputError(f"--working-spacing {spacing_mm:g} mm makes a working grid of {shape} "
+                         f"voxels ({voxels:,}), above the limit of {limit:,} voxels: "
+                         "choose a coarser --working-spacing")
 
 
 def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -56,6 +102,9 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
     voxels from the uncropped grid's, so that the cropped grid's voxels (and
     the descriptor grid strided from them) coincide with the uncropped ones;
     bounds that miss the box entirely leave it whole.
+
+    Raises InputError when the new grid would hold more voxels than the limit of
+    ``check_working_grid`` (before anything is allocated).
     """
     if not np.isfinite(spacing_mm) or spacing_mm <= 0:
         raise InputError(f"working spacing must be a positive number of mm, got {spacing_mm}")
@@ -80,6 +129,7 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
         new_size = np.maximum(1, np.ceil((high - low) / spacing_mm).astype(int) + 1)
         origin = tuple(float(v) for v in direction @ low)
         new_direction = tuple(float(v) for v in np.asarray(direction).ravel())
+    check_working_grid(new_size, spacing_mm)
     source = sitk.Cast(image, sitk.sitkFloat32)
     if smooth and interpolator != sitk.sitkNearestNeighbor:
         source = antialias(source, spacing_mm)
@@ -146,13 +196,14 @@ class IntensityNormalisation:
         return np.clip(out, -Z_CLIP, Z_CLIP).astype(np.float32)
 
 
-def intensity_normalisation(volume: np.ndarray, mask: np.ndarray | None = None
-                            ) -> IntensityNormalisation:
+def intensity_normalisation(volume: np.ndarray, mask: np.ndarray | None = None,
+                            role: str | None = None) -> IntensityNormalisation:
     """The robust z-score of ``volume``: the 0.5-99.5 percentiles of the foreground bound the
     intensities, whose mean and standard deviation then define it.
 
     ``mask`` selects the voxels whose statistics define the normalisation
-    (default: the automatic foreground).
+    (default: the automatic foreground). ``role`` ("fixed", "moving") prefixes the
+    InputError message, so that a user knows which input to look at.
     """
     volume = np.asarray(volume, dtype=np.float32)
     if mask is None:
@@ -163,7 +214,8 @@ def intensity_normalisation(volume: np.ndarray, mask: np.ndarray | None = None
     mean = float(clipped.mean())
     std = float(clipped.std())
     if std <= 1e-8 * max(1.0, abs(mean)):
-        raise InputError("image has constant intensity over its foreground: nothing to register")
+        raise InputError(_labelled(role, "image has constant intensity over its foreground: "
+                                         "nothing to register"))
     return IntensityNormalisation(float(lo), float(hi), mean, std)
 
 
@@ -186,11 +238,22 @@ def local_std(volume: np.ndarray, radius: int) -> np.ndarray:
     return np.sqrt(np.maximum(mean_sq - mean * mean, 0.0)).astype(np.float32)
 
 
-def mask_to_grid(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    """A user mask (any grid, non-zero = inside) as a bool array on ``reference``'s grid."""
+def mask_to_grid(mask: sitk.Image, reference: sitk.Image, role: str | None = None
+                 ) -> np.ndarray:
+    """A user mask (any grid, non-zero = inside) as a bool array on ``reference``'s grid.
+
+    ``role`` ("fixed mask", "moving mask") prefixes the InputError message.
+    """
     resampled = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkUInt8), reference, sitk.Transform(),
                               sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     array = sitk.GetArrayFromImage(resampled).astype(bool)
     if not array.any():
-        raise InputError("mask does not overlap its image: check that it was drawn on that image")
+        raise InputError(_labelled(role, "mask does not overlap its image: check that it was "
+                                         "drawn on that image"))
     return array
+
+
+def _labelled(role: str | None, message: str) -> str:
+    """``message`` prefixed with the input it is about ("fixed: ..."), as io prefixes file
+    names; unchanged without a role (callers outside a registration)."""
+    return f"{role}: {message}" if role else message

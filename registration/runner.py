@@ -23,6 +23,10 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
                      moving_series_uid: str | None = None) -> dict[str, Any]:
     """Read and check the inputs, register, write the result folder; return result.json data.
 
+    ``outdir`` is replaced as a whole once the result is complete (outputs.py); it
+    must be absent, empty or an earlier result folder. Callers that take ``outdir``
+    from a user check it first with ``outputs.check_output_folder``.
+
     Raises InputError for bad input (with a message for the user) and
     CancelledError when ``cancel`` asks to stop. ``*_series_uid`` choose one
     series of a DICOM folder or zip that holds several. ``progress(stage, fraction)``
@@ -51,9 +55,10 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     both_dicom = fixed_info.format == moving_info.format == "dicom"
     data = write_result_folder(
         result, fixed, moving, outdir, inputs,
-        # DICOM REG beside the other outputs when both inputs are DICOM series.
-        extra=(lambda d: write_dicom_outputs(outdir, fixed_path, moving_path, d, limits,
-                                             fixed_series_uid, moving_series_uid))
+        # DICOM REG beside the other outputs when both inputs are DICOM series (written
+        # into the folder being staged, which reads displacement.nii.gz back from it).
+        extra=(lambda d, folder: write_dicom_outputs(folder, fixed_path, moving_path, d, limits,
+                                                     fixed_series_uid, moving_series_uid))
         if both_dicom else None)
     report("done", 1.0)
     return data

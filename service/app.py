@@ -51,6 +51,13 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
 
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    """Any unhandled exception as the shared error model rather than Starlette's text/plain
+    500: its type only (no paths or data reach the client). Starlette raises the exception
+    again after this answer, so the server still logs the traceback."""
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+
 def _operation_id(route: APIRoute) -> str:
     """Operation ids clients can live with: 'jobs-submit_job' rather than a path mangle."""
     return f"{route.tags[0]}-{route.name}" if route.tags else route.name
@@ -66,6 +73,7 @@ def create_app() -> FastAPI:
         generate_unique_id_function=_operation_id,
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
     app.include_router(routes_health.router)
     app.include_router(routes_metrics.router)
     app.include_router(routes_jobs.router, prefix=API_PREFIX)

@@ -111,12 +111,18 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     except ServiceError as exc:
         if 400 <= exc.status_code < 500:
             raise InputError(f"service refused the job: {exc.detail}") from None
-        raise RuntimeError(f"service error {exc.status_code}: {exc.detail}") from None
+        return _service_failure(f"service error {exc.status_code}: {exc.detail}")
     except ValueError as exc:  # the client refused a file type before uploading
         raise InputError(str(exc)) from None
-    except _connection_errors() as exc:
-        raise InputError(f"cannot reach {args.url}: {type(exc).__name__}") from None
+    except _connection_errors() as exc:  # unreachable, or a request timed out while polling
+        return _service_failure(f"cannot reach {args.url}: {type(exc).__name__}")
     return EXIT_OK
+
+
+def _service_failure(message: str) -> int:
+    """The service (not the input) failed: one line, exit 1; the same files may work later."""
+    print(f"disa: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:
@@ -131,7 +137,20 @@ def _report_failure(job: dict[str, Any]) -> int:
         return EXIT_INTERNAL
     message = job.get("error") or "failed"
     print(f"disa: error: job {job['id']} failed: {message}", file=sys.stderr)
-    return EXIT_INTERNAL if message.startswith("internal error") else EXIT_INPUT
+    return EXIT_INPUT if _error_kind(job) == "input" else EXIT_INTERNAL
+
+
+#: Failure messages of services older than `error_kind` that are not about the input.
+_INTERNAL_MESSAGES = ("internal error", "gave up after", "time limit exceeded")
+
+
+def _error_kind(job: dict[str, Any]) -> str:
+    """'input' or 'internal': the job's error_kind, or for a service that predates that
+    field, what its message says."""
+    kind = job.get("error_kind")
+    if kind in ("input", "internal"):
+        return kind
+    return "internal" if (job.get("error") or "").startswith(_INTERNAL_MESSAGES) else "input"
 
 
 def _print_result(job: dict[str, Any]) -> None:

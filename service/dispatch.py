@@ -64,12 +64,20 @@ class EmbeddedDispatcher:
         with self._guard:
             self._pending.discard(job_id)
         delay = 1.0
+        # As the Celery task's max_retries: the manifest's attempt count cannot bound
+        # failures that happen before a run is recorded (lock, manifest read or write).
+        retries = self._settings.max_attempts + 1
         while not self._stop.is_set():
             try:
                 execute_job(self._store, job_id, self._settings, interrupted=self._stop.is_set)
                 return
             except TransientStorageError:
-                self._stop.wait(delay)  # the manifest's attempt count bounds this loop
+                if retries == 0:
+                    log.error("job %s: storage kept failing; it is sent again when the "
+                              "API next starts", job_id)
+                    return
+                retries -= 1
+                self._stop.wait(delay)
                 delay = min(60.0, delay * 2)
             except Interrupted:
                 return

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from disa.service.store import JobState, Manifest
+from disa.service.store import ErrorKind, JobState, Manifest
 
 
 class ErrorOut(BaseModel):
@@ -48,6 +48,10 @@ class JobOut(BaseModel):
     result: dict[str, Any] | None = Field(
         None, description="summary of result.json (parameters, similarity, confidence, ...)")
     error: str | None = Field(None, description="why the job failed, for the user")
+    error_kind: ErrorKind | None = Field(
+        None, description="why the job failed, for programs: 'input' (its files or options "
+                          "are at fault; resubmitting them unchanged fails again) or "
+                          "'internal' (lost workers, storage errors, the time limit, a bug)")
     files: list[str] = Field(default_factory=list,
                              description="result files to GET under /v1/jobs/{id}/files/")
 
@@ -63,7 +67,7 @@ class JobOut(BaseModel):
                    attempts=m.attempts, cancel_requested=cancel_requested, options=m.options,
                    inputs=m.input_info, timings=TimingsOut(queued_s=queued_s, run_s=run_s,
                                                            stages=m.stage_seconds),
-                   result=m.result, error=m.error, files=m.files)
+                   result=m.result, error=m.error, error_kind=m.error_kind, files=m.files)
 
 
 class JobListOut(BaseModel):
@@ -102,6 +106,7 @@ _ERRORS: dict[int, str] = {
     415: "not a multipart/form-data body",
     422: "invalid parameters, options or input images",
     503: "the service cannot take jobs now (broker, storage or workers)",
+    507: "the jobs storage cannot take the upload (full, quota or I/O error)",
 }
 
 

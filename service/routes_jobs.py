@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Annotated, Any
 
@@ -78,19 +79,20 @@ def _read(store: JobStore, job_id: str) -> Manifest:
              responses={202: {"description": "accepted; poll the Location URL",
                               "headers": {"Location": {"description": "URL of the job",
                                                        "schema": {"type": "string"}}}},
-                        **error_responses(400, 413, 415, 422)})
+                        **error_responses(400, 413, 415, 422, 507)})
 async def submit_job(request: Request, response: Response, runtime: RuntimeDep) -> JobOut:
     """Upload fixed and moving images (optional masks, options JSON); headers are
     checked before the job is queued. Answers 202 with the job and its Location."""
     store = runtime.store
     job_id = new_job_id()
-    staging = await run_in_threadpool(store.create_incoming, job_id)
     try:
+        staging = await run_in_threadpool(store.create_incoming, job_id)
         upload = await receive_upload(request, staging / INPUTS_DIR,
                                       runtime.settings.max_upload_bytes)
         options = _parse_options(upload.fields.get("options"))
         series = _parse_series(upload.fields)
         info = await run_in_threadpool(_inspect_inputs, upload.files, runtime, series)
+        _check_working_grid(options, info, runtime.settings.max_voxels)
         t = now()
         manifest = Manifest(
             id=job_id, created_at=t, updated_at=t,
@@ -100,6 +102,14 @@ async def submit_job(request: Request, response: Response, runtime: RuntimeDep) 
     except UploadError as exc:
         await run_in_threadpool(store.discard_incoming, job_id)
         raise HTTPException(status_code=exc.status, detail=exc.detail) from None
+    except OSError as exc:
+        # The jobs folder failed us (full, quota, I/O error), not the client's body.
+        # Only this job's staging folder is removed; published jobs are never touched.
+        await run_in_threadpool(store.discard_incoming, job_id)
+        log.warning("job %s: upload not stored (%s)", job_id, type(exc).__name__)
+        raise HTTPException(status_code=507, detail="jobs storage cannot take the upload "
+                                                    f"({exc.strerror or type(exc).__name__})"
+                            ) from None
     except BaseException:
         await run_in_threadpool(store.discard_incoming, job_id)
         raise
@@ -122,6 +132,26 @@ def _parse_options(text: str | None) -> dict[str, Any]:
             for e in exc.errors(include_url=False, include_input=False))
         raise UploadError(422, f"invalid options: {problems}") from None
     return options.model_dump(mode="json")
+
+
+def _check_working_grid(options: dict[str, Any], info: dict[str, dict[str, Any]],
+                        max_voxels: int) -> None:
+    """422 naming working_spacing when the fixed or moving image resampled to it would hold
+    more than `max_voxels` voxels: the worker's first step allocates that grid (float32,
+    several copies), so a tiny spacing would cost many GB. Sizes in voxels, spacings in mm."""
+    from disa.registration.preprocess import working_grid_size
+
+    spacing = options.get("working_spacing")
+    if spacing is None:  # the engine checks the grids of its own choice as it makes them
+        return
+    for role in ("fixed", "moving"):
+        size = working_grid_size(info[role]["size"], info[role]["spacing"], spacing)
+        voxels = math.prod(size)
+        if voxels > max_voxels:
+            raise UploadError(
+                422, f"working_spacing {spacing:g} mm makes a working grid of "
+                     f"{' x '.join(map(str, size))} voxels ({voxels:,}) for the {role} image, "
+                     f"above the limit of {max_voxels:,} voxels: choose a coarser working_spacing")
 
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")

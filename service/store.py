@@ -38,6 +38,9 @@ log = logging.getLogger("disa.store")
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+#: Why a job failed, for programs: "input" (its files or options; resubmitting them
+#: as they are fails again) or "internal" (the service: lost workers, storage, time limit).
+ErrorKind = Literal["input", "internal"]
 JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
@@ -97,6 +100,8 @@ class Manifest(BaseModel):
     result: dict[str, Any] | None = None
     files: list[str] = Field(default_factory=list)
     error: str | None = None
+    #: set with `error` when the job failed (absent in manifests of older versions)
+    error_kind: ErrorKind | None = None
 
 
 def now() -> datetime:
@@ -208,9 +213,12 @@ class JobStore:
         """Write the manifest into the staging folder and move the job into place.
 
         The rename is atomic: a job appears in the store complete, with its
-        inputs and manifest, or not at all.
+        inputs and manifest, or not at all. The input files were fsynced as they
+        were uploaded; their folder entries are fsynced here, so a job that
+        survives a power cut has its inputs too.
         """
         staging = self.incoming_dir(manifest.id)
+        fsync_dir(staging / INPUTS_DIR)
         (staging / OUTPUTS_DIR).mkdir(exist_ok=True)
         write_json(manifest.model_dump(mode="json"), staging / MANIFEST_FILE, indent=1)
         os.rename(staging, self.job_dir(manifest.id))

@@ -3,13 +3,19 @@
 The body is parsed as it arrives (python-multipart's push parser) and written
 to server-chosen names: `inputs/<role><ext>`, where the extension comes from
 the client's file name and nothing else of that name is kept. The size limit is
-enforced on the bytes received, before they are written; the caller removes
-the staging folder on any error.
+enforced on the bytes received, before they are written; every file is
+fsynced before it is closed. The caller removes the staging folder on any
+error. A body the parser refuses is an UploadError; a write the jobs folder
+refuses (full, quota, I/O error) stays an OSError, for the caller to answer
+as a storage problem rather than blame the client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,7 +152,7 @@ class _Sink:
         self.finished = True
 
     def flush(self) -> None:
-        """Write pending data to the role files (in a worker thread)."""
+        """Write pending data to the role files (in a worker thread); OSError as raised."""
         pending, self.pending, self.pending_bytes = self.pending, [], 0
         for role, data in pending:
             f = self._open.get(role)
@@ -154,13 +160,20 @@ class _Sink:
                 # 'x': a fresh staging folder; a second file for a role is refused above.
                 f = self._open[role] = open(self.upload.files[role], "xb")  # noqa: SIM115
             if data is None:
+                # On disk before the 202: publishing fsyncs only the folders, and a
+                # job whose inputs a power cut truncated would fail as bad input.
+                f.flush()
+                os.fsync(f.fileno())
                 f.close()
             else:
                 f.write(data)
 
     def close(self) -> None:
+        """Close every file (those still open belong to an upload that failed: their
+        errors, a full disk again, would only hide the first one)."""
         for f in self._open.values():
-            f.close()
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int) -> Upload:
@@ -181,16 +194,12 @@ async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int) -> 
                 received += len(chunk)
                 if received > max_bytes:
                     raise UploadError(413, f"upload exceeds the limit of {max_bytes} bytes")
-                parser.write(chunk)
+                _parse(parser.write, chunk)
                 if sink.pending_bytes >= _FLUSH_BYTES:
-                    await run_in_threadpool(sink.flush)
-            parser.finalize()
+                    await run_in_threadpool(sink.flush)  # OSError: storage, not the body
+            _parse(parser.finalize)
         except ClientDisconnect as exc:
             raise UploadError(400, "the client went away during the upload") from exc
-        except UploadError:
-            raise
-        except Exception as exc:  # the parser's own errors: a malformed body
-            raise UploadError(400, "malformed multipart body") from exc
         await run_in_threadpool(sink.flush)
     finally:
         sink.close()
@@ -200,6 +209,17 @@ async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int) -> 
     if missing:
         raise UploadError(422, f"missing file field(s): {', '.join(missing)}")
     return sink.upload
+
+
+def _parse(step: Callable[..., object], *args: bytes) -> None:
+    """One step of the push parser (write a chunk, or finalize). The parser's own errors
+    mean a malformed body (400); the callbacks raise UploadError and never touch disk."""
+    try:
+        step(*args)
+    except UploadError:
+        raise
+    except Exception as exc:
+        raise UploadError(400, "malformed multipart body") from exc
 
 
 def _clip(text: str, limit: int = 40) -> str:

@@ -27,6 +27,7 @@ from disa.service.store import (
     RESULT_FILES,
     RESULT_JSON,
     TERMINAL_STATES,
+    ErrorKind,
     JobNotFound,
     JobStore,
     Manifest,
@@ -132,8 +133,9 @@ def execute_job(store: JobStore, job_id: str, settings: Settings,
 
     Returns "missing" when the job is gone (deleted) and "busy" when another
     process holds its lock (a duplicate delivery). Raises TransientStorageError
-    when shared storage failed and attempts remain (the caller retries later)
-    and Interrupted when `interrupted()` turned true (the job is queued again).
+    when shared storage failed and attempts remain (the caller retries later),
+    including a failure before the run could start (lock, manifest), and
+    Interrupted when `interrupted()` turned true (the job is queued again).
     """
     try:
         lock = store.lock(job_id)
@@ -143,6 +145,8 @@ def execute_job(store: JobStore, job_id: str, settings: Settings,
     except JobNotFound:
         log.info("job %s: no such job (deleted?); nothing to do", job_id)
         return "missing"
+    except OSError as exc:
+        raise _not_started(job_id, exc) from exc
     try:
         return _run_locked(store, job_id, settings, interrupted)
     except JobNotFound:
@@ -151,60 +155,95 @@ def execute_job(store: JobStore, job_id: str, settings: Settings,
         lock.release()
 
 
+def _not_started(job_id: str, exc: OSError) -> TransientStorageError:
+    """The error for a storage failure before a run started. Nothing durable changed, so
+    the manifest still says 'queued', which no sweep sends again: only the caller's retry
+    brings the job back, and a plain OSError would end the delivery for good."""
+    log.warning("job %s: storage error %s before the run started; retried later", job_id,
+                type(exc).__name__)
+    return TransientStorageError(job_id)
+
+
 def _run_locked(store: JobStore, job_id: str, settings: Settings,
                 interrupted: Callable[[], bool] | None) -> str:
-    manifest = store.read(job_id)
-    if manifest.state in TERMINAL_STATES:
-        return manifest.state
-    outputs = store.outputs_dir(job_id)
-    result_path = outputs / RESULT_JSON
-    if result_path.is_file():  # a run finished but died before recording it
-        return _succeed(store, manifest, _load_json(result_path))
-    if store.cancel_requested(job_id):
-        return _end(store, manifest, "cancelled")
-    if manifest.attempts >= settings.max_attempts:
-        return _end(store, manifest, "failed",
-                    f"gave up after {manifest.attempts} attempts: the worker running this job "
-                    "was lost (killed, out of memory or past the hard time limit) or storage "
-                    "kept failing")
-
-    manifest.attempts += 1
-    manifest.state = "running"
-    manifest.started_at = manifest.started_at or now()
-    manifest.progress = Progress(stage="read", fraction=0.0)
-    manifest.stage_seconds = {}
-    manifest.error = None
-    store.write(manifest)
-    # Leftovers of a run that was cut off are incomplete by definition (no result.json).
-    shutil.rmtree(outputs, ignore_errors=True)
-    outputs.mkdir(parents=True, exist_ok=True)
-
+    try:
+        started = _start(store, job_id, settings)
+    except OSError as exc:
+        raise _not_started(job_id, exc) from exc
+    if isinstance(started, str):  # ended without running: finished, adopted, cancelled...
+        return started
+    manifest = started
     canceller = _Canceller(store, job_id, time.monotonic() + settings.soft_time_limit_s,
                            interrupted)
     progress = _ProgressWriter(store, manifest)
+    try:
+        _fresh_outputs(store.outputs_dir(job_id))
+    except OSError as exc:  # 'running' is recorded now: an attempt like any other
+        return _storage_failure(store, manifest, settings, exc, progress)
     log.info("job %s: attempt %d started", job_id, manifest.attempts)
     try:
         data = _register(store, manifest, settings, progress, canceller)
     except InputError as exc:
-        return _end(store, manifest, "failed", str(exc), progress)
+        return _fail(store, manifest, str(exc), "input", progress)
     except CancelledError:
         if canceller.reason == "interrupted":
             manifest.attempts -= 1  # not the job's fault
             _end(store, manifest, "queued", None, progress)
             raise Interrupted(job_id) from None
         if canceller.reason == "deadline":
-            return _end(store, manifest, "failed", _time_limit_message(settings), progress)
+            return _fail(store, manifest, _time_limit_message(settings), "internal", progress)
         return _end(store, manifest, "cancelled", None, progress)
     except SoftTimeLimitExceeded:
-        return _end(store, manifest, "failed", _time_limit_message(settings), progress)
+        return _fail(store, manifest, _time_limit_message(settings), "internal", progress)
     except OSError as exc:
         return _storage_failure(store, manifest, settings, exc, progress)
     except Exception as exc:
         # Log the traceback for operators; the user gets the type only (no paths, no data).
         log.exception("job %s: internal error", job_id)
-        return _end(store, manifest, "failed", f"internal error: {type(exc).__name__}", progress)
+        return _fail(store, manifest, f"internal error: {type(exc).__name__}", "internal",
+                     progress)
     progress.finish()
     return _succeed(store, manifest, data)
+
+
+def _start(store: JobStore, job_id: str, settings: Settings) -> Manifest | str:
+    """Under the job's lock: the end state of a job that needs no run (finished, result
+    adopted, cancelled, out of attempts), else its manifest, recorded as 'running'.
+    OSError as raised (before 'running' is written nothing durable has changed)."""
+    manifest = store.read(job_id)
+    if manifest.state in TERMINAL_STATES:
+        return manifest.state
+    result_path = store.outputs_dir(job_id) / RESULT_JSON
+    if result_path.is_file():  # a run finished but died before recording it
+        return _succeed(store, manifest, _load_json(result_path))
+    if store.cancel_requested(job_id):
+        return _end(store, manifest, "cancelled")
+    if manifest.attempts >= settings.max_attempts:
+        return _fail(store, manifest,
+                     f"gave up after {manifest.attempts} attempts: the worker running this job "
+                     "was lost (killed, out of memory or past the hard time limit) or storage "
+                     "kept failing", "internal")
+    manifest.attempts += 1
+    manifest.state = "running"
+    manifest.started_at = manifest.started_at or now()
+    manifest.progress = Progress(stage="read", fraction=0.0)
+    manifest.stage_seconds = {}
+    manifest.error = None
+    manifest.error_kind = None
+    store.write(manifest)
+    return manifest
+
+
+def _fresh_outputs(outputs: Path) -> None:
+    """An empty result folder: leftovers of a run that was cut off are incomplete by
+    definition (no result.json), and so are the staging folders that the result writer
+    (registration/outputs.py) leaves beside it when its process is killed mid-write
+    (``.outputs.partial-*``, ``.outputs.old-*``)."""
+    shutil.rmtree(outputs, ignore_errors=True)
+    for stale in outputs.parent.glob(f".{outputs.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    outputs.mkdir(parents=True, exist_ok=True)
 
 
 def _register(store: JobStore, manifest: Manifest, settings: Settings,
@@ -213,6 +252,7 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
     # parent that forks: nothing of it (ONNX sessions, numba threads) exists before fork.
     from disa.registration.io import InputLimits
     from disa.registration.options import RegistrationOptions
+    from disa.registration.preprocess import working_voxel_limit
     from disa.registration.runner import run_registration
 
     folder = store.job_dir(manifest.id)
@@ -221,12 +261,15 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
         if path.parent != folder / INPUTS_DIR:
             raise InputError("job inputs are malformed")
     options = RegistrationOptions.model_validate(manifest.options)
-    return run_registration(paths["fixed"], paths["moving"], store.outputs_dir(manifest.id),
-                            options, paths.get("fixed_mask"), paths.get("moving_mask"),
-                            progress=progress, cancel=canceller,
-                            limits=InputLimits(max_voxels=settings.max_voxels),
-                            fixed_series_uid=manifest.series.get("fixed"),
-                            moving_series_uid=manifest.series.get("moving"))
+    # The working grids obey the service's voxel cap too, as the API checked at submission.
+    with working_voxel_limit(settings.max_voxels):
+        return run_registration(paths["fixed"], paths["moving"],
+                                store.outputs_dir(manifest.id), options,
+                                paths.get("fixed_mask"), paths.get("moving_mask"),
+                                progress=progress, cancel=canceller,
+                                limits=InputLimits(max_voxels=settings.max_voxels),
+                                fixed_series_uid=manifest.series.get("fixed"),
+                                moving_series_uid=manifest.series.get("moving"))
 
 
 def _storage_failure(store: JobStore, manifest: Manifest, settings: Settings, exc: OSError,
@@ -239,7 +282,7 @@ def _storage_failure(store: JobStore, manifest: Manifest, settings: Settings, ex
         with contextlib.suppress(OSError):
             _end(store, manifest, "queued", None, progress)
         raise TransientStorageError(manifest.id) from exc
-    return _end(store, manifest, "failed", f"internal error: {type(exc).__name__}", progress)
+    return _fail(store, manifest, f"internal error: {type(exc).__name__}", "internal", progress)
 
 
 def _succeed(store: JobStore, manifest: Manifest, data: dict[str, Any]) -> str:
@@ -249,13 +292,20 @@ def _succeed(store: JobStore, manifest: Manifest, data: dict[str, Any]) -> str:
     return _end(store, manifest, "succeeded")
 
 
+def _fail(store: JobStore, manifest: Manifest, error: str, kind: ErrorKind,
+          progress: _ProgressWriter | None = None) -> str:
+    """Record a failure: `error` for the user, `kind` for programs (see Manifest.error_kind)."""
+    return _end(store, manifest, "failed", error, progress, kind)
+
+
 def _end(store: JobStore, manifest: Manifest, state: str, error: str | None = None,
-         progress: _ProgressWriter | None = None) -> str:
+         progress: _ProgressWriter | None = None, kind: ErrorKind | None = None) -> str:
     """Record an end state (or the return to 'queued') durably."""
     if progress is not None:
         progress.finish()
     manifest.state = state  # type: ignore[assignment]
     manifest.error = error
+    manifest.error_kind = kind
     if state == "queued":
         manifest.progress = Progress(stage="queued", fraction=0.0)
     else:

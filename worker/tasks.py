@@ -46,7 +46,9 @@ def run_job(self: Task, job_id: str) -> str:
     try:
         execute_job(_job_store(), job_id, settings)
     except TransientStorageError as exc:
-        # Backoff 5, 10, 20 ... s; the manifest's attempt count bounds the retries.
+        # Backoff 5, 10, 20 ... s. The manifest's attempt count bounds the retries of
+        # failed runs; max_retries those of failures before a run is recorded (lock,
+        # manifest), which leave the job queued for the API's next start.
         countdown = min(120, 5 * 2**self.request.retries)
         raise self.retry(countdown=countdown, max_retries=settings.max_attempts + 1,
                          exc=exc) from None

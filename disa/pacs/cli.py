@@ -4,9 +4,10 @@ Both fetch a fixed and a moving series from a PACS, register them with a DISA
 service, and store registration.dcm (with --store-registered also the
 registered series) back into the PACS.
 
-Exit codes: 0 success; 2 bad arguments, a series the PACS does not hold, or a
-job refused for its inputs; 1 the PACS or the service unreachable after the
-retries, or any other failure. Failures print one line.
+Exit codes: 0 success; 2 bad arguments, a series the PACS does not hold, two
+series of different patients (refused before submitting), or a job refused for
+its inputs; 1 the PACS or the service unreachable after the retries, or any
+other failure. Failures print one line.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def _retry(args: argparse.Namespace):  # -> RetryPolicy
 
 def _run(args: argparse.Namespace, source: Any) -> int:
     from disa.pacs.retry import PacsError, SeriesNotFound
-    from disa.pacs.workflow import JobFailed, register_series
+    from disa.pacs.workflow import JobFailed, PatientMismatch, register_series
     from disa.service.client import DisaClient, ServiceError
 
     options = options_from_args(args)
@@ -185,7 +186,7 @@ def _run(args: argparse.Namespace, source: Any) -> int:
                 store_registered=args.store_registered, output=args.output,
                 retry=_retry(args), poll_s=args.poll, job_timeout_s=args.job_timeout,
                 report=report)
-    except SeriesNotFound as exc:
+    except (SeriesNotFound, PatientMismatch) as exc:
         return _fail(str(exc), EXIT_INPUT)
     except JobFailed as exc:
         return _fail(str(exc), EXIT_INPUT if exc.input_error else EXIT_FAILURE)

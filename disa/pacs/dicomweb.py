@@ -6,14 +6,16 @@ streamed, never held whole in memory.
 Files fetched are written under counter names (000001.dcm, ...): names built
 from UIDs or headers could carry identifiers and would be the PACS's choice,
 not ours. Caps on instance count and bytes keep a misbehaving server from
-filling the disk.
+filling the disk. A fetch goes into a new or empty folder only, and removes
+nothing but the files it wrote itself (those of a failed attempt).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import re
-import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -139,23 +141,30 @@ class DicomWebClient:
     def retrieve_series(self, ref: SeriesRef, folder: Path) -> list[Path]:
         """Fetch every instance of a series (WADO-RS) into `folder`, as 000001.dcm, ...
 
-        A failed attempt is retried from the start, into an emptied folder.
+        `folder` must be new or empty (FileExistsError otherwise, before any
+        request): the call then knows every file in it is its own. A failed
+        attempt is retried from the start after removing the files it wrote;
+        when the call fails for good, those are removed as well.
         """
         path = f"/studies/{check_uid(ref.study_uid)}/series/{check_uid(ref.series_uid)}"
+        prepare_target(folder)
+        written: list[Path] = []
 
         def fetch() -> list[Path]:
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
+            remove_files(written)  # a failed attempt's files, nothing else
             with self._http.stream("GET", path, headers={"Accept": MULTIPART_DICOM}) as r:
                 if r.status_code == 404:
                     raise SeriesNotFound("the PACS has no series with that SeriesInstanceUID")
                 _raise_for_status(r, "WADO-RS retrieve")
                 boundary = _boundary(r.headers.get("content-type", ""))
                 return split_multipart(r.iter_bytes(), boundary, folder, self.max_instances,
-                                       self.max_bytes)
+                                       self.max_bytes, written=written)
 
-        files = self._retrying(fetch, "WADO-RS retrieve")
+        try:
+            files = self._retrying(fetch, "WADO-RS retrieve")
+        except BaseException:
+            remove_files(written)
+            raise
         if not files:
             raise SeriesNotFound("the PACS returned no instances for the series")
         return files
@@ -214,6 +223,33 @@ class DicomWebClient:
 # ------------------------------------------------------------------ helpers
 
 
+def prepare_target(folder: Path) -> None:
+    """Create `folder` for a fetch, or accept it when it exists and is empty.
+
+    A folder with anything in it is refused (FileExistsError) rather than
+    emptied: it is the caller's, and may hold files that have nothing to do
+    with the series. Fetches write only counter-named files into it and, on
+    retries, remove only those.
+    """
+    if folder.is_dir():
+        with os.scandir(folder) as entries:
+            if next(entries, None) is not None:
+                raise FileExistsError(
+                    errno.ENOTEMPTY,
+                    "the target folder of a fetch must be new or empty; nothing in it was "
+                    "touched",
+                    str(folder))
+        return
+    folder.mkdir(parents=True)  # FileExistsError if it is a file
+
+
+def remove_files(files: list[Path]) -> None:
+    """Remove `files` (those a fetch wrote) and empty the list; missing ones are fine."""
+    for file in files:
+        file.unlink(missing_ok=True)
+    files.clear()
+
+
 def _raise_for_status(response: httpx.Response, what: str) -> None:
     if response.status_code >= 400:
         with contextlib.suppress(httpx.ResponseNotRead, httpx.StreamError):
@@ -239,19 +275,26 @@ def _boundary(content_type: str) -> bytes:
 
 
 def split_multipart(
-    chunks: Iterable[bytes], boundary: bytes, folder: Path, max_parts: int, max_bytes: int
+    chunks: Iterable[bytes],
+    boundary: bytes,
+    folder: Path,
+    max_parts: int,
+    max_bytes: int,
+    written: list[Path] | None = None,
 ) -> list[Path]:
     """Write each application/dicom part of a multipart/related stream to its own file.
 
     Streaming: only a boundary's length of data is held back between chunks.
     Files are folder/000001.dcm, ... in the order received. Raises PacsError
     for a stream that is cut short, a part of another type, or caps exceeded.
+    Each file is appended to `written` (when given) as it is opened, so a
+    caller knows what a failed call left behind.
     """
     folder.mkdir(parents=True, exist_ok=True)
     delimiter = b"\r\n--" + boundary
     buffer = b"\r\n"  # lets the first boundary, which has no CRLF before it, match
     state = "preamble"
-    written: list[Path] = []
+    written = [] if written is None else written
     total = 0
     out: BinaryIO | None = None
     try:

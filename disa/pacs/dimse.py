@@ -2,7 +2,9 @@
 C-MOVE (to a temporary storage SCP of ours), and C-STORE files back.
 
 Association failures and timeouts are retried with bounded exponential
-back-off. Received instances are written under counter names (000001.dcm, ...).
+back-off. Received instances are written under counter names (000001.dcm, ...)
+into a new or empty folder; a failed attempt removes the files it wrote and
+nothing else.
 pynetdicom's own logger is kept at WARNING: at INFO and below it prints
 datasets, identifiers included.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from disa.pacs.dicomweb import SeriesRef, check_uid
+from disa.pacs.dicomweb import SeriesRef, check_uid, prepare_target, remove_files
 from disa.pacs.retry import PacsError, RetryPolicy, SeriesNotFound, call_with_retries
 from disa.registration.io import DEFAULT_LIMITS
 
@@ -183,23 +184,29 @@ class DimseClient:
     # ------------------------------------------------------------ retrieve
 
     def get_series(self, ref: SeriesRef, folder: Path) -> list[Path]:
-        """C-GET a series into `folder` (the peer sends C-STOREs on our association)."""
+        """C-GET a series into `folder` (the peer sends C-STOREs on our association).
+
+        `folder` must be new or empty (FileExistsError otherwise, before any
+        association); a failed attempt's files are removed before the retry,
+        and when the call fails for good.
+        """
         identifier = _retrieve_identifier(ref)
+        prepare_target(folder)
 
         def run() -> list[Path]:
-            sink = _Sink(folder, self.max_instances)
-            ae = self._ae()
-            contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
-            contexts += [build_context(c) for c in IMAGE_STORAGE]
-            roles = [build_role(c, scp_role=True) for c in IMAGE_STORAGE]
-            assoc = self._associate(ae, contexts, ext_neg=roles,
-                                    handlers=[(evt.EVT_C_STORE, sink.handle)])
-            try:
-                final = _last_status(assoc.send_c_get(
-                    identifier, StudyRootQueryRetrieveInformationModelGet))
-            finally:
-                assoc.release()
-            return sink.finish(final, "C-GET")
+            with _Sink(folder, self.max_instances) as sink:
+                ae = self._ae()
+                contexts = [build_context(StudyRootQueryRetrieveInformationModelGet)]
+                contexts += [build_context(c) for c in IMAGE_STORAGE]
+                roles = [build_role(c, scp_role=True) for c in IMAGE_STORAGE]
+                assoc = self._associate(ae, contexts, ext_neg=roles,
+                                        handlers=[(evt.EVT_C_STORE, sink.handle)])
+                try:
+                    final = _last_status(assoc.send_c_get(
+                        identifier, StudyRootQueryRetrieveInformationModelGet))
+                finally:
+                    assoc.release()
+                return sink.finish(final, "C-GET")
 
         return self._retrying(run, "C-GET")
 
@@ -208,29 +215,31 @@ class DimseClient:
         """C-MOVE a series to a storage SCP we run for the duration of the call.
 
         The peer must know our calling AE title with this host and port (for
-        Orthanc: DicomModalities).
+        Orthanc: DicomModalities). `folder` must be new or empty, as for
+        `get_series`, and only this call's files are ever removed from it.
         """
         identifier = _retrieve_identifier(ref)
+        prepare_target(folder)
 
         def run() -> list[Path]:
-            sink = _Sink(folder, self.max_instances)
-            ae = self._ae()
-            for sop_class in IMAGE_STORAGE:
-                ae.add_supported_context(sop_class)
-            server = ae.start_server((listen_host, listen_port), block=False,
-                                     evt_handlers=[(evt.EVT_C_STORE, sink.handle)])
-            try:
-                assoc = self._associate(
-                    ae, [build_context(StudyRootQueryRetrieveInformationModelMove)])
+            with _Sink(folder, self.max_instances) as sink:
+                ae = self._ae()
+                for sop_class in IMAGE_STORAGE:
+                    ae.add_supported_context(sop_class)
+                server = ae.start_server((listen_host, listen_port), block=False,
+                                         evt_handlers=[(evt.EVT_C_STORE, sink.handle)])
                 try:
-                    final = _last_status(assoc.send_c_move(
-                        identifier, self.peer.calling_aet,
-                        StudyRootQueryRetrieveInformationModelMove))
+                    assoc = self._associate(
+                        ae, [build_context(StudyRootQueryRetrieveInformationModelMove)])
+                    try:
+                        final = _last_status(assoc.send_c_move(
+                            identifier, self.peer.calling_aet,
+                            StudyRootQueryRetrieveInformationModelMove))
+                    finally:
+                        assoc.release()
                 finally:
-                    assoc.release()
-            finally:
-                server.shutdown()
-            return sink.finish(final, "C-MOVE")
+                    server.shutdown()
+                return sink.finish(final, "C-MOVE")
 
         return self._retrying(run, "C-MOVE")
 
@@ -293,16 +302,26 @@ def _last_status(responses: Any) -> Dataset | None:
 
 
 class _Sink:
-    """Writes instances received through C-STORE into a folder, counting them."""
+    """Writes instances received through C-STORE into a folder, counting them.
+
+    Used as a context manager around one attempt: when the attempt raises,
+    the files it wrote (and only those) are removed, so a retry or the caller
+    starts from the folder as it was.
+    """
 
     def __init__(self, folder: Path, max_instances: int) -> None:
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
         self.folder, self.max_instances = folder, max_instances
         self.files: list[Path] = []
         self.overflow = False
         self._lock = threading.Lock()
+
+    def __enter__(self) -> _Sink:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        if kind is not None:
+            with self._lock:
+                remove_files(self.files)
 
     def handle(self, event: Any) -> int:
         with self._lock:

@@ -3,7 +3,8 @@ with a DISA service, store registration.dcm (and optionally the registered serie
 back into the PACS.
 
 The service sees only role names (fixed.zip, moving.zip) and job ids; series
-are fetched into a private temporary folder under counter names.
+are fetched into a private temporary folder under counter names. Two series of
+different patients (a mistyped UID) are refused before anything is submitted.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class JobFailed(PacsError):
         self.input_error = input_error
 
 
+class PatientMismatch(PacsError):
+    """The fixed and moving series belong to different patients (nothing was submitted)."""
+
+
 @dataclass
 class PullResult:
     """What one round trip did (no identifiers: counts, the job id and the matrix)."""
@@ -104,7 +109,9 @@ def register_series(
     `output` keeps the downloaded result files (registration.dcm, result.json,
     registered.nii.gz when asked) in that folder; otherwise they live in a
     temporary folder removed at the end. Raises SeriesNotFound, PacsUnavailable,
-    JobFailed or PacsError.
+    JobFailed or PacsError; PatientMismatch, before a job is submitted, when
+    the fetched series name two different patients (PatientID, and
+    IssuerOfPatientID where both state one; an empty ID matches anything).
     """
     retry = retry or RetryPolicy()
     with tempfile.TemporaryDirectory(prefix="disa-pacs-") as tmp:
@@ -115,6 +122,10 @@ def register_series(
         for role, ref in refs.items():
             counts[role] = len(source.fetch(ref, work / role))
             report(f"{role} series: {counts[role]} instance(s) retrieved")
+        # A mistyped moving UID can name another patient's series: registering it would
+        # file that patient's pixels (registered series) and references under the fixed
+        # patient. Checked here, before the job, on the headers just fetched.
+        _check_same_patient(work / "fixed", work / "moving")
         job = call_with_retries(
             lambda: service.submit(work / "fixed", work / "moving", dict(options or {})),
             retry, submit_transient, "DISA service (submit)")
@@ -158,6 +169,36 @@ def _wait(service: RegistrationService, job_id: str, retry: RetryPolicy, poll_s:
         if time.monotonic() > deadline:
             raise PacsError(f"job {job_id} still {job['state']} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+def _check_same_patient(fixed: Path, moving: Path) -> None:
+    """Raise PatientMismatch when the two fetched series name different patients."""
+    from disa.registration.dicom_reg import PatientMismatch as Mismatch
+    from disa.registration.dicom_reg import check_same_patient
+
+    try:
+        check_same_patient(_patient_headers(fixed), _patient_headers(moving))
+    except Mismatch as exc:
+        raise PatientMismatch(f"{exc}; nothing was submitted (check the series UIDs)") from None
+
+
+def _patient_headers(folder: Path) -> list[Any]:
+    """PatientID and IssuerOfPatientID of every fetched file (pydicom datasets).
+
+    force=True: a PACS may hand out datasets without the preamble (the
+    service's reader accepts those). A file that does not parse at all is left
+    to the service, which refuses it with a proper message.
+    """
+    from pydicom import dcmread
+
+    headers = []
+    for file in sorted(folder.iterdir()):
+        try:
+            headers.append(dcmread(file, stop_before_pixels=True, force=True,
+                                   specific_tags=["PatientID", "IssuerOfPatientID"]))
+        except Exception:  # pydicom raises many kinds on bytes that are no dataset
+            continue
+    return headers
 
 
 def _registered_series(registered: Path, work: Path) -> list[Path]:

@@ -88,6 +88,82 @@ def test_find_get_move_store_with_dimse(empty_orthanc: OrthancServer,
     assert stored["MainDicomTags"]["SeriesInstanceUID"] == reg.SeriesInstanceUID
 
 
+def test_fetch_refuses_a_folder_with_files_of_its_own(empty_orthanc: OrthancServer,
+                                                     phantom_study: PhantomStudy,
+                                                     tmp_path: Path) -> None:
+    """WADO-RS, C-GET and C-MOVE into a folder that holds anything: refused, nothing touched.
+    An empty existing folder is fine."""
+    orthanc, study = empty_orthanc, phantom_study
+    orthanc.upload(sorted(study.fixed_dir.iterdir()))
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("precious")
+    (folder / "sub" / "000001.dcm").write_bytes(b"x")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    peer = Peer("127.0.0.1", orthanc.dicom_port, ORTHANC_AET, TEST_AET, timeout_s=10)
+    dimse = DimseClient(peer, retry=FAST_RETRY, listen=("127.0.0.1", orthanc.scp_port))
+    with DicomWebClient(orthanc.dicomweb, retry=FAST_RETRY) as web:
+        ref = web.find_series(study.fixed_uid)
+        fetches = [web.retrieve_series, dimse.get_series,
+                   lambda r, f: dimse.move_series(r, f, "127.0.0.1", orthanc.scp_port)]
+        for fetch in fetches:
+            with pytest.raises(FileExistsError, match="must be new or empty"):
+                fetch(ref, folder)
+            assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+            assert (folder / "notes.txt").read_text() == "precious"
+        for k, fetch in enumerate(fetches):
+            (tmp_path / f"empty{k}").mkdir()
+            assert len(fetch(ref, tmp_path / f"empty{k}")) == 32
+
+
+class _CutStream(httpx.SyncByteStream):
+    """A response body that breaks off (connection reset) after `cut` bytes."""
+
+    def __init__(self, body: bytes, cut: int) -> None:
+        self.body, self.cut = body, cut
+
+    def __iter__(self):
+        yield self.body[: self.cut]
+        raise httpx.ReadError("connection reset by peer")
+
+
+def test_wado_retry_removes_only_its_own_files(tmp_path: Path) -> None:
+    """A transfer cut off mid-series is retried: the files of the broken attempt go, a file
+    someone else put into the folder meanwhile stays; when every attempt breaks, the
+    call leaves no files of its own behind."""
+    parts = [bytes([k]) * 300 for k in (1, 2, 3)]
+    body = b"".join(b"--B\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+                    for p in parts) + b"--B--\r\n"
+    headers = {"content-type": 'multipart/related; type="application/dicom"; boundary=B'}
+    folder = tmp_path / "fetched"
+    attempts = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        attempts.append(request.url.path)
+        if len(attempts) == 1:
+            (folder / "other-process.txt").write_text("not ours")  # during the first attempt
+            return httpx.Response(200, headers=headers, stream=_CutStream(body, 700))
+        return httpx.Response(200, headers=headers, content=body)
+
+    ref = SeriesRef("1.2.3", "1.2.3.4")
+    with DicomWebClient("http://pacs.invalid/dicom-web", retry=FAST_RETRY,
+                        transport=httpx.MockTransport(answer)) as client:
+        files = client.retrieve_series(ref, folder)
+    assert len(attempts) == 2
+    assert [f.read_bytes() for f in files] == parts
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "000001.dcm", "000002.dcm", "000003.dcm", "other-process.txt"]
+
+    def always_cut(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers=headers, stream=_CutStream(body, 700))
+
+    with DicomWebClient("http://pacs.invalid/dicom-web", retry=FAST_RETRY,
+                        transport=httpx.MockTransport(always_cut)) as client, \
+            pytest.raises(PacsUnavailable, match="no answer after 3 attempt"):
+        client.retrieve_series(ref, tmp_path / "broken")
+    assert list((tmp_path / "broken").iterdir()) == []
+
+
 # -------------------------------------------------------------- robustness
 
 

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 
 from disa.cli import main
 from disa.registration import dicom_reg as dr
@@ -143,6 +144,37 @@ def test_unknown_series_exits_2(empty_orthanc: OrthancServer) -> None:
                 "--moving", "1.2.4", "--service", "http://127.0.0.1:9", "--retries", "0")
     assert run.returncode == 2
     assert "no series with that SeriesInstanceUID" in run.stderr
+
+
+def test_series_of_two_patients_exit_2_before_any_job(empty_orthanc: OrthancServer,
+                                                      phantom_study: PhantomStudy,
+                                                      tmp_path: Path, capsys) -> None:
+    """A moving UID of another patient's series (a typo): refused with one line naming both
+    patient IDs, before the service is asked (here none listens, which would be exit 1),
+    and nothing is stored in the PACS."""
+    orthanc, study = empty_orthanc, phantom_study
+    dx = load_dicom_fixtures()
+    image = sitk.Image(16, 16, 8, sitk.sitkFloat32)
+    image.SetSpacing((2.0, 2.0, 4.0))
+    other, _ = dx.write_series(image, tmp_path / "other", modality="CT",
+                               patient=("OTHER^PERSON", "OTHER-PATIENT-0002"))
+    orthanc.upload(sorted(study.fixed_dir.iterdir()) + sorted((tmp_path / "other").iterdir()))
+    for command in (["pull", "--dicomweb", orthanc.dicomweb],
+                    ["dimse", "--host", "127.0.0.1", "--port", str(orthanc.dicom_port),
+                     "--called-aet", ORTHANC_AET, "--calling-aet", TEST_AET]):
+        code = main(["pacs", *command, "--fixed", study.fixed_uid,
+                     "--moving", str(other[0].SeriesInstanceUID),
+                     "--service", f"http://127.0.0.1:{free_port()}", "--store-registered",
+                     "--quiet", *FAST])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        (line,) = err.strip().splitlines()
+        assert line.startswith("disa: error: fixed and moving series belong to different "
+                               "patients")
+        assert f"'{dx.PATIENT_ID}' (fixed)" in line and "'OTHER-PATIENT-0002' (moving)" in line
+        assert "nothing was submitted" in line
+    assert orthanc.series_by_modality("REG") == []
+    assert len(orthanc.get("/series")) == 2  # nothing stored back
 
 
 # ------------------------------------------------------------------ plugin

@@ -9,11 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from disa.pacs import orthanc_plugin as plugin
 from disa.pacs.dicomweb import SeriesRef
 from disa.pacs.retry import PacsUnavailable, RetryPolicy
-from disa.pacs.workflow import JobFailed, register_series
+from disa.pacs.workflow import JobFailed, PatientMismatch, register_series
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay_s=0.0, max_delay_s=0.0)
 
@@ -35,6 +37,32 @@ class FakeSource:
     def store(self, files: Sequence[Path]) -> int:
         self.stored += [f.name for f in files]
         return len(files)
+
+
+class DicomSource(FakeSource):
+    """Fetches real (pixel-less) DICOM files whose PatientID depends on the series UID."""
+
+    def __init__(self, patients: dict[str, tuple[str, str]]) -> None:
+        super().__init__()
+        self.patients = patients  # series UID -> (PatientID, IssuerOfPatientID or "")
+
+    def fetch(self, ref: SeriesRef, folder: Path) -> list[Path]:
+        folder.mkdir(parents=True)
+        patient_id, issuer = self.patients[ref.series_uid]
+        files = []
+        for i in (1, 2):
+            ds = Dataset()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.PatientID = patient_id
+            if issuer:
+                ds.IssuerOfPatientID = issuer
+            ds.SeriesInstanceUID = ref.series_uid
+            files.append(folder / f"{i:06d}.dcm")
+            ds.save_as(files[-1], enforce_file_format=True)
+        return files
 
 
 class FakeService:
@@ -88,6 +116,30 @@ def test_unreachable_service_gives_up_after_the_retries() -> None:
     service = FakeService([], submit_errors=10)
     with pytest.raises(PacsUnavailable, match=r"DISA service \(submit\): no answer after 3"):
         register_series(FakeSource(), service, "1.2", "1.3", retry=FAST_RETRY, poll_s=0.0)
+
+
+def test_series_of_two_patients_are_refused_before_submitting() -> None:
+    source = DicomSource({"1.2.1": ("PAT-A", ""), "1.2.2": ("PAT-B", "")})
+    service = FakeService([{"state": "succeeded", "files": ["registration.dcm", "result.json"]}])
+    with pytest.raises(PatientMismatch, match=r"PatientID 'PAT-A' \(fixed\) and 'PAT-B' "
+                                              r"\(moving\); nothing was submitted"):
+        register_series(source, service, "1.2.1", "1.2.2", retry=FAST_RETRY, poll_s=0.0)
+    assert service.submitted == [] and source.stored == []
+    # Same ID, two issuers: two patients as well.
+    source = DicomSource({"1.2.1": ("PAT-A", "SITE-1"), "1.2.2": ("PAT-A", "SITE-2")})
+    with pytest.raises(PatientMismatch, match="issuer 'SITE-1'"):
+        register_series(source, service, "1.2.1", "1.2.2", retry=FAST_RETRY, poll_s=0.0)
+    assert service.submitted == []
+
+
+@pytest.mark.parametrize("moving", [("PAT-A", ""), ("", ""), ("PAT-A", "SITE-2")])
+def test_one_patient_or_anonymised_series_go_through(moving: tuple[str, str]) -> None:
+    """Same ID, an empty ID (anonymised), or one side without an issuer: no mismatch."""
+    source = DicomSource({"1.2.1": ("PAT-A", "") if moving[1] else ("PAT-A", "SITE-1"),
+                          "1.2.2": moving})
+    service = FakeService([{"state": "succeeded", "files": ["registration.dcm", "result.json"]}])
+    register_series(source, service, "1.2.1", "1.2.2", retry=FAST_RETRY, poll_s=0.0)
+    assert service.submitted == [("fixed", "moving")]
 
 
 # ------------------------------------------------------------------ plugin

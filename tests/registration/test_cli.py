@@ -15,6 +15,7 @@ from PIL import Image
 from disa.cli import EXIT_INPUT, EXIT_OK, main
 from disa.registration.io import write_image
 
+from .io_fixtures import phantom
 from .test_io import BAD_INPUTS
 
 
@@ -119,6 +120,36 @@ def test_missing_model_is_a_clear_input_error(registered, tmp_path: Path, capsys
     assert "DISA model" in capsys.readouterr().err
 
 
+def _address_space_limit(limit_bytes: int):
+    """preexec_fn: cap the child's address space, so that an unguarded giant allocation
+    fails at once (MemoryError) instead of taking the machine's memory."""
+    import resource
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def test_a_working_spacing_too_fine_for_memory_exits_2_with_one_line(small_pair,
+                                                                      tmp_path: Path) -> None:
+    """0.1 mm over a 189 mm field of view would be a 1891^3 grid (27 GB as float32): the
+    engine refuses it as bad input before allocating anything."""
+    fixed, moving = tmp_path / "fixed.nii.gz", tmp_path / "moving.nii.gz"
+    write_image(small_pair.fixed, fixed)
+    write_image(small_pair.moving, moving)
+    done = subprocess.run(
+        [sys.executable, "-m", "disa", "register", str(fixed), str(moving), "-o",
+         str(tmp_path / "o"), "--similarity", "mind", "--working-spacing", "0.1"],
+        capture_output=True, text=True, timeout=300,
+        preexec_fn=_address_space_limit(6 * 1024**3))
+    assert done.returncode == EXIT_INPUT, done.stderr
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("disa: error: "), error
+    assert "--working-spacing 0.1 mm makes a working grid of 1891 x 1891 x 1891 voxels" in error
+    assert "above the limit of 134,217,728 voxels" in error
+
+
 def test_console_script_plain_progress_lines(registered, tmp_path: Path) -> None:
     """Not a terminal: progress comes as plain lines; exit code 0."""
     fixed, moving, _ = registered
@@ -137,3 +168,101 @@ def test_info_gives_a_modality_hint_unless_header_only(registered, capsys) -> No
     assert "modality hint: " in capsys.readouterr().out
     assert main(["info", str(fixed), "--header-only"]) == EXIT_OK
     assert "modality hint" not in capsys.readouterr().out
+
+
+# ------------------------------------------------- output folder, input roles
+
+
+def _write_phantom_inputs(folder: Path) -> tuple[Path, Path]:
+    fixed, moving = folder / "fixed.nii.gz", folder / "moving.nrrd"
+    write_image(phantom(), fixed)
+    write_image(phantom(), moving)
+    return fixed, moving
+
+
+@pytest.mark.parametrize("case", ["existing_file", "under_a_file", "folder_of_other_files"])
+def test_bad_output_folder_exits_2_before_reading_the_inputs(tmp_path: Path, case: str,
+                                                             capsys, monkeypatch) -> None:
+    """A bad -o is refused at once (it used to cost a whole registration, then exit 1)."""
+    from disa.registration import runner
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("an input was read before the output folder was checked")
+
+    monkeypatch.setattr(runner, "inspect_image", not_now)
+    monkeypatch.setattr(runner, "read_image", not_now)
+    fixed, moving = _write_phantom_inputs(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "notes.txt").write_text("mine")
+    out, phrase = {
+        "existing_file": (tmp_path / "afile", "is an existing file, not a folder"),
+        "under_a_file": (tmp_path / "afile" / "sub", "cannot create the result folder: afile "
+                                                     "is a file"),
+        "folder_of_other_files": (tmp_path / "study", "not part of a DISA result (notes.txt)"),
+    }[case]
+    code = main(["register", str(fixed), str(moving), "-o", str(out), "--similarity", "mind",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT, err
+    assert err.count("\n") == 1 and err.startswith(f"disa: error: {out}: ") and phrase in err
+    assert (tmp_path / "study" / "notes.txt").read_text() == "mine"
+
+
+def _tiny(folder: Path) -> dict[str, Path]:
+    path = folder / "tiny.nii.gz"
+    write_image(phantom()[:4, :4, :4], path)
+    return {"moving": path}
+
+
+def _zeros(folder: Path) -> dict[str, Path]:
+    path = folder / "zeros.nii.gz"
+    write_image(phantom() * 0.0, path)
+    return {"fixed": path}
+
+
+def _constant_in_mask(folder: Path) -> dict[str, Path]:
+    image, mask = folder / "ones.mha", folder / "mask.nii.gz"
+    write_image(phantom() * 0.0 + 1.0, image)
+    write_image(phantom() * 0.0 + 1.0, mask)
+    return {"moving": image, "--moving-mask": mask}
+
+
+def _mask_elsewhere(folder: Path) -> dict[str, Path]:
+    mask = phantom() * 0.0 + 1.0
+    mask.SetOrigin(tuple(o + 1000.0 for o in mask.GetOrigin()))
+    path = folder / "far.nii.gz"
+    write_image(mask, path)
+    return {"--fixed-mask": path}
+
+
+def _one_voxel_mask(folder: Path) -> dict[str, Path]:
+    array = np.zeros(phantom().GetSize()[::-1], dtype=np.float32)
+    array[8, 10, 12] = 1.0
+    mask = sitk.GetImageFromArray(array)
+    mask.CopyInformation(phantom())
+    path = folder / "speck.nii.gz"
+    write_image(mask, path)
+    return {"--moving-mask": path}
+
+
+@pytest.mark.parametrize(("build", "start"), [
+    (_tiny, "moving: image is only"),
+    (_zeros, "fixed: image foreground is (nearly) empty"),
+    (_constant_in_mask, "moving: image has constant intensity over its foreground"),
+    (_mask_elsewhere, "fixed mask: mask does not overlap its image"),
+    (_one_voxel_mask, "moving mask: mask covers only "),
+])
+def test_preparation_errors_name_the_input(tmp_path: Path, build, start: str, capsys) -> None:
+    """Errors found while preparing the images say which input they are about."""
+    fixed, moving = _write_phantom_inputs(tmp_path)
+    given = build(tmp_path)
+    args = ["register", str(given.pop("fixed", fixed)), str(given.pop("moving", moving)),
+            "-o", str(tmp_path / "out"), "--similarity", "mind", "--quiet"]
+    for option, path in given.items():
+        args += [option, str(path)]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT, err
+    assert err.count("\n") == 1 and err.startswith(f"disa: error: {start}"), err
+    assert not (tmp_path / "out").exists()

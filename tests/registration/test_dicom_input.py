@@ -92,6 +92,61 @@ def test_non_image_objects_beside_the_series_are_ignored(tmp_path: Path) -> None
     assert_grid(read_image(tmp_path / "ct"))
 
 
+def _save_raw(ds: pydicom.Dataset, path: Path) -> None:
+    """Write `ds` as a bare dataset: no 128-byte preamble, no 'DICM', no file meta (implicit
+    VR little endian), as some PACS exports and old archives hold them."""
+    ds = pydicom.Dataset(ds)
+    ds.preamble = None
+    ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert path.read_bytes()[128:132] != b"DICM"
+
+
+@pytest.mark.parametrize("raw", ["first_and_last", "all"])
+def test_files_without_preamble_are_read(tmp_path: Path, raw: str) -> None:
+    """A slice stored without the preamble is a slice, not a file to skip: dropping the
+    first or last one would pass every gap check and shift or shorten the volume."""
+    datasets, expected = dx.series_datasets(phantom(), slope=0.5, intercept=-100.0)
+    (tmp_path / "ct").mkdir()
+    for k, ds in enumerate(datasets):
+        path = tmp_path / "ct" / f"{k:03d}.dcm"
+        if raw == "all" or k in (0, len(datasets) - 1):
+            _save_raw(ds, path)
+        else:
+            ds.save_as(path, enforce_file_format=True)
+    (tmp_path / "ct" / "notes.txt").write_text("not DICOM\n")  # still skipped
+    image = read_image(tmp_path / "ct")
+    assert_grid(image)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), expected, atol=1e-3)
+    assert len(read_dicom_headers(tmp_path / "ct")) == SIZE[2]
+
+
+def test_folder_without_a_series_names_the_files_it_skipped(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM\n")
+    datasets, _ = dx.series_datasets(phantom())
+    del datasets[0].Rows  # parses as DICOM, but is no image
+    _save_raw(datasets[0], tmp_path / "in" / "scan.dcm")
+    with pytest.raises(InputError) as caught:
+        read_image(tmp_path / "in")
+    message = str(caught.value)
+    assert message.startswith("in: no DICOM series found (skipped 2 file(s)")
+    assert "notes.txt" in message and "scan.dcm" in message and "\n" not in message
+
+
+def test_file_of_the_series_without_preamble_or_image_attributes_is_refused(
+        tmp_path: Path) -> None:
+    """A bare dataset of the series lacking SOPClassUID is not silently one slice short."""
+    datasets, _ = dx.series_datasets(phantom())
+    (tmp_path / "ct").mkdir()
+    for k, ds in enumerate(datasets[:-1]):
+        ds.save_as(tmp_path / "ct" / f"{k:03d}.dcm", enforce_file_format=True)
+    del datasets[-1].SOPClassUID
+    _save_raw(datasets[-1], tmp_path / "ct" / "last.dcm")
+    with pytest.raises(InputError, match=r"1 file\(s\) of DICOM series .* lack the DICM "
+                                         r"preamble and SOPClassUID, Rows or Columns: last.dcm"):
+        read_image(tmp_path / "ct")
+
+
 def test_metadata_tags_come_from_the_series(tmp_path: Path) -> None:
     datasets, _ = dx.write_series(phantom(), tmp_path / "mr", modality="MR")
     image = read_image(tmp_path / "mr")
@@ -201,6 +256,23 @@ def _mixed_pixel_spacing(tmp: Path) -> Path:
     return _save(folder, datasets)
 
 
+def _shift_along_normal(datasets: list[pydicom.Dataset], offsets: np.ndarray) -> None:
+    """Move slice k by offsets[k] mm along the slice normal."""
+    normal = np.asarray(oblique_direction()).reshape(3, 3)[:, 2]
+    for ds, offset in zip(datasets, offsets, strict=True):
+        position = np.asarray([float(v) for v in ds.ImagePositionPatient]) + offset * normal
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+
+
+def _spacing_changes(tmp: Path) -> Path:
+    """Steps of 2.5 mm, then of 2.7 mm: each within 10 % of the median step, but slice 8
+    lies 0.75 mm off the mean-step grid."""
+    folder, datasets = _series(tmp)
+    k = np.arange(len(datasets))
+    _shift_along_normal(datasets, np.where(k > 7, 0.2 * (k - 7), 0.0))
+    return _save(folder, datasets)
+
+
 def _gantry_tilt(tmp: Path) -> Path:
     folder, datasets = _series(tmp)
     d = np.asarray(oblique_direction()).reshape(3, 3)
@@ -278,6 +350,8 @@ REFUSED = {
     "mixed_orientation": (_mixed_orientation, "mixes slice orientations"),
     "mixed_size": (_mixed_size, "mixes image sizes (12x10 and 24x20 pixels)"),
     "mixed_pixel_spacing": (_mixed_pixel_spacing, "mixes pixel spacings"),
+    "spacing_changes": (_spacing_changes, "not evenly spaced: slice 8 of 16 lies 0.75 mm off "
+                                          "the regular grid of 2.607 mm steps"),
     "gantry_tilt": (_gantry_tilt, "drift sideways by 7.5 mm"),
     "no_position": (_no_position, "lacks a valid ImagePositionPatient"),
     "mixed_frames_of_reference": (_mixed_frames_of_reference, "mixes frames of reference"),
@@ -304,6 +378,18 @@ def test_inconsistent_series_is_refused_naming_the_problem(tmp_path: Path, case:
     if case != "truncated_pixels":  # the headers alone show every other problem
         with pytest.raises(InputError):
             inspect_image(path)
+
+
+def test_positions_slightly_off_the_grid_are_accepted(tmp_path: Path) -> None:
+    """Positions off the grid by less than max(0.1 x step, 0.2 mm) still form a grid: here a
+    0.2 mm bow in the middle of the stack, plus up to 0.03 mm jitter."""
+    folder, datasets = _series(tmp_path)
+    k = np.arange(len(datasets))
+    offsets = 0.2 * np.sin(np.pi * k / (len(k) - 1))
+    offsets[1:-1] += np.random.default_rng(3).uniform(-0.03, 0.03, len(k) - 2)
+    _shift_along_normal(datasets, offsets)  # the ends stay: the mean step is 2.5 mm exactly
+    image = read_image(_save(folder, datasets))
+    assert_grid(image)
 
 
 def test_read_dicom_headers_refuses_other_formats(tmp_path: Path) -> None:

@@ -156,6 +156,109 @@ def test_matrix_type() -> None:
     assert dr.matrix_type(np.diag([1.0, 1.0, 1.01, 1.0])) == "AFFINE"
 
 
+def test_same_frame_of_reference_reads_the_moving_item(tmp_path: Path) -> None:
+    """Two series of one session share a frame: the matrix asked for by frame or by series
+    is the moving item's, not the fixed item's identity."""
+    frame = "1.2.826.0.1.3680043.9.7777.6.9"
+    dx.write_series(phantom(), tmp_path / "t1", modality="MR", study_uid=FIXED_STUDY,
+                    frame_uid=frame)
+    dx.write_series(phantom(), tmp_path / "t2", modality="MR", study_uid=FIXED_STUDY,
+                    frame_uid=frame, series_number=2)
+    fixed, moving = read_dicom_headers(tmp_path / "t1"), read_dicom_headers(tmp_path / "t2")
+    a = rigid_matrix((4.0, -3.0, 2.0), (5.0, -3.0, 2.0))
+    path = tmp_path / "reg.dcm"
+    dr.write_dataset(dr.build_spatial_registration(a, fixed, moving), path)
+    expected = np.linalg.inv(a)
+    np.testing.assert_allclose(dr.read_registration_matrix(path), expected, atol=1e-9)
+    np.testing.assert_allclose(dr.read_registration_matrix(path, source_frame_uid=frame),
+                               expected, atol=1e-9)
+    moving_uid = str(moving[0].SeriesInstanceUID)
+    fixed_uid = str(fixed[0].SeriesInstanceUID)
+    np.testing.assert_allclose(dr.read_registration_matrix(path, source_series_uid=moving_uid),
+                               expected, atol=1e-9)
+    np.testing.assert_allclose(
+        dr.read_registration_matrix(path, source_frame_uid=frame, source_series_uid=moving_uid),
+        expected, atol=1e-9)
+    np.testing.assert_allclose(dr.read_registration_matrix(path, source_series_uid=fixed_uid),
+                               np.eye(4))
+    with pytest.raises(ValueError, match="does not reference series"):
+        dr.read_registration_matrix(path, source_series_uid="1.2.3.4")
+    # A true identity result in one frame still reads as the identity.
+    dr.write_dataset(dr.build_spatial_registration(np.eye(4), fixed, moving), path)
+    np.testing.assert_allclose(dr.read_registration_matrix(path, source_frame_uid=frame),
+                               np.eye(4))
+
+
+# ------------------------------------------------------------ patient check
+
+OTHER_PATIENT = ("OTHER^PERSON", "OTHER-PATIENT-0002")
+
+
+def _write_with_patient(folder: Path, patient_id: str, issuer: str | None = None,
+                        modality: str = "MR") -> Path:
+    datasets, _ = dx.series_datasets(phantom(), modality=modality, study_uid=OTHER_STUDY,
+                                     patient=("SOME^ONE", patient_id))
+    folder.mkdir()
+    for k, ds in enumerate(datasets):
+        if issuer is not None:
+            ds.IssuerOfPatientID = issuer
+        ds.save_as(folder / f"{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def test_series_of_two_patients_are_refused(series, tmp_path: Path) -> None:
+    fixed = read_dicom_headers(series["ct"])
+    other_dir = _write_with_patient(tmp_path / "other", OTHER_PATIENT[1])
+    other = read_dicom_headers(other_dir)
+    both_ids = rf"'{dx.PATIENT_ID}' \(fixed\) and '{OTHER_PATIENT[1]}' \(moving\)"
+    with pytest.raises(ValueError, match=both_ids):
+        dr.build_spatial_registration(np.eye(4), fixed, other)
+    with pytest.raises(ValueError, match=both_ids):
+        dr.build_deformable_registration(_field(read_image(series["ct"])), fixed, other)
+    registered = read_image(series["ct"])
+    with pytest.raises(ValueError, match=both_ids):
+        dr.write_registered_series(registered, series["ct"], tmp_path / "out",
+                                   moving_series_dir=other_dir)
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    # One instance of another patient in the moving series is enough.
+    mixed = list(read_dicom_headers(series["mr"]))
+    mixed[-1] = other[0]
+    with pytest.raises(dr.PatientMismatch):
+        dr.check_same_patient(fixed, mixed)
+
+
+def test_patient_issuers_and_empty_ids(series, tmp_path: Path) -> None:
+    """Same ID from two issuers: two patients. No ID (anonymised) or one issuer: no verdict."""
+    fixed_dir = _write_with_patient(tmp_path / "a", "P1", issuer="HOSPITAL-A", modality="CT")
+    fixed = read_dicom_headers(fixed_dir)
+    other_issuer = read_dicom_headers(_write_with_patient(tmp_path / "b", "P1",
+                                                          issuer="HOSPITAL-B"))
+    with pytest.raises(ValueError, match=r"'P1' \(issuer 'HOSPITAL-A'\) \(fixed\) and "
+                                         r"'P1' \(issuer 'HOSPITAL-B'\) \(moving\)"):
+        dr.build_spatial_registration(np.eye(4), fixed, other_issuer)
+    no_issuer = read_dicom_headers(_write_with_patient(tmp_path / "c", "P1"))
+    anonymous = read_dicom_headers(_write_with_patient(tmp_path / "d", ""))
+    for moving in (no_issuer, anonymous):
+        assert dr.build_spatial_registration(np.eye(4), fixed, moving).PatientID == "P1"
+    assert dr.build_spatial_registration(np.eye(4), anonymous, no_issuer).Modality == "REG"
+
+
+def test_dicom_outputs_skip_a_pair_of_two_patients(series, tmp_path: Path) -> None:
+    """After an engine run on two patients' series: no REG, the reason in result.json
+    (without the identifiers, which result.json never carries), the result stands."""
+    other_dir = _write_with_patient(tmp_path / "other", OTHER_PATIENT[1])
+    data = {"matrix_fixed_to_moving": np.eye(4).tolist()}
+    assert dr.write_dicom_outputs(tmp_path, series["ct"], other_dir, data) == []
+    assert not (tmp_path / "registration.dcm").exists()
+    reason = data["registration_dcm_skipped"]
+    assert "different patients" in reason
+    assert dx.PATIENT_ID not in reason and OTHER_PATIENT[1] not in reason
+    # The same pair of one patient does get its REG.
+    data = {"matrix_fixed_to_moving": np.eye(4).tolist()}
+    assert dr.write_dicom_outputs(tmp_path, series["ct"], series["mr"], data) == [
+        dr.REGISTRATION_FILE]
+
+
 # --------------------------------------------------------------- deformable
 
 
@@ -254,6 +357,36 @@ def test_registered_series(series, tmp_path: Path, moving_key: str | None) -> No
         np.testing.assert_allclose(values, original, atol=0.01 * np.ptp(original))
     else:  # MR has no rescale: values are linearly related
         assert np.corrcoef(values.ravel(), original.ravel())[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("timing", [False, True])
+def test_registered_series_from_an_enhanced_mr(series, tmp_path: Path, timing: bool) -> None:
+    """An Enhanced MR moving series has no top-level RepetitionTime (type 2C in the MR
+    Image IOD): it comes from its functional groups, or is written empty."""
+    (tmp_path / "emr").mkdir()
+    dx.write_enhanced_mr(phantom(), tmp_path / "emr" / "mr.dcm")
+    if timing:
+        ds = pydicom.dcmread(tmp_path / "emr" / "mr.dcm")
+        item = pydicom.Dataset()
+        item.RepetitionTime = "12.5"
+        item.EchoTrainLength = 3
+        ds.SharedFunctionalGroupsSequence[0].MRTimingAndRelatedParametersSequence = \
+            pydicom.Sequence([item])
+        echo = pydicom.Dataset()
+        echo.EffectiveEchoTime = 4.25
+        ds.SharedFunctionalGroupsSequence[0].MREchoSequence = pydicom.Sequence([echo])
+        ds.save_as(tmp_path / "emr" / "mr.dcm", enforce_file_format=True)
+    files = dr.write_registered_series(read_image(series["ct"]), series["ct"], tmp_path / "out",
+                                       moving_series_dir=tmp_path / "emr")
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert header.Modality == "MR" and "RepetitionTime" in header
+    if timing:
+        assert float(header.RepetitionTime) == 12.5
+        assert int(header.EchoTrainLength) == 3
+        assert float(header.EchoTime) == 4.25
+    else:
+        assert header.RepetitionTime in ("", None)
+    assert dciodvfy_errors(files[0]) == []
 
 
 # ---------------------------------------------------------------- end to end

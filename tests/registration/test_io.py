@@ -320,6 +320,29 @@ def _nan_origin(tmp: Path) -> Path:
     return path
 
 
+def _with_voxels(tmp: Path, name: str, values: dict[tuple[int, int, int], float]) -> Path:
+    """The phantom written as ``name`` (NRRD and MetaImage keep NaN and Inf; NIfTI I/O
+    through ITK zeroes NaN) with the given (z, y, x) voxels overwritten."""
+    array = sitk.GetArrayFromImage(phantom())
+    for index, value in values.items():
+        array[index] = value
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(phantom())
+    path = tmp / name
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _nan_voxels_nrrd(tmp: Path) -> Path:
+    # 5x5x5 NaN voxels in a background corner, where they decide no percentile visibly.
+    return _with_voxels(tmp, "moving.nrrd", {(z, y, x): np.nan for z in range(1, 6)
+                                             for y in range(1, 6) for x in range(1, 6)})
+
+
+def _infinite_voxels_mha(tmp: Path) -> Path:
+    return _with_voxels(tmp, "moving.mha", {(8, 10, 12): np.inf, (2, 3, 4): -np.inf})
+
+
 def _sheared_direction(tmp: Path) -> Path:
     path = tmp / "moving.mha"
     path.write_bytes(metaimage({"TransformMatrix": "1 0.5 0 0 1 0 0 0 1"}))
@@ -476,6 +499,18 @@ BAD_INPUTS: dict[str, tuple[Case, str, InputLimits, str | None]] = {
         None,
     ),
     "nan_origin": (_nan_origin, "not a finite number", InputLimits(), None),
+    "nan_voxels": (
+        _nan_voxels_nrrd,
+        "125 of 7680 voxels are not finite (125 NaN, 0 infinite)",
+        InputLimits(),
+        None,
+    ),
+    "infinite_voxels": (
+        _infinite_voxels_mha,
+        "2 of 7680 voxels are not finite (0 NaN, 2 infinite)",
+        InputLimits(),
+        None,
+    ),
     "nan_space_origin_nrrd": (_nan_space_origin_nrrd, "not a finite number", InputLimits(), None),
     "sheared_direction": (_sheared_direction, "not orthonormal", InputLimits(), None),
     "vector_image": (_vector_image, "has 3 components", InputLimits(), None),

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from disa.registration import phantom as ph
+from disa.registration.errors import InputError
 from disa.registration.grid import Grid
 from disa.registration.preprocess import (
+    MAX_WORKING_VOXELS,
     intensity_normalisation,
     normalise_intensities,
     resample_to_spacing,
+    working_grid_size,
+    working_voxel_limit,
 )
 from disa.registration.transforms import rotation_matrix
 
@@ -68,3 +73,31 @@ def test_kept_normalisation_maps_the_same_intensities_to_the_same_values() -> No
     np.testing.assert_array_equal(normalisation.apply(part),
                                   normalise_intensities(volume)[5:30, 4:20, 10:35])
     assert normalisation.low < normalisation.high and normalisation.std > 0
+
+
+@pytest.mark.parametrize("spacing", [1.0, 2.0, 3.3, 7.5])
+def test_working_grid_size_is_the_grid_that_resampling_makes(spacing: float) -> None:
+    image = _image()
+    expected = resample_to_spacing(image, spacing).GetSize()
+    assert working_grid_size(image.GetSize(), image.GetSpacing(), spacing) == expected
+
+
+def test_a_working_grid_over_the_voxel_limit_is_refused_before_it_is_made() -> None:
+    image, axes = _image(), _axes()  # 48 x 44 x 40 voxels of 2.5 mm
+    size = working_grid_size(image.GetSize(), image.GetSpacing(), 2.0)  # 60 x 55 x 50
+    voxels = int(np.prod(size))
+    with working_voxel_limit(voxels - 1):
+        with pytest.raises(InputError) as caught:
+            resample_to_spacing(image, 2.0)
+        message = str(caught.value)
+        assert message.startswith("--working-spacing 2 mm makes a working grid of 60 x 55 x 50")
+        assert f"({voxels:,})" in message and f"limit of {voxels - 1:,} voxels" in message
+        assert "\n" not in message
+        # Grids on rotated axes (the re-oriented refinement) are held to the limit too.
+        with pytest.raises(InputError, match="--working-spacing"):
+            resample_to_spacing(image, 2.0, direction=axes)
+    with working_voxel_limit(voxels):  # exactly at the limit: allowed
+        assert resample_to_spacing(image, 2.0).GetSize() == size
+    # Outside the block the default limit applies again.
+    assert voxels < MAX_WORKING_VOXELS == 512**3
+    assert resample_to_spacing(image, 2.0).GetSize() == size

@@ -57,14 +57,15 @@ def dispatcher(monkeypatch: pytest.MonkeyPatch) -> RecordingDispatcher:
 def make_client(tmp_path: Path, dispatcher: RecordingDispatcher
                 ) -> Iterator[Callable[..., TestClient]]:
     """Factory: make_client(**settings) -> a TestClient (lifespan running) of a fresh app
-    with the recording dispatcher and a fresh jobs folder."""
+    with the recording dispatcher and a fresh jobs folder. `raise_server_exceptions=False`
+    shows unhandled errors as the client sees them instead of raising them in the test."""
     stack: list = []
 
-    def make(**settings: object) -> TestClient:
+    def make(raise_server_exceptions: bool = True, **settings: object) -> TestClient:
         env = service_env(tmp_path / "jobs", broker_url="redis://unused:1/0", **settings)
         ctx = using_env(env)
         ctx.__enter__()
-        client = TestClient(create_app())
+        client = TestClient(create_app(), raise_server_exceptions=raise_server_exceptions)
         client.__enter__()
         stack.append((ctx, client))
         return client

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import resource
+import signal
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -245,3 +250,94 @@ def test_malicious_or_broken_files_are_422_with_a_clear_message(client, pair_fil
     assert detail.startswith(words) and "\n" not in detail
     assert dispatcher.sent == []
     assert _store(client).ids() == []
+
+
+# ------------------------------------------------------- working spacing
+
+
+def test_a_working_spacing_whose_grid_exceeds_max_voxels_is_422(make_client, pair_files,
+                                                                 dispatcher):
+    client = make_client(max_voxels=24**3)  # the pair: 24^3 voxels of 4 mm each
+    r = _submit(client, pair_files, options={**TINY_OPTIONS, "working_spacing": 2.0})
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("working_spacing 2 mm makes a working grid of 47 x 47 x 47 "
+                             "voxels (103,823) for the fixed image"), detail
+    assert "above the limit of 13,824 voxels" in detail
+    store = _store(client)
+    assert dispatcher.sent == [] and store.ids() == []
+    assert list((store.root / ".incoming").iterdir()) == []
+    # At the inputs' own spacing the grid is the inputs' size, within the limit.
+    r = _submit(client, pair_files, options={**TINY_OPTIONS, "working_spacing": 4.0})
+    assert r.status_code == 202, r.text
+
+
+# ------------------------------------------------------------- storage
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit_bytes: int) -> Iterator[None]:
+    """Files of this process cannot grow past `limit_bytes`: write() fails with EFBIG, a real
+    OSError from the kernel standing in for a full jobs volume (ENOSPC)."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else SIGXFSZ kills
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+@pytest.mark.parametrize(("limit", "size"), [
+    (2 * 1024**2, 8 * 1024**2),  # fails in a flush while the body streams in
+    (100_000, 500_000),  # fails in the last flush, after the body was parsed
+])
+def test_a_full_jobs_volume_is_507_and_touches_no_stored_job(make_client, pair_files,
+                                                             dispatcher, limit, size):
+    client = make_client(raise_server_exceptions=False)
+    stored = _submit(client, pair_files).json()["id"]
+    store = _store(client)
+    manifest_before = (store.job_dir(stored) / "manifest.json").read_bytes()
+    files = {"fixed": ("f.nii.gz", pair_files[0].read_bytes()),
+             "moving": ("m.nii", os.urandom(size))}
+    with _file_size_limit(limit):
+        r = client.post("/v1/jobs", files=files)
+    assert r.status_code == 507, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"detail": "jobs storage cannot take the upload (File too large)"}
+    assert dispatcher.sent == [stored] and store.ids() == [stored]
+    assert list((store.root / ".incoming").iterdir()) == []  # staging removed
+    assert (store.job_dir(stored) / "manifest.json").read_bytes() == manifest_before
+    assert sorted(p.name for p in (store.job_dir(stored) / "inputs").iterdir()) == [
+        "fixed.nii.gz", "moving.nii.gz"]
+
+
+def test_unhandled_errors_answer_the_shared_json_error_model(make_client, pair_files):
+    client = make_client(raise_server_exceptions=False)
+    job_id = _submit(client, pair_files).json()["id"]
+    (_store(client).job_dir(job_id) / "manifest.json").write_text("{not a manifest")
+    r = client.get(f"/v1/jobs/{job_id}")
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"detail": "internal error: ValidationError"}
+
+
+def test_uploaded_inputs_are_on_disk_before_the_202(client, pair_files, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    r = _submit(client, pair_files)
+    assert r.status_code == 202, r.text
+    staging = _store(client).incoming_dir(r.json()["id"])
+    for path in ("inputs/fixed.nii.gz", "inputs/moving.nii.gz", "inputs"):
+        assert str(staging / path) in synced, synced
+    # The files before their folder, the folder before the job is moved into place.
+    assert synced.index(str(staging / "inputs")) > synced.index(
+        str(staging / "inputs/moving.nii.gz"))
+    assert synced.index(str(_store(client).root)) > synced.index(str(staging / "inputs"))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import resource
+import signal
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -66,6 +70,19 @@ def test_a_complete_result_folder_is_adopted_without_running_again(store, settin
     _result(store.outputs_dir(job_id), lambda *a: None, None)  # a run died after writing
     assert execute_job(store, job_id, settings) == "succeeded"
     assert calls == [] and store.read(job_id).files == ["transform.tfm", "result.json"]
+
+
+def test_staging_folders_of_a_killed_writer_are_cleared_before_a_new_attempt(
+        store, settings, make_job, monkeypatch):
+    _fake_engine(monkeypatch, _result)
+    job_id = make_job()
+    outputs = store.outputs_dir(job_id)
+    for name in (".outputs.partial-1a2b3c4d", ".outputs.old-5e6f7a8b"):  # a writer killed
+        (outputs.parent / name).mkdir(parents=True)
+        (outputs.parent / name / "qa.png").write_bytes(b"half")
+    assert execute_job(store, job_id, settings) == "succeeded"
+    assert sorted(p.name for p in outputs.parent.glob(".outputs.*")) == []
+    assert (outputs / "result.json").is_file()
 
 
 def test_input_errors_fail_the_job_with_their_message(store, settings, make_job, monkeypatch):
@@ -199,3 +216,122 @@ def test_progress_reaches_the_manifest_while_running(store, settings, make_job, 
     job_id = make_job()
     execute_job(store, job_id, settings)
     assert seen.is_set()
+
+
+# ------------------------------------------- storage failing before the run starts
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit_bytes: int) -> Iterator[None]:
+    """Files of this process cannot grow past `limit_bytes`: write() fails with EFBIG, a
+    real OSError from the kernel standing in for full or failing shared storage."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else SIGXFSZ kills
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+@contextlib.contextmanager
+def _lock_unusable(store, job_id) -> Iterator[None]:
+    """The lock file cannot be opened (a folder in its place: EISDIR)."""
+    path = store.job_dir(job_id) / ".lock"
+    path.unlink(missing_ok=True)
+    path.mkdir()
+    try:
+        yield
+    finally:
+        path.rmdir()
+
+
+@contextlib.contextmanager
+def _manifest_unreadable(store, job_id) -> Iterator[None]:
+    """manifest.json cannot be read (a folder in its place: EISDIR)."""
+    path = store.job_dir(job_id) / "manifest.json"
+    aside = path.with_name("manifest.aside")
+    path.rename(aside)
+    path.mkdir()
+    try:
+        yield
+    finally:
+        path.rmdir()
+        aside.rename(path)
+
+
+@contextlib.contextmanager
+def _running_not_writable(store, job_id) -> Iterator[None]:
+    """Writing the 'running' manifest fails (no file may grow past 64 bytes: EFBIG)."""
+    with _file_size_limit(64):
+        yield
+
+
+@pytest.mark.parametrize("fault", [_lock_unusable, _manifest_unreadable,
+                                   _running_not_writable])
+def test_storage_errors_before_the_run_leave_the_job_queued_for_a_retry(
+        store, settings, make_job, monkeypatch, fault):
+    calls = _fake_engine(monkeypatch, _result)
+    job_id = make_job()
+    with fault(store, job_id), pytest.raises(TransientStorageError):
+        execute_job(store, job_id, settings)
+    m = store.read(job_id)
+    assert m.state == "queued" and m.attempts == 0 and calls == []
+    assert execute_job(store, job_id, settings) == "succeeded"  # the retry, storage back
+    assert store.read(job_id).attempts == 1 and len(calls) == 1
+
+
+# ----------------------------------------------------------------- error kinds
+
+
+def _input_error(outdir, progress, cancel):
+    raise InputError("moving.nii.gz: gzip data is truncated")
+
+
+def _bug(outdir, progress, cancel):
+    raise ZeroDivisionError
+
+
+def _past_deadline(outdir, progress, cancel):
+    while not cancel():
+        pass
+    raise CancelledError("registration cancelled")
+
+
+@pytest.mark.parametrize(("behaviour", "kind"), [
+    (_input_error, "input"),
+    (_bug, "internal"),
+    (_past_deadline, "internal"),
+])
+def test_failures_say_whether_the_input_is_at_fault(store, settings, make_job, monkeypatch,
+                                                    behaviour, kind):
+    monkeypatch.setattr(execute, "CANCEL_CHECK_INTERVAL_S", 0.0)
+    settings.soft_time_limit_s = 0 if behaviour is _past_deadline else 60
+    _fake_engine(monkeypatch, behaviour)
+    job_id = make_job()
+    assert execute_job(store, job_id, settings) == "failed"
+    assert store.read(job_id).error_kind == kind
+
+
+def test_a_job_given_up_on_is_an_internal_failure(store, settings, make_job):
+    job_id = make_job()
+    m = store.read(job_id)
+    m.attempts = settings.max_attempts  # its workers were lost
+    store.write(m)
+    assert execute_job(store, job_id, settings) == "failed"
+    m = store.read(job_id)
+    assert m.error.startswith("gave up after 3 attempts") and m.error_kind == "internal"
+
+
+def test_a_working_grid_over_the_service_voxel_limit_fails_as_input(store, settings,
+                                                                    make_job):
+    """The engine holds the worker's grids to DISA_MAX_VOXELS (the API refuses such
+    options at submission; a job queued before that check still cannot run away)."""
+    settings.max_voxels = 24**3  # the phantom inputs: 24^3 voxels of 4 mm
+    job_id = make_job(options={"similarity": "mind", "starts": 10, "working_spacing": 3.0})
+    assert execute_job(store, job_id, settings) == "failed"
+    m = store.read(job_id)
+    assert m.error_kind == "input"
+    assert ("--working-spacing 3 mm makes a working grid of 32 x 32 x 32 voxels (32,768), "
+            "above the limit of 13,824 voxels") in m.error

@@ -1,0 +1,64 @@
+"""`disa submit` exit codes: 2 when the input is at fault, 1 when the service is."""
+
+from __future__ import annotations
+
+import threading
+
+from disa.cli import main
+from disa.service import runtime as runtime_module
+from disa.service.app import create_app
+from disa.service.client import DisaClient
+from disa.service.settings import get_settings
+from disa.service.store import JobStore
+from disa.worker.execute import execute_job
+
+from ..support import free_port, wait_until
+from .conftest import RecordingDispatcher
+from .helpers import LiveServer, service_env, using_env
+
+
+def test_unreachable_service_exits_1_with_one_line(pair_files, capsys):
+    port = free_port()  # nothing listens there
+    code = main(["submit", str(pair_files[0]), str(pair_files[1]), "--url",
+                 f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err == f"disa: error: cannot reach http://127.0.0.1:{port}: ConnectError\n"
+
+
+def test_a_job_given_up_on_exits_1_not_as_bad_input(pair_files, tmp_path, monkeypatch,
+                                                    capsys):
+    """The job's workers were lost until its attempts ran out: the service failed, not the
+    input. The worker function itself ends the job while `disa submit --wait` polls."""
+    dispatcher = RecordingDispatcher()
+    monkeypatch.setattr(runtime_module, "make_dispatcher", lambda store, settings: dispatcher)
+    env = service_env(tmp_path / "jobs", broker_url="redis://unused:1/0", max_attempts=2,
+                      sweep_interval_s=3600)
+    with using_env(env), LiveServer(create_app(), free_port()) as server:
+        settings = get_settings()
+        store = JobStore(settings.jobs_dir)
+
+        def lost_twice_then_given_up() -> None:
+            (job_id,) = wait_until(lambda: dispatcher.sent, 60, "the submission")
+            try:
+                with store.lock(job_id) as lock:
+                    assert lock.acquire(timeout=5)
+                    m = store.read(job_id)
+                    m.state, m.attempts = "running", settings.max_attempts
+                    store.write(m)
+                execute_job(store, job_id, settings)
+            finally:
+                if store.read(job_id).state != "failed":
+                    store.delete(job_id)  # polling then ends (404) rather than hangs
+
+        worker = threading.Thread(target=lost_twice_then_given_up)
+        worker.start()
+        code = main(["submit", str(pair_files[0]), str(pair_files[1]), "--url", server.url,
+                     "--wait", "--quiet", "--poll", "0.1"])
+        worker.join(30)
+        err = capsys.readouterr().err
+        assert code == 1, err
+        assert len(err.splitlines()) == 1 and "failed: gave up after 2 attempts" in err
+        with DisaClient(server.url) as client:
+            job = client.job(dispatcher.sent[0])
+        assert job["error_kind"] == "internal"
