@@ -266,3 +266,20 @@ def test_preparation_errors_name_the_input(tmp_path: Path, build, start: str, ca
     assert code == EXIT_INPUT, err
     assert err.count("\n") == 1 and err.startswith(f"disa: error: {start}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_registers_the_bundled_pair_within_2_mm_and_replaces_its_result(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first command: the bundled pair, checked against its known transform."""
+    out = tmp_path / "disa-demo"
+    for _ in range(2):  # a second run replaces the first result whole
+        assert main(["demo", "-o", str(out), "--quiet"]) == EXIT_OK
+        printed = capsys.readouterr().out
+        error = float(printed.split("known transform: ")[1].split(" mm")[0])
+        assert error < 2.0
+        assert {"transform.tfm", "registered.nii.gz", "qa.png", "result.json"} <= {
+            p.name for p in out.iterdir()}
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep")
+    assert main(["demo", "-o", str(tmp_path / "notes"), "--quiet"]) == EXIT_INPUT
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
