@@ -260,7 +260,8 @@ def default_engine(device: Device = "auto", model_path: str | Path | None = None
     """The descriptor engine from DISA_DESCRIPTOR_ENGINE (deployment setting, default
     ``auto``: see `auto_engine`; ``model_path``, the ONNX file, tells whether its card
     names an int8 variant). ``auto`` with ``device="cuda"`` is onnxruntime, the one
-    engine that runs on CUDA (and fails loudly without it)."""
+    engine that runs on CUDA (and fails loudly without it); with ``device="cpu"`` it
+    is the CPU choice even where onnxruntime offers CUDA."""
     value = os.environ.get("DISA_DESCRIPTOR_ENGINE", "auto").strip() or "auto"
     if value == "auto" and device == "cuda":
         return "onnxruntime"
@@ -272,8 +273,10 @@ def default_engine(device: Device = "auto", model_path: str | Path | None = None
         from disa.model.card import int8_model_path
 
         int8 = model_path is not None and int8_model_path(model_path, verify=False) is not None
-        return auto_engine(CUDA_PROVIDER in ort.get_available_providers(),
-                           importlib.util.find_spec("openvino") is not None, int8)
+        # device="cpu" will not use CUDA even where onnxruntime offers it: the
+        # CPU choice (OpenVINO when installed) applies.
+        cuda = device != "cpu" and CUDA_PROVIDER in ort.get_available_providers()
+        return auto_engine(cuda, importlib.util.find_spec("openvino") is not None, int8)
     if value not in ENGINES:
         raise ValueError(f"DISA_DESCRIPTOR_ENGINE must be auto or one of {', '.join(ENGINES)}, "
                          f"got {value!r}")
@@ -288,8 +291,10 @@ class DescriptorExtractor:
     onnx_path:
         The exported network (input `volume` (N, 1, Z, Y, X), output (N, 16, Z', Y', X')).
     device:
-        "cpu", "cuda" (fail loudly unless CUDA really runs the graph) or "auto"
-        (CUDA when the installed onnxruntime offers it, else CPU).
+        "cpu", "cuda" (fail loudly unless CUDA really runs the graph, also when
+        CUDA fails during a call) or "auto" (CUDA when the installed onnxruntime
+        offers it, else CPU; a CUDA failure during a call moves the extractor
+        to CPU for good, with a warning).
     threads:
         ONNX Runtime intra-op threads on CPU; default `cpu_quota()`.
     tile_voxels:
@@ -401,7 +406,9 @@ class DescriptorExtractor:
             options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:0")
         return options
 
-    def _create_session(self) -> ort.InferenceSession:
+    def _create_session(self, device: Device | None = None) -> ort.InferenceSession:
+        """A new session; `device` overrides `self.device` (CPU after a CUDA failure)."""
+        device = self.device if device is None else device
         if self.engine != "onnxruntime":
             threads = self.threads if self.threads is not None else cpu_quota()
             precision = self.engine.split("-")[1]
@@ -430,10 +437,10 @@ class DescriptorExtractor:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        if self.device == "cpu":
+        if device == "cpu":
             wanted = [CPU_PROVIDER]
         else:
-            if self.device == "cuda" and CUDA_PROVIDER not in available:
+            if device == "cuda" and CUDA_PROVIDER not in available:
                 raise RuntimeError(
                     "GPU required by configuration but CUDA provider is not available: "
                     f"onnxruntime offers {available} (install onnxruntime-gpu, not "
@@ -460,13 +467,19 @@ class DescriptorExtractor:
         in_use = session.get_providers()
         # A GPU build falls back to CPU silently when CUDA libraries or the
         # device are missing: only get_providers() tells.
-        if self.device == "cuda" and (not in_use or in_use[0] != CUDA_PROVIDER):
+        if device == "cuda" and (not in_use or in_use[0] != CUDA_PROVIDER):
             raise RuntimeError(
                 "GPU required by configuration but CUDA provider is not available: "
                 f"onnxruntime offers {available} but the session runs on {in_use} "
                 "(CUDA or cuDNN libraries missing, or no usable GPU)"
             )
         self._input_name = session.get_inputs()[0].name
+        if in_use[0] == CUDA_PROVIDER:
+            # ONNX Runtime's own fallback, on a CUDA error during run(), swaps
+            # in a CPU session (said on stdout only) and retries with our GPU
+            # run options, which then fail ("gpu:0" arena); with device="cuda"
+            # every later call would run on CPU. `_run_tiles` handles it.
+            session.disable_fallback()
         if CUDA_PROVIDER in wanted and in_use[0] != CUDA_PROVIDER:
             logger.warning(
                 "onnxruntime offers CUDA but the descriptor session fell back to %s "
@@ -514,8 +527,30 @@ class DescriptorExtractor:
         run_options = self._run_options()
         for tile in self.plan(volume.shape):
             block = np.ascontiguousarray(volume[tile.input_slices()])[None, None]
-            (descriptors,) = session.run(None, {self._input_name: block}, run_options)
+            try:
+                (descriptors,) = session.run(None, {self._input_name: block}, run_options)
+            except Exception as err:
+                if not self._cuda_failed_on_auto(session, err):
+                    raise
+                logger.warning(
+                    "CUDA failed during descriptor inference (%s): the descriptor session "
+                    "falls back to CPU",
+                    err,
+                )
+                with self._lock:
+                    self._session = self._create_session(device="cpu")
+                    self._session_pid = os.getpid()
+                session, run_options = self._session, self._run_options()
+                (descriptors,) = session.run(None, {self._input_name: block}, run_options)
             yield tile, descriptors[0]
+
+    def _cuda_failed_on_auto(self, session: ort.InferenceSession, err: Exception) -> bool:
+        """Whether `err` is CUDA failing in a call that may go on on CPU (device "auto")."""
+        if self.device != "auto" or session.get_providers()[0] != CUDA_PROVIDER:
+            return False
+        from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+        return isinstance(err, EPFail)
 
 
 class _OpenVinoSession:

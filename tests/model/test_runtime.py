@@ -285,3 +285,105 @@ def test_default_engine_explicit_setting_and_bad_value(monkeypatch: pytest.Monke
     monkeypatch.setenv("DISA_DESCRIPTOR_ENGINE", "tensorrt")
     with pytest.raises(ValueError, match="DISA_DESCRIPTOR_ENGINE must be auto or one of"):
         runtime.default_engine()
+
+
+# -- CUDA failing during a call ---------------------------------------------------
+
+
+class _FailingRun:
+    """An ONNX Runtime C session whose run() fails as a broken CUDA device does."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def run(self, *args: object) -> None:
+        from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+        raise EPFail("CUDA failure 700: an illegal memory access was encountered")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+class _BrokenCudaSession(ort.InferenceSession):
+    """A session that reports CUDA (when asked for it) and whose every run fails in CUDA.
+
+    The CPU-only build cannot run CUDA, so the graph really runs on CPU; only
+    what the extractor can observe (providers, EPFail from run) is faked.
+    """
+
+    def __init__(self, path: str, sess_options: object = None, providers: list | None = None,
+                 **kwargs: object) -> None:
+        names = [p[0] if isinstance(p, tuple) else p for p in providers or []]
+        self.fake_cuda = "CUDAExecutionProvider" in names
+        super().__init__(path, sess_options=sess_options, providers=["CPUExecutionProvider"],
+                         **kwargs)
+        if self.fake_cuda:
+            self._sess = _FailingRun(self._sess)
+
+    def get_providers(self) -> list[str]:
+        if self.fake_cuda:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return super().get_providers()
+
+    def set_providers(self, providers: object = None, provider_options: object = None) -> None:
+        # ONNX Runtime's own run-time fallback re-creates the session here.
+        self.fake_cuda = False
+        super().set_providers(providers, provider_options)
+
+
+@pytest.fixture()
+def broken_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", _BrokenCudaSession)
+
+
+def test_cuda_failing_during_a_call_falls_back_to_cpu_on_auto(
+    onnx_model: Path, volume: np.ndarray, whole: np.ndarray, broken_cuda: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # ONNX Runtime's own fallback re-ran the call on a CPU session with the GPU
+    # run options (arena shrinkage "gpu:0") and failed with InvalidArgument.
+    extractor = DescriptorExtractor(onnx_model, device="auto", tile_voxels=150_000)
+    assert extractor.provider == "CUDAExecutionProvider"
+    with caplog.at_level(logging.WARNING, logger="disa.model"):
+        got = extractor.extract(volume)
+    np.testing.assert_allclose(got, whole, atol=1e-4, rtol=0)
+    assert extractor.provider == "CPUExecutionProvider"
+    assert "CUDA failed" in caplog.text and "falls back to CPU" in caplog.text
+
+
+def test_cuda_failing_during_a_call_raises_every_time_on_cuda(
+    onnx_model: Path, broken_cuda: None
+) -> None:
+    # device="cuda" must never end up on CPU: ONNX Runtime's fallback used to
+    # fail the first call with a confusing InvalidArgument and run every later
+    # call on CPU without a word.
+    from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+    extractor = DescriptorExtractor(onnx_model, device="cuda")
+    x = np.zeros((8, 8, 8), np.float32)
+    for _ in range(2):
+        with pytest.raises(EPFail, match="CUDA failure"):
+            extractor.extract(x)
+    assert extractor.provider == "CUDAExecutionProvider"
+
+
+def test_default_engine_on_cpu_ignores_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `disa descriptors --device cpu` on a GPU host with OpenVINO installed ran
+    # onnxruntime on CPU (2-3x slower) because onnxruntime offered CUDA.
+    import importlib.util
+
+    monkeypatch.delenv("DISA_DESCRIPTOR_ENGINE", raising=False)
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec",
+        lambda name, *a: object() if name == "openvino" else find_spec(name, *a),
+    )
+    assert runtime.default_engine("cpu") == "openvino-fp32"
+    assert runtime.default_engine("auto") == "onnxruntime"
