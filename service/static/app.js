@@ -22,6 +22,7 @@ const short = (id) => id.slice(0, 8);
 const percent = (f) => `${Math.round(100 * f)}%`;
 const lastSeen = new Map(); // job id -> "state/stage" last announced
 let listTimer = null;
+let listFailed = false; // jobs-status shows a failed list refresh (cleared by the next good one)
 let current = null; // the job shown on the result page: {id, timer, viewer, shown}
 
 function announce(text) {
@@ -80,11 +81,22 @@ function uploadOptions() {
   return options;
 }
 
+// The browser refused the form (its own check, before any submit event): say why in the
+// status line too, replacing an earlier refusal, not only in the browser's passing bubble.
+function onInvalid() {
+  const invalid = [...$("upload-form").elements].find((el) => el.willValidate && !el.validity.valid);
+  if (!invalid) return;
+  const status = $("upload-status");
+  status.classList.add("error");
+  status.textContent = `Not submitted: ${invalid.labels[0].textContent.trim()}: `
+    + invalid.validationMessage;
+}
+
 async function onSubmit(event) {
   event.preventDefault();
   const form = $("upload-form");
   const status = $("upload-status");
-  if (!form.reportValidity()) return;
+  if (!form.reportValidity()) return;  // onInvalid says why
   const data = new FormData();
   for (const role of FILE_ROLES) {
     const file = $(role).files[0];
@@ -170,10 +182,14 @@ async function refreshJobs() {
     const page = await api.getJson("/v1/jobs?limit=50");
     renderJobs(page.items);
     active = page.items.some((job) => !TERMINAL.has(job.state));
-    $("jobs-status").textContent = page.total > page.items.length
+    $("jobs-note").textContent = page.total > page.items.length
       ? `Showing the newest ${page.items.length} of ${page.total} jobs.` : "";
+    // Only our own error is cleared: a cancel or delete message (or refusal) stays.
+    if (listFailed) $("jobs-status").textContent = "";
+    listFailed = false;
   } catch (err) {
     $("jobs-status").textContent = `Job list: ${api.describeError(err)}`;
+    listFailed = true;
   }
   listTimer = setTimeout(refreshJobs, active ? LIST_ACTIVE_MS : LIST_IDLE_MS);
 }
@@ -182,12 +198,14 @@ async function onJobAction(row) {
   const id = row.dataset.id;
   const finished = TERMINAL.has(row.dataset.state);
   if (finished && !window.confirm(`Delete job ${short(id)} and its files?`)) return;
+  listFailed = false;
   try {
     await api.remove(api.jobPath(id));
     $("jobs-status").textContent = `Job ${short(id)} ${finished ? "deleted" : "cancel requested"}.`;
     if (finished && current && current.id === id) location.hash = "";
   } catch (err) {
-    $("jobs-status").textContent = api.describeError(err);
+    $("jobs-status").textContent = `Job ${short(id)} not ${finished ? "deleted" : "cancelled"}: `
+      + api.describeError(err);
   }
   refreshJobs();
 }
@@ -330,6 +348,7 @@ async function showResult(job) {
   try {
     await shown.viewer.open();
   } catch (err) {
+    if (current !== shown) return;
     $("viewer-status").textContent = `Viewer: ${api.describeError(err)}`;
   }
 }
@@ -365,6 +384,7 @@ function route() {
 function init() {
   initKey();
   $("upload-form").addEventListener("submit", onSubmit);
+  $("upload-form").addEventListener("invalid", onInvalid, true);  // "invalid" does not bubble
   $("jobs-refresh").addEventListener("click", () => refreshJobs());
   $("result-close").addEventListener("click", () => { location.hash = ""; });
   $("jobs-heading").tabIndex = -1;

@@ -54,7 +54,10 @@ export class Viewer {
   async open() {
     const status = this.el("viewer-status");
     status.textContent = "Loading the viewer…";
-    this.geometry = await getJson(jobPath(this.jobId, "/viewer"));
+    const geometry = await getJson(jobPath(this.jobId, "/viewer"));
+    // Closed (or replaced by another job's viewer) while loading: leave the page alone.
+    if (this.abort.signal.aborted) return;
+    this.geometry = geometry;
     this.buildPlanes();
     this.bindControls();
     this.resetHeatmaps();
@@ -63,6 +66,7 @@ export class Viewer {
     delete this.el("point-info").dataset.moving;
     for (const k of ["x", "y", "z"]) this.el(`point-${k}`).value = "";
     await this.renderAll();
+    if (this.abort.signal.aborted) return;
     status.textContent = "Viewer ready.";
     this.root.dataset.viewerReady = this.jobId;
   }

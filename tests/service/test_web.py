@@ -262,6 +262,85 @@ def test_page_reports_a_missing_key(page):
     page.locator("#jobs-status", has_text="API key").wait_for(timeout=10_000)
 
 
+def test_client_side_refusal_replaces_an_earlier_reason(page, pair_files, tmp_path):
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    page.set_input_files("#fixed", str(text))
+    page.set_input_files("#moving", str(pair_files[1]))
+    page.click("#submit")
+    page.locator("#upload-status", has_text="unsupported file type").wait_for(timeout=10_000)
+    # the file is fixed, but starts is out of range: the browser refuses, the page says why
+    page.set_input_files("#fixed", str(pair_files[0]))
+    page.fill("#opt-starts", "0")
+    page.click("#submit")
+    status = page.text_content("#upload-status")
+    assert "unsupported file type" not in status
+    assert status.startswith("Not submitted: Random starts: ")
+    assert page.evaluate("() => document.activeElement.id") == "opt-starts"
+
+
+def test_cancel_or_delete_refusal_stays_shown(page, done_job):
+    job_id = done_job["id"]
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    row = page.locator(f"#jobs-body tr[data-id='{job_id}']")
+    row.wait_for(timeout=10_000)
+
+    def refuse_delete(route):
+        if route.request.method == "DELETE":
+            route.fulfill(status=409, content_type="application/json",
+                          body=json.dumps({"detail": "job is busy; try again"}))
+        else:
+            route.continue_()
+
+    page.route(f"**/v1/jobs/{job_id}", refuse_delete)
+    page.once("dialog", lambda dialog: dialog.accept())
+    with page.expect_response(lambda r: "/v1/jobs?limit=" in r.url):
+        row.locator(".job-action").click()
+    page.wait_for_timeout(300)
+    # the list refreshes after the action and on its timer: the reason must survive both
+    with page.expect_response(lambda r: "/v1/jobs?limit=" in r.url):
+        page.click("#jobs-refresh")
+    page.wait_for_timeout(300)
+    status = page.text_content("#jobs-status")
+    assert status == f"Job {job_id[:8]} not deleted: job is busy; try again"
+    assert row.is_visible()
+
+
+def test_viewer_of_a_job_left_while_loading_stays_out(page, site, done_job, pair_files):
+    """Job A's viewer still loading when the user opens job B must not take over B's viewer."""
+    with DisaClient(site, api_key=API_KEY) as client:
+        other = client.wait(client.submit(*pair_files, {**TINY_OPTIONS, "seed": 5})["id"],
+                            poll_s=0.2, timeout_s=120)
+    assert other["state"] == "succeeded", other["error"]
+    a, b = done_job["id"], other["id"]
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    held = []  # A's geometry comes late: its request is held until B's viewer is ready
+    page.route(f"**/v1/jobs/{a}/viewer", lambda route: held.append(route))
+    page.evaluate(f"() => {{ location.hash = 'job={a}'; }}")
+    deadline = time.monotonic() + 30
+    while not held:
+        assert time.monotonic() < deadline, "job A's viewer was not requested"
+        page.wait_for_timeout(50)
+    page.evaluate(f"() => {{ location.hash = 'job={b}'; }}")
+    page.wait_for_selector(f"#result[data-viewer-ready='{b}']", timeout=30_000)
+    with page.expect_response(f"**/v1/jobs/{a}/viewer"):
+        held[0].continue_()
+    page.wait_for_timeout(500)
+    assert page.get_attribute("#result", "data-job") == b
+    assert page.get_attribute("#result", "data-viewer-ready") == b
+    # B's planes are still there, drawn, and the slice slider still redraws them
+    fixed = "figure[data-plane=axial] canvas.fixed-view"
+    count = int(page.get_attribute(fixed, "data-rendered") or 0)
+    assert count > 0
+    page.fill("#slice-axial", "3")
+    _wait_rendered(page, fixed, count, timeout=10)
+    assert page.errors == []
+
+
 # ------------------------------------------------------------- the viewer API
 
 
