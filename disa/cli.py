@@ -207,8 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"disa: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_INPUT
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                             for e in exc.errors())
+        # A model-level check (several options together) has an empty location.
+        problems = "; ".join(
+            (f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors())
         print(f"disa: error: invalid options: {problems}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:

@@ -70,27 +70,31 @@ def jacobian_metrics(displacement: sitk.Image, border: int = 2, slab: int = 16
     det J with J = I + du/dx (central differences, physical derivatives through
     the grid's direction and spacing), over the voxels at least ``border``
     voxels from the edge (Learn2Reg's convention: one-sided differences at the
-    edge say nothing about the mapping). Returns the fraction of det J <= 0,
-    the standard deviation of log det J (SDlogJ, det clipped at 1e-9) and the
-    range of det J. Works in z-slabs so memory stays small for large grids.
+    edge say nothing about the mapping). Along an axis too short for that border
+    (a thin volume: the pipeline accepts 4 slices) the border shrinks to the
+    largest that leaves a voxel, never below 1 (central differences need both
+    neighbours; an axis of under 3 voxels leaves none and the identity's values
+    are returned). Returns the fraction of det J <= 0, the standard deviation of
+    log det J (SDlogJ, det clipped at 1e-9) and the range of det J. Works in
+    z-slabs so memory stays small for large grids.
     """
     u = sitk.GetArrayViewFromImage(displacement)  # (z, y, x, 3)
     a = (np.asarray(displacement.GetDirection()).reshape(3, 3)
          * np.asarray(displacement.GetSpacing())[None, :])
     b = np.linalg.inv(a)
-    nz = u.shape[0]
+    nz, ny, nx = u.shape[:3]
+    # Per-axis border: with one border for all axes, a 4-slice volume had no voxel left
+    # and reported det J = 1 everywhere (no folding, SDlogJ 0) whatever the field.
+    bz, by, bx = (max(1, min(border, (n - 1) // 2)) for n in (nz, ny, nx))
     count = negative = 0
     total = total_sq = 0.0
     low, high = np.inf, -np.inf
-    for z0 in range(border, nz - border, slab):
-        z1 = min(nz - border, z0 + slab)
+    for z0 in range(bz, nz - bz, slab):
+        z1 = min(nz - bz, z0 + slab)
         block = np.asarray(u[z0 - 1:z1 + 1], dtype=np.float64)
-        ny, nx = block.shape[1], block.shape[2]
-        ys, xs = slice(border, ny - border), slice(border, nx - border)
-        gx = (block[1:-1, ys, border + 1:nx - border + 1]
-              - block[1:-1, ys, border - 1:nx - border - 1]) / 2
-        gy = (block[1:-1, border + 1:ny - border + 1, xs]
-              - block[1:-1, border - 1:ny - border - 1, xs]) / 2
+        ys, xs = slice(by, ny - by), slice(bx, nx - bx)
+        gx = (block[1:-1, ys, bx + 1:nx - bx + 1] - block[1:-1, ys, bx - 1:nx - bx - 1]) / 2
+        gy = (block[1:-1, by + 1:ny - by + 1, xs] - block[1:-1, by - 1:ny - by - 1, xs]) / 2
         gz = (block[2:, ys, xs] - block[:-2, ys, xs]) / 2
         g = np.stack([gx, gy, gz], axis=-1)  # (..., component i, index axis k)
         jac = np.eye(3) + g @ b

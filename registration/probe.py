@@ -67,6 +67,9 @@ DECAY_MIN_MM = 5.0
 DECAY_MAX_MM = 150.0
 #: Amplitude bounds as fractions of L: a < L keeps the mapping invertible (see above).
 AMPLITUDE_RANGE = (-0.5, 0.8)
+#: How far (mm) the probe face centre may lie outside the ultrasound image's field of view
+#: (the skin line a few mm above a cropped first row); farther is a frame or unit mistake.
+ORIGIN_MARGIN_MM = 10.0
 
 
 def compression_profile(depth: np.ndarray, amplitude: np.ndarray, decay: np.ndarray
@@ -101,6 +104,39 @@ class ProbeGeometry:
     def as_dict(self) -> dict[str, object]:
         return {"origin_mm": [float(v) for v in self.origin],
                 "axis": [float(v) for v in self.axis], "source": self.source}
+
+    def checked(self, image: sitk.Image) -> ProbeGeometry:
+        """This geometry, or InputError when it cannot describe a probe on ``image`` (the
+        ultrasound volume; both in its LPS mm frame).
+
+        The face centre must lie within ``ORIGIN_MARGIN_MM`` of the image's field of
+        view (voxel edges), and the image must reach deeper than ``DECAY_MIN_MM`` below
+        the face: above the face every point moves with it, so an origin beyond the far
+        side or an axis pointing out of the body makes the compression a translation,
+        which the rigid part already has (the fit then reports meaningless a and L).
+        """
+        if self.origin.shape != (3,) or not np.all(np.isfinite(self.origin)):
+            raise InputError(f"probe_origin must be 3 finite numbers (LPS mm), "
+                             f"got {self.origin.tolist()}")
+        grid = Grid.from_image(image)
+        size = np.asarray(grid.size_xyz, dtype=np.float64)
+        index = grid.to_index(self.origin[None, :])[0]
+        # Distance outside the field of view along each grid axis, in mm (0 inside).
+        outside = np.maximum(np.maximum(-0.5 - index, index - (size - 0.5)), 0.0) * grid.spacing
+        if np.linalg.norm(outside) > ORIGIN_MARGIN_MM:
+            raise InputError(
+                f"probe_origin {[round(float(v), 2) for v in self.origin]} lies "
+                f"{np.linalg.norm(outside):.0f} mm outside the ultrasound image's field of "
+                f"view: give the probe face centre in LPS mm of the ultrasound image")
+        corners = grid.to_physical(np.array(list(np.ndindex(2, 2, 2)), dtype=np.float64)
+                                   * size - 0.5)
+        deepest = float(np.max((corners - self.origin) @ self.axis))
+        if deepest <= DECAY_MIN_MM:
+            raise InputError(
+                f"the ultrasound image lies above the probe face along probe_axis "
+                f"{[round(float(v), 3) for v in self.axis]} (at most {deepest:.1f} mm deep): "
+                f"the axis must point from the probe into the body")
+        return self
 
 
 @dataclass(frozen=True)
@@ -354,4 +390,17 @@ def resolve_probe(origin: tuple[float, float, float] | None,
     a = np.asarray(axis, dtype=np.float64) if axis is not None else guess.axis
     source = "options" if guess is None else ("image" if origin is None and axis is None
                                               else "options+image")
-    return ProbeGeometry(o, a / np.linalg.norm(a), source=source)
+    return ProbeGeometry(o, _unit_axis(a), source=source).checked(ultrasound_image)
+
+
+def _unit_axis(axis: np.ndarray) -> np.ndarray:
+    """``axis`` scaled to unit length; InputError for a zero or non-finite vector.
+
+    Divided by its largest component first: the plain norm of (1e300, 1e300, 0)
+    overflows to inf and the axis became (0, 0, 0), a silently rigid model.
+    """
+    if axis.shape != (3,) or not np.all(np.isfinite(axis)) or not np.any(axis):
+        raise InputError(f"probe_axis must be a non-zero vector of 3 finite numbers, "
+                         f"got {axis.tolist()}")
+    scaled = axis / np.max(np.abs(axis))
+    return scaled / np.linalg.norm(scaled)

@@ -97,6 +97,9 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path: Path, registered, case: str, 
     (["--starts", "0"], "starts"),
     (["--rotation-range", "-5"], "rotation_range"),
     (["--mode", "bspline"], "invalid choice"),
+    # A check across options has no field name: no stray ": " before its message.
+    (["--mode", "rigid+probe", "--probe-axis", "0", "0", "0"],
+     "invalid options: Value error, probe_axis must not be the zero vector"),
 ])
 def test_bad_options_exit_2(registered, tmp_path: Path, args: list[str], phrase: str,
                             capsys) -> None:

@@ -191,3 +191,49 @@ def test_options_override_the_heuristic_one_by_one() -> None:
     assert origin_only.source == "options+image"
     np.testing.assert_allclose(origin_only.origin, [1.0, 2.0, 3.0])
     np.testing.assert_allclose(origin_only.axis, [0.0, 1.0, 0.0])
+
+
+def test_probe_geometry_is_checked_against_the_ultrasound_image() -> None:
+    """An origin far outside the ultrasound image, an axis pointing out of it or a huge axis
+    vector used to run silently (a meaningless or rigid fit); each is now a one-line error."""
+    from disa.registration.probe import resolve_probe
+
+    direction = np.asarray(ph.rigid_truth((0.0, 0.0, 30.0), (0.0, 0.0, 0.0)).GetMatrix())
+    grid = Grid((20, 25, 30), np.array([10.0, -20.0, 5.0]), np.array([1.0, 1.2, 1.5]),
+                direction.reshape(3, 3))
+    image = grid.image_like(np.zeros(grid.shape, np.float32))
+    face = grid.to_physical(np.array([[15.0, 0.0, 10.0]]))[0]
+    into = grid.direction[:, 1]
+    ok = resolve_probe(tuple(face), tuple(into), image)
+    np.testing.assert_allclose(ok.axis, into, atol=1e-12)
+    # Up to ORIGIN_MARGIN_MM above the first row (the skin line of a cropped image) is fine.
+    resolve_probe(tuple(face - 8.0 * into), tuple(into), image)
+    huge = resolve_probe(tuple(face), tuple(1e300 * into), image)  # |axis| overflows
+    np.testing.assert_allclose(huge.axis, into, atol=1e-12)
+    for origin, axis, words in [
+            (face + np.array([1000.0, 0.0, 0.0]), into, "outside the ultrasound image"),
+            (face - 30.0 * into, into, "outside the ultrasound image"),
+            (face, -into, "must point from the probe into the body"),
+            (face, np.zeros(3), "non-zero vector"),
+            (face, np.array([np.nan, 0.0, 1.0]), "finite"),
+            (np.array([np.inf, 0.0, 0.0]), into, "finite")]:
+        with pytest.raises(InputError, match=words) as error:
+            resolve_probe(tuple(origin), tuple(axis), image)
+        assert "\n" not in str(error.value)
+
+
+def test_cli_reports_an_origin_outside_the_image_on_one_line(tmp_path, capsys) -> None:
+    from disa.cli import EXIT_INPUT, main
+    from disa.registration.io import write_image
+
+    pair = ph.make_pair(ph.rigid_truth((0.0, 0.0, 0.0), (1.0, 0.0, 0.0)),
+                        fixed_grid=ph.make_grid((24, 24, 24), (2.0, 2.0, 2.0)))
+    write_image(pair.fixed, tmp_path / "f.nii.gz")
+    write_image(pair.moving, tmp_path / "m.nii.gz")
+    code = main(["register", str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "-o",
+                 str(tmp_path / "out"), "--mode", "rigid+probe", "--similarity", "mind",
+                 "--probe-origin", "1000", "0", "0", "--probe-axis", "0", "1", "0", "--quiet"])
+    assert code == EXIT_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "probe_origin" in err and "outside the ultrasound image" in err
+    assert len(err.splitlines()) == 1
