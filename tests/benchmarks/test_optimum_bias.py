@@ -63,7 +63,10 @@ def test_use_model_switches_the_engine_to_another_card_and_back(tmp_path: Path) 
     ob.use_model(None)
 
 
-def test_quick_run_reports_a_small_drift_for_mind(capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_run_reports_a_small_drift_for_mind(capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # main() sets the engine for its process; the test's undo keeps it out of later tests.
+    monkeypatch.setenv("DISA_DESCRIPTOR_ENGINE", "auto")
     assert ob.main(["--quick", "--similarities", "mind"]) == 0
     out = capsys.readouterr().out
     assert "| case | mind |" in out
