@@ -1,10 +1,14 @@
-"""Helpers shared by the test packages: free loopback ports and polling with a deadline."""
+"""Helpers shared by the test packages: free loopback ports, polling with a deadline, and
+a file-size limit standing in for full storage."""
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -28,3 +32,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def file_size_limit(limit_bytes: int) -> Iterator[None]:
+    """Files of this process cannot grow past `limit_bytes`: write() fails with EFBIG, a real
+    OSError from the kernel standing in for a full or failing volume (ENOSPC)."""
+    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else SIGXFSZ kills
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, previous[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
+        signal.signal(signal.SIGXFSZ, previous_handler)

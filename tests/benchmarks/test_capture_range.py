@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parents[2]
+from .scripts import load_benchmark
 
-
-def _load():
-    # The scripts import their shared helpers (benchmarks/common.py) as `common`.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("capture_range", ROOT / "benchmarks" /
-                                                  "capture_range.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["capture_range"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-cr = _load()
+cr = load_benchmark("capture_range")
 
 
 def _blob_array(shape: tuple[int, int, int] = (40, 44, 48)) -> np.ndarray:

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-ROOT = Path(__file__).resolve().parents[2]
+from .scripts import load_benchmark
 
-
-def _load():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("optimum_bias", ROOT / "benchmarks" /
-                                                  "optimum_bias.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["optimum_bias"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ob = _load()
+ob = load_benchmark("optimum_bias")
 
 
 def test_drift_is_the_mean_distance_from_the_identity() -> None:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import resource
-import signal
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from disa.service.store import JobStore
 
+from ..support import file_size_limit
 from .helpers import API_KEY, TINY_OPTIONS, api_key_env
 
 
@@ -275,20 +272,6 @@ def test_a_working_spacing_whose_grid_exceeds_max_voxels_is_422(make_client, pai
 # ------------------------------------------------------------- storage
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit_bytes: int) -> Iterator[None]:
-    """Files of this process cannot grow past `limit_bytes`: write() fails with EFBIG, a real
-    OSError from the kernel standing in for a full jobs volume (ENOSPC)."""
-    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else SIGXFSZ kills
-    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, previous[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
-        signal.signal(signal.SIGXFSZ, previous_handler)
-
-
 @pytest.mark.parametrize(("limit", "size"), [
     (2 * 1024**2, 8 * 1024**2),  # fails in a flush while the body streams in
     (100_000, 500_000),  # fails in the last flush, after the body was parsed
@@ -301,7 +284,7 @@ def test_a_full_jobs_volume_is_507_and_touches_no_stored_job(make_client, pair_f
     manifest_before = (store.job_dir(stored) / "manifest.json").read_bytes()
     files = {"fixed": ("f.nii.gz", pair_files[0].read_bytes()),
              "moving": ("m.nii", os.urandom(size))}
-    with _file_size_limit(limit):
+    with file_size_limit(limit):
         r = client.post("/v1/jobs", files=files)
     assert r.status_code == 507, r.text
     assert r.headers["content-type"] == "application/json"

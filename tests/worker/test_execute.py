@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import resource
-import signal
 import threading
 from collections.abc import Iterator
 
@@ -16,6 +14,8 @@ from disa.registration import runner
 from disa.registration.errors import CancelledError, InputError
 from disa.worker import execute
 from disa.worker.execute import Interrupted, TransientStorageError, execute_job
+
+from ..support import file_size_limit
 
 
 def _fake_engine(monkeypatch: pytest.MonkeyPatch, behaviour) -> list:
@@ -222,20 +222,6 @@ def test_progress_reaches_the_manifest_while_running(store, settings, make_job, 
 
 
 @contextlib.contextmanager
-def _file_size_limit(limit_bytes: int) -> Iterator[None]:
-    """Files of this process cannot grow past `limit_bytes`: write() fails with EFBIG, a
-    real OSError from the kernel standing in for full or failing shared storage."""
-    previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else SIGXFSZ kills
-    previous = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, previous[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, previous)
-        signal.signal(signal.SIGXFSZ, previous_handler)
-
-
-@contextlib.contextmanager
 def _lock_unusable(store, job_id) -> Iterator[None]:
     """The lock file cannot be opened (a folder in its place: EISDIR)."""
     path = store.job_dir(job_id) / ".lock"
@@ -264,7 +250,7 @@ def _manifest_unreadable(store, job_id) -> Iterator[None]:
 @contextlib.contextmanager
 def _running_not_writable(store, job_id) -> Iterator[None]:
     """Writing the 'running' manifest fails (no file may grow past 64 bytes: EFBIG)."""
-    with _file_size_limit(64):
+    with file_size_limit(64):
         yield
 
 
