@@ -155,8 +155,8 @@ def compute_descriptors(store: JobStore, manifest: Manifest, similarity: str,
                          roles=("fixed", "moving", "fixed_mask", "moving_mask"))
     fixed, moving = images["fixed"], images["moving"]
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
-    fixed_p = prepare(fixed, spacing, images.get("fixed_mask"))
-    moving_p = prepare(moving, spacing, images.get("moving_mask"))
+    fixed_p = prepare(fixed, spacing, images.get("fixed_mask"), role="fixed")
+    moving_p = prepare(moving, spacing, images.get("moving_mask"), role="moving")
     fixed_map, stride, _ = descriptor_maps(fixed_p, similarity, options)
     moving_map, _, _ = descriptor_maps(moving_p, similarity, options)
     if "moving_mask" in images:
