@@ -41,6 +41,7 @@ from disa.registration.preprocess import (
     antialias,
     foreground_mask,
     intensity_normalisation,
+    labelled,
     local_std,
     mask_to_grid,
     resample_to_spacing,
@@ -206,21 +207,23 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
     ``role`` ("fixed" or "moving") prefixes every InputError message ("fixed: ...",
     "moving mask: ..."), so that a user knows which of the inputs to fix.
     """
-    prefix, mask_prefix = (f"{role}: ", f"{role} mask: ") if role else ("", "")
+    mask_role = f"{role} mask" if role else None
     resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     if min(array.shape) < 8:
-        raise InputError(f"{prefix}image is only {array.shape[::-1]} voxels at {spacing_mm} mm "
-                         "working spacing: too small to register (choose a finer "
-                         "--working-spacing)")
-    mask = (mask_to_grid(user_mask, resampled, f"{role} mask" if role else None)
+        raise InputError(labelled(role, f"image is only {array.shape[::-1]} voxels at "
+                                        f"{spacing_mm} mm working spacing: too small to "
+                                        "register (choose a finer --working-spacing)"))
+    mask = (mask_to_grid(user_mask, resampled, mask_role)
             if user_mask is not None else foreground_mask(array))
     if mask.sum() < 64:
         if user_mask is not None:
             # The user's mask decides the foreground here: name it, not the image.
-            raise InputError(f"{mask_prefix}mask covers only {int(mask.sum())} voxels at "
-                             f"{spacing_mm} mm working spacing: too few to register")
-        raise InputError(f"{prefix}image foreground is (nearly) empty: nothing to register")
+            raise InputError(labelled(mask_role, f"mask covers only {int(mask.sum())} voxels "
+                                                 f"at {spacing_mm} mm working spacing: too "
+                                                 "few to register"))
+        raise InputError(labelled(role, "image foreground is (nearly) empty: nothing to "
+                                        "register"))
     normalisation = intensity_normalisation(array, mask, role)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
                          normalisation)

@@ -56,17 +56,20 @@ def working_grid_size(size: Sequence[int], spacing: Sequence[float],
 
 
 def check_working_grid(size: Sequence[int], spacing_mm: float,
-                       max_voxels: int | None = None) -> None:
+                       max_voxels: int | None = None, option: str = "--working-spacing",
+                       role: str | None = None) -> None:
     """Raise InputError when a working grid of ``size`` voxels (at ``spacing_mm`` mm) holds
     more than ``max_voxels`` (default: the limit of ``working_voxel_limit``, else
-    MAX_WORKING_VOXELS)."""
+    MAX_WORKING_VOXELS). The message names the option as the caller's user knows it
+    (CLI flag, API field) and, given ``role``, the image ("fixed", "moving")."""
     limit = _working_voxel_limit.get() if max_voxels is None else max_voxels
     voxels = math.prod(int(n) for n in size)
     if voxels > limit:
         shape = " x ".join(str(int(n)) for n in size)
-        raise InputError(f"--working-spacing {spacing_mm:g} mm makes a working grid of {shape} "
-                         f"voxels ({voxels:,}), above the limit of {limit:,} voxels: "
-                         "choose a coarser --working-spacing")
+        image = f" for the {role} image" if role else ""
+        raise InputError(f"{option} {spacing_mm:g} mm makes a working grid of {shape} "
+                         f"voxels ({voxels:,}){image}, above the limit of {limit:,} voxels: "
+                         f"choose a coarser {option}")
 
 
 def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
@@ -214,7 +217,7 @@ def intensity_normalisation(volume: np.ndarray, mask: np.ndarray | None = None,
     mean = float(clipped.mean())
     std = float(clipped.std())
     if std <= 1e-8 * max(1.0, abs(mean)):
-        raise InputError(_labelled(role, "image has constant intensity over its foreground: "
+        raise InputError(labelled(role, "image has constant intensity over its foreground: "
                                          "nothing to register"))
     return IntensityNormalisation(float(lo), float(hi), mean, std)
 
@@ -248,12 +251,12 @@ def mask_to_grid(mask: sitk.Image, reference: sitk.Image, role: str | None = Non
                               sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     array = sitk.GetArrayFromImage(resampled).astype(bool)
     if not array.any():
-        raise InputError(_labelled(role, "mask does not overlap its image: check that it was "
+        raise InputError(labelled(role, "mask does not overlap its image: check that it was "
                                          "drawn on that image"))
     return array
 
 
-def _labelled(role: str | None, message: str) -> str:
+def labelled(role: str | None, message: str) -> str:
     """``message`` prefixed with the input it is about ("fixed: ..."), as io prefixes file
     names; unchanged without a role (callers outside a registration)."""
     return f"{role}: {message}" if role else message

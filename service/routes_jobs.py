@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Annotated, Any
 
@@ -139,19 +138,17 @@ def _check_working_grid(options: dict[str, Any], info: dict[str, dict[str, Any]]
     """422 naming working_spacing when the fixed or moving image resampled to it would hold
     more than `max_voxels` voxels: the worker's first step allocates that grid (float32,
     several copies), so a tiny spacing would cost many GB. Sizes in voxels, spacings in mm."""
-    from disa.registration.preprocess import working_grid_size
+    from disa.registration.preprocess import check_working_grid, working_grid_size
 
     spacing = options.get("working_spacing")
     if spacing is None:  # the engine checks the grids of its own choice as it makes them
         return
     for role in ("fixed", "moving"):
         size = working_grid_size(info[role]["size"], info[role]["spacing"], spacing)
-        voxels = math.prod(size)
-        if voxels > max_voxels:
-            raise UploadError(
-                422, f"working_spacing {spacing:g} mm makes a working grid of "
-                     f"{' x '.join(map(str, size))} voxels ({voxels:,}) for the {role} image, "
-                     f"above the limit of {max_voxels:,} voxels: choose a coarser working_spacing")
+        try:
+            check_working_grid(size, spacing, max_voxels, option="working_spacing", role=role)
+        except InputError as exc:
+            raise UploadError(422, str(exc)) from None
 
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
