@@ -39,6 +39,11 @@ import numpy as np
 import SimpleITK as sitk
 from common import machine
 
+from disa.model import card as card_module
+
+#: The engine finds its model through this function; ``use_model`` swaps it and back.
+_SHIPPED_CARD_PATH = card_module.default_card_path
+
 #: (source, fixed setting, moving setting); "native" is the source's own image.
 CASES: tuple[tuple[str, str, str], ...] = (
     ("icbm152-head", "t1", "t2"),
@@ -135,13 +140,10 @@ def drift_mm(transform: sitk.Transform, points: np.ndarray) -> float:
 
 def use_model(path: Path | None) -> str:
     """Point the engine at the DISA model of ``path`` (None: the shipped one); its name."""
-    from disa.model import card as card_module
     from disa.registration import pipeline
 
-    shipped = getattr(use_model, "_shipped", None) or card_module.default_card_path
-    use_model._shipped = shipped  # type: ignore[attr-defined]
     if path is None:
-        card_module.default_card_path = shipped
+        card_module.default_card_path = _SHIPPED_CARD_PATH
     else:
         card_path = (path if path.suffix == ".json"
                      else card_module.card_path_for(path / "disa.onnx"))

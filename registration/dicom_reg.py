@@ -326,8 +326,8 @@ def check_same_patient(fixed: Sequence[Dataset], moving: Sequence[Dataset]) -> N
     another patient is caught as well.
     """
     # Only headers with an ID take part (see above); sorted for a stable message.
-    fixed_ids = sorted({_patient(h) for h in fixed if _patient(h)[0]})
-    moving_ids = sorted({_patient(h) for h in moving if _patient(h)[0]})
+    fixed_ids = sorted({p for p in map(_patient, fixed) if p[0]})
+    moving_ids = sorted({p for p in map(_patient, moving) if p[0]})
     for f in fixed_ids:
         for m in moving_ids:
             if f[0] != m[0] or (f[1] and m[1] and f[1] != m[1]):
