@@ -42,9 +42,19 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--starts", type=int, default=500, help="random starts (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rotation-range", type=float, default=40.0, metavar="DEG")
-    p.add_argument("--translation-range", type=float, default=100.0, metavar="MM")
+    p.add_argument("--translation-range", type=float, default=None, metavar="MM",
+                   help="starts draw shifts in +- this many mm per axis (default: from the "
+                        "images' extents)")
     p.add_argument("--working-spacing", type=float, default=None, metavar="MM")
-    p.add_argument("--init", choices=["centers", "geometry"], default="centers")
+    p.add_argument("--init", choices=["auto", "centers", "geometry"], default="auto",
+                   help="poses the starts are drawn around: auto (default): the header pose, "
+                        "the aligned foreground centroids and placements of a much smaller "
+                        "field of view; centers: the centroids only; geometry: the header "
+                        "pose (or --initial-transform) only")
+    p.add_argument("--initial-transform", type=Path, default=None, metavar="FILE",
+                   help="ITK linear transform (.tfm, .txt, .h5) mapping fixed to moving "
+                        "points (LPS mm), e.g. an earlier result's transform.tfm or its "
+                        "folder: replaces the header pose as the pose to start from")
     p.add_argument("--precision", choices=["int8", "float32"], default="int8")
     p.add_argument("--deformable-from", choices=["rigid", "affine"], default="affine",
                    help="deformable mode: the linear stage the field starts from")
@@ -53,8 +63,9 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--search-radius", type=float, default=None, metavar="MM",
                    help="deformable mode: discrete search half-width (default 1.5 control "
                         "spacings)")
-    p.add_argument("--ultrasound", choices=["moving", "fixed"], default="moving",
-                   help="rigid+probe mode: which image is the ultrasound")
+    p.add_argument("--ultrasound", choices=["moving", "fixed"], default=None,
+                   help="which image is an ultrasound volume (default: detected from the "
+                        "data); rigid+probe mode fits the probe compression in it")
     p.add_argument("--probe-origin", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
                    help="rigid+probe mode: probe face centre, LPS mm (default: from the "
                         "ultrasound's field of view)")
@@ -96,7 +107,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
         data = run_registration(args.fixed, args.moving, args.output, options,
                                 args.fixed_mask, args.moving_mask, progress=report,
                                 fixed_series_uid=args.fixed_series_uid,
-                                moving_series_uid=args.moving_series_uid)
+                                moving_series_uid=args.moving_series_uid,
+                                initial_transform_path=args.initial_transform)
     _print_summary(data, args.output)
     return EXIT_OK
 

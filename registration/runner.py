@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from disa.registration.dicom_reg import write_dicom_outputs
+from disa.registration.initial_transform import read_initial_transform, transform_matrix
 from disa.registration.io import DEFAULT_LIMITS, InputLimits, inspect_image, read_image
 from disa.registration.options import RegistrationOptions
 from disa.registration.outputs import write_result_folder
@@ -20,7 +21,8 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
                      progress: Progress | None = None, cancel: Cancel | None = None,
                      limits: InputLimits = DEFAULT_LIMITS,
                      fixed_series_uid: str | None = None,
-                     moving_series_uid: str | None = None) -> dict[str, Any]:
+                     moving_series_uid: str | None = None,
+                     initial_transform_path: str | Path | None = None) -> dict[str, Any]:
     """Read and check the inputs, register, write the result folder; return result.json data.
 
     ``outdir`` is replaced as a whole once the result is complete (outputs.py); it
@@ -32,10 +34,16 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     series of a DICOM folder or zip that holds several. ``progress(stage, fraction)``
     reports stages: read, preprocess, descriptors, search, refine, reorient,
     affine, deformable, field (non-linear modes), write.
+    ``initial_transform_path``: an ITK linear transform file (fixed -> moving, LPS mm) or
+    a DISA result folder, the pose the search starts around instead of the headers'
+    (``initial_transform.read_initial_transform``); result.json's inputs record its matrix.
     """
     report = progress or (lambda stage, fraction: None)
     report("read", 0.0)
     options = options or RegistrationOptions()
+    # First: a few hundred bytes, so a bad transform is refused before the images are read.
+    initial = (read_initial_transform(initial_transform_path)
+               if initial_transform_path is not None else None)
     fixed_info = inspect_image(fixed_path, limits, series_uid=fixed_series_uid)
     moving_info = inspect_image(moving_path, limits, series_uid=moving_series_uid)
     fixed = read_image(fixed_path, limits, series_uid=fixed_series_uid)
@@ -43,13 +51,18 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     fixed_mask = read_image(fixed_mask_path, limits) if fixed_mask_path else None
     moving_mask = read_image(moving_mask_path, limits) if moving_mask_path else None
     result = register(fixed, moving, options, fixed_mask, moving_mask, progress=report,
-                      cancel=cancel)
+                      cancel=cancel, initial_transform=initial)
     report("write", 0.0)
     inputs = {
         "fixed": _describe(fixed_info.as_dict()),
         "moving": _describe(moving_info.as_dict()),
         "fixed_mask": fixed_mask_path is not None,
         "moving_mask": moving_mask_path is not None,
+        # The basename (no folders) and the 4x4 homogeneous matrix (fixed -> moving,
+        # LPS mm) the search started around, to reproduce the run.
+        "initial_transform": ({"path": Path(initial_transform_path).name,
+                               "matrix_fixed_to_moving": transform_matrix(initial)}
+                              if initial is not None else None),
         "options": options.model_dump(),
     }
     both_dicom = fixed_info.format == moving_info.format == "dicom"

@@ -286,3 +286,158 @@ def test_demo_registers_the_bundled_pair_within_2_mm_and_replaces_its_result(
     (tmp_path / "notes" / "mine.txt").write_text("keep")
     assert main(["demo", "-o", str(tmp_path / "notes"), "--quiet"]) == EXIT_INPUT
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
+
+
+# ------------------------------------------------------------ --initial-transform
+
+
+def _bspline_tfm(folder: Path) -> Path:
+    path = folder / "bspline.tfm"
+    grid = sitk.Image([8, 8, 8], sitk.sitkFloat32)
+    sitk.WriteTransform(sitk.BSplineTransformInitializer(grid, [3, 3, 3]), str(path))
+    return path
+
+
+def _field_h5(folder: Path) -> Path:
+    # A zero field maps every point linearly (the identity): refused by its class,
+    # not by probing the mapping.
+    path = folder / "field.h5"
+    field = sitk.Image([4, 4, 4], sitk.sitkVectorFloat64, 3)
+    sitk.WriteTransform(sitk.DisplacementFieldTransform(field), str(path))
+    return path
+
+
+def _garbage_tfm(folder: Path) -> Path:
+    path = folder / "garbage.tfm"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not a transform at all")
+    return path
+
+
+def _truncated_affine(folder: Path) -> Path:
+    path = folder / "short.tfm"
+    path.write_text("#Insight Transform File V1.0\nTransform: AffineTransform_double_3_3\n"
+                    "Parameters: 1 0 0\nFixedParameters: 0 0 0\n")
+    return path
+
+
+def _singular_affine(folder: Path) -> Path:
+    path = folder / "flat.tfm"
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1, 0, 0, 0, 1, 0, 0, 0, 0))  # squashes z
+    sitk.WriteTransform(affine, str(path))
+    return path
+
+
+def _infinite_h5(folder: Path) -> Path:
+    path = folder / "inf.h5"
+    sitk.WriteTransform(sitk.TranslationTransform(3, (float("inf"), 0.0, 0.0)), str(path))
+    return path
+
+
+def _oversized_tfm(folder: Path) -> Path:
+    path = folder / "huge.tfm"
+    path.write_bytes(b"#" * (1024 * 1024 + 1))
+    return path
+
+
+@pytest.mark.parametrize(("build", "phrase"), [
+    (_bspline_tfm, "(bspline.tfm): BSplineTransform is not a linear transform"),
+    (_field_h5, "(field.h5): DisplacementFieldTransform is not a linear transform"),
+    (_garbage_tfm, "(garbage.tfm): not an ITK transform file"),
+    (_truncated_affine, "(short.tfm): not a readable ITK transform file"),
+    (_singular_affine, "(flat.tfm): the transform's matrix is singular"),
+    (_infinite_h5, "(inf.h5): parameters are not finite numbers"),
+    (_oversized_tfm, "(huge.tfm): file is 1,048,577 bytes, above the limit"),
+    (lambda folder: folder / "absent.tfm", "(absent.tfm): file not found"),
+    (lambda folder: folder, "a folder without transform.tfm"),
+])
+def test_a_bad_initial_transform_exits_2_with_one_line_before_reading_images(
+        tmp_path: Path, build, phrase: str, capsys, monkeypatch) -> None:
+    from disa.registration import runner
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("an image was read before the initial transform was checked")
+
+    fixed, moving = _write_phantom_inputs(tmp_path)
+    bad = build(tmp_path)
+    monkeypatch.setattr(runner, "inspect_image", not_now)
+    monkeypatch.setattr(runner, "read_image", not_now)
+    code = main(["register", str(fixed), str(moving), "-o", str(tmp_path / "out"),
+                 "--similarity", "mind", "--quiet", "--initial-transform", str(bad)])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT, err
+    assert err.count("\n") == 1 and err.startswith("disa: error: initial transform ("), err
+    assert phrase in err and str(tmp_path) not in err
+    assert not (tmp_path / "out").exists()
+
+
+class _Captured(Exception):
+    """Stops a run once register() has shown its arguments."""
+
+
+@pytest.mark.parametrize("given", ["file", "result_folder"])
+def test_a_rigid_initial_transform_reaches_register_intact_and_is_recorded(
+        tmp_path: Path, given: str, capsys, monkeypatch) -> None:
+    """The Euler3D file arrives in register() as the same mapping (fixed -> moving), with
+    the CLI's defaults; result.json's inputs record its matrix. The engine is stubbed."""
+    from disa.registration import runner
+    from disa.registration.transforms import linear_matrix
+
+    euler = sitk.Euler3DTransform((10.0, -5.0, 3.0), 0.2, -0.1, 0.3, (12.0, -8.0, 9.0))
+    expected = linear_matrix(euler)
+    folder = tmp_path / "earlier"
+    folder.mkdir()
+    sitk.WriteTransform(euler, str(folder / "transform.tfm"))
+    seen: dict = {}
+
+    def fake_register(fixed, moving, options, fixed_mask, moving_mask, progress, cancel,
+                      initial_transform=None):
+        seen["options"], seen["transform"] = options, initial_transform
+        return "result"
+
+    def fake_write(result, fixed, moving, outdir, inputs, extra=None):
+        seen["inputs"] = inputs
+        raise _Captured
+
+    monkeypatch.setattr(runner, "register", fake_register)
+    monkeypatch.setattr(runner, "write_result_folder", fake_write)
+    fixed, moving = _write_phantom_inputs(tmp_path)
+    path = folder / "transform.tfm" if given == "file" else folder
+    with pytest.raises(_Captured):
+        main(["--debug", "register", str(fixed), str(moving), "-o", str(tmp_path / "out"),
+              "--quiet", "--initial-transform", str(path)])
+    np.testing.assert_allclose(linear_matrix(seen["transform"]), expected, atol=1e-12)
+    # The same mapping at a point far from the centre: fixed -> moving, not inverted.
+    point = (40.0, -30.0, 25.0)
+    np.testing.assert_allclose(seen["transform"].TransformPoint(point),
+                               euler.TransformPoint(point), atol=1e-9)
+    recorded = seen["inputs"]["initial_transform"]
+    assert recorded["path"] == path.name
+    np.testing.assert_allclose(recorded["matrix_fixed_to_moving"], expected, atol=1e-12)
+    json.dumps(seen["inputs"])  # plain JSON for result.json
+    options = seen["options"]
+    assert (options.translation_range, options.init, options.ultrasound) == (None, "auto", None)
+    capsys.readouterr()
+
+
+def test_without_an_initial_transform_result_json_says_none(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    from disa.registration import runner
+
+    seen: dict = {}
+
+    def fake_register(*args, initial_transform=None, **kwargs):
+        seen["transform"] = initial_transform
+        return "result"
+
+    def fake_write(result, fixed, moving, outdir, inputs, extra=None):
+        seen["inputs"] = inputs
+        raise _Captured
+
+    monkeypatch.setattr(runner, "register", fake_register)
+    monkeypatch.setattr(runner, "write_result_folder", fake_write)
+    fixed, moving = _write_phantom_inputs(tmp_path)
+    with pytest.raises(_Captured):
+        main(["--debug", "register", str(fixed), str(moving), "-o", str(tmp_path / "out"),
+              "--quiet"])
+    assert seen["transform"] is None and seen["inputs"]["initial_transform"] is None
