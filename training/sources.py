@@ -35,6 +35,14 @@ held out (never used by ``disa-train fit``):
       a held-out native modality. Tissues by k-means on HU.
   ``phantom`` with seeds from a separate seed stream (``phantom_seed``), so no
       held-out phantom equals a training one.
+  ``xcat-chest`` gecatsim (``pip install --no-deps gecatsim==1.5.4``, BSD-3-Clause):
+      the XCAT/NCAT adult male torso (derived from the Visible Male) that GE's
+      CT simulator ships as NURBS surfaces -- body outline, both lungs and the
+      sternum; no other organs. Voxelised here (``_load_xcat_chest``) to the
+      thorax; held-out anatomy "torso". Its ``native`` is a CT made from the
+      labels (no scanner intensities exist). Benchmarks only: it is not one of
+      the scenes of ``disa-train evaluate`` (``SourceInfo.evaluation``), so the
+      model card's held-out figures stay reproducible.
 A source whose package is missing is skipped (``available_sources``).
 
 Tissue labels derived from intensities (k-means, thresholds) are approximate
@@ -67,7 +75,7 @@ MARGIN_VOXELS = 4
 
 PHANTOM = "phantom"
 TRAINING_SOURCES: tuple[str, ...] = ("icbm152-brain", "icbm152-head", PHANTOM)
-HELD_OUT_SOURCES: tuple[str, ...] = ("mni152-nlin6asym", "ct-brain-atlas", PHANTOM)
+HELD_OUT_SOURCES: tuple[str, ...] = ("mni152-nlin6asym", "ct-brain-atlas", "xcat-chest", PHANTOM)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,6 +124,11 @@ class SourceInfo:
     split: str
     package: str
     files: tuple[str, ...]
+    #: What ``native`` holds ("t1" or "ct").
+    native_modality: str = "t1"
+    #: Whether ``load_split`` returns it (the scenes of ``disa-train evaluate``);
+    #: False for sources added for the benchmarks after the shipped model's card.
+    evaluation: bool = True
 
 
 CATALOGUE: dict[str, SourceInfo] = {
@@ -162,6 +175,17 @@ CATALOGUE: dict[str, SourceInfo] = {
             "held-out",
             "totalsegmentator",
             ("totalsegmentator/resources/ct_brain_atlas_1mm.nii.gz",),
+            native_modality="ct",
+        ),
+        SourceInfo(
+            "xcat-chest",
+            "xcat-vmale50",
+            "torso",
+            "held-out",
+            "gecatsim",
+            ("gecatsim/phantom/vmale50_chest_less_surfaces.nrb",),
+            native_modality="ct",
+            evaluation=False,
         ),
     )
 }
@@ -385,11 +409,167 @@ def _load_ct_brain_atlas() -> Volume:
     return _assemble("ct-brain-atlas", hu, label_map.astype(np.int16), label_tissue, ct, "ct")
 
 
+# XCAT torso (gecatsim): NURBS surfaces -> label map. The file's coordinates are
+# already LPS mm (right lung at -x, sternum at -y, head at +z).
+
+#: The thorax box that is voxelised, LPS mm (x, y, z) low / high: the whole width
+#: and depth of the body, from below the lungs' bases to the shoulders.
+XCAT_BOX_MM = (np.array([-212.0, -132.0, -30.0]), np.array([206.0, 128.0, 290.0]))
+#: Surfaces used, the tissue of each and the label painted (later ones win where they
+#: overlap). "chest_surface" and "head" together are the body outline; the ears lie
+#: outside the box.
+_XCAT_SURFACES: tuple[tuple[str, str, int], ...] = (
+    ("chest_surface", "soft", 1),
+    ("head", "soft", 1),
+    ("rlung", "air", 2),  # aerated lung: air-like in CT, MR and ultrasound
+    ("llung", "air", 3),
+    ("sternum", "bone", 4),
+)
+#: Labels: 0 air outside, 1 body, 2 right lung, 3 left lung, 4 sternum.
+_XCAT_LABEL_TISSUE = np.array([T["air"], T["soft"], T["air"], T["air"], T["bone"]])
+#: HU of each label for ``native`` (no scan exists: a CT made from the labels).
+_XCAT_LABEL_HU = np.array([-1000.0, 30.0, -850.0, -850.0, 700.0], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class NurbsSurface:
+    """One surface of an XCAT ``.nrb`` file: a non-rational B-spline patch.
+
+    ``control`` is (m, n, 3) LPS mm; ``v_knots`` runs along the first axis (m
+    rows, the body's long axis), ``u_knots`` along the second (n, around it).
+    """
+
+    name: str
+    material: int
+    u_knots: np.ndarray
+    v_knots: np.ndarray
+    control: np.ndarray
+
+
+def read_nrb(path: Path) -> list[NurbsSurface]:
+    """Parse an XCAT ``.nrb`` file: per surface a blank line, the name, a material
+    index, "M :M", "N :N", the U and V knot vectors and M x N control points
+    (x y z per line, the N index fastest)."""
+    lines = [line.strip() for line in path.read_text(encoding="ascii").splitlines()]
+    surfaces = []
+    i = 0
+    while i + 4 < len(lines):
+        if not lines[i + 3].endswith(":M"):
+            i += 1
+            continue
+        m, n = int(lines[i + 3].split()[0]), int(lines[i + 4].split()[0])
+        v_at = lines.index("V Knot Vector", i + 5)
+        c_at = lines.index("Control Points", v_at)
+        control = np.array([[float(x) for x in line.split()]
+                            for line in lines[c_at + 1:c_at + 1 + m * n]])
+        surfaces.append(NurbsSurface(
+            lines[i + 1], int(lines[i + 2]),
+            np.array([float(x) for x in lines[i + 6:v_at]]),
+            np.array([float(x) for x in lines[v_at + 1:c_at]]),
+            control.reshape(m, n, 3)))
+        i = c_at + 1 + m * n
+    return surfaces
+
+
+def surface_mesh(surface: NurbsSurface, step_mm: float = 1.5) -> np.ndarray:
+    """Triangles (T, 3 vertices, xyz mm) of the surface sampled about every ``step_mm``."""
+    from scipy.interpolate import BSpline
+
+    p = surface.control
+    m, n = p.shape[:2]
+    du, dv = len(surface.u_knots) - n - 1, len(surface.v_knots) - m - 1
+    # Sample counts from the control polygon's longest row / column (it bounds the length).
+    lu = np.linalg.norm(np.diff(p, axis=1), axis=-1).sum(1).max()
+    lv = np.linalg.norm(np.diff(p, axis=0), axis=-1).sum(0).max()
+    su = np.linspace(surface.u_knots[du], surface.u_knots[-du - 1], int(lu / step_mm) + 8)
+    sv = np.linspace(surface.v_knots[dv], surface.v_knots[-dv - 1], int(lv / step_mm) + 8)
+    bu = BSpline.design_matrix(su, surface.u_knots, du).toarray()
+    bv = BSpline.design_matrix(sv, surface.v_knots, dv).toarray()
+    s = np.einsum("am,mnc,bn->abc", bv, p, bu)
+    a, b, c, d = s[:-1, :-1], s[1:, :-1], s[1:, 1:], s[:-1, 1:]
+    quads = [x.reshape(-1, 3) for x in (a, b, c, d)]
+    return np.concatenate([np.stack([quads[0], quads[1], quads[2]], 1),
+                           np.stack([quads[0], quads[2], quads[3]], 1)])
+
+
+def voxelise_mesh(triangles: np.ndarray, origin: np.ndarray, spacing_mm: float,
+                  shape: tuple[int, int, int]) -> np.ndarray:
+    """Inside of a closed triangle mesh on a (z, y, x) grid (voxel i at origin + i *
+    spacing, xyz mm), by the parity of ray crossings along +z below each voxel centre."""
+    nz, ny, nx = shape
+    g = (triangles - origin) / spacing_mm
+    g = g[g[..., 2].min(1) < nz]  # crossings above the grid never count
+    x, y, z = g[..., 0], g[..., 1], g[..., 2]
+    x0, x1 = np.ceil(x.min(1)).astype(int), np.floor(x.max(1)).astype(int)
+    y0, y1 = np.ceil(y.min(1)).astype(int), np.floor(y.max(1)).astype(int)
+    keep = (x1 >= x0) & (y1 >= y0) & (x1 >= 0) & (y1 >= 0) & (x0 < nx) & (y0 < ny)
+    x, y, z, x0, x1, y0, y1 = (a[keep] for a in (x, y, z, x0, x1, y0, y1))
+    # Every (triangle, grid column) pair whose column lies in the triangle's xy box.
+    wx, wy = x1 - x0 + 1, y1 - y0 + 1
+    count = wx * wy
+    t = np.repeat(np.arange(len(x0)), count)
+    k = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    cx, cy = x0[t] + k % wx[t], y0[t] + k // wx[t]
+    ax, ay, bx, by, qx, qy = x[t, 0], y[t, 0], x[t, 1], y[t, 1], x[t, 2], y[t, 2]
+    det = (by - qy) * (ax - qx) + (qx - bx) * (ay - qy)
+    safe = np.where(det == 0, 1.0, det)
+    l1 = ((by - qy) * (cx - qx) + (qx - bx) * (cy - qy)) / safe
+    l2 = ((qy - ay) * (cx - qx) + (ax - qx) * (cy - qy)) / safe
+    l3 = 1.0 - l1 - l2
+    # Half-open on one edge so a column through a shared edge crosses once, not twice.
+    hit = ((det != 0) & (l1 >= 0) & (l2 >= 0) & (l3 > 0)
+           & (cx >= 0) & (cx < nx) & (cy >= 0) & (cy < ny))
+    zc = l1 * z[t, 0] + l2 * z[t, 1] + l3 * z[t, 2]
+    zi = np.clip(np.ceil(zc[hit]).astype(int), 0, nz)
+    flat = (zi * ny + cy[hit]) * nx + cx[hit]
+    crossings = np.bincount(flat, minlength=(nz + 1) * ny * nx).reshape(nz + 1, ny, nx)
+    return (np.cumsum(crossings[:nz], axis=0) % 2).astype(bool)
+
+
+def _load_xcat_chest() -> Volume:
+    (path,) = source_files("xcat-chest")  # type: ignore[misc]
+    by_name = {s.name: s for s in read_nrb(path)}
+    lo, hi = XCAT_BOX_MM
+    # Voxelise at 1 mm (half the working spacing), then average 2 x 2 x 2 blocks: the
+    # tissue maps get partial volume at 2 mm, as the other sources' do. The small
+    # offset keeps the rays off the meshes' vertices.
+    fine = SPACING_MM / 2.0
+    shape = tuple(int(v) for v in 2 * np.ceil((hi - lo)[::-1] / SPACING_MM))
+    origin = lo + np.array([0.0131, 0.0297, 0.0])
+    label_fine = np.zeros(shape, dtype=np.int16)
+    for name, _tissue, label in _XCAT_SURFACES:
+        inside = voxelise_mesh(surface_mesh(by_name[name]), origin, fine, shape)  # type: ignore[arg-type]
+        label_fine[inside] = label
+    n_labels = len(_XCAT_LABEL_TISSUE)
+    coarse = tuple(s // 2 for s in shape)
+    fractions = np.stack([
+        (label_fine == k).reshape(coarse[0], 2, coarse[1], 2, coarse[2], 2).mean((1, 3, 5))
+        for k in range(n_labels)]).astype(np.float32)
+    tissues = np.zeros((len(TISSUES), *coarse), dtype=np.float32)
+    for k in range(n_labels):
+        tissues[_XCAT_LABEL_TISSUE[k]] += fractions[k]
+    labels = np.argmax(fractions, axis=0).astype(np.int16)
+    native = np.tensordot(_XCAT_LABEL_HU, fractions, axes=1).astype(np.float32)
+    box = _bounding_box(labels > 0, MARGIN_VOXELS)
+    info = CATALOGUE["xcat-chest"]
+    return Volume(
+        id="xcat-chest",
+        subject=info.subject,
+        anatomy=info.anatomy,
+        native_modality="ct",
+        native=np.ascontiguousarray(native[box]),
+        tissues=np.ascontiguousarray(tissues[(slice(None), *box)]),
+        labels=np.ascontiguousarray(labels[box]),
+        label_tissue=_XCAT_LABEL_TISSUE.astype(np.int16),
+    )
+
+
 _LOADERS = {
     "icbm152-brain": _load_icbm152_brain,
     "icbm152-head": _load_icbm152_head,
     "mni152-nlin6asym": _load_mni152_nlin6asym,
     "ct-brain-atlas": _load_ct_brain_atlas,
+    "xcat-chest": _load_xcat_chest,
 }
 
 
@@ -434,12 +614,11 @@ def _load_cached(source_id: str, path: Path) -> Volume | None:
     except (OSError, KeyError, ValueError):
         return None
     info = CATALOGUE[source_id]
-    native_modality = "ct" if info.anatomy == "head-ct" else "t1"
     return Volume(
         id=source_id,
         subject=info.subject,
         anatomy=info.anatomy,
-        native_modality=native_modality,
+        native_modality=info.native_modality,
         **arrays,
     )
 
@@ -472,10 +651,13 @@ def load_volume(source_id: str, use_disk_cache: bool = True) -> Volume:
 
 
 def load_split(split: str, ids: Sequence[str] | None = None) -> list[Volume]:
-    """Every installed packaged volume of ``split`` ("training" or "held-out")."""
+    """Every installed packaged volume of ``split`` ("training" or "held-out"); without
+    ``ids``, only the sources of the evaluation (``SourceInfo.evaluation``)."""
     wanted = available_sources(split)
     if ids is not None:
         wanted = [s for s in wanted if s in ids]
+    else:  # benchmark-only sources are loaded by id (load_volume), never by default
+        wanted = [s for s in wanted if CATALOGUE[s].evaluation]
     return [load_volume(s) for s in wanted]
 
 
