@@ -4,7 +4,8 @@
                        non-linear modes (deformable, rigid+probe) its rigid/affine part
     registered.nii.gz  moving image resampled on the fixed grid with the full mapping
     qa.png             fixed/moving overlay and checkerboard, before and after (and the
-                       deformation for non-linear modes)
+                       deformation for non-linear modes), in planes through the centre of
+                       the overlap (result.json: view_point_mm)
     displacement.nii.gz  non-linear modes: u(x) = T(x) - x of the full mapping on the fixed
                        grid (3-component float32, LPS mm, ITK displacement-field convention)
     transform.h5       non-linear modes: the full mapping as an ITK composite transform
@@ -42,7 +43,7 @@ from disa.registration.dicom_reg import REGISTRATION_FILE
 from disa.registration.errors import InputError
 from disa.registration.io import write_image
 from disa.registration.pipeline import RegistrationResult
-from disa.registration.qa import render_qa
+from disa.registration.qa import moving_data_mask, render_qa, view_centre
 
 TRANSFORM_FILE = "transform.tfm"
 REGISTERED_FILE = "registered.nii.gz"
@@ -224,12 +225,19 @@ def _write_files(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Ima
     before = resample_moving(moving, fixed, sitk.Transform())
     title = (f"DISA {result.mode} / {result.similarity}: confidence {result.confidence:.2f}"
              + (" AMBIGUOUS" if result.ambiguous else ""))
+    # Once for both: the QA planes and the web viewer's first slices centre on the overlap.
+    data_region = moving_data_mask(moving)
+    centre = view_centre(fixed, moving, final, moving_mask=data_region)
     render_qa(fixed, registered, before=before, path=outdir / QA_FILE, title=title,
-              displacement=result.displacement)
+              displacement=result.displacement, point=centre, moving=moving, transform=final,
+              moving_mask=data_region, before_transform=sitk.Transform())
     data = {
         "format": "disa-result/1",
         **result.summary(),
         "transform_convention": convention,
+        # LPS mm point that qa.png's planes pass through and the web viewer starts at.
+        "view_point_mm": list(centre.point),
+        "view_point": centre.source,
         "files": files,
         "inputs": inputs or {},
         "versions": versions(),

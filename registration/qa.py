@@ -1,10 +1,10 @@
 """The QA picture of a registration result (``qa.png`` in the result folder).
 
-Three orthogonal planes through the fixed image centre (or a given physical
-point), each resampled from physical space onto square pixels so that
-anisotropic voxels and oblique direction matrices still give anatomically
-proportioned pictures. Rows compare the fixed image with the moving image
-before registration (initial transform) and after it, as
+Three orthogonal planes through one physical point, each resampled from
+physical space onto square pixels so that anisotropic voxels and oblique
+direction matrices still give anatomically proportioned pictures. Rows compare
+the fixed image with the moving image before registration (initial transform)
+and after it, as
 
 * overlay: fixed in the green channel, moving in red + blue (magenta), so
   agreeing structure looks grey and misalignment shows green/magenta fringes;
@@ -24,7 +24,40 @@ from the patient's left (Anterior on the left, Superior up). Every panel
 carries its orientation letters on its edges and the picture states the
 convention in its footer.
 
-Rendering uses Pillow and numpy only (no matplotlib in the runtime).
+Where the planes pass (:func:`view_centre`). A moving image often covers only
+part of the fixed field of view (a 3D ultrasound sector of a few cm, an MR slab
+over part of a CT), so planes through the fixed image centre can miss it
+entirely. Given the moving image and the result transform T (fixed point ->
+moving point), the planes pass through the centre of the *overlap*: the fixed
+points x whose T(x) falls in the moving image's data region
+(:func:`moving_data_mask`: its voxel buffer, less the constant padding around
+an ultrasound sector). The centre is the centroid of the overlap within the
+fixed image's foreground, weighted towards structure (fixed gradient
+magnitude) so that the slices show anatomy rather than a uniform organ's
+middle; should that centroid fall outside a non-convex overlap, the nearest
+overlap sample is taken, so the three planes always cut the moving data. With
+no overlap at all (or no moving image given) the planes pass through the fixed
+image centre, and the footer says which of these was used. result.json records
+the point (``view_point_mm``) and the web viewer starts its slices there.
+
+The "before" rows use the same planes as the "after" rows. A reviewer compares
+a row pair panel by panel: with the same fixed anatomy (green channel) in
+both, every difference between them is the moving image's change of pose.
+Planes centred on the initial overlap instead would change the fixed channel
+too, and the after rows are the ones whose anatomy the reviewer must judge.
+Where the moving data sat before registration shows as its outline (below),
+or, when it misses these planes altogether, as an empty moving channel: that
+is itself the finding (the initial pose was far off here). Before and after
+share one moving display window, taken from the moving image's data region,
+so that a small field of view is not washed out by the empty rest of the
+fixed grid and the two rows show the moving intensities alike.
+
+Outline: given the moving image, each before/after panel draws the edge of
+the moving data region mapped by that row's transform as a dotted cyan line
+(dotted so that the overlay's fringes under it stay readable; absent where the
+moving data covers the whole panel).
+
+Rendering uses Pillow, numpy and scipy.ndimage (no matplotlib in the runtime).
 """
 
 from __future__ import annotations
@@ -38,10 +71,23 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from disa.registration.atomic import atomic_write
+from disa.registration.preprocess import foreground_mask
 
-__all__ = ["PLANES", "PlaneGrid", "QALayout", "plane_grids", "qa_layout", "render_qa"]
+__all__ = [
+    "PLANES",
+    "PlaneGrid",
+    "QALayout",
+    "ViewCentre",
+    "fixed_centre",
+    "moving_data_mask",
+    "plane_grids",
+    "qa_layout",
+    "render_qa",
+    "view_centre",
+]
 
 Mode = Literal["overlay", "checkerboard", "both"]
 Box = tuple[int, int, int, int]
@@ -70,12 +116,26 @@ CONVENTION_NOTE = (
 _TITLE_H = 20
 _HEADER_H = 16
 _LABEL_W = 96
-_FOOTER_H = 40
+_FOOTER_H = 52  # four lines of the default font
 _GAP = 4
 _BACKGROUND = (24, 24, 32)  # R != B: never an overlay pixel (R == B there)
 _LABEL_COLOUR = (230, 230, 230)
 _LETTER_COLOUR = (255, 215, 0)
 _GRID_COLOUR = (255, 255, 255)
+_OUTLINE_COLOUR = (0, 255, 255)  # cyan: R != B, so never mistaken for an overlay pixel
+
+# Choosing the view centre (view_centre, moving_data_mask).
+#: Samples (at most) of the fixed field of view in which the overlap is looked for.
+CENTRE_POINTS = 400_000
+#: An overlap of fewer samples is sampled again over its bounding box, finer.
+_REFINE_BELOW = 4096
+#: Voxels (at most) of the moving image read to find its data region and window.
+MASK_VOXELS = 4_000_000
+#: Least fraction of voxels at the minimum for a moving image to count as padded.
+_PADDED_FRACTION = 0.01
+#: Weight of a structureless overlap sample relative to the strongest edges (1 + this):
+#: edges pull the centre, but a uniform organ still counts.
+_STRUCTURE_FLOOR = 0.25
 
 # Magnitude colour map stops (value in [0, 1] -> RGB): dark blue to yellow.
 _CMAP_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -137,6 +197,199 @@ class QALayout:
     panel_size: int
 
 
+@dataclass(frozen=True)
+class ViewCentre:
+    """The point the QA planes pass through, and why (module docstring).
+
+    Attributes:
+        point: LPS mm, fixed frame.
+        source: "overlap": the structure-weighted centre of the region where the
+            registered moving image has data; "fixed centre": the fixed image's
+            centre (no such region, or no moving image to look for one).
+    """
+
+    point: tuple[float, float, float]
+    source: Literal["overlap", "fixed centre"]
+
+
+def fixed_centre(fixed: sitk.Image) -> tuple[float, float, float]:
+    """Physical centre of a grid (LPS mm): the midpoint of its first and last voxel centres."""
+    size = np.array(fixed.GetSize(), dtype=float)
+    centre = fixed.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2))
+    return (float(centre[0]), float(centre[1]), float(centre[2]))
+
+
+def _strided_reference(image: sitk.Image, max_voxels: int) -> tuple[int, sitk.Image]:
+    """(k, grid): every k-th voxel of ``image`` along each axis, at most ``max_voxels`` of
+    them; voxel i of the grid is voxel k*i of the image (same origin and axes)."""
+    size = np.array(image.GetSize())
+    step = max(1, int(np.ceil((float(np.prod(size)) / max_voxels) ** (1 / 3))))
+    reference = sitk.Image([int(n) for n in -(-size // step)], sitk.sitkUInt8)
+    reference.SetOrigin(image.GetOrigin())
+    reference.SetSpacing(tuple(float(s) * step for s in image.GetSpacing()))
+    reference.SetDirection(image.GetDirection())
+    return step, reference
+
+
+def moving_data_mask(
+    moving: sitk.Image, moving_mask: sitk.Image | None = None, max_voxels: int = MASK_VOXELS
+) -> sitk.Image:
+    """Where the moving image has data: a UInt8 image (1 = data) in the moving frame.
+
+    With ``moving_mask`` (any grid, non-zero = data) that mask. Otherwise the
+    moving image's voxel buffer less its padding: the voxels at exactly the
+    image's minimum that are connected (through faces) to a face of the buffer,
+    as the constant fill around an ultrasound sector is. Voxels at the minimum
+    enclosed by data (an anechoic cyst inside the sector) stay data. An image
+    with under 1 % of its voxels at the minimum has no padding: its whole
+    buffer is data (an MR or CT with exact-zero air around the body is
+    "padded" by this rule, so the body is its data region; fine for centring).
+
+    Large images are read with a stride of k voxels per axis (at most
+    ``max_voxels`` voxels); the mask is then on that strided grid (voxel i =
+    moving voxel k*i), exact to about k voxels at its edges.
+    """
+    if moving_mask is not None:
+        return sitk.Cast(moving_mask != 0, sitk.sitkUInt8)
+    step, reference = _strided_reference(moving, max_voxels)
+    sample = np.asarray(sitk.GetArrayViewFromImage(moving)[::step, ::step, ::step])
+    at_min = sample == sample.min()
+    data = np.ones(sample.shape, dtype=bool)
+    if _PADDED_FRACTION <= at_min.mean() < 1.0:
+        labels, count = ndimage.label(at_min)
+        faces = np.concatenate(
+            [f.ravel() for a in range(3) for f in (np.take(labels, 0, a), np.take(labels, -1, a))]
+        )
+        padding = np.zeros(count + 1, dtype=bool)
+        padding[faces] = True
+        padding[0] = False  # label 0: voxels above the minimum
+        data = ~padding[labels]
+    mask = sitk.GetImageFromArray(data.astype(np.uint8))
+    mask.CopyInformation(reference)
+    return mask
+
+
+def _sampling_grid(
+    fixed: sitk.Image, max_points: int, lo: np.ndarray | None = None, hi: np.ndarray | None = None
+) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """Samples of the fixed field of view on the fixed image's axes: (grid, lo, step).
+
+    The box runs from continuous index ``lo`` to ``hi`` (ITK (x, y, z) order;
+    default the voxel edges of the whole buffer). Samples are roughly isotropic
+    in mm, at most about ``max_points`` of them and never finer than the fixed
+    voxels; sample i sits at continuous fixed index lo + (i + 0.5) * step.
+    """
+    size = np.array(fixed.GetSize(), dtype=float)
+    spacing = np.array(fixed.GetSpacing(), dtype=float)
+    lo = np.full(3, -0.5) if lo is None else lo
+    hi = size - 0.5 if hi is None else hi
+    extent_mm = (hi - lo) * spacing
+    target_mm = max(float(spacing.min()), float(np.prod(extent_mm) / max_points) ** (1 / 3))
+    # The small epsilon keeps a whole number of voxels from rounding up to one more.
+    counts = np.maximum(1, np.ceil(extent_mm / np.maximum(target_mm, spacing) - 1e-6)).astype(int)
+    step = (hi - lo) / counts
+    grid = sitk.Image([int(n) for n in counts], sitk.sitkUInt8)
+    grid.SetSpacing(tuple(float(v) for v in step * spacing))
+    grid.SetDirection(fixed.GetDirection())
+    grid.SetOrigin(fixed.TransformContinuousIndexToPhysicalPoint(tuple(lo + step / 2)))
+    return grid, lo, step
+
+
+def _on_samples(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform,
+                interpolator: int, pixel_type: int) -> np.ndarray:
+    """``image`` at the grid's samples mapped by ``transform``; 0 outside it; (z, y, x)."""
+    return sitk.GetArrayFromImage(
+        sitk.Resample(image, grid, transform, interpolator, 0.0, pixel_type)
+    )
+
+
+def _structure(values: np.ndarray, spacing_xyz: Sequence[float]) -> np.ndarray:
+    """Gradient magnitude (units per mm) of a (z, y, x) array; axes of one sample add 0."""
+    squared = np.zeros(values.shape, dtype=np.float64)
+    for axis, mm in zip(range(3), reversed(tuple(spacing_xyz)), strict=True):
+        if values.shape[axis] > 1:
+            squared += np.gradient(values, float(mm), axis=axis) ** 2
+    return np.sqrt(squared)
+
+
+def _weighted_centre(weights: np.ndarray, spacing_xyz: Sequence[float]) -> np.ndarray:
+    """Weighted centroid (sample index, (z, y, x)) of positive ``weights``, moved to the
+    nearest positive sample (in mm) when it falls on a zero one (a non-convex region)."""
+    where = np.argwhere(weights > 0)
+    w = weights[tuple(where.T)]
+    centre = (where * w[:, None]).sum(axis=0) / w.sum()
+    nearest = tuple(np.clip(np.round(centre).astype(int), 0, np.array(weights.shape) - 1))
+    if weights[nearest] > 0:
+        return centre
+    mm = np.asarray(tuple(spacing_xyz)[::-1], dtype=float)
+    distance = np.sum(((where - centre) * mm) ** 2, axis=1)
+    return where[int(np.argmin(distance))].astype(float)
+
+
+def view_centre(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    transform: sitk.Transform | None = None,
+    *,
+    moving_mask: sitk.Image | None = None,
+    max_points: int = CENTRE_POINTS,
+) -> ViewCentre:
+    """Where the QA planes should pass: the centre of the overlap (module docstring).
+
+    Args:
+        fixed: 3D scalar fixed image; its buffer is the fixed field of view.
+        moving: 3D scalar moving image.
+        transform: fixed point -> moving point (LPS mm, ITK convention), the
+            full mapping of the result (linear or composite); default identity.
+        moving_mask: the moving data region (any grid, non-zero = data);
+            default :func:`moving_data_mask` of ``moving``.
+        max_points: samples of the fixed field of view (the overlap is found on
+            them, and again over its bounding box when it is small).
+
+    Returns:
+        The structure-weighted centroid of the overlap within the fixed
+        foreground (of the whole overlap when it lies in the fixed background
+        only), or the fixed image centre when there is no overlap.
+    """
+    transform = sitk.Transform() if transform is None else transform
+    data = moving_data_mask(moving, moving_mask)
+    grid, lo, step = _sampling_grid(fixed, max_points)
+    inside = _on_samples(data, grid, transform, sitk.sitkNearestNeighbor, sitk.sitkUInt8) > 0
+    if not inside.any():
+        return ViewCentre(fixed_centre(fixed), "fixed centre")
+    values = _on_samples(fixed, grid, sitk.Transform(), sitk.sitkLinear, sitk.sitkFloat32)
+    # The foreground of the whole field of view: Otsu inside a small box would split tissue.
+    foreground = foreground_mask(values)
+    if inside.sum() < _REFINE_BELOW:
+        # A small overlap (an ultrasound sector in a CT): sample its bounding box, one
+        # sample wider on each side, again, down to the fixed voxels.
+        where = np.argwhere(inside)[:, ::-1]  # (x, y, z) sample indices
+        size = np.array(fixed.GetSize(), dtype=float)
+        box_lo = np.maximum(lo + (where.min(axis=0) - 1) * step, -0.5)
+        box_hi = np.minimum(lo + (where.max(axis=0) + 2) * step, size - 0.5)
+        fine, _, _ = _sampling_grid(fixed, max_points, box_lo, box_hi)
+        fine_inside = _on_samples(data, fine, transform, sitk.sitkNearestNeighbor,
+                                  sitk.sitkUInt8) > 0
+        if fine_inside.any():
+            coarse_foreground = sitk.GetImageFromArray(foreground.astype(np.uint8))
+            coarse_foreground.CopyInformation(grid)
+            foreground = _on_samples(coarse_foreground, fine, sitk.Transform(),
+                                     sitk.sitkNearestNeighbor, sitk.sitkUInt8) > 0
+            values = _on_samples(fixed, fine, sitk.Transform(), sitk.sitkLinear,
+                                 sitk.sitkFloat32)
+            grid, inside = fine, fine_inside
+    region = inside & foreground
+    if not region.any():  # the moving data lies over the fixed background only
+        region = inside
+    structure = _structure(values, grid.GetSpacing())
+    scale = float(np.percentile(structure[region], 90))
+    relative = np.clip(structure / scale, 0.0, 1.0) if scale > 0 else np.zeros(values.shape)
+    weights = np.where(region, _STRUCTURE_FLOOR + relative, 0.0)
+    centre = _weighted_centre(weights, grid.GetSpacing())
+    point = grid.TransformContinuousIndexToPhysicalPoint(tuple(float(v) for v in centre[::-1]))
+    return ViewCentre((float(point[0]), float(point[1]), float(point[2])), "overlap")
+
+
 def plane_grids(
     fixed: sitk.Image,
     point: Sequence[float] | None = None,
@@ -156,7 +409,7 @@ def plane_grids(
         raise ValueError(f"panel_size must be at least 16 pixels, got {panel_size}")
     size = np.array(fixed.GetSize(), dtype=float)
     if point is None:
-        point = fixed.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2))
+        point = fixed_centre(fixed)
     centre = np.asarray(point, dtype=float)
     if centre.shape != (3,):
         raise ValueError(f"point must be 3 LPS coordinates in mm, got {point!r}")
@@ -277,7 +530,27 @@ def _window(image: sitk.Image, max_voxels: int = 1_000_000) -> tuple[float, floa
     arr = sitk.GetArrayViewFromImage(image)
     # A strided subsample gives the same percentiles to display precision.
     step = max(1, int(np.ceil((arr.size / max_voxels) ** (1 / 3))))
-    sample = np.asarray(arr[::step, ::step, ::step], dtype=np.float64).ravel()
+    return _percentile_window(np.asarray(arr[::step, ::step, ::step]))
+
+
+def _data_window(
+    moving: sitk.Image, data: sitk.Image, max_voxels: int = 1_000_000
+) -> tuple[float, float]:
+    """Display window of the moving image from its data region only.
+
+    The registered image is mostly fill where a small field of view meets a
+    large fixed grid; percentiles over all of it would be the fill value.
+    """
+    step, reference = _strided_reference(moving, max_voxels)
+    inside = _on_samples(data, reference, sitk.Transform(), sitk.sitkNearestNeighbor,
+                         sitk.sitkUInt8) > 0
+    sample = np.asarray(sitk.GetArrayViewFromImage(moving)[::step, ::step, ::step])
+    return _percentile_window(sample[inside] if inside.any() else sample)
+
+
+def _percentile_window(values: np.ndarray) -> tuple[float, float]:
+    """1st and 99th percentiles of the finite values; a one-grey window for flat ones."""
+    sample = np.asarray(values, dtype=np.float64).ravel()
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return 0.0, 1.0
@@ -316,6 +589,19 @@ def _checkerboard(fixed: np.ndarray, moving: np.ndarray, tile: int) -> np.ndarra
     use_fixed = ((rows // tile) + (cols // tile)) % 2 == 0
     grey = np.where(use_fixed, fixed, moving)
     return _to_rgb([grey, grey, grey])
+
+
+def _outline(data: sitk.Image, transform: sitk.Transform, grid: PlaneGrid) -> np.ndarray:
+    """Plane pixels (rows, cols) on the edge of the moving data region mapped by ``transform``.
+
+    Dotted (2 x 2 pixel blocks on, off) so that the overlay under the line
+    stays readable; the panel's own border is no edge.
+    """
+    inside = _on_samples(data, grid.reference(), transform, sitk.sitkNearestNeighbor,
+                         sitk.sitkUInt8)[0] > 0
+    edge = inside & ~ndimage.binary_erosion(inside, border_value=1)
+    rows, cols = np.indices(edge.shape)
+    return edge & ((rows // 2 + cols // 2) % 2 == 0)
 
 
 def _colour_map(values: np.ndarray) -> np.ndarray:
@@ -409,6 +695,19 @@ def _write_png_atomically(image: Image.Image, path: Path) -> None:
     atomic_write(path, lambda fh: image.save(fh, format="PNG"))
 
 
+def _centre_note(centre: ViewCentre | None, given: bool, has_moving: bool) -> str:
+    """The footer's first line: where the planes pass and why."""
+    if given:
+        return "Planes through the given point."
+    if centre is not None and centre.source == "overlap":
+        return ("Planes through the centre of the overlap (where the registered moving image "
+                "has data); before rows use the same planes.")
+    if has_moving:
+        return ("Planes through the fixed image centre: the registered moving image has no "
+                "data in the fixed field of view.")
+    return "Planes through the fixed image centre."
+
+
 def render_qa(
     fixed: sitk.Image,
     registered: sitk.Image,
@@ -418,7 +717,11 @@ def render_qa(
     title: str | None = None,
     displacement: sitk.Image | None = None,
     *,
-    point: Sequence[float] | None = None,
+    point: Sequence[float] | ViewCentre | None = None,
+    moving: sitk.Image | None = None,
+    transform: sitk.Transform | None = None,
+    moving_mask: sitk.Image | None = None,
+    before_transform: sitk.Transform | None = None,
     panel_size: int = 256,
 ) -> Image.Image:
     """Render (and optionally write) the QA picture of a registration.
@@ -435,7 +738,20 @@ def render_qa(
         displacement: 3-component LPS displacement field in mm on the fixed
             grid (fixed point p maps to p + u(p)); adds a row of |u| with the
             deformed grid.
-        point: LPS mm point the planes pass through (default: fixed centre).
+        point: LPS mm point the planes pass through, or a :class:`ViewCentre`
+            (from :func:`view_centre`, so that it is not computed twice).
+            Default: :func:`view_centre` when ``moving`` is given, else the
+            fixed image centre.
+        moving: the 3D scalar moving image itself (its own grid). Given, the
+            planes pass through the overlap centre, before and after share a
+            window taken from the moving data, and the panels outline the
+            moving data region.
+        transform: fixed point -> moving point (LPS mm) that made
+            ``registered`` (the full mapping); default identity. Used only
+            with ``moving``.
+        moving_mask: the moving data region (any grid, non-zero = data);
+            default :func:`moving_data_mask` of ``moving``.
+        before_transform: the transform that made ``before``; default identity.
         panel_size: pixels along the longest physical extent of the image.
 
     Returns:
@@ -451,27 +767,44 @@ def render_qa(
         _check_on_grid("'before' image", before, fixed, 1)
     if displacement is not None:
         _check_on_grid("displacement field", displacement, fixed, 3)
+    if moving is not None and (
+        moving.GetDimension() != 3 or moving.GetNumberOfComponentsPerPixel() != 1
+    ):
+        raise ValueError("moving image must be a 3D scalar image")
 
     layout = qa_layout(
         fixed,
         mode=mode,
         has_before=before is not None,
         has_displacement=displacement is not None,
-        point=point,
         panel_size=panel_size,
     )
-    grids = plane_grids(fixed, point, panel_size)
+    data = moving_data_mask(moving, moving_mask) if moving is not None else None
+    centre: ViewCentre | None = None
+    if isinstance(point, ViewCentre):
+        centre = point
+    elif point is None and moving is not None:
+        centre = view_centre(fixed, moving, transform, moving_mask=data)
+    through = centre.point if centre is not None else point
+    grids = plane_grids(fixed, through, panel_size)
     font = ImageFont.load_default()
     canvas = Image.new("RGB", layout.size, _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
 
     fixed_planes = [_normalise(_resample_plane(fixed, g), _window(fixed)) for g in grids]
     moving_images = {"before": before, "after": registered}
+    stage_transforms = {"before": before_transform, "after": transform}
+    shared_window = _data_window(moving, data) if moving is not None and data is not None else None
     moving_planes: dict[str, list[np.ndarray]] = {}
+    outlines: dict[str, list[np.ndarray]] = {}
     for stage, image in moving_images.items():
-        if image is not None:
-            window = _window(image)
-            moving_planes[stage] = [_normalise(_resample_plane(image, g), window) for g in grids]
+        if image is None:
+            continue
+        window = shared_window or _window(image)
+        moving_planes[stage] = [_normalise(_resample_plane(image, g), window) for g in grids]
+        if data is not None:
+            mapping = stage_transforms[stage] or sitk.Transform()
+            outlines[stage] = [_outline(data, mapping, g) for g in grids]
     tile = max(4, panel_size // 8)
 
     max_mm = 0.0
@@ -491,12 +824,14 @@ def render_qa(
                 stage, kind = row.split(" ")
                 f, m = fixed_planes[i], moving_planes[stage][i]
                 rgb = _overlay(f, m) if kind == "overlay" else _checkerboard(f, m, tile)
+                if stage in outlines:
+                    rgb[outlines[stage][i]] = _OUTLINE_COLOUR
                 panel = Image.fromarray(rgb)
             # Planes larger than the cell (only by rounding) are cropped to it.
             canvas.paste(panel.crop((0, 0, box[2] - box[0], box[3] - box[1])), box[:2])
             _draw_letters(draw, box, grid, font)
 
-    # Labels: title, column headers, row names, convention footer.
+    # Labels: title, column headers, row names, where the planes pass, convention footer.
     _text(draw, (_GAP, _TITLE_H / 2), title or "registration QA", font, ("left", "middle"))
     for i, grid in enumerate(grids):
         x_mid = _LABEL_W + _GAP + i * (layout.panel_size + _GAP) + layout.panel_size / 2
@@ -512,8 +847,10 @@ def render_qa(
             text = f"{stage}\n{kind}"
         _text(draw, (_GAP, y_mid), text, font, ("left", "middle"))
     chars_per_line = max(20, (layout.size[0] - 2 * _GAP) // 6)
-    footer = "\n".join(textwrap.wrap(CONVENTION_NOTE, chars_per_line)[:3])
-    _text(draw, (_GAP, layout.size[1] - _FOOTER_H + _GAP), footer, font)
+    note = _centre_note(centre, point is not None and centre is None, moving is not None)
+    convention = CONVENTION_NOTE + (" Dotted cyan: edge of the moving data." if outlines else "")
+    lines = textwrap.wrap(note, chars_per_line) + textwrap.wrap(convention, chars_per_line)
+    _text(draw, (_GAP, layout.size[1] - _FOOTER_H + _GAP), "\n".join(lines[:4]), font)
 
     if path is not None:
         _write_png_atomically(canvas, Path(path))

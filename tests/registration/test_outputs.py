@@ -145,3 +145,19 @@ def test_check_output_folder_refuses_files_and_creates_parents(tmp_path: Path,
     assert target == tmp_path / "new" / "deeper" / "out"
     assert target.parent.is_dir() and not target.exists()
     assert sorted(p.name for p in target.parent.iterdir()) == []  # the probe is gone
+
+
+def test_result_json_records_the_point_the_views_centre_on(tmp_path: Path) -> None:
+    """qa.png's planes and the web viewer start at result.json's view_point_mm."""
+    from disa.registration.qa import fixed_centre
+
+    image = phantom()
+    _write(_result(2.0), tmp_path / "a")
+    written = json.loads((tmp_path / "a" / "result.json").read_text())
+    assert written["view_point"] == "overlap"
+    index = image.TransformPhysicalPointToContinuousIndex(written["view_point_mm"])
+    assert all(-0.5 <= i <= n - 0.5 for i, n in zip(index, image.GetSize(), strict=True))
+    # A moving image nowhere near the fixed one: the fixed centre.
+    data = _write(_result(5000.0), tmp_path / "b")
+    assert data["view_point"] == "fixed centre"
+    np.testing.assert_allclose(data["view_point_mm"], fixed_centre(image))
