@@ -80,6 +80,10 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
                    help="series to use when FIXED is a DICOM folder/zip with several")
     p.add_argument("--moving-series-uid", default=None, metavar="UID",
                    help="series to use when MOVING is a DICOM folder/zip with several")
+    p.add_argument("--initial-transform", type=Path, default=None, metavar="FILE",
+                   help="ITK text transform (.tfm, .txt) mapping fixed to moving points "
+                        "(LPS mm), or an earlier result folder: the pose to start from "
+                        "(as disa register)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     add_option_arguments(p)
     p.set_defaults(handler=_cmd_submit)
@@ -96,7 +100,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         with DisaClient(args.url, api_key=api_key) as client:
             job = client.submit(args.fixed, args.moving, options, args.fixed_mask,
                                 args.moving_mask, fixed_series_uid=args.fixed_series_uid,
-                                moving_series_uid=args.moving_series_uid)
+                                moving_series_uid=args.moving_series_uid,
+                                initial_transform=args.initial_transform)
             print(f"job {job['id']} {job['state']}", flush=True)
             if not wait:
                 return EXIT_OK

@@ -25,6 +25,10 @@ import httpx
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
+#: What the service takes as an initial transform: ITK text (no HDF5, see uploads.py).
+_TRANSFORM_EXTENSIONS = (".tfm", ".txt")
+#: The transform file of a DISA result folder (registration/outputs.py).
+_RESULT_TRANSFORM = "transform.tfm"
 
 
 class ServiceError(Exception):
@@ -62,14 +66,21 @@ class DisaClient:
                fixed_mask: str | Path | None = None,
                moving_mask: str | Path | None = None,
                fixed_series_uid: str | None = None,
-               moving_series_uid: str | None = None) -> dict[str, Any]:
+               moving_series_uid: str | None = None,
+               initial_transform: str | Path | None = None) -> dict[str, Any]:
         """Upload a pair (and masks); return the queued job. Options use engine names;
-        ``*_series_uid`` choose one series of a DICOM input holding several."""
+        ``*_series_uid`` choose one series of a DICOM input holding several.
+        ``initial_transform``: an ITK text transform (.tfm, .txt) mapping fixed to moving
+        points (LPS mm), or a DISA result folder (its transform.tfm), for the search to
+        start from; the service checks it (linear, invertible) before queueing the job."""
         import json
 
         roles = {"fixed": fixed, "moving": moving, "fixed_mask": fixed_mask,
                  "moving_mask": moving_mask}
         with contextlib.ExitStack() as stack:
+            # The transform first: a wrong type is refused before a DICOM folder is zipped.
+            transform = (_transform_upload(Path(initial_transform))
+                         if initial_transform is not None else None)
             files = {}
             for role, path in roles.items():
                 if path is None:
@@ -77,6 +88,10 @@ class DisaClient:
                 upload = stack.enter_context(_as_upload(Path(path)))
                 handle = stack.enter_context(open(upload, "rb"))
                 files[role] = (f"{role}{_extension(upload)}", handle, "application/octet-stream")
+            if transform is not None:
+                handle = stack.enter_context(open(transform[0], "rb"))
+                files["initial_transform"] = (f"initial_transform{transform[1]}", handle,
+                                              "text/plain")
             data = {"options": json.dumps(dict(options or {}))}
             for role, uid in (("fixed", fixed_series_uid), ("moving", moving_series_uid)):
                 if uid:
@@ -173,6 +188,23 @@ def _extension(path: Path) -> str:
             return ext
     raise ValueError(f"{path.name}: unsupported file type; accepted: {', '.join(_EXTENSIONS)} "
                      "or a DICOM folder")
+
+
+def _transform_upload(path: Path) -> tuple[Path, str]:
+    """The file to send as the initial transform (a result folder's transform.tfm for a
+    folder) and its extension; ValueError for a type the service does not take."""
+    if path.is_dir():
+        if not (path / _RESULT_TRANSFORM).is_file():
+            raise ValueError(f"initial transform ({path.name}): a folder without "
+                             f"{_RESULT_TRANSFORM}; give a transform file or a DISA result "
+                             "folder")
+        path = path / _RESULT_TRANSFORM
+    ext = path.suffix.lower()
+    if ext not in _TRANSFORM_EXTENSIONS:
+        raise ValueError(f"initial transform ({path.name}): the service takes ITK text "
+                         f"transforms ({', '.join(_TRANSFORM_EXTENSIONS)}); write an .h5 one "
+                         "as .tfm with SimpleITK.WriteTransform")
+    return path, ext
 
 
 @contextlib.contextmanager

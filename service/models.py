@@ -43,7 +43,9 @@ class JobOut(BaseModel):
     cancel_requested: bool = False
     options: dict[str, Any] = Field(description="registration options (engine names)")
     inputs: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="per input role: format, size, spacing (header facts)")
+        default_factory=dict,
+        description="per input role: format, size, spacing (header facts); for "
+                    "initial_transform: format and matrix_fixed_to_moving (4x4, LPS mm)")
     timings: TimingsOut
     result: dict[str, Any] | None = Field(
         None, description="summary of result.json (parameters, similarity, confidence, ...)")

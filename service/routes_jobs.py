@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -26,7 +27,13 @@ from disa.service.store import (
     new_job_id,
     now,
 )
-from disa.service.uploads import FILE_FIELDS, TEXT_FIELDS, UploadError, receive_upload
+from disa.service.uploads import (
+    FILE_FIELDS,
+    TEXT_FIELDS,
+    TRANSFORM_FIELD,
+    UploadError,
+    receive_upload,
+)
 
 log = logging.getLogger("disa.service")
 
@@ -43,7 +50,13 @@ _SUBMIT_BODY: dict[str, Any] = {
                       "description": f"{role.replace('_', ' ')} image: .nii.gz, .nii, .nrrd, "
                                      ".mha or a DICOM series as .zip (the file name's "
                                      "extension decides the format)"}
-               for role in FILE_FIELDS},
+               for role in FILE_FIELDS if role != TRANSFORM_FIELD},
+            TRANSFORM_FIELD: {
+                "type": "string", "format": "binary",
+                "description": "optional initial pose: an ITK text transform (.tfm or .txt, "
+                               "at most 1 MiB) mapping fixed points to moving points (LPS mm, "
+                               "as a result's transform.tfm); linear (rigid, similarity, "
+                               "affine or a composite of them) and invertible"},
             **{f"{role}_series_uid": {
                 "type": "string", "maxLength": TEXT_FIELDS[f"{role}_series_uid"],
                 "description": f"SeriesInstanceUID of the {role} series when the {role} "
@@ -80,8 +93,9 @@ def _read(store: JobStore, job_id: str) -> Manifest:
                                                        "schema": {"type": "string"}}}},
                         **error_responses(400, 413, 415, 422, 507)})
 async def submit_job(request: Request, response: Response, runtime: RuntimeDep) -> JobOut:
-    """Upload fixed and moving images (optional masks, options JSON); headers are
-    checked before the job is queued. Answers 202 with the job and its Location."""
+    """Upload fixed and moving images (optional masks, initial transform, options JSON);
+    headers and the transform are checked before the job is queued. Answers 202 with
+    the job and its Location."""
     store = runtime.store
     job_id = new_job_id()
     try:
@@ -169,12 +183,16 @@ def _parse_series(fields: dict[str, str]) -> dict[str, str]:
 
 def _inspect_inputs(files: dict, runtime: Runtime, series: dict[str, str] | None = None
                     ) -> dict[str, dict[str, Any]]:
-    """Header checks of every input (no pixels decoded); keep only geometry facts."""
+    """Header checks of every input (no pixels decoded); keep only geometry facts. The
+    initial transform is read whole (at most 1 MiB) and checked as the worker will."""
     from disa.registration.io import InputLimits, inspect_image
 
     limits = InputLimits(max_voxels=runtime.settings.max_voxels)
     info: dict[str, dict[str, Any]] = {}
     for role, path in files.items():
+        if role == TRANSFORM_FIELD:
+            info[role] = _inspect_transform(path)
+            continue
         try:
             facts = inspect_image(path, limits, series_uid=(series or {}).get(role))
         except InputError as exc:
@@ -182,6 +200,18 @@ def _inspect_inputs(files: dict, runtime: Runtime, series: dict[str, str] | None
         info[role] = {"format": facts.format, "size": list(facts.size),
                       "spacing": list(facts.spacing), "modality": facts.modality}
     return info
+
+
+def _inspect_transform(path: Path) -> dict[str, Any]:
+    """422 unless `path` holds a linear, invertible, finite ITK text transform; its facts
+    for the job JSON: the format and the 4x4 matrix (fixed -> moving, LPS mm)."""
+    from disa.registration.initial_transform import read_initial_transform, transform_matrix
+
+    try:
+        transform = read_initial_transform(path, allow_hdf5=False)
+    except InputError as exc:
+        raise UploadError(422, str(exc)) from None
+    return {"format": "itk-text", "matrix_fixed_to_moving": transform_matrix(transform)}
 
 
 @router.get("", response_model=JobListOut, summary="List jobs, newest first",

@@ -87,7 +87,8 @@ class Manifest(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     progress: Progress = Field(default_factory=Progress)
-    #: role (fixed, moving, fixed_mask, moving_mask) -> path relative to the job folder
+    #: role (fixed, moving, fixed_mask, moving_mask, initial_transform) -> path relative
+    #: to the job folder
     inputs: dict[str, str]
     #: role -> header facts (format, size, spacing); no names, no DICOM UIDs
     input_info: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -23,14 +23,23 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from disa.registration.initial_transform import MAX_TRANSFORM_BYTES, TEXT_SUFFIXES
+
 #: File fields of POST /v1/jobs (roles of the engine's inputs).
-FILE_FIELDS = ("fixed", "moving", "fixed_mask", "moving_mask")
+FILE_FIELDS = ("fixed", "moving", "fixed_mask", "moving_mask", "initial_transform")
 REQUIRED_FILES = ("fixed", "moving")
+#: The file field that holds an ITK transform rather than an image.
+TRANSFORM_FIELD = "initial_transform"
 #: Text fields and their size caps in bytes.
 TEXT_FIELDS = {"options": 64 * 1024, "fixed_series_uid": 64, "moving_series_uid": 64}
 #: Extensions accepted, longest first so .nii.gz wins over .gz. Detached-header
 #: formats (.nhdr, .mhd) are left out: an upload is one file.
 INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
+#: Extensions of an initial transform: ITK text only. HDF5 is refused on uploads: a
+#: dataset may keep its data in another file of the server (external storage).
+TRANSFORM_EXTENSIONS = TEXT_SUFFIXES
+#: The engine reader's size cap applies to the transform part while it streams, so a
+#: big one is never stored.
 _FLUSH_BYTES = 1024 * 1024  # write to disk (in a thread) once this much is pending
 
 
@@ -43,10 +52,11 @@ class UploadError(Exception):
         self.detail = detail
 
 
-def input_extension(filename: str) -> str | None:
-    """The accepted extension of a client file name (case-insensitive), or None."""
+def input_extension(filename: str, role: str = "fixed") -> str | None:
+    """The accepted extension of a client file name for file field ``role``
+    (case-insensitive), or None."""
     lower = filename.strip().lower()
-    for ext in INPUT_EXTENSIONS:
+    for ext in TRANSFORM_EXTENSIONS if role == TRANSFORM_FIELD else INPUT_EXTENSIONS:
         if lower.endswith(ext):
             return ext
     return None
@@ -70,6 +80,7 @@ class _Sink:
         self.upload = Upload()
         self.pending: list[tuple[str, bytes | None]] = []  # (role, data) or (role, None) = end
         self.pending_bytes = 0
+        self.part_bytes = 0  # bytes of the current file part so far
         self.finished = False
         self._seen: set[str] = set()
         self._header_name = bytearray()
@@ -119,11 +130,15 @@ class _Sink:
         filename = params.get(b"filename")
         if filename is None:
             raise UploadError(400, f"'{name}' must be a file part (with a filename)")
-        ext = input_extension(filename.decode("utf-8", "replace"))
+        ext = input_extension(filename.decode("utf-8", "replace"), name)
+        if ext is None and name == TRANSFORM_FIELD:
+            raise UploadError(422, f"{name}: unsupported file type; accepted: ITK text "
+                                   f"transforms ({', '.join(TRANSFORM_EXTENSIONS)})")
         if ext is None:
             raise UploadError(422, f"{name}: unsupported file type; accepted: "
                                    f"{', '.join(INPUT_EXTENSIONS)} (DICOM series as .zip)")
         self.upload.files[name] = self.inputs_dir / f"{name}{ext}"
+        self.part_bytes = 0
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._part is None or end <= start:
@@ -135,6 +150,10 @@ class _Sink:
                                        f"{TEXT_FIELDS[self._part]} bytes")
             buf.extend(data[start:end])
             return
+        self.part_bytes += end - start
+        if self._part == TRANSFORM_FIELD and self.part_bytes > MAX_TRANSFORM_BYTES:
+            raise UploadError(413, f"{self._part}: file is longer than "
+                                   f"{MAX_TRANSFORM_BYTES} bytes (a transform is far smaller)")
         self.pending.append((self._part, bytes(data[start:end])))
         self.pending_bytes += end - start
 

@@ -269,7 +269,8 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
                                 progress=progress, cancel=canceller,
                                 limits=InputLimits(max_voxels=settings.max_voxels),
                                 fixed_series_uid=manifest.series.get("fixed"),
-                                moving_series_uid=manifest.series.get("moving"))
+                                moving_series_uid=manifest.series.get("moving"),
+                                initial_transform_path=paths.get("initial_transform"))
 
 
 def _storage_failure(store: JobStore, manifest: Manifest, settings: Settings, exc: OSError,

@@ -7,7 +7,7 @@ import { Viewer } from "./viewer.js";
 const $ = (id) => document.getElementById(id);
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const JOB_ID = /^[0-9a-f]{32}$/;
-const FILE_ROLES = ["fixed", "moving", "fixed_mask", "moving_mask"];
+const FILE_ROLES = ["fixed", "moving", "fixed_mask", "moving_mask", "initial_transform"];
 const NUMBER_OPTIONS = [
   ["opt-starts", "starts", true],
   ["opt-seed", "seed", true],

@@ -62,3 +62,14 @@ def test_a_job_given_up_on_exits_1_not_as_bad_input(pair_files, tmp_path, monkey
         with DisaClient(server.url) as client:
             job = client.job(dispatcher.sent[0])
         assert job["error_kind"] == "internal"
+
+
+def test_an_hdf5_initial_transform_exits_2_before_contacting_the_service(pair_files, tmp_path,
+                                                                          capsys):
+    port = free_port()  # nothing listens there: reaching it would exit 1, not 2
+    code = main(["submit", str(pair_files[0]), str(pair_files[1]), "--url",
+                 f"http://127.0.0.1:{port}", "--initial-transform", str(tmp_path / "pose.h5")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith(
+        "disa: error: initial transform (pose.h5): the service takes ITK text transforms"), err

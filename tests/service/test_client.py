@@ -54,3 +54,27 @@ def test_errors_carry_the_service_detail(tmp_path: Path):
     assert info.value.status_code == 404 and info.value.detail == "no such job"
     with pytest.raises(ValueError, match="unsupported file type"):
         DisaClient("http://disa").submit(tmp_path / "a.png", tmp_path / "b.png")
+
+
+def test_an_initial_transform_is_sent_under_its_role_name_and_h5_refused(tmp_path: Path):
+    fixed, moving = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    fixed.write_bytes(b"fixed-bytes")
+    moving.write_bytes(b"moving-bytes")
+    earlier = tmp_path / "Doe^Jane result"
+    earlier.mkdir()
+    (earlier / "transform.tfm").write_text("#Insight Transform File V1.0\n")
+    bodies: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.read())
+        return httpx.Response(202, json={"id": "0" * 32, "state": "queued"})
+
+    with DisaClient("http://disa", transport=httpx.MockTransport(handler)) as c:
+        c.submit(fixed, moving, initial_transform=earlier)  # a result folder: its .tfm
+        c.submit(fixed, moving, initial_transform=earlier / "transform.tfm")
+        with pytest.raises(ValueError, match=r"takes ITK text transforms \(.tfm, .txt\)"):
+            c.submit(fixed, moving, initial_transform=tmp_path / "pose.h5")
+    assert len(bodies) == 2  # the .h5 was refused before anything was sent
+    for body in bodies:
+        assert b'name="initial_transform"; filename="initial_transform.tfm"' in body
+        assert b"#Insight Transform File V1.0" in body and b"Doe" not in body

@@ -149,3 +149,37 @@ def test_series_are_chosen_by_uid_in_a_multi_series_zip(client, tmp_path: Path):
     client.download(job["id"], tmp_path / "out")
     registered = sitk.ReadImage(str(tmp_path / "out" / "registered.nii.gz"))
     assert registered.GetSize() == pair.fixed.GetSize()
+
+
+def test_an_initial_transform_travels_from_client_to_engine(client, tmp_path: Path):
+    """The client's initial transform end to end: uploaded, checked, stored, given to the
+    engine by the worker, recorded in result.json; started at the truth with no search
+    range, the job ends there. (That register() receives it is tested with the engine
+    stubbed in tests/registration/test_cli.py: this tiny phantom converges from the
+    header pose too, so the result alone cannot tell.)"""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from disa.registration import phantom as ph
+    from disa.registration.transforms import linear_matrix
+
+    truth = ph.rigid_truth((8, -6, 7), (10, -8, 9))  # write_pair's motion, fixed -> moving
+    pose = tmp_path / "pose.tfm"
+    sitk.WriteTransform(truth, str(pose))
+    expected = linear_matrix(truth)
+    fixed, moving = write_pair(tmp_path / "in")
+    job = client.submit(fixed, moving, {"similarity": "mind", "starts": 10,
+                                        "rotation_range": 0, "translation_range": 0},
+                        initial_transform=pose)
+    np.testing.assert_allclose(job["inputs"]["initial_transform"]["matrix_fixed_to_moving"],
+                               expected, atol=1e-9)
+    job = client.wait(job["id"], poll_s=0.2, timeout_s=120)
+    assert job["state"] == "succeeded", job["error"]
+    client.download(job["id"], tmp_path / "out", names=["result.json"])
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    recorded = result["inputs"]["initial_transform"]
+    assert recorded["path"] == "initial_transform.tfm"
+    np.testing.assert_allclose(recorded["matrix_fixed_to_moving"], expected, atol=1e-9)
+    found = np.asarray(job["result"]["matrix_fixed_to_moving"])
+    points = np.array([[x, y, z, 1.0] for x in (-30, 30) for y in (-30, 30) for z in (-30, 30)])
+    assert np.abs(points @ (found - expected).T)[:, :3].max() < 2.0

@@ -324,3 +324,82 @@ def test_uploaded_inputs_are_on_disk_before_the_202(client, pair_files, monkeypa
     assert synced.index(str(staging / "inputs")) > synced.index(
         str(staging / "inputs/moving.nii.gz"))
     assert synced.index(str(_store(client).root)) > synced.index(str(staging / "inputs"))
+
+
+# ------------------------------------------------------ initial transform
+
+
+def _euler_tfm_bytes(tmp_path: Path) -> tuple[bytes, object]:
+    import SimpleITK as sitk
+
+    euler = sitk.Euler3DTransform((10.0, -5.0, 3.0), 0.2, -0.1, 0.3, (12.0, -8.0, 9.0))
+    path = tmp_path / "pose.tfm"
+    sitk.WriteTransform(euler, str(path))
+    return path.read_bytes(), euler
+
+
+def test_a_good_initial_transform_is_stored_and_its_matrix_shown(client, pair_files,
+                                                                  tmp_path, dispatcher):
+    import numpy as np
+
+    from disa.registration.transforms import linear_matrix
+
+    content, euler = _euler_tfm_bytes(tmp_path)
+    r = client.post("/v1/jobs", files={**_files(pair_files),
+                                       "initial_transform": ("Doe^John pose.TFM", content)},
+                    data={"options": json.dumps(TINY_OPTIONS)})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert dispatcher.sent == [job["id"]]
+    shown = job["inputs"]["initial_transform"]
+    assert shown["format"] == "itk-text"
+    np.testing.assert_allclose(shown["matrix_fixed_to_moving"], linear_matrix(euler),
+                               atol=1e-12)
+    manifest = _store(client).read(job["id"])
+    assert manifest.inputs["initial_transform"] == "inputs/initial_transform.tfm"
+    folder = _store(client).job_dir(job["id"])
+    assert (folder / "inputs" / "initial_transform.tfm").read_bytes() == content
+    assert "Doe" not in (folder / "manifest.json").read_text()
+
+
+def _bspline_bytes(tmp_path: Path) -> bytes:
+    import SimpleITK as sitk
+
+    path = tmp_path / "b.tfm"
+    grid = sitk.Image([8, 8, 8], sitk.sitkFloat32)
+    sitk.WriteTransform(sitk.BSplineTransformInitializer(grid, [3, 3, 3]), str(path))
+    return path.read_bytes()
+
+
+# A displacement field whose fixed parameters claim a 4000^3 grid: ITK would allocate
+# it (1.5 TB) while parsing; the class allowlist refuses it unread.
+_FIELD_BOMB = (b"#Insight Transform File V1.0\n#Transform 0\n"
+               b"Transform: DisplacementFieldTransform_double_3_3\nParameters: 0\n"
+               b"FixedParameters: 4000 4000 4000 0 0 0 1 1 1 1 0 0 0 1 0 0 0 1\n")
+
+
+@pytest.mark.parametrize(("name", "content", "status", "words"), [
+    ("b.tfm", _bspline_bytes, 422,
+     "initial transform (initial_transform.tfm): BSplineTransform is not a linear transform"),
+    ("f.txt", _FIELD_BOMB, 422,
+     "initial transform (initial_transform.txt): DisplacementFieldTransform is not a linear"),
+    ("g.tfm", b"hello, not a transform", 422,
+     "initial transform (initial_transform.tfm): not an ITK transform file"),
+    ("s.tfm", b"#Insight Transform File V1.0\nTransform: AffineTransform_double_3_3\n"
+              b"Parameters: 1 0 0 0 1 0 0 0 0 0 0 0\nFixedParameters: 0 0 0\n", 422,
+     "the transform's matrix is singular"),
+    ("t.h5", b"\x89HDF\r\n\x1a\n", 422, "initial_transform: unsupported file type"),
+    ("t.tfm", b"#" * (1024 * 1024 + 1), 413, "initial_transform: file is longer than"),
+])
+def test_a_bad_initial_transform_is_refused_at_upload(client, pair_files, tmp_path, name,
+                                                      content, status, words, dispatcher):
+    content = content(tmp_path) if callable(content) else content
+    r = client.post("/v1/jobs", files={**_files(pair_files), "initial_transform": (name, content)},
+                    data={"options": json.dumps(TINY_OPTIONS)})
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert words in detail, detail
+    assert "\n" not in detail and str(tmp_path) not in detail
+    store = _store(client)
+    assert dispatcher.sent == [] and store.ids() == []
+    assert list((store.root / ".incoming").iterdir()) == []

@@ -229,8 +229,8 @@ def test_keyboard_and_screen_reader_basics(page):
     assert unlabelled == []
     # Tab reaches the key, the files, the options and submit, in this order
     expected = ["api-key", "key-save", "key-forget", "fixed", "moving", "fixed_mask",
-                "moving_mask", "opt-mode", "opt-similarity", "opt-starts", "opt-seed",
-                "opt-rotation", "opt-translation", "submit"]
+                "moving_mask", "initial_transform", "opt-mode", "opt-similarity",
+                "opt-starts", "opt-seed", "opt-rotation", "opt-translation", "submit"]
     page.focus("#api-key")
     seen = ["api-key"]
     for _ in range(30):
@@ -279,6 +279,27 @@ def test_client_side_refusal_replaces_an_earlier_reason(page, pair_files, tmp_pa
     assert "unsupported file type" not in status
     assert status.startswith("Not submitted: Random starts: ")
     assert page.evaluate("() => document.activeElement.id") == "opt-starts"
+
+
+def test_a_non_linear_initial_transform_is_refused_with_the_apis_reason(page, pair_files,
+                                                                       tmp_path):
+    import SimpleITK as sitk
+
+    assert page.get_attribute("#initial_transform", "accept") == ".tfm,.txt"
+    bspline = tmp_path / "warp.tfm"
+    sitk.WriteTransform(sitk.BSplineTransformInitializer(
+        sitk.Image([8, 8, 8], sitk.sitkFloat32), [3, 3, 3]), str(bspline))
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    page.set_input_files("#fixed", str(pair_files[0]))
+    page.set_input_files("#moving", str(pair_files[1]))
+    page.set_input_files("#initial_transform", str(bspline))
+    page.click("#submit")
+    page.locator("#upload-status", has_text="BSplineTransform is not a linear transform"
+                 ).wait_for(timeout=10_000)
+    assert page.text_content("#upload-status").startswith(
+        "Not submitted: initial transform (initial_transform.tfm): ")
+    assert page.errors == []
 
 
 def test_cancel_or_delete_refusal_stays_shown(page, done_job):

@@ -38,17 +38,21 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def make_job(store: JobStore, pair_files: tuple[Path, Path]) -> Callable[..., str]:
-    """Factory: make_job(options=...) -> id of a queued job holding the phantom pair."""
+    """Factory: make_job(options=...) -> id of a queued job holding the phantom pair
+    (and, given its text, an initial transform stored as the API stores one)."""
 
-    def make(options: dict | None = None, moving_bytes: bytes | None = None) -> str:
+    def make(options: dict | None = None, moving_bytes: bytes | None = None,
+             initial_transform: bytes | None = None) -> str:
         job_id = new_job_id()
         inputs = store.create_incoming(job_id) / "inputs"
         (inputs / "fixed.nii.gz").write_bytes(pair_files[0].read_bytes())
         (inputs / "moving.nii.gz").write_bytes(moving_bytes or pair_files[1].read_bytes())
+        roles = {"fixed": "inputs/fixed.nii.gz", "moving": "inputs/moving.nii.gz"}
+        if initial_transform is not None:
+            (inputs / "initial_transform.tfm").write_bytes(initial_transform)
+            roles["initial_transform"] = "inputs/initial_transform.tfm"
         t = now()
-        store.publish(Manifest(id=job_id, created_at=t, updated_at=t,
-                               inputs={"fixed": "inputs/fixed.nii.gz",
-                                       "moving": "inputs/moving.nii.gz"},
+        store.publish(Manifest(id=job_id, created_at=t, updated_at=t, inputs=roles,
                                options=options or {"similarity": "mind", "starts": 10}))
         return job_id
 

@@ -18,14 +18,25 @@ from disa.worker.execute import Interrupted, TransientStorageError, execute_job
 from ..support import file_size_limit
 
 
+class _Calls(list):
+    """Options of each engine call, and (`paths`) the initial transform path of each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: list = []
+
+
 def _fake_engine(monkeypatch: pytest.MonkeyPatch, behaviour) -> list:
-    """Replace the engine's entry point; `behaviour(outdir, progress, cancel)`."""
-    calls: list = []
+    """Replace the engine's entry point; `behaviour(outdir, progress, cancel)`. Returns the
+    options of each call; the initial transform paths given go to `calls.paths`."""
+    calls = _Calls()
+    paths = calls.paths
 
     def fake(fixed, moving, outdir, options, fixed_mask=None, moving_mask=None,
              progress=None, cancel=None, limits=None, fixed_series_uid=None,
-             moving_series_uid=None):
+             moving_series_uid=None, initial_transform_path=None):
         calls.append(options)
+        paths.append(initial_transform_path)
         return behaviour(outdir, progress, cancel)
 
     monkeypatch.setattr(runner, "run_registration", fake)
@@ -321,3 +332,24 @@ def test_a_working_grid_over_the_service_voxel_limit_fails_as_input(store, setti
     assert m.error_kind == "input"
     assert ("--working-spacing 3 mm makes a working grid of 32 x 32 x 32 voxels (32,768), "
             "above the limit of 13,824 voxels") in m.error
+
+
+def test_the_initial_transform_reaches_the_engine(store, settings, make_job, monkeypatch):
+    calls = _fake_engine(monkeypatch, _result)
+    plain = make_job()
+    posed = make_job(initial_transform=b"#Insight Transform File V1.0\n")
+    assert execute_job(store, plain, settings) == "succeeded"
+    assert execute_job(store, posed, settings) == "succeeded"
+    assert calls.paths == [None, store.job_dir(posed) / "inputs" / "initial_transform.tfm"]
+
+
+def test_a_bad_initial_transform_fails_the_job_as_input(store, settings, make_job):
+    """A transform the API would refuse (a job queued by an older version, say) fails as
+    bad input with the reader's message, before the images are read."""
+    job_id = make_job(initial_transform=b"#Insight Transform File V1.0\n"
+                                        b"Transform: BSplineTransform_double_3_3\n")
+    assert execute_job(store, job_id, settings) == "failed"
+    m = store.read(job_id)
+    assert m.error_kind == "input"
+    assert m.error.startswith("initial transform (initial_transform.tfm): BSplineTransform "
+                              "is not a linear transform"), m.error
