@@ -82,6 +82,13 @@ class ViewerOut(BaseModel):
     mapping: Literal["linear", "displacement"] = Field(
         description="linear: T p = matrix_fixed_to_moving p; displacement (non-linear jobs): "
                     "T p = p + u(p) with displacement.nii.gz, so ask GET .../point for T p")
+    view_point_mm: list[float] = Field(
+        description="LPS mm point the first slices pass through, as qa.png's planes do: the "
+                    "centre of the region where the registered moving image has data")
+    view_point: Literal["overlap", "fixed centre"] = Field(
+        description="overlap: view_point_mm is that centre (result.json's view_point_mm); "
+                    "fixed centre: the fixed grid's centre (no such region, or a result "
+                    "written before result.json recorded it)")
 
 
 class PointOut(BaseModel):
@@ -201,7 +208,10 @@ def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request) -> View
         volumes=list(get_args(Volume)),
         windows={k: list(v) for k, v in volumes.windows.items()},
         heatmaps={s: _unavailable(s) for s in ("disa", "mind")},
-        mapping="linear" if volumes.displacement is None else "displacement")
+        mapping="linear" if volumes.displacement is None else "displacement",
+        view_point_mm=(grid.center if volumes.view_point_mm is None
+                       else volumes.view_point_mm).tolist(),
+        view_point=volumes.view_point)
 
 
 @router.get("/{job_id}/point", response_model=PointOut,

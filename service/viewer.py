@@ -15,6 +15,12 @@ left. A plane's `pixel_to_physical` 4x4 matrix maps (column, row, slice, 1),
 column and row in pixels from the top left pixel's centre and slice the voxel
 index along the plane's normal grid axis, to LPS millimetres.
 
+The viewer's first slices pass through the job's view point: result.json's
+`view_point_mm`, the centre of the region where the registered moving image has
+data, which qa.png's planes pass through too (`disa.registration.qa.view_centre`),
+so a small moving field of view (an ultrasound sector in a CT) is on screen from
+the start; results without one start at the fixed grid's centre.
+
 Loaded volumes are kept in a small LRU bounded by bytes (VolumeCache): the
 viewer asks for many slices of the same job in a row.
 """
@@ -23,16 +29,19 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
 
 from disa.registration.grid import Grid
-from disa.service.store import INPUTS_DIR, JobStore, Manifest
+from disa.service.store import INPUTS_DIR, RESULT_JSON, JobStore, Manifest
 
 VOLUMES = ("fixed", "registered", "before")
 PLANES = ("axial", "coronal", "sagittal")
@@ -53,6 +62,8 @@ DISPLACEMENT_FILE = "displacement.nii.gz"
 CACHE_BYTES = 1 << 30
 #: Auto window: these intensity percentiles of the whole volume map to black and white.
 WINDOW_PERCENTILES = (0.5, 99.5)
+
+ViewPointSource = Literal["overlap", "fixed centre"]
 
 
 @dataclass(frozen=True)
@@ -189,6 +200,10 @@ class JobVolumes:
     #: non-linear jobs: u(x) = T(x) - x of the full mapping on the fixed grid, (z, y, x, 3)
     #: float32 in LPS mm (outputs/displacement.nii.gz); None for rigid and affine jobs
     displacement: np.ndarray | None = None
+    #: LPS mm point the first slices pass through, and why (see view_point); None: the
+    #: fixed grid's centre
+    view_point_mm: np.ndarray | None = None
+    view_point: ViewPointSource = "fixed centre"
 
     @property
     def nbytes(self) -> int:
@@ -197,6 +212,30 @@ class JobVolumes:
 
     def window_of(self, volume: str) -> tuple[float, float]:
         return self.windows["fixed" if volume == "fixed" else "moving"]
+
+
+def view_point(result: Mapping[str, Any] | None, grid: Grid) -> tuple[np.ndarray, ViewPointSource]:
+    """Where the viewer's first slices pass: result.json's `view_point_mm` (LPS mm) and
+    `view_point` ("overlap" or "fixed centre"), or the fixed grid's centre when the result
+    has no usable one (written before the field existed)."""
+    result = result or {}
+    source = result.get("view_point")
+    try:
+        point = np.asarray(result.get("view_point_mm"), dtype=np.float64)
+    except (TypeError, ValueError):
+        point = np.empty(0)
+    if point.shape == (3,) and np.isfinite(point).all() and source in ("overlap", "fixed centre"):
+        return point, source
+    return grid.center, "fixed centre"
+
+
+def _read_result(path: Path) -> dict[str, Any]:
+    """result.json as a dict; {} when it cannot be read (the view point then falls back)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def input_paths(store: JobStore, manifest: Manifest) -> dict[str, Path]:
@@ -223,8 +262,8 @@ def read_inputs(store: JobStore, manifest: Manifest, max_voxels: int,
 
 
 def load_job_volumes(store: JobStore, manifest: Manifest, max_voxels: int) -> JobVolumes:
-    """Read the fixed and moving inputs, registered.nii.gz and (non-linear jobs)
-    displacement.nii.gz; resample `before`."""
+    """Read the fixed and moving inputs, registered.nii.gz, (non-linear jobs)
+    displacement.nii.gz and result.json's view point; resample `before`."""
     from disa.registration.errors import InputError
     from disa.registration.outputs import REGISTERED_FILE, resample_moving
 
@@ -248,9 +287,10 @@ def load_job_volumes(store: JobStore, manifest: Manifest, max_voxels: int) -> Jo
         displacement = sitk.GetArrayFromImage(field_image)
         if displacement.shape != (*arrays["fixed"].shape, 3):
             raise InputError("displacement.nii.gz is not a 3-vector field on the fixed grid")
+    point, source = view_point(_read_result(store.outputs_dir(manifest.id) / RESULT_JSON), grid)
     return JobVolumes(grid=grid, arrays=arrays, windows=windows,
                       planes={name: plane_geometry(grid, name) for name in PLANES},
-                      displacement=displacement)
+                      displacement=displacement, view_point_mm=point, view_point=source)
 
 
 class VolumeCache:

@@ -83,7 +83,7 @@ export class Viewer {
     for (const name of PLANES) {
       const plane = this.geometry.planes[name];
       const [w, h] = canvasSize(plane);
-      this.index[name] = Math.floor((plane.count - 1) / 2);
+      this.index[name] = this.startSlice(plane);
       const figure = document.createElement("figure");
       figure.className = "plane";
       figure.dataset.plane = name;
@@ -122,6 +122,16 @@ export class Viewer {
       fixedCanvas.addEventListener("click", (event) => this.onClick(name, event), { signal });
       fixedCanvas.addEventListener("keydown", (event) => this.onKey(name, event), { signal });
     }
+  }
+
+  // The first slice: through the job's view point (the centre of the region where the
+  // registered moving image has data, as in qa.png), else the middle one (older servers).
+  startSlice(plane) {
+    const p = this.geometry.view_point_mm;
+    const middle = Math.floor((plane.count - 1) / 2);
+    if (!Array.isArray(p) || p.length !== 3 || !p.every(Number.isFinite)) return middle;
+    const s = Math.round(R.apply4(plane.physical_to_pixel, p)[2]);
+    return Number.isFinite(s) ? Math.min(plane.count - 1, Math.max(0, s)) : middle;
   }
 
   bindControls() {

@@ -362,6 +362,31 @@ def test_viewer_of_a_job_left_while_loading_stays_out(page, site, done_job, pair
     assert page.errors == []
 
 
+def test_viewer_starts_at_the_view_point(page, site, done_job):
+    """The first slices pass through GET .../viewer's view_point_mm (qa.png's planes), not
+    the middle ones: here a point moved off the middle on every axis by the test."""
+    job_id = done_job["id"]
+    geometry = _api(site, f"/v1/jobs/{job_id}/viewer").json()
+    index = np.array([5.0, 17.0, 3.0, 1.0])  # fixed grid (i, j, k); the middle is 11.5
+    point = (np.array(geometry["index_to_physical"]) @ index)[:3].tolist()
+
+    def moved_view_point(route):
+        response = route.fetch()
+        route.fulfill(response=response, json={**response.json(), "view_point_mm": point})
+
+    page.route(f"**/v1/jobs/{job_id}/viewer", moved_view_point)
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    page.evaluate(f"() => {{ location.hash = 'job={job_id}'; }}")
+    page.wait_for_selector(f"#result[data-viewer-ready='{job_id}']", timeout=30_000)
+    for plane in PLANES:
+        to_pixel = np.array(geometry["planes"][plane]["physical_to_pixel"])
+        expected = round((to_pixel @ [*point, 1.0])[2])
+        assert int(page.input_value(f"#slice-{plane}")) == expected, plane
+    assert {int(page.input_value(f"#slice-{p}")) for p in PLANES} == {3, 17, 5}
+    assert page.errors == []
+
+
 # ------------------------------------------------------------- the viewer API
 
 
@@ -386,6 +411,10 @@ def test_viewer_geometry_and_slices_match_the_images(site, done_job, jobs_dir):
                                                    "bottom": "P"}
     assert viewer["heatmaps"]["mind"] is None
     assert viewer["mapping"] == "linear"
+    # the first slices pass where qa.png's planes do: result.json's view point
+    result = json.loads((jobs_dir / job_id / "outputs" / "result.json").read_text())
+    assert viewer["view_point"] == result["view_point"] == "overlap"
+    np.testing.assert_allclose(viewer["view_point_mm"], result["view_point_mm"])
     p = [5.0, -7.0, 3.0]
     point = _api(site, f"/v1/jobs/{job_id}/point", x=p[0], y=p[1], z=p[2]).json()
     matrix = np.array(done_job["result"]["matrix_fixed_to_moving"])
@@ -585,6 +614,25 @@ def test_planes_follow_flipped_and_permuted_grids():
             wanted = {"axial": 0, "coronal": 0, "sagittal": 1}[name]
             assert abs(col_dir[wanted]) == np.abs(col_dir).max() and col_dir[wanted] > 0
             assert int(np.argmax(np.abs(direction[:, plane.normal_axis]))) == axes, (label, name)
+
+
+def test_view_point_falls_back_to_the_fixed_grid_centre():
+    """Results written before result.json had view_point_mm, or with a broken one."""
+    from disa.registration.grid import Grid
+    from disa.service.viewer import view_point
+
+    grid = Grid(shape=(6, 7, 8), origin=np.array([-10.0, 0.0, 5.0]),
+                spacing=np.array([2.0, 2.0, 3.0]), direction=np.eye(3))
+    point, source = view_point({"view_point_mm": [1.0, 2.0, 30.0], "view_point": "overlap"},
+                               grid)
+    assert source == "overlap"
+    np.testing.assert_allclose(point, [1.0, 2.0, 30.0])
+    for result in (None, {}, {"view_point_mm": [1.0, 2.0]}, {"view_point_mm": "x"},
+                   {"view_point_mm": [1.0, float("nan"), 2.0], "view_point": "overlap"},
+                   {"view_point_mm": [1.0, 2.0, 3.0], "view_point": "elsewhere"}):
+        point, source = view_point(result, grid)
+        assert source == "fixed centre", result
+        np.testing.assert_allclose(point, [-3.0, 6.0, 12.5])
 
 
 def _rotation_x(angle: float) -> np.ndarray:
