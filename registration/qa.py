@@ -48,9 +48,10 @@ too, and the after rows are the ones whose anatomy the reviewer must judge.
 Where the moving data sat before registration shows as its outline (below),
 or, when it misses these planes altogether, as an empty moving channel: that
 is itself the finding (the initial pose was far off here). Before and after
-share one moving display window, taken from the moving image's data region,
-so that a small field of view is not washed out by the empty rest of the
-fixed grid and the two rows show the moving intensities alike.
+share one moving display window, taken from the moving image's data region:
+percentiles over the whole registered image would be those of its fill where
+a small field of view meets a large fixed grid (the data then shows as flat
+white), and one window shows the moving intensities alike in both rows.
 
 Outline: given the moving image, each before/after panel draws the edge of
 the moving data region mapped by that row's transform as a dotted cyan line
