@@ -2,6 +2,7 @@
 
     python benchmarks/capture_range.py [--cases-per-bin N] [--methods a,b,...] [--out DIR]
     python benchmarks/capture_range.py --quick          # one case: the harness works
+    python benchmarks/capture_range.py --family realistic [--cases-per-bin N] [--pairs ...]
 
 Pairs (``make_cases``): real anatomy held out of DISA's training (the
 totalsegmentator CT head, ``pip install --no-deps totalsegmentator``; without
@@ -47,6 +48,20 @@ Output: ``capture_range.md`` (table), ``capture_range.png`` (converged
 rate by bin) and ``capture_range.jsonl`` (every outcome, appended as it
 finishes; ``--resume`` continues an interrupted run) in ``--out`` (default
 benchmarks/results/), and the table on stdout.
+
+The cases above are "full-field" (``--family full-field``, the default): both
+images on the same 2 mm lattice up to a sub-voxel shift, each covering the
+whole anatomy. ``--family realistic`` makes cases that differ from them the way
+real pairs do (benchmarks/realistic_cases.py): each image on its own grid
+(oblique direction, own spacing, own origin), cropped fields of view (40-85 %
+per axis, a thin slab, an ultrasound fan on a probe lattice), and a real torso
+besides the head. Its pairs: ``realistic_cases.PAIRS``; its methods add
+``disa-default``, ``register(fixed, moving)`` with the default options and
+nothing else (what a user types: the engine's own similarity, starts, ranges and
+initialisation). TRE there is measured on fixed foreground points where both
+images have data at the true pose. Its files are ``capture_range_realistic.*``.
+Every engine outcome records what the result tells a user (``result``:
+confidence, ambiguous, and the verdict where the engine reports one).
 """
 
 from __future__ import annotations
@@ -63,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import realistic_cases
 import SimpleITK as sitk
 from common import machine
 
@@ -76,6 +92,16 @@ ALL_METHODS = (
     "disa-global", "disa-local", "mind-global", "lc2-local", "sitk-mi", "elastix", "ants",
 )
 PAIRS = ("ct-mr", "ct-us")
+FAMILIES = ("full-field", "realistic")
+#: Source cube (voxels) of the realistic family's --quick case.
+QUICK_CROP = 56
+REALISTIC_METHODS = (
+    "disa-default", "disa-global", "mind-global", "lc2-local", "sitk-mi", "elastix", "ants",
+)
+REALISTIC_PAIRS = tuple(realistic_cases.PAIRS)
+#: Fields of RegistrationResult.summary() kept with each engine outcome (those present).
+RESULT_FIELDS = ("confidence", "ambiguous", "verdict", "overlap", "match_quality",
+                 "similarity", "starts", "working_spacing_mm")
 
 
 @dataclass
@@ -90,6 +116,7 @@ class Case:
     truth: sitk.Euler3DTransform
     points: np.ndarray  # (N, 3) fixed foreground points, LPS mm
     initial_error_mm: float
+    source: str = ""  # the anatomy's source id (realistic family)
 
 
 @dataclass
@@ -105,6 +132,8 @@ class Outcome:
     evaluations: int | None
     error: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    #: What the engine's result said (RESULT_FIELDS present in its summary()).
+    result: dict[str, object] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------- cases
@@ -226,6 +255,56 @@ def make_cases(cases_per_bin: int, pairs: Sequence[str] = PAIRS, seed: int = 0,
     return cases
 
 
+def make_realistic_cases(cases_per_bin: int, pairs: Sequence[str] = REALISTIC_PAIRS,
+                         seed: int = 0, bins: Sequence[int] = (0, 1, 2, 3),
+                         max_rotation_deg: float = 40.0, crop: int | None = None,
+                         log: Callable[[str], None] | None = None) -> list[Case]:
+    """``cases_per_bin`` cases per realistic pair and bin (benchmarks/realistic_cases.py),
+    deterministic in ``seed``; a case's draws depend on its pair's name, not on which
+    other pairs run. ``crop``: a centred cube of this many voxels of the source first.
+
+    The moving image's header carries the true T (fixed -> moving, LPS mm), drawn
+    about the fixed image's centre until the mean |T(x) - x| over the overlap points
+    falls into the bin; its voxels were sampled once, on its own lattice.
+    """
+    from disa.training.synthesis import simulate_ultrasound, synthesize
+
+    unknown = [p for p in pairs if p not in realistic_cases.PAIRS]
+    if unknown:
+        raise ValueError(f"unknown pair {unknown[0]!r}; known: {REALISTIC_PAIRS}")
+    cases: list[Case] = []
+    for pair in pairs:
+        spec = realistic_cases.PAIRS[pair]
+        volume = _volume(spec.source)
+        if crop is not None:
+            volume = realistic_cases.crop_volume(volume, crop)
+        pi = REALISTIC_PAIRS.index(pair)
+        for b in bins:
+            for k in range(cases_per_bin):
+                t0 = time.perf_counter()
+                rng = np.random.default_rng([seed, 7919, pi, b, k])
+                built = realistic_cases.build_pair(volume, spec, rng, synthesize,
+                                                   simulate_ultrasound)
+                overlap = built.overlap
+                if len(overlap) > 2000:
+                    overlap = overlap[rng.choice(len(overlap), 2000, replace=False)]
+                fixed = built.fixed
+                center = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint(
+                    [(s - 1) / 2.0 for s in fixed.GetSize()]))
+                truth = draw_pose(rng, overlap, center, BINS_MM[b], max_rotation_deg)
+                moving = realistic_cases.move_header(built.moving, truth)
+                initial = tre(sitk.Euler3DTransform(), truth, overlap)
+                cases.append(Case(f"{pair}-bin{b}-{k}", pair, b, fixed, moving, truth, overlap,
+                                  initial, source=volume.id))
+                if log is not None:
+                    log(f"case {pair}-bin{b}-{k} ({volume.id}): fixed {fixed.GetSize()} "
+                        f"moving {moving.GetSize()} at "
+                        f"{'x'.join(f'{v:.1f}' for v in moving.GetSpacing())} mm, "
+                        f"{len(built.overlap)} overlap voxels, "
+                        f"{time.perf_counter() - t0:.1f} s")
+    return cases
+
+
 def tre(estimate: sitk.Transform, truth: sitk.Transform, points: np.ndarray) -> float:
     """Mean distance (mm) between where ``estimate`` and ``truth`` map ``points``."""
     return target_registration_error(estimate, truth, points)
@@ -242,8 +321,15 @@ extra = {"confidence", "ambiguous"}, what result.json tells a user about the ans
 FLAG_CONFIDENCE = 0.5
 
 
+def _reported(result) -> dict[str, object]:  # result: RegistrationResult
+    """The RESULT_FIELDS of ``result.summary()`` that are present and JSON scalars."""
+    summary = result.summary()
+    return {k: summary[k] for k in RESULT_FIELDS
+            if k in summary and isinstance(summary[k], (str, int, float, bool))}
+
+
 def _engine(similarity: str, starts: int) -> Method:
-    def run(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int | None]:
+    def run(fixed: sitk.Image, moving: sitk.Image) -> tuple:
         from disa.registration.options import RegistrationOptions
         from disa.registration.pipeline import register
 
@@ -251,11 +337,22 @@ def _engine(similarity: str, starts: int) -> Method:
                                       rotation_range=40.0, translation_range=100.0)
         result = register(fixed, moving, options)
         if starts == 1:  # one solution agrees with itself: no confidence to report
-            return result.transform, int(result.evaluations)
+            return result.transform, int(result.evaluations), {}, _reported(result)
         return result.transform, int(result.evaluations), {
-            "confidence": float(result.confidence), "ambiguous": float(result.ambiguous)}
+            "confidence": float(result.confidence), "ambiguous": float(result.ambiguous)
+        }, _reported(result)
 
     return run
+
+
+def disa_default(fixed: sitk.Image, moving: sitk.Image) -> tuple:
+    """What a user types: ``register(fixed, moving)``, default options, no masks or flags."""
+    from disa.registration.pipeline import register
+
+    result = register(fixed, moving)
+    return result.transform, int(result.evaluations), {
+        "confidence": float(result.confidence), "ambiguous": float(result.ambiguous)
+    }, _reported(result)
 
 
 def sitk_mi(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int | None]:
@@ -327,6 +424,7 @@ def ants(fixed: sitk.Image, moving: sitk.Image) -> tuple[sitk.Transform, int | N
 
 
 METHODS: dict[str, Method] = {
+    "disa-default": disa_default,
     "disa-global": _engine("disa", 500),
     "disa-local": _engine("disa", 1),
     "mind-global": _engine("mind", 500),
@@ -342,6 +440,8 @@ def available(method: str) -> bool:
     """Whether ``method`` can run here (its peer package installed, DISA weights shipped)."""
     import importlib.util
 
+    if method == "disa-default":  # the engine's default similarity: DISA or MIND-SSC
+        return True
     if method.startswith("disa"):
         from disa.model.card import default_model_path
 
@@ -362,7 +462,8 @@ def run_case(case: Case, method: str) -> Outcome:
     seconds = time.perf_counter() - t0
     return Outcome(case.name, case.pair, case.bin_index, method,
                    tre(transform, case.truth, case.points), seconds, evaluations,
-                   extra=dict(rest[0]) if rest else {})
+                   extra=dict(rest[0]) if rest else {},
+                   result=dict(rest[1]) if len(rest) > 1 else {})
 
 
 def flagged(outcome: Outcome) -> bool | None:
@@ -500,6 +601,11 @@ def plot(rows: Sequence[dict[str, object]], path: Path) -> None:
 OUTCOMES = "capture_range.jsonl"
 
 
+def _stem(family: str) -> str:
+    """File name stem of a family's outputs (the full-field family keeps its old names)."""
+    return "capture_range" if family == "full-field" else f"capture_range_{family}"
+
+
 def _load_outcomes(path: Path) -> list[Outcome]:
     if not path.is_file():
         return []
@@ -510,23 +616,31 @@ def _load_outcomes(path: Path) -> list[Outcome]:
 def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[str] = PAIRS,
         bins: Sequence[int] = (0, 1, 2, 3), crop: int | None = None, seed: int = 0,
         source: str = "ct-brain-atlas", log: Callable[[str], None] = print,
-        resume: bool = False, warm: bool = True
+        resume: bool = False, warm: bool = True, family: str = "full-field"
         ) -> tuple[list[Outcome], list[dict[str, object]]]:
     """Build the cases, run every available method on each, write table and plot.
 
-    Every outcome is appended to ``out/capture_range.jsonl`` as it finishes; with
-    ``resume`` the (case, method) pairs already there are not run again, so an
-    interrupted full run continues where it stopped. ``warm``: run each method
-    once untimed first (`warm_up`); the quick test skips it to save time.
+    Every outcome is appended to ``out/capture_range.jsonl`` (realistic family:
+    ``capture_range_realistic.jsonl``) as it finishes; with ``resume`` the (case,
+    method) pairs already there are not run again, so an interrupted full run
+    continues where it stopped. ``warm``: run each method once untimed first
+    (`warm_up`); the quick test skips it to save time. ``source`` is the
+    full-field family's anatomy; each realistic pair names its own.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
     runnable = [m for m in methods if available(m)]
     skipped = [m for m in methods if m not in runnable]
-    cases = make_cases(cases_per_bin, pairs, seed, source, bins, crop=crop)
+    if family == "realistic":
+        cases = make_realistic_cases(cases_per_bin, pairs, seed, bins, crop=crop, log=log)
+    else:
+        cases = make_cases(cases_per_bin, pairs, seed, source, bins, crop=crop)
+    stem = _stem(family)
     out.mkdir(parents=True, exist_ok=True)
-    record = out / OUTCOMES
+    record = out / f"{stem}.jsonl"
     if not resume:
         record.unlink(missing_ok=True)
     wanted = {(c.name, m) for c in cases for m in runnable}
@@ -548,26 +662,46 @@ def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[s
                     f"TRE {o.tre_mm:.1f} mm, {o.seconds:.1f} s"
                     + (f" [{o.error}]" if o.error else ""))
     rows = summarise(outcomes, runnable, bins)
-    header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop)}`. "
-              f"Machine: {machine()}. Pairs: {', '.join(pairs)} ({source}, held out); "
-              f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm."
-              + (f" Skipped (not installed): {', '.join(skipped)}." if skipped else ""))
+    if family == "realistic":
+        described = "; ".join(_realistic_pair_line(p, cases) for p in pairs)
+        header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop, family)}`. "
+                  f"Machine: {machine()}. Family: realistic (own grids, cropped fields of "
+                  f"view; TRE over the overlap at the true pose). Pairs: {described}; "
+                  f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm.")
+    else:
+        header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop)}`. "
+                  f"Machine: {machine()}. Pairs: {', '.join(pairs)} ({source}, held out); "
+                  f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm.")
+    header += f" Skipped (not installed): {', '.join(skipped)}." if skipped else ""
     table = markdown(rows, header)
     warnings = confidence_summary(outcomes)
     if warnings:
         table += "\n" + confidence_markdown(warnings)
-    (out / "capture_range.md").write_text(table, encoding="utf-8")
+    (out / f"{stem}.md").write_text(table, encoding="utf-8")
     if rows:
-        plot(rows, out / "capture_range.png")
+        plot(rows, out / f"{stem}.png")
     return outcomes, rows
 
 
+def _realistic_pair_line(pair: str, cases: Sequence[Case]) -> str:
+    """"pair (source[, note])" with the source the cases really used (a phantom when the
+    pair's package is missing)."""
+    spec = realistic_cases.PAIRS[pair]
+    used = sorted({c.source for c in cases if c.pair == pair}) or [spec.source]
+    note = f", {spec.note}" if spec.note and spec.source in used else ""
+    return f"{pair} ({', '.join(used)}{note})"
+
+
 def _command(cases_per_bin: int, methods: Sequence[str], pairs: Sequence[str],
-             crop: int | None) -> str:
+             crop: int | None, family: str = "full-field") -> str:
     parts = ["python benchmarks/capture_range.py", f"--cases-per-bin {cases_per_bin}"]
-    if tuple(methods) != ALL_METHODS:
+    default_methods, default_pairs = ALL_METHODS, PAIRS
+    if family != "full-field":
+        parts.insert(1, f"--family {family}")
+        default_methods, default_pairs = REALISTIC_METHODS, REALISTIC_PAIRS
+    if tuple(methods) != default_methods:
         parts.append(f"--methods {','.join(methods)}")
-    if tuple(pairs) != PAIRS:
+    if tuple(pairs) != default_pairs:
         parts.append(f"--pairs {','.join(pairs)}")
     if crop is not None:
         parts.append(f"--crop {crop}")
@@ -576,25 +710,39 @@ def _command(cases_per_bin: int, methods: Sequence[str], pairs: Sequence[str],
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=FAMILIES, default="full-field",
+                   help="full-field: the same lattice, whole anatomy (the paper's protocol); "
+                        "realistic: own grids, cropped fields of view, torso")
     p.add_argument("--cases-per-bin", type=int, default=5)
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
-    p.add_argument("--pairs", default=",".join(PAIRS))
+    p.add_argument("--methods", default=None,
+                   help=f"default: {','.join(ALL_METHODS)} (realistic: "
+                        f"{','.join(REALISTIC_METHODS)})")
+    p.add_argument("--pairs", default=None,
+                   help=f"default: {','.join(PAIRS)} (realistic: {','.join(REALISTIC_PAIRS)})")
     p.add_argument("--crop", type=int, default=None, help="centred cube of this many voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--resume", action="store_true",
                    help="keep the outcomes already in OUT/capture_range.jsonl, run the rest")
     p.add_argument("--quick", action="store_true",
-                   help="one CT / FLAIR case in the 0-25 mm bin (what the test suite runs)")
+                   help="one CT / FLAIR case in the 0-25 mm bin (what the test suite runs; "
+                        "realistic: one ct-mr case of a 56-voxel crop, disa-default only)")
     args = p.parse_args(argv)
-    methods = [m for m in args.methods.split(",") if m]
-    pairs = [s for s in args.pairs.split(",") if s]
+    realistic = args.family == "realistic"
+    methods = [m for m in (args.methods or ",".join(
+        REALISTIC_METHODS if realistic else ALL_METHODS)).split(",") if m]
+    pairs = [s for s in (args.pairs or ",".join(
+        REALISTIC_PAIRS if realistic else PAIRS)).split(",") if s]
     bins: tuple[int, ...] = (0, 1, 2, 3)
     cases, crop = args.cases_per_bin, args.crop
     if args.quick:
         cases, bins, pairs = 1, (0,), ["ct-mr"]
-    _, rows = run(cases, methods, args.out, pairs, bins, crop, args.seed, resume=args.resume)
-    print((args.out / "capture_range.md").read_text(encoding="utf-8"))
+        if realistic:
+            crop = crop or QUICK_CROP
+            methods = methods if args.methods else ["disa-default"]
+    _, rows = run(cases, methods, args.out, pairs, bins, crop, args.seed, resume=args.resume,
+                  family=args.family)
+    print((args.out / f"{_stem(args.family)}.md").read_text(encoding="utf-8"))
     return 0 if rows else 1
 
 
