@@ -664,12 +664,12 @@ def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[s
     rows = summarise(outcomes, runnable, bins)
     if family == "realistic":
         described = "; ".join(_realistic_pair_line(p, cases) for p in pairs)
-        header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop, family)}`. "
+        header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop, family, bins)}`. "
                   f"Machine: {machine()}. Family: realistic (own grids, cropped fields of "
                   f"view; TRE over the overlap at the true pose). Pairs: {described}; "
                   f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm.")
     else:
-        header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop)}`. "
+        header = (f"Command: `{_command(cases_per_bin, methods, pairs, crop, bins=bins)}`. "
                   f"Machine: {machine()}. Pairs: {', '.join(pairs)} ({source}, held out); "
                   f"{len(cases)} cases; converged = mean TRE < {CONVERGED_MM:.0f} mm.")
     header += f" Skipped (not installed): {', '.join(skipped)}." if skipped else ""
@@ -693,7 +693,8 @@ def _realistic_pair_line(pair: str, cases: Sequence[Case]) -> str:
 
 
 def _command(cases_per_bin: int, methods: Sequence[str], pairs: Sequence[str],
-             crop: int | None, family: str = "full-field") -> str:
+             crop: int | None, family: str = "full-field",
+             bins: Sequence[int] = (0, 1, 2, 3)) -> str:
     parts = ["python benchmarks/capture_range.py", f"--cases-per-bin {cases_per_bin}"]
     default_methods, default_pairs = ALL_METHODS, PAIRS
     if family != "full-field":
@@ -703,6 +704,8 @@ def _command(cases_per_bin: int, methods: Sequence[str], pairs: Sequence[str],
         parts.append(f"--methods {','.join(methods)}")
     if tuple(pairs) != default_pairs:
         parts.append(f"--pairs {','.join(pairs)}")
+    if tuple(bins) != (0, 1, 2, 3):
+        parts.append(f"--bins {','.join(map(str, bins))}")
     if crop is not None:
         parts.append(f"--crop {crop}")
     return " ".join(parts)
@@ -719,6 +722,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{','.join(REALISTIC_METHODS)})")
     p.add_argument("--pairs", default=None,
                    help=f"default: {','.join(PAIRS)} (realistic: {','.join(REALISTIC_PAIRS)})")
+    p.add_argument("--bins", default="0,1,2,3",
+                   help="initial-error bins to run (0: 0-25 mm ... 3: 75-100 mm)")
     p.add_argument("--crop", type=int, default=None, help="centred cube of this many voxels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -733,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         REALISTIC_METHODS if realistic else ALL_METHODS)).split(",") if m]
     pairs = [s for s in (args.pairs or ",".join(
         REALISTIC_PAIRS if realistic else PAIRS)).split(",") if s]
-    bins: tuple[int, ...] = (0, 1, 2, 3)
+    bins = tuple(int(b) for b in args.bins.split(",") if b)
     cases, crop = args.cases_per_bin, args.crop
     if args.quick:
         cases, bins, pairs = 1, (0,), ["ct-mr"]
