@@ -1,6 +1,8 @@
 """`disa-train`: fit, export, quantise and evaluate the descriptor network.
 
 disa-train fit --out runs/NAME --budget MINUTES --seed S [--crop 64 --batch 2 ...] [--resume]
+               [--device cpu|cuda ...]     # the device loop (shift-aware loss); else the CPU loop
+disa-train cache --out runs/volumes.npz   # training volumes as float16 .npz (for --data-cache)
 disa-train export --run runs/NAME --out model/weights/
 disa-train quantise --onnx model/weights/disa.onnx       # int8 variant for OpenVINO
 disa-train evaluate --run runs/NAME | --onnx model/weights/disa.onnx [--card CARD.json]
@@ -53,10 +55,43 @@ def _parser() -> argparse.ArgumentParser:
         help="decay of an exponential moving average of the weights, which the run then "
         "serves (export, evaluate); 0: off",
     )
-    f.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    f.add_argument("--checkpoint-minutes", type=float, default=None,
+                   help="minutes between checkpoints (default 5; 1 with --device)")
     f.add_argument("--workers", type=int, default=1, help="data processes (0: in the trainer)")
     f.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
     f.add_argument("--no-balance", action="store_true", help="plain MSE, no target-bin weights")
+    f.add_argument("--balance-power", type=float, default=1.0,
+                   help="exponent of the target-bin weights (1: v1-v5, 0.5: softened)")
+    f.add_argument("--data-cache", type=Path, default=None,
+                   help="training volumes from this .npz (disa-train cache) instead of the "
+                        "installed packages")
+    d = f.add_argument_group(
+        "device loop", "with --device: crops, targets and the network on a torch device, "
+        "shift-aware loss, wall-clock schedule, optimum-bias checkpoint selection "
+        "(docs/TRAINING.md); --halve-every, --cross-pairs, --contrast-weight and "
+        "--role-target belong to the CPU loop")
+    d.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="train with the device loop on this device (default: the CPU loop)")
+    d.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 autocast of the convolutions (auto: on CUDA only)")
+    d.add_argument("--scene-pool", type=int, default=1,
+                   help="newest scenes a step draws its crop pairs from")
+    d.add_argument("--node-offsets", type=int, default=4,
+                   help="random node offsets per step with dense cross targets")
+    d.add_argument("--shift-pairs", type=int, default=4,
+                   help="offset pairs (s, s + d) per step for the shift-difference terms")
+    d.add_argument("--shift-range", type=int, default=4, help="|s| per axis, voxels")
+    d.add_argument("--shift-step", type=int, default=3, help="largest |d|, voxels")
+    d.add_argument("--shift-weight", type=float, default=1.0,
+                   help="weight of the per-node shift-difference term (0: off)")
+    d.add_argument("--gradient-weight", type=float, default=1.0,
+                   help="weight of the per-crop w-weighted gradient term (0: off)")
+    d.add_argument("--schedule-steps", type=int, default=None,
+                   help="cosine horizon in steps (default: the budget's wall clock)")
+    d.add_argument("--final-lr-fraction", type=float, default=0.05)
+    d.add_argument("--val-pairs", type=int, default=6,
+                   help="optimum-bias scan pairs at every checkpoint (0: keep the last weights)")
+    d.add_argument("--val-side", type=int, default=80, help="scan crop side, voxels")
     f.add_argument(
         "--role-target",
         action="store_true",
@@ -96,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines")
     f.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
 
+    c = sub.add_parser("cache", help="write the training volumes to a float16 .npz")
+    c.add_argument("--out", required=True, type=Path)
+    c.add_argument("--sources", nargs="+", default=["icbm152-brain", "icbm152-head"],
+                   help="training sources to include (held-out ones are refused)")
+
     e = sub.add_parser("export", help="write ONNX + model card from a run")
     e.add_argument("--run", required=True, type=Path)
     e.add_argument("--out", type=Path, default=Path("model/weights"))
@@ -134,8 +174,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from disa.training.device_loop import DeviceUnavailable, resolve_device
     from disa.training.loop import TrainConfig, fit
 
+    if args.device is not None:
+        try:
+            resolve_device(args.device)
+        except DeviceUnavailable as exc:
+            print(f"disa-train: {exc}", file=sys.stderr)
+            return 2
+    minutes = args.checkpoint_minutes
+    if minutes is None:
+        minutes = 1.0 if args.device is not None else 5.0
     cfg = TrainConfig(
         budget_minutes=args.budget,
         seed=args.seed,
@@ -147,7 +197,7 @@ def _fit(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup,
         halve_every=args.halve_every,
         max_steps=args.max_steps,
-        checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_minutes=minutes,
         workers=args.workers,
         threads=args.threads,
         balance=not args.no_balance,
@@ -160,6 +210,21 @@ def _fit(args: argparse.Namespace) -> int:
         phantom_fraction=args.phantom_fraction,
         source_ids=tuple(args.sources),
         log_every_s=args.log_every,
+        volume_cache=str(args.data_cache) if args.data_cache is not None else None,
+        balance_power=args.balance_power,
+        device=args.device,
+        amp=args.amp,
+        scene_pool=args.scene_pool,
+        node_offsets=args.node_offsets,
+        shift_pairs=args.shift_pairs,
+        shift_range=args.shift_range,
+        shift_step=args.shift_step,
+        shift_weight=args.shift_weight,
+        gradient_weight=args.gradient_weight,
+        schedule_steps=args.schedule_steps,
+        final_lr_fraction=args.final_lr_fraction,
+        val_pairs=args.val_pairs,
+        val_side=args.val_side,
     )
     summary = fit(cfg, args.out, resume=args.resume)
     print(
@@ -167,6 +232,26 @@ def _fit(args: argparse.Namespace) -> int:
             {k: summary[k] for k in ("steps", "elapsed_minutes", "stopped_by", "checkpoint")}
         )
     )
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from disa.training import sources
+    from disa.training.volume_cache import write_volume_cache
+
+    held_out = [s for s in args.sources
+                if s not in sources.CATALOGUE or sources.CATALOGUE[s].split != "training"]
+    if held_out:
+        print(f"disa-train: not training sources: {', '.join(held_out)}", file=sys.stderr)
+        return 2
+    installed = set(sources.available_sources("training"))
+    missing = [s for s in args.sources if s not in installed]
+    if missing:
+        print(f"disa-train: not installed: {', '.join(missing)} "
+              "(bash scripts/install_training_data.sh)", file=sys.stderr)
+        return 2
+    summary = write_volume_cache([sources.load_volume(s) for s in args.sources], args.out)
+    print(json.dumps(summary))
     return 0
 
 
@@ -223,7 +308,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"fit": _fit, "export": _export, "quantise": _quantise,
+    return {"fit": _fit, "cache": _cache, "export": _export, "quantise": _quantise,
             "evaluate": _evaluate}[args.command](args)
 
 

@@ -11,6 +11,7 @@ consecutive batches; a worker caches the last scene it made.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from disa.training import sources
 from disa.training.pairs import PairConfig, Scene, make_scene, sample_crop_pair
+from disa.training.volume_cache import read_volume_cache
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,21 @@ class DataConfig:
     #: Share of scenes made from random phantoms (anatomy-free).
     phantom_fraction: float = 0.35
     phantom_shape: tuple[int, int, int] = sources.PHANTOM_SHAPE
+    #: A float16 .npz of the training volumes (`disa.training.volume_cache`) to read
+    #: instead of the installed packages.
+    volume_cache: str | None = None
+
+
+@functools.cache
+def _cached_volumes(path: str, ids: tuple[str, ...]) -> tuple[sources.Volume, ...]:
+    return tuple(read_volume_cache(path, ids))
 
 
 def training_volumes(cfg: DataConfig) -> list[sources.Volume]:
-    """The installed training volumes named by ``cfg`` (loaded once per process)."""
+    """The training volumes named by ``cfg``, from the volume cache when it names one,
+    else the installed packages (loaded once per process)."""
+    if cfg.volume_cache is not None:
+        return list(_cached_volumes(str(cfg.volume_cache), tuple(cfg.source_ids)))
     installed = set(sources.available_sources("training"))
     return [sources.load_volume(s) for s in cfg.source_ids if s in installed]
 
@@ -121,4 +134,52 @@ def batch_loader(
         num_workers=workers,
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,
+    )
+
+
+class SceneStream(IterableDataset):
+    """Scenes start, start + 1, ... for the device loop (`disa.training.device_loop`).
+
+    Scene g is `make_training_scene(g, seed, ...)`, the scene the CPU loop's batches
+    g * scene_reuse ... use, so both loops see the same scenes for a seed. Workers
+    make scenes g = start + w, start + w + W, ...; the DataLoader returns them in
+    order. Items: group (int), images (2, Z, Y, X) float32 (fixed, moving setting,
+    z-scored), focus (3,) float64 voxels, mirror (bool: the scene continues by
+    reflection past its border, else by its edge voxels).
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int, start: int = 0) -> None:
+        super().__init__()
+        self.cfg, self.seed, self.start = cfg, seed, start
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            torch.set_num_threads(1)
+        volumes = training_volumes(self.cfg)
+        group = self.start + worker
+        while True:
+            scene = make_training_scene(group, self.seed, self.cfg, volumes)
+            yield {
+                "group": torch.tensor(group),
+                "images": torch.from_numpy(np.stack(scene.images)),
+                "focus": torch.from_numpy(np.asarray(scene.focus, dtype=np.float64)),
+                "mirror": torch.tensor(scene.border_mode == "mirror"),
+            }
+            group += workers
+
+
+def scene_loader(cfg: DataConfig, seed: int, start: int, workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over `SceneStream`; ``workers`` = 0 makes scenes in this process."""
+    if workers > 0:
+        training_volumes(cfg)  # load before forking so workers share the arrays
+    return DataLoader(
+        SceneStream(cfg, seed, start),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers > 0 else None,
+        persistent_workers=False,
+        pin_memory=pin_memory,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 from disa.model.export import export_onnx, write_model_card
 from disa.training.evaluate import card_metrics
-from disa.training.loop import SUMMARY, load_checkpoint, model_from_checkpoint
+from disa.training.loop import SUMMARY, TrainConfig, load_checkpoint, model_from_checkpoint
 from disa.training.sources import CATALOGUE, TRAINING_SOURCES
 from disa.training.synthesis import TRAINING_SETTINGS
 
@@ -17,7 +17,7 @@ EVAL_JSON = "eval.json"
 
 def training_description(run: Path) -> dict[str, Any]:
     """The card's ``training`` block, from the run's checkpoint and summary."""
-    state = load_checkpoint(run)
+    state = load_checkpoint(run, kept=True)
     cfg = state["config"]
     summary_path = run / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -42,10 +42,15 @@ def training_description(run: Path) -> dict[str, Any]:
         "minutes": round(float(state["elapsed_s"]) / 60.0, 2),
         "steps": int(state["step"]),
         "stopped_by": summary.get("stopped_by"),
+        **({"optimum_bias_scan": {k: state["scan"][k] for k in
+                                  ("drift_mm_mean", "drift_mm_median", "val_mse", "step")}}
+           if "scan" in state else {}),
     }
 
 
 def _recipe(cfg: dict[str, Any]) -> str:
+    if cfg.get("device"):
+        return _device_recipe(cfg)
     cross = int(cfg.get("cross_pairs", 0))
     reach = int(cfg.get("cross_reach", 0))
     return (
@@ -65,6 +70,31 @@ def _recipe(cfg: dict[str, Any]) -> str:
     )
 
 
+def _device_recipe(cfg: dict[str, Any]) -> str:
+    power = float(cfg.get("balance_power", 1.0))
+    return (
+        f"device loop ({cfg['device']}, bf16 autocast {cfg.get('amp')}): dense LC2 regression "
+        f"(radii 3,5,7, symmetric target) of descriptor dot products of {cfg['crop']}^3 crop "
+        f"pairs (batch {cfg['batch']}, scene pool {cfg.get('scene_pool')}, each scene "
+        f"{cfg['scene_reuse']} steps) at zero and {cfg.get('node_offsets')} random node offsets "
+        f"within +-{cfg['cross_reach']} nodes; shift differences at {cfg.get('shift_pairs')} "
+        f"offset pairs (s within +-{cfg.get('shift_range')} voxels, |d| 1-"
+        f"{cfg.get('shift_step')}) weight {cfg.get('shift_weight')}, w-weighted gradient term "
+        f"weight {cfg.get('gradient_weight')}; "
+        + (f"target-bin balanced MSE (power {power:g})" if cfg.get("balance", True)
+           else "plain MSE")
+        + f"; AdamW lr {cfg['lr']} wd {cfg['weight_decay']}, warm-up {cfg['warmup_steps']}, "
+        f"cosine to {cfg.get('final_lr_fraction')} x over "
+        + (f"{cfg['schedule_steps']} steps" if cfg.get("schedule_steps")
+           else f"{cfg['budget_minutes']} min")
+        + f"; weights kept by an optimum-bias scan of {cfg.get('val_pairs')} validation pairs"
+        f"; seed {cfg['seed']}"
+        + (f"; weights: moving average, decay {cfg['ema_decay']}"
+           if cfg.get("ema_decay", 0.0) > 0 else "")
+        + (f"; initialised from {cfg['init_from']}" if cfg.get("init_from") else "")
+    )
+
+
 def _command(run: Path, cfg: dict[str, Any]) -> str:
     parts = [
         f"disa-train fit --out {run} --budget {cfg['budget_minutes']} --seed {cfg['seed']}",
@@ -77,6 +107,19 @@ def _command(run: Path, cfg: dict[str, Any]) -> str:
         parts.append("--role-target")
     if cfg.get("ema_decay", 0.0) > 0:
         parts.append(f"--ema {cfg['ema_decay']}")
+    if cfg.get("device"):
+        defaults = TrainConfig()
+        parts = [p for p in parts if not p.startswith("--halve-every")]
+        parts.append(f"--device {cfg['device']}")
+        for key in ("scene_reuse", "scene_pool", "node_offsets", "shift_pairs", "shift_range",
+                    "shift_step", "shift_weight", "gradient_weight", "balance_power",
+                    "schedule_steps", "final_lr_fraction", "val_pairs", "val_side", "amp",
+                    "warmup_steps"):
+            if key in cfg and cfg[key] != getattr(defaults, key):
+                flag = {"warmup_steps": "warmup"}.get(key, key)
+                parts.append(f"--{flag.replace('_', '-')} {cfg[key]}")
+        if cfg.get("volume_cache"):
+            parts.append(f"--data-cache {cfg['volume_cache']}")
     if cfg.get("init_from"):
         parts.append(f"--init-from {cfg['init_from']}")
     return " ".join(parts)

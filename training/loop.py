@@ -38,6 +38,8 @@ from disa.training.data import DataConfig, batch_loader
 from disa.training.pairs import PairConfig
 
 CHECKPOINT = "checkpoint.pt"
+#: The weights a device-loop run keeps: the smallest optimum-bias drift of its scans.
+BEST = "best.pt"
 LOG = "log.jsonl"
 SUMMARY = "run.json"
 
@@ -79,6 +81,37 @@ class TrainConfig:
     source_ids: tuple[str, ...] = ("icbm152-brain", "icbm152-head")
     phantom_shape: tuple[int, int, int] = (96, 96, 96)
     log_every_s: float = 30.0
+    #: Training volumes from this float16 .npz (`disa-train cache`) instead of the
+    #: installed packages; None: the packages.
+    volume_cache: str | None = None
+    #: Exponent of the target-bin balancer's weights (1: the v1-v5 weights, 0: plain MSE,
+    #: 0.5: softened). Ignored with ``balance`` off.
+    balance_power: float = 1.0
+    # ---- the device loop (`disa.training.device_loop`); None: the CPU loop of v1-v5.
+    device: str | None = None
+    #: Convolutions under bf16 autocast: "auto" (on CUDA only), "bf16" or "off".
+    amp: str = "auto"
+    #: Recent scenes a step draws its crop pairs from (crop pair b: the b-th newest).
+    scene_pool: int = 1
+    #: Dense cross targets: node offsets per step, each supervising every node pair
+    #: (i, i + offset) of every crop pair; reach in nodes per axis is ``cross_reach``.
+    node_offsets: int = 4
+    #: Shift-difference terms: pairs of voxel offsets (s, s + d) per step, s within
+    #: +-``shift_range`` voxels per axis, |d| in [1, ``shift_step``] voxels.
+    shift_pairs: int = 4
+    shift_range: int = 4
+    shift_step: int = 3
+    #: Weight of the per-node shift-difference term and of the per-crop w-weighted
+    #: finite-difference gradient term (`disa.training.device_loop.step_loss`).
+    shift_weight: float = 1.0
+    gradient_weight: float = 1.0
+    #: Learning-rate horizon in steps (cosine from ``lr`` to ``lr * final_lr_fraction``);
+    #: None: the wall-clock budget is the horizon.
+    schedule_steps: int | None = None
+    final_lr_fraction: float = 0.05
+    #: Optimum-bias scan at every checkpoint: validation pairs (0: none) and their side.
+    val_pairs: int = 6
+    val_side: int = 80
     extra: dict[str, Any] = field(default_factory=dict)
 
     def data_config(self) -> DataConfig:
@@ -94,6 +127,7 @@ class TrainConfig:
             source_ids=tuple(self.source_ids),
             phantom_fraction=self.phantom_fraction,
             phantom_shape=tuple(self.phantom_shape),  # type: ignore[arg-type]
+            volume_cache=self.volume_cache,
         )
 
     @classmethod
@@ -109,16 +143,21 @@ class TrainConfig:
 class TargetBalancer:
     """Per-voxel loss weights from the inverse running frequency of target bins."""
 
-    def __init__(self, bins: int = 10, momentum: float = 0.98, max_weight: float = 10.0) -> None:
+    def __init__(self, bins: int = 10, momentum: float = 0.98, max_weight: float = 10.0,
+                 power: float = 1.0) -> None:
         self.bins, self.momentum, self.max_weight = bins, momentum, max_weight
+        self.power = power
         self.freq = torch.full((bins,), 1.0 / bins, dtype=torch.float64)
 
     def weights(self, target: torch.Tensor) -> torch.Tensor:
         idx = torch.clamp((target * self.bins).long(), 0, self.bins - 1)
-        hist = torch.bincount(idx.flatten(), minlength=self.bins).double()
+        # The running frequencies stay on the CPU in float64 whatever the targets' device.
+        hist = torch.bincount(idx.flatten(), minlength=self.bins).double().cpu()
         self.freq = self.momentum * self.freq + (1 - self.momentum) * hist / hist.sum()
         w = torch.clamp((1.0 / self.bins) / self.freq.clamp_min(1e-6), max=self.max_weight)
-        per_voxel = w[idx].float()
+        if self.power != 1.0:
+            w = w**self.power
+        per_voxel = w.to(target.device)[idx].float()
         return per_voxel / per_voxel.mean()
 
     def state_dict(self) -> dict[str, Any]:
@@ -199,7 +238,7 @@ def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
         weights = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
                    for i in graph.initializer}
     else:
-        weights = served_weights(load_checkpoint(path))
+        weights = served_weights(load_checkpoint(path, kept=True))
     expected = DisaNet().state_dict()
     missing = sorted(set(expected) - set(weights))
     if missing:
@@ -215,11 +254,12 @@ def _atomic_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh), durable=False)
 
 
-def load_checkpoint(run: str | Path) -> dict[str, Any]:
-    """The last checkpoint of a run folder (or a checkpoint file)."""
+def load_checkpoint(run: str | Path, kept: bool = False) -> dict[str, Any]:
+    """The last checkpoint of a run folder (or a checkpoint file); with ``kept``, the
+    weights the run keeps: ``best.pt`` where its optimum-bias scans wrote one."""
     path = Path(run)
     if path.is_dir():
-        path = path / CHECKPOINT
+        path = path / (BEST if kept and (path / BEST).is_file() else CHECKPOINT)
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -229,7 +269,8 @@ def served_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def model_from_checkpoint(run: str | Path) -> DisaNet:
-    state = load_checkpoint(run)
+    """The weights a run serves (export, evaluate): its kept ones, else its last."""
+    state = load_checkpoint(run, kept=True)
     net = DisaNet()
     net.load_state_dict(served_weights(state))
     return net.eval()
@@ -271,8 +312,16 @@ def fit(
     interactive: bool | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Train (or continue training) into the folder ``out``; returns the run summary."""
+    """Train (or continue training) into the folder ``out``; returns the run summary.
+
+    With ``cfg.device`` set, or resuming a run that had one, the device loop trains
+    (`disa.training.device_loop`); otherwise this CPU loop, which made v1-v5.
+    """
     out = Path(out)
+    if cfg.device is not None or (resume and _is_device_run(out / CHECKPOINT)):
+        from disa.training.device_loop import fit_device
+
+        return fit_device(cfg, out, resume=resume, interactive=interactive, on_step=on_step)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
     state: dict[str, Any] | None = None
@@ -307,7 +356,7 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.halve_every)
     )
-    balancer = TargetBalancer() if cfg.balance else None
+    balancer = TargetBalancer(power=cfg.balance_power) if cfg.balance else None
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
            if cfg.ema_decay > 0 else None)
     step, elapsed = 0, 0.0
@@ -409,6 +458,10 @@ def fit(
     }
     write_json(summary, out / SUMMARY, durable=False)
     return summary
+
+
+def _is_device_run(ckpt_path: Path) -> bool:
+    return ckpt_path.is_file() and load_checkpoint(ckpt_path)["config"].get("device") is not None
 
 
 def _stop_on_signals() -> Callable[[], None]:

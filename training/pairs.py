@@ -169,11 +169,70 @@ def sample_grid(
     return out.reshape((side,) * 3).astype(np.float32)
 
 
-def augment_intensity(crop: np.ndarray, rng: np.random.Generator, cfg: PairConfig) -> np.ndarray:
+@dataclass(frozen=True)
+class IntensityDraw:
+    """One crop's intensity augmentation: ``sign * scale * crop + shift``."""
+
+    sign: float
+    scale: float
+    shift: float
+
+    @property
+    def gain(self) -> float:
+        return self.sign * self.scale
+
+
+def draw_intensity(rng: np.random.Generator, cfg: PairConfig) -> IntensityDraw:
     sign = -1.0 if rng.random() < cfg.p_sign_flip else 1.0
     scale = rng.uniform(*cfg.scale_range)
     shift = rng.normal(0.0, cfg.shift_sd)
-    return (sign * scale * crop + shift).astype(np.float32)
+    return IntensityDraw(sign, float(scale), float(shift))
+
+
+def apply_intensity(crop: np.ndarray, draw: IntensityDraw) -> np.ndarray:
+    return (draw.sign * draw.scale * crop + draw.shift).astype(np.float32)
+
+
+def augment_intensity(crop: np.ndarray, rng: np.random.Generator, cfg: PairConfig) -> np.ndarray:
+    return apply_intensity(crop, draw_intensity(rng, cfg))
+
+
+@dataclass(frozen=True)
+class CropDraw:
+    """Everything random about one crop pair's geometry and intensities (voxels).
+
+    fixed voxel x -> scene point ``centre + shared (x - h)``, moving voxel x ->
+    ``centre + shift + shared relative (x - h)``, h = (side - 1) / 2. Drawn apart
+    from the sampling so that the CPU pipeline (`sample_crop_pair`) and the device
+    one (`disa.training.device`) make the same crops from the same generator.
+    """
+
+    shared: np.ndarray
+    shift: np.ndarray
+    relative: np.ndarray
+    centre: np.ndarray
+    fixed_intensity: IntensityDraw
+    moving_intensity: IntensityDraw
+
+    @property
+    def moving_matrix(self) -> np.ndarray:
+        return self.shared @ self.relative
+
+
+def draw_crop(rng: np.random.Generator, focus: np.ndarray, cfg: PairConfig) -> CropDraw:
+    """The random part of a crop pair around ``focus`` (consumes ``rng`` in the order the
+    v1-v5 runs did, so their batches are unchanged)."""
+    shared = random_rotation(rng)
+    if rng.random() < cfg.p_aligned:
+        shift, relative = np.zeros(3), np.eye(3)
+    else:
+        direction = rng.normal(size=3)
+        shift = direction / np.linalg.norm(direction) * cfg.max_shift * rng.uniform() ** 2
+        relative = random_rotation(rng, cfg.max_rotation_deg)
+    centre = focus + rng.normal(0.0, cfg.centre_jitter, 3)
+    fixed_intensity = draw_intensity(rng, cfg)
+    moving_intensity = draw_intensity(rng, cfg)
+    return CropDraw(shared, shift, relative, centre, fixed_intensity, moving_intensity)
 
 
 def descriptor_centres(cfg: PairConfig) -> np.ndarray:
@@ -214,20 +273,14 @@ def cross_indices(
 
 def sample_crop_pair(scene: Scene, rng: np.random.Generator, cfg: PairConfig) -> CropPair:
     """One fixed/moving crop pair of ``scene`` with its dense LC2 targets."""
-    shared = random_rotation(rng)
-    if rng.random() < cfg.p_aligned:
-        shift, relative = np.zeros(3), np.eye(3)
-    else:
-        direction = rng.normal(size=3)
-        shift = direction / np.linalg.norm(direction) * cfg.max_shift * rng.uniform() ** 2
-        relative = random_rotation(rng, cfg.max_rotation_deg)
-    centre = scene.focus + rng.normal(0.0, cfg.centre_jitter, 3)
-    fixed = sample_grid(scene.images[0], centre, shared, cfg.side, scene.border_mode)
+    draw = draw_crop(rng, scene.focus, cfg)
+    shift = draw.shift
+    fixed = sample_grid(scene.images[0], draw.centre, draw.shared, cfg.side, scene.border_mode)
     moving = sample_grid(
-        scene.images[1], centre + shift, shared @ relative, cfg.side, scene.border_mode
+        scene.images[1], draw.centre + shift, draw.moving_matrix, cfg.side, scene.border_mode
     )
-    fixed = augment_intensity(fixed, rng, cfg)
-    moving = augment_intensity(moving, rng, cfg)
+    fixed = apply_intensity(fixed, draw.fixed_intensity)
+    moving = apply_intensity(moving, draw.moving_intensity)
     mr_role = "fixed" if rng.random() < 0.5 else "moving"
     k = cfg.out_side
     cross_i, cross_j = cross_indices(rng, cfg) if cfg.cross_pairs else (np.zeros((0, 3), int),) * 2
