@@ -82,9 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="offset pairs (s, s + d) per step for the shift-difference terms")
     d.add_argument("--shift-range", type=int, default=4, help="|s| per axis, voxels")
     d.add_argument("--shift-step", type=int, default=3, help="largest |d|, voxels")
-    d.add_argument("--shift-weight", type=float, default=1.0,
+    d.add_argument("--shift-weight", type=float, default=4.0,
                    help="weight of the per-node shift-difference term (0: off)")
-    d.add_argument("--gradient-weight", type=float, default=1.0,
+    d.add_argument("--gradient-weight", type=float, default=40.0,
                    help="weight of the per-crop w-weighted gradient term (0: off)")
     d.add_argument("--schedule-steps", type=int, default=None,
                    help="cosine horizon in steps (default: the budget's wall clock)")

@@ -263,6 +263,9 @@ def fit_device(
     out.mkdir(parents=True, exist_ok=True)
 
     torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        # Crop and batch shapes never change within a run: let cuDNN pick its kernels once.
+        torch.backends.cudnn.benchmark = True
     amp = amp_dtype(cfg, device)
     pcfg = pair_config(cfg)
     net = cpu_loop.new_model(cfg.seed)
@@ -460,10 +463,11 @@ def _log(log: Any, reporter: Any, window: dict[str, float], step: int, elapsed: 
     log.write(json.dumps(record) + "\n")
     log.flush()
     remaining = max(budget_s - elapsed, 0.0)
+    terms = "".join(f"  {name} {record[key]:.2g}" for key, name in
+                    (("shift_mse", "shift"), ("gradient_mse", "grad")) if key in record)
     reporter.update(
         elapsed,
-        f"step {step}  loss {record.get('loss', 0):.4f}  mse {record.get('mse', 0):.4f}  "
-        f"shift {record.get('shift_mse', 0):.5f}  grad {record.get('gradient_mse', 0):.6f}  "
+        f"step {step}  loss {record.get('loss', 0):.4f}  mse {record.get('mse', 0):.4f}{terms}  "
         f"lr {record['lr']:.2e}  {record['steps_per_s']:.2f} steps/s  "
         f"{record['targets_per_s']:.0f} targets/s  wait {record['data_wait_fraction']:.0%}  "
         f"left {math.ceil(remaining / 60)} min",

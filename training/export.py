@@ -73,7 +73,10 @@ def _recipe(cfg: dict[str, Any]) -> str:
 def _device_recipe(cfg: dict[str, Any]) -> str:
     power = float(cfg.get("balance_power", 1.0))
     return (
-        f"device loop ({cfg['device']}, bf16 autocast {cfg.get('amp')}): dense LC2 regression "
+        f"device loop ({cfg['device']}, "
+        + ("bf16" if cfg.get("amp") == "bf16" or (cfg.get("amp") == "auto"
+                                                  and cfg["device"] == "cuda") else "fp32")
+        + " convolutions): dense LC2 regression "
         f"(radii 3,5,7, symmetric target) of descriptor dot products of {cfg['crop']}^3 crop "
         f"pairs (batch {cfg['batch']}, scene pool {cfg.get('scene_pool')}, each scene "
         f"{cfg['scene_reuse']} steps) at zero and {cfg.get('node_offsets')} random node offsets "

@@ -71,6 +71,7 @@ def write_volume_cache(volumes: Sequence[Volume], path: str | Path,
         if size > max_bytes:
             raise ValueError(f"volume cache would take {size / 2**20:.1f} MiB, over the "
                              f"{max_bytes / 2**20:.0f} MiB limit: cache fewer sources")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache holds nothing secret
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

@@ -183,6 +183,16 @@ def test_step_loss_terms_are_the_documented_differences() -> None:
     assert figures["targets"] == 2 * (k**3 + cross.count + nodes.count)
 
 
+def test_bf16_autocast_covers_the_convolutions_only() -> None:
+    net = loop.new_model(0)
+    x = torch.randn(2, 1, 16, 16, 16)
+    full = device_loop.describe(net, x, None)
+    half = device_loop.describe(net, x, torch.bfloat16)
+    assert half.dtype == full.dtype == torch.float32  # the clip and what follows: fp32
+    assert torch.linalg.vector_norm(half, dim=1).max() <= 1.0 + 1e-6
+    assert 0 < (half - full).abs().max() < 0.05  # bf16 convolutions, not fp32 ones
+
+
 def test_offsets_are_valid_and_depend_on_the_step() -> None:
     a = dv.draw_offsets(np.random.default_rng(1), 4, 3, 4, 5, 4, 3)
     b = dv.draw_offsets(np.random.default_rng(1), 4, 3, 4, 5, 4, 3)
@@ -243,6 +253,12 @@ def test_device_loop_resumes_bit_identically(device_config: loop.TrainConfig,
     with torch.no_grad():
         expected = loop.model_from_checkpoint(tmp_path / "a")(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(out, expected, atol=1e-4)
+    # The card names the device loop's recipe, command and the kept weights' scan.
+    assert cli_main(["export", "--run", str(tmp_path / "a"), "--out", str(tmp_path / "w")]) == 0
+    training = json.loads((tmp_path / "w" / "disa.json").read_text())["training"]
+    assert training["recipe"].startswith("device loop (cpu, fp32 convolutions)")
+    assert "--device cpu" in training["command"] and "--scene-pool 2" in training["command"]
+    assert training["optimum_bias_scan"]["step"] == training["steps"] == 6
 
 
 def test_cuda_without_a_device_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
