@@ -114,13 +114,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _print_summary(data: dict, outdir: Path) -> None:
-    verdict = ("AMBIGUOUS: another pose scores almost as well, check qa.png"
-               if data["ambiguous"] else "no other pose scores as well")
+    ambiguity = ("AMBIGUOUS: another pose scores almost as well"
+                 if data["ambiguous"] else "no other pose scores as well")
     print(f"{data['mode']} registration with {data['similarity']}: "
           f"similarity {data['similarity_value']:.4f}, confidence {data['confidence']:.2f} "
           f"({data['agreeing_solutions']}/{data['refined_solutions']} refined solutions agree, "
-          f"{verdict}), {data['evaluations']} evaluations, "
+          f"{ambiguity}), {data['evaluations']} evaluations, "
           f"{sum(v for k, v in data['timings_s'].items() if '_' not in k):.2f} s")
+    print(f"verdict: {data['verdict'].upper()} ({data['verdict_reason']})")
     print(f"results in {outdir}/ : {', '.join(data['files'])}")
 
 

@@ -330,6 +330,8 @@ def _adam(v: np.ndarray, grid: Grid, points: SimilarityPoints, n_weighted: int,
     a, b = _fold(linear, moving.grid)
     kernel_weights = (points.weights / (contrast * n_weighted)).astype(np.float32)
     moving_data = np.ascontiguousarray(moving.data)
+    valid = moving.validity
+    total = float(kernel_weights.sum())
     ssd = kind == "ssd"
     index_to_physical = grid.direction * grid.spacing[None, :]
     alpha = DIFFUSION_WEIGHT * settings.regularisation / n_weighted
@@ -342,14 +344,19 @@ def _adam(v: np.ndarray, grid: Grid, points: SimilarityPoints, n_weighted: int,
         """Normalised similarity term and its gradient on the whole field (Z, Y, X, 3)."""
         _point_coords(field_.reshape(-1, 3), points.corners, points.corner_weights, base, a,
                       coords)
-        cost, grad_index, _ = point_descriptor_cost(
-            points.fixed_values, kernel_weights, coords, moving_data, points.fixed_scale,
+        s, w, grad_s, grad_w = point_descriptor_cost(
+            points.fixed_values, kernel_weights, coords, moving_data, valid, points.fixed_scale,
             float(moving.scale), ssd, want_grad)
+        # The mean over the points that land on moving data (objective.py), scaled back to
+        # the sum's size so that the regularisation weights keep their meaning.
+        overlap = max(float(w[0]), 1e-12)
+        mean = float(s[0]) / overlap
         grad = np.zeros_like(field_)
         if want_grad:
+            grad_index = (grad_s - mean * grad_w) * (total / overlap)
             _scatter_to_nodes(grad_index, points.corners, points.corner_weights, a,
                               grad.reshape(-1, 3))
-        return float(cost[0]), grad
+        return mean * total, grad
 
     before = similarity(v, False)[0]
     m = np.zeros_like(v)

@@ -1,8 +1,10 @@
 """Dense descriptor maps on physical grids (DISA network output or MIND-SSC).
 
 A map holds one C-vector per voxel of its grid, channels last, as float32 or as
-symmetric int8 codes (value = code x scale). The registration objective reads
-fixed descriptors at sample points and trilinearly interpolates moving ones.
+symmetric int8 codes (value = code x scale), and a validity in [0, 1] per voxel:
+1 where the image has data (inside its field of view, ultrasound sector and
+mask), 0 elsewhere. The registration objective reads fixed descriptors at sample
+points and trilinearly interpolates moving ones and their validity.
 """
 
 from __future__ import annotations
@@ -18,16 +20,37 @@ from disa.registration.grid import Grid
 
 @dataclass(frozen=True)
 class DescriptorMap:
-    """Descriptors (Z, Y, X, C) on ``grid``; physical value = data * scale."""
+    """Descriptors (Z, Y, X, C) on ``grid``; physical value = data * scale.
+
+    ``valid`` (Z, Y, X) float32 in [0, 1], None meaning valid everywhere: where the
+    image has data. Points of the other image that land where it is 0 count neither
+    for nor against a pose (the overlap-normalised objective).
+    """
 
     data: np.ndarray
     grid: Grid
     scale: float = 1.0
+    valid: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 4 or tuple(self.data.shape[:3]) != tuple(self.grid.shape):
             raise ValueError(f"descriptor array {self.data.shape} does not match grid "
                              f"{self.grid.shape}")
+        if self.valid is not None and tuple(self.valid.shape) != tuple(self.grid.shape):
+            raise ValueError(f"validity {self.valid.shape} does not match grid "
+                             f"{self.grid.shape}")
+
+    @property
+    def validity(self) -> np.ndarray:
+        """The validity (Z, Y, X) float32, C-contiguous (ones when none was given)."""
+        if self.valid is None:
+            return np.ones(self.grid.shape, dtype=np.float32)
+        return np.ascontiguousarray(self.valid, dtype=np.float32)
+
+    def with_validity(self, valid: np.ndarray | None) -> DescriptorMap:
+        """The same descriptors with validity ``valid`` (bool or float on this grid)."""
+        v = None if valid is None else np.ascontiguousarray(valid, dtype=np.float32)
+        return DescriptorMap(self.data, self.grid, self.scale, v)
 
     @property
     def channels(self) -> int:
@@ -51,7 +74,7 @@ class DescriptorMap:
         if self.is_int8:
             return self
         codes = encode_int8(self.as_float())
-        return DescriptorMap(np.ascontiguousarray(codes), self.grid, INT8_SCALE)
+        return DescriptorMap(np.ascontiguousarray(codes), self.grid, INT8_SCALE, self.valid)
 
     def pooled(self) -> DescriptorMap:
         """Half resolution: [1, 2, 1]/4 smoothing then every second voxel.
@@ -64,14 +87,24 @@ class DescriptorMap:
         for axis in range(3):
             values = ndimage.convolve1d(values, kernel, axis=axis, mode="constant", cval=0.0)
         values = np.ascontiguousarray(values[::2, ::2, ::2])
-        pooled = DescriptorMap(values, self.grid.strided(2))
+        valid = None
+        if self.valid is not None:
+            # A pooled node is as valid as the data its filter reads (edges taper).
+            valid = self.validity
+            for axis in range(3):
+                valid = ndimage.convolve1d(valid, kernel, axis=axis, mode="nearest")
+            valid = np.ascontiguousarray(valid[::2, ::2, ::2])
+        pooled = DescriptorMap(values, self.grid.strided(2), 1.0, valid)
         return pooled.quantised() if self.is_int8 else pooled
 
     def masked(self, mask: np.ndarray) -> DescriptorMap:
-        """Descriptors zeroed where ``mask`` (bool on this grid) is False: no similarity there."""
-        data = self.data.copy()
-        data[~mask] = 0
-        return DescriptorMap(data, self.grid, self.scale)
+        """Validity set to 0 where ``mask`` (bool on this grid) is False: no similarity there.
+
+        Why not zero the descriptors (as until 2026-12-04): a point on a zeroed moving
+        descriptor still counted, as 0 (dot) or ||F||^2 (SSD), so a small moving mask
+        pulled the fixed foreground onto it; gated by validity it no longer counts.
+        """
+        return self.with_validity(self.validity * mask)
 
 
 def pool_weights(weights: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

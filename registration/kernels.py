@@ -9,7 +9,11 @@ once, works on int8 maps directly and runs both cores. See benchmarks/.
 Frames: ``points`` are continuous indices (x, y, z) of the fixed descriptor
 grid; ``mats[b]`` (3x4) maps them to continuous indices (x, y, z) of the
 moving descriptor map (the physical transform folded with both grids).
-Moving descriptors outside the map are zero (they carry no similarity).
+Every point's term is gated by the moving map's validity v (trilinear, 1 where
+the moving image has data, 0 outside its field of view, sector or mask): the
+kernels return the gated sum s = sum w v c and the overlap w = sum w v, and the
+objective takes their ratio, so points outside the moving data count neither
+for nor against a pose.
 """
 
 from __future__ import annotations
@@ -30,26 +34,20 @@ def _corner_weights(frac: float, upper: int) -> tuple[float, float]:
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz):
-    """Cost of one point whose moving-map index is (mx, my, mz), and its gradient.
+def _point_term(f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz):
+    """Cost of one point whose moving-map index is (mx, my, mz), its validity, and gradients.
 
-    ``f_vec`` holds the (dequantised) fixed descriptor; ``m_*`` are scratch
-    arrays of the channel count. Returns (cost, d cost/d mx, d/d my, d/d mz,
-    inside) with cost = -<F, M> (dot) or ||F - M||^2 (ssd), M trilinear with
-    zeros outside the map, and inside = 1 when the point lies within the map.
+    ``f_vec`` holds the (dequantised) fixed descriptor; ``valid`` (Z, Y, X) is the
+    moving map's validity (1 where the moving image has data, 0 outside its field of
+    view, sector or mask); ``m_*`` are scratch arrays of the channel count. Returns
+    (cost, d cost/d mx, d/d my, d/d mz, v, d v/d mx, d v/d my, d v/d mz) with cost =
+    -<F, M> (dot) or ||F - M||^2 (ssd), M and v trilinear with zeros outside the map.
     Inlined into both kernels, so the hot loop pays no call.
     """
     n_chan = f_vec.shape[0]
     nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
     if not (mx > -1.0 and my > -1.0 and mz > -1.0 and mx < nx and my < ny and mz < nz):
-        s = 0.0
-        if ssd:
-            for c in range(n_chan):
-                s += f_vec[c] * f_vec[c]
-        return s, 0.0, 0.0, 0.0, 0.0
-    inside = 0.0
-    if mx >= 0.0 and my >= 0.0 and mz >= 0.0 and mx <= nx - 1 and my <= ny - 1 and mz <= nz - 1:
-        inside = 1.0
+        return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     ix = int(np.floor(mx))
     iy = int(np.floor(my))
     iz = int(np.floor(mz))
@@ -60,6 +58,10 @@ def _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy,
     gx = 0.0
     gy = 0.0
     gz = 0.0
+    v = 0.0
+    vx = 0.0
+    vy = 0.0
+    vz = 0.0
     if ssd:
         for c in range(n_chan):
             m_val[c] = 0.0
@@ -78,13 +80,18 @@ def _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy,
         wx, dwx = _corner_weights(fx, ux)
         wy, dwy = _corner_weights(fy, uy)
         wz, dwz = _corner_weights(fz, uz)
+        q = valid[cz, cy, cx]
+        v += wx * wy * wz * q
+        vx += dwx * wy * wz * q
+        vy += wx * dwy * wz * q
+        vz += wx * wy * dwz * q
         if ssd:
             for c in range(n_chan):
-                v = moving[cz, cy, cx, c] * scale_moving
-                m_val[c] += wx * wy * wz * v
-                m_gx[c] += dwx * wy * wz * v
-                m_gy[c] += wx * dwy * wz * v
-                m_gz[c] += wx * wy * dwz * v
+                mv = moving[cz, cy, cx, c] * scale_moving
+                m_val[c] += wx * wy * wz * mv
+                m_gx[c] += dwx * wy * wz * mv
+                m_gy[c] += wx * dwy * wz * mv
+                m_gz[c] += wx * wy * dwz * mv
         else:
             d = 0.0
             for c in range(n_chan):
@@ -101,36 +108,41 @@ def _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy,
             gx -= 2.0 * r * m_gx[c]
             gy -= 2.0 * r * m_gy[c]
             gz -= 2.0 * r * m_gz[c]
-        return val, gx, gy, gz, inside
-    return -val, -gx, -gy, -gz, inside
+        return val, gx, gy, gz, v, vx, vy, vz
+    return -val, -gx, -gy, -gz, v, vx, vy, vz
 
 
-def _descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
-                    want_grad, n_chunks):
-    """Weighted descriptor cost of B transforms and its gradient w.r.t. each 3x4 matrix.
+def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving, ssd,
+                     want_grad, n_chunks):
+    """Validity-gated weighted descriptor sums of B transforms, and their gradients.
 
     Args:
         fixed: (N, C) fixed descriptors at the points (int8 or float32).
         weights: (N,) float32 point weights, summing to 1.
         points: (N, 3) float32 fixed-grid indices (x, y, z).
         moving: (Z, Y, X, C) moving descriptor map (int8 or float32).
+        valid: (Z, Y, X) float32 moving validity in [0, 1] (see ``_point_term``).
         mats: (B, 3, 4) float64 fixed index -> moving index.
         scale_fixed, scale_moving: dequantisation factors (1/127 for int8 codes).
-        ssd: False -> cost = -sum w <F, M(T p)> (maximise the dot product);
-             True  -> cost =  sum w ||F - M(T p)||^2 (MIND-SSC style SSD).
-        want_grad: also return d cost / d mats.
+        ssd: False -> c_p = -<F_p, M(T p)> (maximise the dot product);
+             True  -> c_p = ||F_p - M(T p)||^2 (MIND-SSC style SSD).
+        want_grad: also return the gradients w.r.t. mats.
         n_chunks: point chunks per transform (parallel work items = B x n_chunks).
 
     Returns:
-        cost (B,), grad (B, 3, 4) (zeros when want_grad is False), inside (B,)
-        weighted fraction of points whose transform lands inside the moving map.
+        s (B,) = sum_p w_p v_p c_p, the similarity over points that land where the
+        moving image has data; w (B,) = sum_p w_p v_p, the weighted overlap fraction;
+        d s / d mats and d w / d mats (B, 3, 4) (zeros when want_grad is False).
+        The objective divides s by w: a weighted mean, independent of how many points
+        overlap (docs/DESIGN.md, "Overlap-normalised objective").
     """
     n_points = points.shape[0]
     n_chan = fixed.shape[1]
     n_batch = mats.shape[0]
-    part_cost = np.zeros((n_batch, n_chunks))
-    part_inside = np.zeros((n_batch, n_chunks))
-    part_grad = np.zeros((n_batch, n_chunks, 3, 4))
+    part_s = np.zeros((n_batch, n_chunks))
+    part_w = np.zeros((n_batch, n_chunks))
+    part_gs = np.zeros((n_batch, n_chunks, 3, 4))
+    part_gw = np.zeros((n_batch, n_chunks, 3, 4))
     chunk = (n_points + n_chunks - 1) // n_chunks
     for task in prange(n_batch * n_chunks):
         b = task // n_chunks
@@ -144,8 +156,9 @@ def _descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_mo
         m_gy = np.zeros(n_chan)
         m_gz = np.zeros(n_chan)
         acc = 0.0
-        inside = 0.0
-        g = np.zeros((3, 4))
+        overlap = 0.0
+        gs = np.zeros((3, 4))
+        gw = np.zeros((3, 4))
         for p in range(start, stop):
             px = points[p, 0]
             py = points[p, 1]
@@ -156,42 +169,61 @@ def _descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_mo
             mz = m[2, 0] * px + m[2, 1] * py + m[2, 2] * pz + m[2, 3]
             for c in range(n_chan):
                 f_vec[c] = fixed[p, c] * scale_fixed
-            term, gx, gy, gz, within = _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd,
-                                                   m_val, m_gx, m_gy, m_gz)
-            acc += w * term
-            inside += w * within
+            term, gx, gy, gz, v, vx, vy, vz = _point_term(
+                f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz)
+            acc += w * v * term
+            overlap += w * v
             if want_grad:
-                gx *= w
-                gy *= w
-                gz *= w
-                g[0, 0] += gx * px
-                g[0, 1] += gx * py
-                g[0, 2] += gx * pz
-                g[0, 3] += gx
-                g[1, 0] += gy * px
-                g[1, 1] += gy * py
-                g[1, 2] += gy * pz
-                g[1, 3] += gy
-                g[2, 0] += gz * px
-                g[2, 1] += gz * py
-                g[2, 2] += gz * pz
-                g[2, 3] += gz
-        part_cost[b, k] = acc
-        part_inside[b, k] = inside
+                # d (v c) = v dc + c dv
+                sx = w * (v * gx + term * vx)
+                sy = w * (v * gy + term * vy)
+                sz = w * (v * gz + term * vz)
+                gs[0, 0] += sx * px
+                gs[0, 1] += sx * py
+                gs[0, 2] += sx * pz
+                gs[0, 3] += sx
+                gs[1, 0] += sy * px
+                gs[1, 1] += sy * py
+                gs[1, 2] += sy * pz
+                gs[1, 3] += sy
+                gs[2, 0] += sz * px
+                gs[2, 1] += sz * py
+                gs[2, 2] += sz * pz
+                gs[2, 3] += sz
+                wx_ = w * vx
+                wy_ = w * vy
+                wz_ = w * vz
+                gw[0, 0] += wx_ * px
+                gw[0, 1] += wx_ * py
+                gw[0, 2] += wx_ * pz
+                gw[0, 3] += wx_
+                gw[1, 0] += wy_ * px
+                gw[1, 1] += wy_ * py
+                gw[1, 2] += wy_ * pz
+                gw[1, 3] += wy_
+                gw[2, 0] += wz_ * px
+                gw[2, 1] += wz_ * py
+                gw[2, 2] += wz_ * pz
+                gw[2, 3] += wz_
+        part_s[b, k] = acc
+        part_w[b, k] = overlap
         for a in range(3):
             for j in range(4):
-                part_grad[b, k, a, j] = g[a, j]
-    cost = np.zeros(n_batch)
-    inside_out = np.zeros(n_batch)
-    grad = np.zeros((n_batch, 3, 4))
+                part_gs[b, k, a, j] = gs[a, j]
+                part_gw[b, k, a, j] = gw[a, j]
+    s_out = np.zeros(n_batch)
+    w_out = np.zeros(n_batch)
+    gs_out = np.zeros((n_batch, 3, 4))
+    gw_out = np.zeros((n_batch, 3, 4))
     for b in range(n_batch):
         for k in range(n_chunks):
-            cost[b] += part_cost[b, k]
-            inside_out[b] += part_inside[b, k]
+            s_out[b] += part_s[b, k]
+            w_out[b] += part_w[b, k]
             for a in range(3):
                 for j in range(4):
-                    grad[b, a, j] += part_grad[b, k, a, j]
-    return cost, grad, inside_out
+                    gs_out[b, a, j] += part_gs[b, k, a, j]
+                    gw_out[b, a, j] += part_gw[b, k, a, j]
+    return s_out, w_out, gs_out, gw_out
 
 
 def _compiled(func, parallel: bool):
@@ -231,17 +263,20 @@ PARALLEL_MIN_WORK = 32_768
 POINT_PARALLEL_MIN_WORK = 400_000
 
 
-def descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
+def descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving, ssd,
                     want_grad):
-    """Dispatch to the serial or the parallel kernel by the amount of work (see above)."""
+    """Dispatch to the serial or the parallel kernel by the amount of work (see above).
+
+    Returns (s, w, d s / d mats, d w / d mats): see ``_descriptor_cost``.
+    """
     work = mats.shape[0] * points.shape[0]
     threads = numba.get_num_threads()
     if threads == 1 or work < PARALLEL_MIN_WORK:
-        return _cost_serial(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
-                            want_grad, 1)
+        return _cost_serial(fixed, weights, points, moving, valid, mats, scale_fixed,
+                            scale_moving, ssd, want_grad, 1)
     n_chunks = max(1, -(-4 * threads // mats.shape[0]))
-    return _cost_parallel(fixed, weights, points, moving, mats, scale_fixed, scale_moving, ssd,
-                          want_grad, n_chunks)
+    return _cost_parallel(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving,
+                          ssd, want_grad, n_chunks)
 
 
 # ------------------------------------------------------------------ per-point mappings
@@ -253,32 +288,34 @@ def descriptor_cost(fixed, weights, points, moving, mats, scale_fixed, scale_mov
 # chain its own Jacobian to the per-point gradient in numpy.
 
 
-def _point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
+def _point_descriptor_cost(fixed, weights, coords, moving, valid, scale_fixed, scale_moving, ssd,
                            want_grad, n_chunks):
-    """Weighted descriptor cost of B mappings given per-point moving coordinates.
+    """Validity-gated weighted descriptor sums of B mappings given per-point moving coordinates.
 
     Args:
         fixed: (N, C) fixed descriptors at the points (int8 or float32).
-        weights: (N,) float32 point weights (the cost is sum_p w_p c_p).
+        weights: (N,) float32 point weights.
         coords: (B, N, 3) float32/float64 continuous moving-map indices (x, y, z)
             where each mapping sends each point.
         moving: (Z, Y, X, C) moving descriptor map (int8 or float32).
+        valid: (Z, Y, X) float32 moving validity in [0, 1].
         scale_fixed, scale_moving: dequantisation factors (1/127 for int8 codes).
         ssd: False -> c_p = -<F_p, M(y_p)>; True -> c_p = ||F_p - M(y_p)||^2.
-        want_grad: also return d cost / d coords.
+        want_grad: also return the per-point gradients.
         n_chunks: point chunks per mapping (parallel work items = B x n_chunks).
 
     Returns:
-        cost (B,), grad (B, N, 3) float64 d cost / d moving index (zeros when
-        want_grad is False; zero for points outside the map), inside (B,)
-        weighted fraction of points that land inside the moving map.
+        s (B,) = sum_p w_p v_p c_p, w (B,) = sum_p w_p v_p, and per point
+        d s / d moving index and d w / d moving index (B, N, 3) float64 (shape
+        (B, 0, 3) when want_grad is False).
     """
     n_batch = coords.shape[0]
     n_points = coords.shape[1]
     n_chan = fixed.shape[1]
-    part_cost = np.zeros((n_batch, n_chunks))
-    part_inside = np.zeros((n_batch, n_chunks))
-    grad = np.zeros((n_batch, n_points if want_grad else 0, 3))
+    part_s = np.zeros((n_batch, n_chunks))
+    part_w = np.zeros((n_batch, n_chunks))
+    grad_s = np.zeros((n_batch, n_points if want_grad else 0, 3))
+    grad_w = np.zeros((n_batch, n_points if want_grad else 0, 3))
     chunk = (n_points + n_chunks - 1) // n_chunks
     for task in prange(n_batch * n_chunks):
         b = task // n_chunks
@@ -291,7 +328,7 @@ def _point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mo
         m_gy = np.zeros(n_chan)
         m_gz = np.zeros(n_chan)
         acc = 0.0
-        inside = 0.0
+        overlap = 0.0
         for p in range(start, stop):
             w = weights[p]
             mx = coords[b, p, 0]
@@ -299,31 +336,34 @@ def _point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mo
             mz = coords[b, p, 2]
             for c in range(n_chan):
                 f_vec[c] = fixed[p, c] * scale_fixed
-            term, gx, gy, gz, within = _point_term(f_vec, moving, mx, my, mz, scale_moving, ssd,
-                                                   m_val, m_gx, m_gy, m_gz)
-            acc += w * term
-            inside += w * within
+            term, gx, gy, gz, v, vx, vy, vz = _point_term(
+                f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz)
+            acc += w * v * term
+            overlap += w * v
             if want_grad:
                 # Each (b, p) is written by exactly one task: no reduction needed.
-                grad[b, p, 0] = w * gx
-                grad[b, p, 1] = w * gy
-                grad[b, p, 2] = w * gz
-        part_cost[b, k] = acc
-        part_inside[b, k] = inside
-    cost = np.zeros(n_batch)
-    inside_out = np.zeros(n_batch)
+                grad_s[b, p, 0] = w * (v * gx + term * vx)
+                grad_s[b, p, 1] = w * (v * gy + term * vy)
+                grad_s[b, p, 2] = w * (v * gz + term * vz)
+                grad_w[b, p, 0] = w * vx
+                grad_w[b, p, 1] = w * vy
+                grad_w[b, p, 2] = w * vz
+        part_s[b, k] = acc
+        part_w[b, k] = overlap
+    s_out = np.zeros(n_batch)
+    w_out = np.zeros(n_batch)
     for b in range(n_batch):
         for k in range(n_chunks):
-            cost[b] += part_cost[b, k]
-            inside_out[b] += part_inside[b, k]
-    return cost, grad, inside_out
+            s_out[b] += part_s[b, k]
+            w_out[b] += part_w[b, k]
+    return s_out, w_out, grad_s, grad_w
 
 
 _point_parallel = _compiled(_point_descriptor_cost, parallel=True)
 _point_serial = _compiled(_point_descriptor_cost, parallel=False)
 
 
-def point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
+def point_descriptor_cost(fixed, weights, coords, moving, valid, scale_fixed, scale_moving, ssd,
                           want_grad):
     """Dispatch the per-point kernel to its serial or parallel compilation by work size.
 
@@ -336,10 +376,10 @@ def point_descriptor_cost(fixed, weights, coords, moving, scale_fixed, scale_mov
     threads = numba.get_num_threads()
     floor = PARALLEL_MIN_WORK if coords.shape[0] > 1 else POINT_PARALLEL_MIN_WORK
     if threads == 1 or work < floor:
-        return _point_serial(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
-                             want_grad, 1)
+        return _point_serial(fixed, weights, coords, moving, valid, scale_fixed, scale_moving,
+                             ssd, want_grad, 1)
     n_chunks = max(1, -(-4 * threads // coords.shape[0]))
-    return _point_parallel(fixed, weights, coords, moving, scale_fixed, scale_moving, ssd,
+    return _point_parallel(fixed, weights, coords, moving, valid, scale_fixed, scale_moving, ssd,
                            want_grad, n_chunks)
 
 

@@ -6,6 +6,8 @@ of a ``TransformModel`` (fixed -> moving points, LPS mm):
 - ``DescriptorObjective``: the paper's Eq. 2, sum_p w(p) <F[p], M(T(x_p))>, with
   trilinear interpolation of the moving map and an analytic gradient; "dot"
   for DISA descriptors (cost = -similarity), "ssd" for MIND-SSC (cost = SSD).
+  Overlap-normalised: a weighted MEAN over the points that land where the moving
+  image has data, not a sum over all points (see the class docstring).
 - ``PointObjective``: the same cost for a non-linear mapping of the points (a
   ``PointModel``, e.g. rigid + probe compression); the per-point kernel returns
   d cost / d moving point and the model chains its own Jacobian.
@@ -83,15 +85,39 @@ def fold_grids(p: np.ndarray, fixed_grid: Grid, moving_grid: Grid) -> np.ndarray
     return np.ascontiguousarray((h_moving_inv @ full @ h_fixed)[:, :3])
 
 
+#: Poses whose overlap (weighted fraction of sample points landing on valid moving data)
+#: falls below this are refused by a barrier (docs/DESIGN.md, "Overlap-normalised
+#: objective"). The sample points come from the image with the smaller field of view,
+#: so at the true pose the overlap is near 1 for a crop, a slab or a sector.
+MIN_OVERLAP = 0.3
+#: Weight (as a fraction of the sample weight) of the prior that shrinks the mean
+#: towards the chance cost: a handful of overlapping points cannot score like a full
+#: overlap by luck.
+PRIOR_WEIGHT = 0.05
+#: Barrier height at zero overlap, in units of the contrast between chance and a
+#: perfect match: at half the minimum overlap a pose is as bad as chance.
+BARRIER = 4.0
+
+
 @dataclass
 class DescriptorObjective:
-    """Weighted descriptor similarity of a fixed and a moving map (paper, Eq. 2).
+    """Weighted descriptor similarity of a fixed and a moving map (paper, Eq. 2),
+    normalised by the overlap.
 
-    cost(theta) = -sum_p w_p <F_p, M(T_theta(x_p))>    (kind "dot", DISA)
-    cost(theta) =  sum_p w_p ||F_p - M(T_theta(x_p))||^2  (kind "ssd", MIND-SSC)
+    With c_p = -<F_p, M(T(x_p))> (kind "dot", DISA) or ||F_p - M(T(x_p))||^2 (kind
+    "ssd", MIND-SSC), v_p the moving validity at T(x_p) (1 on data, 0 outside the
+    moving field of view, sector or mask; trilinear) and weights w_p summing to 1:
 
-    with x_p the physical positions of the sampled fixed points, weights
-    summing to 1, and moving descriptors zero outside the moving map.
+        S = sum_p w_p v_p c_p,   W = sum_p w_p v_p           (the overlap)
+        cost = (S + W0 c0) / (W + W0) + D k max(0, 1 - W / W_min)^2
+
+    i.e. the mean cost over the points that have a partner, shrunk by a small prior
+    weight W0 towards the chance cost c0 (the expected cost of unrelated
+    descriptors), plus a barrier that refuses poses overlapping less than W_min
+    (D = c0 - the cost of a perfect match, k = BARRIER). Why: summed over all
+    points with zeros outside the moving image, the optimum was pulled towards
+    poses that maximise the overlap rather than the correspondence, and every real
+    pair (a slab, a sector, a crop, another scanner's field of view) failed.
 
     ``jitter`` moves every sampled grid point by a uniform random
     offset within its descriptor cell and interpolates the fixed map there, so
@@ -116,11 +142,15 @@ class DescriptorObjective:
     n_points: int | None = None
     seed: int = 0
     jitter: bool = False
+    min_overlap: float = MIN_OVERLAP
     differentiable: bool = True
     evaluations: int = 0
     points: np.ndarray = field(init=False)
     weights: np.ndarray = field(init=False)
     fixed_values: np.ndarray = field(init=False)
+    #: Expected cost of unrelated descriptors and cost of a perfect match.
+    chance_cost: float = field(init=False)
+    match_cost: float = field(init=False)
 
     def __post_init__(self) -> None:
         if self.fixed.channels != self.moving.channels:
@@ -142,6 +172,44 @@ class DescriptorObjective:
             self.fixed_values = np.ascontiguousarray(
                 self.fixed.data[idx[:, 2], idx[:, 1], idx[:, 0]])
         self._moving = np.ascontiguousarray(self.moving.data)
+        self._valid = self.moving.validity
+        self.chance_cost, self.match_cost = self._reference_costs()
+
+    def _reference_costs(self) -> tuple[float, float]:
+        """(c0, c_match): the expected cost of a point against a random valid moving
+        descriptor, and the cost of a perfect match (descriptors equal)."""
+        f = self.fixed_values.astype(np.float64) * self._fixed_scale
+        w = self.weights.astype(np.float64)
+        f_mean = w @ f
+        f_sq = float(w @ np.sum(f * f, axis=1))
+        v = self._valid.ravel().astype(np.float64)
+        if v.sum() <= 0:
+            raise ValueError("the moving image has no valid descriptor")
+        m = self._moving.reshape(-1, self._moving.shape[-1])
+        stride = max(1, len(v) // 200_000)  # a mean: a regular subsample is plenty
+        m = m[::stride].astype(np.float64) * float(self.moving.scale)
+        v = v[::stride]
+        if v.sum() <= 0:
+            v = np.ones_like(v)
+        m_mean = (v @ m) / v.sum()
+        m_sq = float(v @ np.sum(m * m, axis=1)) / v.sum()
+        if self.kind == "dot":
+            return -float(f_mean @ m_mean), -f_sq
+        return f_sq + m_sq - 2.0 * float(f_mean @ m_mean), 0.0
+
+    def _normalise(self, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                                                np.ndarray]:
+        """Cost (B,) from the gated sums, and the factors (a, b) of its gradient:
+        d cost = a d S + b d W."""
+        c0 = self.chance_cost
+        contrast = max(c0 - self.match_cost, 1e-9)
+        den = w + PRIOR_WEIGHT
+        mean = (s + PRIOR_WEIGHT * c0) / den
+        short = np.maximum(0.0, 1.0 - w / self.min_overlap)
+        cost = mean + contrast * BARRIER * short * short
+        a = 1.0 / den
+        b = -mean / den - 2.0 * contrast * BARRIER * short / self.min_overlap
+        return cost, a, b
 
     @property
     def physical_points(self) -> np.ndarray:
@@ -153,18 +221,20 @@ class DescriptorObjective:
         theta = np.atleast_2d(np.asarray(theta, dtype=np.float64))
         p, dp = self.model.matrices(theta)
         mats = fold_grids(p, self.fixed.grid, self.moving.grid)
-        cost, grad_idx, inside = descriptor_cost(
-            self.fixed_values, self.weights, self.points, self._moving, mats,
+        s, w, grad_s, grad_w = descriptor_cost(
+            self.fixed_values, self.weights, self.points, self._moving, self._valid, mats,
             self._fixed_scale, float(self.moving.scale), self.kind == "ssd", want_grad)
         self.evaluations += len(theta)
+        cost, a, b = self._normalise(s, w)
         if not want_grad:
-            return cost, np.zeros_like(theta), inside
+            return cost, np.zeros_like(theta), w
+        grad_idx = a[:, None, None] * grad_s + b[:, None, None] * grad_w
         # d cost / d P = A_m^-T  S  H_f^T  (chain rule through fold_grids).
         a_inv = self.moving.grid.physical_to_index[:3, :3]
         grad_p = np.einsum("ji,bjk,lk->bil", a_inv, grad_idx, self.fixed.grid.index_to_physical)
         grad_p = grad_p[:, :, :4]
         grad_theta = np.einsum("bij,bkij->bk", grad_p, dp)
-        return cost, grad_theta, inside
+        return cost, grad_theta, w
 
     def cost(self, theta: np.ndarray) -> np.ndarray:
         return self._evaluate(theta, want_grad=False)[0]
@@ -173,9 +243,18 @@ class DescriptorObjective:
         cost, grad, _ = self._evaluate(theta, want_grad=True)
         return cost, grad
 
+    def overlaps(self, theta: np.ndarray) -> np.ndarray:
+        """Weighted fractions (B,) of the sample points that land on valid moving data."""
+        return self._evaluate(theta, want_grad=False)[2]
+
     def overlap(self, theta: np.ndarray) -> float:
-        """Weighted fraction of fixed sample points that land inside the moving map."""
-        return float(self._evaluate(theta, want_grad=False)[2][0])
+        """Weighted fraction of fixed sample points that land on valid moving data."""
+        return float(self.overlaps(theta)[0])
+
+    def match_quality(self, cost: float) -> float:
+        """Where ``cost`` lies between chance (0) and a perfect match (1)."""
+        contrast = max(self.chance_cost - self.match_cost, 1e-9)
+        return float((self.chance_cost - cost) / contrast)
 
 
 class PointModel(Protocol):
@@ -213,15 +292,17 @@ class PointObjective(DescriptorObjective):
         moved = self.model.map_points(theta, self._physical)  # (B, N, 3) LPS mm
         to_index = self.moving.grid.physical_to_index
         coords = np.ascontiguousarray(moved @ to_index[:3, :3].T + to_index[:3, 3])
-        cost, grad_idx, inside = point_descriptor_cost(
-            self.fixed_values, self.weights, coords, self._moving, self._fixed_scale,
-            float(self.moving.scale), self.kind == "ssd", want_grad)
+        s, w, grad_s, grad_w = point_descriptor_cost(
+            self.fixed_values, self.weights, coords, self._moving, self._valid,
+            self._fixed_scale, float(self.moving.scale), self.kind == "ssd", want_grad)
         self.evaluations += len(theta)
+        cost, a, b = self._normalise(s, w)
         if not want_grad:
-            return cost, np.zeros_like(theta), inside
+            return cost, np.zeros_like(theta), w
+        grad_idx = a[:, None, None] * grad_s + b[:, None, None] * grad_w
         # Row-vector chain rule through index = A y + b: d cost / d y = (d cost / d index) A.
         grad_physical = grad_idx @ to_index[:3, :3]
-        return cost, self.model.pullback(theta, self._physical, grad_physical), inside
+        return cost, self.model.pullback(theta, self._physical, grad_physical), w
 
 
 @dataclass
@@ -240,12 +321,16 @@ class LC2Objective:
     moving_grid: Grid
     model: TransformModel
     fixed_mask: np.ndarray | None = None
+    #: Where the moving image has data (bool/float on the moving grid; None: everywhere).
+    moving_valid: np.ndarray | None = None
     radii: tuple[int, ...] = (3, 5, 7)
+    min_overlap: float = MIN_OVERLAP
     differentiable: bool = False
     evaluations: int = 0
 
-    def warped_moving(self, theta: np.ndarray) -> np.ndarray:
-        """The moving volume resampled on the fixed grid (zero outside) for one theta."""
+    def warped_moving(self, theta: np.ndarray, volume: np.ndarray | None = None) -> np.ndarray:
+        """The moving volume (or ``volume`` on its grid) resampled on the fixed grid (zero
+        outside) for one theta."""
         from scipy import ndimage
 
         p, _ = self.model.matrices(np.atleast_2d(theta))
@@ -255,18 +340,29 @@ class LC2Objective:
         zyx = np.zeros((3, 4))
         zyx[:, :3] = mat[perm][:, perm]
         zyx[:, 3] = mat[perm, 3]
-        return ndimage.affine_transform(self.moving, zyx[:, :3], offset=zyx[:, 3],
+        source = self.moving if volume is None else volume
+        return ndimage.affine_transform(source, zyx[:, :3], offset=zyx[:, 3],
                                         output_shape=self.fixed.shape, order=1, mode="constant",
                                         cval=0.0).astype(np.float32)
 
     def cost(self, theta: np.ndarray) -> np.ndarray:
+        """-LC2 over the fixed voxels whose moving partner has data (overlap-normalised, as
+        DescriptorObjective); 0 (no similarity) when they are fewer than ``min_overlap``
+        of the fixed mask."""
         from disa.registration.lc2 import global_lc2
 
         theta = np.atleast_2d(theta)
         out = np.empty(len(theta))
+        base = np.ones(self.fixed.shape, bool) if self.fixed_mask is None else self.fixed_mask
+        moving_valid = (np.ones(self.moving.shape, np.float32) if self.moving_valid is None
+                        else self.moving_valid.astype(np.float32))
         for i, th in enumerate(theta):
             warped = self.warped_moving(th)
-            out[i] = -global_lc2(self.fixed, warped, radii=self.radii, mask=self.fixed_mask)
+            mask = base & (self.warped_moving(th, moving_valid) > 0.5)
+            if mask.sum() < self.min_overlap * max(base.sum(), 1):
+                out[i] = 0.0
+                continue
+            out[i] = -global_lc2(self.fixed, warped, radii=self.radii, mask=mask)
         self.evaluations += len(theta)
         return out
 

@@ -33,15 +33,22 @@ class RegistrationOptions(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the random starts (same seed, same result)")
     rotation_range: float = Field(40.0, ge=0.0, le=180.0,
                                   description="starts draw angles in +- this many degrees per axis")
-    translation_range: float = Field(100.0, ge=0.0, le=2000.0,
-                                     description="starts draw shifts in +- this many mm per axis")
+    translation_range: float | None = Field(
+        None, ge=0.0, le=2000.0,
+        description="starts draw shifts in +- this many mm per axis around the initial poses "
+                    "(default: from the two images' extents, see docs/DESIGN.md \"Starts\"); "
+                    "0 with rotation_range 0 refines the initial pose only")
     working_spacing: float | None = Field(
         None, gt=0.0, le=20.0,
         description="isotropic resampling spacing in mm (default: from the images' size); "
                     "each image's grid at this spacing may hold at most as many voxels as "
                     "one input may (512^3; DISA_MAX_VOXELS in the service)")
-    init: Literal["centers", "geometry"] = Field(
-        "centers", description="centers: align foreground centroids first; geometry: trust headers")
+    init: Literal["auto", "centers", "geometry"] = Field(
+        "auto", description="auto: starts around the header pose, the aligned foreground "
+                            "centroids and, when one field of view is much smaller, placements "
+                            "of it over the other's foreground; centers: around the aligned "
+                            "centroids only; geometry: around the header pose only (an "
+                            "initial transform, when given, replaces the header pose)")
     precision: Literal["int8", "float32"] = Field(
         "int8", description="descriptor storage used by the objective")
     top_k: int = Field(8, ge=1, le=64, description="solutions refined with L-BFGS")
@@ -58,8 +65,10 @@ class RegistrationOptions(BaseModel):
         None, gt=0.0, le=100.0,
         description="deformable mode: half-width (mm) of the discrete displacement search "
                     "(default 1.5 control-grid spacings)")
-    ultrasound: Literal["moving", "fixed"] = Field(
-        "moving", description="rigid+probe mode: which image is the ultrasound volume")
+    ultrasound: Literal["moving", "fixed"] | None = Field(
+        None, description="which image is an ultrasound volume (default: detected from the "
+                          "data, a sector-shaped field of view with zeros outside); rigid+probe "
+                          "mode fits the probe compression in that image")
     probe_origin: Point | None = Field(
         None, description="rigid+probe mode: centre of the probe face, LPS mm in the ultrasound "
                           "image's space (default: from the ultrasound's field of view)")

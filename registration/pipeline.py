@@ -33,6 +33,13 @@ from disa.registration.displacement import (
     residual_transform,
 )
 from disa.registration.errors import InputError
+from disa.registration.fov import (
+    DataRegion,
+    data_region,
+    eroded,
+    physical_volume_ml,
+    region_on_grid,
+)
 from disa.registration.grid import Grid
 from disa.registration.objective import DescriptorObjective, LC2Objective, PointObjective
 from disa.registration.options import RegistrationOptions
@@ -58,7 +65,8 @@ from disa.registration.search import (
     mapping_distance,
 )
 from disa.registration.threads import serial_blas
-from disa.registration.transforms import TransformModel
+from disa.registration.transforms import TransformModel, rotation_matrix
+from disa.registration.verdict import Evidence, verdict
 
 #: Points of the fixed descriptor grid used by the coarse, fine and refinement objectives.
 COARSE_POINTS = 512
@@ -76,13 +84,32 @@ LC2_MAX_DIM = 64
 
 @dataclass
 class PreparedImage:
-    """An image on the working grid: z-scored array (z, y, x), its grid, foreground mask and
-    the intensity normalisation that z-scored it."""
+    """An image on the working grid: z-scored array (z, y, x), its grid, foreground mask, the
+    intensity normalisation that z-scored it, where it has data (``fov``, fov.py) and that
+    data region on the image's own grid (``region``, for re-gridding)."""
 
     volume: np.ndarray
     grid: Grid
     mask: np.ndarray
     normalisation: IntensityNormalisation
+    fov: np.ndarray
+    region: DataRegion
+    user_mask: bool = False
+    #: False only on the padding (outside the buffer counts as True): what erosion shrinks.
+    unpadded: np.ndarray | None = None
+
+    def trusted(self, voxels: int) -> np.ndarray:
+        """The field of view less ``voxels`` working voxels along padding edges (a sector's
+        or a slab's cut), where descriptors and local contrast describe the cut. The
+        buffer's own edges are not eroded: there the image ends without a cut in it."""
+        unpadded = self.fov if self.unpadded is None else self.unpadded
+        return self.fov & eroded(unpadded, voxels)
+
+    @property
+    def data_volume_ml(self) -> float:
+        """Physical volume (ml) of the foreground that has data: the extent that decides
+        which image provides the sample points."""
+        return physical_volume_ml(self.mask & self.fov, float(self.grid.spacing[0]))
 
     @property
     def centroid(self) -> np.ndarray:
@@ -124,10 +151,27 @@ class RegistrationResult:
     deformation: dict[str, Any] | None = None
     #: rigid+probe mode: probe geometry and the fitted compression.
     probe: dict[str, Any] | None = None
+    #: Which image provided the sample points ("fixed", or "moving": a smaller field of view).
+    sampled: str = "fixed"
+    #: Which image is an ultrasound volume (given or detected), or None.
+    ultrasound: str | None = None
+    #: Final cost between chance (0) and a perfect descriptor match (1); LC2 for lc2.
+    match_quality: float = float("nan")
+    #: What was found about the fields of view (padding fractions, data volumes in ml).
+    fields_of_view: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> tuple[str, str]:
+        """("likely" | "uncertain" | "failed", reason): see verdict.py."""
+        return verdict(Evidence(self.confidence, self.ambiguous, self.overlap,
+                                self.match_quality, self.refined))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready fields of result.json (units in the key names or documented there)."""
+        decision, reason = self.verdict
         return {
+            "verdict": decision,
+            "verdict_reason": reason,
             "mode": self.mode,
             "similarity": self.similarity,
             "parameters": [float(v) for v in self.theta],
@@ -142,6 +186,10 @@ class RegistrationResult:
             "refined_solutions": self.refined,
             "ambiguous": self.ambiguous,
             "overlap": self.overlap,
+            "match_quality": self.match_quality,
+            "sampled_image": self.sampled,
+            "ultrasound": self.ultrasound,
+            "fields_of_view": self.fields_of_view,
             "working_spacing_mm": self.working_spacing_mm,
             "descriptor_spacing_mm": self.descriptor_spacing_mm,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
@@ -200,12 +248,14 @@ def auto_working_spacing(fixed: sitk.Image, moving: sitk.Image, similarity: str)
 
 def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
             direction: np.ndarray | None = None, smooth: bool = True,
-            role: str | None = None) -> PreparedImage:
+            role: str | None = None, region: DataRegion | None = None) -> PreparedImage:
     """Resample to the working spacing (optionally onto axes ``direction``), find the
     foreground and z-score the intensities. ``smooth=False``: already antialiased.
 
     ``role`` ("fixed" or "moving") prefixes every InputError message ("fixed: ...",
-    "moving mask: ..."), so that a user knows which of the inputs to fix.
+    "moving mask: ..."), so that a user knows which of the inputs to fix. ``region``: the
+    image's data region when already known (a smoothed copy's padding is no longer exactly
+    constant, so it must come from the original image).
     """
     mask_role = f"{role} mask" if role else None
     resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth)
@@ -214,8 +264,17 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
         raise InputError(labelled(role, f"image is only {array.shape[::-1]} voxels at "
                                         f"{spacing_mm} mm working spacing: too small to "
                                         "register (choose a finer --working-spacing)"))
+    region = region or data_region(image)
+    fov = region_on_grid(region.mask, resampled)
+    unpadded = region_on_grid(region.mask, resampled, outside=1.0) if region.has_padding \
+        else np.ones(fov.shape, dtype=bool)
+    if fov.sum() < 64:
+        raise InputError(labelled(role, "image holds (nearly) no data (its voxels are one "
+                                        "constant value): nothing to register"))
+    # The foreground never includes padding: it would skew Otsu and the z-score.
     mask = (mask_to_grid(user_mask, resampled, mask_role)
-            if user_mask is not None else foreground_mask(array))
+            if user_mask is not None else foreground_mask(np.where(fov, array, array[fov].min()))
+            & fov)
     if mask.sum() < 64:
         if user_mask is not None:
             # The user's mask decides the foreground here: name it, not the image.
@@ -226,12 +285,13 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
                                         "register"))
     normalisation = intensity_normalisation(array, mask, role)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
-                         normalisation)
+                         normalisation, fov, region, user_mask is not None, unpadded)
 
 
 def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
            direction: np.ndarray, bounds: tuple[np.ndarray, np.ndarray], align_voxels: int,
-           normalisation: IntensityNormalisation) -> PreparedImage:
+           normalisation: IntensityNormalisation, region: DataRegion | None = None
+           ) -> PreparedImage:
     """A prepared image again, on axes ``direction`` over ``bounds`` only (mm along those
     axes; ``resample_to_spacing``), z-scored by its first preparation's ``normalisation``.
 
@@ -244,8 +304,12 @@ def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     mask = (mask_to_grid(user_mask, resampled, "moving mask") if user_mask is not None
             else np.ones(array.shape, dtype=bool))
+    region = region or data_region(smoothed)
+    fov = region_on_grid(region.mask, resampled)
+    unpadded = region_on_grid(region.mask, resampled, outside=1.0) if region.has_padding \
+        else np.ones(fov.shape, dtype=bool)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
-                         normalisation)
+                         normalisation, fov, region, user_mask is not None, unpadded)
 
 
 _extractors: dict[str, Any] = {}
@@ -291,8 +355,11 @@ def fixed_weights(image: PreparedImage, stride: int) -> np.ndarray:
     """w(p) on the descriptor grid: local standard deviation of the z-scored fixed image in a
     cube of about one descriptor cell, inside the fixed foreground (flat regions carry no
     information for any similarity)."""
-    std = local_std(image.volume, radius=max(1, stride // 2 + 1))
-    std = np.where(image.mask, std, 0.0)
+    radius = max(1, stride // 2 + 1)
+    std = local_std(image.volume, radius=radius)
+    # Only where the whole filter cube has data: the edge of a sector or a slab is the
+    # largest local contrast in the image and no anatomy (fov.py).
+    std = np.where(image.mask & image.trusted(radius + 1), std, 0.0)
     weights = std[::stride, ::stride, ::stride]
     weights = np.where(weights > 0.05 * weights.max(), weights, 0.0)
     return np.ascontiguousarray(weights.astype(np.float32))
@@ -306,55 +373,76 @@ def _timed(timings: dict[str, float], name: str, start: float) -> float:
 
 def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None = None,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
-             progress: Progress | None = None, cancel: Cancel | None = None
-             ) -> RegistrationResult:
-    """Register ``moving`` to ``fixed``; the result maps fixed points to moving points (mm)."""
+             progress: Progress | None = None, cancel: Cancel | None = None,
+             initial_transform: sitk.Transform | None = None) -> RegistrationResult:
+    """Register ``moving`` to ``fixed``; the result maps fixed points to moving points (mm).
+
+    ``initial_transform`` (fixed -> moving, LPS mm, linear: ``transforms.linear_matrix``)
+    replaces the header pose as the pose the search centres on (a tracked probe, an
+    earlier result); with zero rotation and translation ranges it is refined only.
+    """
     with serial_blas():  # see threads.py: spinning BLAS workers stall a busy machine
-        return _register(fixed, moving, options, fixed_mask, moving_mask, progress, cancel)
+        return _register(fixed, moving, options, fixed_mask, moving_mask, progress, cancel,
+                         initial_transform)
 
 
 def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None,
               fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
-              progress: Progress | None, cancel: Cancel | None) -> RegistrationResult:
+              progress: Progress | None, cancel: Cancel | None,
+              initial_transform: sitk.Transform | None = None) -> RegistrationResult:
     options = options or RegistrationOptions()
     report = progress or (lambda stage, fraction: None)
     timings: dict[str, float] = {}
     t = time.perf_counter()
     similarity = resolve_similarity(options)
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
+    user_init = _user_initial_matrix(initial_transform)
     report("preprocess", 0.0)
     fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed")
     moving_p = prepare(moving, spacing, moving_mask, role="moving")
     t = _timed(timings, "preprocess", t)
 
-    center = Grid.from_image(fixed).center
+    ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
+    swap = sampling_is_moving(options, fixed_p, moving_p, ultrasound)
+    # The search frame: its "fixed" side (a) provides the sample points, the other side
+    # (b) is interpolated. With the moving image sampled, the search finds the mapping
+    # moving -> fixed and the result is its inverse (the contract stays fixed -> moving).
+    a_img, a_p, b_img, b_p, b_mask = ((moving, moving_p, fixed, fixed_p, fixed_mask) if swap
+                                      else (fixed, fixed_p, moving, moving_p, moving_mask))
+    header = np.eye(4) if user_init is None else user_init  # fixed -> moving, LPS mm
+    header_search = np.linalg.inv(header) if swap else header
+
+    center = Grid.from_image(a_img).center
     rigid = TransformModel("rigid", center)
     # The search model: rigid, or (rigid+probe) rigid pose and compression searched jointly.
     search_model: TransformModel | ProbeModel = rigid
     if options.mode == "rigid+probe":
-        ultrasound = moving if options.ultrasound == "moving" else fixed
-        probe = resolve_probe(options.probe_origin, options.probe_axis, ultrasound)
-        search_model = ProbeModel(center, probe, options.ultrasound)
-    init = search_model.identity()
-    if options.init == "centers":
-        init[3:6] = moving_p.centroid - fixed_p.centroid
-    initial_transform = rigid.to_sitk(init[:6])
+        # No sector found: the paper's set-up, the ultrasound registered as the moving image.
+        ultrasound = ultrasound or "moving"
+        probe = resolve_probe(options.probe_origin, options.probe_axis,
+                              moving if ultrasound == "moving" else fixed)
+        search_model = ProbeModel(center, probe, ultrasound)
+    anchors, spreads, shares = initial_poses(search_model, header_search, a_p, b_p, options,
+                                             user_init is not None)
+    init = anchors[0]
+    refine_only = options.rotation_range == 0 and options.translation_range == 0
 
     if similarity == "lc2":
         search, radius, model_facts, desc_spacing, overlap = _run_lc2(
-            fixed_p, moving_p, rigid, init, spacing, cancel)
+            a_p, b_p, rigid, init, spacing, cancel)
         refine_objective = None
         theta, cost = search.theta, search.cost
+        quality = float(-cost)
         t = _timed(timings, "search", t)
     else:
         report("descriptors", 0.0)
-        fixed_map, stride, model_facts = descriptor_maps(fixed_p, similarity, options)
-        moving_map, _, _ = descriptor_maps(moving_p, similarity, options)
-        if moving_mask is not None:
-            moving_map = moving_map.masked(moving_p.mask[::stride, ::stride, ::stride])
+        fixed_map, stride, model_facts = descriptor_maps(a_p, similarity, options)
+        moving_map, _, _ = descriptor_maps(b_p, similarity, options)
+        erosion = validity_erosion_voxels(similarity, stride, options)
+        moving_map = moving_map.with_validity(moving_validity(b_p, stride, erosion))
         if options.precision == "int8":
             fixed_map, moving_map = fixed_map.quantised(), moving_map.quantised()
-        weights = fixed_weights(fixed_p, stride)
+        weights = fixed_weights(a_p, stride)
         t = _timed(timings, "descriptors", t)
 
         kind = "dot" if similarity == "disa" else "ssd"
@@ -374,24 +462,26 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         points = refine_objective.physical_points
         radius = _radius(points, center)
         settings = SearchSettings(
-            starts=options.starts, rotation_range_deg=options.rotation_range,
-            translation_range_mm=options.translation_range, top_k=options.top_k,
-            seed=options.seed, agree_tolerance_mm=max(5.0, 2.0 * float(fixed_map.grid.spacing[0])),
+            starts=1 if refine_only else options.starts, rotation_range_deg=options.rotation_range,
+            top_k=1 if refine_only else options.top_k, seed=options.seed,
+            agree_tolerance_mm=max(5.0, 2.0 * float(fixed_map.grid.spacing[0])),
         )
         desc_spacing = float(fixed_map.grid.spacing[0])
         search = global_search(
-            coarse, fine, refine_objective, search_model, init, settings, radius,
+            coarse, fine, refine_objective, search_model, anchors, settings, radius,
             coarse_spacing_mm=float(coarse_fixed.grid.spacing[0]), fine_spacing_mm=desc_spacing,
-            check_points=points[:: max(1, len(points) // 2000)], progress=report, cancel=cancel)
+            check_points=points[:: max(1, len(points) // 2000)], progress=report, cancel=cancel,
+            spreads_mm=spreads, shares=shares)
         t = _timed(timings, "search", t)
         timings.update({f"search_{k}": v for k, v in search.timings.items()})
         report("reorient", 0.0)
         theta, cost, refine_objective = _reoriented_refinement(
-            search.theta, moving, moving_mask, moving_p.normalisation, spacing,
-            Grid.from_image(fixed).direction, search_model, options, similarity, fixed_map,
-            weights, kind, radius, cancel)
+            search.theta, b_img, b_mask, b_p.normalisation, spacing,
+            Grid.from_image(a_img).direction, search_model, options, similarity, fixed_map,
+            weights, kind, radius, cancel, region=b_p.region, erosion=erosion)
         search.evaluations += refine_objective.evaluations
         overlap = refine_objective.overlap(theta[None, :])
+        quality = refine_objective.match_quality(cost)
         t = _timed(timings, "reorient", t)
 
     model: TransformModel | ProbeModel = search_model
@@ -400,7 +490,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         report("affine", 0.0)
         model = TransformModel("affine", center)
         theta, cost = _affine_stage(similarity, model, theta, refine_objective, radius, cancel,
-                                    fixed_p, moving_p)
+                                    a_p, b_p)
         t = _timed(timings, "affine", t)
 
     field_transform: sitk.Transform | None = None
@@ -409,6 +499,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     if options.mode == "deformable":
         report("deformable", 0.0)
         assert refine_objective is not None  # options refuse LC2 for this mode
+        assert not swap  # (sampling_is_moving keeps the fixed image sampled here)
         field_transform, deformation = _deformable(
             model, theta, refine_objective, kind, fixed, spacing, options, cancel)
         timings.update(deformation.pop("timings"))
@@ -423,20 +514,217 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         deformation = {**jacobian_metrics(displacement), **(deformation or {})}
         t = _timed(timings, "field", t)
 
-    check = fixed_p.grid.to_physical(np.argwhere(fixed_p.mask)[::97, ::-1].astype(np.float64))
+    check = a_p.grid.to_physical(np.argwhere(a_p.mask)[::97, ::-1].astype(np.float64))
     solutions = [{"cost": s.cost, "distance_to_best_mm": mapping_distance(
         search_model, s.theta, search.theta, check)} for s in search.solutions]
+    start_matrix = _search_matrix(search_model, init)
+    if swap:
+        # Back to the contract's direction: the search mapped moving points to fixed ones.
+        assert isinstance(model, TransformModel)
+        model, theta = _inverted(model, theta, Grid.from_image(fixed).center)
+        start_matrix = np.linalg.inv(start_matrix)
     return RegistrationResult(
         mode=options.mode, similarity=similarity, theta=theta, transform=model.to_sitk(theta),
-        initial_transform=initial_transform, matrix=model.matrix_4x4(theta), cost=cost,
+        initial_transform=_affine_sitk(start_matrix), matrix=model.matrix_4x4(theta), cost=cost,
         similarity_value=-cost if similarity in ("disa", "lc2") else cost,
         evaluations=search.evaluations, starts=search.starts, confidence=search.confidence,
         agreeing=search.agreeing, refined=len(search.solutions), ambiguous=search.ambiguous,
         overlap=overlap, working_spacing_mm=spacing, descriptor_spacing_mm=desc_spacing,
         timings=timings, solutions=solutions, model=model_facts,
         field_transform=field_transform, displacement=displacement, deformation=deformation,
-        probe=probe_facts,
+        probe=probe_facts, sampled="moving" if swap else "fixed", ultrasound=ultrasound,
+        match_quality=quality,
+        fields_of_view={"fixed_padding_fraction": round(fixed_p.region.padding_fraction, 4),
+                        "moving_padding_fraction": round(moving_p.region.padding_fraction, 4),
+                        "fixed_data_ml": round(fixed_p.data_volume_ml, 1),
+                        "moving_data_ml": round(moving_p.data_volume_ml, 1)},
     )
+
+
+def _user_initial_matrix(transform: sitk.Transform | None) -> np.ndarray | None:
+    """The 4x4 fixed -> moving matrix of a user's initial transform (InputError if it is not
+    linear)."""
+    if transform is None:
+        return None
+    from disa.registration.transforms import linear_matrix
+
+    try:
+        return linear_matrix(transform)
+    except ValueError as exc:
+        raise InputError(f"initial transform: {exc}") from exc
+
+
+def _search_matrix(model: TransformModel | ProbeModel, theta: np.ndarray) -> np.ndarray:
+    """4x4 matrix of the linear (rigid) part of ``theta`` in the search frame."""
+    rigid = model.rigid if isinstance(model, ProbeModel) else model
+    return rigid.matrix_4x4(theta[: rigid.n_params])
+
+
+def _affine_sitk(matrix: np.ndarray) -> sitk.Transform:
+    """A 4x4 fixed -> moving matrix as a SimpleITK affine transform."""
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(tuple(float(v) for v in matrix[:3, :3].ravel()))
+    tx.SetTranslation(tuple(float(v) for v in matrix[:3, 3]))
+    return tx
+
+
+def _inverted(model: TransformModel, theta: np.ndarray, center: np.ndarray
+              ) -> tuple[TransformModel, np.ndarray]:
+    """The inverse mapping of ``theta`` as parameters of the same family about ``center``."""
+    from disa.registration.transforms import rigid_parameters
+
+    inverse = np.linalg.inv(model.matrix_4x4(theta))
+    out = TransformModel(model.mode, np.asarray(center, dtype=np.float64))
+    if model.mode == "rigid":
+        return out, rigid_parameters(inverse, center)
+    a, b = inverse[:3, :3], inverse[:3, 3]
+    t = a @ center + b - center
+    return out, np.concatenate([a.ravel(), t])
+
+
+#: An ultrasound is recognised by a padded field of view covering at least this fraction of
+#: its buffer (a fan or cone leaves 30-60 % of a scan-converted volume at zero).
+ULTRASOUND_MIN_PADDING = 0.15
+#: The moving image provides the sample points when its data volume is below this fraction
+#: of the fixed image's (docs/DESIGN.md, "Which image is sampled").
+SAMPLE_SMALLER_BELOW = 0.7
+
+
+def resolve_ultrasound(options: RegistrationOptions, fixed_p: PreparedImage,
+                       moving_p: PreparedImage) -> str | None:
+    """Which image is an ultrasound volume: the option, else the one whose field of view is
+    padded like a sector (zeros around a fan), the more padded of two; None for neither."""
+    if options.ultrasound is not None:
+        return options.ultrasound
+    padded = {role: p.region.padding_fraction for role, p in
+              (("fixed", fixed_p), ("moving", moving_p))
+              if p.region.padding_value == 0.0 and p.region.padding_fraction
+              >= ULTRASOUND_MIN_PADDING}
+    if not padded:
+        return None
+    return max(padded, key=lambda role: padded[role])
+
+
+def sampling_is_moving(options: RegistrationOptions, fixed_p: PreparedImage,
+                       moving_p: PreparedImage, ultrasound: str | None) -> bool:
+    """True when the moving image should provide the sample points: it is the ultrasound
+    (given or detected), or its data covers clearly less than the fixed image's. Deformable
+    and rigid+probe runs keep the fixed image sampled (their fields live on its grid)."""
+    if options.mode in ("deformable", "rigid+probe"):
+        return False
+    if ultrasound is not None:
+        return ultrasound == "moving"
+    return moving_p.data_volume_ml < SAMPLE_SMALLER_BELOW * fixed_p.data_volume_ml
+
+
+def validity_erosion_voxels(similarity: str, stride: int, options: RegistrationOptions) -> int:
+    """How far (working voxels) inside its data region a moving descriptor counts: one
+    descriptor cell for DISA, the MIND-SSC footprint for MIND-SSC. Descriptors nearer to
+    the edge of the data describe the edge."""
+    if similarity == "disa":
+        return stride
+    return options.mind_dilation + options.mind_radius
+
+
+def moving_validity(image: PreparedImage, stride: int, erosion_voxels: int) -> np.ndarray:
+    """Validity (bool) of the interpolated image's descriptor grid: its data region, within
+    the user's mask if one was given, eroded by ``erosion_voxels``."""
+    valid = image.trusted(erosion_voxels)
+    if not valid.any():  # (a tiny field of view: better its edge than nothing)
+        valid = image.fov
+    if image.user_mask:
+        valid = valid & image.mask
+    return np.ascontiguousarray(valid[::stride, ::stride, ::stride])
+
+
+def _data_extent_mm(image: PreparedImage) -> np.ndarray:
+    """Extent (mm) along the grid axes of the foreground that has data."""
+    idx = np.argwhere(image.mask & image.fov)
+    if len(idx) == 0:
+        idx = np.argwhere(image.fov)
+    return (idx.max(axis=0) - idx.min(axis=0) + 1)[::-1] * image.grid.spacing
+
+
+#: Placements of a small field of view over the larger one's foreground (init "auto").
+PLACEMENTS = 24
+#: Starts of a placement are spread by this much (mm) around it.
+PLACEMENT_SPREAD_MM = 15.0
+#: Fields of view this much smaller (data volume ratio) than the other get placements.
+PLACE_BELOW = 0.5
+
+
+def translation_range_mm(options: RegistrationOptions, a_p: PreparedImage,
+                         b_p: PreparedImage) -> float:
+    """The starts' translation range (mm): the option, else half the larger data extent,
+    clipped to [40, 120] mm (a head: ~100 mm; a torso is capped)."""
+    if options.translation_range is not None:
+        return float(options.translation_range)
+    extent = max(float(_data_extent_mm(a_p).max()), float(_data_extent_mm(b_p).max()))
+    return float(np.clip(0.5 * extent, 40.0, 120.0))
+
+
+def initial_poses(model: TransformModel | ProbeModel, header: np.ndarray, a_p: PreparedImage,
+                  b_p: PreparedImage, options: RegistrationOptions, given: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The poses the starts are drawn around (A, P), their translation spreads (A,) mm and
+    their shares of the starts (A,), in the search frame (a's points -> b's points).
+
+    Row 0 is the pose the search never drops (search.py): the header pose or the user's
+    initial transform (``header``, 4x4), or with init "centers" the centroid pose. Then:
+    the header pose with its foreground centroid moved onto the other's (init auto or
+    centers), and, when a's data is much smaller than b's (a slab, a sector, a crop),
+    PLACEMENTS poses that put a's centroid on points spread over b's foreground (init
+    auto), each searched within PLACEMENT_SPREAD_MM: a centroid-to-centroid start is wrong
+    whenever one image sees only a part of the other.
+    """
+    rigid = model.rigid if isinstance(model, ProbeModel) else model
+    base = model.identity()
+    base[:6] = _rigid_theta(rigid, header)
+    spread = translation_range_mm(options, a_p, b_p)
+    if options.rotation_range == 0 and options.translation_range == 0:
+        return base[None, :], np.zeros(1), np.ones(1)
+    r = rotation_matrix(base[:3])
+    c = rigid.center
+
+    def placed(target: np.ndarray) -> np.ndarray:
+        theta = base.copy()
+        theta[3:6] = target - r @ (a_p.centroid - c) - c
+        return theta
+
+    centred = placed(b_p.centroid)
+    poses: list[np.ndarray] = []
+    spreads: list[float] = []
+    shares: list[float] = []
+    if options.init == "centers":
+        poses, spreads, shares = [centred], [spread], [1.0]
+    elif options.init == "geometry":
+        poses, spreads, shares = [base], [spread], [1.0]
+    else:
+        poses, spreads, shares = [base, centred], [spread, spread], [0.5, 0.5]
+        if a_p.data_volume_ml < PLACE_BELOW * b_p.data_volume_ml:
+            rng = np.random.default_rng([options.seed, 7])
+            region = np.argwhere(b_p.mask & b_p.fov)[:, ::-1].astype(np.float64)
+            picks = region[rng.choice(len(region), min(PLACEMENTS, len(region)), replace=False)]
+            targets = b_p.grid.to_physical(picks)
+            shares = [0.25, 0.25]
+            for target in targets:
+                poses.append(placed(target))
+                spreads.append(PLACEMENT_SPREAD_MM)
+                shares.append(0.5 / len(targets))
+    if given and options.init != "geometry" and not any(np.array_equal(base, p) for p in poses):
+        poses.insert(0, base)
+        spreads.insert(0, spread)
+        shares.insert(0, 0.5)
+    return np.array(poses), np.array(spreads), np.array(shares) / np.sum(shares)
+
+
+def _rigid_theta(model: TransformModel, matrix: np.ndarray) -> np.ndarray:
+    """Rigid parameters of ``model`` (about its centre) closest to a 4x4 matrix."""
+    from disa.registration.transforms import rigid_parameters
+
+    if np.allclose(matrix, np.eye(4)):
+        return np.zeros(6)
+    return rigid_parameters(matrix, model.center)
 
 
 def _objective(fixed_map: DescriptorMap, moving_map: DescriptorMap, weights: np.ndarray,
@@ -490,7 +778,7 @@ def _probe_transform(model: ProbeModel, theta: np.ndarray, fixed: sitk.Image,
 
 def _matched_deformation(model: ProbeModel, theta: np.ndarray, smoothed: sitk.Image,
                          mask: sitk.Image | None, regridded: PreparedImage, spacing: float,
-                         fixed_grid: Grid) -> PreparedImage:
+                         fixed_grid: Grid, region: DataRegion | None = None) -> PreparedImage:
     """The re-gridded moving image resampled so that it shows the tissue deformed as the
     fixed image does under theta (probe.py, "Matched-deformation refinement")."""
     reference = regridded.grid.reference_image()
@@ -502,7 +790,8 @@ def _matched_deformation(model: ProbeModel, theta: np.ndarray, smoothed: sitk.Im
                           sitk.sitkFloat32)
     warped_mask = None if mask is None else sitk.Resample(
         mask, reference, warp, sitk.sitkNearestNeighbor, 0)
-    return prepare(image, spacing, warped_mask, smooth=False, role="moving")
+    # (The data region moves by the compression, a few mm: the unwarped one is kept.)
+    return prepare(image, spacing, warped_mask, smooth=False, role="moving", region=region)
 
 
 def _radius(points: np.ndarray, center: np.ndarray) -> float:
@@ -537,7 +826,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                            model: TransformModel | ProbeModel,
                            options: RegistrationOptions, similarity: str,
                            fixed_map: DescriptorMap, weights: np.ndarray, kind: str,
-                           radius: float, cancel: Cancel | None, passes: int | None = None
+                           radius: float, cancel: Cancel | None, passes: int | None = None,
+                           region: DataRegion | None = None, erosion: int = 1
                            ) -> tuple[np.ndarray, float, DescriptorObjective]:
     """L-BFGS refinement on moving descriptors computed on a grid aligned with the fixed axes.
 
@@ -576,17 +866,16 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
         if isinstance(model, ProbeModel):
             # (The probe's matched deformation resamples the whole re-gridded image.)
             moving_p = prepare(smoothed, spacing, moving_mask, direction=direction, smooth=False,
-                               role="moving")
+                               role="moving", region=region)
             moving_p = _matched_deformation(model, theta, smoothed, moving_mask, moving_p,
-                                            spacing, fixed_map.grid)
+                                            spacing, fixed_map.grid, region)
             pass_model = model.referenced(theta)
         else:
             bounds = reoriented_bounds(model, theta, fixed_map, weights, direction, margin_mm)
             moving_p = regrid(smoothed, spacing, moving_mask, direction, bounds, align,
-                              normalisation)
+                              normalisation, region)
         moving_map, stride, _ = descriptor_maps(moving_p, similarity, options)
-        if moving_mask is not None:
-            moving_map = moving_map.masked(moving_p.mask[::stride, ::stride, ::stride])
+        moving_map = moving_map.with_validity(moving_validity(moving_p, stride, erosion))
         if options.precision == "int8":
             moving_map = moving_map.quantised()
         final = pass_index == passes - 1 or converged
@@ -679,9 +968,12 @@ def _lc2_objective(fixed_p: PreparedImage, moving_p: PreparedImage,
                                 / LC2_MAX_DIM)))
     step = slice(None, None, factor)
     f, m = fixed_p.volume[step, step, step], moving_p.volume[step, step, step]
+    valid = moving_p.fov & moving_p.mask if moving_p.user_mask else moving_p.fov
+    fixed_ok = fixed_p.mask & fixed_p.fov
     return LC2Objective(np.ascontiguousarray(f), fixed_p.grid.strided(factor),
                         np.ascontiguousarray(m), moving_p.grid.strided(factor), model,
-                        fixed_mask=fixed_p.mask[::factor, ::factor, ::factor])
+                        fixed_mask=fixed_ok[::factor, ::factor, ::factor],
+                        moving_valid=np.ascontiguousarray(valid[::factor, ::factor, ::factor]))
 
 
 def _run_lc2(fixed_p: PreparedImage, moving_p: PreparedImage, rigid: TransformModel,

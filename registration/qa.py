@@ -75,6 +75,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from disa.registration.atomic import atomic_write
+from disa.registration.fov import border_connected
 from disa.registration.preprocess import foreground_mask
 
 __all__ = [
@@ -257,14 +258,9 @@ def moving_data_mask(
     at_min = sample == sample.min()
     data = np.ones(sample.shape, dtype=bool)
     if _PADDED_FRACTION <= at_min.mean() < 1.0:
-        labels, count = ndimage.label(at_min)
-        faces = np.concatenate(
-            [f.ravel() for a in range(3) for f in (np.take(labels, 0, a), np.take(labels, -1, a))]
-        )
-        padding = np.zeros(count + 1, dtype=bool)
-        padding[faces] = True
-        padding[0] = False  # label 0: voxels above the minimum
-        data = ~padding[labels]
+        # (fov.data_region also asks that the data end abruptly there: for centring the
+        # view, a body in exact-zero air is best taken as the data, so that test is left out.)
+        data = ~border_connected(at_min)
     mask = sitk.GetImageFromArray(data.astype(np.uint8))
     mask.CopyInformation(reference)
     return mask

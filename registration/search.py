@@ -2,9 +2,11 @@
 
 Strategy (coarse to fine, everything batched over starts):
 
-1. Draw N random starts around the initial pose: Euler angles uniform in
-   +-rotation_range degrees, translations uniform in +-translation_range mm
-   (start 0 is the initial pose itself). Deterministic for a seed.
+1. Draw N random starts around a few initial poses (the header pose, the
+   aligned centroids, placements of a small field of view over the larger
+   one: pipeline.initial_poses): Euler angles uniform in +-rotation_range
+   degrees, translations uniform in +-(the pose's spread) mm; the poses
+   themselves are starts, start 0 the first. Deterministic for a seed.
 2. Successive halving on the coarse objective: every surviving start takes a
    few batched Adam steps in displacement units (mm), then the weaker
    half/quarter is pruned. Batched steps cost one kernel call for all starts,
@@ -42,7 +44,6 @@ class SearchSettings:
 
     starts: int = 500
     rotation_range_deg: float = 40.0
-    translation_range_mm: float = 100.0
     top_k: int = 8
     seed: int = 0
     coarse_rounds: tuple[tuple[int, float], ...] = ((8, 0.25), (12, 0.25))
@@ -74,26 +75,38 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def draw_starts(model: TransformModel, init: np.ndarray, settings: SearchSettings,
-                rng: np.random.Generator) -> np.ndarray:
-    """Random starts (N, P) around ``init``; row 0 is ``init``. Rigid parameters only vary
-    rotation and translation (rigid+probe: the compression starts at ``init``'s); affine
-    starts are rigid perturbations of ``init``."""
-    n = max(1, settings.starts)
+def draw_starts(model: TransformModel, anchors: np.ndarray, settings: SearchSettings,
+                rng: np.random.Generator, spreads_mm: np.ndarray | None = None,
+                shares: np.ndarray | None = None) -> np.ndarray:
+    """Random starts (N, P) around the initial poses ``anchors`` (A, P); rows 0..A-1 are the
+    anchors themselves (so row 0 is the first). The other starts are divided among the
+    anchors by ``shares`` (default equal) and perturbed by angles uniform in
+    +-rotation_range_deg and translations uniform in +-``spreads_mm[a]`` per axis (default
+    100 mm). Rigid parameters vary rotation and translation (rigid+probe: the compression
+    starts at the anchor's); affine starts are rigid perturbations of the anchor."""
+    anchors = np.atleast_2d(np.asarray(anchors, dtype=np.float64))
+    n_anchors = len(anchors)
+    n = max(n_anchors, settings.starts)
+    spreads = np.full(n_anchors, 100.0) if spreads_mm is None else np.asarray(spreads_mm, float)
+    share = np.full(n_anchors, 1.0 / n_anchors) if shares is None else np.asarray(shares, float)
+    counts = np.floor(share / share.sum() * (n - n_anchors)).astype(int)
+    counts[0] += (n - n_anchors) - counts.sum()
+    owner = np.concatenate([np.arange(n_anchors), np.repeat(np.arange(n_anchors), counts)])
     rot = np.deg2rad(settings.rotation_range_deg) * rng.uniform(-1, 1, size=(n, 3))
-    trans = settings.translation_range_mm * rng.uniform(-1, 1, size=(n, 3))
-    rot[0] = 0.0
-    trans[0] = 0.0
+    trans = spreads[owner, None] * rng.uniform(-1, 1, size=(n, 3))
+    rot[:n_anchors] = 0.0
+    trans[:n_anchors] = 0.0
+    base = anchors[owner]
     if model.mode in ("rigid", "rigid+probe"):
-        starts = np.tile(init, (n, 1))
+        starts = base.copy()
         starts[:, :3] += rot
         starts[:, 3:6] += trans
         return starts
     from disa.registration.transforms import rotation_matrix
 
-    m0 = init[:9].reshape(3, 3)
+    m0 = base[:, :9].reshape(n, 3, 3)
     mats = rotation_matrix(rot) @ m0
-    return np.concatenate([mats.reshape(n, 9), init[None, 9:] + trans], axis=1)
+    return np.concatenate([mats.reshape(n, 9), base[:, 9:] + trans], axis=1)
 
 
 def _check(cancel: Cancel | None) -> None:
@@ -203,16 +216,20 @@ def _keep_initial(order: np.ndarray, origin: np.ndarray) -> np.ndarray:
 def global_search(coarse: Objective, fine: Objective, refine: Objective, model: TransformModel,
                   init: np.ndarray, settings: SearchSettings, radius_mm: float,
                   coarse_spacing_mm: float, fine_spacing_mm: float, check_points: np.ndarray,
-                  progress: Progress | None = None, cancel: Cancel | None = None
+                  progress: Progress | None = None, cancel: Cancel | None = None,
+                  spreads_mm: np.ndarray | None = None, shares: np.ndarray | None = None
                   ) -> SearchResult:
     """Multi-start search: successive halving on ``coarse``, Adam on ``fine``, L-BFGS on
-    ``refine`` for the best K; ``check_points`` (N, 3, mm) measure agreement."""
+    ``refine`` for the best K; ``check_points`` (N, 3, mm) measure agreement. ``init`` is
+    one initial pose (P,) or several (A, P), with ``spreads_mm`` and ``shares`` as in
+    ``draw_starts``; the descendant of the first is never dropped."""
     report = progress or (lambda stage, fraction: None)
     timings: dict[str, float] = {}
     rng = np.random.default_rng(settings.seed)
     scales = model.scales(radius_mm)
     t0 = time.perf_counter()
-    theta = draw_starts(model, np.asarray(init, dtype=np.float64), settings, rng)
+    theta = draw_starts(model, np.asarray(init, dtype=np.float64), settings, rng, spreads_mm,
+                        shares)
     n_starts = len(theta)
     report("search", 0.0)
     cost = coarse.cost(theta)

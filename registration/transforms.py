@@ -175,3 +175,48 @@ class TransformModel:
         h = np.eye(4)
         h[:3] = p[0]
         return h
+
+
+def linear_matrix(transform: sitk.Transform) -> np.ndarray:
+    """The homogeneous 4x4 matrix (fixed -> moving, LPS mm) of a linear SimpleITK transform.
+
+    Accepts every transform whose mapping is x -> A x + b (Euler, versor, similarity,
+    scale, affine, translation, and composites of them), read by probing the mapping at
+    the origin and the unit vectors, which needs no knowledge of the transform's class.
+    Raises ValueError for a mapping that is not linear (a displacement field, a B-spline),
+    checked at points 100 mm out along each axis and its diagonal.
+    """
+    def at(point: np.ndarray) -> np.ndarray:
+        return np.asarray(transform.TransformPoint(tuple(float(v) for v in point)), float)
+
+    b = at(np.zeros(3))
+    a = np.stack([at(e) - b for e in np.eye(3)], axis=1)
+    if not np.all(np.isfinite(a)) or not np.all(np.isfinite(b)):
+        raise ValueError("the transform maps points to non-finite coordinates")
+    for probe in (*(100.0 * e for e in np.eye(3)), np.array([-70.0, 80.0, -90.0])):
+        if np.linalg.norm(at(probe) - (a @ probe + b)) > 1e-3:
+            raise ValueError("the transform is not linear (x -> A x + b); give a rigid or "
+                             "affine transform")
+    if abs(np.linalg.det(a)) < 1e-6:
+        raise ValueError("the transform's matrix is singular")
+    h = np.eye(4)
+    h[:3, :3] = a
+    h[:3, 3] = b
+    return h
+
+
+def rigid_parameters(matrix: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """Rigid theta (rad, mm) about ``center`` closest to a 4x4 fixed -> moving matrix.
+
+    The rotation is the nearest proper rotation to the linear part (polar decomposition,
+    so a small scale or shear in a given affine is dropped); the translation makes the
+    rigid map agree with the matrix at ``center``.
+    """
+    u, _, vt = np.linalg.svd(matrix[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    c = np.asarray(center, dtype=np.float64)
+    t = matrix[:3, :3] @ c + matrix[:3, 3] - c
+    return np.concatenate([euler_from_matrix(r), t])

@@ -165,3 +165,5 @@ def _print_result(job: dict[str, Any]) -> None:
     print(f"{r.get('mode')} registration with {r.get('similarity')}: similarity "
           f"{r.get('similarity_value', float('nan')):.4f}, confidence "
           f"{r.get('confidence', float('nan')):.2f} ({verdict}), {run_s:.2f} s on the service")
+    if r.get("verdict"):
+        print(f"verdict: {r['verdict'].upper()} ({r.get('verdict_reason', '')})")

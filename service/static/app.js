@@ -45,6 +45,7 @@ function noteJob(job) {
   let text = `Job ${short(job.id)}: ${job.state}`;
   if (job.state === "running") text += `, ${job.progress.stage}`;
   if (job.state === "succeeded" && job.result) {
+    if (job.result.verdict) text += `, verdict ${job.result.verdict}`;
     text += `, confidence ${percent(job.result.confidence)}`;
     if (job.result.ambiguous) text += ", ambiguous";
   }
@@ -277,6 +278,10 @@ function degrees(radians) {
 function summaryRows(job) {
   const r = job.result || {};
   const rows = [
+    ["Verdict", r.verdict === undefined ? undefined : `${r.verdict} (${r.verdict_reason})`],
+    ["Overlap", r.overlap === undefined ? undefined : percent(r.overlap)],
+    ["Match quality", r.match_quality === undefined || r.match_quality === null ? undefined
+      : Number(r.match_quality).toFixed(2)],
     ["Mode", r.mode],
     ["Similarity", r.similarity],
     ["Similarity value", r.similarity_value === undefined ? undefined
@@ -306,7 +311,11 @@ async function showResult(job) {
   confidence.textContent = `Confidence: ${percent(r.confidence ?? 0)} — ${r.agreeing_solutions ?? "?"} of `
     + `${r.refined_solutions ?? "?"} independently refined solutions land within 5 mm of the best one.`;
   const warning = $("result-warning");
-  if (r.ambiguous) {
+  if (r.verdict === "failed" || r.verdict === "uncertain") {
+    warning.hidden = false;
+    warning.textContent = `Verdict: ${r.verdict} — ${r.verdict_reason}. `
+      + "Check the QA picture and the viewer before using this transform.";
+  } else if (r.ambiguous) {
     warning.hidden = false;
     warning.textContent = "Ambiguous result: a different pose scores almost as well as the one "
       + "chosen. Check the QA picture and the viewer before using this transform.";

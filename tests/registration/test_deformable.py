@@ -50,23 +50,30 @@ def test_point_kernel_matches_the_matrix_kernel_and_its_gradient(ssd: bool, int8
     mats = np.array([[[0.98, 0.05, 0.0, 1.3], [-0.04, 1.01, 0.02, 0.7], [0.0, 0.03, 0.97, 1.1]],
                      [[1.0, 0.0, 0.0, -0.4], [0.0, 1.0, 0.0, 2.2], [0.0, 0.0, 1.0, 3.1]]])
     coords = np.einsum("bij,nj->bni", mats[:, :, :3], points) + mats[:, None, :, 3]
+    # Validity: smooth in space, so both sums have informative gradients everywhere.
+    z, y, x = np.meshgrid(*(np.arange(k) for k in moving.shape[:3]), indexing="ij")
+    valid = np.clip(0.5 + 0.4 * np.sin(0.3 * x + 0.2 * y - 0.25 * z), 0, 1).astype(np.float32)
     args = (scale, scale, ssd)
-    cost_m, grad_m, inside_m = descriptor_cost(fixed, weights, points, moving, mats, *args, True)
-    cost_p, grad_p, inside_p = point_descriptor_cost(fixed, weights, coords, moving, *args, True)
-    np.testing.assert_allclose(cost_p, cost_m, rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(inside_p, inside_m)
-    # Chaining the per-point gradient through the affine map gives the matrix gradient.
+    matrix = descriptor_cost(fixed, weights, points, moving, valid, mats, *args, True)
+    point = point_descriptor_cost(fixed, weights, coords, moving, valid, *args, True)
+    for k in (0, 1):  # s and w
+        np.testing.assert_allclose(point[k], matrix[k], rtol=1e-6, atol=1e-9)
+    # Chaining the per-point gradients through the affine map gives the matrix gradients.
     homogeneous = np.concatenate([points, np.ones((n, 1))], axis=1)
-    np.testing.assert_allclose(np.einsum("bni,nj->bij", grad_p, homogeneous), grad_m,
-                               rtol=1e-5, atol=1e-9)
-    # Finite differences on a few points' coordinates.
+    for k in (2, 3):
+        np.testing.assert_allclose(np.einsum("bni,nj->bij", point[k], homogeneous),
+                                   matrix[k], rtol=1e-5, atol=1e-9)
+    # Finite differences on a few points' coordinates, for both sums.
     for b, p, axis in ((0, 3, 0), (1, 10, 2), (0, 57, 1)):
         step = np.zeros_like(coords)
         step[b, p, axis] = 1e-4
-        plus = point_descriptor_cost(fixed, weights, coords + step, moving, *args, False)[0][b]
-        minus = point_descriptor_cost(fixed, weights, coords - step, moving, *args, False)[0][b]
-        assert (plus - minus) / 2e-4 == pytest.approx(grad_p[b, p, axis], rel=1e-3, abs=1e-7)
-    assert point_descriptor_cost(fixed, weights, coords, moving, *args, False)[1].shape == (2, 0, 3)
+        plus = point_descriptor_cost(fixed, weights, coords + step, moving, valid, *args, False)
+        minus = point_descriptor_cost(fixed, weights, coords - step, moving, valid, *args, False)
+        for k in (0, 1):
+            assert (plus[k][b] - minus[k][b]) / 2e-4 == pytest.approx(point[k + 2][b, p, axis],
+                                                                     rel=1e-3, abs=1e-7)
+    no_grad = point_descriptor_cost(fixed, weights, coords, moving, valid, *args, False)
+    assert no_grad[2].shape == (2, 0, 3)
 
 
 def test_regulariser_gradients_match_finite_differences() -> None:

@@ -8,7 +8,12 @@ from scipy import ndimage
 
 from disa.registration.descriptor_map import DescriptorMap
 from disa.registration.grid import Grid
-from disa.registration.objective import DescriptorObjective, sample_points
+from disa.registration.objective import (
+    BARRIER,
+    PRIOR_WEIGHT,
+    DescriptorObjective,
+    sample_points,
+)
 from disa.registration.transforms import TransformModel
 
 
@@ -55,6 +60,52 @@ def test_gradient_matches_finite_differences(maps, mode: str, kind: str, int8: b
         assert numeric == pytest.approx(grad[0, k], rel=2e-3, abs=1e-6 / scales[k])
 
 
+@pytest.mark.parametrize("kind", ["dot", "ssd"])
+@pytest.mark.parametrize("shift_mm", [8.0, 70.0])
+def test_normalised_gradient_matches_finite_differences(maps, kind: str,
+                                                        shift_mm: float) -> None:
+    """With a moving validity that cuts the overlap (a slab), the gradient of the
+    normalised cost (mean over valid points, prior, and at 70 mm the barrier) is exact."""
+    fixed, moving, weights = maps
+    valid = np.zeros(moving.grid.shape, np.float32)
+    valid[:, 4:15, :] = 1.0
+    moving = moving.with_validity(valid)
+    model = TransformModel("rigid", np.array([2.0, -3.0, 1.0]))
+    objective = DescriptorObjective(fixed, moving, weights, model, kind=kind, n_points=2000)
+    theta = np.array([0.05, -0.04, 0.03, shift_mm, -2.2, 0.9])
+    overlap = objective.overlap(theta[None, :])
+    assert 0.0 < overlap < 1.0
+    if shift_mm > 50:
+        assert overlap < objective.min_overlap  # the barrier's regime
+    _, grad = objective.cost_and_grad(theta[None, :])
+    scales = model.scales(30.0)
+    for k in range(model.n_params):
+        step = np.zeros(model.n_params)
+        step[k] = 1e-4 * scales[k]
+        numeric = (objective.cost(theta + step)[0] - objective.cost(theta - step)[0]) / (
+            2 * step[k])
+        assert numeric == pytest.approx(grad[0, k], rel=2e-3, abs=1e-6 / scales[k])
+
+
+def test_a_slab_of_the_fixed_map_peaks_at_the_true_pose() -> None:
+    """A moving slab cut from the fixed map, on the same physical grid: the normalised mean
+    over the points that land in the slab peaks at the true pose."""
+    grid = _grid((16, 18, 20), 4.0, 0.0, (0.0, 0.0, 0.0))
+    fixed = _smooth_unit_ball_map(grid, 11)
+    valid = np.zeros(grid.shape, np.float32)
+    valid[5:11] = 1.0  # a slab of 6 planes along z
+    moving = fixed.with_validity(valid)
+    weights = np.ones(grid.shape, np.float32)
+    model = TransformModel("rigid", grid.center)
+    objective = DescriptorObjective(fixed, moving, weights, model, kind="dot",
+                                    min_overlap=0.05)
+    shifts = np.arange(-12.0, 12.5, 1.0)
+    thetas = np.zeros((len(shifts), 6))
+    thetas[:, 5] = shifts
+    costs = objective.cost(thetas)
+    assert shifts[np.argmin(costs)] == 0.0
+
+
 def test_batched_costs_equal_single_costs(maps) -> None:
     fixed, moving, weights = maps
     model = TransformModel("rigid", np.zeros(3))
@@ -82,17 +133,24 @@ def test_identical_maps_peak_at_the_identity_in_physical_space() -> None:
     weights = np.ones(grid.shape, dtype=np.float32)
     model = TransformModel("rigid", grid.center)
     objective = DescriptorObjective(fixed, fixed, weights, model, kind="ssd")
-    assert objective.cost(model.identity()[None, :])[0] == pytest.approx(0.0, abs=1e-9)
+    # A perfect match over the whole overlap: only the prior's pull towards chance is left.
+    at_identity = objective.cost(model.identity()[None, :])[0]
+    prior = PRIOR_WEIGHT * objective.chance_cost / (1 + PRIOR_WEIGHT)
+    assert at_identity == pytest.approx(prior, rel=1e-6)
+    assert objective.match_quality(at_identity) == pytest.approx(1 / (1 + PRIOR_WEIGHT))
     shifted = np.array([0, 0, 0, 2.0, 0, 0])
-    assert objective.cost(shifted[None, :])[0] > 1e-3
+    assert objective.cost(shifted[None, :])[0] > at_identity + 1e-3
 
 
-def test_points_outside_the_moving_map_carry_no_similarity(maps) -> None:
+def test_a_pose_without_overlap_costs_chance_plus_the_barrier(maps) -> None:
+    """No point lands on moving data: no similarity is counted, the prior leaves the chance
+    cost, and the barrier refuses the pose (worse than chance by BARRIER contrasts)."""
     fixed, moving, weights = maps
     model = TransformModel("rigid", np.zeros(3))
     objective = DescriptorObjective(fixed, moving, weights, model)
     far = np.array([[0, 0, 0, 1000.0, 0, 0]])
-    assert objective.cost(far)[0] == 0.0
+    contrast = objective.chance_cost - objective.match_cost
+    assert objective.cost(far)[0] == pytest.approx(objective.chance_cost + BARRIER * contrast)
     assert objective.overlap(far) == 0.0
     assert objective.overlap(model.identity()[None, :]) > 0.5
 

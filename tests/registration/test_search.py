@@ -45,10 +45,10 @@ class Quadratic(Counted):
 
 def test_starts_are_deterministic_and_within_the_ranges() -> None:
     model = TransformModel("rigid", np.zeros(3))
-    settings = SearchSettings(starts=300, rotation_range_deg=30, translation_range_mm=50)
+    settings = SearchSettings(starts=300, rotation_range_deg=30)
     init = np.array([0.1, 0, 0, 5, 0, 0])
-    a = draw_starts(model, init, settings, np.random.default_rng(1))
-    b = draw_starts(model, init, settings, np.random.default_rng(1))
+    a = draw_starts(model, init, settings, np.random.default_rng(1), np.array([50.0]))
+    b = draw_starts(model, init, settings, np.random.default_rng(1), np.array([50.0]))
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a[0], init)
     assert a.shape == (300, 6)
@@ -56,6 +56,21 @@ def test_starts_are_deterministic_and_within_the_ranges() -> None:
     assert np.abs(a[:, 3:] - init[3:]).max() <= 50
     # The ranges are explored, not just the centre.
     assert np.abs(a[:, 3:] - init[3:]).max() > 45
+
+
+def test_starts_are_shared_among_initial_poses_with_their_own_spreads() -> None:
+    """Several initial poses (header, centroids, placements): each is a start itself, gets
+    its share of the others and its own translation spread."""
+    model = TransformModel("rigid", np.zeros(3))
+    anchors = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 0, 200.0, 0, 0], [0, 0, 0, 0, 300.0, 0]])
+    starts = draw_starts(model, anchors, SearchSettings(starts=403, rotation_range_deg=10),
+                         np.random.default_rng(2), np.array([50.0, 10.0, 10.0]),
+                         np.array([0.5, 0.25, 0.25]))
+    np.testing.assert_array_equal(starts[:3], anchors)
+    near = [np.abs(starts[:, 3:] - a[3:]).max(axis=1) <= s
+            for a, s in zip(anchors, (50.0, 10.0, 10.0), strict=True)]
+    assert np.all(near[0] | near[1] | near[2])
+    assert [int(n.sum()) for n in near] == [201, 101, 101]
 
 
 def test_affine_starts_are_rotated_copies_of_the_initial_matrix() -> None:
@@ -145,10 +160,9 @@ def test_global_search_keeps_the_initial_pose_to_the_refinement() -> None:
     coarse = TwoBasins(target, decoy, target_depth=100.0, decoy_depth=300.0)
     fine = TwoBasins(target, decoy, target_depth=100.0, decoy_depth=300.0)
     refine = TwoBasins(target, decoy, target_depth=500.0, decoy_depth=300.0)
-    settings = SearchSettings(starts=200, rotation_range_deg=0.0, translation_range_mm=60.0,
-                              top_k=2, seed=3)
+    settings = SearchSettings(starts=200, rotation_range_deg=0.0, top_k=2, seed=3)
     result = global_search(coarse, fine, refine, model, init, settings, radius_mm=50.0,
                            coarse_spacing_mm=4.0, fine_spacing_mm=2.0,
-                           check_points=np.zeros((1, 3)))
+                           check_points=np.zeros((1, 3)), spreads_mm=np.array([60.0]))
     np.testing.assert_allclose(result.theta, target, atol=1e-3)
     assert any(s.start_index == 0 for s in result.solutions)

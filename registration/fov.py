@@ -1,0 +1,138 @@
+"""Where an image has data: its field of view, detected from the header and the voxels.
+
+A voxel has data when it lies inside the image buffer and outside the padding
+that scanners and converters write around a partial field of view: the zeros
+outside an ultrasound sector, the constant outside a CT reconstruction circle,
+the fill value of a volume resampled onto a larger or oblique grid. Padding is
+recognised as voxels exactly equal to one value (the image minimum or zero),
+connected to the buffer's border, covering at least ``MIN_PADDING`` of it, and
+ending in a cut: data next to it differs from it abruptly along a good part of
+its border (``_is_cut``). Real background (air in MR or CT) is noisy and never
+exactly constant, so it stays data; a template's or phantom's exact-zero
+background fades smoothly into the skin, so it stays data too (the body outline
+is information: a probe's compression is measured there).
+
+The registration objective counts a sample point only where the other image
+has data (objective.py), and the sampling image's own weights are restricted to
+its data region eroded by the weight filter's radius, so that the artificial
+edge of a sector or slab is never taken for structure.
+
+Frames: masks are numpy (z, y, x) arrays on an image's own grid; resampling to
+the working grid goes through physical space (LPS mm) like the image itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+#: Smallest fraction of the buffer that counts as padding (below: stray equal voxels).
+MIN_PADDING = 0.01
+#: Largest: an image (nearly) all of one value is a constant image, which preprocessing
+#: refuses with its own message, not an image whose data is all padding.
+MAX_PADDING = 0.98
+
+
+@dataclass(frozen=True)
+class DataRegion:
+    """The data region of an image on its own grid, and what was found.
+
+    ``mask`` is a uint8 SimpleITK image on the image's grid (1 = data).
+    ``padding_fraction`` is the fraction of the buffer found to be padding and
+    ``padding_value`` its value (None when there is none).
+    """
+
+    mask: sitk.Image
+    padding_fraction: float
+    padding_value: float | None
+
+    @property
+    def has_padding(self) -> bool:
+        return self.padding_value is not None
+
+
+def border_connected(equal: np.ndarray) -> np.ndarray:
+    """The voxels of ``equal`` (bool) connected (6-neighbourhood) to the array's border."""
+    labels, count = ndimage.label(equal)
+    if count == 0:
+        return np.zeros_like(equal)
+    border = np.zeros(count + 1, dtype=bool)
+    for axis in range(3):
+        for index in (0, -1):
+            border[np.unique(np.take(labels, index, axis=axis))] = True
+    border[0] = False
+    return border[labels]
+
+
+#: Padding ends in a cut: at least this fraction of the data voxels along its border differ
+#: from the padding value by more than CUT_CONTRAST of the data's intensity range.
+CUT_FRACTION = 0.2
+CUT_CONTRAST = 0.05
+
+
+def _is_cut(array: np.ndarray, padding: np.ndarray, value: float) -> bool:
+    """Whether the data along the padding's border ends abruptly (a sector, a slab, a crop,
+    a reconstruction circle) rather than fading into it (a template's exact-zero
+    background around a smooth skin edge, which is anatomy and must stay data)."""
+    border = ndimage.binary_dilation(padding) & ~padding
+    if not border.any():
+        return False
+    data = array[~padding]
+    low, high = np.percentile(data[:: max(1, data.size // 200_000)], (1, 99))
+    contrast = max(float(high - low), 1e-12)
+    far = np.abs(array[border].astype(np.float64) - value) > CUT_CONTRAST * contrast
+    return bool(far.mean() >= CUT_FRACTION)
+
+
+def data_region(image: sitk.Image) -> DataRegion:
+    """The voxels of ``image`` that hold data: inside the buffer, outside the padding."""
+    array = sitk.GetArrayViewFromImage(image)
+    best = np.zeros(array.shape, dtype=bool)
+    value: float | None = None
+    candidates = {float(array.min()), 0.0}
+    for candidate in sorted(candidates):
+        equal = array == candidate
+        if equal.mean() < MIN_PADDING:
+            continue
+        padding = border_connected(equal)
+        if (MIN_PADDING <= padding.mean() <= MAX_PADDING and padding.sum() > best.sum()
+                and _is_cut(array, padding, candidate)):
+            best, value = padding, candidate
+    mask = sitk.GetImageFromArray((~best).astype(np.uint8))
+    mask.CopyInformation(image)
+    return DataRegion(mask, float(best.mean()), value)
+
+
+def region_on_grid(region: sitk.Image, reference: sitk.Image, outside: float = 0.0
+                   ) -> np.ndarray:
+    """The data region resampled onto ``reference``'s grid: bool (z, y, x), True where more
+    than half of the interpolated region has data; outside the buffer ``outside`` (0: no
+    data, the field of view; 1: only the padding counts, what erosion applies to)."""
+    on_grid = sitk.Resample(sitk.Cast(region, sitk.sitkFloat32), reference, sitk.Transform(),
+                            sitk.sitkLinear, float(outside), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(on_grid) > 0.5
+
+
+def eroded(mask: np.ndarray, voxels: int) -> np.ndarray:
+    """``mask`` eroded by a cube of half-width ``voxels`` away from its own edges only.
+
+    Outside the array counts as inside the mask: the edge of a grid is where the working
+    grid ends, not where the data does (the buffer's edge carries no artificial contrast,
+    and eroding it cost the probe phantom its compression, measured at the surface).
+    """
+    if voxels <= 0:
+        return mask.copy()
+    size = 2 * voxels + 1
+    # Separable minimum filter: a cube erosion in three 1-D passes.
+    out = mask.astype(np.uint8)
+    for axis in range(3):
+        out = ndimage.minimum_filter1d(out, size, axis=axis, mode="constant", cval=1)
+    return out.astype(bool)
+
+
+def physical_volume_ml(mask: np.ndarray, spacing_mm: float) -> float:
+    """Volume (ml) of a mask on an isotropic grid of ``spacing_mm``."""
+    return float(mask.sum()) * spacing_mm ** 3 / 1000.0
