@@ -1,0 +1,145 @@
+"""Fields of view: data regions, the overlap-normalised search on partial views, the
+sampled image's choice, the initial transform, and the verdict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from disa.registration import phantom as ph
+from disa.registration.errors import InputError
+from disa.registration.fov import data_region
+from disa.registration.options import RegistrationOptions
+from disa.registration.pipeline import register
+from disa.registration.verdict import Evidence, verdict
+
+TRUTH = ph.rigid_truth((12.0, -10.0, 11.0), (18.0, -15.0, 17.0))  # ~20 deg, ~29 mm
+
+
+@pytest.fixture(scope="module")
+def pair() -> ph.PhantomPair:
+    grid = ph.make_grid((64, 64, 64), (3.0, 3.0, 3.0))
+    return ph.make_pair(TRUTH, fixed_grid=grid, seed=4)
+
+
+def _crop(image: sitk.Image, low: float, high: float) -> sitk.Image:
+    """The part of ``image`` between fractions ``low`` and ``high`` of each axis (its own
+    voxels and physical positions: a smaller field of view of the same scan)."""
+    size = np.array(image.GetSize())
+    start = (size * low).astype(int)
+    return sitk.RegionOfInterest(image, [int(v) for v in (size * high).astype(int) - start],
+                                 [int(v) for v in start])
+
+
+def _sector(image: sitk.Image, half_angle_deg: float = 30.0) -> sitk.Image:
+    """``image`` zeroed outside a cone whose apex sits on the top face (an ultrasound fan)."""
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    nz, ny, nx = array.shape
+    z, y, x = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    depth = z + 1.0
+    radius = np.hypot(y - ny / 2, x - nx / 2)
+    inside = radius <= depth * np.tan(np.deg2rad(half_angle_deg))
+    array = np.where(inside, array - array.min() + 1.0, 0.0).astype(np.float32)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def _tre(result, pair: ph.PhantomPair, fixed: sitk.Image) -> float:
+    points = ph.grid_points(ph.make_grid((8, 8, 8), (12.0, 12.0, 12.0)))
+    return ph.target_registration_error(result.transform, TRUTH, points)
+
+
+def test_padding_that_ends_in_a_cut_is_not_data(pair) -> None:
+    """A fan (zeros outside, speckle inside) has padding; a phantom whose exact-zero
+    background fades into its skin does not; a constant image is not 'all padding'."""
+    fan = data_region(_sector(pair.moving))
+    assert fan.has_padding and 0.3 < fan.padding_fraction < 0.9
+    mask = sitk.GetArrayFromImage(fan.mask).astype(bool)
+    assert mask[-1, 32, 32] and not mask[-1, 0, 0] and not mask[0, 5, 5]
+    smooth = sitk.SmoothingRecursiveGaussian(pair.fixed - float(
+        sitk.GetArrayViewFromImage(pair.fixed).min()), 6.0)
+    array = sitk.GetArrayFromImage(smooth)
+    array = np.maximum(array - np.percentile(array, 30), 0.0)  # exact zeros, faded edge
+    template = sitk.GetImageFromArray(array)
+    template.CopyInformation(pair.fixed)
+    assert not data_region(template).has_padding
+    constant = sitk.Image(pair.fixed.GetSize(), sitk.sitkFloat32) + 3.0
+    assert not data_region(constant).has_padding
+
+
+@pytest.mark.parametrize("similarity", ["mind", "disa"])
+def test_a_cropped_moving_view_registers_from_30_mm_and_20_degrees(pair, similarity) -> None:
+    """The moving image sees 40 % of the anatomy per axis: it provides the sample points,
+    the result is inverted back to fixed -> moving, and it lands on the truth."""
+    moving = _crop(pair.moving, 0.25, 0.65)
+    options = RegistrationOptions(similarity=similarity, starts=200)
+    result = register(pair.fixed, moving, options)
+    assert result.sampled == "moving"
+    # DISA's optimum lies several mm from the truth with the shipped network (issue 20,
+    # benchmarks/README.md "Where the optimum lies"): converged, not sub-millimetre.
+    assert _tre(result, pair, pair.fixed) < (1.0 if similarity == "mind" else 10.0)
+    assert result.overlap > 0.9
+
+
+def test_a_cropped_fixed_view_registers_too(pair) -> None:
+    fixed = _crop(pair.fixed, 0.3, 0.75)
+    result = register(fixed, pair.moving, RegistrationOptions(similarity="mind", starts=200))
+    assert result.sampled == "fixed"
+    assert _tre(result, pair, fixed) < 1.5  # (3 mm voxels: MIND-SSC's own accuracy here)
+
+
+def test_an_ultrasound_sector_is_detected_as_moving_or_fixed(pair) -> None:
+    """No flag: the sector is found in either image and provides the sample points."""
+    fan = _sector(pair.moving, 35.0)
+    result = register(pair.fixed, fan, RegistrationOptions(similarity="mind", starts=200))
+    assert (result.ultrasound, result.sampled) == ("moving", "moving")
+    assert _tre(result, pair, pair.fixed) < 2.0
+    fixed_fan = _sector(pair.fixed, 35.0)
+    result = register(fixed_fan, pair.moving, RegistrationOptions(similarity="mind", starts=200))
+    assert (result.ultrasound, result.sampled) == ("fixed", "fixed")
+    assert _tre(result, pair, fixed_fan) < 2.0
+
+
+def test_an_initial_transform_with_zero_ranges_is_refined_only(pair) -> None:
+    """Given the truth moved by 4 mm and no search ranges: one start, refined to the truth;
+    given a transform 60 mm off and no ranges, the result stays near that transform."""
+    near = sitk.Euler3DTransform(TRUTH)
+    near.SetTranslation(tuple(np.add(TRUTH.GetTranslation(), (4.0, 0.0, 0.0))))
+    options = RegistrationOptions(similarity="mind", rotation_range=0, translation_range=0)
+    result = register(pair.fixed, pair.moving, options, initial_transform=near)
+    assert result.starts == 1
+    assert _tre(result, pair, pair.fixed) < 1.0
+    far = sitk.Euler3DTransform(TRUTH)
+    far.SetTranslation(tuple(np.add(TRUTH.GetTranslation(), (60.0, 0.0, 0.0))))
+    result = register(pair.fixed, pair.moving, options, initial_transform=far)
+    assert _tre(result, pair, pair.fixed) > 20.0
+
+
+def test_a_non_linear_initial_transform_is_refused(pair) -> None:
+    field = sitk.Image([4, 4, 4], sitk.sitkVectorFloat64, 3)
+    field.SetSpacing((40.0, 40.0, 40.0))
+    array = sitk.GetArrayFromImage(field)
+    array[..., 0] = np.random.default_rng(0).normal(size=array.shape[:3]) * 5
+    bent = sitk.GetImageFromArray(array, isVector=True)
+    bent.CopyInformation(field)
+    transform = sitk.DisplacementFieldTransform(bent)
+    with pytest.raises(InputError, match="initial transform"):
+        register(pair.fixed, pair.moving, RegistrationOptions(similarity="mind", starts=10),
+                 initial_transform=transform)
+
+
+@pytest.mark.parametrize(("evidence", "expected"), [
+    (Evidence(1.0, False, 0.98, 0.8, 8), "likely"),
+    (Evidence(0.125, False, 0.98, 0.8, 8), "uncertain"),  # the solutions disagree
+    (Evidence(1.0, True, 0.98, 0.8, 8), "uncertain"),  # another pose as good
+    (Evidence(1.0, False, 0.98, 0.3, 8), "uncertain"),  # weak match
+    (Evidence(1.0, False, 0.32, 0.8, 8), "failed"),  # pushed to the overlap barrier
+    (Evidence(1.0, False, 0.9, 0.05, 8), "failed"),  # no better than chance
+    (Evidence(1.0, False, 0.9, 0.7, 1), "likely"),  # one start: no agreement to ask for
+])
+def test_verdict_rules(evidence: Evidence, expected: str) -> None:
+    decision, reason = verdict(evidence)
+    assert decision == expected
+    assert reason and "\n" not in reason
