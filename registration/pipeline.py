@@ -399,7 +399,14 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     user_init = _user_initial_matrix(initial_transform)
     report("preprocess", 0.0)
     fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed")
-    moving_p = prepare(moving, spacing, moving_mask, role="moving")
+    # The moving image on axes parallel to the fixed image's (under the header pose or the
+    # initial transform): neither descriptor is rotation invariant, and a moving image
+    # stored on an oblique grid (another scanner's, a probe's) otherwise describes its
+    # neighbourhoods along axes 30-90 degrees off, so that even the true pose scored
+    # badly and a refinement started there walked 10-30 mm away (realistic family).
+    start_rotation = np.eye(3) if user_init is None else _nearest_rotation(user_init[:3, :3])
+    moving_p = prepare(moving, spacing, moving_mask, role="moving",
+                       direction=start_rotation @ Grid.from_image(fixed).direction)
     t = _timed(timings, "preprocess", t)
 
     ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
@@ -464,6 +471,9 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         settings = SearchSettings(
             starts=1 if refine_only else options.starts, rotation_range_deg=options.rotation_range,
             top_k=1 if refine_only else options.top_k, seed=options.seed,
+            # Refining a given pose: no Adam walk on the pooled maps, straight to L-BFGS.
+            coarse_rounds=() if refine_only else SearchSettings.coarse_rounds,
+            fine_steps=0 if refine_only else SearchSettings.fine_steps,
             agree_tolerance_mm=max(5.0, 2.0 * float(fixed_map.grid.spacing[0])),
         )
         desc_spacing = float(fixed_map.grid.spacing[0])
@@ -477,7 +487,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         report("reorient", 0.0)
         theta, cost, refine_objective = _reoriented_refinement(
             search.theta, b_img, b_mask, b_p.normalisation, spacing,
-            Grid.from_image(a_img).direction, search_model, options, similarity, fixed_map,
+            a_p.grid.direction, search_model, options, similarity, fixed_map,
             weights, kind, radius, cancel, region=b_p.region, erosion=erosion)
         search.evaluations += refine_objective.evaluations
         overlap = refine_objective.overlap(theta[None, :])
@@ -552,6 +562,16 @@ def _user_initial_matrix(transform: sitk.Transform | None) -> np.ndarray | None:
         return linear_matrix(transform)
     except ValueError as exc:
         raise InputError(f"initial transform: {exc}") from exc
+
+
+def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The proper rotation nearest to a 3x3 matrix (polar decomposition)."""
+    u, _, vt = np.linalg.svd(matrix)
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    return r
 
 
 def _search_matrix(model: TransformModel | ProbeModel, theta: np.ndarray) -> np.ndarray:
