@@ -94,7 +94,6 @@ MIN_OVERLAP = 0.3
 #: towards the chance cost: a handful of overlapping points cannot score like a full
 #: overlap by luck.
 PRIOR_WEIGHT = 0.05
-OUTSIDE = "prior"
 #: Barrier height at zero overlap, in units of the contrast between chance and a
 #: perfect match: at half the minimum overlap a pose is as bad as chance.
 BARRIER = 4.0
@@ -207,9 +206,6 @@ class DescriptorObjective:
         short = np.maximum(0.0, 1.0 - w / self.min_overlap)
         barrier = contrast * BARRIER * short * short
         d_barrier = -2.0 * contrast * BARRIER * short / self.min_overlap
-        if OUTSIDE == "chance":
-            cost = s + (1.0 - w) * c0 + barrier
-            return cost, np.ones_like(s), -c0 + d_barrier
         den = w + PRIOR_WEIGHT
         mean = (s + PRIOR_WEIGHT * c0) / den
         return mean + barrier, 1.0 / den, -mean / den + d_barrier
