@@ -163,8 +163,10 @@ class RegistrationResult:
     @property
     def verdict(self) -> tuple[str, str]:
         """("likely" | "uncertain" | "failed", reason): see verdict.py."""
+        calibrated = self.similarity != "disa" or resolve_similarity(
+            RegistrationOptions()) == "disa"
         return verdict(Evidence(self.confidence, self.ambiguous, self.overlap,
-                                self.match_quality, self.refined))
+                                self.match_quality, self.refined, calibrated))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready fields of result.json (units in the key names or documented there)."""

@@ -22,8 +22,12 @@ called likely are wrong, TRE >= 10 mm):
                match quality >= LIKELY_QUALITY, overlap >= LIKELY_OVERLAP
     uncertain  everything else: look at qa.png
 
-LC2 and single-start results have no agreement to measure; LC2 is judged on its
-own value (the same scale: 0 unrelated, 1 perfect).
+Single-start results have no agreement to measure; LC2 is judged on its own
+value (the same scale: 0 unrelated, 1 perfect). DISA results are at most
+uncertain while the shipped network does not meet the default-similarity test
+(pipeline.resolve_similarity): on the realistic cases 5 of its 18 results that
+passed the other rules were wrong (10-108 mm), confidently and with a high
+match quality, because its optimum itself lies off the truth (issue 20).
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ class Evidence:
     overlap: float
     match_quality: float
     refined: int
+    #: False for a similarity whose optimum is known to lie off the truth (DISA with a
+    #: network that does not meet the default-similarity test): never "likely".
+    calibrated: bool = True
 
 
 def verdict(evidence: Evidence) -> tuple[Verdict, str]:
@@ -72,6 +79,9 @@ def verdict(evidence: Evidence) -> tuple[Verdict, str]:
         reasons.append(f"match quality {e.match_quality:.2f} is below {LIKELY_QUALITY}")
     if e.overlap < LIKELY_OVERLAP:
         reasons.append(f"overlap {e.overlap:.0%} is below {LIKELY_OVERLAP:.0%}")
+    if not e.calibrated:
+        reasons.append("this similarity's optimum can lie off the truth while its solutions "
+                       "agree (the shipped DISA network, benchmarks/README.md)")
     if reasons:
         return "uncertain", "; ".join(reasons) + ": check qa.png"
     return "likely", (f"{e.confidence:.0%} of the refined solutions agree, match quality "

@@ -138,6 +138,7 @@ def test_a_non_linear_initial_transform_is_refused(pair) -> None:
     (Evidence(1.0, False, 0.32, 0.8, 8), "failed"),  # pushed to the overlap barrier
     (Evidence(1.0, False, 0.9, 0.05, 8), "failed"),  # no better than chance
     (Evidence(1.0, False, 0.9, 0.7, 1), "likely"),  # one start: no agreement to ask for
+    (Evidence(1.0, False, 0.98, 0.9, 8, calibrated=False), "uncertain"),  # shipped DISA
 ])
 def test_verdict_rules(evidence: Evidence, expected: str) -> None:
     decision, reason = verdict(evidence)
