@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 import re
-import stat
 from pathlib import Path
 
 import SimpleITK as sitk
 
 from disa.registration.errors import InputError
+from disa.registration.io import check_regular_file
 
 #: Largest transform file read (bytes). A linear transform in text is a few hundred
 #: bytes; a composite of a few dozen linear parts stays far below this.
@@ -99,19 +99,12 @@ def transform_matrix(transform: sitk.Transform) -> list[list[float]]:
 
 def _read_capped(path: Path, name: str) -> bytes:
     """The file's bytes, after checking it is a regular file of at most the cap."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"{name}: file not found") from None
-    except OSError as err:
-        raise InputError(f"{name}: cannot be accessed ({err.strerror})") from err
-    # A FIFO or device would block or never end; a folder is not a transform.
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{name}: not a regular file")
-    if st.st_size == 0:
-        raise InputError(f"{name}: file is empty (0 bytes)")
-    if st.st_size > MAX_TRANSFORM_BYTES:
-        raise InputError(f"{name}: file is {st.st_size:,} bytes, above the limit of "
+    if not path.exists():
+        raise InputError(f"{name}: file not found")
+    check_regular_file(path, name)  # (a FIFO would block; a folder is not a transform)
+    size = path.stat().st_size
+    if size > MAX_TRANSFORM_BYTES:
+        raise InputError(f"{name}: file is {size:,} bytes, above the limit of "
                          f"{MAX_TRANSFORM_BYTES:,} for a transform")
     try:
         with open(path, "rb") as f:

@@ -364,11 +364,11 @@ def _existing_format(path: Path, name: str, series_uid: str | None) -> str:
     if series_uid is not None and fmt != "dicom":
         raise InputError(f"{name}: series_uid applies only to DICOM input, this is {fmt}")
     if not path.is_dir():
-        _check_regular_file(path, name)
+        check_regular_file(path, name)
     return fmt
 
 
-def _check_regular_file(path: Path, name: str) -> None:
+def check_regular_file(path: Path, name: str) -> None:
     try:
         st = path.stat()
     except OSError as err:

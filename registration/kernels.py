@@ -112,6 +112,23 @@ def _point_term(f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx
     return -val, -gx, -gy, -gz, v, vx, vy, vz
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _add_outer(g, gx, gy, gz, px, py, pz):
+    """g (3x4) += (gx, gy, gz)^T (px, py, pz, 1): a point's gradient w.r.t. a 3x4 matrix."""
+    g[0, 0] += gx * px
+    g[0, 1] += gx * py
+    g[0, 2] += gx * pz
+    g[0, 3] += gx
+    g[1, 0] += gy * px
+    g[1, 1] += gy * py
+    g[1, 2] += gy * pz
+    g[1, 3] += gy
+    g[2, 0] += gz * px
+    g[2, 1] += gz * py
+    g[2, 2] += gz * pz
+    g[2, 3] += gz
+
+
 def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving, ssd,
                      want_grad, n_chunks):
     """Validity-gated weighted descriptor sums of B transforms, and their gradients.
@@ -178,33 +195,8 @@ def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, s
                 sx = w * (v * gx + term * vx)
                 sy = w * (v * gy + term * vy)
                 sz = w * (v * gz + term * vz)
-                gs[0, 0] += sx * px
-                gs[0, 1] += sx * py
-                gs[0, 2] += sx * pz
-                gs[0, 3] += sx
-                gs[1, 0] += sy * px
-                gs[1, 1] += sy * py
-                gs[1, 2] += sy * pz
-                gs[1, 3] += sy
-                gs[2, 0] += sz * px
-                gs[2, 1] += sz * py
-                gs[2, 2] += sz * pz
-                gs[2, 3] += sz
-                wx_ = w * vx
-                wy_ = w * vy
-                wz_ = w * vz
-                gw[0, 0] += wx_ * px
-                gw[0, 1] += wx_ * py
-                gw[0, 2] += wx_ * pz
-                gw[0, 3] += wx_
-                gw[1, 0] += wy_ * px
-                gw[1, 1] += wy_ * py
-                gw[1, 2] += wy_ * pz
-                gw[1, 3] += wy_
-                gw[2, 0] += wz_ * px
-                gw[2, 1] += wz_ * py
-                gw[2, 2] += wz_ * pz
-                gw[2, 3] += wz_
+                _add_outer(gs, sx, sy, sz, px, py, pz)
+                _add_outer(gw, w * vx, w * vy, w * vz, px, py, pz)
         part_s[b, k] = acc
         part_w[b, k] = overlap
         for a in range(3):
