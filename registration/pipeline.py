@@ -65,7 +65,12 @@ from disa.registration.search import (
     mapping_distance,
 )
 from disa.registration.threads import serial_blas
-from disa.registration.transforms import TransformModel, rotation_matrix
+from disa.registration.transforms import (
+    TransformModel,
+    nearest_rotation,
+    rigid_parameters,
+    rotation_matrix,
+)
 from disa.registration.verdict import Evidence, verdict
 
 #: Points of the fixed descriptor grid used by the coarse, fine and refinement objectives.
@@ -410,7 +415,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     # stored on an oblique grid (another scanner's, a probe's) otherwise describes its
     # neighbourhoods along axes 30-90 degrees off, so that even the true pose scored
     # badly and a refinement started there walked 10-30 mm away (realistic family).
-    start_rotation = np.eye(3) if user_init is None else _nearest_rotation(user_init[:3, :3])
+    start_rotation = np.eye(3) if user_init is None else nearest_rotation(user_init[:3, :3])
     moving_p = prepare(moving, spacing, moving_mask, role="moving",
                        direction=start_rotation @ Grid.from_image(fixed).direction)
     t = _timed(timings, "preprocess", t)
@@ -570,16 +575,6 @@ def _user_initial_matrix(transform: sitk.Transform | None) -> np.ndarray | None:
         raise InputError(f"initial transform: {exc}") from exc
 
 
-def _nearest_rotation(matrix: np.ndarray) -> np.ndarray:
-    """The proper rotation nearest to a 3x3 matrix (polar decomposition)."""
-    u, _, vt = np.linalg.svd(matrix)
-    r = u @ vt
-    if np.linalg.det(r) < 0:
-        u[:, -1] *= -1
-        r = u @ vt
-    return r
-
-
 def _search_matrix(model: TransformModel | ProbeModel, theta: np.ndarray) -> np.ndarray:
     """4x4 matrix of the linear (rigid) part of ``theta`` in the search frame."""
     rigid = model.rigid if isinstance(model, ProbeModel) else model
@@ -597,8 +592,6 @@ def _affine_sitk(matrix: np.ndarray) -> sitk.Transform:
 def _inverted(model: TransformModel, theta: np.ndarray, center: np.ndarray
               ) -> tuple[TransformModel, np.ndarray]:
     """The inverse mapping of ``theta`` as parameters of the same family about ``center``."""
-    from disa.registration.transforms import rigid_parameters
-
     inverse = np.linalg.inv(model.matrix_4x4(theta))
     out = TransformModel(model.mode, np.asarray(center, dtype=np.float64))
     if model.mode == "rigid":
@@ -705,7 +698,7 @@ def initial_poses(model: TransformModel | ProbeModel, header: np.ndarray, a_p: P
     """
     rigid = model.rigid if isinstance(model, ProbeModel) else model
     base = model.identity()
-    base[:6] = _rigid_theta(rigid, header)
+    base[:6] = rigid_parameters(header, rigid.center)
     spread = translation_range_mm(options, a_p, b_p)
     if options.rotation_range == 0 and options.translation_range == 0:
         return base[None, :], np.zeros(1), np.ones(1)
@@ -747,15 +740,6 @@ def initial_poses(model: TransformModel | ProbeModel, header: np.ndarray, a_p: P
         spreads.insert(0, spread)
         shares.insert(0, 0.5)
     return np.array(poses), np.array(spreads), np.array(shares) / np.sum(shares)
-
-
-def _rigid_theta(model: TransformModel, matrix: np.ndarray) -> np.ndarray:
-    """Rigid parameters of ``model`` (about its centre) closest to a 4x4 matrix."""
-    from disa.registration.transforms import rigid_parameters
-
-    if np.allclose(matrix, np.eye(4)):
-        return np.zeros(6)
-    return rigid_parameters(matrix, model.center)
 
 
 def _objective(fixed_map: DescriptorMap, moving_map: DescriptorMap, weights: np.ndarray,

@@ -205,6 +205,14 @@ def linear_matrix(transform: sitk.Transform) -> np.ndarray:
     return h
 
 
+def nearest_rotation(matrix: np.ndarray) -> np.ndarray:
+    """The proper rotation nearest to a 3x3 matrix (polar decomposition)."""
+    u, _, vt = np.linalg.svd(matrix)
+    if np.linalg.det(u @ vt) < 0:
+        u[:, -1] *= -1
+    return u @ vt
+
+
 def rigid_parameters(matrix: np.ndarray, center: np.ndarray) -> np.ndarray:
     """Rigid theta (rad, mm) about ``center`` closest to a 4x4 fixed -> moving matrix.
 
@@ -212,11 +220,7 @@ def rigid_parameters(matrix: np.ndarray, center: np.ndarray) -> np.ndarray:
     so a small scale or shear in a given affine is dropped); the translation makes the
     rigid map agree with the matrix at ``center``.
     """
-    u, _, vt = np.linalg.svd(matrix[:3, :3])
-    r = u @ vt
-    if np.linalg.det(r) < 0:
-        u[:, -1] *= -1
-        r = u @ vt
+    r = nearest_rotation(matrix[:3, :3])
     c = np.asarray(center, dtype=np.float64)
     t = matrix[:3, :3] @ c + matrix[:3, 3] - c
     return np.concatenate([euler_from_matrix(r), t])
