@@ -110,14 +110,17 @@ class DisaClient:
             params["state"] = state
         return self._json(self._http.get("/v1/jobs", params=params))
 
-    def cancel(self, job_id: str) -> dict[str, Any] | None:
-        """Cancel a queued/running job (returns it) or delete a finished one (None)."""
-        response = self._http.delete(f"/v1/jobs/{job_id}")
-        if response.status_code == 204:
-            return None
-        return self._json(response)
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued or running job (a running one stops at its next optimiser
+        iteration); return it. A job that succeeded or failed: ServiceError 409."""
+        return self._json(self._http.post(f"/v1/jobs/{job_id}/cancel"))
 
-    delete = cancel
+    def delete(self, job_id: str) -> None:
+        """Delete a finished job with its files. A queued or running job: ServiceError 409
+        (cancel it first)."""
+        response = self._http.delete(f"/v1/jobs/{job_id}")
+        if response.status_code != 204:
+            self._json(response)
 
     def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None,
              on_progress: Callable[[str, float], None] | None = None) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import APIKeyHeader
 
 from disa.service.runtime import Runtime
-from disa.service.security import key_accepted
+from disa.service.security import OPEN_CALLER, Caller, find_key
 from disa.service.settings import Settings
-from disa.service.store import JOB_ID_PATTERN, JobStore
+from disa.service.store import JOB_ID_PATTERN, JobNotFound, JobStore, Manifest
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -38,19 +38,35 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
 
 
 async def require_api_key(settings: SettingsDep,
-                    key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """401 without a key, 403 with a wrong one; open when no keys are configured."""
-    digests = settings.api_key_digests
-    if not digests:
-        return
+                          key: Annotated[str | None, Security(_api_key_header)]) -> Caller:
+    """Who the request acts for: 401 without a key, 403 with a wrong one; when no keys are
+    configured, everyone is the one open caller."""
+    keys = settings.api_key_entries
+    if not keys:
+        return OPEN_CALLER
     if not key:
         raise HTTPException(status_code=401, detail="missing API key: send it in X-API-Key",
                             headers={"WWW-Authenticate": "APIKey"})
-    if not key_accepted(key, digests):
+    found = find_key(key, keys)
+    if found is None:
         raise HTTPException(status_code=403, detail="API key not accepted")
+    return Caller(owner=found.owner, admin=found.admin)
 
 
-ApiKeyDep = Annotated[None, Depends(require_api_key)]
+CallerDep = Annotated[Caller, Depends(require_api_key)]
+ApiKeyDep = CallerDep
+
+
+def read_visible(store: JobStore, job_id: str, caller: Caller) -> Manifest:
+    """The manifest of a job the caller may see; 404 alike for an unknown job and for
+    another key's job, so ids of other tenants' jobs cannot even be confirmed."""
+    try:
+        manifest = store.read(job_id)
+    except JobNotFound:
+        manifest = None
+    if manifest is None or not caller.sees(manifest.owner):
+        raise HTTPException(status_code=404, detail="no such job")
+    return manifest
 
 JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, min_length=32, max_length=32,
                                 description="job id (32 lowercase hex digits)")]

@@ -2,7 +2,8 @@
 
 Workers may run on other machines, so stage durations are not observed where
 they happen: the API reads them from the manifests of jobs that finished since
-its last look, once per job.
+its last look, once per job. Jobs are counted per owner (the API key's name or
+digest prefix, never the key; `anonymous` without authentication).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from disa.service.store import STATES, TERMINAL_STATES, Manifest
 
 _STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 _JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+#: The owner label of jobs made without an API key.
+ANONYMOUS = "anonymous"
+
+
+def owner_label(owner: str | None) -> str:
+    """How metrics and logs name a job's owner: its key's owner name, or `anonymous`."""
+    return owner or ANONYMOUS
 
 
 class ServiceMetrics:
@@ -26,10 +34,12 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         self.jobs = Gauge("disa_jobs", "Jobs in the store by state", ["state"],
                           registry=self.registry)
-        self.submitted = Counter("disa_jobs_submitted", "Jobs accepted by this API process",
-                                 registry=self.registry)
-        self.finished = Counter("disa_jobs_finished", "Jobs seen finishing, by end state",
-                                ["state"], registry=self.registry)
+        self.submitted = Counter("disa_jobs_submitted",
+                                 "Jobs accepted by this API process, by owner (API key name)",
+                                 ["owner"], registry=self.registry)
+        self.finished = Counter("disa_jobs_finished",
+                                "Jobs seen finishing, by end state and owner (API key name)",
+                                ["state", "owner"], registry=self.registry)
         self.stage_seconds = Histogram("disa_stage_duration_seconds",
                                        "Duration of engine stages of finished jobs", ["stage"],
                                        buckets=_STAGE_BUCKETS, registry=self.registry)
@@ -62,7 +72,7 @@ class ServiceMetrics:
             self.refreshed_at = time.monotonic()
 
     def _observe(self, m: Manifest) -> None:
-        self.finished.labels(state=m.state).inc()
+        self.finished.labels(state=m.state, owner=owner_label(m.owner)).inc()
         for stage, seconds in m.stage_seconds.items():
             self.stage_seconds.labels(stage=stage).observe(seconds)
         if m.started_at is not None:

@@ -33,6 +33,9 @@ class JobOut(BaseModel):
     """A registration job as the API shows it."""
 
     id: str = Field(description="job id (32 hex digits)")
+    owner: str | None = Field(
+        None, description="the API key the job belongs to: its name, or 'sha256:' and a "
+                          "prefix of its digest (never the key); null: made without a key")
     state: JobState
     created_at: datetime
     updated_at: datetime
@@ -62,8 +65,8 @@ class JobOut(BaseModel):
         queued_s = (m.started_at - m.created_at).total_seconds() if m.started_at else None
         run_s = ((m.finished_at - m.started_at).total_seconds()
                  if m.started_at and m.finished_at else None)
-        return cls(id=m.id, state=m.state, created_at=m.created_at, updated_at=m.updated_at,
-                   started_at=m.started_at, finished_at=m.finished_at,
+        return cls(id=m.id, owner=m.owner, state=m.state, created_at=m.created_at,
+                   updated_at=m.updated_at, started_at=m.started_at, finished_at=m.finished_at,
                    progress=ProgressOut(stage=m.progress.stage,
                                         fraction=min(1.0, max(0.0, m.progress.fraction))),
                    attempts=m.attempts, cancel_requested=cancel_requested, options=m.options,
@@ -102,11 +105,13 @@ _ERRORS: dict[int, str] = {
     400: "malformed request (multipart body, form fields)",
     401: "missing API key (X-API-Key header)",
     403: "wrong API key",
-    404: "no such job or file",
+    404: "no such job or file (another API key's job is not found either)",
+    408: "the upload sent nothing for DISA_UPLOAD_IDLE_TIMEOUT_S seconds",
     409: "the job is not in a state that allows this",
     413: "upload larger than the configured limit",
     415: "not a multipart/form-data body",
     422: "invalid parameters, options or input images",
+    429: "this API key has DISA_MAX_CONCURRENT_UPLOADS uploads in progress already",
     503: "the service cannot take jobs now (broker, storage or workers)",
     507: "the jobs storage cannot take the upload (full, quota or I/O error)",
 }

@@ -1,4 +1,8 @@
-"""/v1/jobs: submit, inspect, list, cancel or delete registration jobs, fetch results."""
+"""/v1/jobs: submit, inspect, list, cancel or delete registration jobs, fetch results.
+
+Every job belongs to the API key that submitted it (`Manifest.owner`); other keys
+get 404 on all of its routes and do not see it in the list, admin keys see all.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,18 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from disa.registration.errors import InputError
-from disa.service.deps import JobIdPath, RuntimeDep, StoreDep, require_api_key
+from disa.service.deps import (
+    CallerDep,
+    JobIdPath,
+    RuntimeDep,
+    StoreDep,
+    read_visible,
+    require_api_key,
+)
+from disa.service.metrics import owner_label
 from disa.service.models import JobListOut, JobOut, error_responses
 from disa.service.runtime import Runtime
+from disa.service.security import Caller
 from disa.service.store import (
     INPUTS_DIR,
     RESULT_FILES,
@@ -27,6 +40,7 @@ from disa.service.store import (
     new_job_id,
     now,
 )
+from disa.service.upload_slots import TooManyUploads
 from disa.service.uploads import (
     FILE_FIELDS,
     TEXT_FIELDS,
@@ -78,43 +92,62 @@ def _job_out(store: JobStore, manifest: Manifest) -> JobOut:
     return JobOut.from_manifest(manifest, cancel_requested=flagged)
 
 
-def _read(store: JobStore, job_id: str) -> Manifest:
-    try:
-        return store.read(job_id)
-    except JobNotFound:
-        raise HTTPException(status_code=404, detail="no such job") from None
-
-
 @router.post("", status_code=202, response_model=JobOut,
              summary="Submit a registration job",
              openapi_extra={"requestBody": _SUBMIT_BODY},
              responses={202: {"description": "accepted; poll the Location URL",
                               "headers": {"Location": {"description": "URL of the job",
                                                        "schema": {"type": "string"}}}},
-                        **error_responses(400, 413, 415, 422, 507)})
-async def submit_job(request: Request, response: Response, runtime: RuntimeDep) -> JobOut:
+                        **error_responses(400, 408, 413, 415, 422, 429, 507)})
+async def submit_job(request: Request, response: Response, runtime: RuntimeDep,
+                     caller: CallerDep) -> JobOut:
     """Upload fixed and moving images (optional masks, initial transform, options JSON);
     headers and the transform are checked before the job is queued. Answers 202 with
-    the job and its Location."""
-    store = runtime.store
+    the job and its Location. The job belongs to the API key that sent it."""
     job_id = new_job_id()
     try:
+        with runtime.uploads.hold(caller.owner):
+            manifest = await _receive_job(request, runtime, caller, job_id)
+    except TooManyUploads as exc:
+        log.warning("upload refused for %s: %d in progress", owner_label(caller.owner),
+                    exc.limit)
+        raise HTTPException(status_code=429, detail=str(exc),
+                            headers={"Retry-After": "10"}) from None
+    runtime.metrics.submitted.labels(owner=owner_label(manifest.owner)).inc()
+    await run_in_threadpool(runtime.dispatch, job_id)
+    response.headers["Location"] = str(request.url_for("get_job", job_id=job_id).path)
+    log.info("job %s: queued for %s", job_id, owner_label(manifest.owner))
+    return _job_out(runtime.store, manifest)
+
+
+async def _receive_job(request: Request, runtime: Runtime, caller: Caller,
+                       job_id: str) -> Manifest:
+    """Stream the upload into the job's staging folder, check it and publish the job; on any
+    error the staging folder is removed and the error answered (HTTPException)."""
+    store = runtime.store
+    settings = runtime.settings
+    try:
         staging = await run_in_threadpool(store.create_incoming, job_id)
-        upload = await receive_upload(request, staging / INPUTS_DIR,
-                                      runtime.settings.max_upload_bytes)
+        upload = await receive_upload(request, staging / INPUTS_DIR, settings.max_upload_bytes,
+                                      settings.upload_idle_timeout_s)
         options = _parse_options(upload.fields.get("options"))
         series = _parse_series(upload.fields)
         info = await run_in_threadpool(_inspect_inputs, upload.files, runtime, series)
-        _check_working_grid(options, info, runtime.settings.max_voxels)
+        _check_working_grid(options, info, settings.max_voxels)
         t = now()
         manifest = Manifest(
-            id=job_id, created_at=t, updated_at=t,
+            id=job_id, owner=caller.owner, created_at=t, updated_at=t,
             inputs={role: f"{INPUTS_DIR}/{path.name}" for role, path in upload.files.items()},
             input_info=info, options=options, series=series)
         await run_in_threadpool(store.publish, manifest)
     except UploadError as exc:
         await run_in_threadpool(store.discard_incoming, job_id)
-        raise HTTPException(status_code=exc.status, detail=exc.detail) from None
+        if exc.status == 408:
+            log.warning("job %s: upload of %s stalled; staging removed", job_id,
+                        owner_label(caller.owner))
+        headers = {"Connection": "close"} if exc.status == 408 else None
+        raise HTTPException(status_code=exc.status, detail=exc.detail,
+                            headers=headers) from None
     except OSError as exc:
         # The jobs folder failed us (full, quota, I/O error), not the client's body.
         # Only this job's staging folder is removed; published jobs are never touched.
@@ -126,11 +159,7 @@ async def submit_job(request: Request, response: Response, runtime: RuntimeDep) 
     except BaseException:
         await run_in_threadpool(store.discard_incoming, job_id)
         raise
-    runtime.metrics.submitted.inc()
-    await run_in_threadpool(runtime.dispatch, job_id)
-    response.headers["Location"] = str(request.url_for("get_job", job_id=job_id).path)
-    log.info("job %s: queued", job_id)
-    return _job_out(store, manifest)
+    return manifest
 
 
 def _parse_options(text: str | None) -> dict[str, Any]:
@@ -216,12 +245,13 @@ def _inspect_transform(path: Path) -> dict[str, Any]:
 
 @router.get("", response_model=JobListOut, summary="List jobs, newest first",
             responses=error_responses(422))
-def list_jobs(store: StoreDep,
+def list_jobs(store: StoreDep, caller: CallerDep,
               offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
               limit: Annotated[int, Query(ge=1, le=100)] = 20,
               state: Annotated[JobState | None, Query(description="only jobs in this state")]
               = None) -> JobListOut:
-    manifests = [m for m in store.manifests() if state is None or m.state == state]
+    manifests = [m for m in store.manifests()
+                 if caller.sees(m.owner) and (state is None or m.state == state)]
     manifests.sort(key=lambda m: m.created_at, reverse=True)
     page = manifests[offset:offset + limit]
     return JobListOut(items=[_job_out(store, m) for m in page], total=len(manifests),
@@ -230,11 +260,11 @@ def list_jobs(store: StoreDep,
 
 @router.get("/{job_id}", response_model=JobOut, summary="State, progress and result of a job",
             responses=error_responses(404, 422))
-async def get_job(job_id: JobIdPath, store: StoreDep) -> JobOut:
+async def get_job(job_id: JobIdPath, store: StoreDep, caller: CallerDep) -> JobOut:
     # The hot path of polling clients: two small reads (manifest, cancel flag) done
     # on the event loop. A thread-pool hop per poll halved throughput and made the
     # p99 six times worse on a busy 2-core machine (benchmarks/service_poll.py).
-    return _job_out(store, _read(store, job_id))
+    return _job_out(store, read_visible(store, job_id, caller))
 
 
 @router.get("/{job_id}/files/{name}", response_class=FileResponse,
@@ -242,10 +272,12 @@ async def get_job(job_id: JobIdPath, store: StoreDep) -> JobOut:
             responses={200: {"description": "the file", "content": {
                 ctype.split(";")[0]: {} for ctype in RESULT_FILES.values()}},
                 **error_responses(404, 409, 422)})
-def get_job_file(job_id: JobIdPath, name: str, store: StoreDep) -> FileResponse:
+def get_job_file(job_id: JobIdPath, name: str, store: StoreDep,
+                 caller: CallerDep) -> FileResponse:
     """One of the result folder's files (transform.tfm, registered.nii.gz, qa.png,
-    result.json, ...); 409 until the job has succeeded."""
-    manifest = _read(store, job_id)
+    result.json, ...); 409 until the job has succeeded. Only regular files are served:
+    a symbolic link in the result folder is a 404."""
+    manifest = read_visible(store, job_id, caller)
     if name not in RESULT_FILES:
         raise HTTPException(status_code=404, detail=f"no result file named '{name[:40]}'; "
                                                     f"known: {', '.join(RESULT_FILES)}")
@@ -258,21 +290,22 @@ def get_job_file(job_id: JobIdPath, name: str, store: StoreDep) -> FileResponse:
     return FileResponse(path, media_type=RESULT_FILES[name], filename=name)
 
 
-@router.delete("/{job_id}", summary="Cancel a queued or running job, or delete a finished one",
-               responses={202: {"model": JobOut, "description": "cancel requested or done"},
-                          204: {"description": "finished job deleted"},
-                          **error_responses(404, 409, 422)})
-def delete_job(job_id: JobIdPath, store: StoreDep) -> Response:
-    manifest = _read(store, job_id)
-    if manifest.state in TERMINAL_STATES:
-        try:
-            with store.lock(job_id) as lock:
-                if not lock.acquire(timeout=5.0):
-                    raise HTTPException(status_code=409, detail="job is busy; try again")
-                store.delete(job_id)
-        except JobNotFound:
-            raise HTTPException(status_code=404, detail="no such job") from None
-        return Response(status_code=204)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
+             summary="Cancel a queued or running job",
+             responses={202: {"description": "cancelled (queued job), or cancel requested "
+                                             "(running job: it stops at its next optimiser "
+                                             "iteration); also for a job already cancelled"},
+                        **error_responses(404, 409, 422)})
+def cancel_job(job_id: JobIdPath, store: StoreDep, caller: CallerDep) -> JobOut:
+    """A queued job is cancelled at once; a running one gets the cancel flag its worker
+    looks for between optimiser iterations. Repeating it is harmless (202 again); a job
+    that succeeded or failed is a 409 (DELETE removes it)."""
+    manifest = read_visible(store, job_id, caller)
+    if manifest.state in ("succeeded", "failed"):
+        raise HTTPException(status_code=409, detail=f"job is {manifest.state}: nothing to "
+                                                    "cancel (DELETE removes it)")
+    if manifest.state == "cancelled":
+        return _job_out(store, manifest)
     # Cooperative cancel: the worker's cancel() sees the flag between optimiser
     # iterations. If nobody holds the lock, no worker runs the job: end it here.
     try:
@@ -288,6 +321,28 @@ def delete_job(job_id: JobIdPath, store: StoreDep) -> Response:
                 manifest = store.read(job_id)
     except JobNotFound:
         raise HTTPException(status_code=404, detail="no such job") from None
-    body = _job_out(store, manifest).model_dump_json()
-    return Response(content=body, status_code=202, media_type="application/json")
+    log.info("job %s: cancel requested by %s", job_id, owner_label(caller.owner))
+    return _job_out(store, manifest)
 
+
+@router.delete("/{job_id}", status_code=204, response_class=Response,
+               summary="Delete a finished job and its files",
+               responses={204: {"description": "deleted"},
+                          **error_responses(404, 409, 422)})
+def delete_job(job_id: JobIdPath, store: StoreDep, caller: CallerDep) -> Response:
+    """Remove a succeeded, failed or cancelled job with its inputs and results. A queued or
+    running job is a 409: cancel it first (POST /v1/jobs/{id}/cancel)."""
+    manifest = read_visible(store, job_id, caller)
+    if manifest.state not in TERMINAL_STATES:
+        raise HTTPException(status_code=409, detail=f"job is {manifest.state}: cancel it "
+                                                    f"first (POST /v1/jobs/{job_id}/cancel); "
+                                                    "DELETE removes finished jobs only")
+    try:
+        with store.lock(job_id) as lock:
+            if not lock.acquire(timeout=5.0):
+                raise HTTPException(status_code=409, detail="job is busy; try again")
+            store.delete(job_id)
+    except JobNotFound:
+        raise HTTPException(status_code=404, detail="no such job") from None
+    log.info("job %s: deleted by %s", job_id, owner_label(caller.owner))
+    return Response(status_code=204)

@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from disa.registration.errors import InputError
-from disa.service.deps import JobIdPath, RuntimeDep, require_api_key
+from disa.service.deps import CallerDep, JobIdPath, RuntimeDep, read_visible, require_api_key
 from disa.service.models import error_responses
 from disa.service.runtime import Runtime
+from disa.service.security import Caller
 from disa.service.store import RESULT_JSON, JobNotFound, Manifest
 
 if TYPE_CHECKING:  # numpy, SimpleITK and scipy load on the first viewer request, not at start
@@ -142,11 +143,9 @@ def _volume_cache(request: Request) -> VolumeCache:
     return cache
 
 
-def _succeeded(runtime: Runtime, job_id: str) -> Manifest:
-    try:
-        manifest = runtime.store.read(job_id)
-    except JobNotFound:
-        raise HTTPException(status_code=404, detail="no such job") from None
+def _succeeded(runtime: Runtime, job_id: str, caller: Caller) -> Manifest:
+    """The caller's job (404 for another key's), 409 unless it succeeded."""
+    manifest = read_visible(runtime.store, job_id, caller)
     if manifest.state != "succeeded":
         raise HTTPException(status_code=409, detail=f"job is {manifest.state}: the viewer "
                                                     "needs a job that has succeeded")
@@ -195,8 +194,9 @@ def _unavailable(similarity: str) -> str | None:
 @router.get("/{job_id}/viewer", response_model=ViewerOut,
             summary="Fixed grid geometry, display planes and matrix of a succeeded job",
             responses=error_responses(404, 409, 422))
-def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request) -> ViewerOut:
-    manifest = _succeeded(runtime, job_id)
+def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
+               caller: CallerDep) -> ViewerOut:
+    manifest = _succeeded(runtime, job_id, caller)
     volumes = _volumes(request, runtime, manifest)
     grid = volumes.grid
     return ViewerOut(
@@ -217,7 +217,7 @@ def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request) -> View
 @router.get("/{job_id}/point", response_model=PointOut,
             summary="The moving point T p corresponding to a fixed point p (LPS mm)",
             responses=error_responses(404, 409, 422))
-def get_point(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
+def get_point(job_id: JobIdPath, runtime: RuntimeDep, request: Request, caller: CallerDep,
               x: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
               y: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
               z: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")]
@@ -228,7 +228,7 @@ def get_point(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
 
     from disa.service.heatmap import fixed_to_moving
 
-    manifest = _succeeded(runtime, job_id)
+    manifest = _succeeded(runtime, job_id, caller)
     volumes = _volumes(request, runtime, manifest)
     p = np.array([[x, y, z]], dtype=np.float64)
     moved = fixed_to_moving(volumes, _matrix(runtime, manifest))(p)[0]
@@ -255,7 +255,7 @@ def get_point(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
 def get_slice(job_id: JobIdPath, volume: Volume, plane: Plane,
               index: Annotated[int, Path(ge=0, le=100_000, description="slice index along "
                                                                        "the plane's normal")],
-              runtime: RuntimeDep, request: Request,
+              runtime: RuntimeDep, request: Request, caller: CallerDep,
               format: Annotated[Literal["png", "raw"], Query(
                   description="png: 8-bit grey PNG; raw: width*height bytes")] = "png",
               window: Annotated[float | None, Query(gt=0, le=1e9, description=(
@@ -269,7 +269,7 @@ def get_slice(job_id: JobIdPath, volume: Volume, plane: Plane,
 
     if (window is None) != (level is None):
         raise HTTPException(status_code=422, detail="give both window and level, or neither")
-    manifest = _succeeded(runtime, job_id)
+    manifest = _succeeded(runtime, job_id, caller)
     volumes = _volumes(request, runtime, manifest)
     geometry = volumes.planes[plane]
     if index >= geometry.count:
@@ -293,7 +293,7 @@ def get_slice(job_id: JobIdPath, volume: Volume, plane: Plane,
                              "content": {"image/png": {"schema": {"type": "string",
                                                                   "format": "binary"}}}},
                        **error_responses(404, 409, 422)})
-def get_heatmap(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
+def get_heatmap(job_id: JobIdPath, runtime: RuntimeDep, request: Request, caller: CallerDep,
                 x: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
                 y: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
                 z: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
@@ -321,7 +321,7 @@ def get_heatmap(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
     )
     from disa.service.viewer import png_bytes
 
-    manifest = _succeeded(runtime, job_id)
+    manifest = _succeeded(runtime, job_id, caller)
     volumes = _volumes(request, runtime, manifest)
     try:
         fixed_map, moving_map = job_descriptors(runtime.store, manifest, similarity,

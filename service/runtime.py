@@ -19,6 +19,7 @@ from disa.service.metrics import ServiceMetrics
 from disa.service.models import CheckOut, ReadinessOut
 from disa.service.settings import Settings
 from disa.service.store import JobStore
+from disa.service.upload_slots import UploadSlots
 
 log = logging.getLogger("disa.service")
 
@@ -29,6 +30,7 @@ class Runtime:
     store: JobStore
     dispatcher: Dispatcher
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    uploads: UploadSlots = field(default_factory=lambda: UploadSlots(4))
     #: the broker lost messages (or could not take one): requeue queued jobs when it is back
     _requeue_queued: bool = False
     _broker_id: str | None = None
@@ -41,7 +43,8 @@ class Runtime:
         if not settings.api_key_digests:
             log.warning("DISA_API_KEYS is empty: the API accepts requests without a key")
         runtime = cls(settings=settings, store=store,
-                      dispatcher=make_dispatcher(store, settings))
+                      dispatcher=make_dispatcher(store, settings),
+                      uploads=UploadSlots(settings.max_concurrent_uploads))
         log.info("jobs in %s; %s", store.root,
                  "embedded worker (no broker)" if settings.embedded else "Celery broker")
         return runtime

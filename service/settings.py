@@ -7,14 +7,14 @@ jobs folder and broker, so in a deployment they share one environment file.
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+from disa.service.security import ApiKey, parse_api_keys
+
 # Redis re-delivers an unacknowledged message after the visibility timeout. It
 # must exceed the hard time limit, or a long job that is still running would be
 # handed to a second worker; the margin covers a job waiting in a prefetch slot.
@@ -33,8 +33,10 @@ class Settings(BaseSettings):
     jobs_dir: Path = Field(Path("disa-jobs"), description="shared folder of job folders")
     queue: str = Field("disa", description="Celery queue the API sends jobs to")
     api_keys: str = Field(
-        "", description="comma-separated SHA-256 hex digests of accepted API keys; "
-                        "empty: no authentication (a warning is logged)")
+        "", description="accepted API keys, comma-separated, each as DIGEST, NAME=DIGEST or "
+                        "NAME=DIGEST:admin (DIGEST: SHA-256 hex of the key); a job belongs to "
+                        "the key that made it, admin keys see every job; empty: no "
+                        "authentication (a warning is logged)")
     max_upload_bytes: int = Field(2 * 1024**3, ge=1, description="whole request body, bytes")
     max_voxels: int = Field(512**3, ge=64, description="voxels per input image")
     retention_days: float = Field(
@@ -47,14 +49,18 @@ class Settings(BaseSettings):
     sweep_interval_s: float = Field(
         30.0, gt=0.0, description="period of cleanup, lost-job recovery and metrics refresh")
     ready_cache_s: float = Field(5.0, ge=0.0, description="how long /readyz reuses its checks")
+    upload_idle_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0,
+        description="an upload whose body sends nothing for this long is answered 408 and "
+                    "its staging folder removed")
+    max_concurrent_uploads: int = Field(
+        4, ge=1, le=1000,
+        description="uploads in progress at once per API key (per API process); 429 past it")
 
     @field_validator("api_keys")
     @classmethod
-    def _digests(cls, value: str) -> str:
-        for digest in _split(value):
-            if not _SHA256_HEX.match(digest):
-                raise ValueError("DISA_API_KEYS holds SHA-256 hex digests (64 lowercase hex "
-                                 "characters), comma-separated; not the keys themselves")
+    def _keys(cls, value: str) -> str:
+        parse_api_keys(value)  # ValueError names the problem
         return value
 
     @field_validator("hard_time_limit_s")
@@ -65,10 +71,15 @@ class Settings(BaseSettings):
             raise ValueError("DISA_HARD_TIME_LIMIT_S must exceed DISA_SOFT_TIME_LIMIT_S")
         return value
 
+    @cached_property
+    def api_key_entries(self) -> tuple[ApiKey, ...]:
+        """Accepted keys with their owner names and roles; empty when authentication is off."""
+        return parse_api_keys(self.api_keys)
+
     @property
     def api_key_digests(self) -> tuple[str, ...]:
         """Accepted key digests; empty when authentication is off."""
-        return tuple(_split(self.api_keys))
+        return tuple(key.digest for key in self.api_key_entries)
 
     @property
     def embedded(self) -> bool:
@@ -79,10 +90,6 @@ class Settings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         """Redis visibility timeout: above the hard time limit (see VISIBILITY_MARGIN_S)."""
         return self.hard_time_limit_s + VISIBILITY_MARGIN_S
-
-
-def _split(value: str) -> list[str]:
-    return [part.strip().lower() for part in value.split(",") if part.strip()]
 
 
 @lru_cache(maxsize=1)

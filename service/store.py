@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -81,6 +82,9 @@ class Manifest(BaseModel):
 
     format: Literal["disa-job/1"] = "disa-job/1"
     id: str
+    #: the API key the job belongs to, as its owner name (security.ApiKey.owner: the key's
+    #: name or a prefix of its digest, never the key); None: made without authentication
+    owner: str | None = None
     state: JobState = "queued"
     created_at: datetime
     updated_at: datetime
@@ -292,11 +296,20 @@ class JobStore:
     # ------------------------------------------------------------- results
 
     def result_path(self, job_id: str, name: str) -> Path | None:
-        """Path of a servable result file, or None (unknown name or absent file)."""
+        """Path of a servable result file, or None (unknown name, absent file, or not a
+        regular file: a symbolic link, at the file or at its outputs folder, is never
+        followed, so a link planted in a job folder cannot serve files from elsewhere)."""
         if name not in RESULT_FILES:
             return None
-        path = self.outputs_dir(job_id) / name
-        return path if path.is_file() else None
+        outputs = self.outputs_dir(job_id)
+        path = outputs / name
+        try:
+            if not all(stat.S_ISDIR(os.lstat(folder).st_mode)
+                       for folder in (outputs.parent, outputs)):
+                return None
+            return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def delete(self, job_id: str) -> None:
         """Remove a job folder. The folder is first renamed aside so that a

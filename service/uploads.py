@@ -5,17 +5,19 @@ to server-chosen names: `inputs/<role><ext>`, where the extension comes from
 the client's file name and nothing else of that name is kept. The size limit is
 enforced on the bytes received, before they are written; every file is
 fsynced before it is closed. The caller removes the staging folder on any
-error. A body the parser refuses is an UploadError; a write the jobs folder
-refuses (full, quota, I/O error) stays an OSError, for the caller to answer
-as a storage problem rather than blame the client.
+error. A body the parser refuses, or one that sends nothing for the idle
+timeout (408), is an UploadError; a write the jobs folder refuses (full,
+quota, I/O error) stays an OSError, for the caller to answer as a storage
+problem rather than blame the client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +32,11 @@ FILE_FIELDS = ("fixed", "moving", "fixed_mask", "moving_mask", "initial_transfor
 REQUIRED_FILES = ("fixed", "moving")
 #: The file field that holds an ITK transform rather than an image.
 TRANSFORM_FIELD = "initial_transform"
-#: Text fields and their size caps in bytes.
+#: Text fields and their size caps in characters (the schema's maxLength: the same numbers).
 TEXT_FIELDS = {"options": 64 * 1024, "fixed_series_uid": 64, "moving_series_uid": 64}
+#: Most bytes one character takes in UTF-8: a text part is cut off past this many times its
+#: cap while it streams, and its characters are counted once it is whole.
+_UTF8_MAX_BYTES = 4
 #: Extensions accepted, longest first so .nii.gz wins over .gz. Detached-header
 #: formats (.nhdr, .mhd) are left out: an upload is one file.
 INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
@@ -145,9 +150,8 @@ class _Sink:
             return
         if self._part in TEXT_FIELDS:
             buf = self._text[self._part]
-            if len(buf) + end - start > TEXT_FIELDS[self._part]:
-                raise UploadError(413, f"form field '{self._part}' is longer than "
-                                       f"{TEXT_FIELDS[self._part]} bytes")
+            if len(buf) + end - start > _UTF8_MAX_BYTES * TEXT_FIELDS[self._part]:
+                raise _text_too_long(self._part)
             buf.extend(data[start:end])
             return
         self.part_bytes += end - start
@@ -160,9 +164,12 @@ class _Sink:
     def _part_end(self) -> None:
         if self._part in TEXT_FIELDS:
             try:
-                self.upload.fields[self._part] = self._text.pop(self._part).decode("utf-8")
+                text = self._text.pop(self._part).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise UploadError(422, f"form field '{self._part}' is not UTF-8 text") from exc
+            if len(text) > TEXT_FIELDS[self._part]:
+                raise _text_too_long(self._part)
+            self.upload.fields[self._part] = text
         elif self._part is not None:
             self.pending.append((self._part, None))
         self._part = None
@@ -195,8 +202,15 @@ class _Sink:
                 f.close()
 
 
-async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int) -> Upload:
-    """Parse a multipart/form-data body into `inputs_dir`; raise UploadError on any problem."""
+def _text_too_long(name: str) -> UploadError:
+    return UploadError(413, f"form field '{name}' is longer than {TEXT_FIELDS[name]} "
+                            "characters")
+
+
+async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int,
+                         idle_timeout_s: float | None = None) -> Upload:
+    """Parse a multipart/form-data body into `inputs_dir`; raise UploadError on any problem,
+    408 when the client sends nothing for `idle_timeout_s` seconds (None: wait forever)."""
     ctype, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
@@ -209,7 +223,7 @@ async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int) -> 
         parser = MultipartParser(boundary, sink.callbacks())
         received = 0
         try:
-            async for chunk in request.stream():
+            async for chunk in _chunks(request, idle_timeout_s):
                 received += len(chunk)
                 if received > max_bytes:
                     raise UploadError(413, f"upload exceeds the limit of {max_bytes} bytes")
@@ -228,6 +242,23 @@ async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int) -> 
     if missing:
         raise UploadError(422, f"missing file field(s): {', '.join(missing)}")
     return sink.upload
+
+
+async def _chunks(request: Request, idle_timeout_s: float | None) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive; UploadError 408 when the next one takes longer than
+    `idle_timeout_s` (a stalled client would otherwise hold its connection and staging folder
+    for as long as it likes)."""
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_s):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UploadError(408, f"the upload sent nothing for {idle_timeout_s:g} s; "
+                                   "send the body without pauses") from None
+        yield chunk
 
 
 def _parse(step: Callable[..., object], *args: bytes) -> None:

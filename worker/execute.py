@@ -181,7 +181,8 @@ def _run_locked(store: JobStore, job_id: str, settings: Settings,
         _fresh_outputs(store.outputs_dir(job_id))
     except OSError as exc:  # 'running' is recorded now: an attempt like any other
         return _storage_failure(store, manifest, settings, exc, progress)
-    log.info("job %s: attempt %d started", job_id, manifest.attempts)
+    log.info("job %s: attempt %d started for %s", job_id, manifest.attempts,
+             manifest.owner or "anonymous")
     try:
         data = _register(store, manifest, settings, progress, canceller)
     except InputError as exc:
@@ -313,7 +314,7 @@ def _end(store: JobStore, manifest: Manifest, state: str, error: str | None = No
     else:
         manifest.finished_at = now()
     store.write(manifest)
-    log.info("job %s: %s", manifest.id, state)
+    log.info("job %s: %s (owner %s)", manifest.id, state, manifest.owner or "anonymous")
     return state
 
 

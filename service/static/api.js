@@ -59,9 +59,14 @@ export async function getBlob(path) {
   return (await request(path)).blob();
 }
 
+// DELETE a finished job (409 while it is queued or running).
 export async function remove(path) {
-  const response = await request(path, { method: "DELETE" });
-  return response.status === 204 ? null : response.json();
+  await request(path, { method: "DELETE" });
+}
+
+// POST .../cancel: cancel a queued or running job; resolves to the job JSON.
+export async function cancel(path) {
+  return (await request(`${path}/cancel`, { method: "POST" })).json();
 }
 
 export function jobPath(id, rest = "") {

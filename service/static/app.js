@@ -201,7 +201,8 @@ async function onJobAction(row) {
   if (finished && !window.confirm(`Delete job ${short(id)} and its files?`)) return;
   listFailed = false;
   try {
-    await api.remove(api.jobPath(id));
+    if (finished) await api.remove(api.jobPath(id));
+    else await api.cancel(api.jobPath(id));
     $("jobs-status").textContent = `Job ${short(id)} ${finished ? "deleted" : "cancel requested"}.`;
     if (finished && current && current.id === id) location.hash = "";
   } catch (err) {

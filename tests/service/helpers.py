@@ -16,6 +16,10 @@ from disa.service.security import key_digest
 from disa.service.settings import get_settings
 
 API_KEY = "test-key-5f0c"
+#: A second tenant's key (named) and an operator's key (admin role).
+OTHER_KEY = "other-key-91ab"
+ADMIN_KEY = "admin-key-c3d7"
+OTHER_OWNER, ADMIN_OWNER = "other", "ops"
 TINY_OPTIONS = {"similarity": "mind", "starts": 10}
 
 
@@ -48,7 +52,10 @@ def using_env(env: dict[str, str]) -> Iterator[None]:
 
 
 def api_key_env() -> dict[str, str]:
-    return {"DISA_API_KEYS": key_digest(API_KEY)}
+    """Three keys: API_KEY as a plain digest (the form older deployments list), OTHER_KEY
+    named 'other', ADMIN_KEY named 'ops' with the admin role."""
+    return {"DISA_API_KEYS": f"{key_digest(API_KEY)}, {OTHER_OWNER}={key_digest(OTHER_KEY)}, "
+                             f"{ADMIN_OWNER}={key_digest(ADMIN_KEY)}:admin"}
 
 
 class LiveServer:

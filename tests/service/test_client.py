@@ -78,3 +78,21 @@ def test_an_initial_transform_is_sent_under_its_role_name_and_h5_refused(tmp_pat
     for body in bodies:
         assert b'name="initial_transform"; filename="initial_transform.tfm"' in body
         assert b"#Insight Transform File V1.0" in body and b"Doe" not in body
+
+
+def test_cancel_posts_to_the_cancel_route_and_delete_deletes():
+    seen: list[tuple[str, str]] = []
+    job_id = "a" * 32
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        if request.method == "DELETE":
+            return httpx.Response(409, json={"detail": "job is queued: cancel it first"})
+        return httpx.Response(202, json={"id": job_id, "state": "cancelled"})
+
+    with DisaClient("http://disa", transport=httpx.MockTransport(handler)) as c:
+        assert c.cancel(job_id)["state"] == "cancelled"
+        with pytest.raises(ServiceError) as info:
+            c.delete(job_id)
+    assert info.value.status_code == 409
+    assert seen == [("POST", f"/v1/jobs/{job_id}/cancel"), ("DELETE", f"/v1/jobs/{job_id}")]

@@ -103,7 +103,10 @@ def test_cancel_a_running_job(client, tmp_path: Path):
     assert end["state"] == "cancelled"
     with pytest.raises(Exception, match="409"):
         client.download(job["id"], tmp_path / "out", names=["transform.tfm"])
-    assert client.cancel(job["id"]) is None  # finished now: deleted
+    assert client.cancel(job["id"])["state"] == "cancelled"  # again: nothing changes
+    assert client.delete(job["id"]) is None  # finished now: deleted
+    with pytest.raises(Exception, match="404"):
+        client.job(job["id"])
 
 
 def test_readyz_sees_the_worker_and_metrics_the_jobs(deployment):

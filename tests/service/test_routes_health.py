@@ -39,4 +39,5 @@ def test_metrics_count_jobs_by_state_and_stage_durations(client, pair_files):
     assert 'disa_jobs{state="succeeded"} 1.0' in text
     assert 'disa_jobs{state="queued"} 0.0' in text
     assert 'disa_stage_duration_seconds_sum{stage="search"} 1.5' in text
-    assert "disa_jobs_submitted_total 1.0" in text
+    assert 'disa_jobs_submitted_total{owner="anonymous"} 1.0' in text
+    assert 'disa_jobs_finished_total{owner="anonymous",state="succeeded"} 1.0' in text

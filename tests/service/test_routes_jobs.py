@@ -97,19 +97,28 @@ def test_files_409_until_succeeded_then_404_for_unknown_names(client, pair_files
     assert client.get(f"/v1/jobs/{job_id}/files/registered.nii.gz").status_code == 404
 
 
-def test_delete_cancels_a_queued_job_and_removes_a_finished_one(client, pair_files):
+def test_cancel_ends_a_queued_job_and_delete_removes_only_finished_ones(client, pair_files):
     job_id = _submit(client, pair_files).json()["id"]
-    r = client.delete(f"/v1/jobs/{job_id}")
+    r = client.delete(f"/v1/jobs/{job_id}")  # a queued job is not deleted, nor cancelled
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (f"job is queued: cancel it first (POST /v1/jobs/{job_id}"
+                                  "/cancel); DELETE removes finished jobs only")
+    assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "queued"
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 202 and r.json()["state"] == "cancelled"
     assert r.json()["cancel_requested"] is True
+    r = client.post(f"/v1/jobs/{job_id}/cancel")  # a retried cancel changes nothing
+    assert r.status_code == 202 and r.json()["state"] == "cancelled"
+    assert _store(client).job_dir(job_id).exists()
     r = client.delete(f"/v1/jobs/{job_id}")  # now finished: delete its files
     assert r.status_code == 204
     assert client.get(f"/v1/jobs/{job_id}").status_code == 404
     assert not _store(client).job_dir(job_id).exists()
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 404
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
 
 
-def test_delete_of_a_running_job_leaves_the_flag_for_its_worker(client, pair_files):
+def test_cancel_of_a_running_job_leaves_the_flag_for_its_worker(client, pair_files):
     job_id = _submit(client, pair_files).json()["id"]
     store = _store(client)
     with store.lock(job_id) as lock:  # a worker holds the job
@@ -117,10 +126,24 @@ def test_delete_of_a_running_job_leaves_the_flag_for_its_worker(client, pair_fil
         m = store.read(job_id)
         m.state = "running"
         store.write(m)
-        r = client.delete(f"/v1/jobs/{job_id}")
+        assert client.delete(f"/v1/jobs/{job_id}").status_code == 409
+        assert not store.cancel_requested(job_id)
+        r = client.post(f"/v1/jobs/{job_id}/cancel")
     assert r.status_code == 202
     assert r.json()["state"] == "running" and r.json()["cancel_requested"] is True
     assert store.cancel_requested(job_id)
+
+
+@pytest.mark.parametrize("state", ["succeeded", "failed"])
+def test_cancel_of_a_finished_job_is_409_and_keeps_it(client, pair_files, state):
+    job_id = _submit(client, pair_files).json()["id"]
+    store = _store(client)
+    m = store.read(job_id)
+    m.state = state
+    store.write(m)
+    r = client.post(f"/v1/jobs/{job_id}/cancel")
+    assert r.status_code == 409 and r.json()["detail"].startswith(f"job is {state}")
+    assert store.read(job_id).state == state and not store.cancel_requested(job_id)
 
 
 def test_list_is_paged_newest_first_and_filters_by_state(client, pair_files):
@@ -129,7 +152,7 @@ def test_list_is_paged_newest_first_and_filters_by_state(client, pair_files):
     assert page["total"] == 3 and [j["id"] for j in page["items"]] == ids[::-1][:2]
     page = client.get("/v1/jobs", params={"limit": 2, "offset": 2}).json()
     assert [j["id"] for j in page["items"]] == [ids[0]]
-    client.delete(f"/v1/jobs/{ids[1]}")
+    client.post(f"/v1/jobs/{ids[1]}/cancel")
     page = client.get("/v1/jobs", params={"state": "cancelled"}).json()
     assert [j["id"] for j in page["items"]] == [ids[1]]
     assert client.get("/v1/jobs", params={"limit": 1000}).status_code == 422
