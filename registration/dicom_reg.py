@@ -43,6 +43,8 @@ import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
@@ -53,6 +55,7 @@ from disa.registration.io import (
     detect_format,
     read_dicom_headers,
 )
+from disa.registration.slice_stack import describe_correction
 
 __all__ = [
     "DEFORMABLE_REGISTRATION_STORAGE",
@@ -90,8 +93,9 @@ REG_SERIES_NUMBER = 9901
 REGISTERED_SERIES_NUMBER = 9902
 
 _RIGID_TOL = 1e-6  # |R^T R - I| below this (and det R > 0) is a rotation
-# CID 7100 "RCS Registration Method Type": the alignment came from the image content.
-_METHOD_CODE = ("125024", "DCM", "Image Content-based Alignment")
+# CID 7100 "RCS Registration Method Type": the alignment came from the image content
+# (DCM 125024), from pydicom's code dictionary rather than retyped.
+_METHOD_CODE: Code = codes.DCM.ImageContentBasedAlignment
 # Patient and study attributes copied from the fixed series into derived objects.
 _PATIENT_STUDY = (
     "SpecificCharacterSet",
@@ -204,12 +208,22 @@ def _new_dataset(sop_class: str) -> Dataset:
     return ds
 
 
-def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+def _code_item(code: Code) -> Dataset:
+    """A Code Sequence item (basic code attributes) of a pydicom Code."""
     item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
     return item
+
+
+def _with_correction(comment: str, correction: str) -> str:
+    """A registration item's comment (an LO, at most 64 characters) naming how its
+    series was resampled before registering (gantry tilt, variable slice spacing)."""
+    if not correction:
+        return comment[:64]
+    joined = f"{comment}; {correction}"
+    return joined if len(joined) <= 64 else correction[:64]
 
 
 def _image_references(headers: Sequence[Dataset]) -> DicomSequence:
@@ -349,6 +363,7 @@ def build_spatial_registration(
     description: str = "DISA registration",
     comment: str = "",
     versions: Sequence[str] = (),
+    corrections: dict[str, str] | None = None,
 ) -> Dataset:
     """A Spatial Registration object (REG) for a rigid or affine result.
 
@@ -360,7 +375,14 @@ def build_spatial_registration(
     frame with inv(matrix_fixed_to_moving), which maps moving-frame points to
     fixed-frame points as DICOM defines it. Raises PatientMismatch (a
     ValueError) when the two series name different patients.
+
+    `corrections` maps "fixed"/"moving" to a short line (`slice_stack.describe_correction`)
+    when that series was resampled onto an orthogonal grid before registering (gantry
+    tilt, variable slice spacing); it goes into the series' item as its
+    FrameOfReferenceTransformationComment. Resampling keeps patient coordinates, so the
+    matrices hold for the stored (tilted) instances that the items reference.
     """
+    corrections = corrections or {}
     _check_series("fixed", fixed)
     _check_series("moving", moving)
     check_same_patient(fixed, moving)
@@ -375,15 +397,17 @@ def build_spatial_registration(
         "DISA registration", versions)
     items = []
     for headers, matrix, what in (
-        (fixed, np.eye(4), "fixed (registered) frame: identity"),
-        (moving, moving_to_fixed, comment or "moving frame to fixed frame"),
+        (fixed, np.eye(4), _with_correction("fixed (registered) frame: identity",
+                                             corrections.get("fixed", ""))),
+        (moving, moving_to_fixed, _with_correction(comment or "moving frame to fixed frame",
+                                                   corrections.get("moving", ""))),
     ):
         item = Dataset()
         item.FrameOfReferenceUID = headers[0].FrameOfReferenceUID
         item.ReferencedImageSequence = _image_references(headers)
         registration = Dataset()
         registration.FrameOfReferenceTransformationComment = what[:64]  # LO
-        registration.RegistrationTypeCodeSequence = DicomSequence([_code_item(*_METHOD_CODE)])
+        registration.RegistrationTypeCodeSequence = DicomSequence([_code_item(_METHOD_CODE)])
         one = Dataset()
         one.FrameOfReferenceTransformationMatrixType = matrix_type(matrix)
         one.FrameOfReferenceTransformationMatrix = _ds_values(matrix)
@@ -508,6 +532,7 @@ def build_deformable_registration(
     post_matrix: np.ndarray | None = None,
     description: str = "DISA deformable registration",
     versions: Sequence[str] = (),
+    corrections: dict[str, str] | None = None,
 ) -> Dataset:
     """A Deformable Spatial Registration object from a displacement field.
 
@@ -520,8 +545,10 @@ def build_deformable_registration(
     matrices and vectors are written unchanged. The grid's third axis must be
     row x column for DICOM; a left-handed grid is flipped along z first.
     Raises PatientMismatch (a ValueError) when the two series name different
-    patients.
+    patients. `corrections`: as for `build_spatial_registration`; the one item's
+    comment names them (fixed and moving).
     """
+    corrections = corrections or {}
     _check_series("fixed", fixed)
     _check_series("moving", moving)
     check_same_patient(fixed, moving)
@@ -542,9 +569,10 @@ def build_deformable_registration(
     item = Dataset()
     item.SourceFrameOfReferenceUID = moving[0].FrameOfReferenceUID
     item.ReferencedImageSequence = _image_references(moving)
-    item.RegistrationTypeCodeSequence = DicomSequence([_code_item(*_METHOD_CODE)])
-    item.FrameOfReferenceTransformationComment = (
-        "fixed point x -> moving point Mpost (Mpre x + D(x)), LPS mm")
+    item.RegistrationTypeCodeSequence = DicomSequence([_code_item(_METHOD_CODE)])
+    resampled = "; ".join(f"{role}: {text}" for role, text in corrections.items() if text)
+    item.FrameOfReferenceTransformationComment = _with_correction(
+        "fixed point x -> moving point Mpost (Mpre x + D(x)), LPS mm", resampled)
     for keyword, matrix in (
         ("PreDeformationMatrixRegistrationSequence", pre),
         ("PostDeformationMatrixRegistrationSequence", post),
@@ -827,13 +855,18 @@ def write_dicom_outputs(
     model = result_data.get("model")
     if isinstance(model, dict) and model.get("sha256"):
         versions.append(f"model sha256 {str(model['sha256'])[:16]}")
+    inputs = result_data.get("inputs") or {}
+    corrections = {role: describe_correction(inputs[role]["geometry_correction"])
+                   for role in ("fixed", "moving")
+                   if isinstance(inputs.get(role), dict)
+                   and inputs[role].get("geometry_correction")}
     field_path = Path(outdir) / "displacement.nii.gz"
     if field_path.is_file():
         # Non-linear result: the Deformable Spatial Registration carries the full mapping
         # (displacement.nii.gz is u(x) = T(x) - x, so the pre-deformation matrix is identity).
         ds = build_deformable_registration(
             sitk.ReadImage(str(field_path), sitk.sitkVectorFloat32), fixed, moving,
-            description=text, versions=versions)
+            description=text, versions=versions, corrections=corrections)
     else:
         ds = build_spatial_registration(
             np.asarray(result_data["matrix_fixed_to_moving"], dtype=np.float64),
@@ -842,6 +875,7 @@ def write_dicom_outputs(
             description=text,
             comment=f"moving frame to fixed frame, DISA {mode} ({similarity})",
             versions=versions,
+            corrections=corrections,
         )
     write_dataset(ds, Path(outdir) / REGISTRATION_FILE)
     return [REGISTRATION_FILE]

@@ -41,6 +41,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from .errors import InputError
+from .slice_stack import StackGrid, plan_stack_grid
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -82,7 +83,9 @@ class ImageInfo:
     `origin` the LPS position in mm of the centre of voxel (0, 0, 0), and
     `direction` the 9 direction cosines, row-major (columns = axis directions).
     `modality` and `series_uid` come from DICOM tags (0008,0060) and
-    (0020,000E); they are None for the other formats.
+    (0020,000E); they are None for the other formats. `geometry_correction` is
+    set when a DICOM series was resampled onto this grid (gantry tilt, variable
+    slice spacing; `slice_stack.plan_stack_grid` gives its fields), else None.
     """
 
     path: str
@@ -95,6 +98,7 @@ class ImageInfo:
     components: int
     modality: str | None
     series_uid: str | None
+    geometry_correction: dict | None = None
 
     def as_dict(self) -> dict:
         """JSON-ready copy (tuples become lists)."""
@@ -109,6 +113,7 @@ class ImageInfo:
             "components": self.components,
             "modality": self.modality,
             "series_uid": self.series_uid,
+            "geometry_correction": self.geometry_correction,
         }
 
 
@@ -903,17 +908,6 @@ def _extract_member(
 # cosines as decimal strings of about six digits, so exact equality is too strict.
 _IOP_TOL = 1e-3  # direction cosines of two slices: about 0.06 degrees apart at most
 _SPACING_REL_TOL = 1e-3  # pixel spacing of two slices
-_DUPLICATE_MM = 0.01  # two slices closer than this along the normal are one position
-_GAP_REL_TOL = 0.1  # a step 10 % off the median step is a missing or an extra slice
-# How far a slice may lie from its place on the regular grid (first position + k * mean
-# step). Comparing steps with their median alone lets a spacing that changes gradually or
-# in two stages through (50 steps of 1.0 mm, then 49 of 1.09 mm misplaces slices by
-# 2.2 mm). A tenth of the step keeps every slice within a tenth of a voxel of where the
-# image puts it; the 0.2 mm floor absorbs positions stored with few decimals on thin
-# slices, and 0.2 mm is well below the in-plane pixel size and the registration accuracy.
-_GRID_REL_TOL = 0.1
-_GRID_MIN_MM = 0.2
-_DRIFT_PIXELS = 0.25  # sideways drift of the slice positions (gantry tilt), in pixels
 _DEFER_BYTES = 64 * 1024  # header values larger than this are never loaded (private blobs)
 
 
@@ -931,11 +925,13 @@ class _DicomSeries:
     files: tuple[str, ...]
     frame_order: tuple[int, ...] | None
     headers: tuple[Dataset, ...]
-    size: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float]
-    direction: tuple[float, ...]
+    grid: StackGrid  # the image's grid; a plan to resample onto it when tilted or uneven
     tags: dict[str, str]
+
+    @property
+    def stored_size(self) -> tuple[int, int, int]:
+        """(columns, rows, slices) as stored, before any resampling."""
+        return self.grid.stored_size or self.grid.size
 
 
 @dataclass(frozen=True)
@@ -973,12 +969,12 @@ def _inspect_dicom(
 
     Headers are read with pydicom (no pixel data). The geometry comes from the
     slice positions, never from SliceThickness or SpacingBetweenSlices:
-    slices are sorted by their position along the normal, the slice spacing
-    is the mean step, and a series with uneven steps (missing slices, a
-    spacing that changes along the series: any slice further than
-    max(0.1 x step, 0.2 mm) from its grid position), mixed orientations, sizes
-    or spacings, duplicate positions or sideways drift (gantry tilt) is
-    refused, because no regular grid describes it.
+    slices are sorted by their position along the normal and the slice spacing
+    is the mean step. A gantry tilt (positions drifting sideways along a
+    straight line) or a spacing that varies along the series gives a grid to
+    resample onto (`slice_stack`); a gap of missing slices, sideways drift that
+    is no tilt, mixed orientations, sizes or spacings and duplicate positions
+    are refused, because no grid describes them.
     """
     found, skipped = _scan_dicom(folder, name)
     if not found:
@@ -1002,14 +998,15 @@ def _inspect_dicom(
     info = ImageInfo(
         path=name,
         format="dicom",
-        size=series.size,
-        spacing=series.spacing,
-        origin=series.origin,
-        direction=series.direction,
+        size=series.grid.size,
+        spacing=series.grid.spacing,
+        origin=series.grid.origin,
+        direction=series.grid.direction,
         pixel_type=sitk.GetPixelIDValueAsString(first.GetPixelID()),
         components=int(first.GetNumberOfComponents()),
         modality=series.tags.get("0008|0060") or None,
         series_uid=uid,
+        geometry_correction=series.grid.correction,
     )
     _validate(info, first.GetPixelID(), limits)
     return info, series
@@ -1160,7 +1157,8 @@ def _series_geometry(name: str, uid: str, items: list[tuple[str, Dataset]]) -> _
         frames = _multiframe_frames(name, label, headers[0])
     else:
         frames = [_single_frame(name, label, ds) for ds in headers]
-    order, spacing, origin, direction = _stack_geometry(name, label, frames)
+    rows, cols = sizes[0]
+    order, grid = _stack_geometry(name, label, frames, (cols, rows))
     if multi:
         files: tuple[str, ...] = (items[0][0],)
         frame_order: tuple[int, ...] | None = tuple(order)
@@ -1169,7 +1167,6 @@ def _series_geometry(name: str, uid: str, items: list[tuple[str, Dataset]]) -> _
         files = tuple(items[i][0] for i in order)
         frame_order = None
         kept = tuple(headers[i] for i in order)
-    rows, cols = sizes[0]
     first = kept[0]
     tags = {}
     for key, keyword in _DICOM_TAGS_KEPT.items():
@@ -1181,10 +1178,7 @@ def _series_geometry(name: str, uid: str, items: list[tuple[str, Dataset]]) -> _
         files=files,
         frame_order=frame_order,
         headers=kept,
-        size=(cols, rows, len(frames)),
-        spacing=spacing,
-        origin=origin,
-        direction=direction,
+        grid=grid,
         tags=tags,
     )
 
@@ -1309,13 +1303,15 @@ def _multiframe_frames(name: str, label: str, ds: Dataset) -> list[_Frame]:
 
 
 def _stack_geometry(
-    name: str, label: str, frames: list[_Frame]
-) -> tuple[list[int], tuple[float, float, float], tuple[float, float, float], tuple[float, ...]]:
-    """Slice order, spacing (x, y, z), origin and direction of a stack of slices.
+    name: str, label: str, frames: list[_Frame], matrix: tuple[int, int]
+) -> tuple[list[int], StackGrid]:
+    """Slice order and grid of a stack of slices (`slice_stack.plan_stack_grid`).
 
     Slices are ordered by their position along the normal n = row x column
     direction, so the third axis is +n and the direction matrix [r c n] is a
-    rotation. Raises InputError when the slices do not form a regular grid.
+    rotation. A gantry tilt or a slice spacing that varies gives a grid to
+    resample onto; what cannot be corrected (mixed orientations, a gap of
+    missing slices, ...) raises InputError. `matrix` is (columns, rows).
     """
     orientations = np.stack([f.orientation for f in frames])
     if float(np.abs(orientations - orientations[0]).max()) > _IOP_TOL:
@@ -1332,7 +1328,6 @@ def _stack_geometry(
     row, col = row / norms[0], col / norms[1]
     col = col - (col @ row) * row  # remove the rounding residue of the stored decimals
     col /= np.linalg.norm(col)
-    normal = np.cross(row, col)
     spacings = np.stack([f.pixel_spacing for f in frames])
     if not (spacings > 0).all():
         raise InputError(f"{name}: {label} has a pixel spacing that is not positive")
@@ -1342,50 +1337,9 @@ def _stack_geometry(
             f"{name}: {label} mixes pixel spacings ({_pair(spacings[0])} and {_pair(other)} mm)"
         )
     positions = np.stack([f.position for f in frames])
-    along = positions @ normal
-    order = [int(i) for i in np.argsort(along, kind="stable")]
-    ordered = along[order]
-    n = len(frames)
-    dz = 1.0
-    if n > 1:
-        if float(ordered[-1] - ordered[0]) < 1e-6:
-            raise InputError(f"{name}: the {n} slices of {label} share one position")
-        steps = np.diff(ordered)
-        if float(steps.min()) < _DUPLICATE_MM:
-            k = int(steps.argmin())
-            raise InputError(
-                f"{name}: two slices of {label} share the position {ordered[k]:.2f} mm along "
-                "the slice normal (duplicate slices, or several volumes in one series)"
-            )
-        median = float(np.median(steps))
-        k = int(np.abs(steps - median).argmax())
-        if abs(float(steps[k]) - median) > _GAP_REL_TOL * median:
-            raise InputError(
-                f"{name}: slices of {label} are not evenly spaced: {steps[k]:.3g} mm between "
-                f"slices {k + 1} and {k + 2}, {median:.3g} mm elsewhere (missing slices?)"
-            )
-        lateral = positions[order] - positions[order[0]] - np.outer(ordered - ordered[0], normal)
-        drift = float(np.linalg.norm(lateral, axis=1).max())
-        if drift > _DRIFT_PIXELS * float(spacings[0].min()):
-            raise InputError(
-                f"{name}: slice positions of {label} drift sideways by {drift:.2g} mm across "
-                "the series (gantry tilt?); a sheared volume is not supported"
-            )
-        dz = float(ordered[-1] - ordered[0]) / (n - 1)
-        deviation = ordered - (ordered[0] + dz * np.arange(n))
-        k = int(np.abs(deviation).argmax())
-        tolerance = max(_GRID_REL_TOL * dz, _GRID_MIN_MM)
-        if abs(float(deviation[k])) > tolerance:
-            raise InputError(
-                f"{name}: slices of {label} are not evenly spaced: slice {k + 1} of {n} lies "
-                f"{abs(float(deviation[k])):.2f} mm off the regular grid of {dz:.4g} mm steps "
-                f"(at most {tolerance:.2g} mm allowed); the slice spacing changes within the "
-                "series"
-            )
-    direction = np.column_stack([row, col, normal])
-    spacing = (float(spacings[0][1]), float(spacings[0][0]), dz)
-    origin = _triple(tuple(positions[order[0]]), float)
-    return order, spacing, origin, tuple(float(v) for v in direction.ravel())
+    # DICOM's PixelSpacing is (between rows, between columns): x spacing second.
+    return plan_stack_grid(name, label, row, col, positions,
+                           (float(spacings[0][1]), float(spacings[0][0])), matrix)
 
 
 def _pair(values: np.ndarray) -> str:
@@ -1409,18 +1363,22 @@ def _read_series(series: _DicomSeries, name: str) -> sitk.Image:
     # Float output per file: each slice then keeps its own rescale slope and intercept.
     reader.SetOutputPixelType(sitk.sitkFloat32)
     image = _execute(reader, name)
-    if image.GetDimension() != 3 or tuple(image.GetSize()) != series.size:
+    if image.GetDimension() != 3 or tuple(image.GetSize()) != series.stored_size:
         raise InputError(
             f"{name}: decoded image size {_dims(image.GetSize())} differs from the headers' "
-            f"{_dims(series.size)}; the series is inconsistent"
+            f"{_dims(series.stored_size)}; the series is inconsistent"
         )
     order = series.frame_order
     if order is not None and order != tuple(range(len(order))):
         array = sitk.GetArrayFromImage(image)[list(order)]
         image = sitk.GetImageFromArray(array)
-    image.SetOrigin(series.origin)
-    image.SetSpacing(series.spacing)
-    image.SetDirection(series.direction)
+    if series.grid.resampled:
+        # Gantry tilt or uneven steps: the stored slices onto the orthogonal grid.
+        image = sitk.GetImageFromArray(series.grid.resample(sitk.GetArrayViewFromImage(image)))
+    grid = series.grid
+    image.SetOrigin(grid.origin)
+    image.SetSpacing(grid.spacing)
+    image.SetDirection(grid.direction)
     for key, value in series.tags.items():
         image.SetMetaData(key, value)
     return image

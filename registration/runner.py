@@ -78,6 +78,11 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
 
 
 def _describe(info: dict[str, Any]) -> dict[str, Any]:
-    """Geometry facts of an input for result.json (no identifiers: only the file's basename)."""
-    keep = ("path", "format", "size", "spacing", "origin", "direction", "modality")
+    """Geometry facts of an input for result.json (no identifiers: only the file's basename).
+
+    ``geometry_correction`` is None, or how a DICOM series was resampled onto the grid
+    that ``size``/``spacing``/``origin``/``direction`` describe (gantry tilt, variable
+    slice spacing: ``slice_stack.plan_stack_grid``)."""
+    keep = ("path", "format", "size", "spacing", "origin", "direction", "modality",
+            "geometry_correction")
     return {k: info[k] for k in keep if k in info}

@@ -264,24 +264,6 @@ def _shift_along_normal(datasets: list[pydicom.Dataset], offsets: np.ndarray) ->
         ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
 
 
-def _spacing_changes(tmp: Path) -> Path:
-    """Steps of 2.5 mm, then of 2.7 mm: each within 10 % of the median step, but slice 8
-    lies 0.75 mm off the mean-step grid."""
-    folder, datasets = _series(tmp)
-    k = np.arange(len(datasets))
-    _shift_along_normal(datasets, np.where(k > 7, 0.2 * (k - 7), 0.0))
-    return _save(folder, datasets)
-
-
-def _gantry_tilt(tmp: Path) -> Path:
-    folder, datasets = _series(tmp)
-    d = np.asarray(oblique_direction()).reshape(3, 3)
-    for k, ds in enumerate(datasets):  # each slice shifted 0.5 mm further along the rows
-        position = np.asarray([float(v) for v in ds.ImagePositionPatient]) + 0.5 * k * d[:, 1]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-    return _save(folder, datasets)
-
-
 def _no_position(tmp: Path) -> Path:
     folder, datasets = _series(tmp)
     del datasets[0].ImagePositionPatient
@@ -350,9 +332,6 @@ REFUSED = {
     "mixed_orientation": (_mixed_orientation, "mixes slice orientations"),
     "mixed_size": (_mixed_size, "mixes image sizes (12x10 and 24x20 pixels)"),
     "mixed_pixel_spacing": (_mixed_pixel_spacing, "mixes pixel spacings"),
-    "spacing_changes": (_spacing_changes, "not evenly spaced: slice 8 of 16 lies 0.75 mm off "
-                                          "the regular grid of 2.607 mm steps"),
-    "gantry_tilt": (_gantry_tilt, "drift sideways by 7.5 mm"),
     "no_position": (_no_position, "lacks a valid ImagePositionPatient"),
     "mixed_frames_of_reference": (_mixed_frames_of_reference, "mixes frames of reference"),
     "multiframe_and_single": (_multiframe_and_single, "mixes multi-frame files with others"),
