@@ -19,7 +19,9 @@ Point = tuple[float, float, float]
 class RegistrationOptions(BaseModel):
     """What to register and how. Angles in degrees, distances in mm."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are refused as such (allow_inf_nan=False): checked against a
+    # bound, a NaN would otherwise be reported as out of range.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: Mode = Field(
         "rigid", description="rigid: 6 parameters; affine: 12 (rigid search, affine refinement); "

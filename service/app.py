@@ -21,6 +21,7 @@ from disa import __version__
 from disa.service import routes_health, routes_jobs, routes_metrics, routes_viewer, web
 from disa.service.runtime import Runtime
 from disa.service.settings import get_settings
+from disa.service.validation import describe_all
 
 API_PREFIX = "/v1"
 
@@ -45,10 +46,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     """Request validation errors as the shared error model: one line in `detail`."""
     assert isinstance(exc, RequestValidationError)
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
-        for err in exc.errors())
-    return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
+    return JSONResponse({"detail": describe_all(exc.errors()) or "invalid request"},
+                        status_code=422)
 
 
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:

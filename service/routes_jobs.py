@@ -48,6 +48,7 @@ from disa.service.uploads import (
     UploadError,
     receive_upload,
 )
+from disa.service.validation import describe_all
 
 log = logging.getLogger("disa.service")
 
@@ -163,15 +164,16 @@ async def _receive_job(request: Request, runtime: Runtime, caller: Caller,
 
 
 def _parse_options(text: str | None) -> dict[str, Any]:
-    """Validate the options JSON with the engine's RegistrationOptions; 422 on any problem."""
+    """Validate the options JSON with the engine's RegistrationOptions; 422 on any problem,
+    a number given as a string or boolean and a NaN among them."""
     from disa.registration.options import RegistrationOptions
 
     try:
-        options = RegistrationOptions.model_validate_json(text or "{}")
+        # Strict: "10" or true for a number is refused, not converted (JSON numbers only).
+        options = RegistrationOptions.model_validate_json(text or "{}", strict=True)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}"
-            for e in exc.errors(include_url=False, include_input=False))
+        problems = describe_all({**e, "loc": e["loc"] or ("options",)}
+                                for e in exc.errors(include_url=False))
         raise UploadError(422, f"invalid options: {problems}") from None
     return options.model_dump(mode="json")
 

@@ -38,7 +38,9 @@ router = APIRouter(prefix="/jobs", tags=["viewer"], dependencies=[Depends(requir
                    responses=error_responses(401, 403))
 
 _cache_guard = threading.Lock()
-_COORDINATE = {"ge": -1e6, "le": 1e6}
+# allow_inf_nan=False: a NaN is refused as such (describe() says not-a-number), not as
+# out of range.
+_COORDINATE = {"ge": -1e6, "le": 1e6, "allow_inf_nan": False}
 _SLICE_HEADERS = {"Cache-Control": "private, max-age=86400"}
 
 
@@ -258,10 +260,12 @@ def get_slice(job_id: JobIdPath, volume: Volume, plane: Plane,
               runtime: RuntimeDep, request: Request, caller: CallerDep,
               format: Annotated[Literal["png", "raw"], Query(
                   description="png: 8-bit grey PNG; raw: width*height bytes")] = "png",
-              window: Annotated[float | None, Query(gt=0, le=1e9, description=(
+              window: Annotated[float | None, Query(gt=0, le=1e9, allow_inf_nan=False,
+                                                    description=(
                   "window width in image units (with level); default: the volume's "
                   "0.5-99.5 percentile range"))] = None,
-              level: Annotated[float | None, Query(ge=-1e9, le=1e9, description=(
+              level: Annotated[float | None, Query(ge=-1e9, le=1e9, allow_inf_nan=False,
+                                                   description=(
                   "window centre in image units (with window)"))] = None) -> Response:
     """Slice `index` of a plane in display orientation (see GET .../viewer), mapped
     through the window to 0..255. Registered and before share the moving image's window."""

@@ -426,3 +426,83 @@ def test_a_bad_initial_transform_is_refused_at_upload(client, pair_files, tmp_pa
     store = _store(client)
     assert dispatcher.sent == [] and store.ids() == []
     assert list((store.root / ".incoming").iterdir()) == []
+
+
+# ------------------------------------------------------------ honest schema
+
+
+@pytest.mark.parametrize(("options", "detail"), [
+    ({"starts": "10"}, "invalid options: starts: must be an integer (a JSON number), not a "
+                       "string"),
+    ({"starts": True}, "invalid options: starts: must be an integer (a JSON number), not a "
+                       "boolean"),
+    ({"rotation_range": "30"}, "invalid options: rotation_range: must be a number (a JSON "
+                               "number), not a string"),
+    ({"working_spacing": False}, "invalid options: working_spacing: must be a number (a JSON "
+                                 "number), not a boolean"),
+])
+def test_numeric_options_take_json_numbers_only(client, pair_files, dispatcher, options,
+                                                detail):
+    r = _submit(client, pair_files, options=options)
+    assert r.status_code == 422 and r.json()["detail"] == detail
+    assert dispatcher.sent == []
+    r = _submit(client, pair_files, options={**TINY_OPTIONS, "rotation_range": 30})
+    assert r.status_code == 202 and r.json()["options"]["rotation_range"] == 30.0
+
+
+@pytest.mark.parametrize("text", ['{"rotation_range": NaN}', '{"translation_range": Infinity}'])
+def test_a_nan_option_is_refused_as_not_a_number(client, pair_files, text):
+    r = client.post("/v1/jobs", files=_files(pair_files), data={"options": text})
+    assert r.status_code == 422
+    assert "not-a-number (NaN) or infinite: give a finite number" in r.json()["detail"]
+
+
+def test_text_fields_are_limited_in_characters_as_the_schema_says(client, pair_files):
+    schema = client.get("/openapi.json").json()
+    form = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"][
+        "multipart/form-data"]["schema"]["properties"]
+    limit = form["options"]["maxLength"]
+    # Within maxLength in characters, though more bytes than that in UTF-8: no 413, the
+    # options are read (and refused for what they say).
+    text = json.dumps({"mode": "é" * (limit - 20)}, ensure_ascii=False)
+    assert len(text) <= limit < len(text.encode())
+    r = client.post("/v1/jobs", files=_files(pair_files), data={"options": text})
+    assert r.status_code == 422 and r.json()["detail"].startswith("invalid options: mode:")
+    uid = "é" * form["fixed_series_uid"]["maxLength"]
+    r = client.post("/v1/jobs", files=_files(pair_files), data={"fixed_series_uid": uid})
+    assert r.status_code == 422 and "not a DICOM UID" in r.json()["detail"]
+    r = client.post("/v1/jobs", files=_files(pair_files), data={"options": " " * (limit + 1)})
+    assert r.status_code == 413
+    assert r.json()["detail"] == f"form field 'options' is longer than {limit} characters"
+
+
+def test_a_result_file_that_is_a_symbolic_link_is_not_served(client, pair_files, tmp_path):
+    job_id = _submit(client, pair_files).json()["id"]
+    store = _store(client)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a result")
+    (store.outputs_dir(job_id) / "transform.tfm").symlink_to(secret)
+    (store.outputs_dir(job_id) / "qa.png").write_bytes(b"\x89PNG")
+    m = store.read(job_id)
+    m.state, m.files = "succeeded", ["transform.tfm", "qa.png"]
+    store.write(m)
+    r = client.get(f"/v1/jobs/{job_id}/files/transform.tfm")
+    assert r.status_code == 404 and "not a result" not in r.text
+    assert client.get(f"/v1/jobs/{job_id}/files/qa.png").status_code == 200
+    # a linked outputs folder is not followed either
+    elsewhere = tmp_path / "elsewhere"
+    store.outputs_dir(job_id).rename(elsewhere)
+    store.outputs_dir(job_id).symlink_to(elsewhere)
+    assert client.get(f"/v1/jobs/{job_id}/files/qa.png").status_code == 404
+
+
+@pytest.mark.parametrize("path", [
+    "point?x=nan&y=0&z=0",
+    "heatmap?x=0&y=NaN&z=0",
+    "slices/fixed/axial/0?window=nan&level=0",
+    "slices/fixed/axial/0?window=10&level=inf",
+])
+def test_a_nan_query_parameter_is_refused_as_not_a_number(client, path):
+    r = client.get(f"/v1/jobs/{'0' * 32}/{path}")
+    assert r.status_code == 422
+    assert r.json()["detail"].endswith(": not-a-number (NaN) or infinite: give a finite number")
