@@ -245,8 +245,10 @@ def read_image(
     else:
         info, reader = _inspect_file(path, name, fmt, limits)
         if fmt == "nifti":
-            # The NIfTI reader fills missing data with zeros instead of failing.
+            # The NIfTI reader fills missing data with zeros instead of failing, and
+            # turns NaN and Inf voxels into 0: both are checked on the stored data.
             _check_nifti_data(path, name)
+            _check_nifti_finite(path, name)
         image = sitk.Cast(_execute(reader, name), sitk.sitkFloat32)
     if image.GetDimension() != 3 or tuple(image.GetSize()) != info.size:
         raise InputError(
@@ -648,6 +650,47 @@ def _check_nifti_data(path: Path, name: str) -> None:
         what = f"{got} bytes"
     if got < need:
         raise InputError(f"{name}: file is truncated: {what}, its header needs {need}")
+
+
+_FINITE_CHUNK_BYTES = 16 * 1024**2  # stored NIfTI data examined at a time
+
+
+def _check_nifti_finite(path: Path, name: str) -> None:
+    """Refuse NIfTI data holding NaN or infinite voxels, read as stored.
+
+    Why here and not on the decoded image: ITK's NIfTI reader turns NaN and Inf
+    into 0, so the same image that is refused as NRRD or MetaImage would register
+    quietly as NIfTI. nibabel's array proxy reads the stored values (scaled by
+    scl_slope/scl_inter, as ITK does) slab by slab along the slowest axis, so at
+    most about `_FINITE_CHUNK_BYTES` of them are in memory at once. Integer data
+    cannot hold NaN; it is passed over. Runs after the size and truncation checks.
+    """
+    import nibabel
+
+    try:
+        proxy = nibabel.load(str(path)).dataobj
+        stored = np.dtype(proxy.dtype)
+    except Exception as err:  # nibabel raises many kinds on what ITK accepted
+        raise InputError(f"{name}: NIfTI data cannot be read ({_short(str(err), 80)})") from err
+    if stored.kind not in "fc":
+        return
+    shape = tuple(int(n) for n in proxy.shape)
+    plane = max(1, math.prod(shape[:-1]) * stored.itemsize)
+    step = max(1, _FINITE_CHUNK_BYTES // plane)
+    nan = infinite = 0
+    for start in range(0, shape[-1], step):
+        slab = np.asarray(proxy[..., start:start + step])
+        with np.errstate(invalid="ignore"):
+            if np.isfinite(slab.sum(dtype=np.float64)):
+                continue
+        nan += int(np.count_nonzero(np.isnan(slab)))
+        infinite += int(np.count_nonzero(np.isinf(slab)))
+    if nan or infinite:
+        raise InputError(
+            f"{name}: {nan + infinite} of {math.prod(shape)} voxels are not finite ({nan} NaN, "
+            f"{infinite} infinite); replace them (e.g. with the background value) before "
+            "registering"
+        )
 
 
 def _scan_gzip(path: Path, name: str, limit: int) -> int:
