@@ -16,9 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disa import __version__
 from disa.service import routes_health, routes_jobs, routes_metrics, routes_viewer, web
+from disa.service.headers import SecurityHeaders, http_error
 from disa.service.runtime import Runtime
 from disa.service.settings import get_settings
 from disa.service.validation import describe_all
@@ -70,7 +72,13 @@ def create_app() -> FastAPI:
         summary="Multimodal 3D image registration jobs (rigid/affine) over HTTP",
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        # FastAPI's docs pages load their scripts from a CDN: web.install serves /docs
+        # from the package's own files instead (and no ReDoc).
+        docs_url=None,
+        redoc_url=None,
     )
+    app.add_middleware(SecurityHeaders)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(routes_health.router)
