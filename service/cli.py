@@ -10,6 +10,7 @@ from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
 from disa.registration.errors import InputError
+from disa.service.client_key import add_api_key_arguments, api_key_from
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
 
@@ -69,7 +70,7 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("moving", type=Path, help="moving image (same formats)")
     p.add_argument("--url", default=os.environ.get("DISA_URL", "http://127.0.0.1:8000"),
                    help="service URL (default: DISA_URL or http://127.0.0.1:8000)")
-    p.add_argument("--api-key", default=None, help="API key (default: DISA_API_KEY)")
+    add_api_key_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait for the job to end")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="download the result folder here (implies --wait)")
@@ -94,7 +95,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from disa.service.client import DisaClient, ServiceError
 
     options = options_from_args(args)
-    api_key = args.api_key or os.environ.get("DISA_API_KEY") or None
+    api_key = api_key_from(args)
     wait = args.wait or args.output is not None
     try:
         with DisaClient(args.url, api_key=api_key) as client:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
+from disa.service.client_key import add_api_key_arguments, api_key_from
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
 
@@ -88,7 +89,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--service", type=_url, default=os.environ.get("DISA_URL"),
                    required="DISA_URL" not in os.environ,
                    help="DISA service URL (default: DISA_URL)")
-    p.add_argument("--api-key", default=None, help="service API key (default: DISA_API_KEY)")
+    add_api_key_arguments(p)
     p.add_argument("--store-registered", action="store_true",
                    help="also store the registered moving image as a new series in the "
                         "fixed frame of reference")
@@ -176,7 +177,7 @@ def _run(args: argparse.Namespace, source: Any) -> int:
     from disa.service.client import DisaClient, ServiceError
 
     options = options_from_args(args)
-    api_key = args.api_key or os.environ.get("DISA_API_KEY") or None
+    api_key = api_key_from(args)
     report = (lambda message: None) if args.quiet else _progress
     _show_retries(not args.quiet)
     try:
