@@ -24,7 +24,9 @@ from disa.service.client import DisaClient
 
 from ..support import free_port
 from .helpers import (
+    ADMIN_KEY,
     API_KEY,
+    OTHER_KEY,
     TINY_OPTIONS,
     LiveServer,
     api_key_env,
@@ -328,6 +330,99 @@ def test_cancel_or_delete_refusal_stays_shown(page, done_job):
     status = page.text_content("#jobs-status")
     assert status == f"Job {job_id[:8]} not deleted: job is busy; try again"
     assert row.is_visible()
+
+
+def _page_with_key(browser, site: str, key: str):
+    """A fresh tab on the page with `key` entered; the caller closes its context."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.errors = []
+    tab.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    tab.goto(f"{site}/")
+    tab.wait_for_selector("body[data-ready]")
+    with tab.expect_response(lambda r: "/v1/jobs?limit=" in r.url and r.status == 200):
+        tab.fill("#api-key", key)
+        tab.click("#key-save")
+    return context, tab
+
+
+def _listed(tab) -> set[str]:
+    return set(tab.eval_on_selector_all("#jobs-body tr", "rows => rows.map(r => r.dataset.id)"))
+
+
+def test_each_key_sees_only_its_own_jobs_on_the_page(browser, site, done_job, pair_files):
+    with DisaClient(site, api_key=OTHER_KEY) as client:
+        theirs = client.submit(*pair_files, TINY_OPTIONS)["id"]
+    mine = done_job["id"]
+    for key, expected in ((API_KEY, {mine}), (OTHER_KEY, {theirs}),
+                          (ADMIN_KEY, {mine, theirs})):
+        context, tab = _page_with_key(browser, site, key)
+        try:
+            for job_id in expected:
+                tab.locator(f"#jobs-body tr[data-id='{job_id}']").wait_for(timeout=10_000)
+            assert _listed(tab) & {mine, theirs} == expected, key
+            assert tab.errors == []
+        finally:
+            context.close()
+    # another key's job by its address: the page shows the API's 404, nothing of the job
+    context, tab = _page_with_key(browser, site, API_KEY)
+    try:
+        tab.goto(f"{site}/#job={theirs}")
+        tab.locator("#result-error", has_text="no such job").wait_for(timeout=10_000)
+        assert tab.get_attribute("#result", "data-state") is None
+    finally:
+        context.close()
+
+
+def test_the_cancel_button_posts_to_the_cancel_route(page):
+    job_id = "c" * 32
+    stamp = "2026-01-01T00:00:00Z"
+    job = {"id": job_id, "owner": "sha256:0", "state": "queued", "created_at": stamp,
+           "updated_at": stamp, "started_at": None, "finished_at": None,
+           "progress": {"stage": "queued", "fraction": 0.0}, "attempts": 0,
+           "cancel_requested": False, "options": {}, "inputs": {},
+           "timings": {"queued_s": None, "run_s": None, "stages": {}}, "result": None,
+           "error": None, "error_kind": None, "files": []}
+    page.route("**/v1/jobs?limit=*", lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=json.dumps({"items": [job], "total": 1, "offset": 0, "limit": 50})))
+    requests: list[tuple[str, str]] = []
+
+    def answer(route):
+        requests.append((route.request.method, route.request.url))
+        route.fulfill(status=202, content_type="application/json",
+                      body=json.dumps({**job, "state": "cancelled", "cancel_requested": True}))
+
+    page.route(f"**/v1/jobs/{job_id}/cancel", answer)
+    page.route(f"**/v1/jobs/{job_id}", answer)
+    page.fill("#api-key", API_KEY)
+    page.click("#key-save")
+    action = page.locator(f"#jobs-body tr[data-id='{job_id}'] .job-action")
+    action.wait_for(timeout=10_000)
+    assert action.text_content() == "Cancel"
+    action.click()
+    page.locator("#jobs-status", has_text="cancel requested").wait_for(timeout=10_000)
+    assert [(method, url.rsplit("/v1/", 1)[1]) for method, url in requests] == [
+        ("POST", f"jobs/{job_id}/cancel")]
+    assert page.errors == []
+
+
+def test_the_api_docs_render_from_this_server_alone(browser, site):
+    context = browser.new_context()
+    tab = context.new_page()
+    foreign: list[str] = []
+    refused: list[str] = []
+    tab.on("request", lambda r: None if r.url.startswith(site) else foreign.append(r.url))
+    tab.on("console", lambda m: refused.append(m.text)
+           if "Content Security Policy" in m.text else None)
+    try:
+        tab.goto(f"{site}/docs")
+        tab.locator(".opblock-summary-path", has_text="/v1/jobs/{job_id}/cancel").first.wait_for(
+            timeout=30_000)
+        assert tab.locator(".opblock").count() >= 10
+        assert foreign == [] and refused == []
+    finally:
+        context.close()
 
 
 def test_viewer_of_a_job_left_while_loading_stays_out(page, site, done_job, pair_files):
