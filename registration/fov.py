@@ -69,7 +69,7 @@ def border_connected(equal: np.ndarray) -> np.ndarray:
 
 #: Padding ends in a cut: at least this fraction of the data voxels along its border differ
 #: from the padding value by more than CUT_CONTRAST of the data's intensity range.
-CUT_FRACTION = 0.2
+CUT_FRACTION = 0.15  # fans shadowed past 40 % depth: ~0.2; templates fading to 0: ~0.06
 CUT_CONTRAST = 0.05
 
 

@@ -58,6 +58,13 @@ def test_padding_that_ends_in_a_cut_is_not_data(pair) -> None:
     assert fan.has_padding and 0.3 < fan.padding_fraction < 0.9
     mask = sitk.GetArrayFromImage(fan.mask).astype(bool)
     assert mask[-1, 32, 32] and not mask[-1, 0, 0] and not mask[0, 5, 5]
+    # A fan whose deeper 60 % lies in an acoustic shadow (behind a lung or bone boundary)
+    # is dark along most of its edge and still a fan.
+    shadowed = sitk.GetArrayFromImage(_sector(pair.moving))
+    shadowed[int(0.4 * shadowed.shape[0]):] *= 0.01
+    shadowed_image = sitk.GetImageFromArray(shadowed)
+    shadowed_image.CopyInformation(pair.moving)
+    assert data_region(shadowed_image).padding_fraction == pytest.approx(fan.padding_fraction)
     smooth = sitk.SmoothingRecursiveGaussian(pair.fixed - float(
         sitk.GetArrayViewFromImage(pair.fixed).min()), 6.0)
     array = sitk.GetArrayFromImage(smooth)
