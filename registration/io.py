@@ -24,10 +24,8 @@ import os
 import re
 import stat
 import struct
-import tempfile
 import uuid
 import warnings
-import zipfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from .dicom_zip import DicomSource, folder_sources, unpacked, zip_sources
 from .errors import InputError
 from .slice_stack import StackGrid, plan_stack_grid
 
@@ -147,10 +146,6 @@ _WRITE_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha")
 _TEXT_HEADER_MAX = 64 * 1024  # bytes of NRRD/MetaImage text header we are willing to parse
 _MIN_AXIS_VOXELS = 4  # fewer voxels along an axis leave nothing to register
 _ORTHONORMAL_TOL = 1e-3  # NIfTI stores the rotation as float32 quaternions
-# Blank DICOM slices (a 512x512 int16 slice is 512 KiB) legitimately compress
-# about 1000:1, so the ratio guard looks only at members large enough to matter;
-# the total is capped by max_zip_bytes, counted on the bytes actually written.
-_RATIO_CHECK_MIN_BYTES = 1024**2
 _CHUNK = 1024**2
 
 _COMPONENT_BYTES: dict[int, int] = {
@@ -208,16 +203,16 @@ def inspect_image(
 ) -> ImageInfo:
     """Header facts of an image, after all the checks, without decoding pixels.
 
-    A DICOM zip is extracted to a temporary folder (its headers are inside the
-    members) and removed again. A file whose pixel data is truncated passes
-    here and is caught by `read_image`.
+    A DICOM zip's headers are read from its members (stopping at the pixel
+    data); nothing is unpacked (`dicom_zip`). A file whose pixel data is
+    truncated passes here and is caught by `read_image`.
     """
     path = Path(path)
     name = _name(path)
     fmt = _existing_format(path, name, series_uid)
     if fmt == "dicom":
-        with _dicom_folder(path, name, limits) as folder:
-            info, _series = _inspect_dicom(folder, name, limits, series_uid)
+        with _dicom_sources(path, name, limits) as sources:
+            info, _series = _inspect_dicom(sources, name, limits, series_uid)
         return info
     info, _reader = _inspect_file(path, name, fmt, limits)
     return info
@@ -239,9 +234,14 @@ def read_image(
     name = _name(path)
     fmt = _existing_format(path, name, series_uid)
     if fmt == "dicom":
-        with _dicom_folder(path, name, limits) as folder:
-            info, series = _inspect_dicom(folder, name, limits, series_uid)
-            image = _read_series(series, name)
+        with _dicom_sources(path, name, limits) as sources:
+            info, series = _inspect_dicom(sources, name, limits, series_uid)
+            if path.is_dir():
+                image = _read_series(series, name, {s.key: s.key for s in series.sources})
+            else:
+                # GDCM decodes files: the series' members only, beside the zip.
+                with unpacked(path, list(series.sources), name) as files:
+                    image = _read_series(series, name, files)
     else:
         info, reader = _inspect_file(path, name, fmt, limits)
         if fmt == "nifti":
@@ -840,111 +840,14 @@ def _check_nrrd_header(path: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def _dicom_folder(path: Path, name: str, limits: InputLimits) -> Iterator[Path]:
-    """The folder holding the DICOM files: `path` itself, or a zip extracted to a temp dir."""
+def _dicom_sources(path: Path, name: str, limits: InputLimits) -> Iterator[list[DicomSource]]:
+    """The candidate DICOM files: those of a folder, or the members of a zip (checked,
+    not unpacked; valid while the block runs)."""
     if path.is_dir():
-        _check_folder(path, name, limits)
-        yield path
+        yield folder_sources(path, name, limits.max_zip_members)
         return
-    with tempfile.TemporaryDirectory(prefix="disa-dicom-") as tmp:
-        _extract_zip(path, name, Path(tmp), limits)
-        yield Path(tmp)
-
-
-def _check_folder(folder: Path, name: str, limits: InputLimits) -> None:
-    try:
-        with os.scandir(folder) as entries:
-            count = sum(1 for e in entries if e.is_file())
-    except OSError as err:
-        raise InputError(f"{name}: folder cannot be read ({err.strerror})") from err
-    if count > limits.max_zip_members:
-        raise InputError(
-            f"{name}: folder holds {count} files, above the limit of {limits.max_zip_members}"
-        )
-
-
-def _extract_zip(path: Path, name: str, dest: Path, limits: InputLimits) -> None:
-    """Check a zip's directory, then extract its files under server-chosen names.
-
-    Member names are only checked, never used as paths. Declared sizes are
-    checked first (cheap) and the bytes actually written are counted as well,
-    because a hostile archive can understate them.
-    """
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise InputError(f"{name}: not a valid zip archive") from err
-    with archive:
-        members = archive.infolist()
-        if len(members) > limits.max_zip_members:
-            raise InputError(
-                f"{name}: zip holds {len(members)} members, above the limit of "
-                f"{limits.max_zip_members}"
-            )
-        for member in members:
-            _check_member(name, member, limits)
-        declared = sum(m.file_size for m in members)
-        if declared > limits.max_zip_bytes:
-            raise InputError(
-                f"{name}: zip expands to {_gib(declared)}, above the limit of "
-                f"{_gib(limits.max_zip_bytes)}"
-            )
-        total = 0
-        files = [m for m in members if not m.is_dir()]
-        try:
-            for index, member in enumerate(files):
-                target = dest / f"{index:05d}.dcm"
-                total += _extract_member(archive, member, target, name, total, limits)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
-            raise InputError(f"{name}: corrupt zip archive ({_short(str(err), 80)})") from err
-
-
-def _check_member(name: str, member: zipfile.ZipInfo, limits: InputLimits) -> None:
-    shown = _short(member.filename, 60)
-    parts = member.filename.replace("\\", "/").split("/")
-    if member.filename.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member.filename):
-        raise InputError(f"{name}: zip member '{shown}' has an unsafe absolute path")
-    if ".." in parts:
-        raise InputError(f"{name}: zip member '{shown}' has an unsafe path with '..'")
-    if stat.S_ISLNK(member.external_attr >> 16):
-        raise InputError(f"{name}: zip member '{shown}' is a symbolic link; not accepted")
-    if member.flag_bits & 0x1:
-        raise InputError(f"{name}: zip member '{shown}' is encrypted; not accepted")
-    if (
-        member.file_size > _RATIO_CHECK_MIN_BYTES
-        and member.file_size > limits.max_compression_ratio * max(member.compress_size, 1)
-    ):
-        ratio = member.file_size / max(member.compress_size, 1)
-        raise InputError(
-            f"{name}: zip member '{shown}' has compression ratio {ratio:.0f}:1, above the limit "
-            f"of {limits.max_compression_ratio:.0f}:1 (zip bomb)"
-        )
-
-
-def _extract_member(
-    archive: zipfile.ZipFile,
-    member: zipfile.ZipInfo,
-    target: Path,
-    name: str,
-    total: int,
-    limits: InputLimits,
-) -> int:
-    """Copy one member to `target`, counting real bytes; returns the bytes written."""
-    written = 0
-    with archive.open(member) as src, open(target, "wb") as dst:
-        while chunk := src.read(_CHUNK):
-            written += len(chunk)
-            if total + written > limits.max_zip_bytes:
-                raise InputError(
-                    f"{name}: zip expands to more than {_gib(limits.max_zip_bytes)}, the limit"
-                )
-            if written > member.file_size:
-                raise InputError(
-                    f"{name}: zip member '{_short(member.filename, 60)}' expands beyond its "
-                    "declared size; corrupt zip archive"
-                )
-            dst.write(chunk)
-    return written
+    with zip_sources(path, name, limits) as sources:
+        yield sources
 
 
 # Tolerances of the series consistency checks. Scanners write positions and
@@ -958,14 +861,14 @@ _DEFER_BYTES = 64 * 1024  # header values larger than this are never loaded (pri
 class _DicomSeries:
     """One DICOM series as a regular grid: files, slice order and geometry (LPS mm, ITK order).
 
-    Single-frame series: `files` are in slice order and `frame_order` is None.
+    Single-frame series: `sources` are in slice order and `frame_order` is None.
     Multi-frame (enhanced) series: one file, and `frame_order[k]` is the
     stored frame that is slice k. Slice order is ascending position along the
     normal, row x column direction cosines, so the direction is a proper rotation.
     """
 
     uid: str
-    files: tuple[str, ...]
+    sources: tuple[DicomSource, ...]
     frame_order: tuple[int, ...] | None
     headers: tuple[Dataset, ...]
     grid: StackGrid  # the image's grid; a plan to resample onto it when tilted or uneven
@@ -1000,15 +903,15 @@ def read_dicom_headers(
     fmt = _existing_format(path, name, series_uid)
     if fmt != "dicom":
         raise InputError(f"{name}: is {_FORMAT_NAMES[fmt]}, not a DICOM series")
-    with _dicom_folder(path, name, limits) as folder:
-        _info, series = _inspect_dicom(folder, name, limits, series_uid)
+    with _dicom_sources(path, name, limits) as sources:
+        _info, series = _inspect_dicom(sources, name, limits, series_uid)
     return list(series.headers)
 
 
 def _inspect_dicom(
-    folder: Path, name: str, limits: InputLimits, series_uid: str | None
+    sources: list[DicomSource], name: str, limits: InputLimits, series_uid: str | None
 ) -> tuple[ImageInfo, _DicomSeries]:
-    """Header facts of one DICOM series in `folder`, with the series in slice order.
+    """Header facts of one DICOM series among `sources`, with the series in slice order.
 
     Headers are read with pydicom (no pixel data). The geometry comes from the
     slice positions, never from SliceThickness or SpacingBetweenSlices:
@@ -1019,7 +922,7 @@ def _inspect_dicom(
     is no tilt, mixed orientations, sizes or spacings and duplicate positions
     are refused, because no grid describes them.
     """
-    found, skipped = _scan_dicom(folder, name)
+    found, skipped = _scan_dicom(sources, name)
     if not found:
         detail = ""
         if skipped:
@@ -1037,7 +940,7 @@ def _inspect_dicom(
             "them as slices"
         )
     series = _series_geometry(name, uid, found[uid])
-    first = _header_reader(series.files[0], "dicom", name)
+    pixel_id, components = _dicom_pixel_type(series.headers[0])
     info = ImageInfo(
         path=name,
         format="dicom",
@@ -1045,14 +948,54 @@ def _inspect_dicom(
         spacing=series.grid.spacing,
         origin=series.grid.origin,
         direction=series.grid.direction,
-        pixel_type=sitk.GetPixelIDValueAsString(first.GetPixelID()),
-        components=int(first.GetNumberOfComponents()),
+        pixel_type=sitk.GetPixelIDValueAsString(pixel_id),
+        components=components,
         modality=series.tags.get("0008|0060") or None,
         series_uid=uid,
         geometry_correction=series.grid.correction,
     )
-    _validate(info, first.GetPixelID(), limits)
+    _validate(info, pixel_id, limits)
     return info, series
+
+
+_STORED_TYPES = {(8, 0): sitk.sitkUInt8, (8, 1): sitk.sitkInt8, (16, 0): sitk.sitkUInt16,
+                 (16, 1): sitk.sitkInt16, (32, 0): sitk.sitkUInt32, (32, 1): sitk.sitkInt32}
+_INTEGER_RANGES = ((sitk.sitkUInt8, 0, 255), (sitk.sitkInt8, -128, 127),
+                   (sitk.sitkUInt16, 0, 65535), (sitk.sitkInt16, -32768, 32767),
+                   (sitk.sitkUInt32, 0, 2**32 - 1), (sitk.sitkInt32, -(2**31), 2**31 - 1))
+
+
+def _dicom_pixel_type(ds: Dataset) -> tuple[int, int]:
+    """SimpleITK pixel type and components of the decoded pixels, from the header alone.
+
+    As GDCM decides it: the stored type (BitsAllocated, PixelRepresentation), or,
+    with a rescale, the smallest integer type that holds the rescaled range when
+    slope and intercept are whole numbers, else 64-bit float. Unknown -> 64-bit float
+    (the largest, for the byte cap).
+    """
+    components = max(1, _int(ds, "SamplesPerPixel"))
+    stored = _STORED_TYPES.get((_int(ds, "BitsAllocated"), _int(ds, "PixelRepresentation")))
+    rescale = ds
+    if "RescaleSlope" not in ds:
+        item = _functional_item(ds, 0, "PixelValueTransformationSequence") \
+            if _frames_in(ds) > 1 else None
+        rescale = item if item is not None else ds
+    slope = _numbers(rescale, "RescaleSlope", 1)
+    intercept = _numbers(rescale, "RescaleIntercept", 1)
+    a = float(slope[0]) if slope is not None else 1.0
+    b = float(intercept[0]) if intercept is not None else 0.0
+    if stored is None:
+        return sitk.sitkFloat64, components
+    if a == 1.0 and b == 0.0:
+        return stored, components
+    if not (a.is_integer() and b.is_integer()):
+        return sitk.sitkFloat64, components
+    low, high = next((lo, hi) for pid, lo, hi in _INTEGER_RANGES if pid == stored)
+    ends = (a * low + b, a * high + b)
+    for pid, lo, hi in _INTEGER_RANGES:
+        if lo <= min(ends) and max(ends) <= hi:
+            return pid, components
+    return sitk.sitkFloat64, components
 
 
 @dataclass(frozen=True)
@@ -1065,9 +1008,9 @@ class _Skipped:
 
 
 def _scan_dicom(
-    folder: Path, name: str
-) -> tuple[dict[str, list[tuple[str, Dataset]]], list[_Skipped]]:
-    """Image headers of the files in `folder` (not its subfolders), grouped by series UID.
+    sources: list[DicomSource], name: str
+) -> tuple[dict[str, list[tuple[DicomSource, Dataset]]], list[_Skipped]]:
+    """Image headers of `sources` (a folder's files or a zip's members), grouped by series.
 
     Files with the 'DICM' preamble are DICOM; DICOM objects without pixels
     among them (DICOMDIR, registrations, reports) are passed over, and one
@@ -1079,34 +1022,32 @@ def _scan_dicom(
     (no pixel data, large values deferred). Files passed over without the
     preamble are returned as well, for the callers' messages.
     """
-    series: dict[str, list[tuple[str, Dataset]]] = {}
+    series: dict[str, list[tuple[DicomSource, Dataset]]] = {}
     skipped: list[_Skipped] = []
-    try:
-        paths = sorted(e.path for e in os.scandir(folder) if e.is_file())
-    except OSError as err:
-        raise InputError(f"{name}: folder cannot be read ({err.strerror})") from err
-    for file in paths:
+    for source in sources:
         try:
-            with warnings.catch_warnings():
+            with source.open() as fh, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # pydicom warns about every odd value
-                ds = pydicom.dcmread(file, stop_before_pixels=True, defer_size=_DEFER_BYTES)
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, defer_size=_DEFER_BYTES)
         except InvalidDicomError:
-            if _has_dicom_preamble(file):
+            if _has_dicom_preamble(source):
                 raise InputError(f"{name}: holds a DICOM file that cannot be parsed") from None
-            raw = _read_raw_dataset(file)
+            raw = _read_raw_dataset(source)
             uid = str(raw.get("SeriesInstanceUID", "") or "").strip() if raw is not None else ""
             if raw is None or "SOPClassUID" not in raw or "Rows" not in raw \
                     or "Columns" not in raw or not uid:
-                skipped.append(_Skipped(os.path.basename(file), uid))
+                skipped.append(_Skipped(source.label, uid))
                 continue
             ds = raw
+        except InputError:
+            raise
         except Exception as err:  # pydicom raises many kinds on hostile input
             raise InputError(
                 f"{name}: holds a DICOM file that cannot be parsed ({_short(str(err), 80)})"
             ) from err
         uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
         if uid and "Rows" in ds and "Columns" in ds:
-            series.setdefault(uid, []).append((file, ds))
+            series.setdefault(uid, []).append((source, ds))
     return series, skipped
 
 
@@ -1115,7 +1056,7 @@ def _scan_dicom(
 _RAW_DICOM_GROUPS = (b"\x02\x00", b"\x08\x00")
 
 
-def _read_raw_dataset(file: str) -> Dataset | None:
+def _read_raw_dataset(source: DicomSource) -> Dataset | None:
     """A preamble-less file read with force=True; None when it does not parse as one.
 
     Only files whose first tag is in group 0002 or 0008 are tried: force=True
@@ -1123,16 +1064,16 @@ def _read_raw_dataset(file: str) -> Dataset | None:
     series should stay what they are, skipped.
     """
     try:
-        with open(file, "rb") as fh:
+        with source.open() as fh:
             if fh.read(2) not in _RAW_DICOM_GROUPS:
                 return None
-    except OSError:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(
-                file, stop_before_pixels=True, defer_size=_DEFER_BYTES, force=True)
+            fh.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return pydicom.dcmread(
+                    fh, stop_before_pixels=True, defer_size=_DEFER_BYTES, force=True)
+    except InputError:
+        raise
     except Exception:  # anything pydicom raises on bytes that are no dataset after all
         return None
 
@@ -1143,11 +1084,13 @@ def _listed(files: list[str], shown: int = 3) -> str:
     return text + (f" and {len(files) - shown} more" if len(files) > shown else "")
 
 
-def _has_dicom_preamble(file: str) -> bool:
+def _has_dicom_preamble(source: DicomSource) -> bool:
     try:
-        with open(file, "rb") as fh:
+        with source.open() as fh:
             return fh.read(132)[128:] == b"DICM"
-    except OSError:
+    except InputError:
+        raise
+    except Exception:  # OSError, or a zip member that breaks on reading
         return False
 
 
@@ -1180,7 +1123,9 @@ def _choose_series(
     )
 
 
-def _series_geometry(name: str, uid: str, items: list[tuple[str, Dataset]]) -> _DicomSeries:
+def _series_geometry(
+    name: str, uid: str, items: list[tuple[DicomSource, Dataset]]
+) -> _DicomSeries:
     """Check one series for consistency and derive its grid (see `_inspect_dicom`)."""
     label = f"DICOM series {_short(uid, 70)}"
     headers = [ds for _f, ds in items]
@@ -1203,11 +1148,11 @@ def _series_geometry(name: str, uid: str, items: list[tuple[str, Dataset]]) -> _
     rows, cols = sizes[0]
     order, grid = _stack_geometry(name, label, frames, (cols, rows))
     if multi:
-        files: tuple[str, ...] = (items[0][0],)
+        sources: tuple[DicomSource, ...] = (items[0][0],)
         frame_order: tuple[int, ...] | None = tuple(order)
         kept: tuple[Dataset, ...] = (headers[0],)
     else:
-        files = tuple(items[i][0] for i in order)
+        sources = tuple(items[i][0] for i in order)
         frame_order = None
         kept = tuple(headers[i] for i in order)
     first = kept[0]
@@ -1218,7 +1163,7 @@ def _series_geometry(name: str, uid: str, items: list[tuple[str, Dataset]]) -> _
             tags[key] = value
     return _DicomSeries(
         uid=uid,
-        files=files,
+        sources=sources,
         frame_order=frame_order,
         headers=kept,
         grid=grid,
@@ -1389,19 +1334,20 @@ def _pair(values: np.ndarray) -> str:
     return " x ".join(f"{v:g}" for v in values)
 
 
-def _read_series(series: _DicomSeries, name: str) -> sitk.Image:
+def _read_series(series: _DicomSeries, name: str, files: dict[str, str]) -> sitk.Image:
     """Decode the pixels (GDCM: all transfer syntaxes, rescale applied) onto the checked grid.
 
     The geometry GDCM derives itself is replaced by ours: it takes the slice
     spacing of a multi-frame file from SliceThickness and keeps frames in
-    stored order.
+    stored order. `files` maps each source's key to the file GDCM reads.
     """
+    paths = [files[source.key] for source in series.sources]
     if series.frame_order is None:
         reader: sitk.ImageSeriesReader | sitk.ImageFileReader = sitk.ImageSeriesReader()
-        reader.SetFileNames(list(series.files))
+        reader.SetFileNames(paths)
     else:
         reader = sitk.ImageFileReader()
-        reader.SetFileName(series.files[0])
+        reader.SetFileName(paths[0])
     reader.SetImageIO("GDCMImageIO")
     # Float output per file: each slice then keeps its own rescale slope and intercept.
     reader.SetOutputPixelType(sitk.sitkFloat32)
