@@ -54,7 +54,6 @@ async def require_api_key(settings: SettingsDep,
 
 
 CallerDep = Annotated[Caller, Depends(require_api_key)]
-ApiKeyDep = CallerDep
 
 
 def read_visible(store: JobStore, job_id: str, caller: Caller) -> Manifest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -353,3 +354,17 @@ def test_a_bad_initial_transform_fails_the_job_as_input(store, settings, make_jo
     assert m.error_kind == "input"
     assert m.error.startswith("initial transform (initial_transform.tfm): BSplineTransform "
                               "is not a linear transform"), m.error
+
+
+def test_the_worker_log_names_the_jobs_owner(store, settings, make_job, monkeypatch, caplog):
+    _fake_engine(monkeypatch, _result)
+    job_id = make_job()
+    with store.lock(job_id) as lock:
+        assert lock.acquire()
+        m = store.read(job_id)
+        m.owner = "radiology"
+        store.write(m)
+    with caplog.at_level(logging.INFO):
+        assert execute_job(store, job_id, settings) == "succeeded"
+    assert f"job {job_id}: attempt 1 started for radiology" in caplog.text
+    assert f"job {job_id}: succeeded (owner radiology)" in caplog.text
