@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser
 
 from disa.pacs.retry import PacsError, RetryPolicy, SeriesNotFound, call_with_retries
 from disa.registration.io import DEFAULT_LIMITS
@@ -284,88 +286,142 @@ def split_multipart(
 ) -> list[Path]:
     """Write each application/dicom part of a multipart/related stream to its own file.
 
-    Streaming: only a boundary's length of data is held back between chunks.
+    Parsed by python-multipart's push parser (the one the service's uploads use),
+    byte-exact at any chunk size; only a bounded preamble before the first
+    boundary is skipped here (RFC 2046 allows one; the parser does not).
     Files are folder/000001.dcm, ... in the order received. Raises PacsError
-    for a stream that is cut short, a part of another type, or caps exceeded.
-    Each file is appended to `written` (when given) as it is opened, so a
-    caller knows what a failed call left behind.
+    for a stream that is cut short or malformed, a part of another type, or caps
+    exceeded (instances, bytes, part headers); the files of a failed call are
+    removed again. Each file is appended to `written` (when given) as it is
+    opened, so a caller also knows what a call left behind if it is killed.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    delimiter = b"\r\n--" + boundary
-    buffer = b"\r\n"  # lets the first boundary, which has no CRLF before it, match
-    state = "preamble"
-    written = [] if written is None else written
-    total = 0
-    out: BinaryIO | None = None
+    sink = _DicomParts(folder, max_parts, max_bytes,
+                       [] if written is None else written)
+    parser = MultipartParser(boundary, sink.callbacks())
+    preamble = _Preamble(boundary)
     try:
-        for chunk in chunks:
-            buffer += chunk
-            while True:
-                if state == "preamble":
-                    at = buffer.find(delimiter)
-                    if at < 0:
-                        buffer = buffer[-len(delimiter):]
-                        break
-                    buffer, state = buffer[at + len(delimiter):], "delimiter"
-                if state == "delimiter":
-                    if len(buffer) < 2:
-                        break
-                    if buffer.startswith(b"--"):
-                        state = "end"
-                        break
-                    line_end = buffer.find(b"\r\n")
-                    if line_end < 0:
-                        if len(buffer) > 1024:
-                            raise PacsError("WADO-RS answer is not valid multipart data")
-                        break
-                    buffer, state = buffer[line_end + 2:], "headers"
-                if state == "headers":
-                    if buffer.startswith(b"\r\n"):
-                        headers, buffer = b"", buffer[2:]
-                    else:
-                        end = buffer.find(b"\r\n\r\n")
-                        if end < 0:
-                            if len(buffer) > _MAX_PART_HEADERS:
-                                raise PacsError("WADO-RS part headers are too long")
-                            break
-                        headers, buffer = buffer[:end], buffer[end + 4:]
-                    _check_part_type(headers)
-                    if len(written) >= max_parts:
-                        raise PacsError(f"the series has more than {max_parts} instances, "
-                                        "the limit")
-                    path = folder / f"{len(written) + 1:06d}.dcm"
-                    out = open(path, "wb")  # noqa: SIM115 - closed when the part ends
-                    written.append(path)
-                    state = "body"
-                if state == "body":
-                    assert out is not None
-                    at = buffer.find(delimiter)
-                    data = buffer[:at] if at >= 0 else buffer[: max(0, len(buffer)
-                                                                   - len(delimiter))]
-                    total += len(data)
-                    if total > max_bytes:
-                        raise PacsError(f"the series is larger than {max_bytes} bytes, the limit")
-                    out.write(data)
-                    if at < 0:
-                        buffer = buffer[len(data):]
-                        break
-                    out.close()
-                    out = None
-                    buffer, state = buffer[at + len(delimiter):], "delimiter"
-            if state == "end":
-                break
-    finally:
-        if out is not None:
-            out.close()
-    if state != "end":
-        raise PacsError("WADO-RS answer ended early (truncated multipart data)")
-    return written
+        try:
+            for chunk in chunks:
+                data = preamble.feed(chunk)
+                if data:
+                    parser.write(data)
+                if sink.finished:
+                    break
+            if not preamble.done:
+                raise PacsError("WADO-RS answer holds no multipart part (no boundary found)")
+            parser.finalize()
+        except MultipartParseError as exc:
+            raise PacsError("WADO-RS answer is not valid multipart data") from exc
+        finally:
+            sink.close()
+        if not sink.finished:
+            raise PacsError("WADO-RS answer ended early (truncated multipart data)")
+    except BaseException:
+        remove_files(sink.written)
+        raise
+    return sink.written
 
 
-def _check_part_type(headers: bytes) -> None:
-    for line in headers.decode("latin-1").split("\r\n"):
-        name, _sep, value = line.partition(":")
-        if name.strip().lower() == "content-type":
-            kind = value.split(";")[0].strip().lower()
-            if kind != "application/dicom":
-                raise PacsError(f"WADO-RS part is {kind[:40]}, not application/dicom")
+class _Preamble:
+    """Drops what precedes the first boundary line (at most `_MAX_PART_HEADERS` bytes)."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self._first = b"--" + boundary
+        self._held = b""
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done:
+            return chunk
+        self._held += chunk
+        if self._held.startswith(self._first):
+            at = 0
+        else:
+            at = self._held.find(b"\r\n" + self._first)
+            at = at + 2 if at >= 0 else -1
+        if at < 0:
+            if len(self._held) > _MAX_PART_HEADERS:
+                raise PacsError("WADO-RS answer is not valid multipart data (no boundary)")
+            return b""  # wait for more
+        self.done = True
+        data, self._held = self._held[at:], b""
+        return data
+
+
+class _DicomParts:
+    """Callbacks of the push parser: one counter-named file per part, caps enforced."""
+
+    def __init__(self, folder: Path, max_parts: int, max_bytes: int,
+                 written: list[Path]) -> None:
+        self.folder = folder
+        self.max_parts = max_parts
+        self.max_bytes = max_bytes
+        self.written = written
+        self.total = 0
+        self.finished = False
+        self._field = bytearray()
+        self._value = bytearray()
+        self._header_bytes = 0
+        self._headers: dict[str, str] = {}
+        self._out: BinaryIO | None = None
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda d, s, e: self._header(self._field, d[s:e]),
+            "on_header_value": lambda d, s, e: self._header(self._value, d[s:e]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._open,
+            "on_part_data": self._data,
+            "on_part_end": self.close,
+            "on_end": self._end,
+        }
+
+    def _begin(self) -> None:
+        self._headers = {}
+        self._header_bytes = 0
+
+    def _header(self, buffer: bytearray, data: bytes) -> None:
+        self._header_bytes += len(data)
+        if self._header_bytes > _MAX_PART_HEADERS:
+            raise PacsError("WADO-RS part headers are too long")
+        buffer.extend(data)
+
+    def _header_end(self) -> None:
+        name = self._field.decode("latin-1").strip().lower()
+        self._headers[name] = self._value.decode("latin-1").strip()
+        self._field.clear()
+        self._value.clear()
+
+    def _open(self) -> None:
+        _check_part_type(self._headers.get("content-type"))
+        if len(self.written) >= self.max_parts:
+            raise PacsError(f"the series has more than {self.max_parts} instances, the limit")
+        path = self.folder / f"{len(self.written) + 1:06d}.dcm"
+        self._out = open(path, "wb")  # noqa: SIM115 - closed when the part ends
+        self.written.append(path)
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        self.total += end - start
+        if self.total > self.max_bytes:
+            raise PacsError(f"the series is larger than {self.max_bytes} bytes, the limit")
+        assert self._out is not None
+        self._out.write(data[start:end])
+
+    def _end(self) -> None:
+        self.finished = True
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def _check_part_type(content_type: str | None) -> None:
+    """A part without a Content-Type takes the multipart/related type (application/dicom)."""
+    if content_type is None:
+        return
+    kind = content_type.split(";")[0].strip().lower()
+    if kind != "application/dicom":
+        raise PacsError(f"WADO-RS part is {kind[:40]}, not application/dicom")
