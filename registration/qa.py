@@ -522,12 +522,25 @@ def _check_on_grid(name: str, image: sitk.Image, fixed: sitk.Image, components: 
         )
 
 
-def _window(image: sitk.Image, max_voxels: int = 1_000_000) -> tuple[float, float]:
-    """Robust display window: 1st and 99th intensity percentiles of the whole volume."""
-    arr = sitk.GetArrayViewFromImage(image)
-    # A strided subsample gives the same percentiles to display precision.
-    step = max(1, int(np.ceil((arr.size / max_voxels) ** (1 / 3))))
-    return _percentile_window(np.asarray(arr[::step, ::step, ::step]))
+def display_window(
+    volume: np.ndarray,
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    max_voxels: int = 1_000_000,
+) -> tuple[float, float]:
+    """Robust display window (low, high) in image units: intensity percentiles of a volume.
+
+    `volume` is a 3D array (numpy z, y, x, e.g. ``sitk.GetArrayViewFromImage``); a
+    strided subsample of at most about `max_voxels` gives the same percentiles to
+    display precision. Non-finite values are left out; a flat volume gets a one-grey
+    window (low, low + 1). Shared by qa.png (1st/99th) and the service's viewer.
+    """
+    step = max(1, int(np.ceil((volume.size / max_voxels) ** (1 / 3))))
+    return _percentile_window(np.asarray(volume[::step, ::step, ::step]), percentiles)
+
+
+def _window(image: sitk.Image) -> tuple[float, float]:
+    """qa.png's window of a whole image: 1st and 99th percentiles."""
+    return display_window(sitk.GetArrayViewFromImage(image))
 
 
 def _data_window(
@@ -545,13 +558,15 @@ def _data_window(
     return _percentile_window(sample[inside] if inside.any() else sample)
 
 
-def _percentile_window(values: np.ndarray) -> tuple[float, float]:
-    """1st and 99th percentiles of the finite values; a one-grey window for flat ones."""
+def _percentile_window(
+    values: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)
+) -> tuple[float, float]:
+    """The given percentiles of the finite values; a one-grey window for flat ones."""
     sample = np.asarray(values, dtype=np.float64).ravel()
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(sample, [1.0, 99.0])
+    lo, hi = np.percentile(sample, list(percentiles))
     if hi <= lo:  # flat image: any window shows it as one grey
         hi = lo + 1.0
     return float(lo), float(hi)

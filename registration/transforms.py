@@ -13,11 +13,13 @@ kernel serves rigid and affine alike.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
 
 Mode = Literal["rigid", "affine"]
 
@@ -63,11 +65,16 @@ def rotation_matrix(angles_rad: np.ndarray) -> np.ndarray:
 
 
 def euler_from_matrix(r: np.ndarray) -> np.ndarray:
-    """Angles (x, y, z) in radians with R = Rz Ry Rx (inverse of rotation_matrix)."""
-    beta = np.arcsin(np.clip(-r[2, 0], -1.0, 1.0))
-    alpha = np.arctan2(r[2, 1], r[2, 2])
-    gamma = np.arctan2(r[1, 0], r[0, 0])
-    return np.array([alpha, beta, gamma])
+    """Angles (x, y, z) in radians with R = Rz Ry Rx (inverse of rotation_matrix).
+
+    scipy's Rotation does the conversion: R = Rz Ry Rx is its extrinsic "xyz"
+    sequence (ITK Euler3D with ComputeZYX). Angles y stay within +-90 degrees; at
+    the gimbal lock (y = +-90) scipy sets the z angle to 0 and warns, and the
+    angles still reproduce R.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # gimbal lock: still a valid answer
+        return Rotation.from_matrix(np.asarray(r, dtype=np.float64)).as_euler("xyz")
 
 
 @dataclass(frozen=True)

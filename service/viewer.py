@@ -41,6 +41,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from disa.registration.grid import Grid
+from disa.registration.qa import display_window
 from disa.service.store import INPUTS_DIR, RESULT_JSON, JobStore, Manifest
 
 VOLUMES = ("fixed", "registered", "before")
@@ -160,17 +161,6 @@ def plane_geometry(grid: Grid, name: str) -> PlaneGeometry:
                  "top": _letter(row_dir, -1), "bottom": _letter(row_dir, 1)})
 
 
-def auto_window(array: np.ndarray, max_voxels: int = 1_000_000) -> tuple[float, float]:
-    """Display window (low, high) in image units: robust percentiles of the volume."""
-    step = max(1, int(np.ceil((array.size / max_voxels) ** (1 / 3))))
-    sample = np.asarray(array[::step, ::step, ::step], dtype=np.float64).ravel()
-    sample = sample[np.isfinite(sample)]
-    if sample.size == 0:
-        return 0.0, 1.0
-    lo, hi = (float(v) for v in np.percentile(sample, WINDOW_PERCENTILES))
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
 def to_uint8(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """Intensities -> 0..255 through the window (low -> 0, high -> 255); NaN -> 0."""
     lo, hi = window
@@ -278,8 +268,9 @@ def load_job_volumes(store: JobStore, manifest: Manifest, max_voxels: int) -> Jo
               "registered": sitk.GetArrayFromImage(registered),
               "before": sitk.GetArrayFromImage(before)}
     grid = Grid.from_image(fixed)
-    windows = {"fixed": auto_window(arrays["fixed"]),
-               "moving": auto_window(sitk.GetArrayViewFromImage(moving))}
+    windows = {"fixed": display_window(arrays["fixed"], WINDOW_PERCENTILES),
+               "moving": display_window(sitk.GetArrayViewFromImage(moving),
+                                        WINDOW_PERCENTILES)}
     displacement = None
     if DISPLACEMENT_FILE in manifest.files:
         field_image = sitk.ReadImage(str(store.outputs_dir(manifest.id) / DISPLACEMENT_FILE),

@@ -421,3 +421,20 @@ def test_no_overlap_falls_back_to_the_fixed_centre() -> None:
                                      panel_size=PANEL).size
     grids = {g.name: g for g in plane_grids(fixed, panel_size=PANEL)}
     assert grids["axial"].position == pytest.approx(0.0, abs=1e-6)
+
+
+def test_one_display_window_for_qa_and_the_viewer() -> None:
+    """qa.png and the service's viewer share one window helper (percentiles of a strided
+    subsample, non-finite values left out, a one-grey window for flat volumes)."""
+    import disa.service.viewer as viewer
+    from disa.registration.qa import display_window
+
+    assert not hasattr(viewer, "auto_window")
+    volume = np.arange(1000, dtype=np.float32).reshape(10, 10, 10)
+    volume[0, 0, 0] = np.nan
+    low, high = display_window(volume)
+    assert (low, high) == pytest.approx(np.percentile(volume[np.isfinite(volume)], [1, 99]))
+    assert display_window(volume, (0.5, 99.5))[0] < low
+    assert display_window(np.full((4, 4, 4), 7.0)) == (7.0, 8.0)
+    big = np.random.default_rng(0).normal(size=(200, 200, 200)).astype(np.float32)
+    assert display_window(big, max_voxels=10_000) == pytest.approx(display_window(big), abs=0.1)

@@ -59,6 +59,20 @@ def test_euler_angles_round_trip() -> None:
     np.testing.assert_allclose(euler_from_matrix(rotation_matrix(angles)), angles, atol=1e-12)
 
 
+def test_euler_angles_are_those_of_the_nearest_rotation() -> None:
+    """A matrix with rounding noise (a REG read back from 16-character decimals, a
+    header's cosines) gives the angles of its nearest rotation (scipy's Rotation), and at
+    the gimbal lock the angles still reproduce the rotation."""
+    from disa.registration.transforms import nearest_rotation
+
+    rng = np.random.default_rng(4)
+    noisy = rotation_matrix(np.array([0.7, -0.2, 2.5])) + rng.normal(0, 1e-4, (3, 3))
+    np.testing.assert_allclose(rotation_matrix(euler_from_matrix(noisy)),
+                               nearest_rotation(noisy), atol=1e-9)
+    locked = rotation_matrix(np.array([0.3, np.pi / 2, 0.2]))
+    np.testing.assert_allclose(rotation_matrix(euler_from_matrix(locked)), locked, atol=1e-9)
+
+
 def test_affine_from_rigid_is_the_same_mapping() -> None:
     rigid = TransformModel("rigid", CENTER)
     affine = TransformModel("affine", CENTER)
