@@ -44,7 +44,11 @@ class DisaClient:
     """Talks to one DISA service. Use as a context manager or call close()."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None,
+                 busy_wait_s: float = 600.0) -> None:
+        """`busy_wait_s`: how long submit() keeps trying while the service answers 429
+        (this key has as many uploads in progress as the service allows)."""
+        self.busy_wait_s = busy_wait_s
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=10.0),
@@ -81,22 +85,38 @@ class DisaClient:
             # The transform first: a wrong type is refused before a DICOM folder is zipped.
             transform = (_transform_upload(Path(initial_transform))
                          if initial_transform is not None else None)
-            files = {}
+            parts: dict[str, tuple[str, Path, str]] = {}
             for role, path in roles.items():
                 if path is None:
                     continue
                 upload = stack.enter_context(_as_upload(Path(path)))
-                handle = stack.enter_context(open(upload, "rb"))
-                files[role] = (f"{role}{_extension(upload)}", handle, "application/octet-stream")
+                parts[role] = (f"{role}{_extension(upload)}", upload, "application/octet-stream")
             if transform is not None:
-                handle = stack.enter_context(open(transform[0], "rb"))
-                files["initial_transform"] = (f"initial_transform{transform[1]}", handle,
+                parts["initial_transform"] = (f"initial_transform{transform[1]}", transform[0],
                                               "text/plain")
             data = {"options": json.dumps(dict(options or {}))}
             for role, uid in (("fixed", fixed_series_uid), ("moving", moving_series_uid)):
                 if uid:
                     data[f"{role}_series_uid"] = uid
-            return self._json(self._http.post("/v1/jobs", files=files, data=data))
+            return self._json(self._post_job(parts, data))
+
+    def _post_job(self, parts: Mapping[str, tuple[str, Path, str]],
+                  data: Mapping[str, str]) -> httpx.Response:
+        """POST /v1/jobs; while the service answers 429 (this key's uploads in progress are
+        at its limit), wait as its Retry-After says and send again, for up to
+        `busy_wait_s` seconds in all."""
+        deadline = time.monotonic() + self.busy_wait_s
+        while True:
+            with contextlib.ExitStack() as stack:
+                files = {role: (name, stack.enter_context(open(path, "rb")), ctype)
+                         for role, (name, path, ctype) in parts.items()}
+                response = self._http.post("/v1/jobs", files=files, data=data)
+            if response.status_code != 429:
+                return response
+            pause = _retry_after_s(response)
+            if time.monotonic() + pause > deadline:
+                return response
+            time.sleep(pause)
 
     def job(self, job_id: str) -> dict[str, Any]:
         """State, progress, timings, result summary or error of a job."""
@@ -182,6 +202,16 @@ class DisaClient:
                 detail = response.text[:200] or response.reason_phrase
             raise ServiceError(response.status_code, detail)
         return response.json()
+
+
+def _retry_after_s(response: httpx.Response, default: float = 2.0,
+                   longest: float = 60.0) -> float:
+    """Seconds to wait as a 429's Retry-After says (a number of seconds), within reason."""
+    try:
+        seconds = float(response.headers.get("retry-after", default))
+    except ValueError:
+        seconds = default
+    return min(max(seconds, 0.1), longest) if seconds == seconds else default
 
 
 def _extension(path: Path) -> str:

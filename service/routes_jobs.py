@@ -113,7 +113,7 @@ async def submit_job(request: Request, response: Response, runtime: RuntimeDep,
         log.warning("upload refused for %s: %d in progress", owner_label(caller.owner),
                     exc.limit)
         raise HTTPException(status_code=429, detail=str(exc),
-                            headers={"Retry-After": "10"}) from None
+                            headers={"Retry-After": "2"}) from None
     runtime.metrics.submitted.labels(owner=owner_label(manifest.owner)).inc()
     await run_in_threadpool(runtime.dispatch, job_id)
     response.headers["Location"] = str(request.url_for("get_job", job_id=job_id).path)

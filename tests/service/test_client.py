@@ -96,3 +96,27 @@ def test_cancel_posts_to_the_cancel_route_and_delete_deletes():
             c.delete(job_id)
     assert info.value.status_code == 409
     assert seen == [("POST", f"/v1/jobs/{job_id}/cancel"), ("DELETE", f"/v1/jobs/{job_id}")]
+
+
+def test_submit_waits_while_the_key_has_too_many_uploads_in_progress(tmp_path: Path):
+    fixed, moving = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    fixed.write_bytes(b"fixed-bytes")
+    moving.write_bytes(b"moving-bytes")
+    bodies: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.read())
+        if len(bodies) < 3:
+            return httpx.Response(429, json={"detail": "this API key has 4 uploads in "
+                                                       "progress already"},
+                                  headers={"Retry-After": "0.1"})
+        return httpx.Response(202, json={"id": "0" * 32, "state": "queued"})
+
+    with DisaClient("http://disa", transport=httpx.MockTransport(handler)) as c:
+        assert c.submit(fixed, moving)["state"] == "queued"
+    assert len(bodies) == 3 and all(b"moving-bytes" in body for body in bodies)
+    bodies.clear()
+    with DisaClient("http://disa", transport=httpx.MockTransport(handler),
+                    busy_wait_s=0) as c, pytest.raises(ServiceError) as info:
+        c.submit(fixed, moving)
+    assert info.value.status_code == 429 and len(bodies) == 1
