@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disa import __version__
 from disa.service import routes_health, routes_jobs, routes_metrics, routes_viewer, web
-from disa.service.headers import SecurityHeaders, http_error
+from disa.service.headers import DEFAULT_HEADERS, SecurityHeaders, http_error
 from disa.service.runtime import Runtime
 from disa.service.settings import get_settings
 from disa.service.validation import describe_all
@@ -56,7 +56,9 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     """Any unhandled exception as the shared error model rather than Starlette's text/plain
     500: its type only (no paths or data reach the client). Starlette raises the exception
     again after this answer, so the server still logs the traceback."""
-    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+    # Starlette answers this one outside every middleware, SecurityHeaders included.
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500,
+                        headers=DEFAULT_HEADERS)
 
 
 def _operation_id(route: APIRoute) -> str:

@@ -327,6 +327,7 @@ def test_unhandled_errors_answer_the_shared_json_error_model(make_client, pair_f
     assert r.status_code == 500
     assert r.headers["content-type"] == "application/json"
     assert r.json() == {"detail": "internal error: ValidationError"}
+    assert r.headers["content-security-policy"].startswith("default-src 'none'")
 
 
 def test_uploaded_inputs_are_on_disk_before_the_202(client, pair_files, monkeypatch):
