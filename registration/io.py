@@ -40,7 +40,7 @@ from pydicom.multival import MultiValue
 
 from .dicom_zip import DicomSource, folder_sources, unpacked, zip_sources
 from .errors import InputError
-from .slice_stack import StackGrid, plan_stack_grid
+from .slice_stack import StackGrid, describe_correction, plan_stack_grid
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -341,6 +341,10 @@ def format_info(info: ImageInfo) -> str:
     ]
     if info.series_uid is not None:
         rows.append(("series UID", info.series_uid))
+    if info.geometry_correction:
+        stored = _dims(tuple(info.geometry_correction.get("stored_size", ())))
+        rows.append(("correction", f"{describe_correction(info.geometry_correction)} onto "
+                                   f"this grid (stored as {stored} voxels)"))
     width = max(len(k) for k, _ in rows) + 1
     return "\n".join(f"{k + ':' if k else '':<{width}} {v}" for k, v in rows)
 

@@ -243,6 +243,31 @@ def test_regular_series_matches_the_highdicom_oracle(tmp_path: Path) -> None:
     assert [indices[k] for k in ours] == list(range(15, -1, -1))
 
 
+def test_a_missing_slice_is_refused_where_highdicom_sees_a_gap(tmp_path: Path) -> None:
+    """highdicom finds the stack regular only when missing positions are allowed: a gap,
+    which resampling cannot fill, so it is refused naming it."""
+    datasets, _ = dx.series_datasets(phantom())
+    kept = datasets[:7] + datasets[8:]
+    assert get_series_volume_positions(kept) == (None, None)
+    spacing, _ = get_series_volume_positions(kept, allow_missing_positions=True)
+    assert spacing == pytest.approx(2.5, abs=1e-4)
+    (tmp_path / "ct").mkdir()
+    for k, ds in enumerate(kept):
+        ds.save_as(tmp_path / "ct" / f"{k:03d}.dcm", enforce_file_format=True)
+    with pytest.raises(InputError, match=r"5 mm between slices 7 and 8, 2.5 mm elsewhere "
+                                         r"\(missing slices\?\); a step over 1.5 x"):
+        inspect_image(tmp_path / "ct")
+
+
+def test_disa_info_names_the_correction(tmp_path: Path) -> None:
+    from disa.registration.io import format_info
+
+    volume, centre = _truth_volume()
+    tilted_series(volume, tmp_path / "ct", 15.0, 2.0, (20, 20, 16), centre)
+    text = format_info(inspect_image(tmp_path / "ct"))
+    assert "gantry tilt 15.0 deg resampled onto this grid (stored as 20x20x16 voxels)" in text
+
+
 def _drifting(tmp: Path, lateral: np.ndarray) -> Path:
     datasets, _ = dx.series_datasets(phantom())
     d = np.asarray(oblique_direction()).reshape(3, 3)
