@@ -13,10 +13,11 @@ Every byte decompressed is counted three ways:
   (the decompressor never yields more than a member declares);
 - per request: `unpack_budget(nbytes)` around several reads (a job's inputs)
   counts what they decompress together;
-- across concurrent requests: a process-wide pool (`unpack_pool()`) in which
-  each member being read, and each unpacked series until its folder is gone,
-  holds its declared size. A read waits up to `UnpackPool.wait_s` for room,
-  then fails with `UnpackBusy` (the server is busy, not the input bad).
+- across concurrent requests: a process-wide pool (`unpack_pool()`, sized by
+  `configure_unpack_pool`) in which each member being read, and each unpacked
+  series until its folder is gone, holds its declared size. A read waits up to
+  `UnpackPool.wait_s` for room, then fails with `UnpackBusy` (the server is
+  busy, not the input bad).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ __all__ = [
     "DicomSource",
     "UnpackBusy",
     "UnpackPool",
-    "start_request_budget",
+    "configure_unpack_pool",
     "unpack_budget",
     "unpack_pool",
 ]
@@ -80,6 +81,9 @@ class UnpackPool:
     @contextlib.contextmanager
     def hold(self, nbytes: int, name: str) -> Iterator[None]:
         """Hold `nbytes` of the pool while the block runs (waits for room, then UnpackBusy)."""
+        if nbytes <= 0:
+            yield
+            return
         if nbytes > self.capacity:
             raise InputError(
                 f"{name}: unpacking needs {_gib(nbytes)}, more than this server unpacks at "
@@ -109,8 +113,20 @@ _POOL = UnpackPool(DEFAULT_POOL_BYTES)
 
 
 def unpack_pool() -> UnpackPool:
-    """The process-wide pool (its `capacity` may be set by the service at start-up)."""
+    """The process-wide pool (sized at start-up by `configure_unpack_pool`)."""
     return _POOL
+
+
+def configure_unpack_pool(capacity: int, wait_s: float | None = None) -> None:
+    """Size the process-wide pool (bytes) and, if given, how long a read waits for room;
+    for a process's start-up (the service's DISA_UNPACK_POOL_BYTES), not while reads run."""
+    if capacity < 1:
+        raise ValueError("the unpack pool needs a positive capacity")
+    with _POOL._cond:
+        _POOL.capacity = capacity
+        if wait_s is not None:
+            _POOL.wait_s = wait_s
+        _POOL._cond.notify_all()
 
 
 @dataclass
@@ -132,13 +148,6 @@ def unpack_budget(nbytes: int) -> Iterator[None]:
         yield
     finally:
         _REQUEST.reset(token)
-
-
-def start_request_budget(nbytes: int) -> None:
-    """Count every zip read from here to the end of the current context (an HTTP
-    request's task, and the threads it hands work to, which copy the context) against
-    `nbytes`; for callers that cannot wrap the reads in `unpack_budget`."""
-    _REQUEST.set(_Budget(nbytes))
 
 
 def _count(name: str, nbytes: int) -> None:
@@ -169,15 +178,17 @@ class DicomSource:
     zip_name: str = ""
 
     @contextlib.contextmanager
-    def open(self) -> Iterator[IO[bytes]]:
+    def open(self, pooled: bool = True) -> Iterator[IO[bytes]]:
         """The bytes (seekable); a member holds its declared size in the pool while open
-        and counts what was decompressed against the request's budget."""
+        (unless `pooled` is False: its caller holds it already) and counts what was
+        decompressed against the request's budget."""
         if self.path is not None:
             with open(self.path, "rb") as fh:
                 yield fh
             return
         assert self.archive is not None and self.member is not None
-        with unpack_pool().hold(self.member.file_size, self.zip_name):
+        held = self.member.file_size if pooled else 0
+        with unpack_pool().hold(held, self.zip_name):
             try:
                 fh = self.archive.open(self.member)
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
@@ -245,7 +256,9 @@ def unpacked(zip_path: Path, sources: list[DicomSource], name: str
         paths: dict[str, str] = {}
         for source in sources:
             target = folder / source.key
-            with source.open() as src, open(target, "xb") as dst:
+            # The series' declared size is held above: holding each member again
+            # would count it twice (and a series near the pool's size would wait on itself).
+            with source.open(pooled=False) as src, open(target, "xb") as dst:
                 _copy_member(src, dst, source, name)
             paths[source.key] = str(target)
         yield paths

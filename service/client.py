@@ -47,7 +47,8 @@ class DisaClient:
                  transport: httpx.BaseTransport | None = None,
                  busy_wait_s: float = 600.0) -> None:
         """`busy_wait_s`: how long submit() keeps trying while the service answers 429
-        (this key has as many uploads in progress as the service allows)."""
+        (this key has as many uploads in progress as the service allows) or 503 with a
+        Retry-After (busy unpacking DICOM zips)."""
         self.busy_wait_s = busy_wait_s
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers,
@@ -103,15 +104,17 @@ class DisaClient:
     def _post_job(self, parts: Mapping[str, tuple[str, Path, str]],
                   data: Mapping[str, str]) -> httpx.Response:
         """POST /v1/jobs; while the service answers 429 (this key's uploads in progress are
-        at its limit), wait as its Retry-After says and send again, for up to
-        `busy_wait_s` seconds in all."""
+        at its limit) or 503 with a Retry-After (busy unpacking other DICOM zips), wait as
+        its Retry-After says and send again, for up to `busy_wait_s` seconds in all."""
         deadline = time.monotonic() + self.busy_wait_s
         while True:
             with contextlib.ExitStack() as stack:
                 files = {role: (name, stack.enter_context(open(path, "rb")), ctype)
                          for role, (name, path, ctype) in parts.items()}
                 response = self._http.post("/v1/jobs", files=files, data=data)
-            if response.status_code != 429:
+            busy = response.status_code == 429 or (
+                response.status_code == 503 and "retry-after" in response.headers)
+            if not busy:
                 return response
             pause = _retry_after_s(response)
             if time.monotonic() + pause > deadline:
@@ -206,7 +209,8 @@ class DisaClient:
 
 def _retry_after_s(response: httpx.Response, default: float = 2.0,
                    longest: float = 60.0) -> float:
-    """Seconds to wait as a 429's Retry-After says (a number of seconds), within reason."""
+    """Seconds to wait as a 429's or 503's Retry-After says (a number of seconds), within
+    reason."""
     try:
         seconds = float(response.headers.get("retry-after", default))
     except ValueError:

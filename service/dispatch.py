@@ -59,7 +59,7 @@ class EmbeddedDispatcher:
         self._pool.submit(self._run, job_id)
 
     def _run(self, job_id: str) -> None:
-        from disa.worker.execute import Interrupted, TransientStorageError, execute_job
+        from disa.worker.execute import Interrupted, TransientError, execute_job
 
         with self._guard:
             self._pending.discard(job_id)
@@ -71,10 +71,10 @@ class EmbeddedDispatcher:
             try:
                 execute_job(self._store, job_id, self._settings, interrupted=self._stop.is_set)
                 return
-            except TransientStorageError:
+            except TransientError:
                 if retries == 0:
-                    log.error("job %s: storage kept failing; it is sent again when the "
-                              "API next starts", job_id)
+                    log.error("job %s: storage kept failing (or the unpack pool stayed "
+                              "full); it is sent again when the API next starts", job_id)
                     return
                 retries -= 1
                 self._stop.wait(delay)

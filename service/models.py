@@ -112,7 +112,8 @@ _ERRORS: dict[int, str] = {
     415: "not a multipart/form-data body",
     422: "invalid parameters, options or input images",
     429: "this API key has DISA_MAX_CONCURRENT_UPLOADS uploads in progress already",
-    503: "the service cannot take jobs now (broker, storage or workers)",
+    503: "busy: the server is unpacking too many DICOM zips at once (DISA_UNPACK_POOL_BYTES); "
+         "send again after Retry-After seconds",
     507: "the jobs storage cannot take the upload (full, quota or I/O error)",
 }
 

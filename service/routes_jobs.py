@@ -52,6 +52,12 @@ from disa.service.validation import describe_all
 
 log = logging.getLogger("disa.service")
 
+#: Bytes the header checks of one request's DICOM zips may decompress together (they
+#: read headers only, stopping at the pixel data; see disa.registration.dicom_zip).
+UNPACK_BUDGET_BYTES = 4 * 1024**3
+#: Retry-After of a 503 answered while the process's unpack pool stays full.
+UNPACK_RETRY_AFTER_S = 5
+
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(401, 403))
 
@@ -99,7 +105,7 @@ def _job_out(store: JobStore, manifest: Manifest) -> JobOut:
              responses={202: {"description": "accepted; poll the Location URL",
                               "headers": {"Location": {"description": "URL of the job",
                                                        "schema": {"type": "string"}}}},
-                        **error_responses(400, 408, 413, 415, 422, 429, 507)})
+                        **error_responses(400, 408, 413, 415, 422, 429, 503, 507)})
 async def submit_job(request: Request, response: Response, runtime: RuntimeDep,
                      caller: CallerDep) -> JobOut:
     """Upload fixed and moving images (optional masks, initial transform, options JSON);
@@ -146,9 +152,11 @@ async def _receive_job(request: Request, runtime: Runtime, caller: Caller,
         if exc.status == 408:
             log.warning("job %s: upload of %s stalled; staging removed", job_id,
                         owner_label(caller.owner))
-        headers = {"Connection": "close"} if exc.status == 408 else None
+        headers = dict(exc.headers or {})
+        if exc.status == 408:
+            headers["Connection"] = "close"
         raise HTTPException(status_code=exc.status, detail=exc.detail,
-                            headers=headers) from None
+                            headers=headers or None) from None
     except OSError as exc:
         # The jobs folder failed us (full, quota, I/O error), not the client's body.
         # Only this job's staging folder is removed; published jobs are never touched.
@@ -215,21 +223,31 @@ def _parse_series(fields: dict[str, str]) -> dict[str, str]:
 def _inspect_inputs(files: dict, runtime: Runtime, series: dict[str, str] | None = None
                     ) -> dict[str, dict[str, Any]]:
     """Header checks of every input (no pixels decoded); keep only geometry facts. The
-    initial transform is read whole (at most 1 MiB) and checked as the worker will."""
+    initial transform is read whole (at most 1 MiB) and checked as the worker will.
+
+    What the DICOM zips' header reads decompress counts against one budget for the
+    request (UNPACK_BUDGET_BYTES, 422 past it); a zip that finds the process's unpack
+    pool full for DISA_UNPACK_WAIT_S is a 503 with Retry-After (busy, not a bad input)."""
+    from disa.registration.dicom_zip import UnpackBusy, unpack_budget
     from disa.registration.io import InputLimits, inspect_image
 
     limits = InputLimits(max_voxels=runtime.settings.max_voxels)
     info: dict[str, dict[str, Any]] = {}
-    for role, path in files.items():
-        if role == TRANSFORM_FIELD:
-            info[role] = _inspect_transform(path)
-            continue
-        try:
-            facts = inspect_image(path, limits, series_uid=(series or {}).get(role))
-        except InputError as exc:
-            raise UploadError(422, str(exc)) from None
-        info[role] = {"format": facts.format, "size": list(facts.size),
-                      "spacing": list(facts.spacing), "modality": facts.modality}
+    with unpack_budget(UNPACK_BUDGET_BYTES):
+        for role, path in files.items():
+            if role == TRANSFORM_FIELD:
+                info[role] = _inspect_transform(path)
+                continue
+            try:
+                facts = inspect_image(path, limits, series_uid=(series or {}).get(role))
+            except UnpackBusy as exc:
+                raise UploadError(503, str(exc),
+                                  {"Retry-After": str(UNPACK_RETRY_AFTER_S)}) from None
+            except InputError as exc:
+                raise UploadError(422, str(exc)) from None
+            info[role] = {"format": facts.format, "size": list(facts.size),
+                          "spacing": list(facts.spacing), "modality": facts.modality,
+                          "geometry_correction": facts.geometry_correction}
     return info
 
 

@@ -40,6 +40,7 @@ class Runtime:
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
         store = JobStore(settings.jobs_dir)
+        settings.apply_unpack_pool()  # the header checks here and the embedded worker's reads
         if not settings.api_key_digests:
             log.warning("DISA_API_KEYS is empty: the API accepts requests without a key")
         runtime = cls(settings=settings, store=store,

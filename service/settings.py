@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(
         4, ge=1, le=1000,
         description="uploads in progress at once per API key (per API process); 429 past it")
+    unpack_pool_bytes: int = Field(
+        8 * 1024**3, ge=1024**2,
+        description="bytes of DICOM zips decompressed or lying unpacked at once, per process "
+                    "(API and each worker process): header checks of uploads hold each member "
+                    "while reading it, a job's read its unpacked series; a zip needing more "
+                    "is refused (422), one waiting longer than unpack_wait_s for room is "
+                    "answered 503 with Retry-After (a job is retried later)")
+    unpack_wait_s: float = Field(
+        30.0, ge=0.0, le=600.0,
+        description="how long a DICOM zip read waits for room in the unpack pool")
 
     @field_validator("api_keys")
     @classmethod
@@ -80,6 +90,12 @@ class Settings(BaseSettings):
     def api_key_digests(self) -> tuple[str, ...]:
         """Accepted key digests; empty when authentication is off."""
         return tuple(key.digest for key in self.api_key_entries)
+
+    def apply_unpack_pool(self) -> None:
+        """Size this process's DICOM unpack pool (at the start of the API or a worker)."""
+        from disa.registration.dicom_zip import configure_unpack_pool
+
+        configure_unpack_pool(self.unpack_pool_bytes, self.unpack_wait_s)
 
     @property
     def embedded(self) -> bool:

@@ -25,7 +25,6 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from disa.registration.dicom_zip import start_request_budget
 from disa.registration.initial_transform import MAX_TRANSFORM_BYTES, TEXT_SUFFIXES
 
 #: File fields of POST /v1/jobs (roles of the engine's inputs).
@@ -44,21 +43,21 @@ INPUT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
 #: Extensions of an initial transform: ITK text only. HDF5 is refused on uploads: a
 #: dataset may keep its data in another file of the server (external storage).
 TRANSFORM_EXTENSIONS = TEXT_SUFFIXES
-#: Bytes the header checks of one request's DICOM zips may decompress together (they
-#: read headers only, stopping at the pixel data; see disa.registration.dicom_zip).
-UNPACK_BUDGET_BYTES = 4 * 1024**3
 #: The engine reader's size cap applies to the transform part while it streams, so a
 #: big one is never stored.
 _FLUSH_BYTES = 1024 * 1024  # write to disk (in a thread) once this much is pending
 
 
 class UploadError(Exception):
-    """The request body cannot be accepted; `status` is the HTTP status to answer."""
+    """The request body cannot be accepted; `status` is the HTTP status to answer, with
+    `headers` (e.g. Retry-After) if any."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers
 
 
 def input_extension(filename: str, role: str = "fixed") -> str | None:
@@ -222,9 +221,6 @@ async def receive_upload(request: Request, inputs_dir: Path, max_bytes: int,
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes:
         raise UploadError(413, f"upload of {length} bytes exceeds the limit of {max_bytes}")
-    # The DICOM zip checks that follow in this request (in threads, which copy the
-    # request's context) count what they decompress against one budget.
-    start_request_budget(UNPACK_BUDGET_BYTES)
     sink = _Sink(inputs_dir)
     try:
         parser = MultipartParser(boundary, sink.callbacks())

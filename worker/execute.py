@@ -20,6 +20,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from disa.registration.dicom_zip import UnpackBusy
 from disa.registration.errors import CancelledError, InputError
 from disa.service.settings import Settings
 from disa.service.store import (
@@ -53,8 +54,16 @@ SUMMARY_KEYS = ("verdict", "verdict_reason", "overlap", "match_quality", "sample
                 "transform_convention")
 
 
-class TransientStorageError(Exception):
+class TransientError(Exception):
+    """The run failed for a passing reason and attempts remain: run the job again later."""
+
+
+class TransientStorageError(TransientError):
     """Shared storage failed (OSError) and attempts remain: run the job again later."""
+
+
+class TransientBusyError(TransientError):
+    """The process's DICOM unpack pool stayed full (UnpackBusy) and attempts remain."""
 
 
 class Interrupted(Exception):
@@ -133,9 +142,11 @@ def execute_job(store: JobStore, job_id: str, settings: Settings,
     """Run job `job_id` to an end state and return that state.
 
     Returns "missing" when the job is gone (deleted) and "busy" when another
-    process holds its lock (a duplicate delivery). Raises TransientStorageError
-    when shared storage failed and attempts remain (the caller retries later),
-    including a failure before the run could start (lock, manifest), and
+    process holds its lock (a duplicate delivery). Raises a TransientError when
+    attempts remain and the run failed for a passing reason (the caller retries
+    later): TransientStorageError when shared storage failed, including a failure
+    before the run could start (lock, manifest), TransientBusyError when the
+    process's DICOM unpack pool stayed full; and
     Interrupted when `interrupted()` turned true (the job is queued again).
     """
     try:
@@ -185,6 +196,10 @@ def _run_locked(store: JobStore, job_id: str, settings: Settings,
              manifest.owner or "anonymous")
     try:
         data = _register(store, manifest, settings, progress, canceller)
+    except UnpackBusy:
+        # The process is unpacking other zips (the API's header checks share the pool
+        # with the embedded worker): busy, not the input's fault.
+        return _busy(store, manifest, settings, progress)
     except InputError as exc:
         return _fail(store, manifest, str(exc), "input", progress)
     except CancelledError:
@@ -286,6 +301,21 @@ def _storage_failure(store: JobStore, manifest: Manifest, settings: Settings, ex
             _end(store, manifest, "queued", None, progress)
         raise TransientStorageError(manifest.id) from exc
     return _fail(store, manifest, f"internal error: {type(exc).__name__}", "internal", progress)
+
+
+def _busy(store: JobStore, manifest: Manifest, settings: Settings,
+          progress: _ProgressWriter) -> str:
+    """The unpack pool stayed full: queue the job again while attempts remain (the caller
+    retries later, with back-off), else fail it as an internal error."""
+    log.warning("job %s: the DICOM unpack pool stayed full (attempt %d of %d)", manifest.id,
+                manifest.attempts, settings.max_attempts)
+    if manifest.attempts < settings.max_attempts:
+        with contextlib.suppress(OSError):
+            _end(store, manifest, "queued", None, progress)
+        raise TransientBusyError(manifest.id)
+    return _fail(store, manifest, "internal error: the server stayed busy unpacking other "
+                 "DICOM zips (DISA_UNPACK_POOL_BYTES); submit the job again later",
+                 "internal", progress)
 
 
 def _succeed(store: JobStore, manifest: Manifest, data: dict[str, Any]) -> str:

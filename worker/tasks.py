@@ -11,7 +11,7 @@ from disa.service.settings import get_settings
 from disa.service.store import JobStore
 from disa.worker.app import app
 from disa.worker.config import TASK_NAME
-from disa.worker.execute import TransientStorageError, execute_job
+from disa.worker.execute import TransientError, execute_job
 
 log = logging.getLogger("disa.worker")
 
@@ -41,11 +41,13 @@ def _child_started(**_: object) -> None:
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_job(self: Task, job_id: str) -> str:
-    """Run job `job_id` from the shared jobs folder; retry only on transient storage errors."""
+    """Run job `job_id` from the shared jobs folder; retry only on transient errors (shared
+    storage failed, the DICOM unpack pool stayed full)."""
     settings = get_settings()
+    settings.apply_unpack_pool()  # per process; the same values every time
     try:
         execute_job(_job_store(), job_id, settings)
-    except TransientStorageError as exc:
+    except TransientError as exc:
         # Backoff 5, 10, 20 ... s. The manifest's attempt count bounds the retries of
         # failed runs; max_retries those of failures before a run is recorded (lock,
         # manifest), which leave the job queued for the API's next start.

@@ -135,6 +135,30 @@ def test_a_zip_larger_than_the_pool_is_refused_as_input(tmp_path: Path,
     assert not isinstance(caught.value, UnpackBusy)
 
 
+def test_a_series_as_large_as_the_pool_is_held_once(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacking holds the series' declared size; its members are not held a second time
+    (which made a series near the pool's size wait on itself, then fail as busy)."""
+    archive = _big_slices(tmp_path)
+    declared = sum(m.file_size for m in zipfile.ZipFile(archive).infolist())
+    pool = UnpackPool(capacity=declared, wait_s=0.2)
+    monkeypatch.setattr(dicom_zip, "_POOL", pool)
+    assert read_image(archive).GetSize() == (256, 256, 12)
+    assert pool.in_use == 0
+
+
+def test_the_pool_is_sized_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = UnpackPool(capacity=dicom_zip.DEFAULT_POOL_BYTES)
+    monkeypatch.setattr(dicom_zip, "_POOL", pool)
+    dicom_zip.configure_unpack_pool(3 * 1024**2, wait_s=1.5)
+    assert dicom_zip.unpack_pool() is pool
+    assert (pool.capacity, pool.wait_s) == (3 * 1024**2, 1.5)
+    dicom_zip.configure_unpack_pool(5 * 1024**2)
+    assert (pool.capacity, pool.wait_s) == (5 * 1024**2, 1.5)
+    with pytest.raises(ValueError, match="positive"):
+        dicom_zip.configure_unpack_pool(0)
+
+
 @pytest.mark.parametrize("slope, intercept", [(1.0, -1024.0), (0.5, -100.0), (1.0, 0.0),
                                               (2.0, 10.0)])
 def test_pixel_type_from_the_headers_is_gdcm_s(tmp_path: Path, slope: float,

@@ -120,3 +120,33 @@ def test_submit_waits_while_the_key_has_too_many_uploads_in_progress(tmp_path: P
                     busy_wait_s=0) as c, pytest.raises(ServiceError) as info:
         c.submit(fixed, moving)
     assert info.value.status_code == 429 and len(bodies) == 1
+
+
+def test_submit_waits_while_the_service_is_busy_unpacking(tmp_path: Path):
+    """A 503 with Retry-After (the unpack pool is full) is waited out like a 429; a 503
+    without one (a proxy's outage page) is answered at once."""
+    fixed, moving = tmp_path / "f.nii.gz", tmp_path / "m.nii.gz"
+    fixed.write_bytes(b"fixed-bytes")
+    moving.write_bytes(b"moving-bytes")
+    answers = [httpx.Response(503, json={"detail": "the server is unpacking other DICOM "
+                                                   "zips"}, headers={"Retry-After": "0.1"}),
+               httpx.Response(202, json={"id": "0" * 32, "state": "queued"})]
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        return answers[min(len(seen), len(answers)) - 1]
+
+    with DisaClient("http://disa", transport=httpx.MockTransport(handler)) as c:
+        assert c.submit(fixed, moving)["state"] == "queued"
+    assert len(seen) == 2
+
+    def outage(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        return httpx.Response(503, text="maintenance")
+
+    seen.clear()
+    with DisaClient("http://disa", transport=httpx.MockTransport(outage)) as c, \
+            pytest.raises(ServiceError) as info:
+        c.submit(fixed, moving)
+    assert info.value.status_code == 503 and len(seen) == 1

@@ -1,5 +1,6 @@
-"""DICOM zip uploads are checked from the members' headers: nothing is unpacked, and what
-the checks decompress counts against one budget per request."""
+"""DICOM zip uploads are checked from the members' headers: nothing is unpacked, what
+the checks decompress counts against one budget per request, a full unpack pool is a
+503 with Retry-After, and a corrected geometry is named in the job's JSON."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 import SimpleITK as sitk
 
 from disa.registration import dicom_zip
-from disa.service import uploads
+from disa.service import routes_jobs
 
 from ..registration import dicom_fixtures as dx
+from ..registration.io_fixtures import zip_folder
+from ..registration.test_slice_stack import tilted_series
 from .helpers import TINY_OPTIONS
 
 
@@ -62,9 +65,48 @@ def test_the_zips_of_one_request_share_one_unpack_budget(client, tmp_path: Path,
 
         inspect_image(archive)
         headers = dicom_zip._REQUEST.get().used
-    monkeypatch.setattr(uploads, "UNPACK_BUDGET_BYTES", int(headers * 1.5))
+    monkeypatch.setattr(routes_jobs, "UNPACK_BUDGET_BYTES", int(headers * 1.5))
     r = _post(client, archive, archive)
     assert r.status_code == 422, r.text
     assert "the DICOM zips of this request decompress to more than" in r.json()["detail"]
-    monkeypatch.setattr(uploads, "UNPACK_BUDGET_BYTES", int(headers * 2.5))
+    monkeypatch.setattr(routes_jobs, "UNPACK_BUDGET_BYTES", int(headers * 2.5))
     assert _post(client, archive, archive).status_code == 202
+
+
+def test_a_full_unpack_pool_is_a_503_with_retry_after(make_client, tmp_path: Path,
+                                                      fresh_unpack_pool) -> None:
+    """Other requests fill the process's pool: busy, not a bad input (it used to be a 422,
+    as UnpackBusy is an InputError); nothing of the upload is kept."""
+    client = make_client(unpack_pool_bytes=2 * 1024**2, unpack_wait_s=0.2)
+    pool = dicom_zip.unpack_pool()
+    assert pool is fresh_unpack_pool and pool.capacity == 2 * 1024**2  # the settings apply
+    assert pool.wait_s == 0.2
+    archive = _zipped_series(tmp_path)
+    with pool.hold(pool.capacity, "other.zip"):
+        r = _post(client, archive, archive)
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"] == str(routes_jobs.UNPACK_RETRY_AFTER_S)
+    assert "unpacking other DICOM zips" in r.json()["detail"]
+    jobs = Path(client.app.state.runtime.store.root)
+    assert [p for p in jobs.rglob("*") if p.is_file()] == []
+    assert pool.in_use == 0
+    assert _post(client, archive, archive).status_code == 202
+
+
+def test_the_job_json_names_a_corrected_geometry(client, tmp_path: Path) -> None:
+    """As result.json does: inputs.fixed.geometry_correction for a tilted series, None for
+    a series that needed none."""
+    image = sitk.GetImageFromArray(np.zeros((32, 32, 32), np.float32) + 40.0)
+    image.SetOrigin((-31.0, -31.0, -31.0))
+    image.SetSpacing((2.0, 2.0, 2.0))
+    tilted_series(image, tmp_path / "tilted", 12.0, 2.0, (20, 20, 16), np.zeros(3))
+    fixed = zip_folder(tmp_path / "tilted", tmp_path / "tilted.zip")
+    moving = _zipped_series(tmp_path)
+    r = _post(client, fixed, moving)
+    assert r.status_code == 202, r.text
+    inputs = client.get(r.headers["Location"]).json()["inputs"]
+    correction = inputs["fixed"]["geometry_correction"]
+    assert correction["corrected"] == ["gantry tilt"]
+    assert correction["gantry_tilt_deg"] == pytest.approx(12.0, abs=0.05)
+    assert correction["stored_size"] == [20, 20, 16]
+    assert inputs["moving"]["geometry_correction"] is None

@@ -12,9 +12,16 @@ from collections.abc import Iterator
 import pytest
 
 from disa.registration import runner
+from disa.registration.dicom_zip import UnpackBusy
 from disa.registration.errors import CancelledError, InputError
 from disa.worker import execute
-from disa.worker.execute import Interrupted, TransientStorageError, execute_job
+from disa.worker.execute import (
+    Interrupted,
+    TransientBusyError,
+    TransientError,
+    TransientStorageError,
+    execute_job,
+)
 
 from ..support import file_size_limit
 
@@ -131,6 +138,27 @@ def test_storage_errors_are_retried_then_fail(store, settings, make_job, monkeyp
     assert execute_job(store, job_id, settings) == "failed"
     assert store.read(job_id).error == "internal error: OSError"
     assert execute_job(store, job_id, settings) == "failed" and len(calls) == 3
+
+
+def test_a_full_unpack_pool_is_retried_not_blamed_on_the_input(store, settings, make_job,
+                                                                 monkeypatch):
+    """UnpackBusy is an InputError subclass; the job goes back to the queue (the caller
+    retries it) rather than failing as bad input, and fails as internal at the end."""
+    def busy(outdir, progress, cancel):
+        raise UnpackBusy("ct.zip: the server is unpacking other DICOM zips; try again")
+
+    calls = _fake_engine(monkeypatch, busy)
+    job_id = make_job()
+    for attempt in (1, 2):
+        with pytest.raises(TransientBusyError) as caught:
+            execute_job(store, job_id, settings)
+        assert isinstance(caught.value, TransientError)
+        m = store.read(job_id)
+        assert m.state == "queued" and m.attempts == attempt and m.error is None
+    assert execute_job(store, job_id, settings) == "failed"
+    m = store.read(job_id)
+    assert m.error_kind == "internal" and "busy unpacking" in m.error
+    assert len(calls) == 3
 
 
 def test_gives_up_after_max_attempts_of_lost_workers(store, settings, make_job):
