@@ -97,6 +97,23 @@ class DescriptorMap:
         pooled = DescriptorMap(values, self.grid.strided(2), 1.0, valid)
         return pooled.quantised() if self.is_int8 else pooled
 
+    def smoothed(self, sigma_voxels: float) -> DescriptorMap:
+        """Each channel under a Gaussian of ``sigma_voxels`` (this map's voxels); same grid.
+
+        Why (the final refinement): trilinear interpolation blurs the moving descriptors
+        between their voxels and not at them, so an unsmoothed map scores poses that
+        put the sample points on its lattice better, and the re-gridded moving map's
+        lattice follows the current rotation: rotations stuck 1-2 mm (at the sample
+        radius) from the optimum. Smoothing both maps by about a voxel makes that
+        blur small against the content (t1-t2 realistic cases: TRE p50 1.2 -> 0.7 mm).
+        """
+        if sigma_voxels <= 0:
+            return self
+        values = ndimage.gaussian_filter(self.as_float(), (sigma_voxels,) * 3 + (0.0,),
+                                         mode="nearest").astype(np.float32)
+        smooth = DescriptorMap(np.ascontiguousarray(values), self.grid, 1.0, self.valid)
+        return smooth.quantised() if self.is_int8 else smooth
+
     def masked(self, mask: np.ndarray) -> DescriptorMap:
         """Validity set to 0 where ``mask`` (bool on this grid) is False: no similarity there.
 
