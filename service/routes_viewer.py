@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from disa.registration.dicom_zip import UnpackBusy
 from disa.registration.errors import InputError
 from disa.service.deps import CallerDep, JobIdPath, RuntimeDep, read_visible, require_api_key
 from disa.service.models import error_responses
@@ -154,9 +155,20 @@ def _succeeded(runtime: Runtime, job_id: str, caller: Caller) -> Manifest:
     return manifest
 
 
+def _busy(exc: UnpackBusy) -> HTTPException:
+    """503 with Retry-After: a DICOM input found the process's unpack pool full (the
+    server is busy; the job's inputs are fine)."""
+    from disa.service.routes_jobs import UNPACK_RETRY_AFTER_S
+
+    return HTTPException(status_code=503, detail=str(exc),
+                         headers={"Retry-After": str(UNPACK_RETRY_AFTER_S)})
+
+
 def _volumes(request: Request, runtime: Runtime, manifest: Manifest) -> JobVolumes:
     try:
         return _volume_cache(request).get(runtime.store, manifest, runtime.settings.max_voxels)
+    except UnpackBusy as exc:
+        raise _busy(exc) from None
     except InputError as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
     except (JobNotFound, FileNotFoundError):
@@ -195,7 +207,7 @@ def _unavailable(similarity: str) -> str | None:
 
 @router.get("/{job_id}/viewer", response_model=ViewerOut,
             summary="Fixed grid geometry, display planes and matrix of a succeeded job",
-            responses=error_responses(404, 409, 422))
+            responses=error_responses(404, 409, 422, 503))
 def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
                caller: CallerDep) -> ViewerOut:
     manifest = _succeeded(runtime, job_id, caller)
@@ -218,7 +230,7 @@ def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
 
 @router.get("/{job_id}/point", response_model=PointOut,
             summary="The moving point T p corresponding to a fixed point p (LPS mm)",
-            responses=error_responses(404, 409, 422))
+            responses=error_responses(404, 409, 422, 503))
 def get_point(job_id: JobIdPath, runtime: RuntimeDep, request: Request, caller: CallerDep,
               x: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
               y: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
@@ -253,7 +265,7 @@ def get_point(job_id: JobIdPath, runtime: RuntimeDep, request: Request, caller: 
                                          "application/octet-stream": {
                                              "schema": {"type": "string",
                                                         "format": "binary"}}}},
-                       **error_responses(404, 409, 422)})
+                       **error_responses(404, 409, 422, 503)})
 def get_slice(job_id: JobIdPath, volume: Volume, plane: Plane,
               index: Annotated[int, Path(ge=0, le=100_000, description="slice index along "
                                                                        "the plane's normal")],
@@ -296,7 +308,7 @@ def get_slice(job_id: JobIdPath, volume: Volume, plane: Plane,
             responses={200: {"description": "values (JSON) or a colour-mapped PNG",
                              "content": {"image/png": {"schema": {"type": "string",
                                                                   "format": "binary"}}}},
-                       **error_responses(404, 409, 422)})
+                       **error_responses(404, 409, 422, 503)})
 def get_heatmap(job_id: JobIdPath, runtime: RuntimeDep, request: Request, caller: CallerDep,
                 x: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
                 y: Annotated[float, Query(**_COORDINATE, description="fixed point, LPS mm")],
@@ -335,6 +347,8 @@ def get_heatmap(job_id: JobIdPath, runtime: RuntimeDep, request: Request, caller
                                   np.array([x, y, z]), similarity)
     except DescriptorsUnavailable as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
+    except UnpackBusy as exc:
+        raise _busy(exc) from None
     except (InputError, PointOutside) as exc:
         raise HTTPException(status_code=422, detail=str(exc)) from None
     except (JobNotFound, FileNotFoundError):  # deleted meanwhile

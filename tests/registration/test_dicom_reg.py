@@ -108,6 +108,11 @@ def test_rigid_registration_object(series, tmp_path: Path) -> None:
         np.asarray(identity.FrameOfReferenceTransformationMatrix, float).reshape(4, 4), np.eye(4))
     one = second.MatrixRegistrationSequence[0].MatrixSequence[0]
     assert one.FrameOfReferenceTransformationMatrixType == "RIGID"
+    # The method: DCM 125024 (taken from pydicom's code dictionary), in both items.
+    for item in (first, second):
+        (code,) = item.MatrixRegistrationSequence[0].RegistrationTypeCodeSequence
+        assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
+            "125024", "DCM", "Image Content-based Alignment")
     matrix = dr.read_registration_matrix(path)
     np.testing.assert_allclose(matrix, np.linalg.inv(a), atol=1e-9)
     # Both series are in the REG's own study: referenced there, nowhere else.
@@ -295,6 +300,7 @@ def test_deformable_registration_object(series, tmp_path: Path) -> None:
     assert back.FrameOfReferenceUID == fixed[0].FrameOfReferenceUID
     (item,) = back.DeformableRegistrationSequence
     assert item.SourceFrameOfReferenceUID == moving[0].FrameOfReferenceUID
+    assert item.RegistrationTypeCodeSequence[0].CodeValue == "125024"
     grid_item = item.DeformableRegistrationGridSequence[0]
     assert list(grid_item.GridDimensions) == list(grid.GetSize())
     assert len(grid_item.VectorGridData) == 4 * 3 * int(np.prod(grid.GetSize()))

@@ -110,3 +110,31 @@ def test_the_job_json_names_a_corrected_geometry(client, tmp_path: Path) -> None
     assert correction["gantry_tilt_deg"] == pytest.approx(12.0, abs=0.05)
     assert correction["stored_size"] == [20, 20, 16]
     assert inputs["moving"]["geometry_correction"] is None
+
+
+def test_the_viewer_answers_a_full_unpack_pool_with_503(client, pair_files,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The viewer reads a job's inputs again (a DICOM zip's series unpacked in the job's
+    folder); a full pool there is busy too, not a 422 about the job's inputs."""
+    from disa.service import viewer
+
+    with open(pair_files[0], "rb") as f, open(pair_files[1], "rb") as m:
+        r = client.post("/v1/jobs", files={"fixed": ("f.nii.gz", f), "moving": ("m.nii.gz", m)},
+                        data={"options": json.dumps(TINY_OPTIONS)})
+    job_id = r.json()["id"]
+    store = client.app.state.runtime.store
+    manifest = store.read(job_id)
+    manifest.state, manifest.files = "succeeded", ["result.json"]
+    store.write(manifest)
+
+    def busy(*args: object) -> None:
+        raise dicom_zip.UnpackBusy("fixed: the server is unpacking other DICOM zips; "
+                                   "try again shortly")
+
+    monkeypatch.setattr(viewer, "load_job_volumes", busy)
+    for rest in ("/viewer", "/slices/fixed/axial/0", "/point?x=0&y=0&z=0",
+                 "/heatmap?x=0&y=0&z=0"):
+        r = client.get(f"/v1/jobs/{job_id}{rest}")
+        assert r.status_code == 503, (rest, r.text)
+        assert r.headers["Retry-After"] == str(routes_jobs.UNPACK_RETRY_AFTER_S)
+        assert "unpacking other DICOM zips" in r.json()["detail"]
