@@ -139,6 +139,26 @@ def test_bad_arguments_exit_2() -> None:
     assert run.returncode == 2 and "port out of range" in run.stderr
 
 
+def test_the_service_key_comes_from_a_file_or_warns_on_the_command_line(
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As disa submit: --api-key-file (or DISA_API_KEY_FILE), and an unreadable one exits 2
+    before the PACS or the service is asked anything; --api-key works but warns."""
+    monkeypatch.delenv("DISA_API_KEY", raising=False)
+    monkeypatch.delenv("DISA_API_KEY_FILE", raising=False)
+    pull = ["pacs", "pull", "--dicomweb", f"http://127.0.0.1:{free_port()}/dicom-web",
+            "--fixed", "1.2.3", "--moving", "1.2.4", "--service", "http://127.0.0.1:9",
+            "--retries", "0", "--quiet"]
+    assert main([*pull, "--api-key-file", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("disa: error: API key file ") and "QIDO-RS" not in err
+    monkeypatch.setenv("DISA_API_KEY_FILE", str(tmp_path / "missing"))
+    assert main(pull) == 2 and "API key file" in capsys.readouterr().err
+    monkeypatch.delenv("DISA_API_KEY_FILE")
+    assert main([*pull, "--api-key", "secret-key"]) == 1  # the PACS is unreachable
+    err = capsys.readouterr().err
+    assert "--api-key shows the key to other users" in err and "secret-key" not in err
+
+
 def test_unknown_series_exits_2(empty_orthanc: OrthancServer) -> None:
     run = _pacs("pull", "--dicomweb", empty_orthanc.dicomweb, "--fixed", "1.2.3",
                 "--moving", "1.2.4", "--service", "http://127.0.0.1:9", "--retries", "0")
