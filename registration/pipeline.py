@@ -478,6 +478,11 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         if options.precision == "int8":
             fixed_map, moving_map = fixed_map.quantised(), moving_map.quantised()
         weights = fixed_weights(a_p, stride)
+        if not np.any(weights > 0):
+            # (An ultrasound that is all shadow, a slab of uniform tissue.)
+            raise InputError(labelled("moving" if swap else "fixed",
+                                      "no structure inside the image's data region (no "
+                                      "voxel has local contrast): nothing to register"))
         t = _timed(timings, "descriptors", t)
 
         kind = "dot" if similarity == "disa" else "ssd"

@@ -151,3 +151,19 @@ def test_verdict_rules(evidence: Evidence, expected: str) -> None:
     decision, reason = verdict(evidence)
     assert decision == expected
     assert reason and "\n" not in reason
+
+
+def test_a_sector_with_no_contrast_inside_is_refused_with_a_message(pair) -> None:
+    """A fan whose only bright voxels sit at its apex, on the fan's edge (which is no
+    anatomy), the rest near zero (a strong reflector, then shadow), holds nothing to
+    match: a clear InputError naming the image, not a crash."""
+    array = sitk.GetArrayFromImage(_sector(pair.moving, 35.0))
+    inside = array > 0
+    array[inside] = 1e-6 * np.random.default_rng(0).uniform(1.0, 2.0, int(inside.sum()))
+    apex = np.zeros_like(inside)
+    apex[:3] = True
+    array[inside & apex] = 1.0
+    shadowed = sitk.GetImageFromArray(array)
+    shadowed.CopyInformation(pair.moving)
+    with pytest.raises(InputError, match="moving: no structure"):
+        register(pair.fixed, shadowed, RegistrationOptions(similarity="mind", starts=20))
