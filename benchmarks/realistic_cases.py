@@ -27,7 +27,9 @@ package is missing):
                         is 2 mm, so the finer grid adds no detail)
     ct-us-moving        fixed: CT, full field; moving: 3-D ultrasound fan on an
                         oblique probe lattice (one axis along the beam), spacing
-                        1-2 mm, zero outside the fan
+                        1-2 mm, zero outside the fan; its apex in tissue, energy
+                        reaching a third of it, and a tissue boundary inside
+                        (``fan_structure``: a sonographer aims at structure)
     us-ct               fixed: that ultrasound on its probe lattice; moving: the
                         CT on an oblique lattice covering the whole volume,
                         spacing 1.2-3 mm
