@@ -47,8 +47,10 @@ class JobOut(BaseModel):
     options: dict[str, Any] = Field(description="registration options (engine names)")
     inputs: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="per input role: format, size, spacing (header facts); for "
-                    "initial_transform: format and matrix_fixed_to_moving (4x4, LPS mm)")
+        description="per input role: format, size, spacing, modality (header facts) and "
+                    "geometry_correction (how a gantry-tilted or unevenly spaced DICOM series "
+                    "is resampled onto an orthogonal grid, as in result.json; null if not); "
+                    "for initial_transform: format and matrix_fixed_to_moving (4x4, LPS mm)")
     timings: TimingsOut
     result: dict[str, Any] | None = Field(
         None, description="summary of result.json (parameters, similarity, confidence, ...)")
