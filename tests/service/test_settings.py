@@ -42,3 +42,21 @@ def test_api_keys_are_digests_not_keys():
 def test_hard_limit_must_exceed_soft_limit():
     with pytest.raises(ValidationError, match="HARD"):
         Settings(soft_time_limit_s=100, hard_time_limit_s=100)
+
+
+def test_the_unpack_pool_is_a_setting_applied_per_process(monkeypatch: pytest.MonkeyPatch):
+    from disa.registration import dicom_zip
+
+    pool = dicom_zip.UnpackPool(dicom_zip.DEFAULT_POOL_BYTES)
+    monkeypatch.setattr(dicom_zip, "_POOL", pool)
+    monkeypatch.setenv("DISA_UNPACK_POOL_BYTES", str(64 * 1024**2))
+    monkeypatch.setenv("DISA_UNPACK_WAIT_S", "2.5")
+    s = Settings()
+    assert (s.unpack_pool_bytes, s.unpack_wait_s) == (64 * 1024**2, 2.5)
+    assert (pool.capacity, pool.wait_s) == (dicom_zip.DEFAULT_POOL_BYTES, 30.0)  # not yet
+    s.apply_unpack_pool()
+    assert (pool.capacity, pool.wait_s) == (64 * 1024**2, 2.5)
+    with pytest.raises(ValidationError, match="unpack_pool_bytes"):
+        Settings(unpack_pool_bytes=1000)  # below 1 MiB: no DICOM slice would fit
+    with pytest.raises(ValidationError, match="unpack_wait_s"):
+        Settings(unpack_wait_s=-1)
