@@ -72,9 +72,14 @@ class UnpackBusy(InputError):
 class UnpackPool:
     """Bytes being decompressed or lying unpacked, across all threads of the process."""
 
-    def __init__(self, capacity: int, wait_s: float = 30.0) -> None:
+    def __init__(self, capacity: int, wait_s: float = 30.0,
+                 temp_fallback: bool = True) -> None:
         self.capacity = capacity
         self.wait_s = wait_s
+        #: whether a zip whose own folder cannot take the unpacked series (read-only) is
+        #: unpacked into the system's temporary folder instead (the CLI), or the OSError
+        #: stands (the service: a job's folder that refuses writes is a storage failure)
+        self.temp_fallback = temp_fallback
         self.in_use = 0
         self._cond = threading.Condition()
 
@@ -117,15 +122,19 @@ def unpack_pool() -> UnpackPool:
     return _POOL
 
 
-def configure_unpack_pool(capacity: int, wait_s: float | None = None) -> None:
-    """Size the process-wide pool (bytes) and, if given, how long a read waits for room;
-    for a process's start-up (the service's DISA_UNPACK_POOL_BYTES), not while reads run."""
+def configure_unpack_pool(capacity: int, wait_s: float | None = None,
+                          temp_fallback: bool | None = None) -> None:
+    """Size the process-wide pool (bytes) and, if given, how long a read waits for room and
+    whether the system's temporary folder may stand in for a read-only zip folder; for a
+    process's start-up (the service's DISA_UNPACK_POOL_BYTES), not while reads run."""
     if capacity < 1:
         raise ValueError("the unpack pool needs a positive capacity")
     with _POOL._cond:
         _POOL.capacity = capacity
         if wait_s is not None:
             _POOL.wait_s = wait_s
+        if temp_fallback is not None:
+            _POOL.temp_fallback = temp_fallback
         _POOL._cond.notify_all()
 
 
@@ -250,7 +259,9 @@ def unpacked(zip_path: Path, sources: list[DicomSource], name: str
     """Unpack `sources` (members of one zip) into a fresh folder beside the zip, under
     their counter names; yields key -> file path. The folder is removed afterwards; the
     declared sizes are held in the pool meanwhile. Only where the zip's own folder
-    cannot take it (a read-only CLI input) does the system's temporary folder serve."""
+    cannot take it (a read-only CLI input) does the system's temporary folder serve, and
+    only where the pool allows it (`temp_fallback`; the service's processes do not: there
+    the job's folder is the only place, and its OSError a storage failure)."""
     declared = sum(s.member.file_size for s in sources if s.member is not None)
     with unpack_pool().hold(declared, name), _unpack_dir(zip_path) as folder:
         paths: dict[str, str] = {}
@@ -269,7 +280,8 @@ def _unpack_dir(zip_path: Path) -> Iterator[Path]:
     try:
         folder = Path(tempfile.mkdtemp(prefix=".unpack-", dir=zip_path.parent))
     except OSError as err:
-        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) \
+                or not unpack_pool().temp_fallback:
             raise
         folder = Path(tempfile.mkdtemp(prefix="disa-dicom-"))
     try:

@@ -23,6 +23,18 @@ import pytest
 from .support import free_port
 
 
+@pytest.fixture(autouse=True)
+def fresh_unpack_pool(monkeypatch: pytest.MonkeyPatch):
+    """A process-wide DICOM unpack pool of the test's own: an app's or a worker's start
+    configures the pool from its settings (size, wait, no /tmp fallback), which must not
+    outlive the test."""
+    from disa.registration import dicom_zip
+
+    pool = dicom_zip.UnpackPool(dicom_zip.DEFAULT_POOL_BYTES)
+    monkeypatch.setattr(dicom_zip, "_POOL", pool)
+    return pool
+
+
 class RedisServer:
     """A private redis-server; restart() keeps the port and, lacking persistence, loses the data."""
 

@@ -147,6 +147,38 @@ def test_a_series_as_large_as_the_pool_is_held_once(tmp_path: Path,
     assert pool.in_use == 0
 
 
+def test_a_read_only_zip_folder_falls_back_to_the_temp_folder_only_where_allowed(
+        tmp_path: Path, quiet_temp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads a zip on read-only media through the system's temporary folder; the
+    service's processes (temp_fallback=False) never do: the OSError stands (a storage
+    failure of the job's folder, retried), nothing lands in /tmp."""
+    import errno
+
+    monkeypatch.setattr(dicom_zip, "_POOL", UnpackPool(dicom_zip.DEFAULT_POOL_BYTES))
+    archive = _big_slices(tmp_path)
+    make = tempfile.mkdtemp
+
+    def read_only_beside_zip(*args, **kwargs):
+        if kwargs.get("dir") == archive.parent:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_beside_zip)
+    used: list[Path] = []
+    copy = dicom_zip._copy_member
+    monkeypatch.setattr(dicom_zip, "_copy_member", lambda src, dst, source, name: (
+        used.append(Path(dst.name).parent), copy(src, dst, source, name)))
+    assert read_image(archive).GetSize() == (256, 256, 12)
+    assert {p.parent for p in used} == {quiet_temp} and list(quiet_temp.iterdir()) == []
+    monkeypatch.setattr(dicom_zip, "_POOL", UnpackPool(dicom_zip.DEFAULT_POOL_BYTES,
+                                                       temp_fallback=False))
+    used.clear()
+    with pytest.raises(OSError) as caught:
+        read_image(archive)
+    assert caught.value.errno == errno.EROFS and not isinstance(caught.value, InputError)
+    assert used == [] and list(quiet_temp.iterdir()) == []
+
+
 def test_the_pool_is_sized_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     pool = UnpackPool(capacity=dicom_zip.DEFAULT_POOL_BYTES)
     monkeypatch.setattr(dicom_zip, "_POOL", pool)
@@ -154,7 +186,9 @@ def test_the_pool_is_sized_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
     assert dicom_zip.unpack_pool() is pool
     assert (pool.capacity, pool.wait_s) == (3 * 1024**2, 1.5)
     dicom_zip.configure_unpack_pool(5 * 1024**2)
-    assert (pool.capacity, pool.wait_s) == (5 * 1024**2, 1.5)
+    assert (pool.capacity, pool.wait_s, pool.temp_fallback) == (5 * 1024**2, 1.5, True)
+    dicom_zip.configure_unpack_pool(5 * 1024**2, temp_fallback=False)
+    assert not pool.temp_fallback
     with pytest.raises(ValueError, match="positive"):
         dicom_zip.configure_unpack_pool(0)
 

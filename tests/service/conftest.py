@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from disa.registration import dicom_zip
 from disa.service import runtime as runtime_module
 from disa.service.app import create_app
 
@@ -39,15 +38,6 @@ class RecordingDispatcher:
 
     def close(self) -> None:
         pass
-
-
-@pytest.fixture(autouse=True)
-def fresh_unpack_pool(monkeypatch: pytest.MonkeyPatch) -> dicom_zip.UnpackPool:
-    """A process-wide DICOM unpack pool of this test's own: an app's start sizes the pool
-    from its settings (DISA_UNPACK_POOL_BYTES), which must not outlive the test."""
-    pool = dicom_zip.UnpackPool(dicom_zip.DEFAULT_POOL_BYTES)
-    monkeypatch.setattr(dicom_zip, "_POOL", pool)
-    return pool
 
 
 @pytest.fixture(scope="session")

@@ -56,6 +56,7 @@ def test_the_unpack_pool_is_a_setting_applied_per_process(monkeypatch: pytest.Mo
     assert (pool.capacity, pool.wait_s) == (dicom_zip.DEFAULT_POOL_BYTES, 30.0)  # not yet
     s.apply_unpack_pool()
     assert (pool.capacity, pool.wait_s) == (64 * 1024**2, 2.5)
+    assert not pool.temp_fallback  # the job's folder only, never /tmp
     with pytest.raises(ValidationError, match="unpack_pool_bytes"):
         Settings(unpack_pool_bytes=1000)  # below 1 MiB: no DICOM slice would fit
     with pytest.raises(ValidationError, match="unpack_wait_s"):
