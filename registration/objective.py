@@ -365,6 +365,14 @@ class LC2Objective:
         self.evaluations += len(theta)
         return out
 
+    def overlap(self, theta: np.ndarray) -> float:
+        """Fraction of the fixed mask whose moving partner has data at ``theta`` (one pose)."""
+        base = np.ones(self.fixed.shape, bool) if self.fixed_mask is None else self.fixed_mask
+        moving_valid = (np.ones(self.moving.shape, np.float32) if self.moving_valid is None
+                        else self.moving_valid.astype(np.float32))
+        inside = base & (self.warped_moving(np.asarray(theta), moving_valid) > 0.5)
+        return float(inside.sum() / max(int(base.sum()), 1))
+
     def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError("LC2 has no analytic gradient here: "
                                   "use a derivative-free optimiser")

@@ -1035,7 +1035,7 @@ def _run_lc2(fixed_p: PreparedImage, moving_p: PreparedImage, rigid: TransformMo
     radius = _radius(points, rigid.center)
     step = float(objective.fixed_grid.spacing[0])
     search = local_search(objective, rigid, init, radius, step_mm=step, cancel=cancel)
-    return search, radius, None, step, 1.0
+    return search, radius, None, step, objective.overlap(search.theta)
 
 
 def load_mask(path: str | Path | None) -> sitk.Image | None:

@@ -76,7 +76,7 @@ def test_padding_that_ends_in_a_cut_is_not_data(pair) -> None:
     assert not data_region(constant).has_padding
 
 
-@pytest.mark.parametrize("similarity", ["mind", "disa"])
+@pytest.mark.parametrize("similarity", ["mind", "disa", "lc2"])
 def test_a_cropped_moving_view_registers_from_30_mm_and_20_degrees(pair, similarity) -> None:
     """The moving image sees 40 % of the anatomy per axis: it provides the sample points,
     the result is inverted back to fixed -> moving, and it lands on the truth."""
@@ -86,7 +86,10 @@ def test_a_cropped_moving_view_registers_from_30_mm_and_20_degrees(pair, similar
     assert result.sampled == "moving"
     # DISA's optimum lies several mm from the truth with the shipped network (issue 20,
     # benchmarks/README.md "Where the optimum lies"): converged, not sub-millimetre.
-    assert _tre(result, pair, pair.fixed) < (1.0 if similarity == "mind" else 10.0)
+    # LC2 (a local optimiser on intensities at the 3 mm working spacing): within a
+    # voxel (1.6 mm measured), not sub-millimetre.
+    limit = {"mind": 1.0, "disa": 10.0, "lc2": 2.0}[similarity]
+    assert _tre(result, pair, pair.fixed) < limit
     assert result.overlap > 0.9
 
 
