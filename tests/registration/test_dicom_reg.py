@@ -317,6 +317,25 @@ def test_deformable_registration_object(series, tmp_path: Path) -> None:
                                _maps(pre, np.eye(4), field, points), atol=1e-4)
 
 
+def test_a_resampled_series_is_named_in_both_kinds_of_registration(series) -> None:
+    """A gantry-tilt correction is said in the comment of the items that reference the
+    stored series (rigid: that series' item; deformable: the one item), within the LO's
+    64 characters."""
+    fixed, moving = read_dicom_headers(series["ct"]), read_dicom_headers(series["mr"])
+    said = "gantry tilt 20.0 deg resampled"
+    rigid = dr.build_spatial_registration(np.eye(4), fixed, moving,
+                                          corrections={"fixed": said})
+    first, second = rigid.RegistrationSequence
+    comments = [i.MatrixRegistrationSequence[0].FrameOfReferenceTransformationComment
+                for i in (first, second)]
+    assert said in comments[0] and said not in comments[1]
+    grid = sitk.Image(6, 5, 4, sitk.sitkFloat32)
+    deformable = dr.build_deformable_registration(_field(grid), fixed, moving,
+                                                  corrections={"moving": said})
+    comment = deformable.DeformableRegistrationSequence[0].FrameOfReferenceTransformationComment
+    assert said in comment and len(comment) <= 64
+
+
 def test_deformable_grid_is_made_right_handed(series) -> None:
     """A grid whose z axis is -(x cross y) is flipped: same vectors at the same points."""
     fixed, moving = read_dicom_headers(series["ct"]), read_dicom_headers(series["mr"])
