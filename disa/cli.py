@@ -114,14 +114,17 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _print_summary(data: dict, outdir: Path) -> None:
-    ambiguity = ("AMBIGUOUS: another pose scores almost as well"
-                 if data["ambiguous"] else "no other pose scores as well")
+    """The verdict first (with the evidence qa.png's title and the web page show), then the
+    run's figures and where the files are."""
+    from disa.registration.readable import verdict_line
+
+    line = verdict_line(data)
+    if line:
+        print(f"verdict: {line}" + ("" if data["verdict"] == "likely"
+                                    else f"\n  why: {data['verdict_reason']}"))
     print(f"{data['mode']} registration with {data['similarity']}: "
-          f"similarity {data['similarity_value']:.4f}, confidence {data['confidence']:.2f} "
-          f"({data['agreeing_solutions']}/{data['refined_solutions']} refined solutions agree, "
-          f"{ambiguity}), {data['evaluations']} evaluations, "
+          f"similarity {data['similarity_value']:.4f}, {data['evaluations']} evaluations, "
           f"{sum(v for k, v in data['timings_s'].items() if '_' not in k):.2f} s")
-    print(f"verdict: {data['verdict'].upper()} ({data['verdict_reason']})")
     print(f"results in {outdir}/ : {', '.join(data['files'])}")
 
 

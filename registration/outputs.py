@@ -41,9 +41,16 @@ import SimpleITK as sitk
 from disa.registration.atomic import fsync_dir, write_json
 from disa.registration.dicom_reg import REGISTRATION_FILE
 from disa.registration.errors import InputError
+from disa.registration.grid import Grid
 from disa.registration.io import write_image
 from disa.registration.pipeline import RegistrationResult
 from disa.registration.qa import moving_data_mask, render_qa, view_centre
+from disa.registration.readable import (
+    VERDICT_COLOURS,
+    describe_transform,
+    verdict_evidence,
+    verdict_line,
+)
 
 TRANSFORM_FILE = "transform.tfm"
 REGISTERED_FILE = "registered.nii.gz"
@@ -223,18 +230,26 @@ def _write_files(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Ima
     registered = resample_moving(moving, fixed, final)
     write_image(registered, outdir / REGISTERED_FILE)
     before = resample_moving(moving, fixed, sitk.Transform())
-    title = (f"DISA {result.mode} / {result.similarity}: confidence {result.confidence:.2f}"
-             + (" AMBIGUOUS" if result.ambiguous else ""))
+    summary = result.summary()
+    evidence = verdict_evidence(summary)
+    # The verdict first, with the same evidence and numbers as result.json and the page.
+    title = f"{verdict_line({**summary, 'verdict_evidence': evidence})}  |  " \
+            f"{result.mode} / {result.similarity}"
     # Once for both: the QA planes and the web viewer's first slices centre on the overlap.
     data_region = moving_data_mask(moving)
     centre = view_centre(fixed, moving, final, moving_mask=data_region)
     render_qa(fixed, registered, before=before, path=outdir / QA_FILE, title=title,
+              title_colour=VERDICT_COLOURS.get(str(summary.get("verdict"))),
               displacement=result.displacement, point=centre, moving=moving, transform=final,
               moving_mask=data_region, before_transform=sitk.Transform())
     data = {
         "format": "disa-result/1",
-        **result.summary(),
+        **summary,
+        "verdict_evidence": evidence,
         "transform_convention": convention,
+        "transform_description": describe_transform(result.matrix,
+                                                    Grid.from_image(fixed).center,
+                                                    str(result.mode)),
         # LPS mm point that qa.png's planes pass through and the web viewer starts at.
         "view_point_mm": list(centre.point),
         "view_point": centre.source,

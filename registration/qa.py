@@ -735,6 +735,7 @@ def render_qa(
     moving_mask: sitk.Image | None = None,
     before_transform: sitk.Transform | None = None,
     panel_size: int = 256,
+    title_colour: tuple[int, int, int] | None = None,
 ) -> Image.Image:
     """Render (and optionally write) the QA picture of a registration.
 
@@ -747,6 +748,8 @@ def render_qa(
         path: where to write the PNG (atomically: temp file + rename).
         mode: "overlay", "checkerboard" or "both" (one row pair each).
         title: text of the title bar.
+        title_colour: background of the title bar (RGB; the verdict's colour), white
+            text on it; default: the picture's background.
         displacement: 3-component LPS displacement field in mm on the fixed
             grid (fixed point p maps to p + u(p)); adds a row of |u| with the
             deformed grid.
@@ -844,7 +847,10 @@ def render_qa(
             _draw_letters(draw, box, grid, font)
 
     # Labels: title, column headers, row names, where the planes pass, convention footer.
-    _text(draw, (_GAP, _TITLE_H / 2), title or "registration QA", font, ("left", "middle"))
+    if title_colour is not None:
+        draw.rectangle((0, 0, layout.size[0], _TITLE_H - 1), fill=title_colour)
+    _text(draw, (_GAP, _TITLE_H / 2), title or "registration QA", font, ("left", "middle"),
+          fill=(255, 255, 255) if title_colour is not None else _LABEL_COLOUR)
     for i, grid in enumerate(grids):
         x_mid = _LABEL_W + _GAP + i * (layout.panel_size + _GAP) + layout.panel_size / 2
         axis = _AXIS_NAMES[int(np.flatnonzero(grid.normal)[0])]

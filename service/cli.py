@@ -160,11 +160,14 @@ def _error_kind(job: dict[str, Any]) -> str:
 
 
 def _print_result(job: dict[str, Any]) -> None:
+    """The verdict first (the same line as `disa register` prints), then the run's figures."""
+    from disa.registration.readable import verdict_line
+
     r = job.get("result") or {}
-    verdict = "AMBIGUOUS: check qa.png" if r.get("ambiguous") else "unambiguous"
     run_s = job.get("timings", {}).get("run_s") or 0.0
+    line = verdict_line(r)
+    if line:
+        print(f"verdict: {line}" + ("" if r.get("verdict") == "likely"
+                                    else f"\n  why: {r.get('verdict_reason', '')}"))
     print(f"{r.get('mode')} registration with {r.get('similarity')}: similarity "
-          f"{r.get('similarity_value', float('nan')):.4f}, confidence "
-          f"{r.get('confidence', float('nan')):.2f} ({verdict}), {run_s:.2f} s on the service")
-    if r.get("verdict"):
-        print(f"verdict: {r['verdict'].upper()} ({r.get('verdict_reason', '')})")
+          f"{r.get('similarity_value', float('nan')):.4f}, {run_s:.2f} s on the service")

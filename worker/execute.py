@@ -47,11 +47,12 @@ PROGRESS_INTERVAL_S = 0.5
 #: at most this often, which matters on network storage.
 CANCEL_CHECK_INTERVAL_S = 0.25
 #: Result facts copied into the manifest (the job's JSON); the rest stays in result.json.
-SUMMARY_KEYS = ("verdict", "verdict_reason", "overlap", "match_quality", "sampled_image",
-                "mode", "similarity", "similarity_value", "confidence", "ambiguous",
-                "agreeing_solutions", "refined_solutions", "parameter_names", "parameters",
-                "matrix_fixed_to_moving", "evaluations", "starts", "working_spacing_mm",
-                "transform_convention")
+SUMMARY_KEYS = ("verdict", "verdict_reason", "verdict_evidence", "overlap", "match_quality",
+                "sampled_image", "mode", "similarity", "similarity_value", "confidence",
+                "ambiguous", "agreeing_solutions", "refined_solutions", "parameter_names",
+                "parameters", "matrix_fixed_to_moving", "evaluations", "starts",
+                "working_spacing_mm", "transform_convention", "transform_description",
+                "deformation")
 
 
 class TransientError(Exception):

@@ -162,7 +162,8 @@ def test_console_script_plain_progress_lines(registered, tmp_path: Path) -> None
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "search" in done.stderr and "\x1b[" not in done.stderr
-    assert "confidence" in done.stdout
+    assert done.stdout.startswith("verdict: ") and "refined solutions agree" in done.stdout
+    assert "confidence" not in done.stdout  # the verdict's evidence, not a competing figure
 
 
 def test_info_gives_a_modality_hint_unless_header_only(registered, capsys) -> None:
@@ -280,6 +281,15 @@ def test_demo_registers_the_bundled_pair_within_2_mm_and_replaces_its_result(
         printed = capsys.readouterr().out
         error = float(printed.split("known transform: ")[1].split(" mm")[0])
         assert error < 2.0
+        # a correct result is called likely, first thing, with the evidence qa.png's title
+        # and the web page show (the same words from result.json)
+        data = json.loads((out / "result.json").read_text())
+        assert data["verdict"] == "likely", data["verdict_reason"]
+        summary = printed.split("\n", 2)[2]  # after the fixed: and moving: lines
+        assert summary.startswith(f"verdict: LIKELY: {data['verdict_evidence']}\n"), printed
+        from PIL import Image  # qa.png's title bar: the verdict's colour (green: likely)
+
+        assert Image.open(out / "qa.png").convert("RGB").getpixel((1, 1)) == (21, 128, 61)
         assert {"transform.tfm", "registered.nii.gz", "qa.png", "result.json"} <= {
             p.name for p in out.iterdir()}
     (tmp_path / "notes").mkdir()
