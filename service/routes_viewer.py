@@ -111,6 +111,10 @@ class HeatmapPeakOut(BaseModel):
     value: float
 
 
+class HeatmapNearestPeakOut(HeatmapPeakOut):
+    distance_mm: float = Field(description="from the point's pixel to this peak, mm")
+
+
 class HeatmapOut(BaseModel):
     """Similarity of the fixed point to the registered moving image on one fixed-grid slice."""
 
@@ -130,8 +134,16 @@ class HeatmapOut(BaseModel):
                                                    "moving image")
     min: float | None
     max: float | None
-    peak: HeatmapPeakOut | None
+    peak: HeatmapPeakOut | None = Field(description="the slice's highest value (global peak)")
     descriptor_spacing_mm: float
+    point_value: float | None = Field(None, description="the value at the point's pixel")
+    point_percentile: float | None = Field(
+        None, description="percent of the slice's pixels (with a value) whose value is at most "
+                          "the point's: 100 = the point scores highest")
+    point_rank: int | None = Field(None, description="1 = the highest value on the slice")
+    nearest_peak: HeatmapNearestPeakOut | None = Field(
+        None, description="the local maximum (highest within one descriptor voxel) nearest the "
+                          "point; distance 0 when the point is on it")
 
 
 def _volume_cache(request: Request) -> VolumeCache:
@@ -379,4 +391,19 @@ def _heatmap_json(heatmap: Heatmap, plane: PlaneGeometry) -> dict[str, Any]:
         "min": float(values[finite].min()) if finite.any() else None,
         "max": float(values[finite].max()) if finite.any() else None,
         "peak": peak_out, "descriptor_spacing_mm": heatmap.descriptor_spacing_mm,
+        **_standing_json(heatmap, plane),
     }
+
+
+def _standing_json(heatmap: Heatmap, plane: PlaneGeometry) -> dict[str, Any]:
+    """point_value, point_percentile, point_rank and nearest_peak (heatmap_stats)."""
+    from disa.service.heatmap_stats import standing
+
+    s = standing(heatmap, plane)
+    nearest = None
+    if s.peak_column is not None and s.peak_point_mm is not None:
+        nearest = {"column": s.peak_column, "row": s.peak_row,
+                   "point_mm": list(s.peak_point_mm), "value": s.peak_value,
+                   "distance_mm": s.peak_distance_mm}
+    return {"point_value": s.value, "point_percentile": s.percentile, "point_rank": s.rank,
+            "nearest_peak": nearest}

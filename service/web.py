@@ -1,5 +1,5 @@
-"""The web page: `/` serves static/index.html, `/static/` its scripts and styles; `/docs`
-the interactive API docs.
+"""The web page: `/` serves static/index.html (and `/jobs/{id}`, a job's result view, the
+same file), `/static/` its scripts and styles; `/docs` the interactive API docs.
 
 Plain HTML, CSS and ES modules shipped in the package (no build step, no CDN);
 the page talks to the /v1 API with the key the user typed (sessionStorage,
@@ -17,6 +17,8 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+
+from disa.service.deps import JobIdPath
 
 log = logging.getLogger("disa.service")
 
@@ -66,6 +68,13 @@ def install(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
+                            headers=PAGE_HEADERS)
+
+    @app.get("/jobs/{job_id}", include_in_schema=False)
+    def result_page(job_id: JobIdPath) -> FileResponse:
+        """A job's result view: the same page, which opens the job named in its address
+        (a link to share or bookmark; the data still needs the API key)."""
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html",
                             headers=PAGE_HEADERS)
 

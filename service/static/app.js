@@ -2,6 +2,10 @@
 // Plain ES modules, no framework; every request goes to the same origin's /v1 API.
 
 import * as api from "./api.js";
+import { overallFraction, remainingText, stageWords } from "./progress.js";
+import {
+  evidenceText, fillList, showVerdict, summaryRows, transformRows, verdictBadge,
+} from "./result.js";
 import { Viewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
@@ -30,9 +34,8 @@ function announce(text) {
 }
 
 function progressText(job) {
-  if (job.state === "running") return `${job.progress.stage} ${percent(job.progress.fraction)}`;
-  if (job.state === "queued") return "waiting for a worker";
-  return job.state;
+  if (job.state === "running") return `${stageWords(job)}, ${percent(overallFraction(job))}`;
+  return stageWords(job);
 }
 
 // Tell screen readers about state and stage changes (not every percent).
@@ -43,11 +46,9 @@ function noteJob(job) {
   if (before === key) return;
   if (before === undefined && !(current && current.id === job.id)) return;
   let text = `Job ${short(job.id)}: ${job.state}`;
-  if (job.state === "running") text += `, ${job.progress.stage}`;
+  if (job.state === "running") text += `, ${stageWords(job)}`;
   if (job.state === "succeeded" && job.result) {
-    if (job.result.verdict) text += `, verdict ${job.result.verdict}`;
-    text += `, confidence ${percent(job.result.confidence)}`;
-    if (job.result.ambiguous) text += ", ambiguous";
+    if (job.result.verdict) text += `, verdict ${job.result.verdict}: ${evidenceText(job.result)}`;
   }
   if (job.state === "failed" && job.error) text += `: ${job.error}`;
   announce(`${text}.`);
@@ -120,7 +121,7 @@ async function onSubmit(event) {
     status.textContent = `Job ${short(job.id)} queued.`;
     for (const role of FILE_ROLES) $(role).value = "";
     await refreshJobs();
-    location.hash = `job=${job.id}`;
+    navigate(`/jobs/${job.id}`);
   } catch (err) {
     status.classList.add("error");
     status.textContent = `Not submitted: ${api.describeError(err)}`;
@@ -136,9 +137,10 @@ function makeRow(job) {
   const row = document.createElement("tr");
   row.dataset.id = job.id;
   row.innerHTML = `
-    <th scope="row"><a class="job-link" href="#job=${job.id}"></a></th>
+    <th scope="row"><a class="job-link" href="/jobs/${job.id}"></a></th>
     <td class="created"></td>
     <td class="state"></td>
+    <td class="verdict-cell"></td>
     <td class="progress"><progress max="1" value="0"></progress> <span class="stage"></span></td>
     <td><button type="button" class="job-action"></button></td>`;
   const link = row.querySelector(".job-link");
@@ -146,6 +148,11 @@ function makeRow(job) {
   link.setAttribute("aria-label", `Job ${short(job.id)}: open result`);
   row.querySelector("progress").setAttribute("aria-label", `Progress of job ${short(job.id)}`);
   row.querySelector(".job-action").addEventListener("click", () => onJobAction(row));
+  link.addEventListener("click", (event) => {
+    if (event.button !== 0 || event.ctrlKey || event.metaKey || event.shiftKey) return;
+    event.preventDefault();
+    navigate(`/jobs/${job.id}`);
+  });
   return row;
 }
 
@@ -154,8 +161,9 @@ function updateRow(row, job) {
   row.querySelector(".created").textContent = new Date(job.created_at).toLocaleString();
   row.querySelector(".state").textContent = job.state;
   const bar = row.querySelector("progress");
-  bar.value = job.state === "succeeded" ? 1 : job.progress.fraction;
+  bar.value = overallFraction(job);
   row.querySelector(".stage").textContent = progressText(job);
+  verdictBadge(row.querySelector(".verdict-cell"), job);
   const action = row.querySelector(".job-action");
   const finished = TERMINAL.has(job.state);
   action.textContent = finished ? "Delete" : "Cancel";
@@ -204,7 +212,7 @@ async function onJobAction(row) {
     if (finished) await api.remove(api.jobPath(id));
     else await api.cancel(api.jobPath(id));
     $("jobs-status").textContent = `Job ${short(id)} ${finished ? "deleted" : "cancel requested"}.`;
-    if (finished && current && current.id === id) location.hash = "";
+    if (finished && current && current.id === id) navigate("/");
   } catch (err) {
     $("jobs-status").textContent = `Job ${short(id)} not ${finished ? "deleted" : "cancelled"}: `
       + api.describeError(err);
@@ -221,6 +229,7 @@ function closeJob() {
   if (current.qaUrl) URL.revokeObjectURL(current.qaUrl);
   current = null;
   $("result").hidden = true;
+  delete document.body.dataset.view;
 }
 
 function openJob(id) {
@@ -230,10 +239,16 @@ function openJob(id) {
   const section = $("result");
   section.hidden = false;
   section.dataset.job = id;
+  delete section.dataset.state;
+  document.body.dataset.view = "result";
+  $("result-link").href = `/jobs/${id}`;
+  $("result-eta").textContent = "";
+  $("result-bar").value = 0;
+  $("result-stage").textContent = "";
+  window.scrollTo(0, 0);
   $("result-heading").textContent = `Job ${short(id)}`;
   $("result-heading").title = id;
   $("result-body").hidden = true;
-  $("result-warning").hidden = true;
   $("result-error").hidden = true;
   $("result-state").textContent = "";
   $("result-heading").focus();
@@ -261,8 +276,9 @@ function showJob(job) {
   const section = $("result");
   section.dataset.state = job.state;
   $("result-state").textContent = job.state;
-  $("result-bar").value = job.state === "succeeded" ? 1 : job.progress.fraction;
-  $("result-stage").textContent = progressText(job);
+  $("result-bar").value = overallFraction(job);
+  $("result-stage").textContent = stageWords(job);
+  $("result-eta").textContent = remainingText(job);
   const error = $("result-error");
   error.hidden = !job.error;
   error.textContent = job.error ? `The job failed: ${job.error}` : "";
@@ -272,68 +288,23 @@ function showJob(job) {
   }
 }
 
-function degrees(radians) {
-  return (radians * 180) / Math.PI;
-}
-
-function summaryRows(job) {
-  const r = job.result || {};
-  const rows = [
-    ["Verdict", r.verdict === undefined ? undefined : `${r.verdict} (${r.verdict_reason})`],
-    ["Overlap", r.overlap === undefined ? undefined : percent(r.overlap)],
-    ["Match quality", r.match_quality === undefined || r.match_quality === null ? undefined
-      : Number(r.match_quality).toFixed(2)],
-    ["Mode", r.mode],
-    ["Similarity", r.similarity],
-    ["Similarity value", r.similarity_value === undefined ? undefined
-      : Number(r.similarity_value).toPrecision(4)],
-    ["Solutions agreeing", r.refined_solutions === undefined ? undefined
-      : `${r.agreeing_solutions} of ${r.refined_solutions}`],
-    ["Ambiguous", r.ambiguous === undefined ? undefined : (r.ambiguous ? "yes" : "no")],
-    ["Random starts", r.starts],
-    ["Objective evaluations", r.evaluations],
-    ["Working spacing", r.working_spacing_mm === undefined ? undefined : `${r.working_spacing_mm} mm`],
-    ["Run time", job.timings.run_s === null ? undefined : `${job.timings.run_s.toFixed(1)} s`],
-  ];
-  (r.parameter_names || []).forEach((name, i) => {
+function rawParameterRows(r) {
+  return (r.parameter_names || []).map((name, i) => {
     const value = r.parameters[i];
     const text = name.endsWith("_rad")
-      ? `${degrees(value).toFixed(2)}° (${value.toFixed(4)} rad)`
-      : name.endsWith("_mm") ? `${value.toFixed(2)} mm` : value.toFixed(4);
-    rows.push([name.replace(/_(rad|mm)$/, ""), text]);
+      ? `${((value * 180) / Math.PI).toFixed(3)}° (${value.toFixed(5)} rad)`
+      : name.endsWith("_mm") ? `${value.toFixed(3)} mm` : value.toFixed(5);
+    return [name, text];
   });
-  return rows.filter(([, value]) => value !== undefined && value !== null);
 }
 
 async function showResult(job) {
   const shown = current;
   const r = job.result || {};
-  const confidence = $("confidence");
-  confidence.textContent = `Confidence: ${percent(r.confidence ?? 0)} — ${r.agreeing_solutions ?? "?"} of `
-    + `${r.refined_solutions ?? "?"} independently refined solutions land within 5 mm of the best one.`;
-  const warning = $("result-warning");
-  if (r.verdict === "failed" || r.verdict === "uncertain") {
-    warning.hidden = false;
-    warning.textContent = `Verdict: ${r.verdict} — ${r.verdict_reason}. `
-      + "Check the QA picture and the viewer before using this transform.";
-  } else if (r.ambiguous) {
-    warning.hidden = false;
-    warning.textContent = "Ambiguous result: a different pose scores almost as well as the one "
-      + "chosen. Check the QA picture and the viewer before using this transform.";
-  } else if ((r.confidence ?? 1) < 0.5) {
-    warning.hidden = false;
-    warning.textContent = "Low confidence: fewer than half of the refined solutions agree. "
-      + "Check the QA picture and the viewer before using this transform.";
-  }
-  const summary = $("result-summary");
-  summary.replaceChildren();
-  for (const [name, value] of summaryRows(job)) {
-    const dt = document.createElement("dt");
-    dt.textContent = name;
-    const dd = document.createElement("dd");
-    dd.textContent = String(value);
-    summary.append(dt, dd);
-  }
+  showVerdict($("verdict"), r);
+  fillList($("result-summary"), summaryRows(job));
+  fillList($("transform-summary"), transformRows(r));
+  fillList($("raw-parameters"), rawParameterRows(r));
   const list = $("downloads");
   list.replaceChildren();
   for (const name of job.files) {
@@ -354,7 +325,7 @@ async function showResult(job) {
       $("qa").src = shown.qaUrl;
     }).catch(() => { $("qa").alt = "The QA picture could not be loaded."; });
   }
-  shown.viewer = new Viewer(job.id, $("result"));
+  shown.viewer = new Viewer(job.id, $("result"), job);
   try {
     await shown.viewer.open();
   } catch (err) {
@@ -382,9 +353,23 @@ async function download(id, name) {
 
 // ------------------------------------------------------------------- routing
 
+// The job a location names: /jobs/{id} (the result view's own address) or, from older
+// links, #job={id}.
+function jobInLocation() {
+  const path = /^\/jobs\/([0-9a-f]{32})\/?$/.exec(location.pathname);
+  if (path) return path[1];
+  const hash = /^#job=([0-9a-f]{32})$/.exec(location.hash);
+  return hash && JOB_ID.test(hash[1]) ? hash[1] : null;
+}
+
+function navigate(path) {
+  if (location.pathname + location.hash !== path) history.pushState(null, "", path);
+  route();
+}
+
 function route() {
-  const match = /^#job=([0-9a-f]{32})$/.exec(location.hash);
-  if (match && JOB_ID.test(match[1])) openJob(match[1]);
+  const id = jobInLocation();
+  if (id) openJob(id);
   else if (current) {
     closeJob();
     $("jobs-heading").focus();
@@ -396,9 +381,13 @@ function init() {
   $("upload-form").addEventListener("submit", onSubmit);
   $("upload-form").addEventListener("invalid", onInvalid, true);  // "invalid" does not bubble
   $("jobs-refresh").addEventListener("click", () => refreshJobs());
-  $("result-close").addEventListener("click", () => { location.hash = ""; });
+  $("result-back").addEventListener("click", (event) => {
+    event.preventDefault();
+    navigate("/");
+  });
   $("jobs-heading").tabIndex = -1;
   window.addEventListener("hashchange", route);
+  window.addEventListener("popstate", route);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden) refreshJobs();
   });

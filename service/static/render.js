@@ -27,6 +27,23 @@ export function blend(fixed, moving, width, height, alpha) {
   return out;
 }
 
+// Fusion as in qa.png: the fixed image in green, the moving image in magenta (red + blue);
+// where they agree the result is grey. `alpha` (0..1) is the moving image's share: 0.5
+// gives both full weight.
+export function fusion(fixed, moving, width, height, alpha) {
+  const out = new ImageData(width, height);
+  const wf = Math.min(1, 2 * (1 - alpha));
+  const wm = Math.min(1, 2 * alpha);
+  for (let i = 0; i < width * height; i++) {
+    const m = Math.round(wm * moving[i]);
+    out.data[4 * i] = m;
+    out.data[4 * i + 1] = Math.round(wf * fixed[i]);
+    out.data[4 * i + 2] = m;
+    out.data[4 * i + 3] = 255;
+  }
+  return out;
+}
+
 // Checkerboard: tiles of `tile` pixels alternate fixed and moving; edges that run on
 // across tile borders mean alignment.
 export function checkerboard(fixed, moving, width, height, tile) {

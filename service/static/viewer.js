@@ -1,5 +1,7 @@
 // The result viewer: three orthogonal planes of the fixed grid, each a pair of canvases
-// (fixed | moving compared with fixed), a point picker and the similarity heatmaps.
+// (fixed | moving compared with fixed: fusion, grey blend, edges, checkerboard), window and
+// level per image, wheel to scroll slices, zoom and pan, a crosshair linked across the
+// planes, a scale bar, a point picker and the similarity heatmaps.
 //
 // Geometry comes from GET /v1/jobs/{id}/viewer: per plane a 4x4 matrix from
 // (column, row, slice, 1) to LPS mm and its inverse, and the job's 4x4 matrix T that
@@ -8,34 +10,41 @@
 
 import { describeError, getBytes, getJson, jobPath } from "./api.js";
 import * as R from "./render.js";
+import { View, drawCrosshair, drawScaleBar, fitSize } from "./viewport.js";
 
 const PLANES = ["axial", "coronal", "sagittal"];
-const DISPLAY_PX = 240; // longest side of a canvas
+const MIN_BOX = 160; // smallest side of a canvas box (px)
+const MAX_BOX = 440; // largest
+const HEATMAP_BOX = 240;
 const SLICE_CACHE = 240; // slices kept in memory
 const FIXED_COLOUR = "#ffd700";
 const MOVING_COLOUR = "#00e5ff";
+const DRAG_PX = 4; // a pointer moved further than this pans instead of marking a point
+// Window presets: [width, level] in image units (Hounsfield units for CT); auto = the
+// service's own window from the image's percentiles (right for MR).
+const PRESETS = { "ct-soft": [400, 40], "ct-bone": [1800, 400] };
 
 const title = (s) => s.charAt(0).toUpperCase() + s.slice(1);
 const fmt = (p) => `(${p.map((v) => v.toFixed(1)).join(", ")})`;
-
-function canvasSize(plane) {
-  const wmm = plane.width * plane.pixel_spacing_mm[0];
-  const hmm = plane.height * plane.pixel_spacing_mm[1];
-  const scale = DISPLAY_PX / Math.max(wmm, hmm);
-  return [Math.max(1, Math.round(wmm * scale)), Math.max(1, Math.round(hmm * scale))];
-}
+const round = (v) => Number(v.toPrecision(4));
 
 export class Viewer {
-  constructor(jobId, root) {
+  constructor(jobId, root, job = null) {
     this.jobId = jobId;
     this.root = root;
+    this.job = job;
     this.el = (id) => root.querySelector(`#${id}`);
     this.slices = new Map();
     this.index = {};
     this.tokens = {};
+    this.views = {}; // plane -> View (zoom and pan)
+    this.zoom = 1; // shared by the three planes
+    this.box = 0; // current canvas box (px)
+    this.windows = { fixed: null, moving: null }; // [width, level]; null: the service's auto
     this.point = null;
     this.moved = null; // T(point), LPS mm
     this.heatmapToken = 0;
+    this.drag = null;
     this.abort = new AbortController();
   }
 
@@ -60,6 +69,9 @@ export class Viewer {
     this.geometry = geometry;
     this.buildPlanes();
     this.bindControls();
+    this.initWindows();
+    this.observeSize();
+    this.resizeCanvases(this.box);
     this.resetHeatmaps();
     this.el("point-info").textContent = "No point marked yet.";
     delete this.el("point-info").dataset.fixed;
@@ -73,6 +85,7 @@ export class Viewer {
 
   destroy() {
     this.abort.abort();
+    if (this.resizer) this.resizer.disconnect();
     this.el("planes").replaceChildren();
     delete this.root.dataset.viewerReady;
   }
@@ -82,8 +95,9 @@ export class Viewer {
     container.replaceChildren();
     for (const name of PLANES) {
       const plane = this.geometry.planes[name];
-      const [w, h] = canvasSize(plane);
+      const [w, h] = fitSize(plane, this.boxSize());
       this.index[name] = this.startSlice(plane);
+      this.views[name] = new View(plane.width, plane.height);
       const figure = document.createElement("figure");
       figure.className = "plane";
       figure.dataset.plane = name;
@@ -97,7 +111,8 @@ export class Viewer {
             <span class="view-label">Fixed</span>
           </div>
           <div class="view">
-            <canvas class="moving-view" width="${w}" height="${h}" role="img"
+            <canvas class="moving-view" width="${w}" height="${h}" tabindex="0" role="img"
+                    aria-describedby="${name}-keys"
                     aria-label="${title(name)} slice of the moving image"></canvas>
             <span class="view-label moving-label">Moving</span>
           </div>
@@ -110,18 +125,68 @@ export class Viewer {
         </div>
         <p class="note"></p>
         <p id="${name}-keys" class="visually-hidden">Press Enter to mark the centre pixel;
-          arrow keys move the marked point within this plane.</p>`;
+          arrow keys move the marked point within this plane; Page Up and Page Down change
+          the slice.</p>`;
       container.append(figure);
-      const fixedCanvas = figure.querySelector(".fixed-view");
       const slider = figure.querySelector("input[type=range]");
       const signal = this.abort.signal;
       slider.addEventListener("input", () => {
         this.index[name] = Number(slider.value);
         this.renderPlane(name);
       }, { signal });
-      fixedCanvas.addEventListener("click", (event) => this.onClick(name, event), { signal });
-      fixedCanvas.addEventListener("keydown", (event) => this.onKey(name, event), { signal });
+      for (const canvas of figure.querySelectorAll("canvas")) {
+        canvas.addEventListener("click", (event) => this.onClick(name, event), { signal });
+        canvas.addEventListener("keydown", (event) => this.onKey(name, event), { signal });
+        canvas.addEventListener("wheel", (event) => this.onWheel(name, event),
+          { signal, passive: false });
+        canvas.addEventListener("pointerdown", (event) => this.onPointerDown(name, event),
+          { signal });
+        canvas.addEventListener("pointermove", (event) => this.onPointerMove(name, event),
+          { signal });
+      }
     }
+  }
+
+  // The side of each canvas's box: the fixed and the comparison canvas side by side fill a
+  // plane's figure (the figures' columns come from style.css), within MIN_BOX..MAX_BOX.
+  boxSize() {
+    const figure = this.el("planes").querySelector("figure.plane");
+    const width = figure ? figure.clientWidth : (this.el("planes").clientWidth || 720);
+    const box = (width - 2 * 9 - 8) / 2; // figure padding and border, the pair's gap
+    return Math.floor(Math.max(MIN_BOX, Math.min(MAX_BOX, box)));
+  }
+
+  // Canvases follow the viewer's width: resized and redrawn when the box changes.
+  observeSize() {
+    this.box = this.boxSize();
+    if (typeof ResizeObserver === "undefined") return;
+    let pending = false;
+    this.resizer = new ResizeObserver(() => {
+      if (pending || this.abort.signal.aborted) return;
+      pending = true;
+      requestAnimationFrame(() => {
+        pending = false;
+        const box = this.boxSize();
+        if (box === this.box) return;
+        this.resizeCanvases(box);
+        this.renderAll();
+      });
+    });
+    this.resizer.observe(this.el("planes"));
+  }
+
+  resizeCanvases(box) {
+    this.box = box;
+    for (const name of PLANES) {
+      const [w, h] = fitSize(this.geometry.planes[name], box);
+      for (const canvas of this.figure(name).querySelectorAll("canvas")) {
+        [canvas.width, canvas.height] = [w, h];
+      }
+    }
+  }
+
+  figure(name) {
+    return this.el("planes").querySelector(`figure[data-plane=${name}]`);
   }
 
   // The first slice: through the job's view point (the centre of the region where the
@@ -152,16 +217,135 @@ export class Viewer {
       if (p.every(Number.isFinite)) this.setPoint(p, null);
     }, { signal });
     this.el("heatmap-run").addEventListener("click", () => this.runHeatmaps(), { signal });
+    for (const box of this.root.querySelectorAll(".window-level")) {
+      const image = box.dataset.image;
+      box.querySelector(".wl-preset").addEventListener("change", (event) => {
+        event.stopPropagation();
+        this.applyPreset(image, event.target.value);
+      }, { signal });
+      for (const input of box.querySelectorAll("input")) {
+        input.addEventListener("change", (event) => {
+          event.stopPropagation();
+          this.applyCustomWindow(image);
+        }, { signal });
+      }
+    }
+    this.el("zoom-in").addEventListener("click", () => this.setZoom(this.zoom * 1.5), { signal });
+    this.el("zoom-out").addEventListener("click", () => this.setZoom(this.zoom / 1.5), { signal });
+    this.el("zoom-reset").addEventListener("click", () => this.setZoom(1), { signal });
+    window.addEventListener("pointerup", () => this.onPointerUp(), { signal });
     this.el("heatmap-plane").addEventListener("change", () => {
       if (this.point) this.runHeatmaps();
     }, { signal });
   }
 
+  // ------------------------------------------------------------ window and level
+
+  // The inputs show the service's auto windows until the user picks another.
+  initWindows() {
+    for (const image of ["fixed", "moving"]) {
+      this.el(`wl-${image}-preset`).value = "auto";
+      this.showWindow(image, this.autoWindow(image));
+    }
+  }
+
+  autoWindow(image) {
+    const [low, high] = this.geometry.windows[image];
+    return [high - low, (low + high) / 2];
+  }
+
+  showWindow(image, [width, level]) {
+    this.el(`wl-${image}-window`).value = String(round(width));
+    this.el(`wl-${image}-level`).value = String(round(level));
+  }
+
+  applyPreset(image, preset) {
+    if (preset === "custom") return this.applyCustomWindow(image);
+    const chosen = preset === "auto" ? null : PRESETS[preset];
+    this.windows[image] = chosen;
+    this.showWindow(image, chosen || this.autoWindow(image));
+    return this.renderAll();
+  }
+
+  applyCustomWindow(image) {
+    const width = Number(this.el(`wl-${image}-window`).value);
+    const level = Number(this.el(`wl-${image}-level`).value);
+    if (!(width > 0) || !Number.isFinite(level)) return undefined;
+    this.el(`wl-${image}-preset`).value = "custom";
+    this.windows[image] = [width, level];
+    return this.renderAll();
+  }
+
+  // ------------------------------------------------------------------ zoom and pan
+
+  setZoom(zoom) {
+    this.zoom = Math.min(8, Math.max(1, zoom));
+    for (const name of PLANES) {
+      let around = null;
+      if (this.point) {
+        const [c, r] = R.apply4(this.geometry.planes[name].physical_to_pixel, this.point);
+        around = [c, r];
+      }
+      this.views[name].setZoom(this.zoom, around);
+    }
+    this.el("zoom-value").textContent = `${Math.round(this.zoom * 100)}%`;
+    this.el("planes").dataset.zoom = String(this.zoom);
+    return this.renderAll();
+  }
+
+  onWheel(name, event) {
+    event.preventDefault();
+    const step = Math.sign(event.deltaY);
+    if (!step) return;
+    if (event.ctrlKey || event.metaKey) {
+      this.setZoom(this.zoom * (step < 0 ? 1.25 : 0.8));
+      return;
+    }
+    this.moveSlice(name, step);
+  }
+
+  moveSlice(name, step) {
+    const plane = this.geometry.planes[name];
+    const next = Math.min(plane.count - 1, Math.max(0, this.index[name] + step));
+    if (next === this.index[name]) return;
+    this.index[name] = next;
+    this.renderPlane(name);
+  }
+
+  onPointerDown(name, event) {
+    if (event.button !== 0) return;
+    this.drag = { name, x: event.clientX, y: event.clientY, moved: false, canvas: event.currentTarget };
+  }
+
+  onPointerMove(name, event) {
+    const drag = this.drag;
+    if (!drag || drag.name !== name || !(event.buttons & 1)) return;
+    const dx = event.clientX - drag.x;
+    const dy = event.clientY - drag.y;
+    if (!drag.moved && Math.hypot(dx, dy) < DRAG_PX) return;
+    drag.moved = true;
+    const rect = drag.canvas.getBoundingClientRect();
+    const scale = drag.canvas.width / rect.width;
+    this.views[name].pan(drag.canvas, dx * scale, dy * scale);
+    drag.x = event.clientX;
+    drag.y = event.clientY;
+    this.renderPlane(name);
+  }
+
+  onPointerUp() {
+    if (this.drag && this.drag.moved) this.dragged = true;
+    this.drag = null;
+  }
+
+  // ---------------------------------------------------------------------- slices
+
   async slice(volume, plane, index) {
-    const key = `${volume}/${plane}/${index}`;
+    const window = this.windows[volume === "fixed" ? "fixed" : "moving"];
+    const query = window ? `&window=${window[0]}&level=${window[1]}` : "";
+    const key = `${volume}/${plane}/${index}${query}`;
     let entry = this.slices.get(key);
     if (!entry) {
-      entry = getBytes(jobPath(this.jobId, `/slices/${volume}/${plane}/${index}?format=raw`));
+      entry = getBytes(jobPath(this.jobId, `/slices/${volume}/${plane}/${index}?format=raw${query}`));
       this.slices.set(key, entry);
       entry.catch(() => this.slices.delete(key));
       if (this.slices.size > SLICE_CACHE) this.slices.delete(this.slices.keys().next().value);
@@ -177,7 +361,7 @@ export class Viewer {
     const plane = this.geometry.planes[name];
     const index = this.index[name];
     const token = (this.tokens[name] = (this.tokens[name] || 0) + 1);
-    const figure = this.el("planes").querySelector(`figure[data-plane=${name}]`);
+    const figure = this.figure(name);
     const movingVolume = this.stage === "after" ? "registered" : "before";
     let fixed;
     let moving;
@@ -190,22 +374,29 @@ export class Viewer {
     }
     if (token !== this.tokens[name] || this.abort.signal.aborted) return;
     const { width, height } = plane;
+    const view = this.views[name];
     const fixedCanvas = figure.querySelector(".fixed-view");
     const movingCanvas = figure.querySelector(".moving-view");
-    R.drawScaled(fixedCanvas, R.grey(fixed, width, height));
+    view.draw(fixedCanvas, R.grey(fixed, width, height));
     const tile = Math.max(1, Math.round(Math.min(width, height) / 8));
     const composite = {
       moving: () => R.grey(moving, width, height),
+      fusion: () => R.fusion(fixed, moving, width, height, this.opacity),
       blend: () => R.blend(fixed, moving, width, height, this.opacity),
       checkerboard: () => R.checkerboard(fixed, moving, width, height, tile),
       edges: () => R.edges(fixed, moving, width, height),
     }[this.overlay]();
-    R.drawScaled(movingCanvas, composite);
-    R.drawLetters(fixedCanvas, plane.letters);
-    R.drawLetters(movingCanvas, plane.letters);
+    view.draw(movingCanvas, composite);
+    for (const canvas of [fixedCanvas, movingCanvas]) {
+      R.drawLetters(canvas, plane.letters);
+      drawScaleBar(canvas, view, plane.pixel_spacing_mm[0]);
+    }
 
     const stageText = this.stage === "after" ? "registered" : "before registration (identity)";
-    const overlayText = { moving: "moving only", blend: `blend, ${Math.round(this.opacity * 100)}% moving`,
+    const share = Math.round(this.opacity * 100);
+    const overlayText = { moving: "moving only",
+      fusion: `fusion, fixed green, moving magenta (${share}% moving)`,
+      blend: `grey blend, ${share}% moving`,
       checkerboard: "checkerboard", edges: "moving edges on fixed" }[this.overlay];
     figure.querySelector(".moving-label").textContent = `Moving, ${stageText} — ${overlayText}`;
     movingCanvas.setAttribute("aria-label",
@@ -230,34 +421,50 @@ export class Viewer {
     const plane = this.geometry.planes[name];
     const index = this.index[name];
     const normalSpacing = this.geometry.spacing[plane.normal_axis];
+    const view = this.views[name];
     const [c, r, s] = R.apply4(plane.physical_to_pixel, this.point);
-    const [fx, fy] = R.toCanvas(fixedCanvas, plane.width, plane.height, c, r);
-    R.drawMarker(fixedCanvas, fx, fy, { colour: FIXED_COLOUR, dashed: Math.abs(s - index) > 0.5 });
+    const [fx, fy] = view.toCanvas(fixedCanvas, c, r);
+    const off = Math.abs(s - index) > 0.5;
+    // The crosshair through p on both canvases: the three planes meet there.
+    drawCrosshair(fixedCanvas, fx, fy, FIXED_COLOUR, off);
+    drawCrosshair(movingCanvas, fx, fy, FIXED_COLOUR, off);
+    fixedCanvas.dataset.crosshair = JSON.stringify([c, r]);
+    R.drawMarker(fixedCanvas, fx, fy, { colour: FIXED_COLOUR, dashed: off });
     // After registration the registered image shows the moving anatomy at the fixed
     // point's own position; before it (identity), that anatomy sits at T p.
     const target = this.stage === "after" ? this.point : this.moved;
     if (!target) return "";
     const [mc, mr, ms] = R.apply4(plane.physical_to_pixel, target);
-    const off = Math.abs(ms - index) * normalSpacing;
-    const [mx, my] = R.toCanvas(movingCanvas, plane.width, plane.height, mc, mr);
-    R.drawMarker(movingCanvas, mx, my, { colour: MOVING_COLOUR, dashed: off > normalSpacing / 2 });
-    if (this.stage === "before" && off > normalSpacing / 2) {
-      return `T(p) lies ${off.toFixed(1)} mm from this slice (dashed marker: its projection).`;
+    const distance = Math.abs(ms - index) * normalSpacing;
+    const [mx, my] = view.toCanvas(movingCanvas, mc, mr);
+    R.drawMarker(movingCanvas, mx, my, { colour: MOVING_COLOUR, dashed: distance > normalSpacing / 2 });
+    if (this.stage === "before" && distance > normalSpacing / 2) {
+      return `T(p) lies ${distance.toFixed(1)} mm from this slice (dashed marker: its projection).`;
     }
     return "";
   }
 
   onClick(name, event) {
-    const plane = this.geometry.planes[name];
-    const rect = event.currentTarget.getBoundingClientRect();
-    const column = Math.round((event.clientX - rect.left) / rect.width * plane.width - 0.5);
-    const row = Math.round((event.clientY - rect.top) / rect.height * plane.height - 0.5);
+    if (this.dragged) { // the end of a pan, not a click
+      this.dragged = false;
+      return;
+    }
+    const canvas = event.currentTarget;
+    const rect = canvas.getBoundingClientRect();
+    const x = ((event.clientX - rect.left) * canvas.width) / rect.width;
+    const y = ((event.clientY - rect.top) * canvas.height) / rect.height;
+    const [column, row] = this.views[name].toPixel(canvas, x, y).map(Math.round);
     this.markPixel(name, column, row);
   }
 
   onKey(name, event) {
     const plane = this.geometry.planes[name];
     const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+    if (event.key === "PageUp" || event.key === "PageDown") {
+      event.preventDefault();
+      this.moveSlice(name, event.key === "PageUp" ? 1 : -1);
+      return;
+    }
     let column;
     let row;
     if (this.point && (moves[event.key] || event.key === "Enter" || event.key === " ")) {
@@ -380,24 +587,47 @@ export class Viewer {
     }
     if (token !== this.heatmapToken || this.abort.signal.aborted) return;
     const plane = this.geometry.planes[planeName];
-    [canvas.width, canvas.height] = canvasSize(plane);
+    [canvas.width, canvas.height] = fitSize(plane, HEATMAP_BOX);
     const { image, min, max } = R.colourMap(map.values, map.width, map.height);
     R.drawScaled(canvas, image, "#000");
     R.drawLetters(canvas, plane.letters);
     const [px, py] = R.toCanvas(canvas, map.width, map.height, ...map.point_pixel);
     R.drawMarker(canvas, px, py, { colour: "#ffffff" });
-    let peakText = "no values on this slice";
-    if (map.peak) {
-      const [kx, ky] = R.toCanvas(canvas, map.width, map.height, map.peak.column, map.peak.row);
+    const peak = map.nearest_peak;
+    if (peak) {
+      const [kx, ky] = R.toCanvas(canvas, map.width, map.height, peak.column, peak.row);
       R.drawMarker(canvas, kx, ky, { shape: "ring", colour: "#ff4081" });
-      const distance = Math.hypot(...map.peak.point_mm.map((v, i) => v - map.point_mm[i]));
-      peakText = `peak at ${fmt(map.peak.point_mm)} mm, ${distance.toFixed(1)} mm from the point`;
     }
+    this.el(`heatmap-${similarity}-low`).textContent = Number.isFinite(min) ? min.toPrecision(3) : "–";
+    this.el(`heatmap-${similarity}-high`).textContent = Number.isFinite(max) ? max.toPrecision(3) : "–";
+    const answer = heatmapAnswer(map);
     const kind = map.kind === "dot" ? "dot product" : "negative squared distance";
-    canvas.setAttribute("aria-label", `${label} similarity heatmap, ${planeName} slice ${map.slice + 1}: ${peakText}`);
-    status.textContent = `${label} (${kind}), ${planeName} slice ${map.slice + 1}: values ` +
-      `${Number.isFinite(min) ? min.toPrecision(3) : "–"} (dark blue) to ` +
-      `${Number.isFinite(max) ? max.toPrecision(3) : "–"} (yellow); ${peakText}.`;
+    canvas.setAttribute("aria-label", `${label} similarity heatmap, ${planeName} slice ${map.slice + 1}: ${answer}`);
+    status.textContent = `${label} (${kind}, higher = more alike), ${planeName} slice `
+      + `${map.slice + 1}: ${answer}.`;
+    canvas.dataset.percentile = String(map.point_percentile ?? "");
     canvas.dataset.state = "ready";
   }
+}
+
+// The heatmap's answer in words: how the point ranks on its slice and how far the nearest
+// local peak lies (the slice's global peak is named too, but it answers another question).
+export function heatmapAnswer(map) {
+  if (!Number.isFinite(map.point_percentile)) {
+    return "no value at the point (the moving image has no data there)";
+  }
+  const top = 100 - map.point_percentile;
+  const rankText = map.point_rank === 1 ? "the highest value on this slice"
+    : `in the top ${top < 0.1 ? "0.1" : top.toFixed(1)}% of this slice (rank ${map.point_rank})`;
+  let text = `the point's value is ${rankText}`;
+  const near = map.nearest_peak;
+  if (near) {
+    text += near.distance_mm < 0.05 ? "; the point is on a local peak"
+      : `; nearest local peak ${near.distance_mm.toFixed(1)} mm away (pink ring)`;
+  }
+  if (map.peak) {
+    const far = Math.hypot(...map.peak.point_mm.map((v, i) => v - map.point_mm[i]));
+    text += `; the slice's highest value lies ${far.toFixed(1)} mm away`;
+  }
+  return text;
 }

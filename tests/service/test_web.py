@@ -138,13 +138,13 @@ def test_upload_progress_viewer_point_and_heatmaps(page, site, pair_files):
     assert job["options"]["starts"] == 10 and job["options"]["seed"] == 2
     assert job["options"]["similarity"] == "mind"
     page.wait_for_selector(f"#announcer:has-text('Job {job_id[:8]}: succeeded')")
-    row = page.locator(f"#jobs-body tr[data-id='{job_id}']")
-    row.locator("td.state", has_text="succeeded").wait_for()
-    assert row.locator("progress").evaluate("bar => bar.value") == 1
-    confidence = page.text_content("#confidence")
-    assert f"{round(100 * job['result']['confidence'])}%" in confidence
-    assert page.is_hidden("#result-warning") != bool(job["result"]["ambiguous"]
-                                                      or job["result"]["confidence"] < 0.5)
+    # the result view has its own address; the verdict comes first, with its evidence
+    assert page.evaluate("() => location.pathname") == f"/jobs/{job_id}"
+    verdict = page.locator("#verdict")
+    verdict.wait_for()
+    assert verdict.get_attribute("data-verdict") == job["result"]["verdict"]
+    assert job["result"]["verdict_evidence"] in verdict.text_content()
+    assert "Confidence" not in page.text_content("#result")
     downloads = page.locator("#downloads button").all_text_contents()
     assert downloads == [f"Download {name}" for name in job["files"]]
     with page.expect_download() as caught:
@@ -163,7 +163,7 @@ def test_upload_progress_viewer_point_and_heatmaps(page, site, pair_files):
     # every comparison mode and the before/after toggle draw different pixels
     shots = {}
     count = int(page.get_attribute(moving, "data-rendered"))
-    for mode in ("moving", "checkerboard", "edges", "blend"):
+    for mode in ("moving", "checkerboard", "edges", "blend", "fusion"):
         page.check(f"#display-form input[name=overlay][value={mode}]")
         count = _wait_rendered(page, moving, count)
         shots[mode] = _png_array(page.locator(moving).screenshot())
@@ -175,7 +175,7 @@ def test_upload_progress_viewer_point_and_heatmaps(page, site, pair_files):
     page.check("#display-form input[name=stage][value=before]")
     count = _wait_rendered(page, moving, count)
     before = _png_array(page.locator(moving).screenshot())
-    assert np.abs(before - shots["blend"]).mean() > 1.0
+    assert np.abs(before - shots["fusion"]).mean() > 1.0
     page.check("#display-form input[name=stage][value=after]")
     count = _wait_rendered(page, moving, count)
 
@@ -217,7 +217,9 @@ def test_upload_progress_viewer_point_and_heatmaps(page, site, pair_files):
         assert "DISA model" in page.text_content("#heatmap-disa-status")
     else:
         page.wait_for_selector("#heatmap-disa[data-state=ready]", timeout=60_000)
-    assert "peak at" in page.text_content("#heatmap-mind-status")
+    status = page.text_content("#heatmap-mind-status")
+    assert "this slice" in status and "local peak" in status, status
+    assert page.text_content("#heatmap-mind-high") != ""  # the colour bar's scale
     assert page.errors == []
 
 

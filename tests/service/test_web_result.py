@@ -1,0 +1,266 @@
+# ruff: noqa: F811
+"""The result view in Chromium (issue 25): the verdict first, its own address, one overall
+progress bar, the fusion viewer, the transform in words, an 800 px wide layout.
+
+Uses test_web.py's live service (embedded worker, API key) and browser fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from .helpers import API_KEY
+
+# test_web.py's fixtures, used here by name (F401, F811: pytest passes them as arguments)
+from .test_web import (  # noqa: F401
+    _png_array,
+    _wait_rendered,
+    browser,
+    done_job,
+    jobs_dir,
+    page,
+    site,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+PLANES = ("axial", "coronal", "sagittal")
+WORDS = {"likely": "Likely correct", "uncertain": "Check before use", "failed": "Failed"}
+
+
+def _shot(tab, name: str) -> None:
+    """Save a screenshot when DISA_TEST_SHOTS names a folder (for looking at the page)."""
+    folder = os.environ.get("DISA_TEST_SHOTS")
+    if folder:
+        tab.screenshot(path=f"{folder}/{name}.png", full_page=True)
+
+
+def _with_key(tab) -> None:
+    with tab.expect_response(lambda r: "/v1/jobs?limit=" in r.url and r.status == 200):
+        tab.fill("#api-key", API_KEY)
+        tab.click("#key-save")
+
+
+def _overflow(tab) -> int:
+    """Pixels the page is wider than the window (0: no horizontal scroll bar)."""
+    return tab.evaluate("() => document.documentElement.scrollWidth"
+                        " - document.documentElement.clientWidth")
+
+
+@pytest.fixture
+def narrow(browser, site: str) -> Iterator:
+    """A tab 800 px wide."""
+    context = browser.new_context(viewport={"width": 800, "height": 900})
+    tab = context.new_page()
+    tab.errors = []
+    tab.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    tab.goto(f"{site}/")
+    tab.wait_for_selector("body[data-ready]")
+    yield tab
+    context.close()
+
+
+def test_the_result_view_has_its_own_address_at_the_top_and_the_list_shows_the_verdict(
+        page, site, done_job):
+    job_id, result = done_job["id"], done_job["result"]
+    _with_key(page)
+    page.goto(f"{site}/jobs/{job_id}")  # a link to the result (the key stays in the tab)
+    page.wait_for_selector("#result[data-state=succeeded]", timeout=30_000)
+    page.wait_for_selector(f"#result[data-viewer-ready='{job_id}']", timeout=30_000)
+    _shot(page, "result-1280")
+    assert page.is_hidden("#upload-section") and page.is_hidden("#jobs-section")
+    assert page.locator("#result").bounding_box()["y"] < 200  # at the top, not far below
+    verdict = page.locator("#verdict")
+    assert verdict.get_attribute("data-verdict") == result["verdict"]
+    assert WORDS[result["verdict"]] in verdict.text_content()
+    assert f"Evidence: {result['verdict_evidence']}." in verdict.text_content()
+    assert page.locator("#verdict").bounding_box()["y"] < page.locator(
+        "#result-summary").bounding_box()["y"]
+    # the transform in human terms: degrees, the convention, the centre, the direction
+    words = page.text_content("#transform-summary")
+    described = result["transform_description"]
+    angles = ", ".join(f"{v:.2f}°" for v in described["rotation_deg"])
+    assert angles in words
+    assert "Rz Ry Rx" in words and "fixed → moving" in words
+    assert "(" + ", ".join(f"{v:.1f}" for v in described["centre_mm"]) + ") mm LPS" in words
+    assert ", ".join(f"{v:.2f} mm" for v in described["translation_mm"]) in words
+    assert page.is_hidden("#raw-parameters")  # the raw names only on request
+    page.click(".raw-parameters summary")
+    assert "angle_x_rad" in page.text_content("#raw-parameters")
+    # back to the list: the job's verdict in words and colour, with the same evidence
+    page.click("#result-back")
+    assert page.evaluate("() => location.pathname") == "/"
+    row = page.locator(f"#jobs-body tr[data-id='{job_id}']")
+    row.wait_for(timeout=10_000)
+    badge = row.locator(".badge")
+    assert badge.text_content() == WORDS[result["verdict"]]
+    assert badge.get_attribute("data-verdict") == result["verdict"]
+    assert result["verdict_evidence"] in row.text_content()
+    colour = badge.evaluate("b => getComputedStyle(b).backgroundColor")
+    assert colour != "rgb(107, 114, 128)"  # a verdict's colour, not the grey of none
+    assert row.locator("progress").evaluate("bar => bar.value") == 1
+    # the browser's Back button returns to the result view
+    page.go_back()
+    page.wait_for_selector(f"#result[data-job='{job_id}']:not([hidden])", timeout=10_000)
+    assert page.errors == []
+
+
+def test_an_800_px_window_has_no_horizontal_overflow(narrow, site, done_job):
+    tab = narrow
+    _with_key(tab)
+    row = tab.locator(f"#jobs-body tr[data-id='{done_job['id']}']")
+    row.wait_for(timeout=10_000)
+    _shot(tab, "home-800")
+    assert _overflow(tab) <= 0
+    assert row.locator(".badge").is_visible()  # the verdict is in the list at this width
+    tab.click(f"#jobs-body tr[data-id='{done_job['id']}'] .job-link")
+    tab.wait_for_selector(f"#result[data-viewer-ready='{done_job['id']}']", timeout=30_000)
+    tab.locator("#verdict").wait_for()
+    _shot(tab, "result-800")
+    assert _overflow(tab) <= 0
+    for canvas in tab.locator("#planes canvas").all():
+        box = canvas.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 800
+    assert tab.errors == []
+
+
+def test_progress_is_one_overall_bar_in_plain_words_with_a_time_estimate(page, site):
+    job_id = "d" * 32
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 6))
+    job = {"id": job_id, "owner": "x", "state": "running", "created_at": started,
+           "updated_at": started, "started_at": started, "finished_at": None,
+           "progress": {"stage": "search", "fraction": 0.5}, "attempts": 1,
+           "cancel_requested": False, "options": {}, "inputs": {},
+           "timings": {"queued_s": 0.1, "run_s": None, "stages": {}}, "result": None,
+           "error": None, "error_kind": None, "files": []}
+    current = {"job": job}
+    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(current["job"])))
+    _with_key(page)
+    page.goto(f"{site}/jobs/{job_id}")
+    page.locator("#result-stage", has_text="Searching for the best alignment").wait_for(
+        timeout=10_000)
+    first = page.locator("#result-bar").evaluate("bar => bar.value")
+    assert 0.1 < first < 0.6
+    page.locator("#result-eta", has_text="left").wait_for(timeout=5_000)
+    # the next stage starts at 0 %: the overall bar still moves forward
+    current["job"] = {**job, "progress": {"stage": "refine", "fraction": 0.0}}
+    page.locator("#result-stage", has_text="Checking the best candidates").wait_for(
+        timeout=10_000)
+    assert page.locator("#result-bar").evaluate("bar => bar.value") >= first
+    assert "search" not in page.text_content("#result-progress")  # no internal names
+    assert page.errors == []
+
+
+def _wait_value(tab, selector: str, different_from: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = tab.input_value(selector)
+        if value != different_from:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"{selector} stayed {different_from}")
+
+
+def test_the_viewer_links_planes_scrolls_zooms_pans_and_windows(page, site, done_job):
+    job_id = done_job["id"]
+    geometry = json.loads(page.request.get(f"{site}/v1/jobs/{job_id}/viewer",
+                                           headers={"X-API-Key": API_KEY}).text())
+    _with_key(page)
+    page.goto(f"{site}/jobs/{job_id}")
+    page.wait_for_selector(f"#result[data-viewer-ready='{job_id}']", timeout=30_000)
+    axial = "figure[data-plane=axial] canvas.fixed-view"
+    assert page.locator(axial).evaluate("c => c.width") > 240  # larger than the old 240 px
+    # fusion first; the edges view is one click away
+    assert page.is_checked("#display-form input[name=overlay][value=fusion]")
+    assert page.locator("#display-form input[name=overlay][value=edges]").is_visible()
+
+    # a click in the coronal plane moves the crosshair there in all three planes
+    coronal = geometry["planes"]["coronal"]
+    canvas = page.locator("figure[data-plane=coronal] canvas.moving-view")
+    box = canvas.bounding_box()
+    column, row = 6, 15
+    canvas.click(position={"x": (column + 0.5) * box["width"] / coronal["width"],
+                           "y": (row + 0.5) * box["height"] / coronal["height"]})
+    page.wait_for_selector("#point-info[data-fixed]")
+    p = np.array(json.loads(page.get_attribute("#point-info", "data-fixed")))
+    expected = np.array(coronal["pixel_to_physical"]) @ [column, row,
+                                                         int(page.input_value("#slice-coronal")),
+                                                         1.0]
+    np.testing.assert_allclose(p, expected[:3], atol=1e-6)
+    for name in ("axial", "sagittal"):
+        to_pixel = np.array(geometry["planes"][name]["physical_to_pixel"])
+        c, r, s = (to_pixel @ [*p, 1.0])[:3]
+        assert int(page.input_value(f"#slice-{name}")) == round(s), name
+        selector = f"figure[data-plane={name}] canvas.fixed-view"
+        page.wait_for_function(f"() => document.querySelector('{selector}').dataset.crosshair")
+        np.testing.assert_allclose(json.loads(page.get_attribute(selector, "data-crosshair")),
+                                   [c, r], atol=1e-6)
+
+    # the mouse wheel over an image changes its slice, not the page's scroll position
+    page.locator(axial).scroll_into_view_if_needed()
+    scrolled = page.evaluate("() => window.scrollY")
+    index = page.input_value("#slice-axial")
+    page.locator(axial).hover()
+    page.mouse.wheel(0, 120)
+    assert int(_wait_value(page, "#slice-axial", index)) == int(index) + 1
+    assert page.evaluate("() => window.scrollY") == scrolled
+
+    # the scale bar says how many mm its length is
+    plane = geometry["planes"]["axial"]
+    width = page.locator(axial).evaluate("c => c.width")
+    mm_per_px = plane["width"] * plane["pixel_spacing_mm"][0] / width
+    scale_mm = float(page.get_attribute(axial, "data-scale-mm"))
+    assert float(page.get_attribute(axial, "data-scale-px")) == pytest.approx(
+        scale_mm / mm_per_px, rel=1e-3)
+
+    # zoom (button and Ctrl + wheel) magnifies: the same bar length covers fewer mm
+    count = int(page.get_attribute(axial, "data-rendered"))
+    page.click("#zoom-in")
+    count = _wait_rendered(page, axial, count)
+    assert page.get_attribute("#planes", "data-zoom") == "1.5"
+    zoomed_px = float(page.get_attribute(axial, "data-scale-px"))
+    zoomed_mm = float(page.get_attribute(axial, "data-scale-mm"))
+    assert zoomed_px / zoomed_mm == pytest.approx(1.5 / mm_per_px, rel=1e-3)
+    page.locator(axial).hover()
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, -120)
+    page.keyboard.up("Control")
+    page.wait_for_function("() => Number(document.getElementById('planes').dataset.zoom) > 1.5")
+    # a drag pans the view without moving the marked point
+    count = int(page.get_attribute(axial, "data-rendered"))
+    before = _png_array(page.locator(axial).screenshot())
+    marked = page.get_attribute("#point-info", "data-fixed")
+    box = page.locator(axial).bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2 + 60, box["y"] + box["height"] / 2 + 30,
+                    steps=6)
+    page.mouse.up()
+    _wait_rendered(page, axial, count)
+    assert np.abs(_png_array(page.locator(axial).screenshot()) - before).mean() > 1.0
+    assert page.get_attribute("#point-info", "data-fixed") == marked
+    _shot(page, "viewer-zoomed")
+    page.click("#zoom-reset")
+
+    # window and level per image: a preset asks the service for that window
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/slices/fixed/" in r.url else None)
+    page.select_option("#wl-fixed-preset", "ct-bone")
+    page.wait_for_function("() => document.getElementById('wl-fixed-window').value === '1800'")
+    deadline = time.monotonic() + 10
+    while not any("window=1800" in url and "level=400" in url for url in asked):
+        assert time.monotonic() < deadline, asked
+        page.wait_for_timeout(50)
+    assert not any("/slices/registered/" in url for url in asked)  # the moving image kept its own
+    page.fill("#wl-moving-window", "500")
+    page.fill("#wl-moving-level", "250")
+    page.press("#wl-moving-level", "Enter")
+    page.wait_for_function("() => document.getElementById('wl-moving-preset').value === 'custom'")
+    assert page.errors == []
