@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # numpy, SimpleITK and scipy load on the first viewer request
     from disa.service.heatmap import Heatmap
     from disa.service.viewer import JobVolumes, PlaneGeometry, VolumeCache
 
-Volume = Literal["fixed", "registered", "before"]
+Volume = Literal["fixed", "registered", "before", "displacement"]
 Plane = Literal["axial", "coronal", "sagittal"]
 HeatmapSimilarity = Literal["disa", "mind"]
 
@@ -77,10 +77,12 @@ class ViewerOut(BaseModel):
     matrix_fixed_to_moving: list[list[float]] = Field(
         description="4x4 T: a fixed point p (LPS mm) corresponds to the moving point T p")
     planes: dict[str, PlaneOut]
-    volumes: list[str] = Field(description="volume names for .../slices/{volume}/...")
+    volumes: list[str] = Field(description="volume names for .../slices/{volume}/... "
+                                           "(displacement: non-linear jobs only, |u| in mm)")
     windows: dict[str, list[float]] = Field(
         description="default display window (low, high) in image units: 'fixed' for the fixed "
-                    "image, 'moving' for registered and before")
+                    "image, 'moving' for registered and before; non-linear jobs: "
+                    "'displacement' (0, largest |u| in mm)")
     heatmaps: dict[str, str | None] = Field(
         description="similarity -> null when GET .../heatmap can compute it, else the reason")
     mapping: Literal["linear", "displacement"] = Field(
@@ -231,7 +233,8 @@ def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
         index_to_physical=grid.index_to_physical.tolist(),
         matrix_fixed_to_moving=_matrix(runtime, manifest).tolist(),
         planes={name: _plane_out(p) for name, p in volumes.planes.items()},
-        volumes=list(get_args(Volume)),
+        volumes=[v for v in get_args(Volume) if v != "displacement"
+                 or volumes.displacement is not None],
         windows={k: list(v) for k, v in volumes.windows.items()},
         heatmaps={s: _unavailable(s) for s in ("disa", "mind")},
         mapping="linear" if volumes.displacement is None else "displacement",
@@ -304,9 +307,12 @@ def get_slice(job_id: JobIdPath, volume: Volume, plane: Plane,
         raise HTTPException(status_code=422, detail=f"slice index {index} is outside "
                                                     f"0..{geometry.count - 1} of the {plane} "
                                                     "plane")
+    if volume == "displacement" and volumes.displacement is None:
+        raise HTTPException(status_code=422, detail="this job has no displacement field "
+                                                    "(rigid and affine jobs)")
     bounds = (volumes.window_of(volume) if window is None or level is None
               else (level - window / 2.0, level + window / 2.0))
-    pixels = to_uint8(geometry.take(volumes.arrays[volume], index), bounds)
+    pixels = to_uint8(geometry.take(volumes.array(volume), index), bounds)
     headers = {**_SLICE_HEADERS, "X-Slice-Width": str(geometry.width),
                "X-Slice-Height": str(geometry.height)}
     if format == "raw":

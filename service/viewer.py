@@ -5,6 +5,7 @@ A succeeded job gives three volumes, all on the fixed image's voxel grid:
     fixed       the fixed input image
     registered  outputs/registered.nii.gz: the moving image resampled with the result transform
     before      the moving image resampled with the identity (what the images look like unaligned)
+    displacement  non-linear jobs only: |u(x)| in mm of displacement.nii.gz (window 0..max)
 
 Planes are index planes of the fixed grid, so a slice is exactly one layer of
 voxels (no resampling, no interpolation). Each plane is named after the patient
@@ -59,6 +60,8 @@ _LETTERS = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (
 
 #: Result file of non-linear jobs: u(x) = T(x) - x of the full mapping on the fixed grid.
 DISPLACEMENT_FILE = "displacement.nii.gz"
+#: The viewer's volume of non-linear jobs: |u(x)| in mm on the fixed grid (window 0..max).
+DISPLACEMENT_VOLUME = "displacement"
 #: Bytes of volumes the cache keeps (the newest job is always kept, whatever its size).
 CACHE_BYTES = 1 << 30
 #: Auto window: these intensity percentiles of the whole volume map to black and white.
@@ -201,7 +204,19 @@ class JobVolumes:
         return sum(a.nbytes for a in self.arrays.values()) + extra
 
     def window_of(self, volume: str) -> tuple[float, float]:
-        return self.windows["fixed" if volume == "fixed" else "moving"]
+        if volume in ("fixed", DISPLACEMENT_VOLUME):
+            return self.windows[volume]
+        return self.windows["moving"]
+
+    def array(self, volume: str) -> np.ndarray:
+        """The (z, y, x) array of a volume; `displacement` (non-linear jobs): |u| in mm,
+        made on first use (KeyError for a job without a field)."""
+        if volume == DISPLACEMENT_VOLUME and volume not in self.arrays:
+            if self.displacement is None:
+                raise KeyError(volume)
+            magnitude = np.sqrt(np.sum(np.square(self.displacement, dtype=np.float32), axis=-1))
+            self.arrays[volume] = magnitude
+        return self.arrays[volume]
 
 
 def view_point(result: Mapping[str, Any] | None, grid: Grid) -> tuple[np.ndarray, ViewPointSource]:
@@ -278,6 +293,9 @@ def load_job_volumes(store: JobStore, manifest: Manifest, max_voxels: int) -> Jo
         displacement = sitk.GetArrayFromImage(field_image)
         if displacement.shape != (*arrays["fixed"].shape, 3):
             raise InputError("displacement.nii.gz is not a 3-vector field on the fixed grid")
+        largest = float(np.sqrt(np.max(np.sum(np.square(displacement, dtype=np.float32),
+                                              axis=-1)))) if displacement.size else 0.0
+        windows[DISPLACEMENT_VOLUME] = (0.0, max(largest, 1e-3))
     point, source = view_point(_read_result(store.outputs_dir(manifest.id) / RESULT_JSON), grid)
     return JobVolumes(grid=grid, arrays=arrays, windows=windows,
                       planes={name: plane_geometry(grid, name) for name in PLANES},

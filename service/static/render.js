@@ -215,3 +215,22 @@ export function apply4(matrix, point) {
   const [x, y, z] = point;
   return [0, 1, 2].map((r) => matrix[r][0] * x + matrix[r][1] * y + matrix[r][2] * z + matrix[r][3]);
 }
+
+// A colour overlay of 8-bit values (0..255, e.g. a displacement magnitude through its
+// window) on the grey fixed image: the colour map of colourMap, `alpha` opaque; zero left
+// grey.
+export function heatOverlay(fixed, values, width, height, alpha) {
+  const out = grey(fixed, width, height);
+  for (let i = 0; i < width * height; i++) {
+    const t = values[i] / 255;
+    if (t <= 0) continue;
+    let k = 0;
+    while (k < STOPS.length - 2 && t > STOPS[k + 1]) k++;
+    const f = Math.min(1, Math.max(0, (t - STOPS[k]) / (STOPS[k + 1] - STOPS[k])));
+    for (let ch = 0; ch < 3; ch++) {
+      const colour = COLOURS[k][ch] + f * (COLOURS[k + 1][ch] - COLOURS[k][ch]);
+      out.data[4 * i + ch] = Math.round((1 - alpha) * out.data[4 * i + ch] + alpha * colour);
+    }
+  }
+  return out;
+}

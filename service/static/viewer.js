@@ -70,6 +70,12 @@ export class Viewer {
     this.buildPlanes();
     this.bindControls();
     this.initWindows();
+    // Non-linear jobs: the displacement overlay is one more comparison.
+    const field = this.geometry.volumes.includes("displacement");
+    this.el("overlay-deformation-label").hidden = !field;
+    if (!field && this.overlay === "deformation") {
+      this.el("display-form").elements.overlay.value = "fusion";
+    }
     this.observeSize();
     this.resizeCanvases(this.box);
     this.resetHeatmaps();
@@ -183,6 +189,12 @@ export class Viewer {
         [canvas.width, canvas.height] = [w, h];
       }
     }
+  }
+
+  // The largest displacement (mm) of a non-linear job: the top of its overlay's scale.
+  largestShift() {
+    const window = this.geometry.windows.displacement;
+    return window ? window[1].toFixed(1) : "?";
   }
 
   figure(name) {
@@ -340,7 +352,8 @@ export class Viewer {
   // ---------------------------------------------------------------------- slices
 
   async slice(volume, plane, index) {
-    const window = this.windows[volume === "fixed" ? "fixed" : "moving"];
+    const window = volume === "displacement" ? null
+      : this.windows[volume === "fixed" ? "fixed" : "moving"];
     const query = window ? `&window=${window[0]}&level=${window[1]}` : "";
     const key = `${volume}/${plane}/${index}${query}`;
     let entry = this.slices.get(key);
@@ -362,7 +375,8 @@ export class Viewer {
     const index = this.index[name];
     const token = (this.tokens[name] = (this.tokens[name] || 0) + 1);
     const figure = this.figure(name);
-    const movingVolume = this.stage === "after" ? "registered" : "before";
+    const movingVolume = this.overlay === "deformation" ? "displacement"
+      : this.stage === "after" ? "registered" : "before";
     let fixed;
     let moving;
     try {
@@ -385,6 +399,7 @@ export class Viewer {
       blend: () => R.blend(fixed, moving, width, height, this.opacity),
       checkerboard: () => R.checkerboard(fixed, moving, width, height, tile),
       edges: () => R.edges(fixed, moving, width, height),
+      deformation: () => R.heatOverlay(fixed, moving, width, height, Math.max(0.2, this.opacity)),
     }[this.overlay]();
     view.draw(movingCanvas, composite);
     for (const canvas of [fixedCanvas, movingCanvas]) {
@@ -397,7 +412,9 @@ export class Viewer {
     const overlayText = { moving: "moving only",
       fusion: `fusion, fixed green, moving magenta (${share}% moving)`,
       blend: `grey blend, ${share}% moving`,
-      checkerboard: "checkerboard", edges: "moving edges on fixed" }[this.overlay];
+      checkerboard: "checkerboard", edges: "moving edges on fixed",
+      deformation: `displacement |u| on the fixed image, 0 (dark blue) to ${this.largestShift()} mm (yellow)`,
+    }[this.overlay];
     figure.querySelector(".moving-label").textContent = `Moving, ${stageText} — ${overlayText}`;
     movingCanvas.setAttribute("aria-label",
       `${title(name)} slice ${index + 1}: moving image ${stageText}, ${overlayText}`);

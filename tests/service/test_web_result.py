@@ -264,3 +264,44 @@ def test_the_viewer_links_planes_scrolls_zooms_pans_and_windows(page, site, done
     page.press("#wl-moving-level", "Enter")
     page.wait_for_function("() => document.getElementById('wl-moving-preset').value === 'custom'")
     assert page.errors == []
+
+
+def test_a_deformable_result_shows_its_jacobian_figures_and_a_displacement_overlay(
+        page, site, done_job, pair_files):
+    from disa.service.client import DisaClient
+
+    from .helpers import TINY_OPTIONS
+
+    with DisaClient(site, api_key=API_KEY) as client:
+        job = client.wait(client.submit(*pair_files, {**TINY_OPTIONS, "mode": "deformable"})["id"],
+                          poll_s=0.2, timeout_s=120)
+    assert job["state"] == "succeeded", job["error"]
+    deformation = job["result"]["deformation"]  # in the job JSON, as in result.json
+    _with_key(page)
+    page.goto(f"{site}/jobs/{job['id']}")
+    page.wait_for_selector(f"#result[data-viewer-ready='{job['id']}']", timeout=30_000)
+    words = page.text_content("#transform-summary")
+    assert f"{100 * deformation['negative_jacobian_fraction']:.3f}% of voxels" in words
+    assert f"SD of log det J{deformation['sd_log_jacobian']:.3f}" in words
+    assert "Scale (x, y, z)" in words and "Shear (xy, xz, yz)" in words  # the affine stage
+    # the displacement overlay: |u| in colour on the fixed image, its scale named
+    option = page.locator("#display-form input[name=overlay][value=deformation]")
+    assert option.is_visible()
+    moving = "figure[data-plane=axial] canvas.moving-view"
+    count = int(page.get_attribute(moving, "data-rendered"))
+    fusion = _png_array(page.locator(moving).screenshot())
+    with page.expect_response(lambda r: "/slices/displacement/axial/" in r.url
+                              and r.status == 200):
+        option.check()
+    _wait_rendered(page, moving, count)
+    assert np.abs(_png_array(page.locator(moving).screenshot()) - fusion).mean() > 1.0
+    assert "displacement |u|" in page.text_content("figure[data-plane=axial] .moving-label")
+    # a rigid job has no such overlay, and the API says why
+    page.goto(f"{site}/jobs/{done_job['id']}")
+    page.wait_for_selector(f"#result[data-viewer-ready='{done_job['id']}']", timeout=30_000)
+    assert not option.is_visible()
+    assert page.is_checked("#display-form input[name=overlay][value=fusion]")
+    refused = page.request.get(f"{site}/v1/jobs/{done_job['id']}/slices/displacement/axial/1",
+                               headers={"X-API-Key": API_KEY})
+    assert refused.status == 422 and "no displacement field" in refused.text()
+    assert page.errors == []
