@@ -305,3 +305,54 @@ def test_a_deformable_result_shows_its_jacobian_figures_and_a_displacement_overl
                                headers={"X-API-Key": API_KEY})
     assert refused.status == 422 and "no displacement field" in refused.text()
     assert page.errors == []
+
+
+def test_the_heatmap_reports_the_points_percentile_and_nearest_peak(page, site, done_job):
+    job_id = done_job["id"]
+    _with_key(page)
+    page.goto(f"{site}/jobs/{job_id}")
+    page.wait_for_selector(f"#result[data-viewer-ready='{job_id}']", timeout=30_000)
+    assert "Pick a distinctive point" in page.text_content("#heatmap-section")
+    p = (-6.0, 5.0, 2.0)
+    for axis, value in zip("xyz", p, strict=True):
+        page.fill(f"#point-{axis}", str(value))
+    page.click("#point-form button[type=submit]")
+    page.wait_for_selector("#heatmap-mind[data-state=ready]", timeout=30_000)
+    heat = page.request.get(f"{site}/v1/jobs/{job_id}/heatmap?x={p[0]}&y={p[1]}&z={p[2]}"
+                            "&plane=axial&similarity=mind", headers={"X-API-Key": API_KEY}).json()
+    assert float(page.get_attribute("#heatmap-mind", "data-percentile")) == pytest.approx(
+        heat["point_percentile"])
+    status = page.text_content("#heatmap-mind-status")
+    if heat["point_rank"] == 1:
+        assert "the highest value on this slice" in status
+    else:
+        assert f"(rank {heat['point_rank']})" in status
+    near = heat["nearest_peak"]
+    assert ("on a local peak" in status if near["distance_mm"] < 0.05
+            else f"nearest local peak {near['distance_mm']:.1f} mm away" in status), status
+    # the colour bar: its ends are the map's range
+    assert float(page.text_content("#heatmap-mind-low")) == pytest.approx(heat["min"], rel=0.01)
+    assert float(page.text_content("#heatmap-mind-high")) == pytest.approx(heat["max"], rel=0.01)
+    assert page.locator("#heatmap-section .colour-bar-ramp").first.bounding_box()["width"] > 50
+    assert page.errors == []
+
+
+def test_the_bundled_sample_shows_as_likely_on_the_page(page, site):
+    """The newcomer's first run: the bundled pair, default options."""
+    from disa.sample import sample_paths
+
+    fixed, moving, _ = sample_paths()
+    _with_key(page)
+    page.set_input_files("#fixed", str(fixed))
+    page.set_input_files("#moving", str(moving))
+    page.click("#submit")
+    page.wait_for_selector("#result[data-state=succeeded]", timeout=150_000)
+    verdict = page.locator("#verdict")
+    verdict.wait_for()
+    assert verdict.get_attribute("data-verdict") == "likely", verdict.text_content()
+    assert "Likely correct" in verdict.text_content()
+    page.click("#result-back")
+    job_id = page.evaluate("() => document.querySelector('#jobs-body tr').dataset.id")
+    badge = page.locator(f"#jobs-body tr[data-id='{job_id}'] .badge")
+    assert badge.text_content() == "Likely correct"
+    assert page.errors == []
