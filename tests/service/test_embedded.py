@@ -72,7 +72,8 @@ def test_embedded_round_trip_with_disa_submit(serve, pair_files, tmp_path, capsy
                  "--starts", "10", "--quiet", "--poll", "0.2"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "confidence" in printed.out
+    assert printed.out.split("\n")[1].startswith("verdict: ")  # after "job ... queued"
+    assert "refined solutions agree" in printed.out
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["transform.tfm", "registered.nii.gz", "qa.png", "result.json"])
 
