@@ -10,12 +10,12 @@
 
 import { describeError, getBytes, getJson, jobPath } from "./api.js";
 import * as R from "./render.js";
+import { resetHeatmaps, runHeatmaps } from "./heatmaps.js";
 import { View, drawCrosshair, drawScaleBar, fitSize } from "./viewport.js";
 
 const PLANES = ["axial", "coronal", "sagittal"];
 const MIN_BOX = 160; // smallest side of a canvas box (px)
 const MAX_BOX = 440; // largest
-const HEATMAP_BOX = 240;
 const SLICE_CACHE = 240; // slices kept in memory
 const FIXED_COLOUR = "#ffd700";
 const MOVING_COLOUR = "#00e5ff";
@@ -78,7 +78,7 @@ export class Viewer {
     }
     this.observeSize();
     this.resizeCanvases(this.box);
-    this.resetHeatmaps();
+    resetHeatmaps(this);
     this.el("point-info").textContent = "No point marked yet.";
     delete this.el("point-info").dataset.fixed;
     delete this.el("point-info").dataset.moving;
@@ -228,7 +228,7 @@ export class Viewer {
       const p = ["x", "y", "z"].map((k) => Number(this.el(`point-${k}`).value));
       if (p.every(Number.isFinite)) this.setPoint(p, null);
     }, { signal });
-    this.el("heatmap-run").addEventListener("click", () => this.runHeatmaps(), { signal });
+    this.el("heatmap-run").addEventListener("click", () => runHeatmaps(this), { signal });
     for (const box of this.root.querySelectorAll(".window-level")) {
       const image = box.dataset.image;
       box.querySelector(".wl-preset").addEventListener("change", (event) => {
@@ -247,7 +247,7 @@ export class Viewer {
     this.el("zoom-reset").addEventListener("click", () => this.setZoom(1), { signal });
     window.addEventListener("pointerup", () => this.onPointerUp(), { signal });
     this.el("heatmap-plane").addEventListener("change", () => {
-      if (this.point) this.runHeatmaps();
+      if (this.point) runHeatmaps(this);
     }, { signal });
   }
 
@@ -352,9 +352,9 @@ export class Viewer {
   // ---------------------------------------------------------------------- slices
 
   async slice(volume, plane, index) {
-    const window = volume === "displacement" ? null
+    const chosen = volume === "displacement" ? null
       : this.windows[volume === "fixed" ? "fixed" : "moving"];
-    const query = window ? `&window=${window[0]}&level=${window[1]}` : "";
+    const query = chosen ? `&window=${chosen[0]}&level=${chosen[1]}` : "";
     const key = `${volume}/${plane}/${index}${query}`;
     let entry = this.slices.get(key);
     if (!entry) {
@@ -511,8 +511,10 @@ export class Viewer {
     this.moved = null;
     for (const name of PLANES) {
       const plane = this.geometry.planes[name];
-      const s = Math.round(R.apply4(plane.physical_to_pixel, p)[2]);
-      this.index[name] = Math.min(plane.count - 1, Math.max(0, s));
+      const [c, r, s] = R.apply4(plane.physical_to_pixel, p);
+      this.index[name] = Math.min(plane.count - 1, Math.max(0, Math.round(s)));
+      // Zoomed in: the other planes follow the point so that the crosshair stays in view.
+      if (name !== fromPlane && this.zoom > 1) this.views[name].setZoom(this.zoom, [c, r]);
     }
     ["x", "y", "z"].forEach((k, i) => { this.el(`point-${k}`).value = p[i].toFixed(2); });
     if (this.geometry.mapping === "linear") {
@@ -531,7 +533,7 @@ export class Viewer {
     this.describePoint();
     if (fromPlane) this.el("heatmap-plane").value = fromPlane;
     this.renderAll();
-    this.runHeatmaps();
+    runHeatmaps(this);
   }
 
   // The marked point in words: p, where the cyan mark is, and T(p).
@@ -557,94 +559,4 @@ export class Viewer {
     info.dataset.fixed = JSON.stringify(p);
     info.dataset.moving = JSON.stringify(moved);
   }
-
-  resetHeatmaps() {
-    for (const similarity of ["disa", "mind"]) {
-      const canvas = this.el(`heatmap-${similarity}`);
-      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
-      delete canvas.dataset.state;
-      this.el(`heatmap-${similarity}-status`).textContent = "Mark a point to compute this map.";
-    }
-  }
-
-  async runHeatmaps() {
-    if (!this.point) {
-      this.resetHeatmaps();
-      return;
-    }
-    const token = ++this.heatmapToken;
-    const plane = this.el("heatmap-plane").value;
-    await Promise.all(["disa", "mind"].map((s) => this.heatmap(s, plane, token)));
-  }
-
-  async heatmap(similarity, planeName, token) {
-    const canvas = this.el(`heatmap-${similarity}`);
-    const status = this.el(`heatmap-${similarity}-status`);
-    const label = similarity === "disa" ? "DISA" : "MIND-SSC";
-    const unavailable = this.geometry.heatmaps[similarity];
-    if (unavailable) {  // known from GET .../viewer: no request that would answer 409
-      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
-      canvas.dataset.state = "error";
-      status.textContent = `${label}: ${unavailable}`;
-      return;
-    }
-    status.textContent = `Computing the ${label} map…`;
-    canvas.dataset.state = "busy";
-    const [x, y, z] = this.point;
-    const query = new URLSearchParams({ x, y, z, plane: planeName, similarity });
-    let map;
-    try {
-      map = await getJson(jobPath(this.jobId, `/heatmap?${query}`));
-    } catch (err) {
-      if (token !== this.heatmapToken) return;
-      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
-      canvas.dataset.state = "error";
-      status.textContent = `${label}: ${describeError(err)}`;
-      return;
-    }
-    if (token !== this.heatmapToken || this.abort.signal.aborted) return;
-    const plane = this.geometry.planes[planeName];
-    [canvas.width, canvas.height] = fitSize(plane, HEATMAP_BOX);
-    const { image, min, max } = R.colourMap(map.values, map.width, map.height);
-    R.drawScaled(canvas, image, "#000");
-    R.drawLetters(canvas, plane.letters);
-    const [px, py] = R.toCanvas(canvas, map.width, map.height, ...map.point_pixel);
-    R.drawMarker(canvas, px, py, { colour: "#ffffff" });
-    const peak = map.nearest_peak;
-    if (peak) {
-      const [kx, ky] = R.toCanvas(canvas, map.width, map.height, peak.column, peak.row);
-      R.drawMarker(canvas, kx, ky, { shape: "ring", colour: "#ff4081" });
-    }
-    this.el(`heatmap-${similarity}-low`).textContent = Number.isFinite(min) ? min.toPrecision(3) : "–";
-    this.el(`heatmap-${similarity}-high`).textContent = Number.isFinite(max) ? max.toPrecision(3) : "–";
-    const answer = heatmapAnswer(map);
-    const kind = map.kind === "dot" ? "dot product" : "negative squared distance";
-    canvas.setAttribute("aria-label", `${label} similarity heatmap, ${planeName} slice ${map.slice + 1}: ${answer}`);
-    status.textContent = `${label} (${kind}, higher = more alike), ${planeName} slice `
-      + `${map.slice + 1}: ${answer}.`;
-    canvas.dataset.percentile = String(map.point_percentile ?? "");
-    canvas.dataset.state = "ready";
-  }
-}
-
-// The heatmap's answer in words: how the point ranks on its slice and how far the nearest
-// local peak lies (the slice's global peak is named too, but it answers another question).
-export function heatmapAnswer(map) {
-  if (!Number.isFinite(map.point_percentile)) {
-    return "no value at the point (the moving image has no data there)";
-  }
-  const top = 100 - map.point_percentile;
-  const rankText = map.point_rank === 1 ? "the highest value on this slice"
-    : `in the top ${top < 0.1 ? "0.1" : top.toFixed(1)}% of this slice (rank ${map.point_rank})`;
-  let text = `the point's value is ${rankText}`;
-  const near = map.nearest_peak;
-  if (near) {
-    text += near.distance_mm < 0.05 ? "; the point is on a local peak"
-      : `; nearest local peak ${near.distance_mm.toFixed(1)} mm away (pink ring)`;
-  }
-  if (map.peak) {
-    const far = Math.hypot(...map.peak.point_mm.map((v, i) => v - map.point_mm[i]));
-    text += `; the slice's highest value lies ${far.toFixed(1)} mm away`;
-  }
-  return text;
 }
