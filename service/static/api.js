@@ -99,7 +99,7 @@ export function submitJob(formData, onProgress) {
 // A message for the user: what went wrong and, for key problems, what to do.
 export function describeError(err) {
   if (!(err instanceof ApiError)) return `unexpected error: ${err.message || err}`;
-  if (err.status === 401) return "The service needs an API key: enter it above.";
+  if (err.status === 401) return "The service needs an API key: enter it in the API key box.";
   if (err.status === 403) return "The API key was not accepted: check it and enter it again.";
   return err.detail;
 }
