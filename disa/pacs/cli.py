@@ -198,10 +198,13 @@ def _run(args: argparse.Namespace, source: Any) -> int:
         return _fail(str(exc), EXIT_FAILURE)
     except OSError as exc:  # a local disk problem, or a network error outside the retries
         return _fail(f"{type(exc).__name__}: {exc.strerror or exc}", EXIT_FAILURE)
+    from disa.registration.readable import verdict_line
+
     r = done.result
-    print(f"job {done.job_id}: {r.get('mode')} registration with {r.get('similarity')}, "
-          f"confidence {float(r.get('confidence', 0.0)):.2f}"
-          f"{' (AMBIGUOUS: check qa.png)' if r.get('ambiguous') else ''}; "
+    line = verdict_line(r)  # the verdict first, as disa register and disa submit print it
+    if line:
+        print(f"verdict: {line}")
+    print(f"job {done.job_id}: {r.get('mode')} registration with {r.get('similarity')}; "
           f"stored {', '.join(done.files)} ({done.stored_instances} instance(s))")
     return EXIT_OK
 

@@ -71,7 +71,7 @@ def test_pull_over_dicomweb(empty_orthanc: OrthancServer, disa_service: DisaServ
                  "--store-registered", "-o", str(out), *FAST, *JOB_OPTIONS])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert "stored registration.dcm" in captured.out
+    assert "stored registration.dcm" in captured.out and "verdict: " in captured.out
     result = json.loads((out / "result.json").read_text())
     _check_registration(_stored_registration(orthanc, tmp_path), result, study)
     # The registered moving image came back as a CT series in the fixed frame.
