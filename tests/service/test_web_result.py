@@ -356,3 +356,42 @@ def test_the_bundled_sample_shows_as_likely_on_the_page(page, site):
     badge = page.locator(f"#jobs-body tr[data-id='{job_id}'] .badge")
     assert badge.text_content() == "Likely correct"
     assert page.errors == []
+
+
+def test_an_uncertain_verdict_says_why_in_amber_and_nothing_contradicts_it(page, site):
+    job_id = "e" * 32
+    stamp = "2026-01-01T00:00:00Z"
+    result = {"verdict": "uncertain",
+              "verdict_reason": "only 12% of the refined solutions agree: check qa.png",
+              "verdict_evidence": "1 of 8 refined solutions agree, match quality 0.62 (0 chance, "
+                                  "1 perfect), overlap 97%",
+              "confidence": 0.125, "agreeing_solutions": 1, "refined_solutions": 8,
+              "ambiguous": False, "match_quality": 0.62, "overlap": 0.97, "mode": "rigid",
+              "similarity": "mind", "parameters": [0.0] * 6,
+              "parameter_names": ["angle_x_rad", "angle_y_rad", "angle_z_rad", "t_x_mm", "t_y_mm",
+                                  "t_z_mm"]}
+    job = {"id": job_id, "owner": "x", "state": "succeeded", "created_at": stamp,
+           "updated_at": stamp, "started_at": stamp, "finished_at": stamp,
+           "progress": {"stage": "done", "fraction": 1.0}, "attempts": 1,
+           "cancel_requested": False, "options": {}, "inputs": {},
+           "timings": {"queued_s": 0.1, "run_s": 2.0, "stages": {}}, "result": result,
+           "error": None, "error_kind": None, "files": []}
+    page.route(f"**/v1/jobs/{job_id}", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps(job)))
+    page.route("**/v1/jobs?limit=*", lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=json.dumps({"items": [job], "total": 1, "offset": 0, "limit": 50})))
+    _with_key(page)
+    page.goto(f"{site}/jobs/{job_id}")
+    verdict = page.locator("#verdict[data-verdict=uncertain]")
+    verdict.wait_for(timeout=10_000)
+    text = verdict.text_content()
+    assert "Check before use" in text and f"Why: {result['verdict_reason']}" in text
+    assert f"Evidence: {result['verdict_evidence']}." in text
+    border = verdict.evaluate("v => getComputedStyle(v).borderTopColor")
+    assert border == "rgb(180, 83, 9)"  # amber
+    assert "Confidence" not in page.text_content("#result")  # no figure of its own
+    page.click("#result-back")
+    badge = page.locator(f"#jobs-body tr[data-id='{job_id}'] .badge")
+    assert badge.text_content() == "Check before use"
+    assert badge.get_attribute("data-verdict") == "uncertain"
