@@ -11,7 +11,9 @@
 import { describeError, getBytes, getJson, jobPath } from "./api.js";
 import * as R from "./render.js";
 import { resetHeatmaps, runHeatmaps } from "./heatmaps.js";
-import { View, drawCrosshair, drawScaleBar, fitSize } from "./viewport.js";
+import {
+  MAX_ZOOM, MIN_ZOOM, View, drawCrosshair, drawScaleBar, fitSize,
+} from "./viewport.js";
 
 const PLANES = ["axial", "coronal", "sagittal"];
 const MIN_BOX = 160; // smallest side of a canvas box (px)
@@ -19,6 +21,7 @@ const MAX_BOX = 440; // largest
 const SLICE_CACHE = 240; // slices kept in memory
 const FIXED_COLOUR = "#ffd700";
 const MOVING_COLOUR = "#00e5ff";
+const WHEEL_NOTCH = 50; // wheel delta (px) of one slice
 const DRAG_PX = 4; // a pointer moved further than this pans instead of marking a point
 // Window presets: [width, level] in image units (Hounsfield units for CT); auto = the
 // service's own window from the image's percentiles (right for MR).
@@ -291,7 +294,7 @@ export class Viewer {
   // ------------------------------------------------------------------ zoom and pan
 
   setZoom(zoom) {
-    this.zoom = Math.min(8, Math.max(1, zoom));
+    this.zoom = Math.min(MAX_ZOOM, Math.max(MIN_ZOOM, zoom));
     for (const name of PLANES) {
       let around = null;
       if (this.point) {
@@ -305,10 +308,15 @@ export class Viewer {
     return this.renderAll();
   }
 
+  // One slice (or zoom step) per notch of a mouse wheel; a touchpad's many small deltas
+  // add up to a notch first, so the slices do not race past.
   onWheel(name, event) {
     event.preventDefault();
-    const step = Math.sign(event.deltaY);
-    if (!step) return;
+    const unit = event.deltaMode === 1 ? 40 : event.deltaMode === 2 ? 800 : 1; // lines, pages
+    this.wheel = (this.wheel || 0) + event.deltaY * unit;
+    if (Math.abs(this.wheel) < WHEEL_NOTCH) return;
+    const step = Math.sign(this.wheel);
+    this.wheel = 0;
     if (event.ctrlKey || event.metaKey) {
       this.setZoom(this.zoom * (step < 0 ? 1.25 : 0.8));
       return;
