@@ -45,12 +45,14 @@ export function overallFraction(job) {
   return 0.02;
 }
 
-// "about 12 s left" from the time running so far and the overall fraction; "" when too
-// early to say or when the job is not running.
+// "about 12 s left" from the time running so far and the overall fraction; "" when the
+// job is not running. The time so far is the service's own (updated_at - started_at, both
+// its clock), so a browser clock that is off does not skew the estimate.
 export function remainingText(job, now = Date.now()) {
   if (job.state !== "running" || !job.started_at) return "";
   const fraction = overallFraction(job);
-  const elapsed = (now - Date.parse(job.started_at)) / 1000;
+  const until = job.updated_at ? Date.parse(job.updated_at) : now;
+  const elapsed = (until - Date.parse(job.started_at)) / 1000;
   if (!(fraction >= 0.1) || !(elapsed > 1)) return "estimating the time left…";
   const left = Math.max(1, Math.round(elapsed * (1 - fraction) / fraction));
   return left < 90 ? `about ${left} s left` : `about ${Math.round(left / 60)} min left`;

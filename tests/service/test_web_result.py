@@ -133,8 +133,9 @@ def test_an_800_px_window_has_no_horizontal_overflow(narrow, site, done_job):
 def test_progress_is_one_overall_bar_in_plain_words_with_a_time_estimate(page, site):
     job_id = "d" * 32
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 6))
+    updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time()))
     job = {"id": job_id, "owner": "x", "state": "running", "created_at": started,
-           "updated_at": started, "started_at": started, "finished_at": None,
+           "updated_at": updated, "started_at": started, "finished_at": None,
            "progress": {"stage": "search", "fraction": 0.5}, "attempts": 1,
            "cancel_requested": False, "options": {}, "inputs": {},
            "timings": {"queued_s": 0.1, "run_s": None, "stages": {}}, "result": None,
@@ -148,7 +149,10 @@ def test_progress_is_one_overall_bar_in_plain_words_with_a_time_estimate(page, s
         timeout=10_000)
     first = page.locator("#result-bar").evaluate("bar => bar.value")
     assert 0.1 < first < 0.6
-    page.locator("#result-eta", has_text="left").wait_for(timeout=5_000)
+    # 6 s (the service's clock) for the share done so far: the rest at that pace
+    page.locator("#result-eta", has_text=" s left").wait_for(timeout=5_000)
+    left = float(page.text_content("#result-eta").split()[1])
+    assert left == pytest.approx(6 * (1 - first) / first, abs=1.5)
     # the next stage starts at 0 %: the overall bar still moves forward
     current["job"] = {**job, "progress": {"stage": "refine", "fraction": 0.0}}
     page.locator("#result-stage", has_text="Checking the best candidates").wait_for(
