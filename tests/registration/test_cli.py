@@ -451,3 +451,18 @@ def test_without_an_initial_transform_result_json_says_none(tmp_path: Path,
         main(["--debug", "register", str(fixed), str(moving), "-o", str(tmp_path / "out"),
               "--quiet"])
     assert seen["transform"] is None and seen["inputs"]["initial_transform"] is None
+
+
+def test_the_summary_puts_an_uncertain_verdict_first_with_why(tmp_path: Path, capsys) -> None:
+    from disa.cli import _print_summary
+
+    data = {"verdict": "uncertain", "verdict_reason": "another pose scores almost as well: "
+            "check qa.png", "verdict_evidence": "8 of 8 refined solutions agree, match quality "
+            "0.70 (0 chance, 1 perfect), overlap 99%, another pose scores almost as well",
+            "mode": "rigid", "similarity": "mind", "similarity_value": 0.5, "evaluations": 10,
+            "timings_s": {"search": 1.0, "search_adam": 0.5}, "files": ["qa.png"]}
+    _print_summary(data, tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"verdict: UNCERTAIN: {data['verdict_evidence']}"
+    assert lines[1] == f"  why: {data['verdict_reason']}"
+    assert lines[2].startswith("rigid registration with mind: similarity 0.5000")
