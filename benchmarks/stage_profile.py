@@ -71,18 +71,22 @@ class Run:
     transform: sitk.Transform | None = None
     pair: str = ""
     tre_mm: float = float("nan")
+    working_spacing_mm: float = float("nan")
 
 
 def profile_one(fixed: sitk.Image, moving: sitk.Image, mode: str,
-                similarity: str | None = None) -> Run:
-    """One default registration in ``mode`` (``similarity`` None: the engine's default)."""
+                similarity: str | None = None, working_spacing: float | None = None) -> Run:
+    """One default registration in ``mode`` (``similarity``, ``working_spacing`` in mm:
+    None for the engine's default)."""
     from disa.registration.options import RegistrationOptions
     from disa.registration.pipeline import register
 
     t0 = time.perf_counter()
-    result = register(fixed, moving, RegistrationOptions(mode=mode, similarity=similarity))
+    result = register(fixed, moving, RegistrationOptions(
+        mode=mode, similarity=similarity, working_spacing=working_spacing))
     total = time.perf_counter() - t0
-    return Run(total, dict(result.timings), result.similarity, result.transform)
+    return Run(total, dict(result.timings), result.similarity, result.transform,
+               working_spacing_mm=float(result.working_spacing_mm))
 
 
 def is_substage(name: str) -> bool:
@@ -145,16 +149,18 @@ def pair_table(runs: dict[str, list[Run]], modes: Sequence[str], pairs: Sequence
     """Markdown: per pair the median wall seconds per mode (max in brackets) and the
     median TRE (mm) of the result's linear transform per mode."""
     lines = ["| pair | " + " | ".join(f"{m} total s (max)" for m in modes)
-             + " | linear TRE median mm (" + ", ".join(modes) + ") |",
-             "|---|" + "---:|" * (len(modes) + 1)]
+             + " | linear TRE median mm (" + ", ".join(modes) + ") | working spacing mm |",
+             "|---|" + "---:|" * (len(modes) + 2)]
     for pair in pairs:
         cells, tres = [], []
+        spacings = [r.working_spacing_mm for m in modes for r in runs.get(m, []) if r.pair == pair]
         for m in modes:
             mine = [r for r in runs.get(m, []) if r.pair == pair]
             totals = [r.total for r in mine]
             cells.append(f"{_fmt(_median(totals))} ({_fmt(max(totals) if totals else None)})")
             tres.append(_fmt(_median([r.tre_mm for r in mine]), ".1f"))
-        lines.append(f"| {pair} | " + " | ".join(cells) + " | " + " / ".join(tres) + " |")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " | " + " / ".join(tres) + " | "
+                     + (f"{min(spacings):.2f}-{max(spacings):.2f}" if spacings else "–") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -243,6 +249,8 @@ def _command(args: argparse.Namespace) -> str:
                   f"--pairs {args.pairs}", f"--modes {args.modes}"]
     if args.similarity:
         parts.append(f"--similarity {args.similarity}")
+    if args.working_spacing:
+        parts.append(f"--working-spacing {args.working_spacing:g}")
     if args.no_cold:
         parts.append("--no-cold")
     return " ".join(parts)
@@ -262,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--similarity", choices=("disa", "mind", "lc2"), default=None,
                    help="default: the engine's own choice (what a user gets)")
+    p.add_argument("--working-spacing", type=float, default=None,
+                   help="mm; default: the engine's choice from the images")
     p.add_argument("--cold-child", nargs=4, metavar=("FIXED", "MOVING", "MODE", "SIMILARITY"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -296,17 +306,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"cold ({name}): {json.dumps(colds[name])}", flush=True)
     for mode in modes:  # warm-up: the one-off costs, untimed
         t0 = time.perf_counter()
-        profile_one(cases[0].fixed, cases[0].moving, mode, args.similarity)
+        profile_one(cases[0].fixed, cases[0].moving, mode, args.similarity,
+                    args.working_spacing)
         print(f"warm-up {mode}: {time.perf_counter() - t0:.1f} s", flush=True)
     similarity = ""
     for case in cases:
         for mode in modes:
-            run = profile_one(case.fixed, case.moving, mode, args.similarity)
+            run = profile_one(case.fixed, case.moving, mode, args.similarity,
+                              args.working_spacing)
             similarity, run.pair = run.similarity, case.pair
             run.tre_mm = capture_range.tre(run.transform, case.truth, case.points)
             run.transform = None
             runs[mode].append(run)
             print(f"{case.name} {mode}: {run.total:.2f} s, TRE {run.tre_mm:.1f} mm, "
+                  f"working spacing {run.working_spacing_mm:.2f} mm, "
                   + ", ".join(f"{k} {v:.2f}" for k, v in run.timings.items()), flush=True)
     header = (f"Command: `{_command(args)}`. Machine: {machine()}. "
               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. "
