@@ -823,7 +823,7 @@ def write_dicom_outputs(
     """Write registration.dcm into a result folder when both inputs are DICOM.
 
     `result_data` is result.json's content (``matrix_fixed_to_moving``, mode,
-    similarity, confidence). Returns the names of the files written (empty
+    similarity, verdict). Returns the names of the files written (empty
     when an input is not DICOM). A series that a REG object cannot reference
     (no Frame of Reference UID, say), or a pair of two patients, costs only the
     DICOM objects: the reason goes into ``result_data["registration_dcm_skipped"]``
@@ -847,10 +847,12 @@ def write_dicom_outputs(
         return []
     mode = str(result_data.get("mode", "rigid"))
     similarity = str(result_data.get("similarity", ""))
-    confidence = result_data.get("confidence")
+    verdict = result_data.get("verdict")
     text = f"DISA {mode} registration ({similarity})"
-    if isinstance(confidence, int | float):
-        text += f", confidence {confidence:.2f}"
+    if isinstance(verdict, str):
+        # The verdict (likely / uncertain / failed), as every other view shows it; the
+        # agreement figure alone once read as a quality (issue 25).
+        text += f", verdict {verdict}"
     versions = []
     model = result_data.get("model")
     if isinstance(model, dict) and model.get("sha256"):

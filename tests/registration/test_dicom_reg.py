@@ -259,9 +259,13 @@ def test_dicom_outputs_skip_a_pair_of_two_patients(series, tmp_path: Path) -> No
     assert "different patients" in reason
     assert dx.PATIENT_ID not in reason and OTHER_PATIENT[1] not in reason
     # The same pair of one patient does get its REG.
-    data = {"matrix_fixed_to_moving": np.eye(4).tolist()}
+    data = {"matrix_fixed_to_moving": np.eye(4).tolist(), "mode": "rigid",
+            "similarity": "mind", "verdict": "likely", "confidence": 0.12}
     assert dr.write_dicom_outputs(tmp_path, series["ct"], series["mr"], data) == [
         dr.REGISTRATION_FILE]
+    # The REG names the verdict that every other view shows, not the agreement figure.
+    description = pydicom.dcmread(tmp_path / dr.REGISTRATION_FILE).ContentDescription
+    assert description == "DISA rigid registration (mind), verdict likely"
 
 
 # --------------------------------------------------------------- deformable
