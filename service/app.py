@@ -19,10 +19,10 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disa import __version__
+from disa.jobs.settings import get_settings
 from disa.service import routes_health, routes_jobs, routes_metrics, routes_viewer, web
 from disa.service.headers import DEFAULT_HEADERS, SecurityHeaders, http_error
 from disa.service.runtime import Runtime
-from disa.service.settings import get_settings
 from disa.service.validation import describe_all
 
 API_PREFIX = "/v1"

@@ -43,7 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from disa.service.settings import get_settings
+    from disa.jobs.settings import get_settings
 
     if args.jobs_dir is not None:
         os.environ["DISA_JOBS_DIR"] = str(args.jobs_dir)

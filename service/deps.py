@@ -11,10 +11,11 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Path, Request, Security
 from fastapi.security import APIKeyHeader
 
+from disa.jobs.manifest import JOB_ID_PATTERN, JobNotFound, Manifest
+from disa.jobs.settings import Settings
+from disa.jobs.store import JobStore
 from disa.service.runtime import Runtime
 from disa.service.security import OPEN_CALLER, Caller, find_key
-from disa.service.settings import Settings
-from disa.service.store import JOB_ID_PATTERN, JobNotFound, JobStore, Manifest
 
 
 async def get_runtime(request: Request) -> Runtime:

@@ -12,8 +12,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from disa.service.settings import Settings
-from disa.service.store import JobStore
+from disa.jobs.settings import Settings
+from disa.jobs.store import JobStore
 
 log = logging.getLogger("disa.service")
 

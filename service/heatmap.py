@@ -44,10 +44,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from disa.jobs.manifest import Manifest
+from disa.jobs.store import JobStore
 from disa.registration.atomic import atomic_write
 from disa.registration.descriptor_map import DescriptorMap
 from disa.registration.grid import Grid
-from disa.service.store import JobStore, Manifest
 from disa.service.viewer import JobVolumes, PlaneGeometry, read_inputs
 
 #: T: fixed points (N, 3) -> moving points (N, 3), LPS mm.

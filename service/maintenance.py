@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from disa.service.store import TERMINAL_STATES, JobNotFound, JobStore, Manifest, Progress, now
+from disa.jobs.manifest import TERMINAL_STATES, JobNotFound, Manifest, Progress, now
+from disa.jobs.store import JobStore
 
 log = logging.getLogger("disa.service")
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from disa.service.store import ErrorKind, JobState, Manifest
+from disa.jobs.manifest import ErrorKind, JobState, Manifest
 
 
 class ErrorOut(BaseModel):

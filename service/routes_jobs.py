@@ -16,6 +16,8 @@ from fastapi.responses import FileResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from disa.jobs.manifest import TERMINAL_STATES, JobNotFound, JobState, Manifest, new_job_id, now
+from disa.jobs.store import INPUTS_DIR, RESULT_FILES, JobStore
 from disa.registration.errors import InputError
 from disa.service.deps import (
     CallerDep,
@@ -29,17 +31,6 @@ from disa.service.metrics import owner_label
 from disa.service.models import JobListOut, JobOut, error_responses
 from disa.service.runtime import Runtime
 from disa.service.security import Caller
-from disa.service.store import (
-    INPUTS_DIR,
-    RESULT_FILES,
-    TERMINAL_STATES,
-    JobNotFound,
-    JobState,
-    JobStore,
-    Manifest,
-    new_job_id,
-    now,
-)
 from disa.service.upload_slots import TooManyUploads
 from disa.service.uploads import (
     FILE_FIELDS,

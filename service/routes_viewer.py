@@ -17,13 +17,14 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from disa.jobs.manifest import JobNotFound, Manifest
+from disa.jobs.store import RESULT_JSON
 from disa.registration.dicom_zip import UnpackBusy
 from disa.registration.errors import InputError
 from disa.service.deps import CallerDep, JobIdPath, RuntimeDep, read_visible, require_api_key
 from disa.service.models import error_responses
 from disa.service.runtime import Runtime
 from disa.service.security import Caller
-from disa.service.store import RESULT_JSON, JobNotFound, Manifest
 
 if TYPE_CHECKING:  # numpy, SimpleITK and scipy load on the first viewer request, not at start
     import numpy as np

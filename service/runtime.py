@@ -13,12 +13,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from disa.jobs.settings import Settings
+from disa.jobs.store import JobStore
 from disa.service.dispatch import Dispatcher, make_dispatcher
 from disa.service.maintenance import jobs_to_requeue, remove_expired
 from disa.service.metrics import ServiceMetrics
 from disa.service.models import CheckOut, ReadinessOut
-from disa.service.settings import Settings
-from disa.service.store import JobStore
 from disa.service.upload_slots import UploadSlots
 
 log = logging.getLogger("disa.service")

@@ -41,9 +41,10 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
+from disa.jobs.manifest import Manifest
+from disa.jobs.store import INPUTS_DIR, RESULT_JSON, JobStore
 from disa.registration.grid import Grid
 from disa.registration.qa import display_window
-from disa.service.store import INPUTS_DIR, RESULT_JSON, JobStore, Manifest
 
 VOLUMES = ("fixed", "registered", "before")
 PLANES = ("axial", "coronal", "sagittal")

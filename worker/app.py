@@ -6,7 +6,7 @@ from the same DISA_ environment as the API.
 
 from __future__ import annotations
 
-from disa.service.settings import get_settings
+from disa.jobs.settings import get_settings
 from disa.worker.config import make_celery
 
 app = make_celery(get_settings())

@@ -26,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from disa.service.settings import get_settings
+    from disa.jobs.settings import get_settings
 
     settings = get_settings()
     if settings.embedded:

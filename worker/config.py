@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import Celery
 
-from disa.service.settings import Settings
+from disa.jobs.settings import Settings
 
 #: Name of the one task; the API sends it by name so it never imports the engine.
 TASK_NAME = "disa.run_job"

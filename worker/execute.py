@@ -20,21 +20,11 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from disa.jobs.manifest import TERMINAL_STATES, ErrorKind, JobNotFound, Manifest, Progress, now
+from disa.jobs.settings import Settings
+from disa.jobs.store import INPUTS_DIR, RESULT_FILES, RESULT_JSON, JobStore
 from disa.registration.dicom_zip import UnpackBusy
 from disa.registration.errors import CancelledError, InputError
-from disa.service.settings import Settings
-from disa.service.store import (
-    INPUTS_DIR,
-    RESULT_FILES,
-    RESULT_JSON,
-    TERMINAL_STATES,
-    ErrorKind,
-    JobNotFound,
-    JobStore,
-    Manifest,
-    Progress,
-    now,
-)
 
 log = logging.getLogger("disa.worker")
 

@@ -7,8 +7,8 @@ import logging
 from celery import Task
 from celery.signals import worker_process_init
 
-from disa.service.settings import get_settings
-from disa.service.store import JobStore
+from disa.jobs.settings import get_settings
+from disa.jobs.store import JobStore
 from disa.worker.app import app
 from disa.worker.config import TASK_NAME
 from disa.worker.execute import TransientError, execute_job

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import uvicorn
 
-from disa.service.security import key_digest
-from disa.service.settings import get_settings
+from disa.jobs.keys import key_digest
+from disa.jobs.settings import get_settings
 
 API_KEY = "test-key-5f0c"
 #: A second tenant's key (named) and an operator's key (admin role).

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 from disa.cli import main
+from disa.jobs.settings import get_settings
+from disa.jobs.store import JobStore
 from disa.service import runtime as runtime_module
 from disa.service.app import create_app
 from disa.service.client import DisaClient
-from disa.service.settings import get_settings
-from disa.service.store import JobStore
 from disa.worker.execute import execute_job
 
 from ..support import free_port, wait_until

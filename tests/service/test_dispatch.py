@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from disa.jobs.manifest import Manifest, new_job_id, now
+from disa.jobs.settings import Settings
+from disa.jobs.store import JobStore
 from disa.service.dispatch import EmbeddedDispatcher
-from disa.service.settings import Settings
-from disa.service.store import JobStore, Manifest, new_job_id, now
 
 from ..support import wait_until
 from .helpers import TINY_OPTIONS

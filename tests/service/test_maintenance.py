@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+from disa.jobs.manifest import Manifest, new_job_id, now
+from disa.jobs.settings import Settings
+from disa.jobs.store import JobStore
 from disa.service.maintenance import jobs_to_requeue, remove_expired
 from disa.service.runtime import Runtime
-from disa.service.settings import Settings
-from disa.service.store import JobStore, Manifest, new_job_id, now
 
 from .conftest import RecordingDispatcher
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from disa.service.settings import Settings
+from disa.jobs.settings import Settings
 from disa.worker.execute import execute_job
 
 from .helpers import TINY_OPTIONS

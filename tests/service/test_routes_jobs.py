@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from disa.service.store import JobStore
+from disa.jobs.store import JobStore
 
 from ..support import file_size_limit
 from .helpers import API_KEY, TINY_OPTIONS, api_key_env

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from disa.service.security import key_accepted, key_digest
-from disa.service.settings import Settings, get_settings
+from disa.jobs.keys import key_digest
+from disa.jobs.settings import Settings, get_settings
+from disa.service.security import key_accepted
 
 
 def test_read_from_disa_environment_lazily(monkeypatch: pytest.MonkeyPatch, tmp_path):

@@ -10,14 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from disa.service.store import (
-    JobNotFound,
-    JobStore,
-    Manifest,
-    check_job_id,
-    new_job_id,
-    now,
-)
+from disa.jobs.manifest import JobNotFound, Manifest, check_job_id, new_job_id, now
+from disa.jobs.store import JobStore
 
 
 def _publish(store: JobStore, state: str = "queued") -> Manifest:
@@ -74,7 +68,7 @@ def test_unreadable_manifests_are_skipped_in_listings(tmp_path: Path):
 def test_lock_excludes_other_processes_and_threads_and_dies_with_its_holder(tmp_path: Path):
     store = JobStore(tmp_path)
     m = _publish(store)
-    probe = ("import sys; from disa.service.store import JobStore; "
+    probe = ("import sys; from disa.jobs.store import JobStore; "
              "print(JobStore(sys.argv[1]).lock(sys.argv[2]).acquire(timeout=0.0))")
     with store.lock(m.id) as lock:
         assert lock.acquire()

@@ -15,9 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from disa.service.security import find_key, key_digest, parse_api_keys
-from disa.service.settings import Settings
-from disa.service.store import JobStore
+from disa.jobs.keys import key_digest, parse_api_keys
+from disa.jobs.settings import Settings
+from disa.jobs.store import JobStore
+from disa.service.security import find_key
 
 from .helpers import (
     ADMIN_KEY,

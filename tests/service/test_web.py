@@ -56,7 +56,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def jobs_dir(site: str) -> Path:
-    from disa.service.settings import get_settings
+    from disa.jobs.settings import get_settings
 
     return Path(get_settings().jobs_dir)
 

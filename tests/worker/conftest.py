@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from disa.service.settings import Settings
-from disa.service.store import JobStore, Manifest, new_job_id, now
+from disa.jobs.manifest import Manifest, new_job_id, now
+from disa.jobs.settings import Settings
+from disa.jobs.store import JobStore
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,7 @@ def deployment_env(jobs_dir: Path, broker_url: str, queue: str) -> dict[str, str
 @pytest.fixture
 def apply_env(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, str]], None]:
     """apply_env(env): set the variables in this process and re-read the settings."""
-    from disa.service.settings import get_settings
+    from disa.jobs.settings import get_settings
 
     def apply(env: dict[str, str]) -> None:
         for key, value in env.items():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from disa.cli import main
-from disa.service.settings import get_settings
+from disa.jobs.settings import get_settings
 
 
 def test_worker_needs_a_broker(monkeypatch, capsys):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from disa.service.settings import Settings
+from disa.jobs.settings import Settings
 from disa.worker.config import TASK_NAME, celery_config, make_celery
 
 

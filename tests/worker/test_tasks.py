@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from disa.jobs.settings import get_settings
 from disa.service.dispatch import CeleryDispatcher
-from disa.service.settings import get_settings
 
 from ..support import wait_until
 from .conftest import deployment_env

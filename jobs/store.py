@@ -19,31 +19,26 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import shutil
 import stat
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
+from disa.jobs.manifest import (
+    JobNotFound,
+    Manifest,
+    check_job_id,
+    is_job_id,
+    now,
+)
 from disa.registration.atomic import fsync_dir, write_json
 
 log = logging.getLogger("disa.store")
-
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-#: Why a job failed, for programs: "input" (its files or options; resubmitting them
-#: as they are fails again) or "internal" (the service: lost workers, storage, time limit).
-ErrorKind = Literal["input", "internal"]
-JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 MANIFEST_FILE = "manifest.json"
 CANCEL_FILE = "cancel"
@@ -64,70 +59,6 @@ RESULT_FILES: dict[str, str] = {
     "registration.dcm": "application/dicom",
 }
 RESULT_JSON = "result.json"
-
-
-class JobNotFound(LookupError):
-    """No job with this id (or the id is not a well-formed job id)."""
-
-
-class Progress(BaseModel):
-    """Where a job is: the engine's stage name and the fraction of it done (0..1)."""
-
-    stage: str = "queued"
-    fraction: float = 0.0
-
-
-class Manifest(BaseModel):
-    """The record of one job (manifest.json). Times are UTC."""
-
-    format: Literal["disa-job/1"] = "disa-job/1"
-    id: str
-    #: the API key the job belongs to, as its owner name (security.ApiKey.owner: the key's
-    #: name or a prefix of its digest, never the key); None: made without authentication
-    owner: str | None = None
-    state: JobState = "queued"
-    created_at: datetime
-    updated_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    progress: Progress = Field(default_factory=Progress)
-    #: role (fixed, moving, fixed_mask, moving_mask, initial_transform) -> path relative
-    #: to the job folder
-    inputs: dict[str, str]
-    #: role -> header facts (format, size, spacing); no names, no DICOM UIDs
-    input_info: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    options: dict[str, Any] = Field(default_factory=dict)
-    #: role (fixed, moving) -> chosen SeriesInstanceUID of a multi-series DICOM zip
-    series: dict[str, str] = Field(default_factory=dict)
-    attempts: int = 0
-    #: seconds spent in each engine stage of the last run
-    stage_seconds: dict[str, float] = Field(default_factory=dict)
-    result: dict[str, Any] | None = None
-    files: list[str] = Field(default_factory=list)
-    error: str | None = None
-    #: set with `error` when the job failed (absent in manifests of older versions)
-    error_kind: ErrorKind | None = None
-
-
-def now() -> datetime:
-    """The current time, UTC, timezone-aware."""
-    return datetime.now(UTC)
-
-
-def new_job_id() -> str:
-    """A fresh job id: 32 lowercase hex digits (uuid4)."""
-    return uuid.uuid4().hex
-
-
-def check_job_id(job_id: str) -> str:
-    """Return `job_id` if it is well-formed, else raise JobNotFound.
-
-    Every path under the jobs folder is built from a checked id, so no URL can
-    reach outside it.
-    """
-    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
-        raise JobNotFound(job_id)
-    return job_id
 
 
 class JobLock:
@@ -264,7 +195,7 @@ class JobStore:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return []
-        return [e.name for e in entries if _JOB_ID.fullmatch(e.name) and e.is_dir()]
+        return [e.name for e in entries if is_job_id(e.name) and e.is_dir()]
 
     def manifests(self) -> Iterator[Manifest]:
         """Every readable manifest; jobs deleted or corrupt meanwhile are skipped."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from disa.service.security import ApiKey, parse_api_keys
+from disa.jobs.keys import ApiKey, parse_api_keys
 
 # Redis re-delivers an unacknowledged message after the visibility timeout. It
 # must exceed the hard time limit, or a long job that is still running would be
