@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
-from disa.registration.errors import InputError
 from disa.service.client_key import add_api_key_arguments, api_key_from
+from disa.service.engine_surface import InputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
 
@@ -161,7 +161,7 @@ def _error_kind(job: dict[str, Any]) -> str:
 
 def _print_result(job: dict[str, Any]) -> None:
     """The verdict first (the same line as `disa register` prints), then the run's figures."""
-    from disa.registration.readable import verdict_line
+    from disa.service.engine_surface import verdict_line
 
     r = job.get("result") or {}
     run_s = job.get("timings", {}).get("run_s") or 0.0

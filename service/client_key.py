@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from disa.registration.errors import InputError
+from disa.service.engine_surface import InputError
 
 KEY_VARIABLE = "DISA_API_KEY"
 KEY_FILE_VARIABLE = "DISA_API_KEY_FILE"

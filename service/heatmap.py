@@ -46,9 +46,7 @@ import numpy as np
 
 from disa.jobs.manifest import Manifest
 from disa.jobs.store import JobStore
-from disa.registration.atomic import atomic_write
-from disa.registration.descriptor_map import DescriptorMap
-from disa.registration.grid import Grid
+from disa.service.engine_surface import DescriptorMap, Grid, atomic_write
 from disa.service.viewer import JobVolumes, PlaneGeometry, read_inputs
 
 #: T: fixed points (N, 3) -> moving points (N, 3), LPS mm.
@@ -97,7 +95,7 @@ def check_available(similarity: str) -> None:
     """Raise DescriptorsUnavailable unless `similarity` can be computed here."""
     if similarity != "disa":
         return
-    from disa.model.card import default_card_path
+    from disa.service.engine_surface import default_card_path
 
     if default_card_path() is None:
         raise DescriptorsUnavailable(
@@ -113,7 +111,7 @@ def check_available(similarity: str) -> None:
 
 def _cache_key(similarity: str, spacing: float, options: Any) -> str:
     if similarity == "disa":
-        from disa.model.card import default_card_path, load_model_card
+        from disa.service.engine_surface import default_card_path, load_model_card
 
         path = default_card_path()
         assert path is not None
@@ -148,8 +146,12 @@ def _load_cached(folder: Path) -> tuple[DescriptorMap, DescriptorMap] | None:
 def compute_descriptors(store: JobStore, manifest: Manifest, similarity: str,
                         max_voxels: int) -> tuple[DescriptorMap, DescriptorMap, str]:
     """Fixed and moving descriptor maps of a job as the engine computes them; cache key."""
-    from disa.registration.options import RegistrationOptions
-    from disa.registration.pipeline import auto_working_spacing, descriptor_maps, prepare
+    from disa.service.engine_surface import (
+        RegistrationOptions,
+        auto_working_spacing,
+        descriptor_maps,
+        prepare,
+    )
 
     options = RegistrationOptions.model_validate(manifest.options)
     images = read_inputs(store, manifest, max_voxels,

@@ -18,7 +18,6 @@ from starlette.concurrency import run_in_threadpool
 
 from disa.jobs.manifest import TERMINAL_STATES, JobNotFound, JobState, Manifest, new_job_id, now
 from disa.jobs.store import INPUTS_DIR, RESULT_FILES, JobStore
-from disa.registration.errors import InputError
 from disa.service.deps import (
     CallerDep,
     JobIdPath,
@@ -27,6 +26,7 @@ from disa.service.deps import (
     read_visible,
     require_api_key,
 )
+from disa.service.engine_surface import InputError
 from disa.service.metrics import owner_label
 from disa.service.models import JobListOut, JobOut, error_responses
 from disa.service.runtime import Runtime
@@ -165,7 +165,7 @@ async def _receive_job(request: Request, runtime: Runtime, caller: Caller,
 def _parse_options(text: str | None) -> dict[str, Any]:
     """Validate the options JSON with the engine's RegistrationOptions; 422 on any problem,
     a number given as a string or boolean and a NaN among them."""
-    from disa.registration.options import RegistrationOptions
+    from disa.service.engine_surface import RegistrationOptions
 
     try:
         # Strict: "10" or true for a number is refused, not converted (JSON numbers only).
@@ -182,7 +182,7 @@ def _check_working_grid(options: dict[str, Any], info: dict[str, dict[str, Any]]
     """422 naming working_spacing when the fixed or moving image resampled to it would hold
     more than `max_voxels` voxels: the worker's first step allocates that grid (float32,
     several copies), so a tiny spacing would cost many GB. Sizes in voxels, spacings in mm."""
-    from disa.registration.preprocess import check_working_grid, working_grid_size
+    from disa.service.engine_surface import check_working_grid, working_grid_size
 
     spacing = options.get("working_spacing")
     if spacing is None:  # the engine checks the grids of its own choice as it makes them
@@ -219,8 +219,7 @@ def _inspect_inputs(files: dict, runtime: Runtime, series: dict[str, str] | None
     What the DICOM zips' header reads decompress counts against one budget for the
     request (UNPACK_BUDGET_BYTES, 422 past it); a zip that finds the process's unpack
     pool full for DISA_UNPACK_WAIT_S is a 503 with Retry-After (busy, not a bad input)."""
-    from disa.registration.dicom_zip import UnpackBusy, unpack_budget
-    from disa.registration.io import InputLimits, inspect_image
+    from disa.service.engine_surface import InputLimits, UnpackBusy, inspect_image, unpack_budget
 
     limits = InputLimits(max_voxels=runtime.settings.max_voxels)
     info: dict[str, dict[str, Any]] = {}
@@ -245,7 +244,7 @@ def _inspect_inputs(files: dict, runtime: Runtime, series: dict[str, str] | None
 def _inspect_transform(path: Path) -> dict[str, Any]:
     """422 unless `path` holds a linear, invertible, finite ITK text transform; its facts
     for the job JSON: the format and the 4x4 matrix (fixed -> moving, LPS mm)."""
-    from disa.registration.initial_transform import read_initial_transform, transform_matrix
+    from disa.service.engine_surface import read_initial_transform, transform_matrix
 
     try:
         transform = read_initial_transform(path, allow_hdf5=False)

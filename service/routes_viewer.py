@@ -19,9 +19,8 @@ from pydantic import BaseModel, Field
 
 from disa.jobs.manifest import JobNotFound, Manifest
 from disa.jobs.store import RESULT_JSON
-from disa.registration.dicom_zip import UnpackBusy
-from disa.registration.errors import InputError
 from disa.service.deps import CallerDep, JobIdPath, RuntimeDep, read_visible, require_api_key
+from disa.service.engine_surface import InputError, UnpackBusy
 from disa.service.models import error_responses
 from disa.service.runtime import Runtime
 from disa.service.security import Caller

@@ -25,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from disa.registration.initial_transform import MAX_TRANSFORM_BYTES, TEXT_SUFFIXES
+from disa.service.engine_surface import MAX_TRANSFORM_BYTES, TEXT_SUFFIXES
 
 #: File fields of POST /v1/jobs (roles of the engine's inputs).
 FILE_FIELDS = ("fixed", "moving", "fixed_mask", "moving_mask", "initial_transform")

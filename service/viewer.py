@@ -43,8 +43,7 @@ import SimpleITK as sitk
 
 from disa.jobs.manifest import Manifest
 from disa.jobs.store import INPUTS_DIR, RESULT_JSON, JobStore
-from disa.registration.grid import Grid
-from disa.registration.qa import display_window
+from disa.service.engine_surface import Grid, display_window
 
 VOLUMES = ("fixed", "registered", "before")
 PLANES = ("axial", "coronal", "sagittal")
@@ -246,7 +245,7 @@ def _read_result(path: Path) -> dict[str, Any]:
 
 def input_paths(store: JobStore, manifest: Manifest) -> dict[str, Path]:
     """Role -> path of the job's inputs, refusing anything but server-named files in inputs/."""
-    from disa.registration.errors import InputError
+    from disa.service.engine_surface import InputError
 
     folder = store.job_dir(manifest.id)
     paths = {role: folder / rel for role, rel in manifest.inputs.items()}
@@ -259,7 +258,7 @@ def input_paths(store: JobStore, manifest: Manifest) -> dict[str, Path]:
 def read_inputs(store: JobStore, manifest: Manifest, max_voxels: int,
                 roles: tuple[str, ...] = ("fixed", "moving")) -> dict[str, sitk.Image]:
     """The job's input images (as the worker read them: same limits, same DICOM series)."""
-    from disa.registration.io import InputLimits, read_image
+    from disa.service.engine_surface import InputLimits, read_image
 
     limits = InputLimits(max_voxels=max_voxels)
     paths = input_paths(store, manifest)
@@ -270,8 +269,7 @@ def read_inputs(store: JobStore, manifest: Manifest, max_voxels: int,
 def load_job_volumes(store: JobStore, manifest: Manifest, max_voxels: int) -> JobVolumes:
     """Read the fixed and moving inputs, registered.nii.gz, (non-linear jobs)
     displacement.nii.gz and result.json's view point; resample `before`."""
-    from disa.registration.errors import InputError
-    from disa.registration.outputs import REGISTERED_FILE, resample_moving
+    from disa.service.engine_surface import REGISTERED_FILE, InputError, resample_moving
 
     images = read_inputs(store, manifest, max_voxels)
     fixed, moving = images["fixed"], images["moving"]

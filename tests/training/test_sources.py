@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from disa.training import sources
 
@@ -19,8 +22,35 @@ def test_split_is_disjoint_by_subject_and_has_a_held_out_anatomy() -> None:
     assert not np.allclose(a, b)
 
 
-def test_available_sources_only_lists_installed_files() -> None:
-    for source_id in sources.available_sources():
+def test_available_sources_only_lists_installed_files(tmp_path, monkeypatch) -> None:
+    """Checked on a made-up installation (it does not depend on which data packages this
+    machine has): one source with every file, one missing a file, the rest absent."""
+    complete, partial = [s for s, i in sources.CATALOGUE.items() if len(i.files) >= 2][:2]
+    present: dict[tuple[str, str], Path] = {}
+    for source_id in (complete, partial):
+        info = sources.CATALOGUE[source_id]
+        files = info.files if source_id == complete else info.files[1:]
+        for name in files:
+            path = tmp_path / info.package / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"volume")
+            present[info.package, name] = path
+    monkeypatch.setattr(sources, "_package_file",
+                        lambda package, relative: present.get((package, relative)))
+
+    assert sources.available_sources() == [complete]
+    assert sources.available_sources(sources.CATALOGUE[complete].split) == [complete]
+    assert sources.source_files(partial) is None
+    paths = sources.source_files(complete)
+    assert paths is not None and len(paths) == len(sources.CATALOGUE[complete].files)
+    assert all(p.is_file() for p in paths)
+
+
+def test_installed_sources_have_all_their_files() -> None:
+    installed = sources.available_sources()
+    if not installed:
+        pytest.skip("no packaged source installed (scripts/install_training_data.sh)")
+    for source_id in installed:
         paths = sources.source_files(source_id)
         assert paths is not None and all(p.is_file() for p in paths)
 
