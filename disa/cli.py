@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -26,7 +27,46 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_INPUT, f"disa: error: {message}\n")
 
 
+#: RegistrationOptions fields without a `disa register` flag: tuning knobs of the engine
+#: (the service and `disa submit` accept them).
+ENGINE_ONLY_OPTIONS = ("top_k", "mind_radius", "mind_dilation")
+
+#: `disa register`'s own help text and metavar of an options flag, where they differ from
+#: the field's description and name (help None: the flag has no help line). A field not
+#: listed here gets its description: a new option needs no entry.
+REGISTER_FLAG_TEXT: dict[str, dict[str, Any]] = {
+    "mode": {"help": "rigid+probe: ultrasound probe compression with the pose; deformable: "
+                     "dense field after rigid/affine"},
+    "similarity": {"help": "default: disa when the model ships, else mind"},
+    "starts": {"help": "random starts (default 500)"},
+    "seed": {"help": None},
+    "rotation_range": {"help": None, "metavar": "DEG"},
+    "translation_range": {"help": "starts draw shifts in +- this many mm per axis (default: "
+                                  "from the images' extents)", "metavar": "MM"},
+    "working_spacing": {"help": None, "metavar": "MM"},
+    "init": {"help": "poses the starts are drawn around: auto (default): the header pose, the "
+                     "aligned foreground centroids and placements of a much smaller field of "
+                     "view; centers: the centroids only; geometry: the header pose (or "
+                     "--initial-transform) only"},
+    "precision": {"help": None},
+    "deformable_from": {"help": "deformable mode: the linear stage the field starts from"},
+    "regularisation": {"help": "deformable mode: smoothness weight relative to the default "
+                               "(1)", "metavar": "W"},
+    "search_radius": {"help": "deformable mode: discrete search half-width (default 1.5 "
+                              "control spacings)", "metavar": "MM"},
+    "ultrasound": {"help": "which image is an ultrasound volume (default: detected from the "
+                           "data); rigid+probe mode fits the probe compression in it"},
+    "probe_origin": {"help": "rigid+probe mode: probe face centre, LPS mm (default: from the "
+                             "ultrasound's field of view)"},
+    "probe_axis": {"help": "rigid+probe mode: direction into the body, LPS (default: from the "
+                           "ultrasound's field of view)"},
+}
+
+
 def _add_register(sub: argparse._SubParsersAction) -> None:
+    from disa.cli_options import add_option_argument
+    from disa.registration.options import RegistrationOptions
+
     p = sub.add_parser("register", help="register MOVING to FIXED and write a result folder",
                        description="Register MOVING to FIXED. The output transform maps fixed "
                                    "points to moving points (LPS mm, ITK convention).")
@@ -34,44 +74,18 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                                             "folder or .zip)")
     p.add_argument("moving", type=Path, help="moving image (same formats)")
     p.add_argument("-o", "--output", type=Path, required=True, help="result folder")
-    p.add_argument("--mode", choices=["rigid", "affine", "rigid+probe", "deformable"],
-                   default="rigid", help="rigid+probe: ultrasound probe compression with the "
-                                         "pose; deformable: dense field after rigid/affine")
-    p.add_argument("--similarity", choices=["disa", "mind", "lc2"], default=None,
-                   help="default: disa when the model ships, else mind")
-    p.add_argument("--starts", type=int, default=500, help="random starts (default 500)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rotation-range", type=float, default=40.0, metavar="DEG")
-    p.add_argument("--translation-range", type=float, default=None, metavar="MM",
-                   help="starts draw shifts in +- this many mm per axis (default: from the "
-                        "images' extents)")
-    p.add_argument("--working-spacing", type=float, default=None, metavar="MM")
-    p.add_argument("--init", choices=["auto", "centers", "geometry"], default="auto",
-                   help="poses the starts are drawn around: auto (default): the header pose, "
-                        "the aligned foreground centroids and placements of a much smaller "
-                        "field of view; centers: the centroids only; geometry: the header "
-                        "pose (or --initial-transform) only")
-    p.add_argument("--initial-transform", type=Path, default=None, metavar="FILE",
-                   help="ITK linear transform (.tfm, .txt, .h5) mapping fixed to moving "
-                        "points (LPS mm), e.g. an earlier result's transform.tfm or its "
-                        "folder: replaces the header pose as the pose to start from")
-    p.add_argument("--precision", choices=["int8", "float32"], default="int8")
-    p.add_argument("--deformable-from", choices=["rigid", "affine"], default="affine",
-                   help="deformable mode: the linear stage the field starts from")
-    p.add_argument("--regularisation", type=float, default=1.0, metavar="W",
-                   help="deformable mode: smoothness weight relative to the default (1)")
-    p.add_argument("--search-radius", type=float, default=None, metavar="MM",
-                   help="deformable mode: discrete search half-width (default 1.5 control "
-                        "spacings)")
-    p.add_argument("--ultrasound", choices=["moving", "fixed"], default=None,
-                   help="which image is an ultrasound volume (default: detected from the "
-                        "data); rigid+probe mode fits the probe compression in it")
-    p.add_argument("--probe-origin", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="rigid+probe mode: probe face centre, LPS mm (default: from the "
-                        "ultrasound's field of view)")
-    p.add_argument("--probe-axis", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="rigid+probe mode: direction into the body, LPS (default: from the "
-                        "ultrasound's field of view)")
+    # One flag per engine option, with the engine's default, type and choices.
+    for name, info in RegistrationOptions.model_fields.items():
+        if name in ENGINE_ONLY_OPTIONS:
+            continue
+        add_option_argument(p, name, dest=name, default=info.default,
+                            **REGISTER_FLAG_TEXT.get(name, {}))
+        if name == "init":  # the pose the starts are drawn around, next to --init in --help
+            p.add_argument("--initial-transform", type=Path, default=None, metavar="FILE",
+                           help="ITK linear transform (.tfm, .txt, .h5) mapping fixed to "
+                                "moving points (LPS mm), e.g. an earlier result's "
+                                "transform.tfm or its folder: replaces the header pose as the "
+                                "pose to start from")
     p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
     p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
     p.add_argument("--fixed-series-uid", default=None, metavar="UID",
@@ -85,14 +99,9 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
 def _options_from_args(args: argparse.Namespace):  # -> RegistrationOptions
     from disa.registration.options import RegistrationOptions
 
-    return RegistrationOptions(
-        mode=args.mode, similarity=args.similarity, starts=args.starts, seed=args.seed,
-        rotation_range=args.rotation_range, translation_range=args.translation_range,
-        working_spacing=args.working_spacing, init=args.init, precision=args.precision,
-        deformable_from=args.deformable_from, regularisation=args.regularisation,
-        search_radius=args.search_radius, ultrasound=args.ultrasound,
-        probe_origin=tuple(args.probe_origin) if args.probe_origin else None,
-        probe_axis=tuple(args.probe_axis) if args.probe_axis else None)
+    return RegistrationOptions(**{name: getattr(args, name)
+                                  for name in RegistrationOptions.model_fields
+                                  if name not in ENGINE_ONLY_OPTIONS})
 
 
 def _cmd_register(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""Command-line flags generated from RegistrationOptions, shared by `disa submit` and
-`disa pacs ...`: one --flag per field, so the commands never drift from the engine."""
+"""Command-line flags generated from RegistrationOptions, shared by `disa register`,
+`disa submit` and `disa pacs ...`: one --flag per field, so the commands never drift from
+the engine (names, types, choices; `disa register` also takes the engine's defaults)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import types
 import typing
 from typing import Any
 
+#: Marks "not given" for add_option_argument's help and metavar (None is a valid value).
+_FROM_FIELD: Any = object()
+
 
 def add_option_arguments(p: argparse.ArgumentParser) -> None:
     """One --flag per RegistrationOptions field (the `disa register` names); unset flags are
@@ -15,15 +19,30 @@ def add_option_arguments(p: argparse.ArgumentParser) -> None:
     from disa.registration.options import RegistrationOptions
 
     group = p.add_argument_group("registration options (as disa register)")
-    for name, info in RegistrationOptions.model_fields.items():
-        flag, dest = f"--{name.replace('_', '-')}", f"opt_{name}"
-        if _is_point(info.annotation):  # an (x, y, z) triple in mm
-            group.add_argument(flag, dest=dest, type=float, nargs=3, default=None,
-                               metavar=("X", "Y", "Z"), help=info.description)
-            continue
-        kind, choices = _argument_type(info.annotation)
-        group.add_argument(flag, dest=dest, type=kind, choices=choices, default=None,
-                           help=info.description, metavar=None if choices else name.upper())
+    for name in RegistrationOptions.model_fields:
+        add_option_argument(group, name, dest=f"opt_{name}", default=None)
+
+
+def add_option_argument(p: argparse._ActionsContainer, name: str, *, dest: str,
+                        default: Any, help: Any = _FROM_FIELD,
+                        metavar: Any = _FROM_FIELD) -> argparse.Action:
+    """The --flag of RegistrationOptions field `name`: its type and choices from the field's
+    annotation, its help from the field's description unless `help` is given (None: no
+    help text), its metavar the field's name in capitals (choices: none) unless given."""
+    from disa.registration.options import RegistrationOptions
+
+    info = RegistrationOptions.model_fields[name]
+    flag = f"--{name.replace('_', '-')}"
+    text = info.description if help is _FROM_FIELD else help
+    if _is_point(info.annotation):  # an (x, y, z) triple in mm
+        return p.add_argument(flag, dest=dest, type=float, nargs=3, default=default,
+                              metavar=("X", "Y", "Z") if metavar is _FROM_FIELD else metavar,
+                              help=text)
+    kind, choices = _argument_type(info.annotation)
+    if metavar is _FROM_FIELD:
+        metavar = None if choices else name.upper()
+    return p.add_argument(flag, dest=dest, type=kind, choices=choices, default=default,
+                          help=text, metavar=metavar)
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
