@@ -36,7 +36,7 @@ __all__ = [
     "load_model_card",
 ]
 
-# Architecture facts (RESEARCH.md section 1). They live here, free of torch,
+# Architecture facts (docs/DESIGN.md, "The method and the network"). They live here, free of torch,
 # because the runtime's tiling and the descriptor geometry depend on them;
 # `disa.model.network` re-exports them and the tests check them against the net.
 CHANNELS = 16

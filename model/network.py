@@ -1,7 +1,8 @@
 """The DISA descriptor network (PyTorch), used by training and ONNX export only.
 
 The runtime never imports this module: it runs the exported ONNX graph through
-ONNX Runtime (see `disa.model.runtime`). Architecture as in RESEARCH.md section 1:
+ONNX Runtime (see `disa.model.runtime`). Architecture (docs/DESIGN.md,
+"The method and the network"):
 
     conv 1->8, res 8, conv 8->16, blur, res 16, conv 16->32, blur, res 32,
     1x1x1 conv 32->16 (no bias, no activation), clip to the unit ball.

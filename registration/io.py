@@ -12,7 +12,7 @@ columns are the physical directions of the x, y and z axes.
 
 Every input is checked from its header before a single pixel is decoded: a
 68-byte .nii.gz can claim a 32 GiB image, and NRRD/MetaImage headers can point
-the reader at any local file (RESEARCH.md section 6). Every rejection is an
+the reader at any local file (docs/DESIGN.md, "Input safety"). Every rejection is an
 `InputError` whose message starts with the file's basename and says what is
 wrong in words a user can act on; no SimpleITK/C++ text leaks into it.
 """

@@ -1,7 +1,7 @@
 """Real volumes carried by installed packages, and random label phantoms.
 
 Nothing is downloaded: every file comes from a package installed in the
-environment (RESEARCH.md section 3). Each source is one *subject* of one
+environment (docs/TRAINING.md, "Data"). Each source is one *subject* of one
 *anatomy*; it is loaded once per process (``load_volume`` is cached), resampled
 to the 2 mm working spacing with `disa.registration.preprocess.resample_to_spacing`
 and cropped to its head plus a small air margin. Arrays are numpy (z, y, x) on
