@@ -1,0 +1,60 @@
+"""Every DISA_* environment variable is documented, in docs/ARCHITECTURE.md's table.
+
+The variables are found where they are read or handed on: the service settings'
+fields (`DISA_` + field name), and every DISA_ name in the source, the compose
+file, the Dockerfiles, .env.example and the scripts. A few DISA_ names are not
+variables (constants, DICOM labels): they are listed here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from disa.jobs.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = re.compile(r"\bDISA_[A-Z0-9][A-Z0-9_]*\b")
+#: DISA_ names that are not environment variables.
+NOT_VARIABLES = {
+    "DISA_DEFAULT_MAX_MSE",  # registration/pipeline.py: the card's accuracy target
+    "DISA_MANUFACTURER",  # disa/pacs/orthanc_plugin.py: the Manufacturer DISA writes
+    "DISA_REG", "DISA_DEFORMABLE",  # registration/dicom_reg.py: DICOM content labels
+}
+SOURCE_FOLDERS = ("disa", "jobs", "service", "worker", "registration", "model", "training",
+                  "tests", "benchmarks", "scripts", "docker")
+
+
+def _table(path: Path, heading: str) -> list[str]:
+    text = path.read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(DISA_[A-Z0-9_]+)` \|", section, flags=re.MULTILINE)
+
+
+def _used() -> set[str]:
+    files = [ROOT / "docker-compose.yml", ROOT / ".env.example"]
+    for folder in SOURCE_FOLDERS:
+        files += [p for p in (ROOT / folder).rglob("*") if p.is_file()
+                  and p.suffix in {".py", ".sh", ".yml", ".yaml", ""} and "__pycache__" not in
+                  p.parts and p.name != Path(__file__).name]
+    names = {f"DISA_{field.upper()}" for field in Settings.model_fields}
+    for path in files:
+        try:
+            names |= set(NAME.findall(path.read_text()))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return names - NOT_VARIABLES
+
+
+def test_every_variable_is_in_the_architecture_table_once():
+    documented = _table(ROOT / "docs" / "ARCHITECTURE.md", "Environment variables")
+    assert len(documented) == len(set(documented)), "a variable listed twice"
+    used = _used()
+    assert not used - set(documented), f"undocumented: {sorted(used - set(documented))}"
+    assert not set(documented) - used, f"documented, never read: {sorted(set(documented) - used)}"
+
+
+def test_every_service_setting_has_its_operator_documentation():
+    settings = {f"DISA_{field.upper()}" for field in Settings.model_fields}
+    documented = set(_table(ROOT / "docs" / "SERVICE.md", "Settings"))
+    assert settings <= documented, sorted(settings - documented)
