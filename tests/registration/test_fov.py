@@ -149,6 +149,7 @@ def test_a_non_linear_initial_transform_is_refused(pair) -> None:
     (Evidence(1.0, False, 0.9, 0.05, 8), "failed"),  # no better than chance
     (Evidence(1.0, False, 0.9, 0.7, 1), "likely"),  # one start: no agreement to ask for
     (Evidence(1.0, False, 0.98, 0.9, 8, calibrated=False), "uncertain"),  # shipped DISA
+    (Evidence(1.0, False, 0.98, 0.9, 8, ultrasound=True), "uncertain"),  # ultrasound pair
 ])
 def test_verdict_rules(evidence: Evidence, expected: str) -> None:
     decision, reason = verdict(evidence)
@@ -170,3 +171,39 @@ def test_a_sector_with_no_contrast_inside_is_refused_with_a_message(pair) -> Non
     shadowed.CopyInformation(pair.moving)
     with pytest.raises(InputError, match="moving: no structure"):
         register(pair.fixed, shadowed, RegistrationOptions(similarity="mind", starts=20))
+
+
+def test_only_a_fan_that_narrows_to_its_probe_is_taken_for_an_ultrasound(pair) -> None:
+    """Zero padding alone is not a sector: a brain with its background zeroed (the bundled
+    sample's T2, skull-stripped templates) or a zero-padded slab is no ultrasound."""
+    from disa.registration.fov import sector_shaped
+
+    assert sector_shaped(data_region(_sector(pair.moving, 35.0)))
+    moving = sitk.GetArrayFromImage(pair.moving)
+    zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in moving.shape), indexing="ij")
+    stripped = np.where(zz ** 2 + yy ** 2 + xx ** 2 < 0.7, moving - moving.min() + 1.0, 0.0)
+    slab = np.where(np.abs(zz) < 0.3, moving - moving.min() + 1.0, 0.0)
+    for array in (stripped, slab):
+        image = sitk.GetImageFromArray(array.astype(np.float32))
+        image.CopyInformation(pair.moving)
+        region = data_region(image)
+        assert region.has_padding and not sector_shaped(region)
+    from disa.sample import sample_paths
+
+    sample = data_region(sitk.ReadImage(str(sample_paths()[1])))
+    assert sample.has_padding and not sector_shaped(sample)
+
+
+def test_the_overlap_a_user_reads_is_the_share_of_the_smaller_view(pair) -> None:
+    """A view wholly inside the other overlaps fully whichever image is sampled; moved out
+    of the other's field of view it overlaps nothing."""
+    from disa.registration.pipeline import data_overlap, prepare
+
+    whole = prepare(pair.fixed, 3.0, None)
+    part = prepare(_crop(pair.fixed, 0.3, 0.7), 3.0, None)
+    same = np.eye(4)
+    assert data_overlap(whole, part, same) == pytest.approx(1.0)
+    assert data_overlap(part, whole, same) == pytest.approx(1.0)
+    away = np.eye(4)
+    away[0, 3] = 1000.0
+    assert data_overlap(whole, part, away) == 0.0
