@@ -101,7 +101,8 @@ REALISTIC_METHODS = (
 REALISTIC_PAIRS = tuple(realistic_cases.PAIRS)
 #: Fields of RegistrationResult.summary() kept with each engine outcome (those present).
 RESULT_FIELDS = ("confidence", "ambiguous", "verdict", "overlap", "match_quality",
-                 "similarity", "starts", "working_spacing_mm")
+                 "similarity", "starts", "working_spacing_mm", "refined_solutions",
+                 "sampled_image", "ultrasound")
 
 
 @dataclass
@@ -500,6 +501,37 @@ def confidence_markdown(rows: Sequence[dict[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict_summary(outcomes: Sequence[Outcome]) -> list[dict[str, object]]:
+    """Per method that reports a verdict: results called likely, how many of them are wrong
+    (TRE >= CONVERGED_MM; the verdict's target is at most 5 %), and how many converged
+    results it called uncertain or failed (the price of the rule)."""
+    rows = []
+    for method in dict.fromkeys(o.method for o in outcomes if o.result.get("verdict")):
+        sel = [o for o in outcomes if o.method == method and o.result.get("verdict")]
+        likely = [o for o in sel if o.result["verdict"] == "likely"]
+        converged = [o for o in sel if o.tre_mm < CONVERGED_MM]
+        rows.append({
+            "method": method, "results": len(sel), "likely": len(likely),
+            "likely_wrong": sum(o.tre_mm >= CONVERGED_MM for o in likely),
+            "converged": len(converged),
+            "converged_not_likely": sum(o.result["verdict"] != "likely" for o in converged),
+            "failed_wrong": sum(o.result["verdict"] == "failed" and o.tre_mm >= CONVERGED_MM
+                                for o in sel),
+        })
+    return rows
+
+
+def verdict_markdown(rows: Sequence[dict[str, object]]) -> str:
+    lines = [f"Verdict calibration (wrong = TRE >= {CONVERGED_MM:.0f} mm; target: at most 5 % "
+             "of likely results wrong).", "",
+             "| method | results | likely | likely but wrong | converged | converged not "
+             "likely | failed and wrong |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['method']} | {r['results']} | {r['likely']} | {r['likely_wrong']} | "
+              f"{r['converged']} | {r['converged_not_likely']} | {r['failed_wrong']} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def warm_up(case: Case, methods: Sequence[str], log: Callable[[str], None]) -> None:
     """Run each method once, untimed: the first call pays one-off costs (ITK's lazy
     module loading took ~10 s for elastix, ONNX Runtime session creation and numba's
@@ -677,6 +709,9 @@ def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[s
     warnings = confidence_summary(outcomes)
     if warnings:
         table += "\n" + confidence_markdown(warnings)
+    verdicts = verdict_summary(outcomes)
+    if verdicts:
+        table += "\n" + verdict_markdown(verdicts)
     (out / f"{stem}.md").write_text(table, encoding="utf-8")
     if rows:
         plot(rows, out / f"{stem}.png")

@@ -90,6 +90,20 @@ def test_confidence_summary_counts_warnings_on_failed_and_converged_cases() -> N
     assert "| ct-us | g | 2 / 3 | 1 / 3 |" in cr.confidence_markdown(rows)
 
 
+def test_verdict_summary_counts_wrong_likely_and_converged_not_likely() -> None:
+    def outcome(tre: float, verdict: str | None, method: str = "g") -> cr.Outcome:
+        result = {} if verdict is None else {"verdict": verdict}
+        return cr.Outcome("x", "ct-mr", 0, method, tre, 1.0, None, result=result)
+
+    outcomes = [outcome(1.0, "likely"), outcome(2.0, "likely"), outcome(30.0, "likely"),
+                outcome(3.0, "uncertain"), outcome(40.0, "failed"), outcome(50.0, "uncertain"),
+                outcome(1.0, None, "p")]
+    rows = cr.verdict_summary(outcomes)
+    assert rows == [{"method": "g", "results": 6, "likely": 3, "likely_wrong": 1,
+                     "converged": 3, "converged_not_likely": 1, "failed_wrong": 1}]
+    assert "| g | 6 | 3 | 1 | 3 | 1 | 1 |" in cr.verdict_markdown(rows)
+
+
 def test_quick_run_of_every_method_writes_table_and_plot(tmp_path: Path) -> None:
     """One CT / FLAIR case of the held-out CT head, 0-25 mm initial error, every method.
 
