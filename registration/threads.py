@@ -26,13 +26,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from disa.environment import Environment
+
 POLICY_ENV = "DISA_THREAD_POLICY"
 POLICIES = ("passive", "default")
 
 
 def policy() -> str:
     """The configured policy: ``passive`` (default) or ``default``."""
-    value = os.environ.get(POLICY_ENV, "passive").strip().lower()
+    value = (Environment.read().thread_policy or "passive").strip().lower()
     if value not in POLICIES:
         raise ValueError(f"{POLICY_ENV}={value!r} is not one of {', '.join(POLICIES)}")
     return value

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
+from disa.environment import Environment
 from disa.service.client_key import add_api_key_arguments, api_key_from
 from disa.service.engine_surface import InputError
 
@@ -68,7 +69,8 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
                                    "show progress and download the result folder.")
     p.add_argument("fixed", type=Path, help="fixed image (NIfTI, NRRD, .mha, DICOM folder/.zip)")
     p.add_argument("moving", type=Path, help="moving image (same formats)")
-    p.add_argument("--url", default=os.environ.get("DISA_URL", "http://127.0.0.1:8000"),
+    url = Environment.read().url
+    p.add_argument("--url", default="http://127.0.0.1:8000" if url is None else url,
                    help="service URL (default: DISA_URL or http://127.0.0.1:8000)")
     add_api_key_arguments(p)
     p.add_argument("--wait", action="store_true", help="wait for the job to end")

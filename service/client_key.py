@@ -9,16 +9,16 @@ by DISA_API_KEY_FILE) or from DISA_API_KEY.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+from disa.environment import Environment, variable
 from disa.service.engine_surface import InputError
 
-KEY_VARIABLE = "DISA_API_KEY"
-KEY_FILE_VARIABLE = "DISA_API_KEY_FILE"
+KEY_VARIABLE = variable("api_key")
+KEY_FILE_VARIABLE = variable("api_key_file")
 #: A key file is one line; anything longer is not one.
 MAX_KEY_FILE_BYTES = 4096
 FLAG_WARNING = ("disa: warning: --api-key shows the key to other users of this machine (process "
@@ -41,14 +41,14 @@ def api_key_from(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     """The API key: --api-key (with a warning), --api-key-file, DISA_API_KEY_FILE, then
     DISA_API_KEY; None when none is given. InputError for a key file that cannot be read
     or holds no key."""
-    environ = os.environ if environ is None else environ
+    env = Environment.read(environ)
     if args.api_key:
         print(FLAG_WARNING, file=warnings or sys.stderr)
         return args.api_key
-    key_file = args.api_key_file or environ.get(KEY_FILE_VARIABLE) or None
+    key_file = args.api_key_file or env.api_key_file or None
     if key_file is not None:
         return read_key_file(Path(key_file))
-    return environ.get(KEY_VARIABLE) or None
+    return env.api_key or None
 
 
 def read_key_file(path: Path) -> str:

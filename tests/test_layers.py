@@ -32,8 +32,12 @@ PACKAGES = {
     "disa.model": ROOT / "model",
     "disa.training": ROOT / "training",
 }
+#: The root of the namespace, which every layer may import: `disa` itself (imported with
+#: any of its subpackages) and the DISA_* variables outside the service settings.
+ROOT_MODULES = {"disa", "disa.environment"}
 #: What runs in the API, the workers and the CLI: never training, never torch.
-RUNTIME = ("disa", "disa.jobs", "disa.service", "disa.worker", "disa.registration", "disa.model")
+RUNTIME = ("root", "disa", "disa.jobs", "disa.service", "disa.worker", "disa.registration",
+           "disa.model")
 
 #: Issue 21, part 2 (a shared core under the engine): the job core still writes its
 #: files with the engine's atomic writes and sizes the engine's DICOM unpack pool.
@@ -106,6 +110,8 @@ def _within(name: str, package: str) -> bool:
 def _folder(name: str) -> str | None:
     """The package (folder) of PACKAGES that module `name` belongs to: the longest match,
     so that disa.cli is `disa` (the CLI folder) and disa.service.app is `disa.service`."""
+    if name in ROOT_MODULES:
+        return "root"
     matches = [package for package in PACKAGES if _within(name, package)]
     return max(matches, key=len) if matches else None
 
@@ -128,6 +134,12 @@ def test_jobs_imports_neither_the_api_nor_the_workers():
         assert not _edges("disa.jobs", upper), upper
     engine = {name for _, name in _edges("disa.jobs", "disa.registration")}
     assert engine <= JOBS_MAY_IMPORT, engine - JOBS_MAY_IMPORT
+
+
+def test_the_root_imports_nothing_of_disa():
+    for module in ROOT_MODULES:
+        assert not {name for name in IMPORTS[module]
+                    if _within(name, "disa") and name not in ROOT_MODULES}, module
 
 
 def test_workers_never_import_the_api():

@@ -64,6 +64,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from disa.environment import Environment
 from disa.registration.preprocess import resample_to_spacing
 
 SPACING_MM = 2.0
@@ -579,7 +580,7 @@ _DERIVATION_VERSION = 1
 
 def cache_dir() -> Path:
     """Where derived 2 mm volumes are kept between processes ($DISA_CACHE_DIR or ~/.cache/disa)."""
-    root = os.environ.get("DISA_CACHE_DIR") or Path.home() / ".cache" / "disa"
+    root = Environment.read().cache_dir or Path.home() / ".cache" / "disa"
     return Path(root) / "sources"
 
 

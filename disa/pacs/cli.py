@@ -13,12 +13,12 @@ other failure. Failures print one line.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
+from disa.environment import Environment
 from disa.service.client_key import add_api_key_arguments, api_key_from
 
 EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
@@ -86,8 +86,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="SeriesInstanceUID of the moving series")
     p.add_argument("--study", type=_uid, default=None, metavar="STUDY_UID",
                    help="StudyInstanceUID holding both series (default: looked up)")
-    p.add_argument("--service", type=_url, default=os.environ.get("DISA_URL"),
-                   required="DISA_URL" not in os.environ,
+    url = Environment.read().url
+    p.add_argument("--service", type=_url, default=url, required=url is None,
                    help="DISA service URL (default: DISA_URL)")
     add_api_key_arguments(p)
     p.add_argument("--store-registered", action="store_true",
@@ -149,7 +149,7 @@ def _add_dimse(commands: argparse._SubParsersAction) -> None:
 def _cmd_pull(args: argparse.Namespace) -> int:
     from disa.pacs.dicomweb import DicomWebClient
 
-    token = args.token or os.environ.get("DISA_DICOMWEB_TOKEN") or None
+    token = args.token or Environment.read().dicomweb_token or None
     with DicomWebClient(args.dicomweb, token=token, timeout_s=args.timeout,
                         retry=_retry(args)) as source:
         return _run(args, source)
