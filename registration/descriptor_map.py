@@ -69,7 +69,8 @@ class DescriptorMap:
         """Symmetric int8 codes round(x * 127) of a map whose values lie in [-1, 1].
 
         DISA descriptors lie in the unit ball, so every component is in [-1, 1]
-        and the code loses at most 1/254 per component (docs/DESIGN.md, "The method and the network").
+        and the code loses at most 1/254 per component (docs/DESIGN.md, "The method
+        and the network").
         """
         if self.is_int8:
             return self
