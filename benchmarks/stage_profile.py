@@ -2,6 +2,8 @@
 
     python benchmarks/stage_profile.py [--cases-per-bin N] [--bins 0,2] [--pairs a,b,...]
                                        [--modes rigid,affine,deformable] [--no-cold]
+                                       [--similarity S] [--working-spacing MM]
+                                       [--reorient-passes N]   # settings to try
     python benchmarks/stage_profile.py --quick      # one small case: the harness works
 
 Cases: the realistic capture-range family (benchmarks/realistic_cases.py through
@@ -251,6 +253,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--similarity {args.similarity}")
     if args.working_spacing:
         parts.append(f"--working-spacing {args.working_spacing:g}")
+    if args.reorient_passes is not None:
+        parts.append(f"--reorient-passes {args.reorient_passes}")
     if args.no_cold:
         parts.append("--no-cold")
     return " ".join(parts)
@@ -272,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="default: the engine's own choice (what a user gets)")
     p.add_argument("--working-spacing", type=float, default=None,
                    help="mm; default: the engine's choice from the images")
+    p.add_argument("--reorient-passes", type=int, default=None,
+                   help="experiment: re-oriented refinement passes for every similarity "
+                        "(sets pipeline.REORIENT_PASSES in this process; default: the engine's)")
     p.add_argument("--cold-child", nargs=4, metavar=("FIXED", "MOVING", "MODE", "SIMILARITY"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import capture_range
 
+    if args.reorient_passes is not None:
+        from disa.registration import pipeline
+
+        for key in ("mind", "disa"):
+            pipeline.REORIENT_PASSES[key] = args.reorient_passes
     pairs = [s for s in args.pairs.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
     bins = tuple(int(b) for b in args.bins.split(",") if b)
