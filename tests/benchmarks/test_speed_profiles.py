@@ -64,3 +64,25 @@ def test_stage_profile_quick_runs(tmp_path: Path) -> None:
     text = (tmp_path / "stage_profile.md").read_text(encoding="utf-8")
     assert "| **total (wall)** |" in text and "| preprocess |" in text
     assert "--quick" in text and "Machine:" in text
+
+
+def test_end_to_end_quick_runs_the_cli_and_simpleitk(tmp_path: Path) -> None:
+    """One small case, cold only: `disa register` and SimpleITK MI each write a folder
+    whose transform is measured."""
+    assert e2e.main(["--quick", "--methods", "disa,sitk-mi", "--no-warm",
+                     "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "end_to_end.md").read_text(encoding="utf-8")
+    assert "| ct-mr | disa |" in text and "| ct-mr | sitk-mi |" in text
+    assert "0/1 |" in text  # no failure
+
+
+def test_cold_descriptors_quick_runs(tmp_path: Path) -> None:
+    from disa.model.card import default_model_path
+
+    if default_model_path() is None:
+        pytest.skip("no shipped model")
+    cd = load_benchmark("cold_descriptors")
+    assert cd.main(["--quick", "--engines", "onnxruntime", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "cold_descriptors.md").read_text(encoding="utf-8")
+    assert "| onnxruntime | " in text and "| first inference" not in text
+    assert "| inference |" in text
