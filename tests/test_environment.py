@@ -29,7 +29,7 @@ SOURCE_FOLDERS = ("disa", "jobs", "service", "worker", "registration", "model", 
 
 
 def _table(path: Path, heading: str) -> list[str]:
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^\| `(DISA_[A-Z0-9_]+)` \|", section, flags=re.MULTILINE)
 
@@ -44,7 +44,7 @@ def _used() -> set[str]:
     names |= {variable(f.name) for f in fields(Environment)}
     for path in files:
         try:
-            names |= set(NAME.findall(path.read_text()))
+            names |= set(NAME.findall(path.read_text(encoding="utf-8")))
         except (UnicodeDecodeError, OSError):
             continue
     return names - NOT_VARIABLES
@@ -77,7 +77,7 @@ def test_variables_are_read_through_the_typed_objects_only():
     found = []
     for folder in RUNTIME_FOLDERS:
         for path in (ROOT / folder).rglob("*.py"):
-            for number, line in enumerate(path.read_text().splitlines(), 1):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if _DIRECT_READ.search(line):
                     found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
