@@ -18,14 +18,14 @@ ORT_GPU_CUDA_MAJOR = {"1.17.1": 11, "1.18.1": 11, "1.19.0": 12, "1.22.0": 12, "1
 
 
 def _extra(name: str) -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     return [Requirement(r) for r in project["optional-dependencies"][name]]
 
 
 def test_gpu_extra_only_admits_onnxruntime_gpu_for_the_images_cuda():
     """A wheel built for another CUDA major than the worker-gpu image finds no libcudart:
     the worker then runs every job on the CPU, with nothing failing."""
-    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8")
     image = re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", dockerfile, re.MULTILINE)
     assert image, "docker/Dockerfile names no nvidia/cuda CUDA_IMAGE"
     cuda = int(image.group(1))
@@ -40,5 +40,5 @@ def test_runtime_extras_never_pull_torch():
     """torch (GBs with CUDA) belongs to the train extra only."""
     for extra in ("cpu", "gpu", "openvino"):
         assert not [r for r in _extra(extra) if r.name == "torch"], extra
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert not [r for r in project["dependencies"] if Requirement(r).name == "torch"]
