@@ -38,7 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
-from .dicom_zip import DicomSource, folder_sources, unpacked, zip_sources
+from .dicom_zip import DicomSource, _gib, _short, folder_sources, unpacked, zip_sources
 from .errors import InputError
 from .slice_stack import StackGrid, describe_correction, plan_stack_grid
 
@@ -1398,16 +1398,3 @@ def _count(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return str(int(n))
-
-
-def _gib(nbytes: float) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{int(nbytes)} bytes"
-
-
-def _short(text: str, limit: int) -> str:
-    """Printable ASCII, cut to `limit` characters: client text goes into messages."""
-    safe = text.encode("ascii", "backslashreplace").decode("ascii").replace("\n", "\\n")
-    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
