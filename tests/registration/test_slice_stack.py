@@ -77,6 +77,17 @@ def head_ct() -> sitk.Image:
     return sitk.ReadImage(str(paths[0]), sitk.sitkFloat32)
 
 
+def _assert_matches_volume(volume: sitk.Image, image: sitk.Image):
+    """Where the stored slices have data, `image` holds `volume`'s values (within 1 on average)."""
+    ideal = sitk.GetArrayFromImage(sitk.Resample(volume, image, sitk.Transform(),
+                                                 sitk.sitkLinear, np.nan))
+    got = sitk.GetArrayFromImage(image)
+    inside = np.isfinite(ideal) & (got > float(got.min()) + 1e-3)
+    assert inside.mean() > 0.5
+    assert float(np.abs(got - ideal)[inside].mean()) < 1.0
+    return ideal, got, inside
+
+
 def test_tilted_ct_registers_as_the_untilted_one(head_ct: sitk.Image, tmp_path: Path) -> None:
     """A 20 degree tilted series of a real CT, read, registered and written: the result
     matches the untilted series' within 1 mm, and result.json and the REG say so."""
@@ -180,12 +191,7 @@ def test_tilted_stack_is_resampled_exactly_onto_an_orthogonal_grid(tmp_path: Pat
     assert image.GetSpacing()[2] == pytest.approx(2.0, abs=1e-4)  # the step along the normal
     # Where the stored slices have data, the values are the volume's at those points
     # (within the int16 storage and one bilinear interpolation of a smooth field).
-    ideal = sitk.GetArrayFromImage(sitk.Resample(volume, image, sitk.Transform(),
-                                                 sitk.sitkLinear, np.nan))
-    got = sitk.GetArrayFromImage(image)
-    inside = np.isfinite(ideal) & (got > float(got.min()) + 1e-3)
-    assert inside.mean() > 0.5
-    assert float(np.abs(got - ideal)[inside].mean()) < 1.0
+    ideal, got, inside = _assert_matches_volume(volume, image)
     # Voxels the tilt uncovers hold the background (the stack's minimum), not zeros.
     assert float(got.min()) == pytest.approx(float(np.round(ideal[inside].min())), abs=2.0)
 
@@ -311,9 +317,4 @@ def test_a_tilted_enhanced_multiframe_series_is_corrected(tmp_path: Path) -> Non
     image = read_image(tmp_path / "mr")
     correction = inspect_image(tmp_path / "mr").geometry_correction
     assert correction["gantry_tilt_deg"] == pytest.approx(18.0, abs=0.01)
-    ideal = sitk.GetArrayFromImage(sitk.Resample(volume, image, sitk.Transform(),
-                                                 sitk.sitkLinear, np.nan))
-    got = sitk.GetArrayFromImage(image)
-    inside = np.isfinite(ideal) & (got > float(got.min()) + 1e-3)
-    assert inside.mean() > 0.5
-    assert float(np.abs(got - ideal)[inside].mean()) < 1.0
+    _assert_matches_volume(volume, image)
