@@ -149,8 +149,9 @@ export function colourMap(values, width, height) {
   return { image: out, min: lo, max: hi };
 }
 
-// Paint an ImageData onto `canvas`, scaled to the canvas size without smoothing.
-export function drawScaled(canvas, image, background = "#101018") {
+// Paint an ImageData onto `canvas`, scaled to the canvas size without smoothing: the
+// whole image, or the part `[x, y, w, h]` of it (in image pixels) when `rect` is given.
+export function drawScaled(canvas, image, background = "#101018", rect = null) {
   const source = document.createElement("canvas");
   source.width = image.width;
   source.height = image.height;
@@ -159,7 +160,8 @@ export function drawScaled(canvas, image, background = "#101018") {
   ctx.imageSmoothingEnabled = false;
   ctx.fillStyle = background;
   ctx.fillRect(0, 0, canvas.width, canvas.height);
-  ctx.drawImage(source, 0, 0, canvas.width, canvas.height);
+  if (rect) ctx.drawImage(source, ...rect, 0, 0, canvas.width, canvas.height);
+  else ctx.drawImage(source, 0, 0, canvas.width, canvas.height);
 }
 
 // Canvas position (canvas pixels) of slice pixel (column, row): pixel centres at integers.

@@ -4,6 +4,8 @@
 // Slice pixels have their centres at integers: a slice of width W spans -0.5..W-0.5.
 // A view shows W / zoom x H / zoom pixels around its centre (cx, cy).
 
+import { drawScaled } from "./render.js";
+
 export const MIN_ZOOM = 1;
 export const MAX_ZOOM = 8;
 const NICE_MM = [1, 2, 5, 10, 20, 50, 100, 200, 500];
@@ -70,16 +72,7 @@ export class View {
 
   // Paint an ImageData of the whole slice: the visible part, scaled, without smoothing.
   draw(canvas, image, background = "#101018") {
-    const source = document.createElement("canvas");
-    source.width = image.width;
-    source.height = image.height;
-    source.getContext("2d").putImageData(image, 0, 0);
-    const ctx = canvas.getContext("2d");
-    ctx.imageSmoothingEnabled = false;
-    ctx.fillStyle = background;
-    ctx.fillRect(0, 0, canvas.width, canvas.height);
-    const [x, y, w, h] = this.source();
-    ctx.drawImage(source, x, y, w, h, 0, 0, canvas.width, canvas.height);
+    drawScaled(canvas, image, background, this.source());
   }
 }
 
