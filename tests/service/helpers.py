@@ -81,6 +81,17 @@ class LiveServer:
         self._thread.join(30)
 
 
+@contextlib.contextmanager
+def live_service(env: dict[str, str]) -> Iterator[str]:
+    """The API app built under `env` (using_env), served on a free port; yields its URL."""
+    from disa.service.app import create_app
+
+    from ..support import free_port
+
+    with using_env(env), LiveServer(create_app(), free_port()) as server:
+        yield server.url
+
+
 def write_pair(folder: Path, size: int = 24, spacing: float = 4.0) -> tuple[Path, Path]:
     """A phantom fixed/moving pair (known rigid motion) as .nii.gz files."""
     from disa.registration import phantom as ph
@@ -93,3 +104,22 @@ def write_pair(folder: Path, size: int = 24, spacing: float = 4.0) -> tuple[Path
     write_image(pair.fixed, fixed)
     write_image(pair.moving, moving)
     return fixed, moving
+
+
+def open_tab(browser: Any, site: str, width: int = 1280) -> tuple[Any, Any]:
+    """A fresh browser context (fresh sessionStorage) and a tab on the page, `width` px wide,
+    with its page errors collected in `tab.errors`; the caller closes the context."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    tab = context.new_page()
+    tab.errors = []
+    tab.on("pageerror", lambda exc: tab.errors.append(str(exc)))
+    tab.goto(f"{site}/")
+    tab.wait_for_selector("body[data-ready]")
+    return context, tab
+
+
+def enter_key(tab: Any, key: str) -> None:
+    """Enter and save `key` on the page; returns once the job list has loaded with it."""
+    with tab.expect_response(lambda r: "/v1/jobs?limit=" in r.url and r.status == 200):
+        tab.fill("#api-key", key)
+        tab.click("#key-save")

@@ -15,17 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from disa.service.app import create_app
-
-from ..support import free_port, wait_until
+from ..support import wait_until
 from .helpers import (
     API_KEY,
     OTHER_KEY,
     TINY_OPTIONS,
-    LiveServer,
     api_key_env,
+    live_service,
     service_env,
-    using_env,
 )
 
 IDLE_TIMEOUT_S = 1.5
@@ -38,8 +35,8 @@ def server(tmp_path: Path, dispatcher) -> Iterator[tuple[str, Path]]:
                          upload_idle_timeout_s=IDLE_TIMEOUT_S, max_concurrent_uploads=1,
                          sweep_interval_s=3600),
            **api_key_env()}
-    with using_env(env), LiveServer(create_app(), free_port()) as live:
-        yield live.url, tmp_path / "jobs" / ".incoming"
+    with live_service(env) as url:
+        yield url, tmp_path / "jobs" / ".incoming"
 
 
 def _stalled_upload(url: str, key: str) -> socket.socket:

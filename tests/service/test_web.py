@@ -19,19 +19,18 @@ import httpx
 import numpy as np
 import pytest
 
-from disa.service.app import create_app
 from disa.service.client import DisaClient
 
-from ..support import free_port
 from .helpers import (
     ADMIN_KEY,
     API_KEY,
     OTHER_KEY,
     TINY_OPTIONS,
-    LiveServer,
     api_key_env,
+    enter_key,
+    live_service,
+    open_tab,
     service_env,
-    using_env,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -50,8 +49,8 @@ PLANES = ("axial", "coronal", "sagittal")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`disa serve` as one process: API + embedded worker, API key required."""
     env = {**service_env(tmp_path_factory.mktemp("jobs")), **api_key_env()}
-    with using_env(env), LiveServer(create_app(), free_port()) as server:
-        yield server.url
+    with live_service(env) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +85,7 @@ def browser() -> Iterator:
 @pytest.fixture
 def page(browser, site: str) -> Iterator:
     """A fresh browser context (fresh sessionStorage) on the page; console errors collected."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    tab = context.new_page()
-    tab.errors = []
-    tab.on("pageerror", lambda exc: tab.errors.append(str(exc)))
-    tab.goto(f"{site}/")
-    tab.wait_for_selector("body[data-ready]")
+    context, tab = open_tab(browser, site)
     yield tab
     context.close()
 
@@ -336,15 +330,8 @@ def test_cancel_or_delete_refusal_stays_shown(page, done_job):
 
 def _page_with_key(browser, site: str, key: str):
     """A fresh tab on the page with `key` entered; the caller closes its context."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    tab = context.new_page()
-    tab.errors = []
-    tab.on("pageerror", lambda exc: tab.errors.append(str(exc)))
-    tab.goto(f"{site}/")
-    tab.wait_for_selector("body[data-ready]")
-    with tab.expect_response(lambda r: "/v1/jobs?limit=" in r.url and r.status == 200):
-        tab.fill("#api-key", key)
-        tab.click("#key-save")
+    context, tab = open_tab(browser, site)
+    enter_key(tab, key)
     return context, tab
 
 

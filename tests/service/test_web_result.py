@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from .helpers import API_KEY
+from .helpers import API_KEY, enter_key, open_tab
 
 # test_web.py's fixtures, used here by name (F401, F811: pytest passes them as arguments)
 from .test_web import (  # noqa: F401
@@ -42,9 +42,7 @@ def _shot(tab, name: str) -> None:
 
 
 def _with_key(tab) -> None:
-    with tab.expect_response(lambda r: "/v1/jobs?limit=" in r.url and r.status == 200):
-        tab.fill("#api-key", API_KEY)
-        tab.click("#key-save")
+    enter_key(tab, API_KEY)
 
 
 def _overflow(tab) -> int:
@@ -56,12 +54,7 @@ def _overflow(tab) -> int:
 @pytest.fixture
 def narrow(browser, site: str) -> Iterator:
     """A tab 800 px wide."""
-    context = browser.new_context(viewport={"width": 800, "height": 900})
-    tab = context.new_page()
-    tab.errors = []
-    tab.on("pageerror", lambda exc: tab.errors.append(str(exc)))
-    tab.goto(f"{site}/")
-    tab.wait_for_selector("body[data-ready]")
+    context, tab = open_tab(browser, site, width=800)
     yield tab
     context.close()
 
