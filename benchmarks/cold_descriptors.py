@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.phases_child:
         print("@@" + json.dumps(phases_child(*args.phases_child)))
         return 0
-    from common import machine
+    from common import machine, report_header, write_report
 
     size, repeats = (64, 1) if args.quick else (args.size, args.repeats)
     engines = [e for e in args.engines.split(",") if e]
@@ -194,13 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python benchmarks/cold_descriptors.py" + (
         " --quick" if args.quick else f" --size {size} --repeats {repeats} --engines "
         f"{','.join(engines)}")
-    header = (f"Command: `{command}`. Machine: {machine()}. "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. `disa descriptors` on "
+    header = (report_header(command) + "`disa descriptors` on "
               f"a {size}^3 int16 CT (.nii.gz) at 2 mm, fresh process per run.")
     text = markdown(cold, phases, header)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cold_descriptors.md").write_text(text, encoding="utf-8")
-    print("\n" + text)
+    write_report(args.out, "cold_descriptors.md", text)
     return 0
 
 

@@ -3,11 +3,48 @@ the scripts' own folder, which Python puts on the path when a script runs)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
 
 def machine() -> str:
     """Processor, the CPU cores this process may use, and the OS, in one line."""
     cpus = len(os.sched_getaffinity(0))
     return f"{platform.processor() or platform.machine()}, {cpus} CPU cores, {platform.system()}"
+
+
+def add_case_arguments(p: argparse.ArgumentParser, pairs: Sequence[str],
+                       default_bins: Sequence[int]) -> None:
+    """--cases-per-bin, --bins and --pairs: which realistic cases a script builds."""
+    p.add_argument("--cases-per-bin", type=int, default=1)
+    p.add_argument("--bins", default=",".join(map(str, default_bins)),
+                   help="initial-error bins (0: 0-25 mm ... 3: 75-100 mm)")
+    p.add_argument("--pairs", default=",".join(pairs))
+
+
+def case_selection(args: argparse.Namespace, quick_crop: int
+                   ) -> tuple[list[str], tuple[int, ...], int | None, int]:
+    """(pairs, bins, crop, cases per bin) from the case arguments; --quick: one ct-mr case
+    of a `quick_crop`-voxel crop."""
+    pairs = [s for s in args.pairs.split(",") if s]
+    bins = tuple(int(b) for b in args.bins.split(",") if b)
+    if args.quick:
+        return ["ct-mr"], (0,), quick_crop, 1
+    return pairs, bins, None, args.cases_per_bin
+
+
+def report_header(command: str) -> str:
+    """The start of a report's first line: the command, the machine and the time (UTC)."""
+    return (f"Command: `{command}`. Machine: {machine()}. "
+            f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. ")
+
+
+def write_report(out: Path, name: str, text: str) -> None:
+    """Write the report to `out`/`name` (creating the folder) and print it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(text, encoding="utf-8")
+    print("\n" + text)

@@ -317,19 +317,15 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
     """Build the cases, time every method cold and warm, return the markdown report."""
     import capture_range
     import SimpleITK as sitk
-    from common import machine
+    from common import case_selection, machine, report_header
 
-    pairs = [s for s in args.pairs.split(",") if s]
     wanted = [m for m in args.methods.split(",") if m]
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {list(METHODS)}")
     methods = [m for m in wanted if available(m)]
     skipped = [m for m in wanted if m not in methods]
-    bins = tuple(int(b) for b in args.bins.split(",") if b)
-    crop, per_bin = None, args.cases_per_bin
-    if args.quick:
-        pairs, bins, crop, per_bin = ["ct-mr"], (0,), QUICK_CROP, 1
+    pairs, bins, crop, per_bin = case_selection(args, QUICK_CROP)
     log(f"# end to end — {machine()}")
     cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins, crop=crop,
                                                log=log)
@@ -371,8 +367,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
                         + (f" {row['phases']}" if row["phases"] else "")
                         + (f" [{row['error']}]" if row["error"] else ""))
     rows = list(timings.values())
-    header = (f"Command: `{_command(args)}`. Machine: {machine()}. "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. Cases: {len(cases)} "
+    header = (report_header(_command(args)) + f"Cases: {len(cases)} "
               f"realistic ({', '.join(pairs)}; bins {bins}; {per_bin} per bin"
               f"{f', {crop}-voxel crop' if crop else ''}). Process floor: "
               + ", ".join(f"{k} {v:.2f} s" for k, v in floors.items()) + "."
@@ -382,11 +377,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from common import add_case_arguments, write_report
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases-per-bin", type=int, default=1)
-    p.add_argument("--bins", default=",".join(map(str, DEFAULT_BINS)),
-                   help="initial-error bins (0: 0-25 mm ... 3: 75-100 mm)")
-    p.add_argument("--pairs", default=",".join(PAIRS))
+    add_case_arguments(p, PAIRS, DEFAULT_BINS)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-warm", action="store_true", help="cold runs only")
@@ -405,9 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     text = run(args, log=lambda line: print(line, flush=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "end_to_end.md").write_text(text, encoding="utf-8")
-    print("\n" + text)
+    write_report(args.out, "end_to_end.md", text)
     return 0
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-from common import machine
+from common import add_case_arguments, case_selection, machine, report_header, write_report
 
 HERE = Path(__file__).resolve().parent
 MODES = ("rigid", "affine", "deformable")
@@ -262,10 +262,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases-per-bin", type=int, default=1)
-    p.add_argument("--bins", default=",".join(map(str, DEFAULT_BINS)),
-                   help="initial-error bins (0: 0-25 mm ... 3: 75-100 mm)")
-    p.add_argument("--pairs", default=",".join(PAIRS))
+    add_case_arguments(p, PAIRS, DEFAULT_BINS)
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cold", action="store_true", help="skip the cold-cost processes")
@@ -294,12 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for key in ("mind", "disa"):
             pipeline.REORIENT_PASSES[key] = args.reorient_passes
-    pairs = [s for s in args.pairs.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
-    bins = tuple(int(b) for b in args.bins.split(",") if b)
-    crop, per_bin = None, args.cases_per_bin
-    if args.quick:
-        pairs, bins, crop, per_bin = ["ct-mr"], (0,), QUICK_CROP, 1
+    pairs, bins, crop, per_bin = case_selection(args, QUICK_CROP)
     print(f"# stage profile — {machine()}", flush=True)
     cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins, crop=crop,
                                                log=print)
@@ -333,9 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{case.name} {mode}: {run.total:.2f} s, TRE {run.tre_mm:.1f} mm, "
                   f"working spacing {run.working_spacing_mm:.2f} mm, "
                   + ", ".join(f"{k} {v:.2f}" for k, v in run.timings.items()), flush=True)
-    header = (f"Command: `{_command(args)}`. Machine: {machine()}. "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. "
-              f"Cases: {len(cases)} realistic ({', '.join(pairs)}; bins {bins}; "
+    header = (report_header(_command(args))
+              + f"Cases: {len(cases)} realistic ({', '.join(pairs)}; bins {bins}; "
               f"{per_bin} per bin{f', {crop}-voxel crop' if crop else ''}); similarity "
               f"{similarity} ({'chosen' if args.similarity else 'the default'}); `register(fixed, "
               f"moving, RegistrationOptions(mode=MODE))`.\n")
@@ -344,9 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             + pair_table(runs, modes, pairs))
     if colds:
         text += ("\n### Cold costs (fresh process, rigid, first case)\n\n" + cold_table(colds))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stage_profile.md").write_text(text, encoding="utf-8")
-    print("\n" + text)
+    write_report(args.out, "stage_profile.md", text)
     return 0
 
 
