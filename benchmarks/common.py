@@ -37,6 +37,18 @@ def case_selection(args: argparse.Namespace, quick_crop: int
     return pairs, bins, None, args.cases_per_bin
 
 
+def case_command(script: str, args: argparse.Namespace, flag: str, value: str) -> list[str]:
+    """The words of a script's command line for its report: --quick, or the case arguments
+    and `flag` `value` (what the script runs on the cases)."""
+    parts = [f"python benchmarks/{script}"]
+    if args.quick:
+        parts.append("--quick")
+    else:
+        parts += [f"--cases-per-bin {args.cases_per_bin}", f"--bins {args.bins}",
+                  f"--pairs {args.pairs}", f"{flag} {value}"]
+    return parts
+
+
 def report_header(command: str) -> str:
     """The start of a report's first line: the command, the machine and the time (UTC)."""
     return (f"Command: `{command}`. Machine: {machine()}. "

@@ -302,12 +302,9 @@ def available(method: str) -> bool:
 
 
 def _command(args: argparse.Namespace) -> str:
-    parts = ["python benchmarks/end_to_end.py"]
-    if args.quick:
-        parts.append("--quick")
-    else:
-        parts += [f"--cases-per-bin {args.cases_per_bin}", f"--bins {args.bins}",
-                  f"--pairs {args.pairs}", f"--methods {args.methods}"]
+    from common import case_command
+
+    parts = case_command("end_to_end.py", args, "--methods", args.methods)
     if args.no_warm:
         parts.append("--no-warm")
     return " ".join(parts)

@@ -47,7 +47,14 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-from common import add_case_arguments, case_selection, machine, report_header, write_report
+from common import (
+    add_case_arguments,
+    case_command,
+    case_selection,
+    machine,
+    report_header,
+    write_report,
+)
 
 HERE = Path(__file__).resolve().parent
 MODES = ("rigid", "affine", "deformable")
@@ -243,12 +250,7 @@ def cold_table(colds: dict[str, dict[str, Any]]) -> str:
 
 
 def _command(args: argparse.Namespace) -> str:
-    parts = ["python benchmarks/stage_profile.py"]
-    if args.quick:
-        parts.append("--quick")
-    else:
-        parts += [f"--cases-per-bin {args.cases_per_bin}", f"--bins {args.bins}",
-                  f"--pairs {args.pairs}", f"--modes {args.modes}"]
+    parts = case_command("stage_profile.py", args, "--modes", args.modes)
     if args.similarity:
         parts.append(f"--similarity {args.similarity}")
     if args.working_spacing:
