@@ -194,6 +194,9 @@ def test_the_viewer_links_planes_scrolls_zooms_pans_and_windows(page, site, done
     for name in ("axial", "sagittal"):
         to_pixel = np.array(geometry["planes"][name]["physical_to_pixel"])
         c, r, s = (to_pixel @ [*p, 1.0])[:3]
+        # (the other planes follow the click asynchronously: wait for them, then check)
+        page.wait_for_function(f"() => document.querySelector('#slice-{name}').value"
+                               f" == '{round(s)}'", timeout=10_000)
         assert int(page.input_value(f"#slice-{name}")) == round(s), name
         selector = f"figure[data-plane={name}] canvas.fixed-view"
         page.wait_for_function(f"() => document.querySelector('{selector}').dataset.crosshair")
