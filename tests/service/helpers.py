@@ -123,3 +123,14 @@ def enter_key(tab: Any, key: str) -> None:
     with tab.expect_response(lambda r: "/v1/jobs?limit=" in r.url and r.status == 200):
         tab.fill("#api-key", key)
         tab.click("#key-save")
+
+
+def click_pixel(tab: Any, canvas_selector: str, plane: dict[str, Any], column: int,
+                row: int) -> None:
+    """Click the centre of pixel (column, row) of a viewer plane drawn on a canvas (the
+    canvas may be scaled: positions are in its displayed box), then wait for the point."""
+    canvas = tab.locator(canvas_selector)
+    box = canvas.bounding_box()
+    canvas.click(position={"x": (column + 0.5) * box["width"] / plane["width"],
+                           "y": (row + 0.5) * box["height"] / plane["height"]})
+    tab.wait_for_selector("#point-info[data-fixed]")

@@ -27,6 +27,7 @@ from .helpers import (
     OTHER_KEY,
     TINY_OPTIONS,
     api_key_env,
+    click_pixel,
     enter_key,
     live_service,
     open_tab,
@@ -176,12 +177,8 @@ def test_upload_progress_viewer_point_and_heatmaps(page, site, pair_files):
     # a click on the fixed axial view marks p; T(p) is the job's matrix applied to it
     viewer = _api(site, f"/v1/jobs/{job_id}/viewer").json()
     axial = viewer["planes"]["axial"]
-    canvas = page.locator("figure[data-plane=axial] canvas.fixed-view")
-    box = canvas.bounding_box()
     column, row_ = 8, 14
-    canvas.click(position={"x": (column + 0.5) * box["width"] / axial["width"],
-                           "y": (row_ + 0.5) * box["height"] / axial["height"]})
-    page.wait_for_selector("#point-info[data-fixed]")
+    click_pixel(page, "figure[data-plane=axial] canvas.fixed-view", axial, column, row_)
     index = int(page.input_value("#slice-axial"))
     expected_p = np.array(axial["pixel_to_physical"]) @ [column, row_, index, 1.0]
     p = np.array(json.loads(page.get_attribute("#point-info", "data-fixed")))
@@ -194,7 +191,7 @@ def test_upload_progress_viewer_point_and_heatmaps(page, site, pair_files):
     assert "(" + ", ".join(f"{v:.1f}" for v in p) + ") mm (LPS)" in info
 
     # the keyboard moves the point one pixel (4 mm) to the right of the screen: +x (L)
-    canvas.focus()
+    page.locator("figure[data-plane=axial] canvas.fixed-view").focus()
     page.keyboard.press("ArrowRight")
     deadline = time.monotonic() + 10
     while json.loads(page.get_attribute("#point-info", "data-fixed"))[0] == p[0]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from .helpers import API_KEY, enter_key, open_tab
+from .helpers import API_KEY, click_pixel, enter_key, open_tab
 
 # test_web.py's fixtures, used here by name (F401, F811: pytest passes them as arguments)
 from .test_web import (  # noqa: F401
@@ -180,12 +180,8 @@ def test_the_viewer_links_planes_scrolls_zooms_pans_and_windows(page, site, done
 
     # a click in the coronal plane moves the crosshair there in all three planes
     coronal = geometry["planes"]["coronal"]
-    canvas = page.locator("figure[data-plane=coronal] canvas.moving-view")
-    box = canvas.bounding_box()
     column, row = 6, 15
-    canvas.click(position={"x": (column + 0.5) * box["width"] / coronal["width"],
-                           "y": (row + 0.5) * box["height"] / coronal["height"]})
-    page.wait_for_selector("#point-info[data-fixed]")
+    click_pixel(page, "figure[data-plane=coronal] canvas.moving-view", coronal, column, row)
     p = np.array(json.loads(page.get_attribute("#point-info", "data-fixed")))
     expected = np.array(coronal["pixel_to_physical"]) @ [column, row,
                                                          int(page.input_value("#slice-coronal")),
