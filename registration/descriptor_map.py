@@ -10,6 +10,7 @@ points and trilinearly interpolates moving ones and their validity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -52,6 +53,21 @@ class DescriptorMap:
         v = None if valid is None else np.ascontiguousarray(valid, dtype=np.float32)
         return DescriptorMap(self.data, self.grid, self.scale, v)
 
+    @cached_property
+    def valid_moments(self) -> tuple[np.ndarray, float]:
+        """(mean descriptor (C,), mean squared norm) over the valid voxels, float64 physical
+        values, from a regular subsample of at most ~200,000 voxels (a mean needs no more).
+        Cached: every objective on this map (one per level and orientation bin) needs it."""
+        v = self.validity.ravel().astype(np.float64)
+        m = self.data.reshape(-1, self.channels)
+        stride = max(1, len(v) // 200_000)
+        m = m[::stride].astype(np.float64) * float(self.scale)
+        v = v[::stride]
+        if v.sum() <= 0:
+            v = np.ones_like(v)
+        mean = (v @ m) / v.sum()
+        return mean, float(v @ np.sum(m * m, axis=1)) / float(v.sum())
+
     @property
     def channels(self) -> int:
         return int(self.data.shape[3])
@@ -84,18 +100,16 @@ class DescriptorMap:
         2i of this map and the grid keeps its origin (Grid.strided(2)).
         """
         values = self.as_float()
-        kernel = np.array([0.25, 0.5, 0.25], dtype=np.float32)
         for axis in range(3):
-            values = ndimage.convolve1d(values, kernel, axis=axis, mode="constant", cval=0.0)
-        values = np.ascontiguousarray(values[::2, ::2, ::2])
+            values = _binomial_halved(values, axis, edge=False)
         valid = None
         if self.valid is not None:
             # A pooled node is as valid as the data its filter reads (edges taper).
             valid = self.validity
             for axis in range(3):
-                valid = ndimage.convolve1d(valid, kernel, axis=axis, mode="nearest")
-            valid = np.ascontiguousarray(valid[::2, ::2, ::2])
-        pooled = DescriptorMap(values, self.grid.strided(2), 1.0, valid)
+                valid = _binomial_halved(valid, axis, edge=True)
+        pooled = DescriptorMap(np.ascontiguousarray(values), self.grid.strided(2), 1.0,
+                               None if valid is None else np.ascontiguousarray(valid))
         return pooled.quantised() if self.is_int8 else pooled
 
     def smoothed(self, sigma_voxels: float) -> DescriptorMap:
@@ -123,6 +137,39 @@ class DescriptorMap:
         pulled the fixed foreground onto it; gated by validity it no longer counts.
         """
         return self.with_validity(self.validity * mask)
+
+
+def _binomial_halved(values: np.ndarray, axis: int, edge: bool) -> np.ndarray:
+    """[1, 2, 1]/4 along ``axis`` evaluated at every second voxel only (voxel i of the result
+    on voxel 2i), zeros beyond the ends, or the edge value with ``edge``.
+
+    Why not ndimage.convolve1d then [::2]: filtering and halving one axis at a time
+    filters the next axes on half the data, and no filtered value is thrown away
+    (3 full passes -> about 1.2 of them; the same numbers).
+    """
+    n = values.shape[axis]
+    m = (n + 1) // 2  # output voxels: inputs 0, 2, ...
+
+    def take(part: slice) -> np.ndarray:
+        index = [slice(None)] * values.ndim
+        index[axis] = part
+        return values[tuple(index)]
+
+    def into(part: slice) -> tuple[slice, ...]:
+        index = [slice(None)] * values.ndim
+        index[axis] = part
+        return tuple(index)
+
+    quarter = np.float32(0.25)
+    out = take(slice(0, None, 2)) * np.float32(0.5)
+    odd = take(slice(1, None, 2)) * quarter  # right neighbours of 0, 2, ...; left of 2, 4, ...
+    out[into(slice(0, n // 2))] += odd
+    out[into(slice(1, m))] += odd[into(slice(0, m - 1))]
+    if edge:  # beyond the ends, the edge voxel's value
+        out[into(slice(0, 1))] += take(slice(0, 1)) * quarter
+        if n % 2:
+            out[into(slice(m - 1, m))] += take(slice(n - 1, n)) * quarter
+    return out
 
 
 def pool_weights(weights: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

@@ -182,17 +182,9 @@ class DescriptorObjective:
         w = self.weights.astype(np.float64)
         f_mean = w @ f
         f_sq = float(w @ np.sum(f * f, axis=1))
-        v = self._valid.ravel().astype(np.float64)
-        if v.sum() <= 0:
+        if not np.any(self._valid > 0):
             raise ValueError("the moving image has no valid descriptor")
-        m = self._moving.reshape(-1, self._moving.shape[-1])
-        stride = max(1, len(v) // 200_000)  # a mean: a regular subsample is plenty
-        m = m[::stride].astype(np.float64) * float(self.moving.scale)
-        v = v[::stride]
-        if v.sum() <= 0:
-            v = np.ones_like(v)
-        m_mean = (v @ m) / v.sum()
-        m_sq = float(v @ np.sum(m * m, axis=1)) / v.sum()
+        m_mean, m_sq = self.moving.valid_moments
         if self.kind == "dot":
             return -float(f_mean @ m_mean), -f_sq
         return f_sq + m_sq - 2.0 * float(f_mean @ m_mean), 0.0
