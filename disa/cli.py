@@ -88,6 +88,10 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
                                 "pose to start from")
     p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
     p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
+    p.add_argument("--warp-labels", type=Path, default=None, metavar="FILE",
+                   help="label map on MOVING's grid (integer voxels): also written onto the "
+                        "fixed grid through the final transform, nearest neighbour, as "
+                        "warped_labels.nii.gz")
     p.add_argument("--fixed-series-uid", default=None, metavar="UID",
                    help="series to use when FIXED is a DICOM folder/zip with several")
     p.add_argument("--moving-series-uid", default=None, metavar="UID",
@@ -117,7 +121,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
                                 args.fixed_mask, args.moving_mask, progress=report,
                                 fixed_series_uid=args.fixed_series_uid,
                                 moving_series_uid=args.moving_series_uid,
-                                initial_transform_path=args.initial_transform)
+                                initial_transform_path=args.initial_transform,
+                                warp_labels_path=args.warp_labels)
     _print_summary(data, args.output)
     return EXIT_OK
 
@@ -135,6 +140,11 @@ def _print_summary(data: dict, outdir: Path) -> None:
           f"similarity {data['similarity_value']:.4f}, {data['evaluations']} evaluations, "
           f"{sum(v for k, v in data['timings_s'].items() if '_' not in k):.2f} s")
     print(f"results in {outdir}/ : {', '.join(data['files'])}")
+    missing = (data.get("warped_labels") or {}).get("labels_missing")
+    if missing:
+        shown = ", ".join(str(v) for v in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        print(f"  warped labels: {len(missing)} of {data['warped_labels']['labels']} labels "
+              f"land on no fixed voxel (outside the fixed field of view?): {shown}")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:

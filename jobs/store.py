@@ -53,6 +53,7 @@ RESULT_FILES: dict[str, str] = {
     "transform.tfm": "text/plain; charset=utf-8",
     "registered.nii.gz": "application/gzip",
     "displacement.nii.gz": "application/gzip",
+    "inverse_displacement.nii.gz": "application/gzip",
     "transform.h5": "application/x-hdf5",
     "qa.png": "image/png",
     "result.json": "application/json",

@@ -8,10 +8,18 @@
                        the overlap (result.json: view_point_mm)
     displacement.nii.gz  non-linear modes: u(x) = T(x) - x of the full mapping on the fixed
                        grid (3-component float32, LPS mm, ITK displacement-field convention)
+    inverse_displacement.nii.gz  non-linear modes: v(y) = T^-1(y) - y on the *moving* grid
+                       (same conventions: DisplacementFieldTransform(v) maps moving points
+                       to fixed points, so it carries fixed labels onto the moving grid)
+    warped_labels.nii.gz  with a label map of the moving image (``labels``): the labels on
+                       the fixed grid through the full mapping, nearest neighbour, same type
     transform.h5       non-linear modes: the full mapping as an ITK composite transform
                        (linear part + displacement field), for sitk.ReadTransform
     result.json        mode, similarity, parameters, objective, confidence, timings,
-                       versions, model hash (written last: its presence means complete)
+                       versions, model hash (written last: its presence means complete);
+                       non-linear modes add to ``deformation`` the det J figures inside the
+                       fixed foreground (``foreground_jacobian``, also in qa.png) and the
+                       inverse's method and accuracy (``inverse``)
 
 The folder is written as a whole: its files go into a fresh hidden sibling
 (``.NAME.partial-XXXXXXXX``), which then takes the folder's place by rename. A
@@ -30,20 +38,31 @@ import os
 import platform
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 
 from disa.registration.atomic import fsync_dir, write_json
 from disa.registration.dicom_reg import REGISTRATION_FILE
+from disa.registration.displacement import (
+    dense_displacement,
+    inverse_residual,
+    inverse_transform,
+    summarise_jacobian,
+)
 from disa.registration.errors import InputError
 from disa.registration.grid import Grid
 from disa.registration.io import write_image
+from disa.registration.labels import WARPED_LABELS_FILE, describe_labels, warp_labels
 from disa.registration.pipeline import RegistrationResult
+from disa.registration.preprocess import foreground_mask
 from disa.registration.qa import moving_data_mask, render_qa, view_centre
 from disa.registration.readable import (
     VERDICT_COLOURS,
@@ -58,9 +77,14 @@ QA_FILE = "qa.png"
 RESULT_FILE = "result.json"
 DISPLACEMENT_FILE = "displacement.nii.gz"
 FIELD_TRANSFORM_FILE = "transform.h5"
+INVERSE_DISPLACEMENT_FILE = "inverse_displacement.nii.gz"
 #: Every name a result folder may hold (registration.dcm: both inputs DICOM).
 RESULT_NAMES = frozenset({TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE,
-                          DISPLACEMENT_FILE, FIELD_TRANSFORM_FILE, REGISTRATION_FILE})
+                          DISPLACEMENT_FILE, FIELD_TRANSFORM_FILE, INVERSE_DISPLACEMENT_FILE,
+                          WARPED_LABELS_FILE, REGISTRATION_FILE})
+#: Voxels (at most) of the fixed image read for its automatic foreground (the det J
+#: figures and the inverse's accuracy count it): a larger image is read every k-th voxel.
+FOREGROUND_VOXELS = 4_000_000
 
 
 def resample_moving(moving: sitk.Image, fixed: sitk.Image, transform: sitk.Transform
@@ -182,8 +206,10 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 
 def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
                         outdir: str | Path, inputs: dict[str, Any] | None = None,
-                        extra: Callable[[dict[str, Any], Path], list[str]] | None = None
-                        ) -> dict[str, Any]:
+                        extra: Callable[[dict[str, Any], Path], list[str]] | None = None,
+                        *, labels: sitk.Image | None = None,
+                        labels_path: str | Path | None = None,
+                        fixed_mask: sitk.Image | None = None) -> dict[str, Any]:
     """Write transform, registered image, QA picture and result.json; return the JSON data.
 
     The files are written into a fresh hidden sibling of ``outdir``, which then
@@ -192,7 +218,12 @@ def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: s
     when ``outdir`` is a file or a folder holding other files (nothing is deleted).
     ``extra(data, folder)`` writes further files (e.g. DICOM REG) into ``folder``,
     the folder being written, and returns their names; it runs before
-    result.json, which stays the last file written.
+    result.json, which stays the last file written. ``labels``: an integer label
+    map on the moving grid (``labels.read_label_map``; ``labels_path`` its file,
+    for result.json), written as warped_labels.nii.gz on the fixed grid.
+    ``fixed_mask`` (non-zero = foreground, any grid in the fixed frame): the
+    foreground that the det J figures and the inverse's accuracy count; default
+    the fixed image's automatic foreground (``preprocess.foreground_mask``).
     """
     target = Path(os.path.realpath(outdir))
     _check_replaceable(target, str(outdir))
@@ -200,7 +231,8 @@ def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: s
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes 0700; the API may run as another user
-        data = _write_files(result, fixed, moving, staging, inputs, extra)
+        data = _write_files(result, fixed, moving, staging, inputs, extra,
+                            _LabelRequest(labels, labels_path), fixed_mask)
         # Checked again: the folder may have changed during the run.
         _check_replaceable(target, str(outdir))
         _swap_into_place(staging, target)
@@ -209,26 +241,91 @@ def write_result_folder(result: RegistrationResult, fixed: sitk.Image, moving: s
     return data
 
 
+@dataclass(frozen=True)
+class _LabelRequest:
+    """A label map to warp (on the moving grid) and the file it came from."""
+
+    labels: sitk.Image | None
+    path: str | Path | None
+
+
+def fixed_foreground(fixed: sitk.Image, fixed_mask: sitk.Image | None = None,
+                     max_voxels: int = FOREGROUND_VOXELS) -> sitk.Image:
+    """Where the fixed image has anatomy: UInt8 (1 = foreground) in the fixed frame.
+
+    The user's ``fixed_mask`` when given (non-zero voxels, its own grid), else the
+    automatic foreground of the registration (Otsu, dilated, holes filled:
+    ``preprocess.foreground_mask``) of the fixed image read every k-th voxel per
+    axis (at most ``max_voxels``), on that strided grid (voxel i = fixed voxel k i).
+    """
+    if fixed_mask is not None:
+        return sitk.Cast(fixed_mask != 0, sitk.sitkUInt8)
+    size = np.asarray(fixed.GetSize())
+    step = max(1, int(np.ceil((float(np.prod(size)) / max_voxels) ** (1 / 3) - 1e-9)))
+    sample = np.asarray(sitk.GetArrayViewFromImage(fixed)[::step, ::step, ::step])
+    mask = sitk.GetImageFromArray(foreground_mask(sample).astype(np.uint8))
+    mask.SetOrigin(fixed.GetOrigin())
+    mask.SetSpacing(tuple(float(v) * step for v in fixed.GetSpacing()))
+    mask.SetDirection(fixed.GetDirection())
+    return mask
+
+
+def _write_inverse(forward: sitk.Transform, moving: sitk.Image, outdir: Path,
+                   foreground: sitk.Image, fixed_spacing: tuple[float, ...]) -> dict[str, Any]:
+    """inverse_displacement.nii.gz (moving grid) and its facts for result.json: how it
+    was made and how far T(y + v(y)) lands from y where y + v(y) is fixed foreground."""
+    start = time.perf_counter()
+    # Nodes finer than the finer image's voxels would only cost time (inverse_transform).
+    finest = float(min(*fixed_spacing, *moving.GetSpacing()))
+    inverse, facts = inverse_transform(forward, min_spacing_mm=finest)
+    field = dense_displacement(inverse, moving)
+    write_image(field, outdir / INVERSE_DISPLACEMENT_FILE)
+    accuracy = inverse_residual(forward, field, foreground)
+    return {"file": INVERSE_DISPLACEMENT_FILE, **facts, **accuracy,
+            "region": "moving voxels whose fixed point lies in the fixed foreground",
+            "seconds": time.perf_counter() - start}
+
+
 def _write_files(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Image,
                  outdir: Path, inputs: dict[str, Any] | None,
-                 extra: Callable[[dict[str, Any], Path], list[str]] | None) -> dict[str, Any]:
+                 extra: Callable[[dict[str, Any], Path], list[str]] | None,
+                 labels: _LabelRequest, fixed_mask: sitk.Image | None) -> dict[str, Any]:
     """The files of write_result_folder, into the (staging) folder ``outdir``."""
     write_transform(result.transform, outdir / TRANSFORM_FILE)
     files = [TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE]
     final = result.transform
     convention = ("transform.tfm maps fixed points to moving points (LPS mm); "
                   "sitk.Resample(moving, fixed, transform) gives registered.nii.gz")
+    deformation: dict[str, Any] | None = None
+    jacobian = None
     if result.field_transform is not None and result.displacement is not None:
         final = result.field_transform
         write_transform(final, outdir / FIELD_TRANSFORM_FILE)
         write_image(result.displacement, outdir / DISPLACEMENT_FILE)
-        files[1:1] = [FIELD_TRANSFORM_FILE, DISPLACEMENT_FILE]
+        files[1:1] = [FIELD_TRANSFORM_FILE, DISPLACEMENT_FILE, INVERSE_DISPLACEMENT_FILE]
         convention = ("transform.h5 (the full mapping) maps fixed points to moving points "
                       "(LPS mm); sitk.Resample(moving, fixed, sitk.ReadTransform('transform.h5')) "
                       "gives registered.nii.gz; displacement.nii.gz is u(x) = T(x) - x on the "
-                      "fixed grid; transform.tfm holds the rigid/affine part only")
+                      "fixed grid; inverse_displacement.nii.gz is v(y) = T^-1(y) - y on the "
+                      "moving grid (moving points to fixed points: sitk.Resample(fixed_labels, "
+                      "moving, sitk.DisplacementFieldTransform(v)) carries fixed labels onto "
+                      "the moving grid); transform.tfm holds the rigid/affine part only")
+        # One foreground for both figures: where labels and anatomy are.
+        foreground = fixed_foreground(fixed, fixed_mask)
+        jacobian = summarise_jacobian(result.displacement, foreground)
+        source = "fixed mask" if fixed_mask is not None else "automatic"
+        deformation = {**(result.deformation or {}),
+                       "foreground_jacobian": {**jacobian.statistics, "foreground": source},
+                       "inverse": _write_inverse(final, moving, outdir, foreground,
+                                                 fixed.GetSpacing())}
     registered = resample_moving(moving, fixed, final)
     write_image(registered, outdir / REGISTERED_FILE)
+    warped_labels = None
+    if labels.labels is not None:
+        warped = warp_labels(labels.labels, fixed, final)
+        write_image(warped, outdir / WARPED_LABELS_FILE)
+        files.insert(files.index(REGISTERED_FILE) + 1, WARPED_LABELS_FILE)
+        warped_labels = describe_labels(labels.labels, warped, labels.path or "labels")
     before = resample_moving(moving, fixed, sitk.Transform())
     summary = result.summary()
     evidence = verdict_evidence(summary)
@@ -241,7 +338,7 @@ def _write_files(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Ima
     render_qa(fixed, registered, before=before, path=outdir / QA_FILE, title=title,
               title_colour=VERDICT_COLOURS.get(str(summary.get("verdict"))),
               displacement=result.displacement, point=centre, moving=moving, transform=final,
-              moving_mask=data_region, before_transform=sitk.Transform())
+              moving_mask=data_region, before_transform=sitk.Transform(), jacobian=jacobian)
     data = {
         "format": "disa-result/1",
         **summary,
@@ -253,6 +350,8 @@ def _write_files(result: RegistrationResult, fixed: sitk.Image, moving: sitk.Ima
         # LPS mm point that qa.png's planes pass through and the web viewer starts at.
         "view_point_mm": list(centre.point),
         "view_point": centre.source,
+        **({"deformation": deformation} if deformation is not None else {}),
+        **({"warped_labels": warped_labels} if warped_labels is not None else {}),
         "files": files,
         "inputs": inputs or {},
         "versions": versions(),

@@ -13,7 +13,14 @@ and after it, as
 
 and, for deformable results, the displacement magnitude with the fixed grid
 drawn where the transform sends it (the ITK convention: a fixed point p maps to
-p + u(p) in the moving image; the in-plane part of u is drawn).
+p + u(p) in the moving image; the in-plane part of u is drawn), and, given a
+:class:`~disa.registration.displacement.JacobianSummary`, a row of det J of
+p -> p + u(p): a diverging colour map on a log scale centred on 1 (blue:
+volume shrinks from fixed to moving, red: it grows; green: det J <= 0, folding),
+dimmed outside the fixed foreground. The row's label column carries the colour
+bar and the figures inside the foreground (min, 1st and 99th percentiles, the
+folded fraction), the numbers result.json's ``deformation.foreground_jacobian``
+records.
 
 Coordinates and display convention: SimpleITK physical space, LPS millimetres
 (+x = patient Left, +y = Posterior, +z = Superior); numpy arrays of SimpleITK
@@ -75,6 +82,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from disa.registration.atomic import atomic_write
+from disa.registration.displacement import JacobianSummary
 from disa.registration.fov import border_connected
 from disa.registration.preprocess import foreground_mask
 
@@ -119,6 +127,7 @@ _TITLE_H = 20
 _HEADER_H = 16
 _LABEL_W = 96
 _FOOTER_H = 52  # four lines of the default font
+_FOOTER_LINE_H = 13  # one more line (the det J legend)
 _GAP = 4
 _BACKGROUND = (24, 24, 32)  # R != B: never an overlay pixel (R == B there)
 _LABEL_COLOUR = (230, 230, 230)
@@ -138,6 +147,23 @@ _PADDED_FRACTION = 0.01
 #: Weight of a structureless overlap sample relative to the strongest edges (1 + this):
 #: edges pull the centre, but a uniform organ still counts.
 _STRUCTURE_FLOOR = 0.25
+
+# det J colour map (log det J / log of the bar's limit, -1 to 1): compression blue, no
+# change light grey, expansion red; folding (det J <= 0) a green no other value takes.
+_JACOBIAN_STOPS = np.array([-1.0, 0.0, 1.0])
+_JACOBIAN_RGB = np.array([[40, 90, 230], [225, 225, 225], [225, 45, 35]], dtype=float)
+_FOLDED_COLOUR = (0, 255, 0)
+#: Brightness kept outside the fixed foreground (the figures count the foreground only).
+_OUTSIDE_DIM = 0.35
+#: The colour bar runs from 1 / limit to limit, limit = the 1st/99th foreground percentile
+#: furthest from 1, at least this (a near-rigid field still shows a scale) and at most 4.
+_JACOBIAN_MIN_LIMIT = 1.25
+_JACOBIAN_MAX_LIMIT = 4.0
+#: One footer line at the default panel size (the picture's width allows ~145 characters).
+JACOBIAN_LEGEND = (
+    "det J of p -> p + u(p), log scale: blue < 1 shrinks, red > 1 grows (fixed -> moving), "
+    "green <= 0 folds; dimmed: outside the fixed foreground."
+)
 
 # Magnitude colour map stops (value in [0, 1] -> RGB): dark blue to yellow.
 _CMAP_STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -451,7 +477,8 @@ def plane_grids(
     return grids
 
 
-def _row_names(mode: Mode, has_before: bool, has_displacement: bool) -> tuple[str, ...]:
+def _row_names(mode: Mode, has_before: bool, has_displacement: bool,
+               has_jacobian: bool = False) -> tuple[str, ...]:
     if mode not in ("overlay", "checkerboard", "both"):
         raise ValueError(f"mode must be 'overlay', 'checkerboard' or 'both', got {mode!r}")
     kinds = ["overlay", "checkerboard"] if mode == "both" else [mode]
@@ -460,6 +487,8 @@ def _row_names(mode: Mode, has_before: bool, has_displacement: bool) -> tuple[st
     rows = [f"{stage} {kind}" for kind in kinds for stage in stages]
     if has_displacement:
         rows.append("displacement")
+    if has_jacobian:
+        rows.append("jacobian")
     return tuple(rows)
 
 
@@ -471,16 +500,19 @@ def qa_layout(
     has_displacement: bool = False,
     point: Sequence[float] | None = None,
     panel_size: int = 256,
+    has_jacobian: bool = False,
 ) -> QALayout:
     """The canvas size and panel boxes that :func:`render_qa` uses for these inputs.
 
     Each plane sits centred in a ``panel_size`` square cell; its own box is
-    smaller along a shorter physical extent.
+    smaller along a shorter physical extent. ``has_jacobian`` adds the det J row
+    (last) and a footer line for its legend.
     """
-    rows = _row_names(mode, has_before, has_displacement)
+    rows = _row_names(mode, has_before, has_displacement, has_jacobian)
     grids = plane_grids(fixed, point, panel_size)
     width = _LABEL_W + len(PLANES) * (panel_size + _GAP) + _GAP
-    height = _TITLE_H + _HEADER_H + len(rows) * (panel_size + _GAP) + _FOOTER_H
+    height = (_TITLE_H + _HEADER_H + len(rows) * (panel_size + _GAP) + _FOOTER_H
+              + (_FOOTER_LINE_H if has_jacobian else 0))
     panels: dict[tuple[str, str], Box] = {}
     for r, row in enumerate(rows):
         cell_y = _TITLE_H + _HEADER_H + r * (panel_size + _GAP)
@@ -663,6 +695,77 @@ def _displacement_panel(
     return panel
 
 
+def jacobian_limit(statistics: dict[str, object]) -> float:
+    """The det J colour bar's upper end (its lower end is the reciprocal): the foreground's
+    1st or 99th percentile, whichever lies further from 1 on a log scale, within
+    [1.25, 4]; 1.25 when the figures are missing (no foreground voxel)."""
+    p1, p99 = statistics.get("jacobian_p1"), statistics.get("jacobian_p99")
+    if not isinstance(p1, float | int) or not isinstance(p99, float | int):
+        return _JACOBIAN_MIN_LIMIT
+    furthest = max(float(p99), 1.0 / max(float(p1), 1.0 / _JACOBIAN_MAX_LIMIT))
+    return float(np.clip(furthest, _JACOBIAN_MIN_LIMIT, _JACOBIAN_MAX_LIMIT))
+
+
+def _jacobian_colours(det: np.ndarray, limit: float) -> np.ndarray:
+    """det J (NaN = undefined) -> RGB float (..., 3): the log-scale diverging map, folding
+    green, undefined black."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scaled = np.log(np.where(det > 0, det, 1.0)) / np.log(limit)
+    scaled = np.clip(np.nan_to_num(scaled, nan=0.0), -1.0, 1.0)
+    rgb = np.stack([np.interp(scaled, _JACOBIAN_STOPS, _JACOBIAN_RGB[:, k]) for k in range(3)],
+                   axis=-1)
+    rgb[det <= 0] = _FOLDED_COLOUR
+    rgb[np.isnan(det)] = 0.0
+    return rgb
+
+
+def _jacobian_panel(det: np.ndarray, foreground: np.ndarray, limit: float) -> Image.Image:
+    """det J on a plane (rows, cols; NaN undefined) in the det J colours, dimmed where
+    ``foreground`` (bool, same shape) is False."""
+    rgb = _jacobian_colours(det, limit)
+    rgb[~foreground] *= _OUTSIDE_DIM
+    return Image.fromarray((rgb + 0.5).astype(np.uint8))
+
+
+def _jacobian_caption(statistics: dict[str, object]) -> str:
+    """The figures under the colour bar: det J inside the fixed foreground."""
+    if not statistics.get("voxels"):
+        return "no fixed\nforeground\nvoxel"
+
+    def number(key: str) -> str:
+        value = statistics[key]
+        return f"{float(value):.3g}" if isinstance(value, float | int) else "-"
+
+    folded = statistics.get("negative_jacobian_fraction")
+    folded_text = f"{100 * float(folded):.3f}%" if isinstance(folded, float | int) else "-"
+    return (f"min {number('jacobian_min')}\np1 {number('jacobian_p1')}\n"
+            f"p99 {number('jacobian_p99')}\nfolded {folded_text}")
+
+
+def _draw_jacobian_key(draw: ImageDraw.ImageDraw, canvas: Image.Image, top: int, height: int,
+                       limit: float, statistics: dict[str, object], font: Font) -> None:
+    """The det J row's label column: name, a vertical colour bar from 1 / limit (bottom)
+    to limit (top) with its ticks, and the foreground figures below it."""
+    title = "det J\n(fixed fg)"
+    caption = _jacobian_caption(statistics)
+    title_box = draw.multiline_textbbox((0, 0), title, font=font)
+    caption_box = draw.multiline_textbbox((0, 0), caption, font=font)
+    title_h, caption_h = title_box[3] - title_box[1], caption_box[3] - caption_box[1]
+    _text(draw, (_GAP, top), title, font)
+    bar_top = int(top + title_h + 2 * _GAP)
+    bar_h = int(max(12, min(140, height - title_h - caption_h - 5 * _GAP)))
+    bar_w = 10
+    # Top row = limit, bottom row = 1 / limit, linear in log det J between them.
+    scaled = np.linspace(1.0, -1.0, bar_h)[:, None].repeat(bar_w, axis=1)
+    bar = _jacobian_colours(np.exp(scaled * np.log(limit)), limit)
+    canvas.paste(Image.fromarray((bar + 0.5).astype(np.uint8)), (_GAP, bar_top))
+    for value, y in ((limit, bar_top), (1.0, bar_top + bar_h / 2),
+                     (1.0 / limit, bar_top + bar_h - 1)):
+        draw.line((_GAP + bar_w, y, _GAP + bar_w + 3, y), fill=_LABEL_COLOUR)
+        _text(draw, (_GAP + bar_w + 5, y), f"{value:.3g}", font, ("left", "middle"))
+    _text(draw, (_GAP, bar_top + bar_h + 2 * _GAP), caption, font)
+
+
 def _text(
     draw: ImageDraw.ImageDraw,
     xy: tuple[float, float],
@@ -736,6 +839,7 @@ def render_qa(
     before_transform: sitk.Transform | None = None,
     panel_size: int = 256,
     title_colour: tuple[int, int, int] | None = None,
+    jacobian: JacobianSummary | None = None,
 ) -> Image.Image:
     """Render (and optionally write) the QA picture of a registration.
 
@@ -768,6 +872,9 @@ def render_qa(
             default :func:`moving_data_mask` of ``moving``.
         before_transform: the transform that made ``before``; default identity.
         panel_size: pixels along the longest physical extent of the image.
+        jacobian: det J of the full mapping and the fixed foreground (on the fixed
+            grid or a strided copy; any grid in the fixed frame is resampled) with
+            their figures; adds the det J row with colour bar and caption.
 
     Returns:
         The RGB picture; its size and panel boxes are ``qa_layout(...)``'s.
@@ -793,6 +900,7 @@ def render_qa(
         has_before=before is not None,
         has_displacement=displacement is not None,
         panel_size=panel_size,
+        has_jacobian=jacobian is not None,
     )
     data = moving_data_mask(moving, moving_mask) if moving is not None else None
     centre: ViewCentre | None = None
@@ -829,12 +937,23 @@ def render_qa(
         field = sitk.GetArrayViewFromImage(displacement)
         max_mm = float(np.sqrt(np.nanmax(np.sum(np.square(field, dtype=np.float64), axis=-1))))
     step = max(6, panel_size // 16)
+    jacobian_planes: list[tuple[np.ndarray, np.ndarray]] = []
+    limit = _JACOBIAN_MIN_LIMIT
+    if jacobian is not None:
+        limit = jacobian_limit(jacobian.statistics)
+        jacobian_planes = [
+            (_resample_plane(jacobian.determinant, g),
+             _on_samples(jacobian.foreground, g.reference(), sitk.Transform(),
+                         sitk.sitkNearestNeighbor, sitk.sitkUInt8)[0] > 0)
+            for g in grids]
 
     for row in layout.rows:
         for i, grid in enumerate(grids):
             box = layout.panels[(row, grid.name)]
             if row == "displacement":
                 panel = _displacement_panel(field_planes[i], grid, max(max_mm, 1e-6), step)
+            elif row == "jacobian":
+                panel = _jacobian_panel(*jacobian_planes[i], limit)
             else:
                 stage, kind = row.split(" ")
                 f, m = fixed_planes[i], moving_planes[stage][i]
@@ -858,6 +977,12 @@ def render_qa(
         _text(draw, (x_mid, _TITLE_H + _HEADER_H / 2), header, font, ("centre", "middle"))
     for r, row in enumerate(layout.rows):
         y_mid = _TITLE_H + _HEADER_H + r * (layout.panel_size + _GAP) + layout.panel_size / 2
+        if row == "jacobian":
+            assert jacobian is not None  # (the row exists only with it)
+            _draw_jacobian_key(draw, canvas, int(y_mid) - layout.panel_size // 2,
+                               layout.panel_size,
+                               limit, jacobian.statistics, font)
+            continue
         if row == "displacement":
             text = f"displacement\n|u| 0 to {max_mm:.1f} mm\ngrid: p + u(p)"
         else:
@@ -868,7 +993,12 @@ def render_qa(
     note = _centre_note(centre, point is not None and centre is None, moving is not None)
     convention = CONVENTION_NOTE + (" Dotted cyan: edge of the moving data." if outlines else "")
     lines = textwrap.wrap(note, chars_per_line) + textwrap.wrap(convention, chars_per_line)
-    _text(draw, (_GAP, layout.size[1] - _FOOTER_H + _GAP), "\n".join(lines[:4]), font)
+    footer_h = _FOOTER_H
+    if jacobian is not None:  # its legend gets the extra line qa_layout made room for
+        lines = lines[:4] + textwrap.wrap(JACOBIAN_LEGEND, chars_per_line)
+        footer_h += _FOOTER_LINE_H
+    shown = footer_h // _FOOTER_LINE_H
+    _text(draw, (_GAP, layout.size[1] - footer_h + _GAP), "\n".join(lines[:shown]), font)
 
     if path is not None:
         _write_png_atomically(canvas, Path(path))

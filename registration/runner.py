@@ -8,6 +8,7 @@ from typing import Any
 from disa.registration.dicom_reg import write_dicom_outputs
 from disa.registration.initial_transform import read_initial_transform, transform_matrix
 from disa.registration.io import DEFAULT_LIMITS, InputLimits, inspect_image, read_image
+from disa.registration.labels import read_label_map
 from disa.registration.options import RegistrationOptions
 from disa.registration.outputs import write_result_folder
 from disa.registration.pipeline import register
@@ -22,7 +23,8 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
                      limits: InputLimits = DEFAULT_LIMITS,
                      fixed_series_uid: str | None = None,
                      moving_series_uid: str | None = None,
-                     initial_transform_path: str | Path | None = None) -> dict[str, Any]:
+                     initial_transform_path: str | Path | None = None,
+                     warp_labels_path: str | Path | None = None) -> dict[str, Any]:
     """Read and check the inputs, register, write the result folder; return result.json data.
 
     ``outdir`` is replaced as a whole once the result is complete (outputs.py); it
@@ -37,6 +39,9 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     ``initial_transform_path``: an ITK linear transform file (fixed -> moving, LPS mm) or
     a DISA result folder, the pose the search starts around instead of the headers'
     (``initial_transform.read_initial_transform``); result.json's inputs record its matrix.
+    ``warp_labels_path``: a label map on the moving image's grid, written onto the fixed
+    grid as warped_labels.nii.gz through the final mapping (``labels.py``); checked
+    right after the images' headers, before any pixel is registered.
     """
     report = progress or (lambda stage, fraction: None)
     report("read", 0.0)
@@ -46,6 +51,9 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
                if initial_transform_path is not None else None)
     fixed_info = inspect_image(fixed_path, limits, series_uid=fixed_series_uid)
     moving_info = inspect_image(moving_path, limits, series_uid=moving_series_uid)
+    # Before the images' pixels: a bad label map must not cost a whole registration.
+    labels = (read_label_map(warp_labels_path, moving_info, limits)
+              if warp_labels_path is not None else None)
     fixed = read_image(fixed_path, limits, series_uid=fixed_series_uid)
     moving = read_image(moving_path, limits, series_uid=moving_series_uid)
     fixed_mask = read_image(fixed_mask_path, limits) if fixed_mask_path else None
@@ -58,6 +66,7 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
         "moving": _describe(moving_info.as_dict()),
         "fixed_mask": fixed_mask_path is not None,
         "moving_mask": moving_mask_path is not None,
+        "warp_labels": Path(warp_labels_path).name if warp_labels_path is not None else None,
         # The basename (no folders) and the 4x4 homogeneous matrix (fixed -> moving,
         # LPS mm) the search started around, to reproduce the run.
         "initial_transform": ({"path": Path(initial_transform_path).name,
@@ -72,7 +81,8 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
         # into the folder being staged, which reads displacement.nii.gz back from it).
         extra=(lambda d, folder: write_dicom_outputs(folder, fixed_path, moving_path, d, limits,
                                                      fixed_series_uid, moving_series_uid))
-        if both_dicom else None)
+        if both_dicom else None,
+        labels=labels, labels_path=warp_labels_path, fixed_mask=fixed_mask)
     report("done", 1.0)
     return data
 

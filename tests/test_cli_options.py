@@ -123,6 +123,11 @@ def _hand_written_register() -> argparse.ArgumentParser:
                         "ultrasound's field of view)")
     p.add_argument("--fixed-mask", type=Path, default=None, metavar="F")
     p.add_argument("--moving-mask", type=Path, default=None, metavar="M")
+    # (Added after the flags were generated: a file, not an option, like the masks.)
+    p.add_argument("--warp-labels", type=Path, default=None, metavar="FILE",
+                   help="label map on MOVING's grid (integer voxels): also written onto the "
+                        "fixed grid through the final transform, nearest neighbour, as "
+                        "warped_labels.nii.gz")
     p.add_argument("--fixed-series-uid", default=None, metavar="UID",
                    help="series to use when FIXED is a DICOM folder/zip with several")
     p.add_argument("--moving-series-uid", default=None, metavar="UID",

@@ -405,7 +405,7 @@ def test_a_rigid_initial_transform_reaches_register_intact_and_is_recorded(
         seen["options"], seen["transform"] = options, initial_transform
         return "result"
 
-    def fake_write(result, fixed, moving, outdir, inputs, extra=None):
+    def fake_write(result, fixed, moving, outdir, inputs, extra=None, **kwargs):
         seen["inputs"] = inputs
         raise _Captured
 
@@ -440,7 +440,7 @@ def test_without_an_initial_transform_result_json_says_none(tmp_path: Path,
         seen["transform"] = initial_transform
         return "result"
 
-    def fake_write(result, fixed, moving, outdir, inputs, extra=None):
+    def fake_write(result, fixed, moving, outdir, inputs, extra=None, **kwargs):
         seen["inputs"] = inputs
         raise _Captured
 

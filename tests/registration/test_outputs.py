@@ -23,7 +23,7 @@ from .io_fixtures import phantom
 
 RIGID_FILES = ["transform.tfm", "registered.nii.gz", "qa.png", "result.json"]
 DEFORMABLE_FILES = ["transform.tfm", "transform.h5", "displacement.nii.gz",
-                    "registered.nii.gz", "qa.png", "result.json"]
+                    "inverse_displacement.nii.gz", "registered.nii.gz", "qa.png", "result.json"]
 
 
 def _result(shift_mm: float, deformable: bool = False) -> RegistrationResult:
