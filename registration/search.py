@@ -73,6 +73,11 @@ class SearchResult:
     evaluations: int
     starts: int
     timings: dict[str, float] = field(default_factory=dict)
+    #: Scale of "almost as good": median start cost - best cost (see global_search).
+    contrast: float = 1.0
+    #: Refined solutions that disagree with the best yet score within the ambiguity margin,
+    #: one per basin, best first (what made the result ambiguous).
+    rivals: list[RefinedSolution] = field(default_factory=list)
 
 
 def draw_starts(model: TransformModel, anchors: np.ndarray, settings: SearchSettings,
@@ -271,7 +276,9 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     evaluations = coarse.evaluations + fine.evaluations + refine.evaluations
     return SearchResult(theta=solutions[0].theta, cost=solutions[0].cost, solutions=solutions,
                         agreeing=agreeing, confidence=confidence, ambiguous=ambiguous,
-                        evaluations=evaluations, starts=n_starts, timings=timings)
+                        evaluations=evaluations, starts=n_starts, timings=timings,
+                        contrast=contrast,
+                        rivals=rivals(model, solutions, check_points, settings, contrast))
 
 
 def assess(model: TransformModel, solutions: list[RefinedSolution], check_points: np.ndarray,
@@ -295,6 +302,22 @@ def assess(model: TransformModel, solutions: list[RefinedSolution], check_points
         elif (s.cost - best.cost) / contrast < settings.ambiguity_margin:
             ambiguous = True
     return agreeing, agreeing / len(solutions), ambiguous
+
+
+def rivals(model: TransformModel, solutions: list[RefinedSolution], check_points: np.ndarray,
+           settings: SearchSettings, contrast: float) -> list[RefinedSolution]:
+    """The solutions (sorted by cost, best first) that disagree with the best (beyond
+    ``agree_tolerance_mm``) and score within ``ambiguity_margin`` x ``contrast`` of it, one
+    per basin: a rival within the tolerance of a better rival is the same answer."""
+    best = solutions[0]
+    found: list[RefinedSolution] = []
+    for s in solutions[1:]:
+        if (s.cost - best.cost) / contrast >= settings.ambiguity_margin:
+            continue
+        if all(mapping_distance(model, s.theta, other.theta, check_points)
+               > settings.agree_tolerance_mm for other in [best, *found]):
+            found.append(s)
+    return found
 
 
 def local_search(objective: Objective, model: TransformModel, init: np.ndarray,

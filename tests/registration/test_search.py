@@ -12,6 +12,7 @@ from disa.registration.search import (
     draw_starts,
     global_search,
     lbfgs_refine,
+    rivals,
 )
 from disa.registration.transforms import TransformModel
 
@@ -123,6 +124,22 @@ def test_assess_counts_agreement_and_flags_ambiguity() -> None:
     agreeing, confidence, ambiguous = assess(model, [best, near, far_bad, far_good], points,
                                              settings, contrast=1.0)
     assert (agreeing, confidence, ambiguous) == (2, 0.5, True)
+
+
+def test_rivals_are_the_close_scoring_other_basins_one_each() -> None:
+    model = TransformModel("rigid", np.zeros(3))
+    points = np.random.default_rng(0).normal(size=(100, 3)) * 40
+    best = RefinedSolution(np.zeros(6), -1.0, 0)
+    near = RefinedSolution(np.array([0, 0, 0, 1.0, 0, 0]), -0.999, 1)  # the same answer
+    other = RefinedSolution(np.array([0, 0, 0, -40.0, 0, 0]), -0.99, 2)
+    other_again = RefinedSolution(np.array([0, 0, 0, -41.0, 0, 0]), -0.985, 3)
+    third = RefinedSolution(np.array([0, 0, 0, 0, 30.0, 0]), -0.98, 4)
+    far_bad = RefinedSolution(np.array([0, 0, 0, 40.0, 0, 0]), -0.2, 5)
+    settings = SearchSettings(agree_tolerance_mm=5.0, ambiguity_margin=0.05)
+    found = rivals(model, [best, near, other, other_again, third, far_bad], points, settings,
+                   contrast=1.0)
+    assert [s.start_index for s in found] == [2, 4]
+    assert rivals(model, [best, near, far_bad], points, settings, contrast=1.0) == []
 
 
 class TwoBasins(Counted):
