@@ -151,9 +151,12 @@ def elastix_transform(result, moving, fixed: sitk.Image) -> sitk.Transform:
     image transformix is given (only its type matters)."""
     import itk
 
-    field = itk.transformix_deformation_field(moving, result,
-                                              log_to_console=bool(os.environ.get("ELASTIX_LOG")))
-    return field_transform(np.asarray(itk.array_from_image(field)), fixed)
+    # An output directory of its own: transformix writes deformationField.nii there.
+    with tempfile.TemporaryDirectory() as tmp:
+        field = itk.transformix_deformation_field(
+            moving, result, output_directory=tmp,
+            log_to_console=bool(os.environ.get("ELASTIX_LOG")))
+        return field_transform(np.array(itk.array_from_image(field)), fixed)
 
 
 def sitk_bspline(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
