@@ -167,6 +167,8 @@ def test_reoriented_passes_extract_only_the_region_the_fixed_image_maps_to(
         return extract(image, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "descriptor_maps", recording_extract)
+    # (Without orientation bins, whose maps are the search's, not a pass's.)
+    monkeypatch.setattr(pipeline, "ORIENTED_SIMILARITIES", ())
     options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
                                   rotation_range=20, translation_range=30)
     result = register(small_pair.fixed, small_pair.moving, options)
