@@ -9,8 +9,11 @@ functions rather than re-implementing them.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -30,6 +33,9 @@ Z_CLIP = 5.0
 #: preprocessing holds several, so a tiny --working-spacing must be refused here
 #: rather than end in a MemoryError (or the OOM killer) many GB later.
 MAX_WORKING_VOXELS = 512**3
+#: Voxels per block of ``IntensityNormalisation.apply``: 2 MiB of float64, which stays
+#: in a core's cache between the four passes over it.
+_APPLY_BLOCK = 1 << 18
 # A context variable, not a parameter threaded through the pipeline: the worker
 # applies DISA_MAX_VOXELS to every grid of the registrations it runs.
 _working_voxel_limit: ContextVar[int] = ContextVar("working_voxel_limit",
@@ -150,24 +156,152 @@ def foreground_mask(volume: np.ndarray) -> np.ndarray:
 
     Generous on purpose: it only bounds the statistics and the similarity weights,
     so losing anatomy would cost more than keeping some background.
+
+    Each step returns exactly what its plain scipy/numpy form returns (the 3^3 mean of
+    ``ndimage.uniform_filter``, ``np.histogram``, ``ndimage.binary_dilation`` with 2
+    iterations, ``ndimage.binary_fill_holes``; tests/registration/test_preprocess.py
+    compares them bit for bit), in about a third of the time on a 256^3 volume
+    (benchmarks/README.md, "Cold disa descriptors").
     """
-    smooth = ndimage.uniform_filter(volume.astype(np.float32), size=3)
-    finite = smooth[np.isfinite(smooth)]
-    if finite.size == 0 or finite.max() <= finite.min():
+    volume = np.asarray(volume, dtype=np.float32)
+    smooth = _box_mean3(volume)
+    low, high = smooth.min(), smooth.max()  # NaN in, NaN out: then select the finite ones
+    if np.isfinite(low) and np.isfinite(high):
+        finite = smooth.reshape(-1)  # a view: every value is finite (no 64 MiB copy)
+    else:
+        finite = smooth[np.isfinite(smooth)]
+        if finite.size == 0:
+            return np.zeros(volume.shape, dtype=bool)
+        low, high = finite.min(), finite.max()
+    if high <= low:
         return np.zeros(volume.shape, dtype=bool)
-    threshold = _otsu_threshold(finite)
+    threshold = _otsu_threshold(finite, value_range=(low, high))
     mask = smooth > threshold
-    if mask.sum() < 0.01 * mask.size:
+    if np.count_nonzero(mask) < 0.01 * mask.size:
         # Sparse bright structures (a CT with mostly air): keep everything not at the minimum.
-        mask = smooth > finite.min() + 1e-3 * (finite.max() - finite.min())
-    mask = ndimage.binary_dilation(mask, iterations=2)
-    mask = ndimage.binary_fill_holes(mask)
+        mask = smooth > low + 1e-3 * (high - low)
+    mask = _dilate_cross(mask, iterations=2)
+    return _fill_holes(mask)
+
+
+def _workers(parts: int) -> int:
+    """Threads for ``parts`` independent pieces of work: at most the CPUs this process may use."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(parts, cpus))
+
+
+def _halves(n: int, parts: int) -> list[slice]:
+    """``parts`` contiguous slices that cover range(n)."""
+    bounds = [round(k * n / parts) for k in range(parts + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _box_mean3(volume: np.ndarray) -> np.ndarray:
+    """``ndimage.uniform_filter(volume, size=3)`` of a float32 volume (float32, same bits),
+    about 2.5x faster at 256^3, on up to 2 threads.
+
+    scipy runs the separable mean one line at a time; along axis 0 its lines stride
+    through the whole volume (0.45 of its 0.65 CPU s at 256^3). ``_mean3_axis0`` runs
+    that pass plane by plane instead, with scipy's arithmetic; axes 1 and 2 stay
+    scipy's. Each pass runs on two slabs cut along an axis it does not run along, so
+    every line is whole and every voxel gets the one-thread value (scipy releases the
+    GIL inside a pass).
+    """
+    if volume.ndim != 3 or min(volume.shape) < 2:
+        return ndimage.uniform_filter(volume, size=3)
+    out = np.empty_like(volume)
+    workers = _workers(2)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda rows: _mean3_axis0(volume[:, rows], out[:, rows]),
+                      _halves(volume.shape[1], workers)))
+        for axis in (1, 2):
+            # In place, as scipy's own uniform_filter runs its second and third passes.
+            list(pool.map(lambda planes, axis=axis: ndimage.uniform_filter1d(
+                out[planes], 3, axis=axis, output=out[planes]),
+                _halves(volume.shape[0], workers)))
+    return out
+
+
+def _mean3_axis0(volume: np.ndarray, out: np.ndarray) -> None:
+    """``ndimage.uniform_filter1d(volume, 3, axis=0, output=out)`` (mode "reflect"), as
+    scipy computes it for every line: a running float64 sum of the window, x[-1] = x[0]
+    and x[n] = x[n-1], each output the sum / 3, rounded to float32. Vectorised over
+    whole (y, x) planes, whose rows are contiguous, instead of strided lines along z."""
+    n = volume.shape[0]
+    # inf - inf is NaN here as in scipy, which does not warn about it either.
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.add(volume[0], volume[0], dtype=np.float64)
+        total += volume[min(1, n - 1)]
+        np.divide(total, 3.0, out=out[0], casting="unsafe")
+        step = np.empty_like(total)
+        for k in range(1, n):
+            np.subtract(volume[min(k + 1, n - 1)], volume[max(k - 2, 0)], out=step,
+                        dtype=np.float64)
+            total += step
+            np.divide(total, 3.0, out=out[k], casting="unsafe")
+
+
+def _dilate_cross(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``ndimage.binary_dilation(mask, iterations=...)`` (6-neighbour cross, nothing
+    outside the array), by shifted in-place ORs: about 6x faster than scipy's."""
+    for _ in range(iterations):
+        grown = mask.copy()
+        for axis in range(mask.ndim):
+            head = tuple(slice(1, None) if a == axis else slice(None) for a in range(mask.ndim))
+            tail = tuple(slice(None, -1) if a == axis else slice(None) for a in range(mask.ndim))
+            grown[head] |= mask[tail]
+            grown[tail] |= mask[head]
+        mask = grown
     return mask
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample (maximises between-class variance)."""
-    hist, edges = np.histogram(values, bins=bins)
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes(mask)``: background not 6-connected to the array's faces
+    becomes foreground.
+
+    One labelling of the background inside the foreground's bounding box instead of
+    scipy's dilation until nothing changes (0.16 instead of 0.6-0.8 CPU s at 256^3).
+    The box is enough: the background around it is one region that reaches the array's
+    faces, and it touches every background voxel on the box's faces.
+    """
+    filled = mask.copy()
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return filled  # no foreground: all background reaches the faces
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    inside = mask[tuple(box)]
+    labels, count = ndimage.label(~inside)  # default structure: 6-connectivity, as fill_holes
+    if count == 0:
+        return filled
+    faces = [np.take(labels, side, axis=axis) for axis in range(mask.ndim) for side in (0, -1)]
+    outside = np.zeros(count + 1, dtype=bool)
+    outside[np.concatenate([face.ravel() for face in faces])] = True
+    outside[0] = False  # label 0: the foreground itself
+    filled[tuple(box)] = ~outside[labels]
+    return filled
+
+
+def _otsu_threshold(values: np.ndarray, bins: int = 256,
+                    value_range: tuple[float, float] | None = None) -> float:
+    """Otsu's threshold of a 1-D sample (maximises between-class variance).
+
+    ``value_range``: ``(values.min(), values.max())`` when the caller knows them (as the
+    array's own scalars, so that the bin edges are the ones ``np.histogram`` derives);
+    the histogram is then counted in halves on 2 threads, same counts.
+    """
+    if value_range is None:
+        hist, edges = np.histogram(values, bins=bins)
+    else:
+        parts = _halves(values.size, _workers(2))
+        with ThreadPoolExecutor(len(parts)) as pool:
+            counted = list(pool.map(
+                lambda part: np.histogram(values[part], bins=bins, range=value_range), parts))
+        hist, edges = sum(h for h, _ in counted), counted[0][1]
     centres = 0.5 * (edges[:-1] + edges[1:])
     weight0 = np.cumsum(hist)
     weight1 = weight0[-1] - weight0
@@ -193,10 +327,31 @@ class IntensityNormalisation:
 
     def apply(self, volume: np.ndarray) -> np.ndarray:
         """Clip to [low, high], subtract the mean, divide by the std, clip to +-5 (float32)."""
+        volume = np.asarray(volume, dtype=np.float32)
+        if not volume.flags.c_contiguous or volume.size < 2 * _APPLY_BLOCK:
+            return self._apply_block(volume)
+        # Large C-ordered volumes in blocks of 2 MiB of float64 on up to 2 threads: the
+        # same elementwise float64 arithmetic (same bits), without three 8-byte-per-voxel
+        # temporaries of the whole volume (1.5 GiB of memory traffic at 256^3).
+        out = np.empty(volume.shape, dtype=np.float32)
+        flat, flat_out = volume.reshape(-1), out.reshape(-1)
+        starts = range(0, flat.size, _APPLY_BLOCK)
+
+        def run(start: int) -> None:
+            block = slice(start, start + _APPLY_BLOCK)
+            flat_out[block] = self._apply_block(flat[block])
+
+        with ThreadPoolExecutor(_workers(2)) as pool:
+            list(pool.map(run, starts))
+        return out
+
+    def _apply_block(self, volume: np.ndarray) -> np.ndarray:
         # float64 bounds: the arithmetic runs in float64, as it always has (same bits).
-        out = (np.clip(np.asarray(volume, dtype=np.float32), np.float64(self.low),
-                       np.float64(self.high)) - self.mean) / self.std
-        return np.clip(out, -Z_CLIP, Z_CLIP).astype(np.float32)
+        out = np.clip(volume, np.float64(self.low), np.float64(self.high))
+        out -= self.mean
+        out /= self.std
+        np.clip(out, -Z_CLIP, Z_CLIP, out=out)
+        return out.astype(np.float32)
 
 
 def intensity_normalisation(volume: np.ndarray, mask: np.ndarray | None = None,
