@@ -62,7 +62,8 @@ def compute_descriptor_image(
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("expected a 3-D scalar image")
     resampled = resample_to_spacing(image, card.input_spacing_mm)
-    volume = normalise_intensities(sitk.GetArrayFromImage(resampled), mask=mask)
+    # A view, not a copy (64 MiB at 256^3): normalising only reads it.
+    volume = normalise_intensities(sitk.GetArrayViewFromImage(resampled), mask=mask)
     descriptors = extractor.extract(volume)  # (z', y', x', 16)
     out = sitk.GetImageFromArray(descriptors, isVector=True)
     origin, spacing, direction = descriptor_geometry(resampled, card)
