@@ -17,7 +17,7 @@ from disa.model.runtime import ENGINES
 HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb"
 #: Working grids (voxels at the model's spacing) from which the restart with huge pages
 #: pays: it costs 0.2-0.3 s (a second interpreter start and the CLI's imports) and saves
-#: about 1 CPU s of page faults at 256^3, in proportion to the voxels (2 cores, AMD EPYC).
+#: about 1 CPU s of page faults at 256^3, in proportion to the voxels (2 cores, Intel Xeon).
 HUGE_PAGE_MIN_VOXELS = 160**3
 
 
@@ -48,7 +48,7 @@ def huge_page_environment(
 
     Why: the first inference on a 256^3 volume touches about 3 GB of fresh activation
     memory that OpenVINO and ONNX Runtime get from malloc; in 4 KiB pages that is
-    about 850,000 page faults (1.0 CPU s of kernel time on 2 cores, AMD EPYC). With
+    about 890,000 page faults (1.0 CPU s of kernel time on 2 cores, Intel Xeon). With
     the tunable, glibc asks the kernel for transparent huge pages (2 MiB; about
     60,000 faults) where the kernel gives them only on request (THP mode "madvise",
     the common default). The tunable is read at process start only, hence a new
