@@ -157,9 +157,9 @@ def phases_child(volume: str, out: str) -> dict[str, Any]:
     import SimpleITK as sitk
 
     from disa.model.card import card_path_for, default_model_path, load_model_card
-    from disa.model.descriptors import descriptor_geometry
+    from disa.model.descriptors import descriptor_geometry, write_descriptor_image
     from disa.model.runtime import DescriptorExtractor, default_engine
-    from disa.registration.io import read_image, write_image
+    from disa.registration.io import read_image
     from disa.registration.preprocess import normalise_intensities, resample_to_spacing
 
     mark("import")
@@ -185,7 +185,7 @@ def phases_child(volume: str, out: str) -> dict[str, Any]:
     result.SetOrigin(origin)
     result.SetSpacing(spacing)
     result.SetDirection(direction)
-    write_image(result, out)
+    write_descriptor_image(result, out)
     mark("write")
     return {"engine": engine, "shape": list(array.shape), "seconds": seconds,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}

@@ -13,6 +13,11 @@ whose geometry places every descriptor at the physical point it describes:
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import os
+import shutil
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +28,14 @@ from disa.model.card import ModelCard, card_path_for, default_model_path, load_m
 from disa.model.runtime import DescriptorExtractor, Device, Engine
 from disa.registration.preprocess import normalise_intensities, resample_to_spacing
 
-__all__ = ["compute_descriptor_file", "compute_descriptor_image", "descriptor_geometry"]
+__all__ = ["compute_descriptor_file", "compute_descriptor_image", "descriptor_geometry",
+           "write_descriptor_image"]
+
+#: zlib level of written .nii.gz descriptor images. ITK's NIfTI writer compresses at
+#: zlib's default (6): 0.5-0.7 s for the 16 MiB of a 256^3 input's descriptors, against
+#: 0.16 s at level 1 for a file 13% larger (4.7 instead of 4.2 MB); float descriptors
+#: compress poorly at any level.
+NIFTI_GZIP_LEVEL = 1
 
 
 def descriptor_geometry(
@@ -90,7 +102,7 @@ def compute_descriptor_file(
     with `write_image`; both raise InputError for problems a user can fix.
     """
     from disa.registration.errors import InputError
-    from disa.registration.io import read_image, write_image
+    from disa.registration.io import read_image
 
     onnx_path = Path(model_path) if model_path is not None else default_model_path()
     if onnx_path is None:
@@ -109,5 +121,38 @@ def compute_descriptor_file(
         pool.submit(lambda: extractor.session)
         image = read_image(image_path)
         descriptors = compute_descriptor_image(image, extractor, card)
-    write_image(descriptors, output_path)
+    write_descriptor_image(descriptors, output_path)
     return descriptors
+
+
+def write_descriptor_image(image: sitk.Image, output_path: str | Path) -> None:
+    """``registration.io.write_image``, but a ``.nii.gz`` is compressed at
+    NIFTI_GZIP_LEVEL: ITK writes the uncompressed NIfTI next to it, Python's gzip
+    compresses it into a temporary file, flushed to disk and renamed over
+    ``output_path`` (readers never see a half-written file). The same NIfTI bytes
+    inside. Other formats, and any path write_image would refuse, go to write_image."""
+    from disa.registration.io import write_image
+
+    path = Path(output_path)
+    if not path.name.lower().endswith(".nii.gz") or not path.parent.is_dir():
+        write_image(image, path)
+        return
+    stem = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    raw, packed = Path(f"{stem}.tmp.nii"), Path(f"{stem}.tmp.nii.gz")
+    try:
+        try:
+            sitk.WriteImage(image, str(raw), False)
+        except RuntimeError as err:
+            raise OSError(f"{path.name}: cannot write image: {err}") from err
+        with open(raw, "rb") as source, open(packed, "wb") as target:
+            # mtime 0 and no file name in the gzip header: the same bytes for the same image.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=target,
+                               compresslevel=NIFTI_GZIP_LEVEL, mtime=0) as zipped:
+                shutil.copyfileobj(source, zipped, 1 << 20)
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(packed, path)
+    finally:
+        for leftover in (raw, packed):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
