@@ -20,20 +20,45 @@ import numpy as np
 from numba import njit, prange
 
 
-def diffusion(v: np.ndarray, spacing_xyz: np.ndarray) -> tuple[float, np.ndarray]:
-    """Membrane energy sum |dv|^2 / h^2 over grid edges, and its gradient (Z, Y, X, 3)."""
-    grad = np.zeros_like(v)
+@njit(cache=True, fastmath=True)
+def _diffusion(v, w, grad):
+    # One pass over the nodes, each adding its +x, +y, +z edges (weights w = 1 / h^2).
+    nz, ny, nx = v.shape[0], v.shape[1], v.shape[2]
     energy = 0.0
-    for axis, h in zip((2, 1, 0), spacing_xyz, strict=True):  # numpy axis of ITK x, y, z
-        lo = [slice(None)] * 3
-        hi = [slice(None)] * 3
-        lo[axis] = slice(None, -1)
-        hi[axis] = slice(1, None)
-        diff = (v[tuple(hi)] - v[tuple(lo)]) / h**2
-        energy += float(np.sum(diff * (v[tuple(hi)] - v[tuple(lo)])))
-        grad[tuple(hi)] += 2.0 * diff
-        grad[tuple(lo)] -= 2.0 * diff
-    return energy, grad
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                for i in range(3):
+                    a = v[z, y, x, i]
+                    if x + 1 < nx:
+                        d = v[z, y, x + 1, i] - a
+                        energy += w[0] * d * d
+                        grad[z, y, x + 1, i] += 2.0 * w[0] * d
+                        grad[z, y, x, i] -= 2.0 * w[0] * d
+                    if y + 1 < ny:
+                        d = v[z, y + 1, x, i] - a
+                        energy += w[1] * d * d
+                        grad[z, y + 1, x, i] += 2.0 * w[1] * d
+                        grad[z, y, x, i] -= 2.0 * w[1] * d
+                    if z + 1 < nz:
+                        d = v[z + 1, y, x, i] - a
+                        energy += w[2] * d * d
+                        grad[z + 1, y, x, i] += 2.0 * w[2] * d
+                        grad[z, y, x, i] -= 2.0 * w[2] * d
+    return energy
+
+
+def diffusion(v: np.ndarray, spacing_xyz: np.ndarray) -> tuple[float, np.ndarray]:
+    """Membrane energy sum |dv|^2 / h^2 over grid edges, and its gradient (Z, Y, X, 3).
+
+    ``spacing_xyz``: the grid's spacing (mm) along ITK x, y, z (numpy axes 2, 1, 0).
+    Serial numba, one pass (the numpy version took 8 ms per call at 68 x 60 x 70 nodes,
+    a fifth of the fine level's time).
+    """
+    field = np.ascontiguousarray(v, dtype=np.float64)
+    grad = np.zeros_like(field)
+    w = 1.0 / np.asarray(spacing_xyz, dtype=np.float64) ** 2
+    return float(_diffusion(field, w, grad)), grad
 
 
 def _jacobian_penalty(v, b, tau, grad, parity):
