@@ -78,6 +78,8 @@ class SearchResult:
     #: Refined solutions that disagree with the best yet score within the ambiguity margin,
     #: one per basin, best first (what made the result ambiguous).
     rivals: list[RefinedSolution] = field(default_factory=list)
+    #: Every other basin among the refined solutions, one each, best first (rivals first).
+    basins: list[RefinedSolution] = field(default_factory=list)
 
 
 def draw_starts(model: TransformModel, anchors: np.ndarray, settings: SearchSettings,
@@ -278,7 +280,9 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
                         agreeing=agreeing, confidence=confidence, ambiguous=ambiguous,
                         evaluations=evaluations, starts=n_starts, timings=timings,
                         contrast=contrast,
-                        rivals=rivals(model, solutions, check_points, settings, contrast))
+                        rivals=rivals(model, solutions, check_points, settings, contrast),
+                        basins=rivals(model, solutions, check_points, settings, contrast,
+                                      within_margin=False))
 
 
 def assess(model: TransformModel, solutions: list[RefinedSolution], check_points: np.ndarray,
@@ -305,14 +309,16 @@ def assess(model: TransformModel, solutions: list[RefinedSolution], check_points
 
 
 def rivals(model: TransformModel, solutions: list[RefinedSolution], check_points: np.ndarray,
-           settings: SearchSettings, contrast: float) -> list[RefinedSolution]:
+           settings: SearchSettings, contrast: float, within_margin: bool = True
+           ) -> list[RefinedSolution]:
     """The solutions (sorted by cost, best first) that disagree with the best (beyond
     ``agree_tolerance_mm``) and score within ``ambiguity_margin`` x ``contrast`` of it, one
-    per basin: a rival within the tolerance of a better rival is the same answer."""
+    per basin: a rival within the tolerance of a better rival is the same answer. With
+    ``within_margin`` False: every other basin, whatever its cost (the runners-up)."""
     best = solutions[0]
     found: list[RefinedSolution] = []
     for s in solutions[1:]:
-        if (s.cost - best.cost) / contrast >= settings.ambiguity_margin:
+        if within_margin and (s.cost - best.cost) / contrast >= settings.ambiguity_margin:
             continue
         if all(mapping_distance(model, s.theta, other.theta, check_points)
                > settings.agree_tolerance_mm for other in [best, *found]):

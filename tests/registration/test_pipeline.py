@@ -110,6 +110,7 @@ def test_converged_reorientation_pass_reuses_its_descriptors(small_pair, monkeyp
     monkeypatch.setattr(pipeline, "lbfgs_refine", recording_refine)
     # (Without orientation bins, whose maps are extractions of the search, not of a pass.)
     monkeypatch.setattr(pipeline, "ORIENTED_SIMILARITIES", ())
+    monkeypatch.setattr(pipeline, "MAX_RIVALS", 0)  # (only the winner's passes)
     # (Room to converge before the cap: the default 4 passes may end at the cap here.)
     monkeypatch.setattr(pipeline, "REORIENT_PASSES", {"mind": 8})
     options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
@@ -124,6 +125,41 @@ def test_converged_reorientation_pass_reuses_its_descriptors(small_pair, monkeyp
     assert last_map is previous_map and events[-2][0] == "refine"  # no extraction between
     # fixed + moving for the search, then one extraction per pass but the last
     assert sum(kind == "extract" for kind, _ in events) == 2 + len(refines) - 1
+
+
+def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
+        small_pair, monkeypatch) -> None:
+    """The search's best basin and up to MAX_RIVALS other basins each get the re-oriented
+    refinement; the result is the one with the lowest re-oriented cost, whichever basin the
+    search ranked first."""
+    from disa.registration import pipeline
+
+    searched: list = []
+    outcomes: list[tuple[np.ndarray, float]] = []
+    search, refine = pipeline.global_search, pipeline._reoriented_refinement
+
+    def recording_search(*args, **kwargs):
+        searched.append(search(*args, **kwargs))
+        return searched[-1]
+
+    def rigged_refine(theta, *args, **kwargs):
+        refined, cost, objective = refine(theta, *args, **kwargs)
+        # The first (the search's best) is made to look worst: a runner-up must win.
+        cost = cost + 1.0 if not outcomes else cost
+        outcomes.append((refined, cost))
+        return refined, cost, objective
+
+    monkeypatch.setattr(pipeline, "global_search", recording_search)
+    monkeypatch.setattr(pipeline, "_reoriented_refinement", rigged_refine)
+    options = RegistrationOptions(similarity="mind", init="geometry", starts=60, top_k=6,
+                                  rotation_range=30, translation_range=60)
+    result = register(small_pair.fixed, small_pair.moving, options)
+    basins = searched[0].basins
+    assert basins, "the phantom search should leave other basins"
+    assert len(outcomes) == 1 + min(pipeline.MAX_RIVALS, len(basins))
+    winner = min(range(len(outcomes)), key=lambda i: outcomes[i][1])
+    assert winner != 0
+    np.testing.assert_allclose(result.theta, outcomes[winner][0])
 
 
 def test_constant_image_is_rejected(small_pair) -> None:
@@ -169,6 +205,7 @@ def test_reoriented_passes_extract_only_the_region_the_fixed_image_maps_to(
     monkeypatch.setattr(pipeline, "descriptor_maps", recording_extract)
     # (Without orientation bins, whose maps are the search's, not a pass's.)
     monkeypatch.setattr(pipeline, "ORIENTED_SIMILARITIES", ())
+    monkeypatch.setattr(pipeline, "MAX_RIVALS", 0)  # (only the winner's passes)
     options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
                                   rotation_range=20, translation_range=30)
     result = register(small_pair.fixed, small_pair.moving, options)

@@ -140,6 +140,10 @@ def test_rivals_are_the_close_scoring_other_basins_one_each() -> None:
                    contrast=1.0)
     assert [s.start_index for s in found] == [2, 4]
     assert rivals(model, [best, near, far_bad], points, settings, contrast=1.0) == []
+    # The runners-up: every other basin, one each, whatever its cost.
+    basins = rivals(model, [best, near, other, other_again, third, far_bad], points,
+                    settings, contrast=1.0, within_margin=False)
+    assert [s.start_index for s in basins] == [2, 4, 5]
 
 
 class TwoBasins(Counted):
