@@ -204,25 +204,11 @@ def torso_fan(volume, rng: np.random.Generator):  # -> UltrasoundResult
     drawn (up to 20 times) as realistic_cases.ultrasound draws one: aimed at a body
     voxel near the centre, apex in solid tissue, energy reaching a third of the fan, a
     tissue boundary inside (``fan_structure``)."""
-    from realistic_cases import MIN_FAN_STRUCTURE, body_mask, fan_structure
+    from realistic_cases import body_mask, draw_fan
 
-    from disa.training.synthesis import US_STEEP, simulate_ultrasound
+    from disa.training.synthesis import simulate_ultrasound
 
-    shape = np.asarray(volume.shape)
-    solid = volume.foreground()
-    inner = np.argwhere(body_mask(volume) & solid)
-    central = inner[np.all(np.abs(inner - (shape - 1) / 2) <= shape / 4, axis=1)]
-    candidates = central if len(central) else inner
-    extent = min(0.6 * float(min(volume.shape)), 45.0)
-    for _ in range(20):
-        focus = candidates[rng.integers(len(candidates))]
-        us = simulate_ultrasound(volume, rng, focus.astype(float), extent, US_STEEP)
-        apex = np.round(np.asarray(us.apex)).astype(int)
-        reached = float(np.mean(us.transmission[us.fan] > 0.1)) if us.fan.any() else 0.0
-        if (np.all((apex >= 0) & (apex < shape)) and solid[tuple(apex)] and reached >= 1 / 3
-                and fan_structure(volume, us) >= MIN_FAN_STRUCTURE):
-            break
-    return us
+    return draw_fan(volume, rng, body_mask(volume), simulate_ultrasound)
 
 
 def torso_case(seed: int, pair: str, max_mm: float, crop: int | None = None) -> Case | None:

@@ -217,17 +217,12 @@ class Ultrasound:
     lattice: Lattice
 
 
-def ultrasound(volume, rng: np.random.Generator, body: np.ndarray,
-               simulate: Callable[..., object]) -> Ultrasound:
-    """A fan of the held-out attenuation family aimed at a random body point near the
-    centre (depth 70-170 mm), resampled onto a probe lattice: third axis along the
-    beam, first axis at a random angle about it, box = the fan's bounding box in that
-    frame, spacing 1-2 mm per axis. Zero outside the fan.
-
-    The fan is drawn again (up to 20 times) until its apex lies in tissue that is not
-    air-like: a probe is coupled to the skin, and a fan starting in air (or in an
-    aerated lung) shows nothing past the first boundary (the simulation reflects
-    almost all energy at an air / tissue boundary).
+def draw_fan(volume, rng: np.random.Generator, body: np.ndarray,
+             simulate: Callable[..., object]):  # -> synthesis.UltrasoundResult
+    """A fan of the held-out steep-attenuation family on the volume's own grid, drawn (up
+    to 20 times) until a probe could have made it: apex in solid tissue, energy reaching
+    a third of the fan, a tissue boundary inside (``fan_structure``). Shared by
+    ``ultrasound`` (which then puts it on a probe lattice) and benchmarks/deformable.py.
     """
     from disa.training.synthesis import US_STEEP
 
@@ -254,6 +249,22 @@ def ultrasound(volume, rng: np.random.Generator, body: np.ndarray,
         if (np.all((apex >= 0) & (apex < shape)) and solid[tuple(apex)] and reached >= 1 / 3
                 and fan_structure(volume, us) >= MIN_FAN_STRUCTURE):
             break
+    return us
+
+
+def ultrasound(volume, rng: np.random.Generator, body: np.ndarray,
+               simulate: Callable[..., object]) -> Ultrasound:
+    """A fan of the held-out attenuation family aimed at a random body point near the
+    centre (depth 70-170 mm), resampled onto a probe lattice: third axis along the
+    beam, first axis at a random angle about it, box = the fan's bounding box in that
+    frame, spacing 1-2 mm per axis. Zero outside the fan.
+
+    The fan is drawn again (up to 20 times) until its apex lies in tissue that is not
+    air-like: a probe is coupled to the skin, and a fan starting in air (or in an
+    aerated lung) shows nothing past the first boundary (the simulation reflects
+    almost all energy at an air / tissue boundary).
+    """
+    us = draw_fan(volume, rng, body, simulate)
     beam = np.asarray(us.axis, float)[::-1]  # (z, y, x) -> (x, y, z)
     helper = np.array([1.0, 0.0, 0.0]) if abs(beam[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
     e1 = np.cross(beam, helper)
