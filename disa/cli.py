@@ -15,9 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from disa.registration.errors import InputError
-
-EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
+from disa.registration.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,11 +1,24 @@
-"""Error types of the registration engine.
+"""Error types of the registration engine, and the exit codes the commands map them to.
 
 `InputError` is the one error a user can act on: a file that cannot be read, a
 header that breaks a limit, an option out of range. The CLI maps it to exit
 code 2 and prints its message on one line; the service maps it to HTTP 4xx or a
 failed job whose message is this text. Every other exception is an internal
 error (exit code 1).
+
+The exit codes live here, beside the error that decides between them, because
+every command needs them: `disa register` (disa/cli.py), `disa pacs`
+(disa/pacs/cli.py) and `disa submit` (service/cli.py, through
+service/engine_surface.py). They are a contract with users' scripts (README,
+"Exit codes").
 """
+
+#: The command did what was asked.
+EXIT_OK = 0
+#: Not the input's fault: a bug, a lost worker, a service or PACS out of reach.
+EXIT_INTERNAL = 1
+#: The input or the options are at fault (InputError, a refused job, bad arguments).
+EXIT_INPUT = 2
 
 
 class InputError(ValueError):

@@ -11,9 +11,7 @@ from typing import Any
 from disa.cli_options import add_option_arguments, options_from_args
 from disa.environment import Environment
 from disa.service.client_key import add_api_key_arguments, api_key_from
-from disa.service.engine_surface import InputError
-
-EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
+from disa.service.engine_surface import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -22,6 +22,10 @@ from typing import TYPE_CHECKING, Any
 SURFACE: dict[str, str] = {
     # errors the API turns into HTTP answers
     "InputError": "disa.registration.errors",
+    # the exit codes `disa serve` and `disa submit` share with every other command
+    "EXIT_OK": "disa.registration.errors",
+    "EXIT_INTERNAL": "disa.registration.errors",
+    "EXIT_INPUT": "disa.registration.errors",
     "UnpackBusy": "disa.registration.dicom_zip",
     # upload and options validation (before a job is queued)
     "RegistrationOptions": "disa.registration.options",

@@ -19,9 +19,8 @@ from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
 from disa.environment import Environment
+from disa.registration.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK
 from disa.service.client_key import add_api_key_arguments, api_key_from
-
-EXIT_OK, EXIT_FAILURE, EXIT_INPUT = 0, 1, 2
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -190,14 +189,14 @@ def _run(args: argparse.Namespace, source: Any) -> int:
     except (SeriesNotFound, PatientMismatch) as exc:
         return _fail(str(exc), EXIT_INPUT)
     except JobFailed as exc:
-        return _fail(str(exc), EXIT_INPUT if exc.input_error else EXIT_FAILURE)
+        return _fail(str(exc), EXIT_INPUT if exc.input_error else EXIT_INTERNAL)
     except ServiceError as exc:
-        code = EXIT_INPUT if 400 <= exc.status_code < 500 else EXIT_FAILURE
+        code = EXIT_INPUT if 400 <= exc.status_code < 500 else EXIT_INTERNAL
         return _fail(f"DISA service refused the request: {exc.detail}", code)
     except PacsError as exc:
-        return _fail(str(exc), EXIT_FAILURE)
+        return _fail(str(exc), EXIT_INTERNAL)
     except OSError as exc:  # a local disk problem, or a network error outside the retries
-        return _fail(f"{type(exc).__name__}: {exc.strerror or exc}", EXIT_FAILURE)
+        return _fail(f"{type(exc).__name__}: {exc.strerror or exc}", EXIT_INTERNAL)
     from disa.registration.readable import verdict_line
 
     r = done.result
