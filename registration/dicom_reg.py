@@ -49,6 +49,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat
 
 from disa.registration.atomic import atomic_write
+from disa.registration.errors import PatientMismatch
 from disa.registration.io import (
     DEFAULT_LIMITS,
     InputLimits,
@@ -306,19 +307,6 @@ def _check_series(name: str, headers: Sequence[Dataset]) -> None:
             raise ValueError(f"{name} series lacks {keyword}; cannot reference it")
 
 
-class PatientMismatch(ValueError):
-    """Fixed and moving series belong to different patients.
-
-    The message names both PatientIDs (for the operator who typed the UIDs);
-    `reason` says the same without them, for places that must stay free of
-    identifiers (result.json, service responses and logs).
-    """
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 def _patient(ds: Dataset) -> tuple[str, str]:
     """(PatientID, IssuerOfPatientID) of a header, stripped; empty strings when absent."""
     return (str(ds.get("PatientID", "") or "").strip(),
@@ -373,8 +361,8 @@ def build_spatial_registration(
     and study, its frame of reference is the fixed one, and its Registration
     Sequence holds two items: the fixed frame with identity, and the moving
     frame with inv(matrix_fixed_to_moving), which maps moving-frame points to
-    fixed-frame points as DICOM defines it. Raises PatientMismatch (a
-    ValueError) when the two series name different patients.
+    fixed-frame points as DICOM defines it. Raises PatientMismatch (an
+    InputError) when the two series name different patients.
 
     `corrections` maps "fixed"/"moving" to a short line (`slice_stack.describe_correction`)
     when that series was resampled onto an orthogonal grid before registering (gantry
@@ -544,7 +532,7 @@ def build_deformable_registration(
     This is the direction of PS3.3 C.20.3.1.1 (registered -> source), so
     matrices and vectors are written unchanged. The grid's third axis must be
     row x column for DICOM; a left-handed grid is flipped along z first.
-    Raises PatientMismatch (a ValueError) when the two series name different
+    Raises PatientMismatch (an InputError) when the two series name different
     patients. `corrections`: as for `build_spatial_registration`; the one item's
     comment names them (fixed and moving).
     """
@@ -727,8 +715,8 @@ def write_registered_series(
     series directly. The IOD follows the moving modality (MR Image for MR,
     CT Image otherwise), with acquisition attributes copied from the moving
     series when it is given; ImageType is DERIVED\\SECONDARY. Returns the files
-    written (IM00001.dcm, ...) in slice order. Raises PatientMismatch (a
-    ValueError) before writing anything when the moving series names another
+    written (IM00001.dcm, ...) in slice order. Raises PatientMismatch (an
+    InputError) before writing anything when the moving series names another
     patient than the fixed one: its pixels would be filed under the wrong patient.
     """
     fixed = read_dicom_headers(fixed_series_dir, limits)

@@ -6,6 +6,8 @@ code 2 and prints its message on one line; the service maps it to HTTP 4xx or a
 failed job whose message is this text. Every other exception is an internal
 error (exit code 1).
 
+`PatientMismatch` is the InputError of two series of different patients.
+
 The exit codes live here, beside the error that decides between them, because
 every command needs them: `disa register` (disa/cli.py), `disa pacs`
 (disa/pacs/cli.py) and `disa submit` (service/cli.py, through
@@ -23,6 +25,24 @@ EXIT_INPUT = 2
 
 class InputError(ValueError):
     """Bad input named in words a user can act on (file, header, option)."""
+
+
+class PatientMismatch(InputError):
+    """Fixed and moving series belong to different patients.
+
+    The message names both PatientIDs (for the operator who typed the UIDs);
+    `reason` says the same without them, for places that must stay free of
+    identifiers (result.json, service responses and logs).
+
+    One class for the engine (`dicom_reg.check_same_patient`, which writes no DICOM
+    objects for such a pair) and `disa pacs` (which submits nothing): both import it
+    from here, so a caller catches one type whichever layer raised it. An InputError,
+    because the inputs are at fault (exit code 2).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class CancelledError(RuntimeError):

@@ -23,6 +23,10 @@ import numpy as np
 from disa.pacs.dicomweb import SeriesRef
 from disa.pacs.retry import PacsError, RetryPolicy, call_with_retries
 
+# The engine's error, one class for both layers; imported here so that
+# `disa.pacs.workflow.PatientMismatch` still names it.
+from disa.registration.errors import PatientMismatch
+
 REGISTRATION_FILE = "registration.dcm"
 REGISTERED_FILE = "registered.nii.gz"
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -56,10 +60,6 @@ class JobFailed(PacsError):
     def __init__(self, message: str, input_error: bool) -> None:
         super().__init__(message)
         self.input_error = input_error
-
-
-class PatientMismatch(PacsError):
-    """The fixed and moving series belong to different patients (nothing was submitted)."""
 
 
 @dataclass
@@ -173,13 +173,14 @@ def _wait(service: RegistrationService, job_id: str, retry: RetryPolicy, poll_s:
 
 def _check_same_patient(fixed: Path, moving: Path) -> None:
     """Raise PatientMismatch when the two fetched series name different patients."""
-    from disa.registration.dicom_reg import PatientMismatch as Mismatch
     from disa.registration.dicom_reg import check_same_patient
 
     try:
         check_same_patient(_patient_headers(fixed), _patient_headers(moving))
-    except Mismatch as exc:
-        raise PatientMismatch(f"{exc}; nothing was submitted (check the series UIDs)") from None
+    except PatientMismatch as exc:
+        # The same type, with what the operator needs to know here: nothing left the host.
+        raise PatientMismatch(f"{exc}; nothing was submitted (check the series UIDs)",
+                              exc.reason) from None
 
 
 def _patient_headers(folder: Path) -> list[Any]:

@@ -132,6 +132,22 @@ def test_series_of_two_patients_are_refused_before_submitting() -> None:
     assert service.submitted == []
 
 
+def test_patient_mismatch_is_one_class_for_the_engine_and_the_pacs_commands() -> None:
+    """Issue 21: one PatientMismatch, an InputError, under each of its import paths; the
+    refusal keeps the engine's identifier-free reason."""
+    from disa.registration import dicom_reg
+    from disa.registration.errors import InputError
+    from disa.registration.errors import PatientMismatch as engine_mismatch
+
+    assert PatientMismatch is engine_mismatch is dicom_reg.PatientMismatch
+    assert issubclass(PatientMismatch, InputError)
+    source = DicomSource({"1.2.1": ("PAT-A", ""), "1.2.2": ("PAT-B", "")})
+    service = FakeService([])
+    with pytest.raises(PatientMismatch) as caught:
+        register_series(source, service, "1.2.1", "1.2.2", retry=FAST_RETRY, poll_s=0.0)
+    assert "PAT-" not in caught.value.reason and "different patients" in caught.value.reason
+
+
 @pytest.mark.parametrize("moving", [("PAT-A", ""), ("", ""), ("PAT-A", "SITE-2")])
 def test_one_patient_or_anonymised_series_go_through(moving: tuple[str, str]) -> None:
     """Same ID, an empty ID (anonymised), or one side without an issuer: no mismatch."""
