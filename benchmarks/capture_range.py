@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import tempfile
@@ -80,7 +79,7 @@ from pathlib import Path
 import numpy as np
 import realistic_cases
 import SimpleITK as sitk
-from common import machine
+from common import machine, run_pending
 
 from disa.registration.phantom import target_registration_error
 from disa.training.pairs import random_rotation
@@ -682,17 +681,11 @@ def run(cases_per_bin: int, methods: Sequence[str], out: Path, pairs: Sequence[s
     if todo and warm:
         warm_up(todo[0], runnable, log)
     with record.open("a", encoding="utf-8") as sink:
-        for case in cases:
-            for method in runnable:
-                if (case.name, method) in done:
-                    continue
-                o = run_case(case, method)
-                outcomes.append(o)
-                sink.write(json.dumps(dataclasses.asdict(o)) + "\n")
-                sink.flush()
-                log(f"{case.name} (initial {case.initial_error_mm:.0f} mm) {method}: "
-                    f"TRE {o.tre_mm:.1f} mm, {o.seconds:.1f} s"
-                    + (f" [{o.error}]" if o.error else ""))
+        outcomes += run_pending(cases, runnable, done, run_case, sink,
+                                lambda case, o: log(
+                                    f"{case.name} (initial {case.initial_error_mm:.0f} mm) "
+                                    f"{o.method}: TRE {o.tre_mm:.1f} mm, {o.seconds:.1f} s"
+                                    + (f" [{o.error}]" if o.error else "")))
     rows = summarise(outcomes, runnable, bins)
     if family == "realistic":
         described = "; ".join(_realistic_pair_line(p, cases) for p in pairs)

@@ -4,11 +4,14 @@ the scripts' own folder, which Python puts on the path when a script runs)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 
 def machine() -> str:
@@ -60,3 +63,23 @@ def write_report(out: Path, name: str, text: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(text, encoding="utf-8")
     print("\n" + text)
+
+
+def run_pending(cases: Sequence[Any], methods: Sequence[str], done: set[tuple[str, str]],
+                run: Callable[[Any, str], Any], sink: IO[str],
+                after: Callable[[Any, Any], None]) -> list[Any]:
+    """Run every (case, method) not in `done`, in case order; append each outcome (a
+    dataclass with `case`, `method`) to `sink` as one JSON line as soon as it exists, so
+    that an interrupted benchmark resumes where it stopped, and call `after(case,
+    outcome)` (a log line, a table refresh). Returns the new outcomes."""
+    outcomes = []
+    for case in cases:
+        for method in methods:
+            if (case.name, method) in done:
+                continue
+            outcome = run(case, method)
+            outcomes.append(outcome)
+            sink.write(json.dumps(dataclasses.asdict(outcome)) + "\n")
+            sink.flush()
+            after(case, outcome)
+    return outcomes

@@ -74,7 +74,7 @@ from pathlib import Path
 import deformable_peers as peers
 import numpy as np
 import SimpleITK as sitk
-from common import machine
+from common import machine, run_pending
 from scipy import ndimage
 
 from disa.registration import phantom as ph
@@ -612,18 +612,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for o in outcomes:
             if (o.case, o.method) not in done:
                 sink.write(json.dumps(dataclasses.asdict(o)) + "\n")
-        for case in cases:
-            for method in methods:
-                if (case.name, method) in done:
-                    continue
-                o = run(case, method)
-                outcomes.append(o)
-                sink.write(json.dumps(dataclasses.asdict(o)) + "\n")
-                sink.flush()
-                log(f"{case.name} {method}: Dice {np.mean(o.dice) if o.dice else float('nan'):.3f}"
-                    f" TRE {o.tre:.2f} mm, {o.seconds:.1f} s" + (f" [{o.error}]" if o.error
-                                                                else ""))
-                table.write_text(report(outcomes, cases, header), encoding="utf-8")
+        def after(case: Case, o: Outcome) -> None:
+            outcomes.append(o)
+            log(f"{case.name} {o.method}: Dice "
+                f"{np.mean(o.dice) if o.dice else float('nan'):.3f} TRE {o.tre:.2f} mm, "
+                f"{o.seconds:.1f} s" + (f" [{o.error}]" if o.error else ""))
+            table.write_text(report(outcomes, cases, header), encoding="utf-8")
+
+        run_pending(cases, methods, done, run, sink, after)
     text = report(outcomes, cases, header + f" Load average {os.getloadavg()[0]:.1f} at the end.")
     table.write_text(text, encoding="utf-8")
     print("\n" + text)
