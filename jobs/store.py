@@ -37,6 +37,7 @@ from disa.jobs.manifest import (
     now,
 )
 from disa.registration.atomic import fsync_dir, write_json
+from disa.result_files import RESULT_FILE, SERVED_FILES
 
 log = logging.getLogger("disa.store")
 
@@ -48,18 +49,10 @@ OUTPUTS_DIR = "outputs"
 INCOMING_DIR = ".incoming"
 
 #: The result-folder names the API may serve, with their content types. Nothing
-#: else under a job folder is ever served, whatever a URL asks for.
-RESULT_FILES: dict[str, str] = {
-    "transform.tfm": "text/plain; charset=utf-8",
-    "registered.nii.gz": "application/gzip",
-    "displacement.nii.gz": "application/gzip",
-    "inverse_displacement.nii.gz": "application/gzip",
-    "transform.h5": "application/x-hdf5",
-    "qa.png": "image/png",
-    "result.json": "application/json",
-    "registration.dcm": "application/dicom",
-}
-RESULT_JSON = "result.json"
+#: else under a job folder is ever served, whatever a URL asks for. One list with the
+#: names the engine writes (disa.result_files), so that a new result file is one row.
+RESULT_FILES: dict[str, str] = SERVED_FILES
+RESULT_JSON = RESULT_FILE
 
 
 class JobLock:

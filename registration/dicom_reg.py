@@ -57,6 +57,7 @@ from disa.registration.io import (
     read_dicom_headers,
 )
 from disa.registration.slice_stack import describe_correction
+from disa.result_files import REGISTRATION_FILE
 
 __all__ = [
     "DEFORMABLE_REGISTRATION_STORAGE",
@@ -85,7 +86,6 @@ ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 
 #: Root of every UID DISA generates (series, instances).
 UID_PREFIX = PYDICOM_ROOT_UID
-REGISTRATION_FILE = "registration.dcm"
 
 MANUFACTURER = "DISA"
 MODEL_NAME = "DISA registration engine"

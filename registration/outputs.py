@@ -50,7 +50,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from disa.registration.atomic import fsync_dir, write_json
-from disa.registration.dicom_reg import REGISTRATION_FILE
 from disa.registration.displacement import (
     dense_displacement,
     inverse_residual,
@@ -60,7 +59,7 @@ from disa.registration.displacement import (
 from disa.registration.errors import InputError
 from disa.registration.grid import Grid
 from disa.registration.io import write_image
-from disa.registration.labels import WARPED_LABELS_FILE, describe_labels, warp_labels
+from disa.registration.labels import describe_labels, warp_labels
 from disa.registration.pipeline import RegistrationResult
 from disa.registration.preprocess import foreground_mask
 from disa.registration.qa import moving_data_mask, render_qa, view_centre
@@ -70,18 +69,18 @@ from disa.registration.readable import (
     verdict_evidence,
     verdict_line,
 )
+from disa.result_files import (
+    DISPLACEMENT_FILE,
+    FIELD_TRANSFORM_FILE,
+    INVERSE_DISPLACEMENT_FILE,
+    QA_FILE,
+    REGISTERED_FILE,
+    RESULT_FILE,
+    RESULT_NAMES,
+    TRANSFORM_FILE,
+    WARPED_LABELS_FILE,
+)
 
-TRANSFORM_FILE = "transform.tfm"
-REGISTERED_FILE = "registered.nii.gz"
-QA_FILE = "qa.png"
-RESULT_FILE = "result.json"
-DISPLACEMENT_FILE = "displacement.nii.gz"
-FIELD_TRANSFORM_FILE = "transform.h5"
-INVERSE_DISPLACEMENT_FILE = "inverse_displacement.nii.gz"
-#: Every name a result folder may hold (registration.dcm: both inputs DICOM).
-RESULT_NAMES = frozenset({TRANSFORM_FILE, REGISTERED_FILE, QA_FILE, RESULT_FILE,
-                          DISPLACEMENT_FILE, FIELD_TRANSFORM_FILE, INVERSE_DISPLACEMENT_FILE,
-                          WARPED_LABELS_FILE, REGISTRATION_FILE})
 #: Voxels (at most) of the fixed image read for its automatic foreground (the det J
 #: figures and the inverse's accuracy count it): a larger image is read every k-th voxel.
 FOREGROUND_VOXELS = 4_000_000

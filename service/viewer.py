@@ -43,6 +43,7 @@ import SimpleITK as sitk
 
 from disa.jobs.manifest import Manifest
 from disa.jobs.store import INPUTS_DIR, RESULT_JSON, JobStore
+from disa.result_files import DISPLACEMENT_FILE
 from disa.service.engine_surface import Grid, display_window
 
 VOLUMES = ("fixed", "registered", "before")
@@ -58,8 +59,8 @@ PLANE_AXES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], tuple[in
 #: Patient-direction letter of each signed LPS axis.
 _LETTERS = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}
 
-#: Result file of non-linear jobs: u(x) = T(x) - x of the full mapping on the fixed grid.
-DISPLACEMENT_FILE = "displacement.nii.gz"
+# DISPLACEMENT_FILE: the result file of non-linear jobs, u(x) = T(x) - x of the full
+# mapping on the fixed grid (disa.result_files).
 #: The viewer's volume of non-linear jobs: |u(x)| in mm on the fixed grid (window 0..max).
 DISPLACEMENT_VOLUME = "displacement"
 #: Bytes of volumes the cache keeps (the newest job is always kept, whatever its size).

@@ -33,8 +33,9 @@ PACKAGES = {
     "disa.training": ROOT / "training",
 }
 #: The root of the namespace, which every layer may import: `disa` itself (imported with
-#: any of its subpackages) and the DISA_* variables outside the service settings.
-ROOT_MODULES = {"disa", "disa.environment"}
+#: any of its subpackages), the DISA_* variables outside the service settings and the
+#: names of a result folder.
+ROOT_MODULES = {"disa", "disa.environment", "disa.result_files"}
 #: What runs in the API, the workers and the CLI: never training, never torch.
 RUNTIME = ("root", "disa", "disa.jobs", "disa.service", "disa.worker", "disa.registration",
            "disa.model")

@@ -26,9 +26,8 @@ from disa.pacs.retry import PacsError, RetryPolicy, call_with_retries
 # The engine's error, one class for both layers; imported here so that
 # `disa.pacs.workflow.PatientMismatch` still names it.
 from disa.registration.errors import PatientMismatch
+from disa.result_files import REGISTERED_FILE, REGISTRATION_FILE, RESULT_FILE
 
-REGISTRATION_FILE = "registration.dcm"
-REGISTERED_FILE = "registered.nii.gz"
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -141,7 +140,7 @@ def register_series(
         if REGISTRATION_FILE not in files:
             raise PacsError(f"job {job_id} wrote no {REGISTRATION_FILE} "
                             "(are both series DICOM images?)")
-        wanted = [REGISTRATION_FILE, "result.json"]
+        wanted = [REGISTRATION_FILE, RESULT_FILE]
         if store_registered:
             wanted.append(REGISTERED_FILE)
         result_dir = output if output is not None else work / "result"
