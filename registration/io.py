@@ -64,7 +64,8 @@ class InputLimits:
     the series scan opens every file it finds.
     """
 
-    max_voxels: int = 512**3  # per image
+    # per image; run_registration also caps its working grids with it (the one voxel cap)
+    max_voxels: int = 512**3
     max_bytes: int = 2 * 1024**3  # decoded pixel bytes per image (voxels x bytes of stored type)
     max_zip_members: int = 4096
     max_zip_bytes: int = 4 * 1024**3  # total uncompressed size of a DICOM zip

@@ -12,6 +12,7 @@ from disa.registration.labels import read_label_map
 from disa.registration.options import RegistrationOptions
 from disa.registration.outputs import write_result_folder
 from disa.registration.pipeline import register
+from disa.registration.preprocess import working_voxel_limit
 from disa.registration.search import Cancel, Progress
 
 
@@ -42,6 +43,11 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     ``warp_labels_path``: a label map on the moving image's grid, written onto the fixed
     grid as warped_labels.nii.gz through the final mapping (``labels.py``); checked
     right after the images' headers, before any pixel is registered.
+
+    ``limits`` is the one way a voxel cap reaches the engine: ``limits.max_voxels`` caps
+    every input (header check, ``io.inspect_image``) and every working grid the
+    registration makes (``preprocess.check_working_grid``, InputError naming
+    ``--working-spacing``). The worker passes DISA_MAX_VOXELS here; the CLI the default.
     """
     report = progress or (lambda stage, fraction: None)
     report("read", 0.0)
@@ -58,8 +64,12 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     moving = read_image(moving_path, limits, series_uid=moving_series_uid)
     fixed_mask = read_image(fixed_mask_path, limits) if fixed_mask_path else None
     moving_mask = read_image(moving_mask_path, limits) if moving_mask_path else None
-    result = register(fixed, moving, options, fixed_mask, moving_mask, progress=report,
-                      cancel=cancel, initial_transform=initial)
+    # The pipeline makes its working grids deep inside (preprocess.resample_to_spacing);
+    # preprocess.py's context variable carries the same cap there, set from `limits` here
+    # and nowhere else, so that callers hand the cap over once.
+    with working_voxel_limit(limits.max_voxels):
+        result = register(fixed, moving, options, fixed_mask, moving_mask, progress=report,
+                          cancel=cancel, initial_transform=initial)
     report("write", 0.0)
     inputs = {
         "fixed": _describe(fixed_info.as_dict()),

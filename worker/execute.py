@@ -260,7 +260,6 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
     # parent that forks: nothing of it (ONNX sessions, numba threads) exists before fork.
     from disa.registration.io import InputLimits
     from disa.registration.options import RegistrationOptions
-    from disa.registration.preprocess import working_voxel_limit
     from disa.registration.runner import run_registration
 
     folder = store.job_dir(manifest.id)
@@ -269,16 +268,16 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
         if path.parent != folder / INPUTS_DIR:
             raise InputError("job inputs are malformed")
     options = RegistrationOptions.model_validate(manifest.options)
-    # The working grids obey the service's voxel cap too, as the API checked at submission.
-    with working_voxel_limit(settings.max_voxels):
-        return run_registration(paths["fixed"], paths["moving"],
-                                store.outputs_dir(manifest.id), options,
-                                paths.get("fixed_mask"), paths.get("moving_mask"),
-                                progress=progress, cancel=canceller,
-                                limits=InputLimits(max_voxels=settings.max_voxels),
-                                fixed_series_uid=manifest.series.get("fixed"),
-                                moving_series_uid=manifest.series.get("moving"),
-                                initial_transform_path=paths.get("initial_transform"))
+    # One voxel cap, DISA_MAX_VOXELS, handed over once: the engine applies it to the
+    # inputs and to its working grids, as the API checked at submission (runner.py).
+    return run_registration(paths["fixed"], paths["moving"],
+                            store.outputs_dir(manifest.id), options,
+                            paths.get("fixed_mask"), paths.get("moving_mask"),
+                            progress=progress, cancel=canceller,
+                            limits=InputLimits(max_voxels=settings.max_voxels),
+                            fixed_series_uid=manifest.series.get("fixed"),
+                            moving_series_uid=manifest.series.get("moving"),
+                            initial_transform_path=paths.get("initial_transform"))
 
 
 def _storage_failure(store: JobStore, manifest: Manifest, settings: Settings, exc: OSError,

@@ -1,0 +1,61 @@
+"""run_registration's voxel cap: one `InputLimits.max_voxels` caps the inputs and the
+working grids (issue 21: the cap reaches the engine one way)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from disa.registration import phantom as ph
+from disa.registration.errors import InputError
+from disa.registration.io import InputLimits, write_image
+from disa.registration.options import RegistrationOptions
+from disa.registration.preprocess import MAX_WORKING_VOXELS, check_working_grid
+from disa.registration.runner import run_registration
+
+#: The pair's grid: 24^3 voxels of 4 mm.
+VOXELS = 24**3
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("pair")
+    pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
+                        fixed_grid=ph.make_grid((24, 24, 24), (4.0, 4.0, 4.0)))
+    write_image(pair.fixed, folder / "fixed.nii.gz")
+    write_image(pair.moving, folder / "moving.nii.gz")
+    return folder / "fixed.nii.gz", folder / "moving.nii.gz"
+
+
+def test_an_input_over_the_cap_is_refused_naming_the_image_and_the_limit(
+        pair_files: tuple[Path, Path], tmp_path: Path) -> None:
+    fixed, moving = pair_files
+    with pytest.raises(InputError) as caught:
+        run_registration(fixed, moving, tmp_path / "out",
+                         RegistrationOptions(similarity="mind", starts=10),
+                         limits=InputLimits(max_voxels=VOXELS - 1))
+    assert str(caught.value) == ("fixed.nii.gz: header claims 24x24x24 voxels (13.8 k), "
+                                 "above the limit of 13.8 k voxels")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_the_same_cap_holds_the_working_grids(pair_files: tuple[Path, Path],
+                                              tmp_path: Path) -> None:
+    """Inputs at the cap pass; a finer working spacing would make a larger grid, which the
+    engine refuses with the flag's name (no second way of handing the cap over)."""
+    fixed, moving = pair_files
+    with pytest.raises(InputError) as caught:
+        run_registration(fixed, moving, tmp_path / "out",
+                         RegistrationOptions(similarity="mind", starts=10,
+                                             working_spacing=3.0),
+                         limits=InputLimits(max_voxels=VOXELS))
+    assert str(caught.value).startswith(
+        "--working-spacing 3 mm makes a working grid of 32 x 32 x 32 voxels (32,768)")
+    assert f"above the limit of {VOXELS:,} voxels" in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    # The cap applied to that run only: afterwards the engine's default holds again.
+    check_working_grid((512, 512, 512), 1.0)
+    with pytest.raises(InputError):
+        check_working_grid((512, 512, 513), 1.0)
+    assert MAX_WORKING_VOXELS == 512**3
