@@ -326,26 +326,94 @@ def fit(
         return fit_device(cfg, out, resume=resume, interactive=interactive, on_step=on_step)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
-    state: dict[str, Any] | None = None
-    if resume:
-        if not ckpt_path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
-        state = load_checkpoint(ckpt_path)
-        saved = TrainConfig.from_dict(state["config"])
-        # The data stream and the model must not change under a resumed run;
-        # the budget, step cap, logging and parallelism may.
-        cfg = dataclasses.replace(
-            saved,
-            budget_minutes=cfg.budget_minutes,
-            max_steps=cfg.max_steps,
-            checkpoint_minutes=cfg.checkpoint_minutes,
-            workers=cfg.workers,
-            threads=cfg.threads,
-            log_every_s=cfg.log_every_s,
-        )
-    elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) or another --out")
+    cfg, state = _config_to_run(cfg, ckpt_path, resume)
+    run, cfg = _start(cfg, state)
+    budget_s = cfg.budget_minutes * 60.0
+    interactive = sys.stdout.isatty() if interactive is None else interactive
+    reporter = Reporter(budget_s, run.elapsed, interactive)
+    log = (out / LOG).open("a", encoding="utf-8")
+    loader = batch_loader(cfg.data_config(), cfg.seed, start=run.step, workers=cfg.workers,
+                          stop=cfg.max_steps)
+    restore_signals = _stop_on_signals()
+    try:
+        stop_reason = _train_steps(run, cfg, loader, log, reporter, ckpt_path, on_step)
+    finally:
+        restore_signals()
+        reporter.close()
+        log.close()
+    summary = {
+        "steps": run.step,
+        "elapsed_minutes": round(run.elapsed / 60.0, 3),
+        "stopped_by": stop_reason,
+        "config": dataclasses.asdict(cfg),
+        "checkpoint": str(ckpt_path),
+    }
+    write_json(summary, out / SUMMARY, durable=False)
+    return summary
 
+
+def _config_to_run(cfg: TrainConfig, ckpt_path: Path, resume: bool
+                   ) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """(configuration, checkpoint state): a resumed run's saved configuration with the
+    caller's budget and resources, and its state; a new run's own, with no state."""
+    if not resume:
+        if ckpt_path.exists():
+            raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) or "
+                                  "another --out")
+        return cfg, None
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
+    state = load_checkpoint(ckpt_path)
+    saved = TrainConfig.from_dict(state["config"])
+    # The data stream and the model must not change under a resumed run;
+    # the budget, step cap, logging and parallelism may.
+    return dataclasses.replace(
+        saved,
+        budget_minutes=cfg.budget_minutes,
+        max_steps=cfg.max_steps,
+        checkpoint_minutes=cfg.checkpoint_minutes,
+        workers=cfg.workers,
+        threads=cfg.threads,
+        log_every_s=cfg.log_every_s,
+    ), state
+
+
+@dataclass
+class _Run:
+    """What a CPU training run holds between steps and saves in its checkpoint."""
+
+    net: DisaNet
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    balancer: TargetBalancer | None
+    ema: AveragedModel | None
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training, over every resumption
+
+    def save(self, cfg: TrainConfig, path: Path) -> None:
+        """Write the checkpoint (atomically: a run killed meanwhile keeps the last one)."""
+        ema = self.ema
+        _atomic_save(
+            {
+                "model": self.net.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "averaged_model": ema.module.state_dict() if ema is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "step": self.step,
+                "elapsed_s": self.elapsed,
+                "config": dataclasses.asdict(cfg),
+            },
+            path,
+        )
+
+
+def _start(cfg: TrainConfig, state: dict[str, Any] | None) -> tuple[_Run, TrainConfig]:
+    """The network, optimiser, schedule, balancer and average of a new run (from
+    ``cfg.init_from`` when given) or of a resumed one (from ``state``); the configuration
+    gains the initial weights' sha256 in the first case."""
     torch.set_num_threads(cfg.threads)
     net = new_model(cfg.seed)
     if state is None and cfg.init_from is not None:
@@ -355,13 +423,14 @@ def fit(
                                   if Path(cfg.init_from).is_file() else None)
         net.load_state_dict(initial_weights(cfg.init_from))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup_steps, halve_every = cfg.warmup_steps, cfg.halve_every
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.halve_every)
+        opt, lambda s: lr_factor(s, warmup_steps, halve_every)
     )
     balancer = TargetBalancer(power=cfg.balance_power) if cfg.balance else None
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
            if cfg.ema_decay > 0 else None)
-    step, elapsed = 0, 0.0
+    run = _Run(net, opt, sched, balancer, ema)
     if state is not None:
         net.load_state_dict(state["model"])
         if ema is not None:
@@ -371,37 +440,23 @@ def fit(
         if balancer is not None and state.get("balancer") is not None:
             balancer.load_state_dict(state["balancer"])
         torch.set_rng_state(state["torch_rng"])
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        run.step, run.elapsed = int(state["step"]), float(state["elapsed_s"])
+    return run, cfg
 
-    def checkpoint() -> None:
-        _atomic_save(
-            {
-                "model": net.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "balancer": balancer.state_dict() if balancer is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "averaged_model": ema.module.state_dict() if ema is not None else None,
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-                "elapsed_s": elapsed,
-                "config": dataclasses.asdict(cfg),
-            },
-            ckpt_path,
-        )
 
+def _train_steps(run: _Run, cfg: TrainConfig, loader: Any, log: Any, reporter: Reporter,
+                 ckpt_path: Path, on_step: Callable[[int, float], None] | None) -> str:
+    """Train on ``loader``'s batches until the budget, the step cap, the data or an
+    interrupt ends the run; log every ``cfg.log_every_s``, checkpoint every
+    ``cfg.checkpoint_minutes`` and at the end, whatever ended it. Returns why it stopped."""
     budget_s = cfg.budget_minutes * 60.0
     data_cfg = cfg.data_config()
     targets_per_step = cfg.batch * (data_cfg.pairs.out_side**3 + data_cfg.pairs.cross_pairs)
-    interactive = sys.stdout.isatty() if interactive is None else interactive
-    reporter = Reporter(budget_s, elapsed, interactive)
-    log = (out / LOG).open("a", encoding="utf-8")
-    loader = batch_loader(data_cfg, cfg.seed, start=step, workers=cfg.workers, stop=cfg.max_steps)
-    restore_signals = _stop_on_signals()
+    net, opt, sched, ema = run.net, run.opt, run.sched, run.ema
     t_start = time.monotonic()
-    elapsed0 = elapsed
+    elapsed0 = run.elapsed
     last_ckpt = last_log = t_start
-    window = {"loss": 0.0, "mse": 0.0, "n": 0, "wait": 0.0, "t0": t_start, "step0": step}
+    window = {"loss": 0.0, "mse": 0.0, "n": 0, "wait": 0.0, "t0": t_start, "step0": run.step}
     stop_reason = "data exhausted"
     net.train()
     try:
@@ -409,57 +464,48 @@ def fit(
         for batch in loader:
             now = time.monotonic()
             window["wait"] += now - t_wait
-            elapsed = elapsed0 + (now - t_start)
-            if elapsed >= budget_s:
+            run.elapsed = elapsed0 + (now - t_start)
+            if run.elapsed >= budget_s:
                 stop_reason = "budget"
                 break
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+            if cfg.max_steps is not None and run.step >= cfg.max_steps:
                 stop_reason = "max_steps"
                 break
-            loss, mse = pair_loss(net, batch, balancer, cfg.contrast_weight)
+            loss, mse = pair_loss(net, batch, run.balancer, cfg.contrast_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             if ema is not None:
                 ema.update_parameters(net)
-            step += 1
+            run.step += 1
             window["loss"] += float(loss.detach())
             window["mse"] += float(mse)
             window["n"] += 1
             now = time.monotonic()
-            elapsed = elapsed0 + (now - t_start)
+            run.elapsed = elapsed0 + (now - t_start)
             if on_step is not None:
-                on_step(step, float(mse))
+                on_step(run.step, float(mse))
             if now - last_log >= cfg.log_every_s:
-                _log_window(log, reporter, window, step, elapsed, budget_s, opt, targets_per_step)
+                _log_window(log, reporter, window, run.step, run.elapsed, budget_s, opt,
+                            targets_per_step)
                 last_log = now
             if now - last_ckpt >= cfg.checkpoint_minutes * 60.0:
-                checkpoint()
+                run.save(cfg, ckpt_path)
                 last_ckpt = now
             t_wait = time.monotonic()
         else:
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+            if cfg.max_steps is not None and run.step >= cfg.max_steps:
                 stop_reason = "max_steps"
     except KeyboardInterrupt:
         stop_reason = "interrupted"
     finally:
-        elapsed = elapsed0 + (time.monotonic() - t_start)
+        run.elapsed = elapsed0 + (time.monotonic() - t_start)
         if window["n"]:
-            _log_window(log, reporter, window, step, elapsed, budget_s, opt, targets_per_step)
-        checkpoint()
-        restore_signals()
-        reporter.close()
-        log.close()
-    summary = {
-        "steps": step,
-        "elapsed_minutes": round(elapsed / 60.0, 3),
-        "stopped_by": stop_reason,
-        "config": dataclasses.asdict(cfg),
-        "checkpoint": str(ckpt_path),
-    }
-    write_json(summary, out / SUMMARY, durable=False)
-    return summary
+            _log_window(log, reporter, window, run.step, run.elapsed, budget_s, opt,
+                        targets_per_step)
+        run.save(cfg, ckpt_path)
+    return stop_reason
 
 
 def _is_device_run(ckpt_path: Path) -> bool:
