@@ -823,24 +823,15 @@ def _centre_note(centre: ViewCentre | None, given: bool, has_moving: bool) -> st
     return "Planes through the fixed image centre."
 
 
-def render_qa(
-    fixed: sitk.Image,
-    registered: sitk.Image,
-    before: sitk.Image | None = None,
-    path: str | Path | None = None,
-    mode: Mode = "both",
-    title: str | None = None,
-    displacement: sitk.Image | None = None,
-    *,
-    point: Sequence[float] | ViewCentre | None = None,
-    moving: sitk.Image | None = None,
-    transform: sitk.Transform | None = None,
-    moving_mask: sitk.Image | None = None,
-    before_transform: sitk.Transform | None = None,
-    panel_size: int = 256,
-    title_colour: tuple[int, int, int] | None = None,
-    jacobian: JacobianSummary | None = None,
-) -> Image.Image:
+def render_qa(fixed: sitk.Image, registered: sitk.Image, before: sitk.Image | None = None,
+              path: str | Path | None = None, mode: Mode = "both", title: str | None = None,
+              displacement: sitk.Image | None = None, *,
+              point: Sequence[float] | ViewCentre | None = None,
+              moving: sitk.Image | None = None, transform: sitk.Transform | None = None,
+              moving_mask: sitk.Image | None = None,
+              before_transform: sitk.Transform | None = None, panel_size: int = 256,
+              title_colour: tuple[int, int, int] | None = None,
+              jacobian: JacobianSummary | None = None) -> Image.Image:
     """Render (and optionally write) the QA picture of a registration.
 
     Args:
@@ -883,6 +874,32 @@ def render_qa(
         ValueError: an input is not 3D, has the wrong number of components or
             is not on the fixed grid; or a bad mode / point / panel size.
     """
+    _check_qa_inputs(fixed, registered, before, displacement, moving)
+    layout = qa_layout(fixed, mode=mode, has_before=before is not None,
+                       has_displacement=displacement is not None, panel_size=panel_size,
+                       has_jacobian=jacobian is not None)
+    data = moving_data_mask(moving, moving_mask) if moving is not None else None
+    centre = _given_or_overlap_centre(point, fixed, moving, transform, data)
+    grids = plane_grids(fixed, centre.point if centre is not None else point, panel_size)
+    planes = _sample_planes(grids, fixed, {"before": (before, before_transform),
+                                           "after": (registered, transform)},
+                            moving, data, displacement, jacobian)
+    font = ImageFont.load_default()
+    canvas = Image.new("RGB", layout.size, _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    _draw_panels(canvas, draw, layout, grids, planes, panel_size, font)
+    _draw_labels(draw, canvas, layout, grids, planes, title, title_colour, jacobian, font)
+    note = _centre_note(centre, point is not None and centre is None, moving is not None)
+    _draw_footer(draw, layout, note, bool(planes.outlines), jacobian is not None, font)
+    if path is not None:
+        _write_png_atomically(canvas, Path(path))
+    return canvas
+
+
+def _check_qa_inputs(fixed: sitk.Image, registered: sitk.Image, before: sitk.Image | None,
+                     displacement: sitk.Image | None, moving: sitk.Image | None) -> None:
+    """Raise ValueError unless every image render_qa gets is 3D, with the right number of
+    components, and (but for ``moving``) on the fixed grid."""
     _check_on_grid("fixed image", fixed, fixed, 1)
     _check_on_grid("registered image", registered, fixed, 1)
     if before is not None:
@@ -894,49 +911,58 @@ def render_qa(
     ):
         raise ValueError("moving image must be a 3D scalar image")
 
-    layout = qa_layout(
-        fixed,
-        mode=mode,
-        has_before=before is not None,
-        has_displacement=displacement is not None,
-        panel_size=panel_size,
-        has_jacobian=jacobian is not None,
-    )
-    data = moving_data_mask(moving, moving_mask) if moving is not None else None
-    centre: ViewCentre | None = None
-    if isinstance(point, ViewCentre):
-        centre = point
-    elif point is None and moving is not None:
-        centre = view_centre(fixed, moving, transform, moving_mask=data)
-    through = centre.point if centre is not None else point
-    grids = plane_grids(fixed, through, panel_size)
-    font = ImageFont.load_default()
-    canvas = Image.new("RGB", layout.size, _BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
 
+def _given_or_overlap_centre(point: Sequence[float] | ViewCentre | None, fixed: sitk.Image,
+                             moving: sitk.Image | None, transform: sitk.Transform | None,
+                             data: sitk.Image | None) -> ViewCentre | None:
+    """The ViewCentre the planes pass through: the caller's, else the overlap's when the
+    moving image is given; None when a plain point (or the fixed centre) decides."""
+    if isinstance(point, ViewCentre):
+        return point
+    if point is None and moving is not None:
+        return view_centre(fixed, moving, transform, moving_mask=data)
+    return None
+
+
+@dataclass
+class _Planes:
+    """What render_qa draws, sampled on each of its planes (lists in plane order)."""
+
+    fixed: list[np.ndarray]  # normalised to [0, 1]
+    moving: dict[str, list[np.ndarray]]  # stage ("before", "after") -> normalised planes
+    outlines: dict[str, list[np.ndarray]]  # stage -> edge of the moving data (bool)
+    field: list[np.ndarray]  # displacement vectors (mm)
+    max_mm: float  # largest |u| of the whole field, the scale of its row
+    jacobian: list[tuple[np.ndarray, np.ndarray]]  # (det J, fixed foreground)
+    limit: float  # det J at the top of the colour bar
+
+
+def _sample_planes(grids: list[PlaneGrid], fixed: sitk.Image,
+                   stages: dict[str, tuple[sitk.Image | None, sitk.Transform | None]],
+                   moving: sitk.Image | None, data: sitk.Image | None,
+                   displacement: sitk.Image | None,
+                   jacobian: JacobianSummary | None) -> _Planes:
+    """Every image of the picture on the planes ``grids``; ``stages`` maps a stage to its
+    moving image on the fixed grid (None: no such rows) and the transform that made it."""
     fixed_planes = [_normalise(_resample_plane(fixed, g), _window(fixed)) for g in grids]
-    moving_images = {"before": before, "after": registered}
-    stage_transforms = {"before": before_transform, "after": transform}
+    # Before and after share one window from the moving data, so that they compare.
     shared_window = _data_window(moving, data) if moving is not None and data is not None else None
     moving_planes: dict[str, list[np.ndarray]] = {}
     outlines: dict[str, list[np.ndarray]] = {}
-    for stage, image in moving_images.items():
+    for stage, (image, stage_transform) in stages.items():
         if image is None:
             continue
         window = shared_window or _window(image)
         moving_planes[stage] = [_normalise(_resample_plane(image, g), window) for g in grids]
         if data is not None:
-            mapping = stage_transforms[stage] or sitk.Transform()
+            mapping = stage_transform or sitk.Transform()
             outlines[stage] = [_outline(data, mapping, g) for g in grids]
-    tile = max(4, panel_size // 8)
-
     max_mm = 0.0
     field_planes: list[np.ndarray] = []
     if displacement is not None:
         field_planes = [_resample_plane(displacement, g, vector=True) for g in grids]
         field = sitk.GetArrayViewFromImage(displacement)
         max_mm = float(np.sqrt(np.nanmax(np.sum(np.square(field, dtype=np.float64), axis=-1))))
-    step = max(6, panel_size // 16)
     jacobian_planes: list[tuple[np.ndarray, np.ndarray]] = []
     limit = _JACOBIAN_MIN_LIMIT
     if jacobian is not None:
@@ -946,26 +972,41 @@ def render_qa(
              _on_samples(jacobian.foreground, g.reference(), sitk.Transform(),
                          sitk.sitkNearestNeighbor, sitk.sitkUInt8)[0] > 0)
             for g in grids]
+    return _Planes(fixed_planes, moving_planes, outlines, field_planes, max_mm,
+                   jacobian_planes, limit)
 
+
+def _draw_panels(canvas: Image.Image, draw: ImageDraw.ImageDraw, layout: QALayout,
+                 grids: list[PlaneGrid], planes: _Planes, panel_size: int, font: Font) -> None:
+    """Paste each row's panel of each plane into its box, with the edge letters."""
+    tile = max(4, panel_size // 8)
+    step = max(6, panel_size // 16)
     for row in layout.rows:
         for i, grid in enumerate(grids):
             box = layout.panels[(row, grid.name)]
             if row == "displacement":
-                panel = _displacement_panel(field_planes[i], grid, max(max_mm, 1e-6), step)
+                panel = _displacement_panel(planes.field[i], grid, max(planes.max_mm, 1e-6),
+                                            step)
             elif row == "jacobian":
-                panel = _jacobian_panel(*jacobian_planes[i], limit)
+                panel = _jacobian_panel(*planes.jacobian[i], planes.limit)
             else:
                 stage, kind = row.split(" ")
-                f, m = fixed_planes[i], moving_planes[stage][i]
+                f, m = planes.fixed[i], planes.moving[stage][i]
                 rgb = _overlay(f, m) if kind == "overlay" else _checkerboard(f, m, tile)
-                if stage in outlines:
-                    rgb[outlines[stage][i]] = _OUTLINE_COLOUR
+                if stage in planes.outlines:
+                    rgb[planes.outlines[stage][i]] = _OUTLINE_COLOUR
                 panel = Image.fromarray(rgb)
             # Planes larger than the cell (only by rounding) are cropped to it.
             canvas.paste(panel.crop((0, 0, box[2] - box[0], box[3] - box[1])), box[:2])
             _draw_letters(draw, box, grid, font)
 
-    # Labels: title, column headers, row names, where the planes pass, convention footer.
+
+def _draw_labels(draw: ImageDraw.ImageDraw, canvas: Image.Image, layout: QALayout,
+                 grids: list[PlaneGrid], planes: _Planes, title: str | None,
+                 title_colour: tuple[int, int, int] | None,
+                 jacobian: JacobianSummary | None, font: Font) -> None:
+    """The title bar, the column headers (plane and its position) and the row names (the
+    det J row's name column holds its colour bar and figures)."""
     if title_colour is not None:
         draw.rectangle((0, 0, layout.size[0], _TITLE_H - 1), fill=title_colour)
     _text(draw, (_GAP, _TITLE_H / 2), title or "registration QA", font, ("left", "middle"),
@@ -981,25 +1022,26 @@ def render_qa(
             assert jacobian is not None  # (the row exists only with it)
             _draw_jacobian_key(draw, canvas, int(y_mid) - layout.panel_size // 2,
                                layout.panel_size,
-                               limit, jacobian.statistics, font)
+                               planes.limit, jacobian.statistics, font)
             continue
         if row == "displacement":
-            text = f"displacement\n|u| 0 to {max_mm:.1f} mm\ngrid: p + u(p)"
+            text = f"displacement\n|u| 0 to {planes.max_mm:.1f} mm\ngrid: p + u(p)"
         else:
             stage, kind = row.split(" ")
             text = f"{stage}\n{kind}"
         _text(draw, (_GAP, y_mid), text, font, ("left", "middle"))
+
+
+def _draw_footer(draw: ImageDraw.ImageDraw, layout: QALayout, note: str, outlined: bool,
+                 has_jacobian: bool, font: Font) -> None:
+    """Where the planes pass (``note``), the display convention and, with a det J row, its
+    legend, wrapped to the picture's width."""
     chars_per_line = max(20, (layout.size[0] - 2 * _GAP) // 6)
-    note = _centre_note(centre, point is not None and centre is None, moving is not None)
-    convention = CONVENTION_NOTE + (" Dotted cyan: edge of the moving data." if outlines else "")
+    convention = CONVENTION_NOTE + (" Dotted cyan: edge of the moving data." if outlined else "")
     lines = textwrap.wrap(note, chars_per_line) + textwrap.wrap(convention, chars_per_line)
     footer_h = _FOOTER_H
-    if jacobian is not None:  # its legend gets the extra line qa_layout made room for
+    if has_jacobian:  # its legend gets the extra line qa_layout made room for
         lines = lines[:4] + textwrap.wrap(JACOBIAN_LEGEND, chars_per_line)
         footer_h += _FOOTER_LINE_H
     shown = footer_h // _FOOTER_LINE_H
     _text(draw, (_GAP, layout.size[1] - footer_h + _GAP), "\n".join(lines[:shown]), font)
-
-    if path is not None:
-        _write_png_atomically(canvas, Path(path))
-    return canvas

@@ -24,7 +24,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="disa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
+    # One function per command, in the order `disa-train --help` lists them.
+    _add_fit(sub)
+    _add_cache(sub)
+    _add_export(sub)
+    _add_quantise(sub)
+    _add_evaluate(sub)
+    return p
 
+
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    """`disa-train fit`: the run folder, the data, the CPU loop's and the device loop's knobs."""
     f = sub.add_parser("fit", help="train (or --resume) into a run folder")
     f.add_argument(
         "--out", required=True, type=Path, help="run folder (checkpoint, log.jsonl, run.json)"
@@ -65,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--data-cache", type=Path, default=None,
                    help="training volumes from this .npz (disa-train cache) instead of the "
                         "installed packages")
+    _add_device_loop(f)
+    _add_cpu_loop(f)
+
+
+def _add_device_loop(f: argparse.ArgumentParser) -> None:
+    """The options of the device loop (`--device`), shown as a group of their own."""
     d = f.add_argument_group(
         "device loop", "with --device: crops, targets and the network on a torch device, "
         "shift-aware loss, wall-clock schedule, optimum-bias checkpoint selection "
@@ -92,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--val-pairs", type=int, default=6,
                    help="optimum-bias scan pairs at every checkpoint (0: keep the last weights)")
     d.add_argument("--val-side", type=int, default=80, help="scan crop side, voxels")
+
+
+def _add_cpu_loop(f: argparse.ArgumentParser) -> None:
+    """The rest of `fit`'s options: the CPU loop's targets and loss, the starting weights,
+    the training data, logging and --resume (added after the device group, as always, so
+    that the help lists them in the same order)."""
     f.add_argument(
         "--role-target",
         action="store_true",
@@ -131,17 +153,26 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--log-every", type=float, default=30.0, help="seconds between progress lines")
     f.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
 
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    """`disa-train cache`: the training volumes as one float16 .npz."""
     c = sub.add_parser("cache", help="write the training volumes to a float16 .npz")
     c.add_argument("--out", required=True, type=Path)
     c.add_argument("--sources", nargs="+", default=["icbm152-brain", "icbm152-head"],
                    help="training sources to include (held-out ones are refused)")
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """`disa-train export`: ONNX file and model card from a run."""
     e = sub.add_parser("export", help="write ONNX + model card from a run")
     e.add_argument("--run", required=True, type=Path)
     e.add_argument("--out", type=Path, default=Path("model/weights"))
     e.add_argument("--file-name", default="disa.onnx")
     e.add_argument("--version", default=None)
 
+
+def _add_quantise(sub: argparse._SubParsersAction) -> None:
+    """`disa-train quantise`: the int8 OpenVINO variant of an exported model."""
     q = sub.add_parser("quantise", help="int8 variant of an exported model (OpenVINO IR)")
     q.add_argument("--onnx", type=Path, default=Path("model/weights/disa.onnx"),
                    help="exported model whose card the variant is recorded in")
@@ -150,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="training-stream phantoms added to the training volumes")
     q.add_argument("--threads", type=int, default=2)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    """`disa-train evaluate`: held-out accuracy of a run or an exported model."""
     v = sub.add_parser("evaluate", help="held-out MSE / Pearson r against LC2")
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", type=Path, help="run folder (uses its checkpoint through torch)")
@@ -170,7 +204,6 @@ def _parser() -> argparse.ArgumentParser:
                    default="onnxruntime",
                    help="with --onnx: the runtime engine; openvino-int8 evaluates the card's "
                         "int8 variant and records the figures in its entry")
-    return p
 
 
 def _fit(args: argparse.Namespace) -> int:
