@@ -241,6 +241,45 @@ def fit_device(
     """Train (or continue) into ``out`` with the device loop; returns the run summary."""
     out = Path(out)
     ckpt_path = out / cpu_loop.CHECKPOINT
+    cfg, state = _device_config_to_run(cfg, ckpt_path, resume)
+    device = resolve_device(cfg.device or "cpu")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        # Crop and batch shapes never change within a run: let cuDNN pick its kernels once.
+        torch.backends.cudnn.benchmark = True
+    amp = amp_dtype(cfg, device)  # a bad --amp fails before the run starts
+    run = _start_device_run(cfg, state, device, out)
+    cfg = run.cfg
+    budget_s = cfg.budget_minutes * 60.0
+    interactive = sys.stdout.isatty() if interactive is None else interactive
+    reporter = cpu_loop.Reporter(budget_s, run.elapsed, interactive)
+    log = (out / cpu_loop.LOG).open("a", encoding="utf-8")
+    first_group = max(0, run.step // cfg.scene_reuse - cfg.scene_pool + 1)
+    loader = iter(scene_loader(cfg.data_config(), cfg.seed, first_group, cfg.workers,
+                               pin_memory=device.type == "cuda"))
+    stop_reason, interrupted = _device_steps(run, loader, amp, log, reporter, on_step)
+    onnx_path = None if interrupted else export_kept(out)
+    reporter.close()
+    log.close()
+    summary = {
+        "steps": run.step,
+        "elapsed_minutes": round(run.elapsed / 60.0, 3),
+        "stopped_by": stop_reason,
+        "config": dataclasses.asdict(cfg),
+        "checkpoint": str(ckpt_path),
+        "best": run.best,
+        "onnx": onnx_path,
+    }
+    write_json(summary, out / cpu_loop.SUMMARY, durable=False)
+    return summary
+
+
+def _device_config_to_run(cfg: TrainConfig, ckpt_path: Path, resume: bool
+                          ) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """(configuration, checkpoint state) of a device run, refused before anything is read
+    when the device is missing, the checkpoint is the CPU loop's, or the configuration
+    asks for what only the CPU loop trains."""
     if cfg.device is not None:
         resolve_device(cfg.device)  # fail before anything is read
     state: dict[str, Any] | None = None
@@ -259,15 +298,71 @@ def fit_device(
     if not cfg.symmetric_target or cfg.contrast_weight:
         raise ValueError("the device loop trains on symmetric targets without the contrast "
                          "term: drop --role-target / --contrast-weight, or drop --device")
-    device = resolve_device(cfg.device or "cpu")
-    out.mkdir(parents=True, exist_ok=True)
+    return cfg, state
 
-    torch.set_num_threads(cfg.threads)
-    if device.type == "cuda":
-        # Crop and batch shapes never change within a run: let cuDNN pick its kernels once.
-        torch.backends.cudnn.benchmark = True
-    amp = amp_dtype(cfg, device)
-    pcfg = pair_config(cfg)
+
+@dataclass
+class _DeviceRun:
+    """A device run between steps: the network and what trains it, the counters, the best
+    scan so far and the scan pairs that judge it (what a checkpoint saves)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    out: Path
+    net: DisaNet
+    opt: torch.optim.Optimizer
+    balancer: TargetBalancer | None
+    ema: AveragedModel | None
+    scan_cfg: ScanConfig
+    scan_pairs: list[Any]
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training, over every resumption
+    best: dict[str, Any] | None = None
+
+    def served(self) -> torch.nn.Module:
+        """The weights the run serves: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.net
+
+    def checkpoint(self, scan: bool, log: Any, reporter: cpu_loop.Reporter) -> None:
+        """Save the checkpoint; with ``scan``, scan the served weights first and keep them
+        as best.pt when their drift is the lowest so far."""
+        cfg, ema, balancer = self.cfg, self.ema, self.balancer
+        if scan and self.scan_pairs:
+            result = run_scan(self.served(), self.scan_pairs, self.scan_cfg, self.device)
+            result.update(step=self.step, elapsed_s=round(self.elapsed, 1))
+            log.write(json.dumps({"scan": result}) + "\n")
+            log.flush()
+            reporter.update(self.elapsed, f"scan at step {self.step}: drift "
+                                          f"{result['drift_mm_mean']:.2f} mm (median "
+                                          f"{result['drift_mm_median']:.2f}), "
+                                          f"val mse {result['val_mse']:.4f}")
+            if self.best is None or result["drift_mm_mean"] < self.best["drift_mm_mean"]:
+                self.best = {k: result[k] for k in ("drift_mm_mean", "drift_mm_median",
+                                                    "val_mse", "step")}
+                _atomic_save({"model": _cpu_state(self.served()), "averaged_model": None,
+                              "step": self.step, "elapsed_s": self.elapsed, "scan": result,
+                              "config": dataclasses.asdict(cfg)}, self.out / BEST)
+        _atomic_save(
+            {
+                "model": _cpu_state(self.net),
+                "optimizer": self.opt.state_dict(),
+                "balancer": balancer.state_dict() if balancer is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "averaged_model": _cpu_state(ema.module) if ema is not None else None,
+                "step": self.step,
+                "elapsed_s": self.elapsed,
+                "best": self.best,
+                "config": dataclasses.asdict(cfg),
+            },
+            self.out / cpu_loop.CHECKPOINT,
+        )
+
+
+def _start_device_run(cfg: TrainConfig, state: dict[str, Any] | None, device: torch.device,
+                      out: Path) -> _DeviceRun:
+    """The network (from ``cfg.init_from`` or the checkpoint ``state``) on ``device``, its
+    optimiser, balancer and average, and the scan pairs; the run's configuration gains
+    the initial weights' sha256 when it starts from them."""
     net = cpu_loop.new_model(cfg.seed)
     if state is None and cfg.init_from is not None:
         from disa.model.card import file_sha256
@@ -282,68 +377,50 @@ def fit_device(
     balancer = TargetBalancer(power=cfg.balance_power) if cfg.balance else None
     ema = (AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
            if cfg.ema_decay > 0 else None)
-    step, elapsed = 0, 0.0
-    best: dict[str, Any] | None = None
+    scan_cfg = ScanConfig(pairs=cfg.val_pairs, side=cfg.val_side)
+    run = _DeviceRun(cfg, device, out, net, opt, balancer, ema, scan_cfg, [])
     if state is not None:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         if balancer is not None and state.get("balancer") is not None:
             balancer.load_state_dict(state["balancer"])
-        step, elapsed = int(state["step"]), float(state["elapsed_s"])
-        best = state.get("best")
+        run.step, run.elapsed = int(state["step"]), float(state["elapsed_s"])
+        run.best = state.get("best")
+    if cfg.val_pairs > 0:
+        run.scan_pairs = make_scan_pairs(training_volumes(cfg.data_config()), scan_cfg,
+                                         tuple(cfg.phantom_shape))  # type: ignore[arg-type]
+    return run
 
-    data_cfg = cfg.data_config()
-    scan_cfg = ScanConfig(pairs=cfg.val_pairs, side=cfg.val_side)
-    scan_pairs = (make_scan_pairs(training_volumes(data_cfg), scan_cfg,
-                                  tuple(cfg.phantom_shape))  # type: ignore[arg-type]
-                  if cfg.val_pairs > 0 else [])
 
-    def served() -> torch.nn.Module:
-        return ema.module if ema is not None else net
+def _refill_pool(pool: OrderedDict[int, DeviceScene], loader: Any, group: int,
+                 cfg: TrainConfig, device: torch.device) -> None:
+    """Bring the scene pool to the ``cfg.scene_pool`` newest scenes up to ``group``: load
+    scenes until it holds ``group``, drop the oldest beyond the pool."""
+    while not pool or next(reversed(pool)) < group:
+        item = next(loader)
+        pool[int(item["group"])] = DeviceScene(
+            int(item["group"]),
+            item["images"].to(device, non_blocking=True)[:, None],
+            item["focus"].numpy(), bool(item["mirror"]))
+    while len(pool) > cfg.scene_pool or next(iter(pool)) <= group - cfg.scene_pool:
+        pool.popitem(last=False)
 
-    def checkpoint(scan: bool) -> None:
-        nonlocal best
-        if scan and scan_pairs:
-            result = run_scan(served(), scan_pairs, scan_cfg, device)
-            result.update(step=step, elapsed_s=round(elapsed, 1))
-            log.write(json.dumps({"scan": result}) + "\n")
-            log.flush()
-            reporter.update(elapsed, f"scan at step {step}: drift {result['drift_mm_mean']:.2f} "
-                                     f"mm (median {result['drift_mm_median']:.2f}), "
-                                     f"val mse {result['val_mse']:.4f}")
-            if best is None or result["drift_mm_mean"] < best["drift_mm_mean"]:
-                best = {k: result[k] for k in ("drift_mm_mean", "drift_mm_median", "val_mse",
-                                               "step")}
-                _atomic_save({"model": _cpu_state(served()), "averaged_model": None,
-                              "step": step, "elapsed_s": elapsed, "scan": result,
-                              "config": dataclasses.asdict(cfg)}, out / BEST)
-        _atomic_save(
-            {
-                "model": _cpu_state(net),
-                "optimizer": opt.state_dict(),
-                "balancer": balancer.state_dict() if balancer is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "averaged_model": _cpu_state(ema.module) if ema is not None else None,
-                "step": step,
-                "elapsed_s": elapsed,
-                "best": best,
-                "config": dataclasses.asdict(cfg),
-            },
-            ckpt_path,
-        )
 
+def _device_steps(run: _DeviceRun, loader: Any, amp: torch.dtype | None, log: Any,
+                  reporter: cpu_loop.Reporter, on_step: Callable[[int, float], None] | None
+                  ) -> tuple[str, bool]:
+    """Train until the budget, the step cap or an interrupt; log every
+    ``cfg.log_every_s``, checkpoint (with a scan) every ``cfg.checkpoint_minutes`` and at
+    the end (a finished run scans its last weights too). Returns (why it stopped,
+    whether it was interrupted). SIGTERM and SIGINT stop it like Ctrl-C meanwhile."""
+    cfg, net, opt = run.cfg, run.net, run.opt
+    pcfg = pair_config(cfg)
     budget_s = cfg.budget_minutes * 60.0
-    interactive = sys.stdout.isatty() if interactive is None else interactive
-    reporter = cpu_loop.Reporter(budget_s, elapsed, interactive)
-    log = (out / cpu_loop.LOG).open("a", encoding="utf-8")
-    first_group = max(0, step // cfg.scene_reuse - cfg.scene_pool + 1)
-    loader = iter(scene_loader(data_cfg, cfg.seed, first_group, cfg.workers,
-                               pin_memory=device.type == "cuda"))
     pool: OrderedDict[int, DeviceScene] = OrderedDict()
     restore_signals = cpu_loop._stop_on_signals()
     t_start = time.monotonic()
-    elapsed0 = elapsed
+    elapsed0 = run.elapsed
     last_ckpt = last_log = t_start
     window: dict[str, float] = {"n": 0, "wait": 0.0, "t0": t_start, "targets": 0.0}
     stop_reason = "max_steps"
@@ -352,85 +429,64 @@ def fit_device(
     try:
         while True:
             now = time.monotonic()
-            elapsed = elapsed0 + (now - t_start)
-            if elapsed >= budget_s:
+            run.elapsed = elapsed0 + (now - t_start)
+            if run.elapsed >= budget_s:
                 stop_reason = "budget"
                 break
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+            if cfg.max_steps is not None and run.step >= cfg.max_steps:
                 break
-            group = step // cfg.scene_reuse
             t_wait = time.monotonic()
-            while not pool or next(reversed(pool)) < group:
-                item = next(loader)
-                pool[int(item["group"])] = DeviceScene(
-                    int(item["group"]),
-                    item["images"].to(device, non_blocking=True)[:, None],
-                    item["focus"].numpy(), bool(item["mirror"]))
-            while len(pool) > cfg.scene_pool or next(iter(pool)) <= group - cfg.scene_pool:
-                pool.popitem(last=False)
+            _refill_pool(pool, loader, run.step // cfg.scene_reuse, cfg, run.device)
             window["wait"] += time.monotonic() - t_wait
             scenes = list(reversed(pool.values()))
-            draws, offsets = step_draws(cfg, step, scenes)
+            draws, offsets = step_draws(cfg, run.step, scenes)
             with torch.no_grad():
                 fixed, moving = make_crops(scenes, draws, pcfg.side)
             inner = slice(pcfg.margin, pcfg.margin + pcfg.crop)
             d = describe(net, torch.cat([fixed, moving])[:, :, inner, inner, inner], amp)
             b = fixed.shape[0]
-            loss, figures = step_loss(d[:b], d[b:], fixed, moving, offsets, cfg, balancer)
+            loss, figures = step_loss(d[:b], d[b:], fixed, moving, offsets, cfg, run.balancer)
             if cfg.schedule_steps:
-                progress = step / cfg.schedule_steps
+                progress = run.step / cfg.schedule_steps
             else:
-                progress = elapsed / budget_s if budget_s > 0 else 1.0
+                progress = run.elapsed / budget_s if budget_s > 0 else 1.0
             for group_ in opt.param_groups:
-                group_["lr"] = lr_at(cfg, step, progress)
+                group_["lr"] = lr_at(cfg, run.step, progress)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if ema is not None:
-                ema.update_parameters(net)
-            step += 1
+            if run.ema is not None:
+                run.ema.update_parameters(net)
+            run.step += 1
             window["n"] += 1
             window["targets"] += figures.pop("targets")
             figures["loss"] = float(loss.detach())
             for key, value in figures.items():
                 window[key] = window.get(key, 0.0) + value
             now = time.monotonic()
-            elapsed = elapsed0 + (now - t_start)
+            run.elapsed = elapsed0 + (now - t_start)
             if on_step is not None:
-                on_step(step, figures["mse"])
+                on_step(run.step, figures["mse"])
             if now - last_log >= cfg.log_every_s:
-                _log(log, reporter, window, step, elapsed, budget_s, opt)
+                _log(log, reporter, window, run.step, run.elapsed, budget_s, opt)
                 last_log = now
             if now - last_ckpt >= cfg.checkpoint_minutes * 60.0:
-                checkpoint(scan=True)
+                run.checkpoint(True, log, reporter)
                 last_ckpt = time.monotonic()
         finished = True
     except KeyboardInterrupt:
         stop_reason, interrupted = "interrupted", True
     finally:
-        elapsed = elapsed0 + (time.monotonic() - t_start)
+        run.elapsed = elapsed0 + (time.monotonic() - t_start)
         if window["n"]:
-            _log(log, reporter, window, step, elapsed, budget_s, opt)
+            _log(log, reporter, window, run.step, run.elapsed, budget_s, opt)
         try:
             # An interrupted or failed run saves at once; a finished one scans its last
             # weights too, so that they can be kept.
-            checkpoint(scan=finished)
+            run.checkpoint(finished, log, reporter)
         finally:
             restore_signals()
-    onnx_path = None if interrupted else export_kept(out)
-    reporter.close()
-    log.close()
-    summary = {
-        "steps": step,
-        "elapsed_minutes": round(elapsed / 60.0, 3),
-        "stopped_by": stop_reason,
-        "config": dataclasses.asdict(cfg),
-        "checkpoint": str(ckpt_path),
-        "best": best,
-        "onnx": onnx_path,
-    }
-    write_json(summary, out / cpu_loop.SUMMARY, durable=False)
-    return summary
+    return stop_reason, interrupted
 
 
 def export_kept(run: Path) -> str:
