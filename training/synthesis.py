@@ -368,6 +368,41 @@ def simulate_ultrasound(
     amplitude + echogenicity x Rayleigh speckle), log-compressed; zero outside
     the fan.
     """
+    # The draws from `rng` happen in one fixed order (tissue properties, fan, rays,
+    # speckle, compression), so that a seed makes the same image: the helpers below are
+    # called in that order.
+    u = rng.uniform
+    impedance, echogenicity, attenuation = _acoustic_maps(volume, rng, params)
+    axis = _random_unit(rng)
+    focus = np.asarray(focus, dtype=np.float64)
+    apex = focus - axis * extent * u(0.4, 1.0)
+    fan_shape = _Fan(apex, axis, *_orthonormal_frame(axis),
+                     depth=float(np.linalg.norm(focus - apex) + extent * u(0.5, 0.9)),
+                     tan_max=float(np.tan(np.deg2rad(u(*params.half_angle_deg)))))
+    trans, refl, fan = _trace_fan(impedance, attenuation, volume, fan_shape, rng, params)
+
+    # Rayleigh speckle: magnitude of a slightly correlated complex Gaussian field, mean ~1.
+    re = ndimage.gaussian_filter(rng.normal(size=volume.shape).astype(np.float32), 0.7)
+    im = ndimage.gaussian_filter(rng.normal(size=volume.shape).astype(np.float32), 0.7)
+    speckle = np.sqrt(re * re + im * im)
+    speckle /= speckle.mean() + 1e-9
+    echo = trans * (refl + echogenicity * speckle)
+    k = u(*params.compression)
+    image = np.log1p(k * echo) / np.log1p(k)
+    image = np.where(fan, image, 0.0).astype(np.float32)
+    return UltrasoundResult(
+        image=image,
+        fan=fan,
+        transmission=np.where(fan, trans, 0.0).astype(np.float32),
+        apex=apex,
+        axis=axis,
+    )
+
+
+def _acoustic_maps(volume: Volume, rng: np.random.Generator, params: UltrasoundParams
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(impedance, echogenicity, attenuation per voxel) of ``volume``: each tissue's value
+    drawn from its range, plus a per-label jitter (none for air)."""
     u = rng.uniform
     z_t = np.array([u(*r) for r in _IMPEDANCE], dtype=np.float32)
     e_t = np.array([u(*r) for r in _ECHOGENICITY], dtype=np.float32)
@@ -383,14 +418,32 @@ def simulate_ultrasound(
         np.tensordot(e_t, volume.tissues, axes=1) + e_jit[volume.labels], 0.0, None
     )
     attenuation = np.tensordot(a_t, volume.tissues, axes=1)
+    return impedance, echogenicity, attenuation
 
-    axis = _random_unit(rng)
-    e1, e2 = _orthonormal_frame(axis)
-    focus = np.asarray(focus, dtype=np.float64)
-    apex = focus - axis * extent * u(0.4, 1.0)
-    depth = float(np.linalg.norm(focus - apex) + extent * u(0.5, 0.9))
-    tan_max = float(np.tan(np.deg2rad(u(*params.half_angle_deg))))
 
+@dataclass(frozen=True)
+class _Fan:
+    """The probe's fan in voxel coordinates: rays from ``apex`` around the unit ``axis``
+    (``e1``, ``e2`` complete the frame), lateral tangents up to ``tan_max`` on both frame
+    axes, out to ``depth`` voxels."""
+
+    apex: np.ndarray
+    axis: np.ndarray
+    e1: np.ndarray
+    e2: np.ndarray
+    depth: float
+    tan_max: float
+
+
+def _trace_fan(impedance: np.ndarray, attenuation: np.ndarray, volume: Volume, fan: _Fan,
+               rng: np.random.Generator, params: UltrasoundParams
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(transmission, reflection echo, fan mask) on the volume's grid: reflection and
+    shadowing computed along the rays on a polar grid, then sampled at every voxel of
+    the fan (zero outside it)."""
+    u = rng.uniform
+    apex, axis, e1, e2, depth, tan_max = (fan.apex, fan.axis, fan.e1, fan.e2, fan.depth,
+                                          fan.tan_max)
     # Polar grid: depth every voxel, lateral tangents so the far end is ~1.5 voxels apart.
     n_r = int(np.ceil(depth)) + 1
     n_t = max(8, int(np.ceil(2 * tan_max * depth / 1.5)) + 1)
@@ -423,31 +476,13 @@ def simulate_ultrasound(
     with np.errstate(divide="ignore", invalid="ignore"):
         ga = (grid @ e1.astype(np.float32)) / along
         gb = (grid @ e2.astype(np.float32)) / along
-    fan = (along > 0) & (dist <= depth) & (ga * ga + gb * gb <= tan_max * tan_max)
-    idx = np.flatnonzero(fan)
+    inside = (along > 0) & (dist <= depth) & (ga * ga + gb * gb <= tan_max * tan_max)
+    idx = np.flatnonzero(inside)
     step = (2 * tan_max) / (n_t - 1)
     coords = np.stack([dist[idx], (ga[idx] + tan_max) / step, (gb[idx] + tan_max) / step])
     trans = np.zeros(dist.shape, dtype=np.float32)
     refl = np.zeros(dist.shape, dtype=np.float32)
     trans[idx] = ndimage.map_coordinates(trans_p, coords, order=1, mode="nearest")
     refl[idx] = ndimage.map_coordinates(echo_p, coords, order=1, mode="nearest")
-    trans = trans.reshape(volume.shape)
-    refl = refl.reshape(volume.shape)
-    fan = fan.reshape(volume.shape)
-
-    # Rayleigh speckle: magnitude of a slightly correlated complex Gaussian field, mean ~1.
-    re = ndimage.gaussian_filter(rng.normal(size=volume.shape).astype(np.float32), 0.7)
-    im = ndimage.gaussian_filter(rng.normal(size=volume.shape).astype(np.float32), 0.7)
-    speckle = np.sqrt(re * re + im * im)
-    speckle /= speckle.mean() + 1e-9
-    echo = trans * (refl + echogenicity * speckle)
-    k = u(*params.compression)
-    image = np.log1p(k * echo) / np.log1p(k)
-    image = np.where(fan, image, 0.0).astype(np.float32)
-    return UltrasoundResult(
-        image=image,
-        fan=fan,
-        transmission=np.where(fan, trans, 0.0).astype(np.float32),
-        apex=apex,
-        axis=axis,
-    )
+    return (trans.reshape(volume.shape), refl.reshape(volume.shape),
+            inside.reshape(volume.shape))
