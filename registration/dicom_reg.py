@@ -760,25 +760,8 @@ def write_registered_series(
         if moving:
             ds.SourceImageSequence = _image_references(moving[:1])
         ds.InstanceNumber = k + 1
-        position = origin + d[:, 2] * spacing[2] * k
-        ds.ImagePositionPatient = _ds_values(position)
-        ds.ImageOrientationPatient = _ds_values(np.concatenate([d[:, 0], d[:, 1]]))
-        ds.PixelSpacing = _ds_values(np.asarray([spacing[1], spacing[0]]))
-        ds.SliceThickness = DSfloat(spacing[2], auto_format=True)
-        ds.SpacingBetweenSlices = DSfloat(spacing[2], auto_format=True)
-        ds.SliceLocation = DSfloat(float(position @ np.cross(d[:, 0], d[:, 1])),
-                                   auto_format=True)
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(stored.shape[1]), int(stored.shape[2])
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-        ds.PixelRepresentation = 1
-        if not mr:  # the MR Image IOD has no Modality LUT: its values are stored as they are
-            ds.RescaleSlope = DSfloat(slope, auto_format=True)
-            ds.RescaleIntercept = DSfloat(intercept, auto_format=True)
-            ds.RescaleType = "HU" if modality in ("CT", "") else "US"
-        ds.WindowCenter = DSfloat((low + high) / 2.0, auto_format=True)
-        ds.WindowWidth = DSfloat(max(high - low, 1.0), auto_format=True)
+        _slice_geometry(ds, origin, d, spacing, k)
+        _pixel_module(ds, stored.shape, modality, (slope, intercept), (low, high))
         for keyword, default in (_MR_ATTRIBUTES if mr else _CT_ATTRIBUTES).items():
             value = _acquisition_value(source, keyword, default)
             if value is not None:
@@ -789,6 +772,41 @@ def write_registered_series(
         write_dataset(ds, path)
         written.append(path)
     return written
+
+
+def _slice_geometry(ds: Dataset, origin: np.ndarray, direction: np.ndarray,
+                    spacing: Sequence[float], k: int) -> None:
+    """Position, orientation and spacing of slice ``k`` of a series on the grid of
+    ``origin`` (LPS mm), ``direction`` (3x3, columns the grid axes) and ``spacing`` (mm,
+    x y z): the grid's third axis runs across the slices."""
+    d = direction
+    position = origin + d[:, 2] * spacing[2] * k
+    ds.ImagePositionPatient = _ds_values(position)
+    ds.ImageOrientationPatient = _ds_values(np.concatenate([d[:, 0], d[:, 1]]))
+    ds.PixelSpacing = _ds_values(np.asarray([spacing[1], spacing[0]]))
+    ds.SliceThickness = DSfloat(spacing[2], auto_format=True)
+    ds.SpacingBetweenSlices = DSfloat(spacing[2], auto_format=True)
+    ds.SliceLocation = DSfloat(float(position @ np.cross(d[:, 0], d[:, 1])),
+                               auto_format=True)
+
+
+def _pixel_module(ds: Dataset, shape: tuple[int, ...], modality: str,
+                  rescale: tuple[float, float], window: tuple[float, float]) -> None:
+    """Pixel description of one slice of a series of ``shape`` (slices, rows, columns),
+    signed 16-bit: the rescale (slope, intercept) for CT-like modalities and the display
+    window (low, high), in the moving image's values."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(shape[1]), int(shape[2])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    if modality != "MR":  # the MR Image IOD has no Modality LUT: values are stored as they are
+        ds.RescaleSlope = DSfloat(rescale[0], auto_format=True)
+        ds.RescaleIntercept = DSfloat(rescale[1], auto_format=True)
+        ds.RescaleType = "HU" if modality in ("CT", "") else "US"
+    low, high = window
+    ds.WindowCenter = DSfloat((low + high) / 2.0, auto_format=True)
+    ds.WindowWidth = DSfloat(max(high - low, 1.0), auto_format=True)
 
 
 # -------------------------------------------------------------------- files
