@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from .support import free_port
+from .support import free_port, write_pair
+
+
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny phantom pair (24^3 voxels of 4 mm, support.write_pair's motion) as .nii.gz."""
+    return write_pair(tmp_path_factory.mktemp("pair"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
-"""Helpers shared by the test packages: free loopback ports, polling with a deadline, and
-a file-size limit standing in for full storage."""
+"""Helpers shared by the test packages: free loopback ports, polling with a deadline, a
+file-size limit standing in for full storage, and a tiny phantom pair on disk."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,3 +47,18 @@ def file_size_limit(limit_bytes: int) -> Iterator[None]:
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, previous)
         signal.signal(signal.SIGXFSZ, previous_handler)
+
+
+def write_pair(folder: Path, size: int = 24, spacing: float = 4.0) -> tuple[Path, Path]:
+    """A phantom fixed/moving pair (known rigid motion: 8/-6/7 deg, 10/-8/9 mm, fixed ->
+    moving) on a `size`^3 grid of `spacing` mm, as .nii.gz files in `folder`."""
+    from disa.registration import phantom as ph
+    from disa.registration.io import write_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
+                        fixed_grid=ph.make_grid((size,) * 3, (spacing,) * 3))
+    fixed, moving = folder / "fixed.nii.gz", folder / "moving.nii.gz"
+    write_image(pair.fixed, fixed)
+    write_image(pair.moving, moving)
+    return fixed, moving

@@ -263,11 +263,7 @@ def fit_device(
     reporter.close()
     log.close()
     summary = {
-        "steps": run.step,
-        "elapsed_minutes": round(run.elapsed / 60.0, 3),
-        "stopped_by": stop_reason,
-        "config": dataclasses.asdict(cfg),
-        "checkpoint": str(ckpt_path),
+        **cpu_loop.run_summary(run.step, run.elapsed, stop_reason, cfg, ckpt_path),
         "best": run.best,
         "onnx": onnx_path,
     }

@@ -341,15 +341,18 @@ def fit(
         restore_signals()
         reporter.close()
         log.close()
-    summary = {
-        "steps": run.step,
-        "elapsed_minutes": round(run.elapsed / 60.0, 3),
-        "stopped_by": stop_reason,
-        "config": dataclasses.asdict(cfg),
-        "checkpoint": str(ckpt_path),
-    }
+    summary = run_summary(run.step, run.elapsed, stop_reason, cfg, ckpt_path)
     write_json(summary, out / SUMMARY, durable=False)
     return summary
+
+
+def run_summary(steps: int, elapsed_s: float, stop_reason: str, cfg: TrainConfig,
+                checkpoint: Path) -> dict[str, Any]:
+    """The head of summary.json (CPU and device loops): steps, minutes, why it stopped, the
+    configuration and the checkpoint's path."""
+    return {"steps": steps, "elapsed_minutes": round(elapsed_s / 60.0, 3),
+            "stopped_by": stop_reason, "config": dataclasses.asdict(cfg),
+            "checkpoint": str(checkpoint)}
 
 
 def _config_to_run(cfg: TrainConfig, ckpt_path: Path, resume: bool

@@ -7,25 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from disa.registration import phantom as ph
 from disa.registration.errors import InputError
-from disa.registration.io import InputLimits, write_image
+from disa.registration.io import InputLimits
 from disa.registration.options import RegistrationOptions
 from disa.registration.preprocess import MAX_WORKING_VOXELS, check_working_grid
 from disa.registration.runner import run_registration
 
 #: The pair's grid: 24^3 voxels of 4 mm.
 VOXELS = 24**3
-
-
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("pair")
-    pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
-                        fixed_grid=ph.make_grid((24, 24, 24), (4.0, 4.0, 4.0)))
-    write_image(pair.fixed, folder / "fixed.nii.gz")
-    write_image(pair.moving, folder / "moving.nii.gz")
-    return folder / "fixed.nii.gz", folder / "moving.nii.gz"
 
 
 def test_an_input_over_the_cap_is_refused_naming_the_image_and_the_limit(

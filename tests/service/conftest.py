@@ -1,4 +1,5 @@
-"""Fixtures of the API tests: phantom files and an app whose dispatcher only records ids."""
+"""Fixtures of the API tests: an app whose dispatcher only records ids (the phantom pair
+files: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from disa.service import runtime as runtime_module
 from disa.service.app import create_app
 
-from .helpers import service_env, using_env, write_pair
+from .helpers import service_env, using_env
 
 
 class RecordingDispatcher:
@@ -38,12 +39,6 @@ class RecordingDispatcher:
 
     def close(self) -> None:
         pass
-
-
-@pytest.fixture(scope="session")
-def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny phantom pair (24^3 voxels of 4 mm) as .nii.gz."""
-    return write_pair(tmp_path_factory.mktemp("pair"))
 
 
 @pytest.fixture

@@ -92,20 +92,6 @@ def live_service(env: dict[str, str]) -> Iterator[str]:
         yield server.url
 
 
-def write_pair(folder: Path, size: int = 24, spacing: float = 4.0) -> tuple[Path, Path]:
-    """A phantom fixed/moving pair (known rigid motion) as .nii.gz files."""
-    from disa.registration import phantom as ph
-    from disa.registration.io import write_image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
-                        fixed_grid=ph.make_grid((size,) * 3, (spacing,) * 3))
-    fixed, moving = folder / "fixed.nii.gz", folder / "moving.nii.gz"
-    write_image(pair.fixed, fixed)
-    write_image(pair.moving, moving)
-    return fixed, moving
-
-
 def open_tab(browser: Any, site: str, width: int = 1280) -> tuple[Any, Any]:
     """A fresh browser context (fresh sessionStorage) and a tab on the page, `width` px wide,
     with its page errors collected in `tab.errors`; the caller closes the context."""

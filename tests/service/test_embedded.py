@@ -93,7 +93,7 @@ def test_embedded_round_trip_with_disa_submit(serve, pair_files, tmp_path, capsy
 
 
 def test_embedded_shutdown_requeues_the_running_job(serve, tmp_path):
-    from .helpers import write_pair
+    from ..support import write_pair
 
     fixed, moving = write_pair(tmp_path / "in", size=40)
     server = serve()

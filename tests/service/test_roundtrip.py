@@ -12,7 +12,7 @@ import pytest
 from disa.service.app import create_app
 from disa.service.client import DisaClient
 
-from ..support import free_port, wait_until
+from ..support import free_port, wait_until, write_pair
 from .helpers import (
     API_KEY,
     TINY_OPTIONS,
@@ -20,7 +20,6 @@ from .helpers import (
     api_key_env,
     service_env,
     using_env,
-    write_pair,
 )
 
 

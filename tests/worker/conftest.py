@@ -12,20 +12,6 @@ from disa.jobs.settings import Settings
 from disa.jobs.store import JobStore
 
 
-@pytest.fixture(scope="session")
-def pair_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny phantom pair (24^3 voxels of 4 mm) as .nii.gz."""
-    from disa.registration import phantom as ph
-    from disa.registration.io import write_image
-
-    folder = tmp_path_factory.mktemp("pair")
-    pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
-                        fixed_grid=ph.make_grid((24, 24, 24), (4.0, 4.0, 4.0)))
-    write_image(pair.fixed, folder / "fixed.nii.gz")
-    write_image(pair.moving, folder / "moving.nii.gz")
-    return folder / "fixed.nii.gz", folder / "moving.nii.gz"
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> JobStore:
     return JobStore(tmp_path / "jobs")
