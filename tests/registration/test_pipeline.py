@@ -127,15 +127,13 @@ def test_converged_reorientation_pass_reuses_its_descriptors(small_pair, monkeyp
     assert sum(kind == "extract" for kind, _ in events) == 2 + len(refines) - 1
 
 
-def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
-        small_pair, monkeypatch) -> None:
-    """The search's best basin and up to MAX_RIVALS other basins each get the re-oriented
-    refinement; the result is the one with the lowest re-oriented cost, whichever basin the
-    search ranked first."""
+def _rigged_basin_run(small_pair, monkeypatch, penalty) -> tuple[list, list, object]:
+    """register() on the phantom with the re-oriented refinement's cost changed by
+    ``penalty(call index, passes)``; (search results, [(passes, pose, cost)], result)."""
     from disa.registration import pipeline
 
     searched: list = []
-    outcomes: list[tuple[np.ndarray, float]] = []
+    outcomes: list[tuple[int | None, np.ndarray, float]] = []
     search, refine = pipeline.global_search, pipeline._reoriented_refinement
 
     def recording_search(*args, **kwargs):
@@ -144,9 +142,8 @@ def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
 
     def rigged_refine(theta, *args, **kwargs):
         refined, cost, objective = refine(theta, *args, **kwargs)
-        # The first (the search's best) is made to look worst: a runner-up must win.
-        cost = cost + 1.0 if not outcomes else cost
-        outcomes.append((refined, cost))
+        cost = cost + penalty(len(outcomes), kwargs.get("passes"))
+        outcomes.append((kwargs.get("passes"), refined, cost))
         return refined, cost, objective
 
     monkeypatch.setattr(pipeline, "global_search", recording_search)
@@ -154,12 +151,43 @@ def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
     options = RegistrationOptions(similarity="mind", init="geometry", starts=60, top_k=6,
                                   rotation_range=30, translation_range=60)
     result = register(small_pair.fixed, small_pair.moving, options)
-    basins = searched[0].basins
-    assert basins, "the phantom search should leave other basins"
-    assert len(outcomes) == 1 + min(pipeline.MAX_RIVALS, len(basins))
-    winner = min(range(len(outcomes)), key=lambda i: outcomes[i][1])
+    assert searched[0].basins, "the phantom search should leave other basins"
+    return searched, outcomes, result
+
+
+def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
+        small_pair, monkeypatch) -> None:
+    """The search's best basin is refined on re-oriented maps; up to MAX_RIVALS other
+    basins are screened with SCREEN_PASSES passes and, when they come within the ambiguity
+    margin, refined in full from the basin; the lowest re-oriented cost wins, whichever
+    basin the search ranked first."""
+    from disa.registration import pipeline
+
+    # The first (the search's best) is made to look worst: every runner-up survives the
+    # screen and one of them must win.
+    searched, outcomes, result = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0)
+    runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
+    assert [passes for passes, _, _ in outcomes] == (
+        [None] + [pipeline.SCREEN_PASSES, None] * runners)
+    full = [i for i, (passes, _, _) in enumerate(outcomes) if passes is None]
+    winner = min(full, key=lambda i: outcomes[i][2])
     assert winner != 0
-    np.testing.assert_allclose(result.theta, outcomes[winner][0])
+    np.testing.assert_allclose(result.theta, outcomes[winner][1])
+
+
+def test_runner_up_basins_that_screen_worse_are_not_refined_in_full(
+        small_pair, monkeypatch) -> None:
+    """A runner-up whose screened cost is far above the winner's costs SCREEN_PASSES
+    passes only, and the search's best basin stands."""
+    from disa.registration import pipeline
+
+    searched, outcomes, result = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
+    runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
+    assert [passes for passes, _, _ in outcomes] == [None] + [pipeline.SCREEN_PASSES] * runners
+    np.testing.assert_allclose(result.theta, outcomes[0][1])
+    assert tre(result.transform, small_pair.truth) < 1.5
 
 
 def test_constant_image_is_rejected(small_pair) -> None:
