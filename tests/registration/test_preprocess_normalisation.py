@@ -24,14 +24,8 @@ def _previous_foreground_mask(volume: np.ndarray) -> np.ndarray:
     finite = smooth[np.isfinite(smooth)]
     if finite.size == 0 or finite.max() <= finite.min():
         return np.zeros(volume.shape, dtype=bool)
-    hist, edges = np.histogram(finite, bins=256)
-    centres = 0.5 * (edges[:-1] + edges[1:])
-    weight0 = np.cumsum(hist)
-    weight1 = weight0[-1] - weight0
-    sum0 = np.cumsum(hist * centres)
-    mean0 = sum0 / np.maximum(weight0, 1)
-    mean1 = (sum0[-1] - sum0) / np.maximum(weight1, 1)
-    threshold = float(centres[int(np.argmax(weight0 * weight1 * (mean0 - mean1) ** 2))])
+    # Otsu on one plain np.histogram (no value_range: the unthreaded path, as before).
+    threshold = pp._otsu_threshold(finite)
     mask = smooth > threshold
     if mask.sum() < 0.01 * mask.size:
         mask = smooth > finite.min() + 1e-3 * (finite.max() - finite.min())
