@@ -168,18 +168,11 @@ def plan_stack_grid(
     if count == 1:
         origin = tuple(float(v) for v in positions[0])
         return order, StackGrid((columns, rows, 1), (sx, sy, 1.0), origin, direction)
-    if float(ordered[-1] - ordered[0]) < 1e-6:
-        raise InputError(f"{name}: the {count} slices of {label} share one position")
-    steps = np.diff(ordered)
-    if float(steps.min()) < DUPLICATE_MM:
-        k = int(steps.argmin())
-        raise InputError(
-            f"{name}: two slices of {label} share the position {ordered[k]:.2f} mm along "
-            "the slice normal (duplicate slices, or several volumes in one series)"
-        )
-    _check_gaps(name, label, steps)
+    steps = _slice_steps(name, label, ordered)
     stacked = positions[order]
     relative = stacked - stacked[0]
+    # What is left of each slice's offset from the first once its step along n is
+    # taken out: zero for a regular stack, a straight line for a gantry tilt.
     lateral = relative - np.outer(ordered - ordered[0], normal)
     drift = float(np.linalg.norm(lateral, axis=1).max())
     tolerance_px = DRIFT_PIXELS * min(sx, sy)
@@ -193,33 +186,9 @@ def plan_stack_grid(
     if not tilted and not variable:
         origin = tuple(float(v) for v in stacked[0])
         return order, StackGrid((columns, rows, count), (sx, sy, dz), origin, direction)
-    if variable:
-        # The median step keeps the resolution of most of the series; the first and the
-        # last plane are stored slices.
-        median = float(np.median(steps))
-        planes = max(2, round(float(ordered[-1] - ordered[0]) / median) + 1)
-        dz = float(ordered[-1] - ordered[0]) / (planes - 1)
-    else:
-        planes = count
-    # In-plane extent of every slice in (r, c) coordinates about the first slice's origin.
-    offset_r = relative @ row
-    offset_c = relative @ col
-    low_r, low_c = float(offset_r.min()), float(offset_c.min())
-    out_x = math.ceil((float(offset_r.max()) - low_r) / sx - 1e-6) + columns
-    out_y = math.ceil((float(offset_c.max()) - low_c) / sy - 1e-6) + rows
-    origin_vec = stacked[0] + low_r * row + low_c * col
-    tilt_deg = math.degrees(math.atan(float(np.linalg.norm(shear))))
-    correction: dict[str, Any] = {
-        "corrected": [w for w, on in (("gantry tilt", tilted), ("variable slice spacing",
-                                                                  variable)) if on],
-        "gantry_tilt_deg": round(tilt_deg, 3),
-        "shear_mm_per_mm": [round(float(v), 6) for v in shear],
-        "slice_steps_mm": [round(float(steps.min()), 4), round(float(steps.max()), 4)],
-        "stored_size": [columns, rows, count],
-        "method": ("resampled onto the orthogonal grid (row, column, normal): each slice "
-                   "shifted in its own plane (bilinear)"
-                   + ("; planes between slices linear along the normal" if variable else "")),
-    }
+    planes, dz = _output_planes(ordered, steps) if variable else (count, dz)
+    out_x, out_y, origin_vec = _in_plane_cover(stacked[0], relative, row, col, (sx, sy),
+                                               matrix)
     grid = StackGrid(
         size=(out_x, out_y, planes),
         spacing=(sx, sy, dz),
@@ -227,9 +196,79 @@ def plan_stack_grid(
         direction=direction,
         positions=stacked,
         stored_size=(columns, rows, count),
-        correction=correction,
+        correction=_correction_record(tilted, variable, shear, steps, (columns, rows, count)),
     )
     return order, grid
+
+
+def _slice_steps(name: str, label: str, ordered: np.ndarray) -> np.ndarray:
+    """The steps (mm) between consecutive slices along the normal, `ordered` being the
+    slices' positions along it (mm, ascending). Refuses what no resampling can fix:
+    all slices at one position, duplicate slices, and gaps (`_check_gaps`)."""
+    count = len(ordered)
+    if float(ordered[-1] - ordered[0]) < 1e-6:
+        raise InputError(f"{name}: the {count} slices of {label} share one position")
+    steps = np.diff(ordered)
+    if float(steps.min()) < DUPLICATE_MM:
+        k = int(steps.argmin())
+        raise InputError(
+            f"{name}: two slices of {label} share the position {ordered[k]:.2f} mm along "
+            "the slice normal (duplicate slices, or several volumes in one series)"
+        )
+    _check_gaps(name, label, steps)
+    return steps
+
+
+def _output_planes(ordered: np.ndarray, steps: np.ndarray) -> tuple[int, float]:
+    """Number of output planes and their step (mm along the normal) for a variably
+    spaced stack whose slices lie at `ordered` (mm along the normal, ascending)."""
+    # The median step keeps the resolution of most of the series; the first and the
+    # last plane are stored slices.
+    median = float(np.median(steps))
+    planes = max(2, round(float(ordered[-1] - ordered[0]) / median) + 1)
+    return planes, float(ordered[-1] - ordered[0]) / (planes - 1)
+
+
+def _in_plane_cover(first: np.ndarray, relative: np.ndarray, row: np.ndarray, col: np.ndarray,
+                    pixel_spacing: tuple[float, float], matrix: tuple[int, int]
+                    ) -> tuple[int, int, np.ndarray]:
+    """Columns and rows of the orthogonal grid that covers every slice, and its origin.
+
+    `first`: the first slice's position (LPS mm); `relative`: every slice's position
+    minus it (slices, 3), LPS mm; `row`, `col`: unit in-plane directions (LPS);
+    `pixel_spacing` (x, y) mm; `matrix` (columns, rows) of a stored slice. The origin
+    (LPS mm) is the corner of the cover at the first slice's position along n.
+    """
+    sx, sy = pixel_spacing
+    columns, rows = matrix
+    # In-plane extent of every slice in (r, c) coordinates about the first slice's origin.
+    offset_r = relative @ row
+    offset_c = relative @ col
+    low_r, low_c = float(offset_r.min()), float(offset_c.min())
+    # The 1e-6 pixel slack keeps rounding noise on an extent of a whole number of
+    # pixels from adding a column or row.
+    out_x = math.ceil((float(offset_r.max()) - low_r) / sx - 1e-6) + columns
+    out_y = math.ceil((float(offset_c.max()) - low_c) / sy - 1e-6) + rows
+    return out_x, out_y, first + low_r * row + low_c * col
+
+
+def _correction_record(tilted: bool, variable: bool, shear: np.ndarray, steps: np.ndarray,
+                       stored_size: tuple[int, int, int]) -> dict[str, Any]:
+    """The correction as result.json reports it: what was corrected, the tilt (degrees)
+    and shear (mm of in-plane drift per mm along the normal, LPS), the smallest and
+    largest slice step (mm), and the stored size (columns, rows, slices)."""
+    tilt_deg = math.degrees(math.atan(float(np.linalg.norm(shear))))
+    return {
+        "corrected": [w for w, on in (("gantry tilt", tilted), ("variable slice spacing",
+                                                                  variable)) if on],
+        "gantry_tilt_deg": round(tilt_deg, 3),
+        "shear_mm_per_mm": [round(float(v), 6) for v in shear],
+        "slice_steps_mm": [round(float(steps.min()), 4), round(float(steps.max()), 4)],
+        "stored_size": list(stored_size),
+        "method": ("resampled onto the orthogonal grid (row, column, normal): each slice "
+                   "shifted in its own plane (bilinear)"
+                   + ("; planes between slices linear along the normal" if variable else "")),
+    }
 
 
 def describe_correction(correction: dict[str, Any]) -> str:
