@@ -129,6 +129,74 @@ def _add_outer(g, gx, gy, gz, px, py, pz):
     g[2, 3] += gz
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _chunk_sums(fixed, weights, points, moving, valid, m, start, stop, scale_fixed, scale_moving,
+                ssd, want_grad, gs, gw):
+    """Gated sums over the points ``start:stop`` under one matrix ``m`` (3x4, fixed index
+    -> moving index, both (x, y, z)): returns (sum_p w_p v_p c_p, sum_p w_p v_p) and, with
+    ``want_grad``, adds their gradients w.r.t. ``m`` to ``gs`` and ``gw`` (3x4).
+
+    Arguments as ``_descriptor_cost``. Inlined into its prange body, so every parallel
+    work item keeps its own scratch vectors and the hot loop pays no call.
+    """
+    n_chan = fixed.shape[1]
+    # Scratch of the channel count, reused for every point of the chunk.
+    f_vec = np.empty(n_chan)
+    m_val = np.zeros(n_chan)
+    m_gx = np.zeros(n_chan)
+    m_gy = np.zeros(n_chan)
+    m_gz = np.zeros(n_chan)
+    acc = 0.0
+    overlap = 0.0
+    for p in range(start, stop):
+        px = points[p, 0]
+        py = points[p, 1]
+        pz = points[p, 2]
+        w = weights[p]
+        mx = m[0, 0] * px + m[0, 1] * py + m[0, 2] * pz + m[0, 3]
+        my = m[1, 0] * px + m[1, 1] * py + m[1, 2] * pz + m[1, 3]
+        mz = m[2, 0] * px + m[2, 1] * py + m[2, 2] * pz + m[2, 3]
+        for c in range(n_chan):
+            f_vec[c] = fixed[p, c] * scale_fixed
+        term, gx, gy, gz, v, vx, vy, vz = _point_term(
+            f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz)
+        acc += w * v * term
+        overlap += w * v
+        if want_grad:
+            # d (v c) = v dc + c dv
+            sx = w * (v * gx + term * vx)
+            sy = w * (v * gy + term * vy)
+            sz = w * (v * gz + term * vz)
+            _add_outer(gs, sx, sy, sz, px, py, pz)
+            _add_outer(gw, w * vx, w * vy, w * vz, px, py, pz)
+    return acc, overlap
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _sum_chunks(part_s, part_w, part_gs, part_gw):
+    """Per-transform totals (B,), (B,), (B, 3, 4), (B, 3, 4) of the chunks' partial sums
+    (B, K), (B, K), (B, K, 3, 4), (B, K, 3, 4), added in chunk order.
+
+    Why partial sums at all: the prange work items are (transform, chunk) pairs, and a
+    reduction into shared totals would race; summing in a fixed order afterwards also
+    keeps the result independent of how the threads ran.
+    """
+    n_batch, n_chunks = part_s.shape
+    s_out = np.zeros(n_batch)
+    w_out = np.zeros(n_batch)
+    gs_out = np.zeros((n_batch, 3, 4))
+    gw_out = np.zeros((n_batch, 3, 4))
+    for b in range(n_batch):
+        for k in range(n_chunks):
+            s_out[b] += part_s[b, k]
+            w_out[b] += part_w[b, k]
+            for a in range(3):
+                for j in range(4):
+                    gs_out[b, a, j] += part_gs[b, k, a, j]
+                    gw_out[b, a, j] += part_gw[b, k, a, j]
+    return s_out, w_out, gs_out, gw_out
+
+
 def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving, ssd,
                      want_grad, n_chunks):
     """Validity-gated weighted descriptor sums of B transforms, and their gradients.
@@ -154,7 +222,6 @@ def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, s
         overlap (docs/DESIGN.md, "Overlap-normalised objective").
     """
     n_points = points.shape[0]
-    n_chan = fixed.shape[1]
     n_batch = mats.shape[0]
     part_s = np.zeros((n_batch, n_chunks))
     part_w = np.zeros((n_batch, n_chunks))
@@ -166,56 +233,17 @@ def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, s
         k = task % n_chunks
         start = k * chunk
         stop = min(n_points, start + chunk)
-        m = mats[b]
-        f_vec = np.empty(n_chan)
-        m_val = np.zeros(n_chan)
-        m_gx = np.zeros(n_chan)
-        m_gy = np.zeros(n_chan)
-        m_gz = np.zeros(n_chan)
-        acc = 0.0
-        overlap = 0.0
         gs = np.zeros((3, 4))
         gw = np.zeros((3, 4))
-        for p in range(start, stop):
-            px = points[p, 0]
-            py = points[p, 1]
-            pz = points[p, 2]
-            w = weights[p]
-            mx = m[0, 0] * px + m[0, 1] * py + m[0, 2] * pz + m[0, 3]
-            my = m[1, 0] * px + m[1, 1] * py + m[1, 2] * pz + m[1, 3]
-            mz = m[2, 0] * px + m[2, 1] * py + m[2, 2] * pz + m[2, 3]
-            for c in range(n_chan):
-                f_vec[c] = fixed[p, c] * scale_fixed
-            term, gx, gy, gz, v, vx, vy, vz = _point_term(
-                f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz)
-            acc += w * v * term
-            overlap += w * v
-            if want_grad:
-                # d (v c) = v dc + c dv
-                sx = w * (v * gx + term * vx)
-                sy = w * (v * gy + term * vy)
-                sz = w * (v * gz + term * vz)
-                _add_outer(gs, sx, sy, sz, px, py, pz)
-                _add_outer(gw, w * vx, w * vy, w * vz, px, py, pz)
+        acc, overlap = _chunk_sums(fixed, weights, points, moving, valid, mats[b], start, stop,
+                                   scale_fixed, scale_moving, ssd, want_grad, gs, gw)
         part_s[b, k] = acc
         part_w[b, k] = overlap
         for a in range(3):
             for j in range(4):
                 part_gs[b, k, a, j] = gs[a, j]
                 part_gw[b, k, a, j] = gw[a, j]
-    s_out = np.zeros(n_batch)
-    w_out = np.zeros(n_batch)
-    gs_out = np.zeros((n_batch, 3, 4))
-    gw_out = np.zeros((n_batch, 3, 4))
-    for b in range(n_batch):
-        for k in range(n_chunks):
-            s_out[b] += part_s[b, k]
-            w_out[b] += part_w[b, k]
-            for a in range(3):
-                for j in range(4):
-                    gs_out[b, a, j] += part_gs[b, k, a, j]
-                    gw_out[b, a, j] += part_gw[b, k, a, j]
-    return s_out, w_out, gs_out, gw_out
+    return _sum_chunks(part_s, part_w, part_gs, part_gw)
 
 
 def _compiled(func, parallel: bool):
