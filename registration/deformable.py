@@ -279,14 +279,9 @@ def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.nd
             raise CancelledError("registration cancelled")
 
     f_map, w_map = control_maps(fixed, weights, working_spacing_mm, settings.control_stride)
-    m_map = moving
     grid0 = f_map.grid
-    h = float(grid0.spacing.min())
-    radius_mm = settings.search_radius_mm or 1.5 * h
-    radius = max(1, round(radius_mm / (h / 2)))
     weighted = int(np.count_nonzero(w_map > 0))
-    while radius > 1 and weighted * (2 * radius + 1) ** 3 * 4 > COST_VOLUME_MAX_BYTES:
-        radius -= 1  # a whole-body grid would not fit: a smaller window, not a crash
+    radius = _search_radius(float(grid0.spacing.min()), settings.search_radius_mm, weighted)
     grid, inner = covering_grid(grid0, fixed_image)
     offset = np.array([inner[2].start, inner[1].start, inner[0].start])  # (x, y, z) pad
     if weighted == 0:  # nothing to match: the linear stage stands
@@ -294,41 +289,22 @@ def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.nd
                                 min_corner_jacobian=1.0, similarity_before=0.0,
                                 similarity_after=0.0, timings=timings)
 
-    zz, yy, xx = np.nonzero(w_map > 0)
-    nodes0 = np.stack([xx, yy, zz], axis=1)  # ITK index on grid0
-    node_weight = w_map[zz, yy, xx].astype(np.float64)
-    node_weight /= node_weight.mean()
-    fixed_values = np.ascontiguousarray(f_map.data[zz, yy, xx])
+    nodes0, node_weight, fixed_values = _weighted_nodes(f_map, w_map)
     padded_nodes = nodes0 + offset
-    warped = _warp_fine(m_map, linear, grid0, radius)
+    warped = _warp_fine(moving, linear, grid0, radius)
     t1 = time.perf_counter()
     timings["deformable_warp"] = t1 - t0
     check()
 
     costs = cost_volume(fixed_values, float(f_map.scale), 2 * nodes0 + radius, warped, radius,
                         kind == "ssd")
-    del warped
-    costs -= costs.min(axis=1, keepdims=True)
-    contrast = float(np.median(costs.mean(axis=1)))
-    contrast = contrast if contrast > 0 else 1.0
-    costs *= (node_weight / contrast).astype(np.float32)[:, None]
+    del warped  # not needed past the cost volume: freed before the coupling allocates
+    contrast = _normalise_costs(costs, node_weight)
     t2 = time.perf_counter()
     timings["deformable_costs"] = t2 - t1
     check()
 
-    # Coupling on the padded grid, displacements in half-node steps along the grid axes.
-    confidence = np.zeros(grid.shape)
-    confidence[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]] = node_weight
-    steps = np.zeros((*grid.shape, 3))
-    chosen = coupled_argmin(costs, radius, np.zeros((len(costs), 3)), 0.0)
-    for pull in settings.coupling:
-        steps[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]] = chosen
-        smooth = _smooth(steps, confidence, settings.smoothing_nodes)
-        target = smooth[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]]
-        chosen = coupled_argmin(costs, radius, target, pull)
-        steps = smooth
-    steps[padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0]] = chosen
-    steps = _smooth(steps, confidence, settings.smoothing_nodes)
+    steps = _coupled_steps(costs, radius, padded_nodes, node_weight, grid.shape, settings)
     del costs
     # Steps along grid axes -> LPS mm: v = D (s/2 * steps).
     v = (steps * (grid.spacing / 2.0)) @ grid.direction.T
@@ -338,17 +314,79 @@ def deformable_stage(fixed: DescriptorMap, moving: DescriptorMap, weights: np.nd
 
     points = similarity_points(padded_nodes, offset, grid, f_map, node_weight,
                                settings.sub_points)
-    v, before, after, min_det = _adam(v, grid, points, len(padded_nodes), m_map, linear, kind,
+    v, before, after, min_det = _adam(v, grid, points, len(padded_nodes), moving, linear, kind,
                                       contrast, settings, check)
     t4 = time.perf_counter()
     timings["deformable_adam"] = t4 - t3
-    fine = _fine_level(v, grid, fixed, weights, m_map, linear, kind, fixed_image,
+    fine = _fine_level(v, grid, fixed, weights, moving, linear, kind, fixed_image,
                        working_spacing_mm, contrast, settings, check)
     if fine is not None:
         grid, v, after, min_det = fine
         timings["deformable_fine"] = time.perf_counter() - t4
     return DeformableResult(grid=grid, field=v, min_corner_jacobian=min_det,
                             similarity_before=before, similarity_after=after, timings=timings)
+
+
+def _search_radius(h: float, radius_mm: float | None, weighted: int) -> int:
+    """Half-width of the discrete search window in half-node steps (h/2 mm, h the control
+    grid's smallest spacing in mm): ``radius_mm`` (default 1.5 h), shrunk until the cost
+    volume of ``weighted`` nodes fits in ``COST_VOLUME_MAX_BYTES``."""
+    radius_mm = radius_mm or 1.5 * h
+    radius = max(1, round(radius_mm / (h / 2)))
+    while radius > 1 and weighted * (2 * radius + 1) ** 3 * 4 > COST_VOLUME_MAX_BYTES:
+        radius -= 1  # a whole-body grid would not fit: a smaller window, not a crash
+    return radius
+
+
+def _weighted_nodes(f_map: DescriptorMap, w_map: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The control nodes with weight > 0: their ITK indices (x, y, z) on the control grid
+    (N, 3), their weights divided by the mean (N,), and the fixed descriptors there (N, C)."""
+    zz, yy, xx = np.nonzero(w_map > 0)
+    nodes = np.stack([xx, yy, zz], axis=1)
+    node_weight = w_map[zz, yy, xx].astype(np.float64)
+    node_weight /= node_weight.mean()
+    return nodes, node_weight, np.ascontiguousarray(f_map.data[zz, yy, xx])
+
+
+def _normalise_costs(costs: np.ndarray, node_weight: np.ndarray) -> float:
+    """Normalise the cost volume (N nodes, window) in place and return the contrast.
+
+    Each node's costs are shifted to a minimum of 0 and scaled by its weight over the
+    median cost contrast (mean - min over the window), so that one coupling schedule
+    serves DISA (dot) and MIND (ssd), whose raw costs differ in scale.
+    """
+    costs -= costs.min(axis=1, keepdims=True)
+    contrast = float(np.median(costs.mean(axis=1)))
+    contrast = contrast if contrast > 0 else 1.0  # a flat window: leave the scale alone
+    costs *= (node_weight / contrast).astype(np.float32)[:, None]
+    return contrast
+
+
+def _coupled_steps(costs: np.ndarray, radius: int, padded_nodes: np.ndarray,
+                   node_weight: np.ndarray, shape: tuple[int, ...],
+                   settings: DeformableSettings) -> np.ndarray:
+    """Convex coupling on the padded control grid (``shape``, Z, Y, X): the smooth field of
+    displacements (Z, Y, X, 3) in half-node steps along the grid axes (x, y, z).
+
+    ``padded_nodes``: the weighted nodes' indices (x, y, z) on that grid, ``costs`` their
+    normalised cost volume over the window of +-``radius`` steps. Each round re-chooses
+    every node's step against cost + pull |d - smooth|^2, the pull growing over
+    ``settings.coupling``; nodes without weight only take their neighbours' steps.
+    """
+    at = (padded_nodes[:, 2], padded_nodes[:, 1], padded_nodes[:, 0])
+    confidence = np.zeros(shape)
+    confidence[at] = node_weight
+    steps = np.zeros((*shape, 3))
+    chosen = coupled_argmin(costs, radius, np.zeros((len(costs), 3)), 0.0)
+    for pull in settings.coupling:
+        steps[at] = chosen
+        smooth = _smooth(steps, confidence, settings.smoothing_nodes)
+        target = smooth[at]
+        chosen = coupled_argmin(costs, radius, target, pull)
+        steps = smooth
+    steps[at] = chosen
+    return _smooth(steps, confidence, settings.smoothing_nodes)
 
 
 def upsample_field(v: np.ndarray, grid: Grid, target: Grid) -> np.ndarray:
