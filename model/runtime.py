@@ -409,62 +409,23 @@ class DescriptorExtractor:
         return options
 
     def _create_session(self, device: Device | None = None) -> ort.InferenceSession:
-        """A new session; `device` overrides `self.device` (CPU after a CUDA failure)."""
+        """A new session; `device` overrides `self.device` (CPU after a CUDA failure).
+
+        OpenVINO engines get `_create_openvino_session`; ONNX Runtime gets the
+        providers `device` asks for among those installed, CUDA first, and the
+        session is checked for running on the provider it was meant to.
+        """
         device = self.device if device is None else device
         if self.engine != "onnxruntime":
-            threads = self.threads if self.threads is not None else cpu_quota()
-            precision = self.engine.split("-")[1]
-            graph = self.onnx_path
-            if precision == "int8":
-                from disa.model.card import int8_model_path
-
-                int8 = int8_model_path(self.onnx_path)  # sha256 checked against the card
-                if int8 is None:
-                    raise RuntimeError(
-                        f"descriptor engine 'openvino-int8' needs the int8 variant named by "
-                        f"the model card of {self.onnx_path} (run: disa-train quantise "
-                        f"--onnx {self.onnx_path}), or use engine 'openvino-fp32'"
-                    )
-                graph = int8
-            session = _OpenVinoSession(graph, threads, precision)
-            self._input_name = session.input_name
-            logger.info(
-                "descriptor model %s runs on %s (%d threads)",
-                graph.name,
-                session.get_providers()[0],
-                threads,
-            )
-            return session  # type: ignore[return-value]  # same run()/get_providers()
+            return self._create_openvino_session()  # type: ignore[return-value]
 
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        if device == "cpu":
-            wanted = [CPU_PROVIDER]
-        else:
-            if device == "cuda" and CUDA_PROVIDER not in available:
-                raise RuntimeError(
-                    "GPU required by configuration but CUDA provider is not available: "
-                    f"onnxruntime offers {available} (install onnxruntime-gpu, not "
-                    "onnxruntime, and check the CUDA/cuDNN libraries and the device)"
-                )
-            wanted = [p for p in (CUDA_PROVIDER, CPU_PROVIDER) if p in available]
-        providers: list[str | tuple[str, dict[str, str]]] = [
-            # Every volume has its own shape: an exhaustive cuDNN search per
-            # shape would cost more than the inference it tunes.
-            (
-                CUDA_PROVIDER,
-                {
-                    "cudnn_conv_algo_search": "HEURISTIC",
-                    "arena_extend_strategy": "kSameAsRequested",
-                },
-            )
-            if p == CUDA_PROVIDER
-            else p
-            for p in wanted
-        ]
+        wanted = _wanted_providers(device, available)
         session = ort.InferenceSession(
-            str(self.onnx_path), sess_options=self._session_options(), providers=providers
+            str(self.onnx_path), sess_options=self._session_options(),
+            providers=_provider_options(wanted),
         )
         in_use = session.get_providers()
         # A GPU build falls back to CPU silently when CUDA libraries or the
@@ -476,18 +437,7 @@ class DescriptorExtractor:
                 "(CUDA or cuDNN libraries missing, or no usable GPU)"
             )
         self._input_name = session.get_inputs()[0].name
-        if in_use[0] == CUDA_PROVIDER:
-            # ONNX Runtime's own fallback, on a CUDA error during run(), swaps
-            # in a CPU session (said on stdout only) and retries with our GPU
-            # run options, which then fail ("gpu:0" arena); with device="cuda"
-            # every later call would run on CPU. `_run_tiles` handles it.
-            session.disable_fallback()
-        if CUDA_PROVIDER in wanted and in_use[0] != CUDA_PROVIDER:
-            logger.warning(
-                "onnxruntime offers CUDA but the descriptor session fell back to %s "
-                "(CUDA or cuDNN libraries missing, or no usable GPU)",
-                in_use[0],
-            )
+        _settle_cuda_fallback(session, in_use, wanted)
         logger.info(
             "descriptor model %s runs on %s (%s threads)",
             self.onnx_path.name,
@@ -495,6 +445,33 @@ class DescriptorExtractor:
             "n/a" if in_use[0] == CUDA_PROVIDER else self._session_options().intra_op_num_threads,
         )
         return session
+
+    def _create_openvino_session(self) -> _OpenVinoSession:
+        """The OpenVINO session of `self.engine` on CPU (fp32, bf16 or the int8 variant
+        that the model card names), with `self.threads` or `cpu_quota()` threads."""
+        threads = self.threads if self.threads is not None else cpu_quota()
+        precision = self.engine.split("-")[1]
+        graph = self.onnx_path
+        if precision == "int8":
+            from disa.model.card import int8_model_path
+
+            int8 = int8_model_path(self.onnx_path)  # sha256 checked against the card
+            if int8 is None:
+                raise RuntimeError(
+                    f"descriptor engine 'openvino-int8' needs the int8 variant named by "
+                    f"the model card of {self.onnx_path} (run: disa-train quantise "
+                    f"--onnx {self.onnx_path}), or use engine 'openvino-fp32'"
+                )
+            graph = int8
+        session = _OpenVinoSession(graph, threads, precision)
+        self._input_name = session.input_name
+        logger.info(
+            "descriptor model %s runs on %s (%d threads)",
+            graph.name,
+            session.get_providers()[0],
+            threads,
+        )
+        return session  # same run()/get_providers() as an ONNX Runtime session
 
     # -- inference -------------------------------------------------------------
 
@@ -553,6 +530,57 @@ class DescriptorExtractor:
         from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
         return isinstance(err, EPFail)
+
+
+def _wanted_providers(device: Device, available: list[str]) -> list[str]:
+    """The ONNX Runtime providers to ask for, in order of preference: CPU alone for
+    "cpu"; else CUDA (when `available`, the installed build's providers) then CPU.
+    Raises RuntimeError when `device` is "cuda" and the build offers no CUDA."""
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    if device == "cuda" and CUDA_PROVIDER not in available:
+        raise RuntimeError(
+            "GPU required by configuration but CUDA provider is not available: "
+            f"onnxruntime offers {available} (install onnxruntime-gpu, not "
+            "onnxruntime, and check the CUDA/cuDNN libraries and the device)"
+        )
+    return [p for p in (CUDA_PROVIDER, CPU_PROVIDER) if p in available]
+
+
+def _provider_options(wanted: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """`wanted` as InferenceSession's `providers` argument: CUDA with its options."""
+    return [
+        # Every volume has its own shape: an exhaustive cuDNN search per
+        # shape would cost more than the inference it tunes.
+        (
+            CUDA_PROVIDER,
+            {
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "arena_extend_strategy": "kSameAsRequested",
+            },
+        )
+        if p == CUDA_PROVIDER
+        else p
+        for p in wanted
+    ]
+
+
+def _settle_cuda_fallback(session: ort.InferenceSession, in_use: list[str],
+                          wanted: list[str]) -> None:
+    """Turn off ONNX Runtime's own CPU fallback of a session on CUDA (`in_use`, its
+    providers), and warn when CUDA was `wanted` but the session fell back at creation."""
+    if in_use[0] == CUDA_PROVIDER:
+        # ONNX Runtime's own fallback, on a CUDA error during run(), swaps
+        # in a CPU session (said on stdout only) and retries with our GPU
+        # run options, which then fail ("gpu:0" arena); with device="cuda"
+        # every later call would run on CPU. `_run_tiles` handles it.
+        session.disable_fallback()
+    if CUDA_PROVIDER in wanted and in_use[0] != CUDA_PROVIDER:
+        logger.warning(
+            "onnxruntime offers CUDA but the descriptor session fell back to %s "
+            "(CUDA or cuDNN libraries missing, or no usable GPU)",
+            in_use[0],
+        )
 
 
 class _OpenVinoSession:
