@@ -181,6 +181,44 @@ class DescriptorMap:
         """
         return self.with_validity(self.validity * mask)
 
+    def sample(self, points: np.ndarray) -> np.ndarray:
+        """Descriptors (N, C) float32 at LPS mm ``points`` (N, 3), trilinear; NaN rows
+        outside the grid. Physical values (data x scale; the scale of a float map is 1).
+
+        A point is inside when its continuous index lies within [0, n - 1] on every axis
+        (voxel centres of the first and last voxel). Plain numpy for a few thousand points
+        at a time (the viewer's heatmap, a displacement field at display pixels); the
+        objective's compiled kernels interpolate its sample points themselves. The
+        validity is not consulted: the caller masks what it must.
+        """
+        data = self.data
+        shape_xyz = np.array(self.grid.size_xyz)
+        idx = self.grid.to_index(np.asarray(points, dtype=np.float64).reshape(-1, 3))
+        eps = 1e-6
+        inside = np.all((idx >= -eps) & (idx <= shape_xyz - 1 + eps), axis=1)
+        idx = np.clip(idx, 0.0, shape_xyz - 1.0)
+        # The last cell's base is n - 2, so that a point on the last voxel centre takes
+        # weight 1 from it (and a one-voxel axis reads its one voxel twice).
+        base = np.minimum(np.floor(idx).astype(np.int64), np.maximum(shape_xyz - 2, 0))
+        frac = (idx - base).astype(np.float32)
+        out = np.zeros((idx.shape[0], data.shape[3]), dtype=np.float32)
+        for dx, dy, dz in _CORNERS:
+            weight = ((frac[:, 0] if dx else 1.0 - frac[:, 0])
+                      * (frac[:, 1] if dy else 1.0 - frac[:, 1])
+                      * (frac[:, 2] if dz else 1.0 - frac[:, 2]))
+            x = np.minimum(base[:, 0] + dx, shape_xyz[0] - 1)
+            y = np.minimum(base[:, 1] + dy, shape_xyz[1] - 1)
+            z = np.minimum(base[:, 2] + dz, shape_xyz[2] - 1)
+            out += weight[:, None] * np.asarray(data[z, y, x], dtype=np.float32)
+        if self.scale != 1.0:  # (int8 codes; a float map is returned exactly as summed)
+            out *= np.float32(self.scale)
+        out[~inside] = np.nan
+        return out
+
+
+#: The 8 corners (dx, dy, dz) of a trilinear cell, in the order ``sample`` sums them.
+_CORNERS = tuple((dx, dy, dz) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1))
+
 
 def _binomial_halved(values: np.ndarray, axis: int, edge: bool) -> np.ndarray:
     """[1, 2, 1]/4 along ``axis`` evaluated at every second voxel only (voxel i of the result

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from disa.registration.similarity_spec import similarity
+
 Similarity = Literal["disa", "mind", "lc2"]
 Mode = Literal["rigid", "affine", "rigid+probe", "deformable"]
 Point = tuple[float, float, float]
@@ -89,6 +91,7 @@ class RegistrationOptions(BaseModel):
         if self.mode != "rigid+probe" and (self.probe_origin is not None
                                            or self.probe_axis is not None):
             raise ValueError("probe_origin and probe_axis apply to mode 'rigid+probe' only")
-        if self.similarity == "lc2" and self.mode in ("rigid+probe", "deformable"):
+        if self.similarity is not None and not similarity(self.similarity).uses_descriptors \
+                and self.mode in ("rigid+probe", "deformable"):
             raise ValueError(f"mode '{self.mode}' needs a descriptor similarity (disa or mind)")
         return self

@@ -71,6 +71,12 @@ from disa.registration.search import (
     local_search,
     mapping_distance,
 )
+from disa.registration.similarity_spec import (
+    DEFAULT_WITH_MODEL,
+    DEFAULT_WITHOUT_MODEL,
+    Similarity,
+)
+from disa.registration.similarity_spec import similarity as similarity_spec
 from disa.registration.threads import serial_blas
 from disa.registration.transforms import (
     TransformModel,
@@ -86,21 +92,10 @@ FINE_POINTS = 4096
 REFINE_POINTS = 16384
 #: The coarse level is the base map pooled 2x when the base grid is larger than this.
 COARSE_POOL_ABOVE = 40
-#: Most re-orientation passes per similarity (see _reoriented_refinement). 4 for MIND-SSC
-#: measured the same median TRE on 8 realistic cases at 2/3 of the time, but the PACS
-#: phantom study then ended 2.0 mm off (limit 1.5): 8 stay until that is understood.
-REORIENT_PASSES = {"mind": 8, "disa": 4}
+#: (Re-orientation passes, the refinement's smoothing and which similarities search on
+#: oriented maps are properties of each similarity: similarity_spec.py.)
 #: Room (mm) a re-oriented pass's crop leaves for the pose to move within that pass.
 REORIENT_MOTION_MM = 16.0
-#: Gaussian (descriptor voxels) on both maps in the re-oriented refinement, per
-#: similarity (DescriptorMap.smoothed says why; chosen on the realistic cases: MIND-SSC
-#: t1-t2 TRE 1.07/1.38/2.27/0.27 -> 0.85/0.90/0.61/0.50 mm; DISA's quarter-resolution
-#: maps are smooth already, and 0.5 / 1 voxel made its ct-mr TREs worse, 0.9 -> 1.7 / 5.6).
-REFINE_SMOOTHING_VOXELS = {"mind": 1.0, "disa": 0.0}
-#: Similarities whose global search scores each start on a sampled map of its own
-#: orientation (orientations.py). MIND-SSC: cheap to recompute (~0.05 s per bin on a
-#: slab); realistic t1-t2 failures 3 -> 1 on the cases that showed the problem.
-ORIENTED_SIMILARITIES = ("mind",)
 #: Other basins of the search (search.basins, the rivals first) refined on re-oriented maps
 #: besides the best. 2 (rivals only, until 2026-12-05): 3 realistic cases ended 10-35 mm
 #: off in a basin whose re-oriented cost was worse than a runner-up's; 3 fixed all three.
@@ -194,8 +189,10 @@ class RegistrationResult:
     @property
     def verdict(self) -> tuple[str, str]:
         """("likely" | "uncertain" | "failed", reason): see verdict.py."""
-        calibrated = self.similarity != "disa" or resolve_similarity(
-            RegistrationOptions()) == "disa"
+        # A network's verdict thresholds hold for a model that meets its accuracy target,
+        # which is when the default resolves to it.
+        calibrated = not similarity_spec(self.similarity).needs_model or similarity_spec(
+            resolve_similarity(RegistrationOptions())).needs_model
         return verdict(Evidence(self.confidence, self.ambiguous, self.overlap,
                                 self.match_quality, self.refined, calibrated,
                                 ultrasound=self.ultrasound is not None))
@@ -258,21 +255,24 @@ def resolve_similarity(options: RegistrationOptions) -> str:
 
     card_path = default_card_path()
     if card_path is None:
-        return "mind"
+        return DEFAULT_WITHOUT_MODEL
     mse = load_model_card(card_path, verify=False).held_out_metrics.get("mse")
     good = isinstance(mse, int | float) and mse <= DISA_DEFAULT_MAX_MSE
-    return "disa" if good else "mind"
+    return DEFAULT_WITH_MODEL if good else DEFAULT_WITHOUT_MODEL
 
 
-def auto_working_spacing(fixed: sitk.Image, moving: sitk.Image, similarity: str) -> float:
+def auto_working_spacing(fixed: sitk.Image, moving: sitk.Image,
+                         similarity: str | Similarity) -> float:
     """Working spacing (mm): DISA uses its model card's input spacing; MIND-SSC and LC2 the
     finest native spacing, coarsened so the larger field of view spans at most 160 voxels."""
-    if similarity == "disa":
+    spec = similarity_spec(similarity)
+    if spec.needs_model:
         from disa.model.card import default_card_path, load_model_card
 
         card_path = default_card_path()
         if card_path is None:
-            raise InputError("similarity 'disa' needs the DISA model, which is not installed")
+            raise InputError(f"similarity '{spec.name}' needs the DISA model, which is not "
+                             "installed")
         return float(load_model_card(card_path, verify=False).input_spacing_mm)
     # Resolving finer than the coarser of the two images adds cost, not information.
     finest = max(min(fixed.GetSpacing()), min(moving.GetSpacing()))
@@ -385,10 +385,11 @@ def disa_extractor() -> tuple[Any, dict[str, Any]]:
     return _extractors[key]
 
 
-def descriptor_maps(image: PreparedImage, similarity: str, options: RegistrationOptions
+def descriptor_maps(image: PreparedImage, similarity: str | Similarity,
+                    options: RegistrationOptions
                     ) -> tuple[DescriptorMap, int, dict[str, Any] | None]:
     """The base descriptor map of a prepared image, its stride (working voxels) and model facts."""
-    if similarity == "disa":
+    if similarity_spec(similarity).needs_model:
         extractor, facts = disa_extractor()
         data = extractor.extract(image.volume)
         stride = int(facts["stride"])
@@ -417,7 +418,7 @@ def fixed_weights(image: PreparedImage, stride: int) -> np.ndarray:
 
 def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.Image,
                     a_p: PreparedImage, b_direction: np.ndarray, spacing: float,
-                    similarity: str, options: RegistrationOptions, stride: int, pool: bool
+                    similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool
                     ) -> tuple[Objective, Objective, Objective]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
     described on one rotated grid per orientation bin (orientations.py says why).
@@ -451,7 +452,7 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
             maps[k] = (fmap, weights) if np.any(weights > 0) else None
         return maps[k]
 
-    kind = "dot" if similarity == "disa" else "ssd"
+    kind = similarity.objective_kind
     rigid = levels[0].model
 
     def level(identity: Objective, n_points: int, pooled: bool) -> OrientedObjective:
@@ -502,7 +503,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     report = progress or (lambda stage, fraction: None)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    similarity = resolve_similarity(options)
+    similarity = similarity_spec(resolve_similarity(options))
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
     user_init = _user_initial_matrix(initial_transform)
     report("preprocess", 0.0)
@@ -542,7 +543,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     init = anchors[0]
     refine_only = options.rotation_range == 0 and options.translation_range == 0
 
-    if similarity == "lc2":
+    if not similarity.uses_descriptors:
         search, radius, model_facts, desc_spacing, overlap = _run_lc2(
             a_p, b_p, rigid, init, spacing, cancel)
         refine_objective = None
@@ -565,7 +566,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
                                       "voxel has local contrast): nothing to register"))
         t = _timed(timings, "descriptors", t)
 
-        kind = "dot" if similarity == "disa" else "ssd"
+        kind = similarity.objective_kind
         pool = max(fixed_map.grid.shape) > COARSE_POOL_ABOVE
         coarse_fixed = fixed_map.pooled() if pool else fixed_map
         coarse_moving = moving_map.pooled() if pool else moving_map
@@ -581,7 +582,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         refine_objective = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
         points = refine_objective.physical_points
         levels: tuple[Objective, Objective, Objective] = (coarse, fine, refine_objective)
-        if similarity in ORIENTED_SIMILARITIES and isinstance(search_model, TransformModel) \
+        if similarity.oriented_search and isinstance(search_model, TransformModel) \
                 and not refine_only:
             levels = oriented_levels(levels, a_img, a_p, b_p.grid.direction, spacing,
                                      similarity, options, stride, pool)
@@ -691,9 +692,9 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         model, theta = _inverted(model, theta, Grid.from_image(fixed).center)
         start_matrix = np.linalg.inv(start_matrix)
     return RegistrationResult(
-        mode=options.mode, similarity=similarity, theta=theta, transform=model.to_sitk(theta),
+        mode=options.mode, similarity=similarity.name, theta=theta, transform=model.to_sitk(theta),
         initial_transform=_affine_sitk(start_matrix), matrix=model.matrix_4x4(theta), cost=cost,
-        similarity_value=-cost if similarity in ("disa", "lc2") else cost,
+        similarity_value=similarity.similarity_value(cost),
         evaluations=search.evaluations, starts=search.starts, confidence=search.confidence,
         agreeing=search.agreeing, refined=len(search.solutions), ambiguous=search.ambiguous,
         overlap=overlap, working_spacing_mm=spacing, descriptor_spacing_mm=desc_spacing,
@@ -812,13 +813,11 @@ def sampling_is_moving(options: RegistrationOptions, fixed_p: PreparedImage,
     return moving_p.data_volume_ml < SAMPLE_SMALLER_BELOW * fixed_p.data_volume_ml
 
 
-def validity_erosion_voxels(similarity: str, stride: int, options: RegistrationOptions) -> int:
+def validity_erosion_voxels(similarity: str | Similarity, stride: int,
+                            options: RegistrationOptions) -> int:
     """How far (working voxels) inside its data region a moving descriptor counts: one
-    descriptor cell for DISA, the MIND-SSC footprint for MIND-SSC. Descriptors nearer to
-    the edge of the data describe the edge."""
-    if similarity == "disa":
-        return stride
-    return options.mind_dilation + options.mind_radius
+    descriptor cell for DISA, the MIND-SSC footprint for MIND-SSC (Similarity says why)."""
+    return similarity_spec(similarity).validity_erosion_voxels(stride, options)
 
 
 def moving_validity(image: PreparedImage, stride: int, erosion_voxels: int) -> np.ndarray:
@@ -990,14 +989,17 @@ def _radius(points: np.ndarray, center: np.ndarray) -> float:
     return max(10.0, float(np.sqrt(np.mean(np.sum((points - center) ** 2, axis=1)))))
 
 
-def descriptor_footprint_voxels(similarity: str, options: RegistrationOptions) -> int:
+def descriptor_footprint_voxels(similarity: str | Similarity,
+                                options: RegistrationOptions) -> int:
     """How far (working voxels) a descriptor sees from its centre: beyond this, cropping an
-    image does not change the descriptors (DISA: half the network's receptive field;
-    MIND-SSC: neighbour distance plus patch radius)."""
-    if similarity == "disa":
+    image does not change the descriptors (DISA: half the network's receptive field, from
+    the loaded model; MIND-SSC: neighbour distance plus patch radius)."""
+    spec = similarity_spec(similarity)
+    receptive_field = None
+    if spec.needs_model:
         _, facts = disa_extractor()
-        return int(facts["receptive_field_voxels"]) // 2 + 1
-    return options.mind_dilation + options.mind_radius + 1
+        receptive_field = int(facts["receptive_field_voxels"])
+    return spec.descriptor_footprint_voxels(options, receptive_field)
 
 
 def reoriented_bounds(model: TransformModel, theta: np.ndarray, fixed_map: DescriptorMap,
@@ -1015,7 +1017,7 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                            normalisation: IntensityNormalisation,
                            spacing: float, fixed_direction: np.ndarray,
                            model: TransformModel | ProbeModel,
-                           options: RegistrationOptions, similarity: str,
+                           options: RegistrationOptions, similarity: Similarity,
                            fixed_map: DescriptorMap, weights: np.ndarray, kind: str,
                            radius: float, cancel: Cancel | None, passes: int | None = None,
                            region: DataRegion | None = None, erosion: int = 1,
@@ -1042,15 +1044,13 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     scales = model.scales(radius)
     converged = False
     if passes is None:
-        # Each pass re-extracts the moving descriptors: cheap for MIND-SSC, a network
-        # inference for DISA, whose coarser grid needs fewer passes anyway.
-        passes = REORIENT_PASSES.get(similarity, 4)
+        passes = similarity.reorient_passes  # (Similarity.reorient_passes says why)
     history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
     if smoothed is None:  # (``smoothed``: the caller's antialias(moving, spacing))
         smoothed = antialias(moving, spacing)  # once: every pass re-grids the same image
     # Both descriptor maps under the same small Gaussian (DescriptorMap.smoothed: the
     # interpolation blur otherwise pins rotations to the re-gridded lattice).
-    sigma = REFINE_SMOOTHING_VOXELS.get(similarity, 0.0)
+    sigma = similarity.refine_smoothing_voxels
     sampled_map = fixed_map.smoothed(sigma)
     # Descriptor stride in working voxels: crops start a whole stride into the full grid.
     align = max(1, round(float(fixed_map.grid.spacing[0]) / spacing))
@@ -1141,7 +1141,7 @@ def _anderson_step(history: list[tuple[np.ndarray, np.ndarray]], pose: np.ndarra
     return move * (limit / norm) if norm > limit else move
 
 
-def _affine_stage(similarity: str, model: TransformModel, rigid_theta: np.ndarray,
+def _affine_stage(similarity: Similarity, model: TransformModel, rigid_theta: np.ndarray,
                   rigid_objective: DescriptorObjective | None, radius: float,
                   cancel: Cancel | None, fixed_p: PreparedImage, moving_p: PreparedImage
                   ) -> tuple[np.ndarray, float]:

@@ -47,6 +47,7 @@ SURFACE: dict[str, str] = {
     # the descriptor heatmap (the engine's preparation and descriptors, then cached)
     "atomic_write": "disa.registration.atomic",
     "DescriptorMap": "disa.registration.descriptor_map",
+    "similarity": "disa.registration.similarity_spec",
     "auto_working_spacing": "disa.registration.pipeline",
     "descriptor_maps": "disa.registration.pipeline",
     "prepare": "disa.registration.pipeline",

@@ -47,6 +47,7 @@ import numpy as np
 from disa.jobs.manifest import Manifest
 from disa.jobs.store import JobStore
 from disa.service.engine_surface import DescriptorMap, Grid, atomic_write
+from disa.service.engine_surface import similarity as similarity_spec
 from disa.service.viewer import JobVolumes, PlaneGeometry, read_inputs
 
 #: T: fixed points (N, 3) -> moving points (N, 3), LPS mm.
@@ -93,7 +94,7 @@ class Heatmap:
 
 def check_available(similarity: str) -> None:
     """Raise DescriptorsUnavailable unless `similarity` can be computed here."""
-    if similarity != "disa":
+    if not similarity_spec(similarity).needs_model:
         return
     from disa.service.engine_surface import default_card_path
 
@@ -110,14 +111,17 @@ def check_available(similarity: str) -> None:
 
 
 def _cache_key(similarity: str, spacing: float, options: Any) -> str:
-    if similarity == "disa":
+    """The cache folder's name: what the descriptors depend on (the network's weights, or
+    the MIND-SSC radius and dilation) and the working spacing (mm)."""
+    spec = similarity_spec(similarity)
+    if spec.needs_model:
         from disa.service.engine_surface import default_card_path, load_model_card
 
         path = default_card_path()
         assert path is not None
         sha = load_model_card(path, verify=False).sha256
-        return f"disa-{sha[:16]}-s{spacing:g}"
-    return f"mind-r{options.mind_radius}-d{options.mind_dilation}-s{spacing:g}"
+        return f"{spec.name}-{sha[:16]}-s{spacing:g}"
+    return f"{spec.name}-r{options.mind_radius}-d{options.mind_dilation}-s{spacing:g}"
 
 
 def _grid_json(grid: Grid) -> dict[str, Any]:
@@ -222,45 +226,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # --------------------------------------------------------------------- sampling
 
 
-#: The 8 corners (dx, dy, dz) of a trilinear cell.
-_CORNERS = tuple((dx, dy, dz) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1))
-
-
 def trilinear(dmap: DescriptorMap, points: np.ndarray) -> np.ndarray:
-    """Descriptors (N, C) at LPS mm points (N, 3), trilinear; NaN rows outside the grid.
-
-    A point is inside when its continuous index lies within [0, n - 1] on every
-    axis (voxel centres of the first and last voxel).
-    """
-    data = dmap.data
-    shape_xyz = np.array(dmap.grid.size_xyz)
-    idx = dmap.grid.to_index(np.asarray(points, dtype=np.float64).reshape(-1, 3))
-    eps = 1e-6
-    inside = np.all((idx >= -eps) & (idx <= shape_xyz - 1 + eps), axis=1)
-    idx = np.clip(idx, 0.0, shape_xyz - 1.0)
-    base = np.minimum(np.floor(idx).astype(np.int64), np.maximum(shape_xyz - 2, 0))
-    frac = (idx - base).astype(np.float32)
-    out = np.zeros((idx.shape[0], data.shape[3]), dtype=np.float32)
-    for dx, dy, dz in _CORNERS:
-        weight = ((frac[:, 0] if dx else 1.0 - frac[:, 0])
-                  * (frac[:, 1] if dy else 1.0 - frac[:, 1])
-                  * (frac[:, 2] if dz else 1.0 - frac[:, 2]))
-        x = np.minimum(base[:, 0] + dx, shape_xyz[0] - 1)
-        y = np.minimum(base[:, 1] + dy, shape_xyz[1] - 1)
-        z = np.minimum(base[:, 2] + dz, shape_xyz[2] - 1)
-        out += weight[:, None] * np.asarray(data[z, y, x], dtype=np.float32)
-    out[~inside] = np.nan
-    return out
+    """Descriptors (N, C) at LPS mm points (N, 3), trilinear; NaN rows outside the grid
+    (the engine's DescriptorMap.sample)."""
+    return dmap.sample(points)
 
 
 def similarity_values(fixed_descriptor: np.ndarray, moving_descriptors: np.ndarray,
                       similarity: str) -> np.ndarray:
-    """s per row of `moving_descriptors` (N, C): dot product (disa) or -SSD (mind)."""
-    f = fixed_descriptor.astype(np.float64)
-    m = moving_descriptors.astype(np.float64)
-    if similarity == "disa":
-        return (m @ f).astype(np.float32)
-    return (-np.sum((m - f) ** 2, axis=1)).astype(np.float32)
+    """s per row of `moving_descriptors` (N, C): dot product (disa) or -SSD (mind), as the
+    engine's Similarity.heatmap_values computes them."""
+    return similarity_spec(similarity).heatmap_values(fixed_descriptor, moving_descriptors)
 
 
 def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -304,7 +280,9 @@ def compute_heatmap(fixed_map: DescriptorMap, moving_map: DescriptorMap, mapping
                            "outside the fixed image's descriptor grid")
     moved = mapping(plane.pixel_points(index))
     values = similarity_values(f, trilinear(moving_map, moved), similarity)
-    return Heatmap(similarity=similarity, kind="dot" if similarity == "disa" else "neg_ssd",
+    kind = similarity_spec(similarity).heatmap_kind
+    assert kind is not None  # (similarity_values refused a similarity without a heatmap)
+    return Heatmap(similarity=similarity, kind=kind,
                    plane=plane.name, slice=index, point_mm=point_mm, point_pixel=pixel[:2],
                    moving_point_mm=mapping(point_mm[None, :])[0],
                    values=values.reshape(plane.height, plane.width),

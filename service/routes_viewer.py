@@ -236,7 +236,7 @@ def get_viewer(job_id: JobIdPath, runtime: RuntimeDep, request: Request,
         volumes=[v for v in get_args(Volume) if v != "displacement"
                  or volumes.displacement is not None],
         windows={k: list(v) for k, v in volumes.windows.items()},
-        heatmaps={s: _unavailable(s) for s in ("disa", "mind")},
+        heatmaps={s: _unavailable(s) for s in get_args(HeatmapSimilarity)},
         mapping="linear" if volumes.displacement is None else "displacement",
         view_point_mm=(grid.center if volumes.view_point_mm is None
                        else volumes.view_point_mm).tolist(),

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from disa.registration import phantom as ph
+from disa.registration import similarity_spec
 from disa.registration.errors import CancelledError, InputError
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
+from disa.registration.similarity_spec import Similarity
 
 from .conftest import tre
+
+
+def _patch_mind(monkeypatch, **changes) -> Similarity:
+    """MIND-SSC with ``changes`` (Similarity fields) for the rest of one test."""
+    mind = dataclasses.replace(similarity_spec.similarity("mind"), **changes)
+    monkeypatch.setitem(similarity_spec.SIMILARITIES, "mind", mind)
+    return mind
 
 
 def test_rigid_recovered_from_20mm_15deg_to_sub_millimetre(small_pair) -> None:
@@ -108,18 +119,17 @@ def test_converged_reorientation_pass_reuses_its_descriptors(small_pair, monkeyp
 
     monkeypatch.setattr(pipeline, "descriptor_maps", counting_extract)
     monkeypatch.setattr(pipeline, "lbfgs_refine", recording_refine)
-    # (Without orientation bins, whose maps are extractions of the search, not of a pass.)
-    monkeypatch.setattr(pipeline, "ORIENTED_SIMILARITIES", ())
+    # (Without orientation bins, whose maps are extractions of the search, not of a pass;
+    # room to converge before the cap: 4 passes may end at the cap here.)
+    mind = _patch_mind(monkeypatch, oriented_search=False, reorient_passes=8)
     monkeypatch.setattr(pipeline, "MAX_RIVALS", 0)  # (only the winner's passes)
-    # (Room to converge before the cap: the default 4 passes may end at the cap here.)
-    monkeypatch.setattr(pipeline, "REORIENT_PASSES", {"mind": 8})
     options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
                                   rotation_range=20, translation_range=30)
     result = register(small_pair.fixed, small_pair.moving, options)
     assert tre(result.transform, small_pair.truth) < 1.0
     refines = [value for kind, value in events if kind == "refine"]
     # Converged at pass p: p + 1 pass refinements and the final one on the same map.
-    assert 2 <= len(refines) <= pipeline.REORIENT_PASSES["mind"]
+    assert 2 <= len(refines) <= mind.reorient_passes
     (last_map, last_points), (previous_map, _) = refines[-1], refines[-2]
     assert last_points == pipeline.REFINE_POINTS
     assert last_map is previous_map and events[-2][0] == "refine"  # no extraction between
@@ -232,7 +242,7 @@ def test_reoriented_passes_extract_only_the_region_the_fixed_image_maps_to(
 
     monkeypatch.setattr(pipeline, "descriptor_maps", recording_extract)
     # (Without orientation bins, whose maps are the search's, not a pass's.)
-    monkeypatch.setattr(pipeline, "ORIENTED_SIMILARITIES", ())
+    _patch_mind(monkeypatch, oriented_search=False)
     monkeypatch.setattr(pipeline, "MAX_RIVALS", 0)  # (only the winner's passes)
     options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
                                   rotation_range=20, translation_range=30)
