@@ -495,14 +495,108 @@ def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions
                          initial_transform)
 
 
+class _Clock:
+    """Stage timings (s) of one registration: each ``lap`` adds the time since the last."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        self.t = _timed(self.timings, name, self.t)
+
+
+@dataclass
+class _Pair:
+    """The two prepared images of a registration and the search frame over them.
+
+    The search frame's "fixed" side (a) provides the sample points, the other side (b)
+    is interpolated; ``swap``: a is the moving image (the search then finds the mapping
+    moving -> fixed and the result is its inverse). ``anchors`` (A, P), ``spreads`` (A,)
+    mm and ``shares`` (A,): the poses the starts are drawn around (initial_poses), in
+    the search frame; the first is the header pose or the user's initial transform.
+    """
+
+    similarity: Similarity
+    spacing: float
+    user_init: np.ndarray | None
+    fixed_p: PreparedImage
+    moving_p: PreparedImage
+    ultrasound: str | None
+    swap: bool
+    a_img: sitk.Image
+    a_p: PreparedImage
+    b_img: sitk.Image
+    b_p: PreparedImage
+    b_mask: sitk.Image | None
+    center: np.ndarray
+    rigid: TransformModel
+    search_model: TransformModel | ProbeModel
+    anchors: np.ndarray
+    spreads: np.ndarray
+    shares: np.ndarray
+    refine_only: bool
+
+    @property
+    def init(self) -> np.ndarray:
+        """The pose the search centres on (search frame parameters)."""
+        return self.anchors[0]
+
+
+@dataclass
+class _Found:
+    """The search's answer in the search frame: pose ``theta``, its ``cost``, the objective
+    it was refined on (None for LC2), the sample points' RMS ``radius`` (mm) about the
+    rotation centre, the descriptor spacing (mm), the objective's overlap and match
+    quality (0-1), and the model's facts (None without the network)."""
+
+    search: SearchResult
+    theta: np.ndarray
+    cost: float
+    refine_objective: DescriptorObjective | None
+    radius: float
+    desc_spacing: float
+    overlap: float
+    quality: float
+    model_facts: dict[str, Any] | None
+
+
+@dataclass
+class _Descriptors:
+    """The search frame's base descriptor maps: a's (``fixed_map``, sampled at points
+    weighted by ``weights``) and b's (``moving_map``, with its validity), their stride
+    (working voxels), the moving validity's erosion (working voxels) and model facts."""
+
+    fixed_map: DescriptorMap
+    moving_map: DescriptorMap
+    weights: np.ndarray
+    stride: int
+    erosion: int
+    model_facts: dict[str, Any] | None
+
+
 def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None,
               fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
               progress: Progress | None, cancel: Cancel | None,
               initial_transform: sitk.Transform | None = None) -> RegistrationResult:
     options = options or RegistrationOptions()
     report = progress or (lambda stage, fraction: None)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
+    clock = _Clock()
+    pair = _prepare_pair(fixed, moving, options, fixed_mask, moving_mask, initial_transform,
+                         report, clock)
+    if not pair.similarity.uses_descriptors:
+        found = _lc2_search(pair, cancel, clock)
+    else:
+        found = _descriptor_search(pair, options, report, cancel, clock)
+    return _finish_result(pair, found, fixed, options, report, cancel, clock)
+
+
+def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
+                  fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
+                  initial_transform: sitk.Transform | None, report: Progress,
+                  clock: _Clock) -> _Pair:
+    """Both images on the working grid, which one is sampled, the search model and the
+    poses its starts are drawn around."""
     similarity = similarity_spec(resolve_similarity(options))
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
     user_init = _user_initial_matrix(initial_transform)
@@ -516,7 +610,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     start_rotation = np.eye(3) if user_init is None else nearest_rotation(user_init[:3, :3])
     moving_p = prepare(moving, spacing, moving_mask, role="moving",
                        direction=start_rotation @ Grid.from_image(fixed).direction)
-    t = _timed(timings, "preprocess", t)
+    clock.lap("preprocess")
 
     ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
     swap = sampling_is_moving(options, fixed_p, moving_p, ultrasound)
@@ -540,173 +634,252 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
         search_model = ProbeModel(center, probe, ultrasound)
     anchors, spreads, shares = initial_poses(search_model, header_search, a_p, b_p, options,
                                              user_init is not None)
-    init = anchors[0]
     refine_only = options.rotation_range == 0 and options.translation_range == 0
+    return _Pair(similarity, spacing, user_init, fixed_p, moving_p, ultrasound, swap, a_img,
+                 a_p, b_img, b_p, b_mask, center, rigid, search_model, anchors, spreads, shares,
+                 refine_only)
 
-    if not similarity.uses_descriptors:
-        search, radius, model_facts, desc_spacing, overlap = _run_lc2(
-            a_p, b_p, rigid, init, spacing, cancel)
-        refine_objective = None
-        theta, cost = search.theta, search.cost
-        quality = float(-cost)
-        t = _timed(timings, "search", t)
-    else:
-        report("descriptors", 0.0)
-        fixed_map, stride, model_facts = descriptor_maps(a_p, similarity, options)
-        moving_map, _, _ = descriptor_maps(b_p, similarity, options)
-        erosion = validity_erosion_voxels(similarity, stride, options)
-        moving_map = moving_map.with_validity(moving_validity(b_p, stride, erosion))
-        if options.precision == "int8":
-            fixed_map, moving_map = fixed_map.quantised(), moving_map.quantised()
-        weights = fixed_weights(a_p, stride)
-        if not np.any(weights > 0):
-            # (An ultrasound that is all shadow, a slab of uniform tissue.)
-            raise InputError(labelled("moving" if swap else "fixed",
-                                      "no structure inside the image's data region (no "
-                                      "voxel has local contrast): nothing to register"))
-        t = _timed(timings, "descriptors", t)
 
-        kind = similarity.objective_kind
-        pool = max(fixed_map.grid.shape) > COARSE_POOL_ABOVE
-        coarse_fixed = fixed_map.pooled() if pool else fixed_map
-        coarse_moving = moving_map.pooled() if pool else moving_map
-        coarse_weights = pool_weights(weights, coarse_fixed.grid.shape) if pool else weights
+def _lc2_search(pair: _Pair, cancel: Cancel | None, clock: _Clock) -> _Found:
+    """LC2: a local search on the intensities (no descriptors, no re-orientation)."""
+    search, radius, model_facts, desc_spacing, overlap = _run_lc2(
+        pair.a_p, pair.b_p, pair.rigid, pair.init, pair.spacing, cancel)
+    clock.lap("search")
+    return _Found(search, search.theta, search.cost, None, radius, desc_spacing, overlap,
+                  float(-search.cost), model_facts)
 
-        def objective(f: DescriptorMap, m: DescriptorMap, w: np.ndarray, n: int,
-                      model: TransformModel | ProbeModel) -> DescriptorObjective:
-            return _objective(f, m, w, model, kind, n, options.seed)
 
-        coarse = objective(coarse_fixed, coarse_moving, coarse_weights, COARSE_POINTS,
-                           search_model)
-        fine = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
-        refine_objective = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
-        points = refine_objective.physical_points
-        levels: tuple[Objective, Objective, Objective] = (coarse, fine, refine_objective)
-        if similarity.oriented_search and isinstance(search_model, TransformModel) \
-                and not refine_only:
-            levels = oriented_levels(levels, a_img, a_p, b_p.grid.direction, spacing,
-                                     similarity, options, stride, pool)
-            t = _timed(timings, "orientations", t)
-        radius = _radius(points, center)
-        settings = SearchSettings(
-            starts=1 if refine_only else options.starts, rotation_range_deg=options.rotation_range,
-            top_k=1 if refine_only else options.top_k, seed=options.seed,
-            # Refining a given pose: no Adam walk on the pooled maps, straight to L-BFGS.
-            coarse_rounds=() if refine_only else SearchSettings.coarse_rounds,
-            fine_steps=0 if refine_only else SearchSettings.fine_steps,
-            agree_tolerance_mm=max(5.0, 2.0 * float(fixed_map.grid.spacing[0])),
-        )
-        desc_spacing = float(fixed_map.grid.spacing[0])
-        check = points[:: max(1, len(points) // 2000)]
-        search = global_search(
-            *levels, search_model, anchors, settings, radius,
-            coarse_spacing_mm=float(coarse_fixed.grid.spacing[0]), fine_spacing_mm=desc_spacing,
-            check_points=check, progress=report, cancel=cancel,
-            spreads_mm=spreads, shares=shares)
-        t = _timed(timings, "search", t)
-        timings.update({f"search_{k}": v for k, v in search.timings.items()})
-        report("reorient", 0.0)
+def _descriptor_search(pair: _Pair, options: RegistrationOptions, report: Progress,
+                       cancel: Cancel | None, clock: _Clock) -> _Found:
+    """DISA or MIND-SSC: descriptors, the global search, then the refinement of its best
+    basins on re-oriented maps."""
+    report("descriptors", 0.0)
+    described = _describe_pair(pair, options)
+    clock.lap("descriptors")
+    search, settings, radius, check = _global_search(pair, described, options, report,
+                                                     cancel, clock)
+    theta, cost, refine_objective = _refine_basins(pair, described, search, settings, radius,
+                                                   check, options, cancel)
+    overlap = refine_objective.overlap(theta[None, :])
+    quality = refine_objective.match_quality(cost)
+    clock.lap("reorient")
+    return _Found(search, theta, cost, refine_objective, radius,
+                  float(described.fixed_map.grid.spacing[0]), overlap, quality,
+                  described.model_facts)
 
-        # Antialiased once for the winner and every runner-up (0.1-0.4 s a torso CT);
-        # the smoothed fixed map they share is cached by DescriptorMap.smoothed.
-        b_smoothed = antialias(b_img, spacing)
 
-        def reoriented(start: np.ndarray, passes: int | None = None
-                       ) -> tuple[np.ndarray, float, DescriptorObjective]:
-            return _reoriented_refinement(
-                start, b_img, b_mask, b_p.normalisation, spacing,
-                a_p.grid.direction, search_model, options, similarity, fixed_map,
-                weights, kind, radius, cancel, passes=passes, region=b_p.region,
-                erosion=erosion, smoothed=b_smoothed)
+def _describe_pair(pair: _Pair, options: RegistrationOptions) -> _Descriptors:
+    """The base descriptor maps of both images (the moving one's validity set, both int8
+    codes with precision int8) and the sampled image's weights."""
+    a_p, b_p, similarity = pair.a_p, pair.b_p, pair.similarity
+    fixed_map, stride, model_facts = descriptor_maps(a_p, similarity, options)
+    moving_map, _, _ = descriptor_maps(b_p, similarity, options)
+    erosion = validity_erosion_voxels(similarity, stride, options)
+    moving_map = moving_map.with_validity(moving_validity(b_p, stride, erosion))
+    if options.precision == "int8":
+        fixed_map, moving_map = fixed_map.quantised(), moving_map.quantised()
+    weights = fixed_weights(a_p, stride)
+    if not np.any(weights > 0):
+        # (An ultrasound that is all shadow, a slab of uniform tissue.)
+        raise InputError(labelled("moving" if pair.swap else "fixed",
+                                  "no structure inside the image's data region (no "
+                                  "voxel has local contrast): nothing to register"))
+    return _Descriptors(fixed_map, moving_map, weights, stride, erosion, model_facts)
 
-        outcomes = [reoriented(search.theta)]
-        search.evaluations += outcomes[0][2].evaluations
-        # Rivals (another basin that scored almost as well) are decided by the refinement
-        # on re-oriented maps, the only cost that compares neighbourhoods in one
-        # orientation: the search's maps (even its orientation bins) rank basins up to
-        # their orientation error, and 9 of the 11 ambiguous realistic results were wrong.
-        # Runner-up basins too, whatever their search cost: on realistic cases the search's
-        # best basin ended 10-35 mm off where a runner-up refined to a lower re-oriented cost.
-        # A runner-up is screened with a few passes and refined in full only when it comes
-        # within the ambiguity margin of the winner: the rest cannot win or be ambiguous.
-        for rival in search.basins[:MAX_RIVALS]:
-            screened = reoriented(rival.theta, SCREEN_PASSES)
-            search.evaluations += screened[2].evaluations
-            if (screened[1] - outcomes[0][1]) / search.contrast < settings.ambiguity_margin:
-                # From the basin again, not from the screened pose: continuing from there
-                # ended a realistic T1-T2 case in another basin (4.4 -> 87 mm).
-                outcomes.append(reoriented(rival.theta))
-                search.evaluations += outcomes[-1][2].evaluations
-        outcomes.sort(key=lambda outcome: outcome[1])
-        theta, cost, refine_objective = outcomes[0]
-        if len(outcomes) > 1:
-            tolerance = settings.agree_tolerance_mm
-            search.ambiguous = any(
-                (other_cost - cost) / search.contrast < settings.ambiguity_margin
-                and mapping_distance(search_model, other, theta, check) > tolerance
-                for other, other_cost, _ in outcomes[1:])
-        overlap = refine_objective.overlap(theta[None, :])
-        quality = refine_objective.match_quality(cost)
-        t = _timed(timings, "reorient", t)
 
-    model: TransformModel | ProbeModel = search_model
+def _global_search(pair: _Pair, described: _Descriptors, options: RegistrationOptions,
+                   report: Progress, cancel: Cancel | None, clock: _Clock
+                   ) -> tuple[SearchResult, SearchSettings, float, np.ndarray]:
+    """The multi-start search on the (coarse, fine, refine) objectives; returns its result,
+    its settings, the sample points' RMS radius (mm) and the points (LPS mm, search frame)
+    that mapping distances are measured on."""
+    kind = pair.similarity.objective_kind
+    fixed_map, moving_map, weights = described.fixed_map, described.moving_map, described.weights
+    pool = max(fixed_map.grid.shape) > COARSE_POOL_ABOVE
+    coarse_fixed = fixed_map.pooled() if pool else fixed_map
+    coarse_moving = moving_map.pooled() if pool else moving_map
+    coarse_weights = pool_weights(weights, coarse_fixed.grid.shape) if pool else weights
+
+    def objective(f: DescriptorMap, m: DescriptorMap, w: np.ndarray, n: int,
+                  model: TransformModel | ProbeModel) -> DescriptorObjective:
+        return _objective(f, m, w, model, kind, n, options.seed)
+
+    search_model = pair.search_model
+    coarse = objective(coarse_fixed, coarse_moving, coarse_weights, COARSE_POINTS, search_model)
+    fine = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
+    refine_objective = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
+    points = refine_objective.physical_points
+    levels: tuple[Objective, Objective, Objective] = (coarse, fine, refine_objective)
+    if pair.similarity.oriented_search and isinstance(search_model, TransformModel) \
+            and not pair.refine_only:
+        levels = oriented_levels(levels, pair.a_img, pair.a_p, pair.b_p.grid.direction,
+                                 pair.spacing, pair.similarity, options, described.stride,
+                                 pool)
+        clock.lap("orientations")
+    radius = _radius(points, pair.center)
+    refine_only = pair.refine_only
+    settings = SearchSettings(
+        starts=1 if refine_only else options.starts, rotation_range_deg=options.rotation_range,
+        top_k=1 if refine_only else options.top_k, seed=options.seed,
+        # Refining a given pose: no Adam walk on the pooled maps, straight to L-BFGS.
+        coarse_rounds=() if refine_only else SearchSettings.coarse_rounds,
+        fine_steps=0 if refine_only else SearchSettings.fine_steps,
+        agree_tolerance_mm=max(5.0, 2.0 * float(fixed_map.grid.spacing[0])),
+    )
+    check = points[:: max(1, len(points) // 2000)]
+    search = global_search(
+        *levels, search_model, pair.anchors, settings, radius,
+        coarse_spacing_mm=float(coarse_fixed.grid.spacing[0]),
+        fine_spacing_mm=float(fixed_map.grid.spacing[0]),
+        check_points=check, progress=report, cancel=cancel,
+        spreads_mm=pair.spreads, shares=pair.shares)
+    clock.lap("search")
+    clock.timings.update({f"search_{k}": v for k, v in search.timings.items()})
+    report("reorient", 0.0)
+    return search, settings, radius, check
+
+
+def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
+                   settings: SearchSettings, radius: float, check: np.ndarray,
+                   options: RegistrationOptions, cancel: Cancel | None
+                   ) -> tuple[np.ndarray, float, DescriptorObjective]:
+    """The search's best basin and its runners-up refined on re-oriented maps; the lowest
+    cost wins (pose, cost, objective). Sets ``search.ambiguous`` when a rival within the
+    ambiguity margin maps points elsewhere, and counts the refinements' evaluations."""
+    # Antialiased once for the winner and every runner-up (0.1-0.4 s a torso CT);
+    # the smoothed fixed map they share is cached by DescriptorMap.smoothed.
+    b_p = pair.b_p
+    b_smoothed = antialias(pair.b_img, pair.spacing)
+
+    def reoriented(start: np.ndarray, passes: int | None = None
+                   ) -> tuple[np.ndarray, float, DescriptorObjective]:
+        return _reoriented_refinement(
+            start, pair.b_img, pair.b_mask, b_p.normalisation, pair.spacing,
+            pair.a_p.grid.direction, pair.search_model, options, pair.similarity,
+            described.fixed_map, described.weights, pair.similarity.objective_kind, radius,
+            cancel, passes=passes, region=b_p.region, erosion=described.erosion,
+            smoothed=b_smoothed)
+
+    outcomes = [reoriented(search.theta)]
+    search.evaluations += outcomes[0][2].evaluations
+    # Rivals (another basin that scored almost as well) are decided by the refinement
+    # on re-oriented maps, the only cost that compares neighbourhoods in one
+    # orientation: the search's maps (even its orientation bins) rank basins up to
+    # their orientation error, and 9 of the 11 ambiguous realistic results were wrong.
+    # Runner-up basins too, whatever their search cost: on realistic cases the search's
+    # best basin ended 10-35 mm off where a runner-up refined to a lower re-oriented cost.
+    # A runner-up is screened with a few passes and refined in full only when it comes
+    # within the ambiguity margin of the winner: the rest cannot win or be ambiguous.
+    for rival in search.basins[:MAX_RIVALS]:
+        screened = reoriented(rival.theta, SCREEN_PASSES)
+        search.evaluations += screened[2].evaluations
+        if (screened[1] - outcomes[0][1]) / search.contrast < settings.ambiguity_margin:
+            # From the basin again, not from the screened pose: continuing from there
+            # ended a realistic T1-T2 case in another basin (4.4 -> 87 mm).
+            outcomes.append(reoriented(rival.theta))
+            search.evaluations += outcomes[-1][2].evaluations
+    outcomes.sort(key=lambda outcome: outcome[1])
+    theta, cost, refine_objective = outcomes[0]
+    if len(outcomes) > 1:
+        tolerance = settings.agree_tolerance_mm
+        search.ambiguous = any(
+            (other_cost - cost) / search.contrast < settings.ambiguity_margin
+            and mapping_distance(pair.search_model, other, theta, check) > tolerance
+            for other, other_cost, _ in outcomes[1:])
+    return theta, cost, refine_objective
+
+
+def _finish_result(pair: _Pair, found: _Found, fixed: sitk.Image,
+                   options: RegistrationOptions, report: Progress, cancel: Cancel | None,
+                   clock: _Clock) -> RegistrationResult:
+    """The later stages (affine, deformable or the probe's field) and the result, mapped
+    back to the contract's direction (fixed -> moving) when the moving image was sampled."""
+    model, theta, cost = _affine_if_asked(pair, found, options, report, cancel, clock)
+    overlap = found.overlap
+    if isinstance(pair.search_model, TransformModel):
+        # The overlap a user reads: of the data volumes, not of the objective's weights.
+        overlap = data_overlap(pair.a_p, pair.b_p, model.matrix_4x4(theta))
+    field_transform, displacement, deformation, probe_facts = _nonlinear_field(
+        pair, found, model, theta, fixed, options, report, cancel, clock)
+
+    a_p, search, search_model = pair.a_p, found.search, pair.search_model
+    check = a_p.grid.to_physical(np.argwhere(a_p.mask)[::97, ::-1].astype(np.float64))
+    solutions = [{"cost": s.cost, "distance_to_best_mm": mapping_distance(
+        search_model, s.theta, search.theta, check)} for s in search.solutions]
+    start_matrix = _search_matrix(search_model, pair.init)
+    if pair.swap:
+        # Back to the contract's direction: the search mapped moving points to fixed ones.
+        assert isinstance(model, TransformModel)
+        model, theta = _inverted(model, theta, Grid.from_image(fixed).center)
+        start_matrix = np.linalg.inv(start_matrix)
+    fixed_p, moving_p = pair.fixed_p, pair.moving_p
+    return RegistrationResult(
+        mode=options.mode, similarity=pair.similarity.name, theta=theta,
+        transform=model.to_sitk(theta), initial_transform=_affine_sitk(start_matrix),
+        matrix=model.matrix_4x4(theta), cost=cost,
+        similarity_value=pair.similarity.similarity_value(cost),
+        evaluations=search.evaluations, starts=search.starts, confidence=search.confidence,
+        agreeing=search.agreeing, refined=len(search.solutions), ambiguous=search.ambiguous,
+        overlap=overlap, working_spacing_mm=pair.spacing,
+        descriptor_spacing_mm=found.desc_spacing, timings=clock.timings, solutions=solutions,
+        model=found.model_facts, field_transform=field_transform, displacement=displacement,
+        deformation=deformation, probe=probe_facts, sampled="moving" if pair.swap else "fixed",
+        ultrasound=pair.ultrasound, match_quality=found.quality,
+        fields_of_view={"fixed_padding_fraction": round(fixed_p.region.padding_fraction, 4),
+                        "moving_padding_fraction": round(moving_p.region.padding_fraction, 4),
+                        "fixed_data_ml": round(fixed_p.data_volume_ml, 1),
+                        "moving_data_ml": round(moving_p.data_volume_ml, 1)},
+    )
+
+
+def _affine_if_asked(pair: _Pair, found: _Found, options: RegistrationOptions,
+                     report: Progress, cancel: Cancel | None, clock: _Clock
+                     ) -> tuple[TransformModel | ProbeModel, np.ndarray, float]:
+    """(model, pose, cost) of the linear answer: the search's, or the affine refinement's
+    in affine mode and in deformable mode from an affine start."""
     if options.mode == "affine" or (options.mode == "deformable"
                                     and options.deformable_from == "affine"):
         report("affine", 0.0)
-        model = TransformModel("affine", center)
-        theta, cost = _affine_stage(similarity, model, theta, refine_objective, radius, cancel,
-                                    a_p, b_p)
-        t = _timed(timings, "affine", t)
+        model = TransformModel("affine", pair.center)
+        theta, cost = _affine_stage(pair.similarity, model, found.theta,
+                                    found.refine_objective, found.radius, cancel, pair.a_p,
+                                    pair.b_p)
+        clock.lap("affine")
+        return model, theta, cost
+    return pair.search_model, found.theta, found.cost
 
-    if isinstance(search_model, TransformModel):
-        # The overlap a user reads: of the data volumes, not of the objective's weights.
-        overlap = data_overlap(a_p, b_p, model.matrix_4x4(theta))
+
+def _nonlinear_field(pair: _Pair, found: _Found, model: TransformModel | ProbeModel,
+                     theta: np.ndarray, fixed: sitk.Image, options: RegistrationOptions,
+                     report: Progress, cancel: Cancel | None, clock: _Clock
+                     ) -> tuple[sitk.Transform | None, sitk.Image | None,
+                                dict[str, Any] | None, dict[str, Any] | None]:
+    """The full non-linear mapping of deformable and rigid+probe modes (None otherwise):
+    its ITK transform, u(x) = T(x) - x on the fixed grid (LPS mm), the deformation's
+    facts (Jacobian metrics included) and the probe's facts."""
     field_transform: sitk.Transform | None = None
     deformation: dict[str, Any] | None = None
     probe_facts: dict[str, Any] | None = None
     if options.mode == "deformable":
         report("deformable", 0.0)
-        assert refine_objective is not None  # options refuse LC2 for this mode
-        assert not swap  # (sampling_is_moving keeps the fixed image sampled here)
+        assert found.refine_objective is not None  # options refuse LC2 for this mode
+        assert not pair.swap  # (sampling_is_moving keeps the fixed image sampled here)
+        assert isinstance(model, TransformModel)  # (not rigid+probe)
         field_transform, deformation = _deformable(
-            model, theta, refine_objective, kind, fixed, spacing, options, cancel)
-        timings.update(deformation.pop("timings"))
-        t = _timed(timings, "deformable", t)
+            model, theta, found.refine_objective, pair.similarity.objective_kind, fixed,
+            pair.spacing, options, cancel)
+        clock.timings.update(deformation.pop("timings"))
+        clock.lap("deformable")
     elif isinstance(model, ProbeModel):
-        field_transform = _probe_transform(model, theta, fixed, fixed_p.grid)
+        field_transform = _probe_transform(model, theta, fixed, pair.fixed_p.grid)
         probe_facts = model.describe(theta)
     displacement = None
     if field_transform is not None:
         report("field", 0.0)
         displacement = dense_displacement(field_transform, fixed)
         deformation = {**jacobian_metrics(displacement), **(deformation or {})}
-        t = _timed(timings, "field", t)
-
-    check = a_p.grid.to_physical(np.argwhere(a_p.mask)[::97, ::-1].astype(np.float64))
-    solutions = [{"cost": s.cost, "distance_to_best_mm": mapping_distance(
-        search_model, s.theta, search.theta, check)} for s in search.solutions]
-    start_matrix = _search_matrix(search_model, init)
-    if swap:
-        # Back to the contract's direction: the search mapped moving points to fixed ones.
-        assert isinstance(model, TransformModel)
-        model, theta = _inverted(model, theta, Grid.from_image(fixed).center)
-        start_matrix = np.linalg.inv(start_matrix)
-    return RegistrationResult(
-        mode=options.mode, similarity=similarity.name, theta=theta, transform=model.to_sitk(theta),
-        initial_transform=_affine_sitk(start_matrix), matrix=model.matrix_4x4(theta), cost=cost,
-        similarity_value=similarity.similarity_value(cost),
-        evaluations=search.evaluations, starts=search.starts, confidence=search.confidence,
-        agreeing=search.agreeing, refined=len(search.solutions), ambiguous=search.ambiguous,
-        overlap=overlap, working_spacing_mm=spacing, descriptor_spacing_mm=desc_spacing,
-        timings=timings, solutions=solutions, model=model_facts,
-        field_transform=field_transform, displacement=displacement, deformation=deformation,
-        probe=probe_facts, sampled="moving" if swap else "fixed", ultrasound=ultrasound,
-        match_quality=quality,
-        fields_of_view={"fixed_padding_fraction": round(fixed_p.region.padding_fraction, 4),
-                        "moving_padding_fraction": round(moving_p.region.padding_fraction, 4),
-                        "fixed_data_ml": round(fixed_p.data_volume_ml, 1),
-                        "moving_data_ml": round(moving_p.data_volume_ml, 1)},
-    )
+        clock.lap("field")
+    return field_transform, displacement, deformation, probe_facts
 
 
 def _user_initial_matrix(transform: sitk.Transform | None) -> np.ndarray | None:
@@ -1013,6 +1186,64 @@ def reoriented_bounds(model: TransformModel, theta: np.ndarray, fixed_map: Descr
     return local.min(axis=0) - margin_mm, local.max(axis=0) + margin_mm
 
 
+@dataclass
+class _Reorientation:
+    """What every pass of one re-oriented refinement shares: the moving image antialiased
+    for the working spacing (``smoothed``), how it is re-gridded (``align``: the descriptor
+    stride in working voxels, crops start a whole stride into the full grid; ``margin_mm``:
+    the room around the mapped fixed points) and described, and the fixed side (``sampled``:
+    the fixed map under the refinement's Gaussian of ``sigma`` descriptor voxels)."""
+
+    smoothed: sitk.Image
+    moving_mask: sitk.Image | None
+    normalisation: IntensityNormalisation
+    spacing: float
+    fixed_direction: np.ndarray
+    model: TransformModel | ProbeModel
+    options: RegistrationOptions
+    similarity: Similarity
+    fixed_map: DescriptorMap
+    sampled: DescriptorMap
+    weights: np.ndarray
+    kind: str
+    region: DataRegion | None
+    erosion: int
+    sigma: float
+    align: int
+    margin_mm: float
+
+    def describe_moving(self, theta: np.ndarray
+                        ) -> tuple[DescriptorMap, DescriptorMap, TransformModel | ProbeModel]:
+        """The moving image re-gridded along the fixed axes rotated by ``theta`` and
+        described: (its map, that map smoothed by ``sigma``, the pass's model)."""
+        model, smoothed, spacing = self.model, self.smoothed, self.spacing
+        rotation = model.linear_part(theta[None, :])[0][0]
+        direction = rotation @ self.fixed_direction
+        pass_model = model
+        if isinstance(model, ProbeModel):
+            # (The probe's matched deformation resamples the whole re-gridded image.)
+            moving_p = prepare(smoothed, spacing, self.moving_mask, direction=direction,
+                               smooth=False, role="moving", region=self.region)
+            moving_p = _matched_deformation(model, theta, smoothed, self.moving_mask, moving_p,
+                                            spacing, self.fixed_map.grid, self.region)
+            pass_model = model.referenced(theta)
+        else:
+            bounds = reoriented_bounds(model, theta, self.fixed_map, self.weights, direction,
+                                       self.margin_mm)
+            moving_p = regrid(smoothed, spacing, self.moving_mask, direction, bounds,
+                              self.align, self.normalisation, self.region)
+        moving_map, stride, _ = descriptor_maps(moving_p, self.similarity, self.options)
+        moving_map = moving_map.with_validity(moving_validity(moving_p, stride, self.erosion))
+        if self.options.precision == "int8":
+            moving_map = moving_map.quantised()
+        return moving_map, moving_map.smoothed(self.sigma), pass_model
+
+    def objective(self, fixed_map: DescriptorMap, moving_map: DescriptorMap,
+                  model: TransformModel | ProbeModel, n_points: int) -> DescriptorObjective:
+        return _objective(fixed_map, moving_map, self.weights, model, self.kind, n_points,
+                          self.options.seed)
+
+
 def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: sitk.Image | None,
                            normalisation: IntensityNormalisation,
                            spacing: float, fixed_direction: np.ndarray,
@@ -1039,64 +1270,63 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     network. The crop starts a whole descriptor stride from the uncropped grid, so
     the descriptors at the sampled points are the uncropped ones.
     """
-    objective: DescriptorObjective | None = None
-    cost = np.inf
-    scales = model.scales(radius)
-    converged = False
     if passes is None:
         passes = similarity.reorient_passes  # (Similarity.reorient_passes says why)
-    history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
     if smoothed is None:  # (``smoothed``: the caller's antialias(moving, spacing))
         smoothed = antialias(moving, spacing)  # once: every pass re-grids the same image
     # Both descriptor maps under the same small Gaussian (DescriptorMap.smoothed: the
     # interpolation blur otherwise pins rotations to the re-gridded lattice).
     sigma = similarity.refine_smoothing_voxels
     sampled_map = fixed_map.smoothed(sigma)
-    # Descriptor stride in working voxels: crops start a whole stride into the full grid.
     align = max(1, round(float(fixed_map.grid.spacing[0]) / spacing))
     margin_mm = (descriptor_footprint_voxels(similarity, options) * spacing
                  + max(REORIENT_MOTION_MM, 2.0 * float(fixed_map.grid.spacing[0])))
+    setup = _Reorientation(smoothed, moving_mask, normalisation, spacing, fixed_direction,
+                           model, options, similarity, fixed_map, sampled_map, weights, kind,
+                           region, erosion, sigma, align, margin_mm)
+    theta, cost, objective, raw_moving_map, pass_model = _reorientation_passes(
+        setup, theta, passes, model.scales(radius), cancel)
+    if sigma > 0:
+        # The pose comes from the smoothed maps; its cost, match quality and any later
+        # stage (affine, deformable) use the unsmoothed descriptors, on which the verdict
+        # was calibrated and which keep the detail a deformation needs.
+        objective = setup.objective(fixed_map, raw_moving_map, pass_model, REFINE_POINTS)
+        cost = float(objective.cost(theta[None, :])[0])
+    return theta, cost, objective
+
+
+def _reorientation_passes(setup: _Reorientation, theta: np.ndarray, passes: int,
+                          scales: np.ndarray, cancel: Cancel | None
+                          ) -> tuple[np.ndarray, float, DescriptorObjective, DescriptorMap,
+                                     TransformModel | ProbeModel]:
+    """At most ``passes`` re-grid, describe and refine passes from ``theta`` (``scales``:
+    the model's parameter scales, mm of displacement at the sample radius per unit).
+    Returns the pose, its cost on the smoothed maps, that objective, the last pass's
+    unsmoothed moving map and the pass's model."""
+    model = setup.model
+    converged = False
+    history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
+    descriptor_mm = float(setup.fixed_map.grid.spacing[0])
     for pass_index in range(passes):
-        rotation = model.linear_part(theta[None, :])[0][0]
-        direction = rotation @ fixed_direction
-        pass_model = model
-        if isinstance(model, ProbeModel):
-            # (The probe's matched deformation resamples the whole re-gridded image.)
-            moving_p = prepare(smoothed, spacing, moving_mask, direction=direction, smooth=False,
-                               role="moving", region=region)
-            moving_p = _matched_deformation(model, theta, smoothed, moving_mask, moving_p,
-                                            spacing, fixed_map.grid, region)
-            pass_model = model.referenced(theta)
-        else:
-            bounds = reoriented_bounds(model, theta, fixed_map, weights, direction, margin_mm)
-            moving_p = regrid(smoothed, spacing, moving_mask, direction, bounds, align,
-                              normalisation, region)
-        moving_map, stride, _ = descriptor_maps(moving_p, similarity, options)
-        moving_map = moving_map.with_validity(moving_validity(moving_p, stride, erosion))
-        if options.precision == "int8":
-            moving_map = moving_map.quantised()
-        raw_moving_map = moving_map
-        moving_map = moving_map.smoothed(sigma)
+        raw_moving_map, moving_map, pass_model = setup.describe_moving(theta)
         final = pass_index == passes - 1 or converged
-        objective = _objective(sampled_map, moving_map, weights, pass_model, kind,
-                               REFINE_POINTS if final else FINE_POINTS, options.seed)
+        objective = setup.objective(setup.sampled, moving_map, pass_model,
+                                    REFINE_POINTS if final else FINE_POINTS)
         refined, cost = lbfgs_refine(objective, theta, scales, 100 if final else 30, cancel,
                                      step_tolerance_mm=model.step_tolerance_mm)
         if final:
-            theta = refined
-            break
+            return refined, cost, objective, raw_moving_map, pass_model
         step = (refined - theta) / scales  # mm of displacement at the sample radius
         # Converged when the pass moved points by < 3 % of a descriptor voxel.
-        converged = bool(np.abs(step).max() < 0.03 * float(fixed_map.grid.spacing[0]))
+        converged = bool(np.abs(step).max() < 0.03 * descriptor_mm)
         if converged and not isinstance(model, ProbeModel):
             # The pose barely moved, so this pass's descriptors are already aligned
             # with it: the final, denser refinement reuses them rather than paying
             # for another network inference (same TRE on the capture-range cases).
-            objective = _objective(sampled_map, moving_map, weights, pass_model, kind,
-                                   REFINE_POINTS, options.seed)
+            objective = setup.objective(setup.sampled, moving_map, pass_model, REFINE_POINTS)
             theta, cost = lbfgs_refine(objective, refined, scales, 100, cancel,
                                        step_tolerance_mm=model.step_tolerance_mm)
-            break
+            return theta, cost, objective, raw_moving_map, pass_model
         if isinstance(model, ProbeModel):
             # (converged or not: a converged probe pass makes the next one final.)
             # The probe's decay length is a flat, noisy direction from pass to pass:
@@ -1104,15 +1334,7 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
             theta = refined
             continue
         theta = theta + scales * _anderson_step(history, theta / scales, step)
-    assert objective is not None
-    if sigma > 0:
-        # The pose comes from the smoothed maps; its cost, match quality and any later
-        # stage (affine, deformable) use the unsmoothed descriptors, on which the verdict
-        # was calibrated and which keep the detail a deformation needs.
-        objective = _objective(fixed_map, raw_moving_map, weights, pass_model, kind,
-                               REFINE_POINTS, options.seed)
-        cost = float(objective.cost(theta[None, :])[0])
-    return theta, cost, objective
+    raise ValueError("a re-oriented refinement needs at least one pass")
 
 
 def _anderson_step(history: list[tuple[np.ndarray, np.ndarray]], pose: np.ndarray,
