@@ -51,6 +51,7 @@ from disa.registration.objective import (
 from disa.registration.options import RegistrationOptions
 from disa.registration.orientations import OrientedObjective, bin_directions, orientation_bins
 from disa.registration.preprocess import (
+    MAX_WORKING_VOXELS,
     IntensityNormalisation,
     antialias,
     foreground_mask,
@@ -298,17 +299,20 @@ def box_extent_mm(image: sitk.Image, axes: np.ndarray) -> np.ndarray:
 
 def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
             direction: np.ndarray | None = None, smooth: bool = True,
-            role: str | None = None, region: DataRegion | None = None) -> PreparedImage:
+            role: str | None = None, region: DataRegion | None = None,
+            max_voxels: int = MAX_WORKING_VOXELS) -> PreparedImage:
     """Resample to the working spacing (optionally onto axes ``direction``), find the
     foreground and z-score the intensities. ``smooth=False``: already antialiased.
 
     ``role`` ("fixed" or "moving") prefixes every InputError message ("fixed: ...",
     "moving mask: ..."), so that a user knows which of the inputs to fix. ``region``: the
     image's data region when already known (a smoothed copy's padding is no longer exactly
-    constant, so it must come from the original image).
+    constant, so it must come from the original image). ``max_voxels``: the most voxels
+    the working grid may hold (InputError above it, before it is made).
     """
     mask_role = f"{role} mask" if role else None
-    resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth)
+    resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth,
+                                    max_voxels=max_voxels)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     if min(array.shape) < 8:
         raise InputError(labelled(role, f"image is only {array.shape[::-1]} voxels at "
@@ -340,17 +344,19 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
 
 def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
            direction: np.ndarray, bounds: tuple[np.ndarray, np.ndarray], align_voxels: int,
-           normalisation: IntensityNormalisation, region: DataRegion | None = None
-           ) -> PreparedImage:
+           normalisation: IntensityNormalisation, region: DataRegion | None = None,
+           max_voxels: int = MAX_WORKING_VOXELS) -> PreparedImage:
     """A prepared image again, on axes ``direction`` over ``bounds`` only (mm along those
     axes; ``resample_to_spacing``), z-scored by its first preparation's ``normalisation``.
 
     ``smoothed`` is the image already antialiased for ``spacing_mm``. The mask is the user
     mask on the new grid, or the whole grid without one: after its first preparation a
     moving image's automatic foreground served only its statistics, which are kept.
+    ``max_voxels``: the most voxels the new grid may hold (InputError above it).
     """
     resampled = resample_to_spacing(smoothed, spacing_mm, direction=direction, smooth=False,
-                                    bounds=bounds, align_voxels=align_voxels)
+                                    bounds=bounds, align_voxels=align_voxels,
+                                    max_voxels=max_voxels)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     mask = (mask_to_grid(user_mask, resampled, "moving mask") if user_mask is not None
             else np.ones(array.shape, dtype=bool))
@@ -418,7 +424,8 @@ def fixed_weights(image: PreparedImage, stride: int) -> np.ndarray:
 
 def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.Image,
                     a_p: PreparedImage, b_direction: np.ndarray, spacing: float,
-                    similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool
+                    similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool,
+                    max_voxels: int = MAX_WORKING_VOXELS
                     ) -> tuple[Objective, Objective, Objective]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
     described on one rotated grid per orientation bin (orientations.py says why).
@@ -426,7 +433,8 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     ``levels`` are the identity bin's objectives (unrotated maps); the other bins' maps
     cover a's data region (plus the descriptor footprint) on rotated axes, z-scored by a's
     first normalisation, and are computed when first needed; the fine and refinement
-    levels build a bin's objective only when a surviving start is in it.
+    levels build a bin's objective only when a surviving start is in it. ``max_voxels``:
+    the most voxels a rotated grid may hold.
     """
     bins = orientation_bins(options.rotation_range)
     if len(bins) == 1:
@@ -444,7 +452,7 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
             local = points @ directions[k]
             bounds = (local.min(axis=0) - margin_mm, local.max(axis=0) + margin_mm)
             image = regrid(smoothed, spacing, mask, directions[k], bounds, stride,
-                           a_p.normalisation, a_p.region)
+                           a_p.normalisation, a_p.region, max_voxels)
             # Not quantised (even with precision int8): only the values at the sample points
             # are kept, and quantising the whole map took longer than describing it.
             fmap, _, _ = descriptor_maps(image, similarity, options)
@@ -483,16 +491,20 @@ def _timed(timings: dict[str, float], name: str, start: float) -> float:
 def register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None = None,
              fixed_mask: sitk.Image | None = None, moving_mask: sitk.Image | None = None,
              progress: Progress | None = None, cancel: Cancel | None = None,
-             initial_transform: sitk.Transform | None = None) -> RegistrationResult:
+             initial_transform: sitk.Transform | None = None,
+             max_voxels: int = MAX_WORKING_VOXELS) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; the result maps fixed points to moving points (mm).
 
     ``initial_transform`` (fixed -> moving, LPS mm, linear: ``transforms.linear_matrix``)
     replaces the header pose as the pose the search centres on (a tracked probe, an
     earlier result); with zero rotation and translation ranges it is refined only.
+    ``max_voxels``: the most voxels any working grid of the registration may hold
+    (InputError naming --working-spacing above it; runner.run_registration passes its
+    ``InputLimits.max_voxels``).
     """
     with serial_blas():  # see threads.py: spinning BLAS workers stall a busy machine
         return _register(fixed, moving, options, fixed_mask, moving_mask, progress, cancel,
-                         initial_transform)
+                         initial_transform, max_voxels)
 
 
 class _Clock:
@@ -515,6 +527,7 @@ class _Pair:
     moving -> fixed and the result is its inverse). ``anchors`` (A, P), ``spreads`` (A,)
     mm and ``shares`` (A,): the poses the starts are drawn around (initial_poses), in
     the search frame; the first is the header pose or the user's initial transform.
+    ``max_voxels``: the most voxels any working grid may hold.
     """
 
     similarity: Similarity
@@ -536,6 +549,7 @@ class _Pair:
     spreads: np.ndarray
     shares: np.ndarray
     refine_only: bool
+    max_voxels: int
 
     @property
     def init(self) -> np.ndarray:
@@ -578,12 +592,13 @@ class _Descriptors:
 def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions | None,
               fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
               progress: Progress | None, cancel: Cancel | None,
-              initial_transform: sitk.Transform | None = None) -> RegistrationResult:
+              initial_transform: sitk.Transform | None = None,
+              max_voxels: int = MAX_WORKING_VOXELS) -> RegistrationResult:
     options = options or RegistrationOptions()
     report = progress or (lambda stage, fraction: None)
     clock = _Clock()
     pair = _prepare_pair(fixed, moving, options, fixed_mask, moving_mask, initial_transform,
-                         report, clock)
+                         max_voxels, report, clock)
     if not pair.similarity.uses_descriptors:
         found = _lc2_search(pair, cancel, clock)
     else:
@@ -593,15 +608,15 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
 
 def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
                   fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
-                  initial_transform: sitk.Transform | None, report: Progress,
-                  clock: _Clock) -> _Pair:
+                  initial_transform: sitk.Transform | None, max_voxels: int,
+                  report: Progress, clock: _Clock) -> _Pair:
     """Both images on the working grid, which one is sampled, the search model and the
     poses its starts are drawn around."""
     similarity = similarity_spec(resolve_similarity(options))
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
     user_init = _user_initial_matrix(initial_transform)
     report("preprocess", 0.0)
-    fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed")
+    fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", max_voxels=max_voxels)
     # The moving image on axes parallel to the fixed image's (under the header pose or the
     # initial transform): neither descriptor is rotation invariant, and a moving image
     # stored on an oblique grid (another scanner's, a probe's) otherwise describes its
@@ -609,7 +624,8 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # badly and a refinement started there walked 10-30 mm away (realistic family).
     start_rotation = np.eye(3) if user_init is None else nearest_rotation(user_init[:3, :3])
     moving_p = prepare(moving, spacing, moving_mask, role="moving",
-                       direction=start_rotation @ Grid.from_image(fixed).direction)
+                       direction=start_rotation @ Grid.from_image(fixed).direction,
+                       max_voxels=max_voxels)
     clock.lap("preprocess")
 
     ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
@@ -637,7 +653,7 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     refine_only = options.rotation_range == 0 and options.translation_range == 0
     return _Pair(similarity, spacing, user_init, fixed_p, moving_p, ultrasound, swap, a_img,
                  a_p, b_img, b_p, b_mask, center, rigid, search_model, anchors, spreads, shares,
-                 refine_only)
+                 refine_only, max_voxels)
 
 
 def _lc2_search(pair: _Pair, cancel: Cancel | None, clock: _Clock) -> _Found:
@@ -714,7 +730,7 @@ def _global_search(pair: _Pair, described: _Descriptors, options: RegistrationOp
             and not pair.refine_only:
         levels = oriented_levels(levels, pair.a_img, pair.a_p, pair.b_p.grid.direction,
                                  pair.spacing, pair.similarity, options, described.stride,
-                                 pool)
+                                 pool, pair.max_voxels)
         clock.lap("orientations")
     radius = _radius(points, pair.center)
     refine_only = pair.refine_only
@@ -758,7 +774,7 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
             pair.a_p.grid.direction, pair.search_model, options, pair.similarity,
             described.fixed_map, described.weights, pair.similarity.objective_kind, radius,
             cancel, passes=passes, region=b_p.region, erosion=described.erosion,
-            smoothed=b_smoothed)
+            smoothed=b_smoothed, max_voxels=pair.max_voxels)
 
     outcomes = [reoriented(search.theta)]
     search.evaluations += outcomes[0][2].evaluations
@@ -1141,7 +1157,8 @@ def _probe_transform(model: ProbeModel, theta: np.ndarray, fixed: sitk.Image,
 
 def _matched_deformation(model: ProbeModel, theta: np.ndarray, smoothed: sitk.Image,
                          mask: sitk.Image | None, regridded: PreparedImage, spacing: float,
-                         fixed_grid: Grid, region: DataRegion | None = None) -> PreparedImage:
+                         fixed_grid: Grid, region: DataRegion | None = None,
+                         max_voxels: int = MAX_WORKING_VOXELS) -> PreparedImage:
     """The re-gridded moving image resampled so that it shows the tissue deformed as the
     fixed image does under theta (probe.py, "Matched-deformation refinement")."""
     reference = regridded.grid.reference_image()
@@ -1154,7 +1171,8 @@ def _matched_deformation(model: ProbeModel, theta: np.ndarray, smoothed: sitk.Im
     warped_mask = None if mask is None else sitk.Resample(
         mask, reference, warp, sitk.sitkNearestNeighbor, 0)
     # (The data region moves by the compression, a few mm: the unwarped one is kept.)
-    return prepare(image, spacing, warped_mask, smooth=False, role="moving", region=region)
+    return prepare(image, spacing, warped_mask, smooth=False, role="moving", region=region,
+                   max_voxels=max_voxels)
 
 
 def _radius(points: np.ndarray, center: np.ndarray) -> float:
@@ -1191,8 +1209,9 @@ class _Reorientation:
     """What every pass of one re-oriented refinement shares: the moving image antialiased
     for the working spacing (``smoothed``), how it is re-gridded (``align``: the descriptor
     stride in working voxels, crops start a whole stride into the full grid; ``margin_mm``:
-    the room around the mapped fixed points) and described, and the fixed side (``sampled``:
-    the fixed map under the refinement's Gaussian of ``sigma`` descriptor voxels)."""
+    the room around the mapped fixed points; ``max_voxels``: the most voxels a re-gridded
+    image may hold) and described, and the fixed side (``sampled``: the fixed map under the
+    refinement's Gaussian of ``sigma`` descriptor voxels)."""
 
     smoothed: sitk.Image
     moving_mask: sitk.Image | None
@@ -1211,6 +1230,7 @@ class _Reorientation:
     sigma: float
     align: int
     margin_mm: float
+    max_voxels: int
 
     def describe_moving(self, theta: np.ndarray
                         ) -> tuple[DescriptorMap, DescriptorMap, TransformModel | ProbeModel]:
@@ -1223,15 +1243,17 @@ class _Reorientation:
         if isinstance(model, ProbeModel):
             # (The probe's matched deformation resamples the whole re-gridded image.)
             moving_p = prepare(smoothed, spacing, self.moving_mask, direction=direction,
-                               smooth=False, role="moving", region=self.region)
+                               smooth=False, role="moving", region=self.region,
+                               max_voxels=self.max_voxels)
             moving_p = _matched_deformation(model, theta, smoothed, self.moving_mask, moving_p,
-                                            spacing, self.fixed_map.grid, self.region)
+                                            spacing, self.fixed_map.grid, self.region,
+                                            self.max_voxels)
             pass_model = model.referenced(theta)
         else:
             bounds = reoriented_bounds(model, theta, self.fixed_map, self.weights, direction,
                                        self.margin_mm)
             moving_p = regrid(smoothed, spacing, self.moving_mask, direction, bounds,
-                              self.align, self.normalisation, self.region)
+                              self.align, self.normalisation, self.region, self.max_voxels)
         moving_map, stride, _ = descriptor_maps(moving_p, self.similarity, self.options)
         moving_map = moving_map.with_validity(moving_validity(moving_p, stride, self.erosion))
         if self.options.precision == "int8":
@@ -1252,7 +1274,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                            fixed_map: DescriptorMap, weights: np.ndarray, kind: str,
                            radius: float, cancel: Cancel | None, passes: int | None = None,
                            region: DataRegion | None = None, erosion: int = 1,
-                           smoothed: sitk.Image | None = None
+                           smoothed: sitk.Image | None = None,
+                           max_voxels: int = MAX_WORKING_VOXELS
                            ) -> tuple[np.ndarray, float, DescriptorObjective]:
     """L-BFGS refinement on moving descriptors computed on a grid aligned with the fixed axes.
 
@@ -1268,7 +1291,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     first normalisation: a rotated box around the whole moving field of view held
     3x the voxels on the engine benchmark's phantom, all of them run through the
     network. The crop starts a whole descriptor stride from the uncropped grid, so
-    the descriptors at the sampled points are the uncropped ones.
+    the descriptors at the sampled points are the uncropped ones. ``max_voxels``: the
+    most voxels a re-gridded moving image may hold.
     """
     if passes is None:
         passes = similarity.reorient_passes  # (Similarity.reorient_passes says why)
@@ -1283,7 +1307,7 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                  + max(REORIENT_MOTION_MM, 2.0 * float(fixed_map.grid.spacing[0])))
     setup = _Reorientation(smoothed, moving_mask, normalisation, spacing, fixed_direction,
                            model, options, similarity, fixed_map, sampled_map, weights, kind,
-                           region, erosion, sigma, align, margin_mm)
+                           region, erosion, sigma, align, margin_mm, max_voxels)
     theta, cost, objective, raw_moving_map, pass_model = _reorientation_passes(
         setup, theta, passes, model.scales(radius), cancel)
     if sigma > 0:

@@ -12,10 +12,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,23 +34,6 @@ MAX_WORKING_VOXELS = 512**3
 #: Voxels per block of ``IntensityNormalisation.apply``: 2 MiB of float64, which stays
 #: in a core's cache between the four passes over it.
 _APPLY_BLOCK = 1 << 18
-# A context variable, not a parameter threaded through the pipeline: the worker
-# applies DISA_MAX_VOXELS to every grid of the registrations it runs.
-_working_voxel_limit: ContextVar[int] = ContextVar("working_voxel_limit",
-                                                   default=MAX_WORKING_VOXELS)
-
-
-@contextmanager
-def working_voxel_limit(max_voxels: int) -> Iterator[None]:
-    """Inside this block (this thread or task only), working grids hold at most
-    ``max_voxels`` voxels instead of MAX_WORKING_VOXELS."""
-    token = _working_voxel_limit.set(int(max_voxels))
-    try:
-        yield
-    finally:
-        _working_voxel_limit.reset(token)
-
-
 def working_grid_size(size: Sequence[int], spacing: Sequence[float],
                       spacing_mm: float) -> tuple[int, ...]:
     """Voxels per axis of the grid ``resample_to_spacing`` makes (without ``direction``)
@@ -65,10 +46,10 @@ def check_working_grid(size: Sequence[int], spacing_mm: float,
                        max_voxels: int | None = None, option: str = "--working-spacing",
                        role: str | None = None) -> None:
     """Raise InputError when a working grid of ``size`` voxels (at ``spacing_mm`` mm) holds
-    more than ``max_voxels`` (default: the limit of ``working_voxel_limit``, else
-    MAX_WORKING_VOXELS). The message names the option as the caller's user knows it
-    (CLI flag, API field) and, given ``role``, the image ("fixed", "moving")."""
-    limit = _working_voxel_limit.get() if max_voxels is None else max_voxels
+    more than ``max_voxels`` (default: MAX_WORKING_VOXELS). The message names the option
+    as the caller's user knows it (CLI flag, API field) and, given ``role``, the image
+    ("fixed", "moving")."""
+    limit = MAX_WORKING_VOXELS if max_voxels is None else max_voxels
     voxels = math.prod(int(n) for n in size)
     if voxels > limit:
         shape = " x ".join(str(int(n)) for n in size)
@@ -94,7 +75,8 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
                         default_value: float | None = None, direction: np.ndarray | None = None,
                         smooth: bool = True,
                         bounds: tuple[np.ndarray, np.ndarray] | None = None,
-                        align_voxels: int = 1) -> sitk.Image:
+                        align_voxels: int = 1, max_voxels: int = MAX_WORKING_VOXELS
+                        ) -> sitk.Image:
     """Resample ``image`` to isotropic ``spacing_mm`` over the same field of view.
 
     Without ``direction`` the new grid keeps origin and direction (voxel 0 stays
@@ -112,8 +94,9 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
     the descriptor grid strided from them) coincide with the uncropped ones;
     bounds that miss the box entirely leave it whole.
 
-    Raises InputError when the new grid would hold more voxels than the limit of
-    ``check_working_grid`` (before anything is allocated).
+    Raises InputError when the new grid would hold more than ``max_voxels`` voxels
+    (``check_working_grid``, before anything is allocated): the caller's cap, which a
+    registration takes from its ``io.InputLimits`` (runner.run_registration).
     """
     if not np.isfinite(spacing_mm) or spacing_mm <= 0:
         raise InputError(f"working spacing must be a positive number of mm, got {spacing_mm}")
@@ -138,7 +121,7 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
         new_size = np.maximum(1, np.ceil((high - low) / spacing_mm).astype(int) + 1)
         origin = tuple(float(v) for v in direction @ low)
         new_direction = tuple(float(v) for v in np.asarray(direction).ravel())
-    check_working_grid(new_size, spacing_mm)
+    check_working_grid(new_size, spacing_mm, max_voxels)
     source = sitk.Cast(image, sitk.sitkFloat32)
     if smooth and interpolator != sitk.sitkNearestNeighbor:
         source = antialias(source, spacing_mm)

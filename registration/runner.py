@@ -12,7 +12,6 @@ from disa.registration.labels import read_label_map
 from disa.registration.options import RegistrationOptions
 from disa.registration.outputs import write_result_folder
 from disa.registration.pipeline import register
-from disa.registration.preprocess import working_voxel_limit
 from disa.registration.search import Cancel, Progress
 
 
@@ -64,12 +63,10 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
     moving = read_image(moving_path, limits, series_uid=moving_series_uid)
     fixed_mask = read_image(fixed_mask_path, limits) if fixed_mask_path else None
     moving_mask = read_image(moving_mask_path, limits) if moving_mask_path else None
-    # The pipeline makes its working grids deep inside (preprocess.resample_to_spacing);
-    # preprocess.py's context variable carries the same cap there, set from `limits` here
-    # and nowhere else, so that callers hand the cap over once.
-    with working_voxel_limit(limits.max_voxels):
-        result = register(fixed, moving, options, fixed_mask, moving_mask, progress=report,
-                          cancel=cancel, initial_transform=initial)
+    # The same cap on every working grid the pipeline makes (preprocess.resample_to_spacing,
+    # handed down as an argument from here).
+    result = register(fixed, moving, options, fixed_mask, moving_mask, progress=report,
+                      cancel=cancel, initial_transform=initial, max_voxels=limits.max_voxels)
     report("write", 0.0)
     inputs = {
         "fixed": _describe(fixed_info.as_dict()),

@@ -15,7 +15,6 @@ from disa.registration.preprocess import (
     normalise_intensities,
     resample_to_spacing,
     working_grid_size,
-    working_voxel_limit,
 )
 from disa.registration.transforms import rotation_matrix
 
@@ -86,18 +85,17 @@ def test_a_working_grid_over_the_voxel_limit_is_refused_before_it_is_made() -> N
     image, axes = _image(), _axes()  # 48 x 44 x 40 voxels of 2.5 mm
     size = working_grid_size(image.GetSize(), image.GetSpacing(), 2.0)  # 60 x 55 x 50
     voxels = int(np.prod(size))
-    with working_voxel_limit(voxels - 1):
-        with pytest.raises(InputError) as caught:
-            resample_to_spacing(image, 2.0)
-        message = str(caught.value)
-        assert message.startswith("--working-spacing 2 mm makes a working grid of 60 x 55 x 50")
-        assert f"({voxels:,})" in message and f"limit of {voxels - 1:,} voxels" in message
-        assert "\n" not in message
-        # Grids on rotated axes (the re-oriented refinement) are held to the limit too.
-        with pytest.raises(InputError, match="--working-spacing"):
-            resample_to_spacing(image, 2.0, direction=axes)
-    with working_voxel_limit(voxels):  # exactly at the limit: allowed
-        assert resample_to_spacing(image, 2.0).GetSize() == size
-    # Outside the block the default limit applies again.
+    with pytest.raises(InputError) as caught:
+        resample_to_spacing(image, 2.0, max_voxels=voxels - 1)
+    message = str(caught.value)
+    assert message.startswith("--working-spacing 2 mm makes a working grid of 60 x 55 x 50")
+    assert f"({voxels:,})" in message and f"limit of {voxels - 1:,} voxels" in message
+    assert "\n" not in message
+    # Grids on rotated axes (the re-oriented refinement) are held to the limit too.
+    with pytest.raises(InputError, match="--working-spacing"):
+        resample_to_spacing(image, 2.0, direction=axes, max_voxels=voxels - 1)
+    # Exactly at the limit: allowed.
+    assert resample_to_spacing(image, 2.0, max_voxels=voxels).GetSize() == size
+    # Without a cap the default limit applies.
     assert voxels < MAX_WORKING_VOXELS == 512**3
     assert resample_to_spacing(image, 2.0).GetSize() == size
