@@ -31,7 +31,7 @@ from common import machine
 
 _CHILD = r"""
 import json, sys, time
-from disa.registration import phantom as ph
+from disa.training import phantom as ph
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
 

@@ -81,8 +81,8 @@ import realistic_cases
 import SimpleITK as sitk
 from common import machine, run_pending
 
-from disa.registration.phantom import target_registration_error
 from disa.training.pairs import random_rotation
+from disa.training.phantom import target_registration_error
 
 BINS_MM: tuple[tuple[float, float], ...] = ((0, 25), (25, 50), (50, 75), (75, 100))
 CONVERGED_MM = 10.0

@@ -156,11 +156,11 @@ def phases_child(volume: str, out: str) -> dict[str, Any]:
 
     import SimpleITK as sitk
 
+    from disa.core.io.images import read_image
+    from disa.core.preprocess import normalise_intensities, resample_to_spacing
     from disa.model.card import card_path_for, default_model_path, load_model_card
     from disa.model.descriptors import descriptor_geometry, write_descriptor_image
     from disa.model.runtime import DescriptorExtractor, default_engine
-    from disa.registration.io import read_image
-    from disa.registration.preprocess import normalise_intensities, resample_to_spacing
 
     mark("import")
     onnx_path = default_model_path()

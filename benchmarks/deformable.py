@@ -77,11 +77,11 @@ import SimpleITK as sitk
 from common import machine, run_pending
 from scipy import ndimage
 
-from disa.registration import phantom as ph
-from disa.registration.displacement import residual_transform
-from disa.registration.grid import Grid
+from disa.core.grid import Grid
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
+from disa.registration.transform.displacement import residual_transform
+from disa.training import phantom as ph
 
 #: Labels smaller than this many voxels (2 mm) are left out of Dice: a few voxels say nothing.
 MIN_LABEL_VOXELS = 200
@@ -471,9 +471,9 @@ def warm_up(case: Case, methods: Sequence[str], run: Callable[[Case, str], Outco
 
 def speed(size: int) -> None:
     """Time the deformable stage alone (see the module docstring, ``--speed``)."""
-    from disa.registration.deformable import control_maps, deformable_stage
-    from disa.registration.descriptor_map import DescriptorMap
+    from disa.registration.deformable.stage import control_maps, deformable_stage
     from disa.registration.pipeline import descriptor_maps, fixed_weights, prepare
+    from disa.registration.similarity.descriptor_map import DescriptorMap
 
     grid = ph.make_grid((size, size, size), (2.0, 2.0, 2.0))
     values = ph.render(ph.grid_points(grid), ph.default_anatomy(scale_mm=0.8 * size),

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from disa.registration.displacement import dense_displacement, jacobian_metrics
+from disa.registration.transform.displacement import dense_displacement, jacobian_metrics
 
 #: The peers, by the name the benchmark's table uses.
 PEERS = ("ants-syn", "elastix-bspline", "sitk-bspline")

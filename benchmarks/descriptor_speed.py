@@ -80,7 +80,7 @@ def _worker(variant: str, n: int, model: Path, threads: int, out: Path) -> dict[
     if variant == "torch":
         import torch
 
-        from disa.model.network import DisaNet
+        from disa.training.network import DisaNet
 
         torch.set_num_threads(threads)
         net = DisaNet().eval()
@@ -142,8 +142,8 @@ def _export(folder: Path, int8: bool) -> Path:
     also its card and int8 variant, calibrated on smooth random volumes."""
     import torch
 
-    from disa.model.export import export_onnx, write_model_card
-    from disa.model.network import DisaNet
+    from disa.training.network import DisaNet
+    from disa.training.onnx_export import export_onnx, write_model_card
 
     torch.manual_seed(0)
     net = DisaNet().eval()

@@ -101,7 +101,7 @@ def peer_folder(method: str, fixed_path: str, moving_path: str, out: str) -> Non
 def disa_folder(fixed_path: str, moving_path: str, out: str) -> dict[str, float]:
     """``disa register FIXED MOVING -o OUT`` in this process (what the CLI calls), with
     the seconds spent reading, registering and writing the folder."""
-    from disa.registration.outputs import check_output_folder
+    from disa.registration.results.outputs import check_output_folder
     from disa.registration.runner import run_registration
 
     marks: dict[str, float] = {"start": time.perf_counter()}

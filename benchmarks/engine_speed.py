@@ -25,13 +25,13 @@ import numpy as np
 from common import machine
 from scipy import ndimage
 
-from disa.registration import phantom as ph
-from disa.registration.descriptor_map import DescriptorMap
-from disa.registration.mind import mind_ssc
-from disa.registration.objective import DescriptorObjective, LC2Objective
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import fixed_weights, prepare, register
-from disa.registration.transforms import TransformModel
+from disa.registration.similarity.descriptor_map import DescriptorMap
+from disa.registration.similarity.mind import mind_ssc
+from disa.registration.similarity.objective import DescriptorObjective, LC2Objective
+from disa.registration.transform.parametric import TransformModel
+from disa.training import phantom as ph
 
 
 def disa_maps(fixed_p, moving_p) -> tuple[DescriptorMap, DescriptorMap, str]:

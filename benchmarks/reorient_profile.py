@@ -37,9 +37,9 @@ from common import machine
 HERE = Path(__file__).resolve().parent
 #: (module, attribute) of the functions timed; wrapped where the pipeline looks them up.
 WRAPPED = (
-    ("disa.registration.descriptor_map", "DescriptorMap.smoothed"),
-    ("disa.registration.descriptor_map", "DescriptorMap.quantised"),
-    ("disa.registration.mind", "mind_ssc"),
+    ("disa.registration.similarity.descriptor_map", "DescriptorMap.smoothed"),
+    ("disa.registration.similarity.descriptor_map", "DescriptorMap.quantised"),
+    ("disa.registration.similarity.mind", "mind_ssc"),
     ("disa.registration.pipeline", "regrid"),
     ("disa.registration.pipeline", "fixed_weights"),
     ("disa.registration.pipeline", "antialias"),

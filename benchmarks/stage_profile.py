@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="mm; default: the engine's choice from the images")
     p.add_argument("--reorient-passes", type=int, default=None,
                    help="experiment: re-oriented refinement passes for every similarity "
-                        "(sets pipeline.REORIENT_PASSES in this process; default: the engine's)")
+                        "(replaces the entries of similarity.spec.SIMILARITIES in this "
+                        "process; default: the engine's)")
     p.add_argument("--cold-child", nargs=4, metavar=("FIXED", "MOVING", "MODE", "SIMILARITY"),
                    help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -289,10 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     import capture_range
 
     if args.reorient_passes is not None:
-        from disa.registration import pipeline
+        from dataclasses import replace
+
+        from disa.registration.similarity import spec
 
         for key in ("mind", "disa"):
-            pipeline.REORIENT_PASSES[key] = args.reorient_passes
+            spec.SIMILARITIES[key] = replace(spec.SIMILARITIES[key],
+                                             reorient_passes=args.reorient_passes)
     modes = [m for m in args.modes.split(",") if m]
     pairs, bins, crop, per_bin = case_selection(args, QUICK_CROP)
     print(f"# stage profile — {machine()}", flush=True)

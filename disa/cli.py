@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from disa.registration.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError
+from disa.core.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,7 +108,7 @@ def _options_from_args(args: argparse.Namespace):  # -> RegistrationOptions
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from disa.progress import progress_reporter
-    from disa.registration.outputs import check_output_folder
+    from disa.registration.results.outputs import check_output_folder
     from disa.registration.runner import run_registration
 
     options = _options_from_args(args)
@@ -128,7 +128,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _print_summary(data: dict, outdir: Path) -> None:
     """The verdict first (with the evidence qa.png's title and the web page show), then the
     run's figures and where the files are."""
-    from disa.registration.readable import verdict_line
+    from disa.registration.results.readable import verdict_line
 
     line = verdict_line(data)
     if line:
@@ -156,7 +156,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from disa.registration.io import format_info, inspect_image, read_image
+    from disa.core.io.images import format_info, inspect_image, read_image
     from disa.registration.modality import modality_hint
 
     info = inspect_image(args.image, series_uid=args.series_uid)
@@ -183,7 +183,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from disa.progress import progress_reporter
     from disa.registration.options import RegistrationOptions
-    from disa.registration.outputs import check_output_folder
+    from disa.registration.results.outputs import check_output_folder
     from disa.registration.runner import run_registration
     from disa.sample import sample_paths, sample_truth_error
 

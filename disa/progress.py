@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
-from disa.registration.search import Progress
+from disa.registration.search.global_search import Progress
 
 
 @contextmanager

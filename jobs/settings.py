@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     def apply_unpack_pool(self) -> None:
         """Size this process's DICOM unpack pool (at the start of the API or a worker); a
         zip is unpacked in its job's folder only, never in the system's temporary folder."""
-        from disa.registration.dicom_zip import configure_unpack_pool
+        from disa.core.io.dicom_zip import configure_unpack_pool
 
         configure_unpack_pool(self.unpack_pool_bytes, self.unpack_wait_s, temp_fallback=False)
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from disa.core.atomic import fsync_dir, write_json
+from disa.core.result_files import RESULT_FILE, SERVED_FILES
 from disa.jobs.manifest import (
     JobNotFound,
     Manifest,
@@ -36,8 +38,6 @@ from disa.jobs.manifest import (
     is_job_id,
     now,
 )
-from disa.registration.atomic import fsync_dir, write_json
-from disa.result_files import RESULT_FILE, SERVED_FILES
 
 log = logging.getLogger("disa.store")
 
@@ -50,7 +50,7 @@ INCOMING_DIR = ".incoming"
 
 #: The result-folder names the API may serve, with their content types. Nothing
 #: else under a job folder is ever served, whatever a URL asks for. One list with the
-#: names the engine writes (disa.result_files), so that a new result file is one row.
+#: names the engine writes (disa.core.result_files), so that a new result file is one row.
 RESULT_FILES: dict[str, str] = SERVED_FILES
 RESULT_JSON = RESULT_FILE
 

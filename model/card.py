@@ -38,7 +38,7 @@ __all__ = [
 
 # Architecture facts (docs/DESIGN.md, "The method and the network"). They live here, free of torch,
 # because the runtime's tiling and the descriptor geometry depend on them;
-# `disa.model.network` re-exports them and the tests check them against the net.
+# `disa.training.network` re-exports them and the tests check them against the net.
 CHANNELS = 16
 STRIDE = 4
 RECEPTIVE_FIELD_VOXELS = 49
@@ -47,7 +47,7 @@ INPUT_SPACING_MM = 2.0
 NORMALISATION = (
     "robust z-score over the foreground (automatic Otsu-based mask unless given): clip to the "
     "0.5-99.5 percentiles, subtract the mean, divide by the standard deviation, clip to +-5; "
-    "disa.registration.preprocess.normalise_intensities after resample_to_spacing"
+    "disa.core.preprocess.normalise_intensities after resample_to_spacing"
 )
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"

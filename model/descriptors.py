@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from disa.core.preprocess import normalise_intensities, resample_to_spacing
 from disa.model.card import ModelCard, card_path_for, default_model_path, load_model_card
 from disa.model.runtime import DescriptorExtractor, Device, Engine
-from disa.registration.preprocess import normalise_intensities, resample_to_spacing
 
 __all__ = ["compute_descriptor_file", "compute_descriptor_image", "descriptor_geometry",
            "write_descriptor_image"]
@@ -101,8 +101,8 @@ def compute_descriptor_file(
     and validated with the engine's `read_image`, output written atomically
     with `write_image`; both raise InputError for problems a user can fix.
     """
-    from disa.registration.errors import InputError
-    from disa.registration.io import read_image
+    from disa.core.errors import InputError
+    from disa.core.io.images import read_image
 
     onnx_path = Path(model_path) if model_path is not None else default_model_path()
     if onnx_path is None:
@@ -131,7 +131,7 @@ def write_descriptor_image(image: sitk.Image, output_path: str | Path) -> None:
     compresses it into a temporary file, flushed to disk and renamed over
     ``output_path`` (readers never see a half-written file). The same NIfTI bytes
     inside. Other formats, and any path write_image would refuse, go to write_image."""
-    from disa.registration.io import write_image
+    from disa.core.io.images import write_image
 
     path = Path(output_path)
     if not path.name.lower().endswith(".nii.gz") or not path.parent.is_dir():

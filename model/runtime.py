@@ -262,7 +262,7 @@ def default_engine(device: Device = "auto", model_path: str | Path | None = None
     names an int8 variant). ``auto`` with ``device="cuda"`` is onnxruntime, the one
     engine that runs on CUDA (and fails loudly without it); with ``device="cpu"`` it
     is the CPU choice even where onnxruntime offers CUDA."""
-    from disa.environment import Environment
+    from disa.core.environment import Environment
 
     value = (Environment.read().descriptor_engine or "").strip() or "auto"
     if value == "auto" and device == "cuda":

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from disa.registration.similarity_spec import similarity
+from disa.registration.similarity.spec import similarity
 
 Similarity = Literal["disa", "mind", "lc2"]
 Mode = Literal["rigid", "affine", "rigid+probe", "deformable"]

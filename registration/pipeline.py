@@ -24,33 +24,9 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from disa.registration.deformable import DeformableSettings, deformable_stage
-from disa.registration.descriptor_map import DescriptorMap, pool_weights
-from disa.registration.displacement import (
-    covering_grid,
-    dense_displacement,
-    jacobian_metrics,
-    residual_transform,
-)
-from disa.registration.errors import InputError
-from disa.registration.fov import (
-    DataRegion,
-    data_region,
-    eroded,
-    physical_volume_ml,
-    region_on_grid,
-    sector_shaped,
-)
-from disa.registration.grid import Grid
-from disa.registration.objective import (
-    DescriptorObjective,
-    LC2Objective,
-    Objective,
-    PointObjective,
-)
-from disa.registration.options import RegistrationOptions
-from disa.registration.orientations import OrientedObjective, bin_directions, orientation_bins
-from disa.registration.preprocess import (
+from disa.core.errors import InputError
+from disa.core.grid import Grid
+from disa.core.preprocess import (
     MAX_WORKING_VOXELS,
     IntensityNormalisation,
     antialias,
@@ -61,8 +37,18 @@ from disa.registration.preprocess import (
     mask_to_grid,
     resample_to_spacing,
 )
-from disa.registration.probe import ProbeModel, resolve_probe
-from disa.registration.search import (
+from disa.registration.deformable.probe import ProbeModel, resolve_probe
+from disa.registration.deformable.stage import DeformableSettings, deformable_stage
+from disa.registration.fov import (
+    DataRegion,
+    data_region,
+    eroded,
+    physical_volume_ml,
+    region_on_grid,
+    sector_shaped,
+)
+from disa.registration.options import RegistrationOptions
+from disa.registration.search.global_search import (
     Cancel,
     Progress,
     SearchResult,
@@ -72,20 +58,38 @@ from disa.registration.search import (
     local_search,
     mapping_distance,
 )
-from disa.registration.similarity_spec import (
+from disa.registration.search.orientations import (
+    OrientedObjective,
+    bin_directions,
+    orientation_bins,
+)
+from disa.registration.search.verdict import Evidence, verdict
+from disa.registration.similarity.descriptor_map import DescriptorMap, pool_weights
+from disa.registration.similarity.objective import (
+    DescriptorObjective,
+    LC2Objective,
+    Objective,
+    PointObjective,
+)
+from disa.registration.similarity.spec import (
     DEFAULT_WITH_MODEL,
     DEFAULT_WITHOUT_MODEL,
     Similarity,
 )
-from disa.registration.similarity_spec import similarity as similarity_spec
+from disa.registration.similarity.spec import similarity as similarity_spec
 from disa.registration.threads import serial_blas
-from disa.registration.transforms import (
+from disa.registration.transform.displacement import (
+    covering_grid,
+    dense_displacement,
+    jacobian_metrics,
+    residual_transform,
+)
+from disa.registration.transform.parametric import (
     TransformModel,
     nearest_rotation,
     rigid_parameters,
     rotation_matrix,
 )
-from disa.registration.verdict import Evidence, verdict
 
 #: Points of the fixed descriptor grid used by the coarse, fine and refinement objectives.
 COARSE_POINTS = 512
@@ -400,7 +404,7 @@ def descriptor_maps(image: PreparedImage, similarity: str | Similarity,
         data = extractor.extract(image.volume)
         stride = int(facts["stride"])
         return DescriptorMap(np.ascontiguousarray(data), image.grid.strided(stride)), stride, facts
-    from disa.registration.mind import mind_ssc
+    from disa.registration.similarity.mind import mind_ssc
 
     data = mind_ssc(image.volume, radius=options.mind_radius, dilation=options.mind_dilation)
     # MIND is computed at the working spacing and pooled once: the objective then runs on a
@@ -903,7 +907,7 @@ def _user_initial_matrix(transform: sitk.Transform | None) -> np.ndarray | None:
     linear)."""
     if transform is None:
         return None
-    from disa.registration.transforms import linear_matrix
+    from disa.registration.transform.parametric import linear_matrix
 
     try:
         return linear_matrix(transform)
@@ -1444,6 +1448,6 @@ def load_mask(path: str | Path | None) -> sitk.Image | None:
     """A mask file (any engine input format) or None."""
     if path is None:
         return None
-    from disa.registration.io import read_image
+    from disa.core.io.images import read_image
 
     return read_image(path)

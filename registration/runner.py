@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from disa.registration.dicom_reg import write_dicom_outputs
-from disa.registration.initial_transform import read_initial_transform, transform_matrix
-from disa.registration.io import DEFAULT_LIMITS, InputLimits, inspect_image, read_image
-from disa.registration.labels import read_label_map
+from disa.core.io.images import DEFAULT_LIMITS, InputLimits, inspect_image, read_image
 from disa.registration.options import RegistrationOptions
-from disa.registration.outputs import write_result_folder
 from disa.registration.pipeline import register
-from disa.registration.search import Cancel, Progress
+from disa.registration.results.dicom_reg import write_dicom_outputs
+from disa.registration.results.labels import read_label_map
+from disa.registration.results.outputs import write_result_folder
+from disa.registration.search.global_search import Cancel, Progress
+from disa.registration.transform.initial import read_initial_transform, transform_matrix
 
 
 def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: str | Path,

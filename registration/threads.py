@@ -26,7 +26,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from disa.environment import Environment
+from disa.core.environment import Environment
 
 POLICY_ENV = "DISA_THREAD_POLICY"
 POLICIES = ("passive", "default")

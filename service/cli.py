@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
-from disa.environment import Environment
+from disa.core.environment import Environment
 from disa.service.client_key import add_api_key_arguments, api_key_from
 from disa.service.engine_surface import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, InputError
 

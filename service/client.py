@@ -27,7 +27,7 @@ TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
 #: What the service takes as an initial transform: ITK text (no HDF5, see uploads.py).
 _TRANSFORM_EXTENSIONS = (".tfm", ".txt")
-#: The transform file of a DISA result folder (registration/outputs.py).
+#: The transform file of a DISA result folder (registration/results/outputs.py).
 _RESULT_TRANSFORM = "transform.tfm"
 
 

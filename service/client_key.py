@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
-from disa.environment import Environment, variable
+from disa.core.environment import Environment, variable
 from disa.service.engine_surface import InputError
 
 KEY_VARIABLE = variable("api_key")

@@ -21,40 +21,40 @@ from typing import TYPE_CHECKING, Any
 #: name -> engine module it comes from, by what the API does with it.
 SURFACE: dict[str, str] = {
     # errors the API turns into HTTP answers
-    "InputError": "disa.registration.errors",
+    "InputError": "disa.core.errors",
     # the exit codes `disa serve` and `disa submit` share with every other command
-    "EXIT_OK": "disa.registration.errors",
-    "EXIT_INTERNAL": "disa.registration.errors",
-    "EXIT_INPUT": "disa.registration.errors",
-    "UnpackBusy": "disa.registration.dicom_zip",
+    "EXIT_OK": "disa.core.errors",
+    "EXIT_INTERNAL": "disa.core.errors",
+    "EXIT_INPUT": "disa.core.errors",
+    "UnpackBusy": "disa.core.io.dicom_zip",
     # upload and options validation (before a job is queued)
     "RegistrationOptions": "disa.registration.options",
-    "InputLimits": "disa.registration.io",
-    "inspect_image": "disa.registration.io",
-    "unpack_budget": "disa.registration.dicom_zip",
-    "check_working_grid": "disa.registration.preprocess",
-    "working_grid_size": "disa.registration.preprocess",
-    "MAX_TRANSFORM_BYTES": "disa.registration.initial_transform",
-    "TEXT_SUFFIXES": "disa.registration.initial_transform",
-    "read_initial_transform": "disa.registration.initial_transform",
-    "transform_matrix": "disa.registration.initial_transform",
+    "InputLimits": "disa.core.io.images",
+    "inspect_image": "disa.core.io.images",
+    "unpack_budget": "disa.core.io.dicom_zip",
+    "check_working_grid": "disa.core.preprocess",
+    "working_grid_size": "disa.core.preprocess",
+    "MAX_TRANSFORM_BYTES": "disa.registration.transform.initial",
+    "TEXT_SUFFIXES": "disa.registration.transform.initial",
+    "read_initial_transform": "disa.registration.transform.initial",
+    "transform_matrix": "disa.registration.transform.initial",
     # the viewer's planes
-    "Grid": "disa.registration.grid",
-    "read_image": "disa.registration.io",
-    "display_window": "disa.registration.qa",
-    "REGISTERED_FILE": "disa.registration.outputs",
-    "resample_moving": "disa.registration.outputs",
+    "Grid": "disa.core.grid",
+    "read_image": "disa.core.io.images",
+    "display_window": "disa.registration.results.qa",
+    "REGISTERED_FILE": "disa.registration.results.outputs",
+    "resample_moving": "disa.registration.results.outputs",
     # the descriptor heatmap (the engine's preparation and descriptors, then cached)
-    "atomic_write": "disa.registration.atomic",
-    "DescriptorMap": "disa.registration.descriptor_map",
-    "similarity": "disa.registration.similarity_spec",
+    "atomic_write": "disa.core.atomic",
+    "DescriptorMap": "disa.registration.similarity.descriptor_map",
+    "similarity": "disa.registration.similarity.spec",
     "auto_working_spacing": "disa.registration.pipeline",
     "descriptor_maps": "disa.registration.pipeline",
     "prepare": "disa.registration.pipeline",
     "default_card_path": "disa.model.card",
     "load_model_card": "disa.model.card",
     # the one-line verdict `disa submit` prints (the same formatter as `disa register`)
-    "verdict_line": "disa.registration.readable",
+    "verdict_line": "disa.registration.results.readable",
 }
 
 __all__ = sorted(SURFACE)

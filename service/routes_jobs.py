@@ -44,7 +44,7 @@ from disa.service.validation import describe_all
 log = logging.getLogger("disa.service")
 
 #: Bytes the header checks of one request's DICOM zips may decompress together (they
-#: read headers only, stopping at the pixel data; see disa.registration.dicom_zip).
+#: read headers only, stopping at the pixel data; see disa.core.io.dicom_zip).
 UNPACK_BUDGET_BYTES = 4 * 1024**3
 #: Retry-After of a 503 answered while the process's unpack pool stays full.
 UNPACK_RETRY_AFTER_S = 5

@@ -10,7 +10,7 @@ A succeeded job gives three volumes, all on the fixed image's voxel grid:
 Planes are index planes of the fixed grid, so a slice is exactly one layer of
 voxels (no resampling, no interpolation). Each plane is named after the patient
 axis its normal is closest to and is shown in the radiological view of the QA
-picture (`disa.registration.qa`): axial seen from the feet (patient Right on the
+picture (`disa.registration.results.qa`): axial seen from the feet (patient Right on the
 viewer's left, Anterior up), coronal from the front, sagittal from the patient's
 left. A plane's `pixel_to_physical` 4x4 matrix maps (column, row, slice, 1),
 column and row in pixels from the top left pixel's centre and slice the voxel
@@ -18,7 +18,7 @@ index along the plane's normal grid axis, to LPS millimetres.
 
 The viewer's first slices pass through the job's view point: result.json's
 `view_point_mm`, the centre of the region where the registered moving image has
-data, which qa.png's planes pass through too (`disa.registration.qa.view_centre`),
+data, which qa.png's planes pass through too (`disa.registration.results.qa.view_centre`),
 so a small moving field of view (an ultrasound sector in a CT) is on screen from
 the start; results without one start at the fixed grid's centre.
 
@@ -41,9 +41,9 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
+from disa.core.result_files import DISPLACEMENT_FILE
 from disa.jobs.manifest import Manifest
 from disa.jobs.store import INPUTS_DIR, RESULT_JSON, JobStore
-from disa.result_files import DISPLACEMENT_FILE
 from disa.service.engine_surface import Grid, display_window
 
 VOLUMES = ("fixed", "registered", "before")
@@ -60,7 +60,7 @@ PLANE_AXES: dict[str, tuple[tuple[int, int, int], tuple[int, int, int], tuple[in
 _LETTERS = {(0, 1): "L", (0, -1): "R", (1, 1): "P", (1, -1): "A", (2, 1): "S", (2, -1): "I"}
 
 # DISPLACEMENT_FILE: the result file of non-linear jobs, u(x) = T(x) - x of the full
-# mapping on the fixed grid (disa.result_files).
+# mapping on the fixed grid (disa.core.result_files).
 #: The viewer's volume of non-linear jobs: |u(x)| in mm on the fixed grid (window 0..max).
 DISPLACEMENT_VOLUME = "displacement"
 #: Bytes of volumes the cache keeps (the newest job is always kept, whatever its size).

@@ -34,7 +34,7 @@ def fresh_unpack_pool(monkeypatch: pytest.MonkeyPatch):
     """A process-wide DICOM unpack pool of the test's own: an app's or a worker's start
     configures the pool from its settings (size, wait, no /tmp fallback), which must not
     outlive the test."""
-    from disa.registration import dicom_zip
+    from disa.core.io import dicom_zip
 
     pool = dicom_zip.UnpackPool(dicom_zip.DEFAULT_POOL_BYTES)
     monkeypatch.setattr(dicom_zip, "_POOL", pool)

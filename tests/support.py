@@ -52,8 +52,8 @@ def file_size_limit(limit_bytes: int) -> Iterator[None]:
 def write_pair(folder: Path, size: int = 24, spacing: float = 4.0) -> tuple[Path, Path]:
     """A phantom fixed/moving pair (known rigid motion: 8/-6/7 deg, 10/-8/9 mm, fixed ->
     moving) on a `size`^3 grid of `spacing` mm, as .nii.gz files in `folder`."""
-    from disa.registration import phantom as ph
-    from disa.registration.io import write_image
+    from disa.core.io.images import write_image
+    from disa.training import phantom as ph
 
     folder.mkdir(parents=True, exist_ok=True)
     pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),

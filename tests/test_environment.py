@@ -13,7 +13,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from disa.environment import Environment, variable
+from disa.core.environment import Environment, variable
 from disa.jobs.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ NAME = re.compile(r"\bDISA_[A-Z0-9][A-Z0-9_]*\b")
 NOT_VARIABLES = {
     "DISA_DEFAULT_MAX_MSE",  # registration/pipeline.py: the card's accuracy target
     "DISA_MANUFACTURER",  # disa/pacs/orthanc_plugin.py: the Manufacturer DISA writes
-    "DISA_REG", "DISA_DEFORMABLE",  # registration/dicom_reg.py: DICOM content labels
+    "DISA_REG", "DISA_DEFORMABLE",  # registration/results/dicom_reg.py: DICOM content labels
 }
 SOURCE_FOLDERS = ("disa", "jobs", "service", "worker", "registration", "model", "training",
                   "tests", "benchmarks", "scripts", "docker")

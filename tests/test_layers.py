@@ -2,13 +2,15 @@
 
     service -> jobs        worker -> jobs        service -> worker (dispatch.py only)
     service -> engine (registration, model) through service/engine_surface.py only
-    worker -> registration  registration <- model   training -> model, registration
+    worker -> registration -> model -> core       training -> registration, model
+    every layer -> core (errors, atomic writes, grids, image I/O); core -> nothing of DISA
+
+Inside the engine: runner -> results -> pipeline -> the stages (similarity, transform,
+search, deformable). No stage imports the pipeline, the results or the runner; the
+pipeline imports neither the results nor the runner.
 
 Every `import` and `from ... import` of a package's modules counts, also those
-inside functions (the lazy ones) and under TYPE_CHECKING. Known violations that
-issue 21 has not removed yet are listed below with the issue's number: each list
-may only shrink (an entry that no longer occurs fails the test, so that it is
-deleted together with the import it excused).
+inside functions (the lazy ones) and under TYPE_CHECKING.
 """
 
 from __future__ import annotations
@@ -31,31 +33,19 @@ PACKAGES = {
     "disa.registration": ROOT / "registration",
     "disa.model": ROOT / "model",
     "disa.training": ROOT / "training",
+    "disa.core": ROOT / "core",
 }
-#: The root of the namespace, which every layer may import: `disa` itself (imported with
-#: any of its subpackages), the DISA_* variables outside the service settings and the
-#: names of a result folder.
-ROOT_MODULES = {"disa", "disa.environment", "disa.result_files"}
+#: The namespace package itself (imported with any of its subpackages): nothing in it.
+ROOT_MODULES = {"disa"}
 #: What runs in the API, the workers and the CLI: never training, never torch.
 RUNTIME = ("root", "disa", "disa.jobs", "disa.service", "disa.worker", "disa.registration",
-           "disa.model")
-
-#: Issue 21, part 2 (a shared core under the engine): the job core still writes its
-#: files with the engine's atomic writes and sizes the engine's DICOM unpack pool.
-JOBS_MAY_IMPORT = {"disa.registration.atomic", "disa.registration.dicom_zip"}
-
-#: Issue 21, part 2: the model runtime still reads, writes and resamples volumes with
-#: the engine's code (model -> registration). Shrinks to nothing when that code moves
-#: to the shared core.
-MODEL_IMPORTS_REGISTRATION = {
-    ("disa.model.descriptors", "disa.registration.errors"),
-    ("disa.model.descriptors", "disa.registration.io"),
-    ("disa.model.descriptors", "disa.registration.preprocess"),
-}
-
-#: Issue 21, part 2: torch modules still shipped in disa.model (the network and its
-#: ONNX export), imported by training and tests only; they move to training/.
-TORCH_MODULES = {"disa.model.network", "disa.model.export"}
+           "disa.model", "disa.core")
+#: The engine's stage subpackages, which the pipeline calls.
+STAGES = ("disa.registration.similarity", "disa.registration.transform",
+          "disa.registration.search", "disa.registration.deformable")
+#: What sits above the stages, top first: the runner writes results of the pipeline's run.
+ABOVE_STAGES = ("disa.registration.runner", "disa.registration.results",
+                "disa.registration.pipeline")
 
 
 def _module_name(package: str, folder: Path, path: Path) -> str:
@@ -130,17 +120,17 @@ def test_the_scan_sees_every_package():
     assert ("disa.service.dispatch", "disa.worker.execute") in _edges("disa.service", "disa.worker")
 
 
-def test_jobs_imports_neither_the_api_nor_the_workers():
-    for upper in ("disa.service", "disa.worker", "disa.training", "disa.model", "disa"):
+def test_jobs_imports_only_the_core():
+    for upper in ("disa.service", "disa.worker", "disa.training", "disa.model", "disa",
+                  "disa.registration"):
         assert not _edges("disa.jobs", upper), upper
-    engine = {name for _, name in _edges("disa.jobs", "disa.registration")}
-    assert engine <= JOBS_MAY_IMPORT, engine - JOBS_MAY_IMPORT
 
 
-def test_the_root_imports_nothing_of_disa():
-    for module in ROOT_MODULES:
-        assert not {name for name in IMPORTS[module]
-                    if _within(name, "disa") and name not in ROOT_MODULES}, module
+def test_the_core_imports_nothing_of_disa_outside_itself():
+    for other in PACKAGES:
+        if other != "disa.core":
+            assert not _edges("disa.core", other), other
+    assert _edges("disa.registration", "disa.core") and _edges("disa.jobs", "disa.core")
 
 
 def test_workers_never_import_the_api():
@@ -171,12 +161,28 @@ def test_the_engine_imports_neither_the_api_nor_the_workers_nor_the_job_core():
             assert not _edges(engine, upper), (engine, upper)
 
 
-def test_the_model_runtime_imports_the_engine_only_where_issue_21_still_lists_it():
-    found = _edges("disa.model", "disa.registration")
-    assert found <= MODEL_IMPORTS_REGISTRATION, f"new model -> registration imports: " \
-        f"{sorted(found - MODEL_IMPORTS_REGISTRATION)}"
-    assert found == MODEL_IMPORTS_REGISTRATION, "gone from the code, delete from the list: " \
-        f"{sorted(MODEL_IMPORTS_REGISTRATION - found)}"
+def test_the_model_runtime_never_imports_the_engine():
+    assert not _edges("disa.model", "disa.registration")
+
+
+def _engine_edges(importer: str, imported: str) -> set[tuple[str, str]]:
+    return {(module, name) for module, names in IMPORTS.items() if _within(module, importer)
+            for name in names if _within(name, imported)}
+
+
+def test_the_stages_never_import_what_runs_them():
+    assert all(part in MODULES for part in STAGES + ABOVE_STAGES)
+    for stage in STAGES:
+        for upper in ABOVE_STAGES:
+            assert not _engine_edges(stage, upper), (stage, upper)
+
+
+def test_the_engine_is_layered_runner_results_pipeline():
+    for lower, upper in (("disa.registration.pipeline", "disa.registration.results"),
+                         ("disa.registration.pipeline", "disa.registration.runner"),
+                         ("disa.registration.results", "disa.registration.runner")):
+        assert not _engine_edges(lower, upper), (lower, upper)
+    assert _engine_edges("disa.registration.runner", "disa.registration.results")
 
 
 @pytest.mark.parametrize("package", RUNTIME)
@@ -187,17 +193,14 @@ def test_the_runtime_never_imports_training(package):
 @pytest.mark.parametrize("package", RUNTIME)
 def test_the_runtime_never_imports_torch(package):
     found = {(module, name) for module, names in IMPORTS.items() if _folder(module) == package
-             and module not in TORCH_MODULES for name in names if _within(name, "torch")}
+             for name in names if _within(name, "torch")}
     assert not found
-    for module in TORCH_MODULES:  # still where issue 21 lists them (delete them as they go)
-        assert module in MODULES, module
-        assert any(_within(name, "torch") for name in IMPORTS[module]), module
 
 
 def test_importing_every_runtime_module_loads_neither_torch_nor_training():
     """The same, as Python sees it: a fresh interpreter imports every runtime module."""
     modules = sorted(m for m in MODULES if _folder(m) != "disa.training"
-                     and m not in TORCH_MODULES and not m.endswith("__main__"))
+                     and not m.endswith("__main__"))
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n"
             "    importlib.import_module(name)\n"

@@ -1,12 +1,13 @@
-"""The result folder's names have one home, disa.result_files (issue 21): the engine's
+"""The result folder's names have one home, disa.core.result_files (issue 21): the engine's
 writers, the job core and the PACS commands take them from there."""
 
 from __future__ import annotations
 
-from disa import result_files
+from disa.core import result_files
 from disa.jobs import store
 from disa.pacs import workflow
-from disa.registration import dicom_reg, initial_transform, labels, outputs
+from disa.registration.results import dicom_reg, labels, outputs
+from disa.registration.transform import initial as initial_transform
 
 
 def test_the_engine_and_the_job_core_share_one_list() -> None:

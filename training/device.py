@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from disa.registration.lc2 import RIDGE, VAR_FLOOR
+from disa.registration.similarity.lc2 import RIDGE, VAR_FLOOR
 from disa.training.pairs import STRIDE, CropDraw, PairConfig
 
 #: Local standard deviation radius of the registration weights w(p)
@@ -101,8 +101,9 @@ def sample_crops(
 
 
 def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """Central differences with edge replication, as `disa.registration.lc2.gradient_magnitude`
-    (the edge slice gets half the one-sided difference); (B, 1, Z, Y, X) -> same."""
+    """Central differences with edge replication, as
+    `disa.registration.similarity.lc2.gradient_magnitude` (the edge slice gets half the
+    one-sided difference); (B, 1, Z, Y, X) -> same."""
     p = F.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate")
     gz = (p[:, :, 2:, 1:-1, 1:-1] - p[:, :, :-2, 1:-1, 1:-1]) * 0.5
     gy = (p[:, :, 1:-1, 2:, 1:-1] - p[:, :, 1:-1, :-2, 1:-1]) * 0.5
@@ -128,7 +129,7 @@ def box_means(x: torch.Tensor, radius: int) -> torch.Tensor:
 def lc2_from_means(mp: torch.Tensor, mg: torch.Tensor, mu: torch.Tensor, epp: torch.Tensor,
                    epg: torch.Tensor, egg: torch.Tensor, epu: torch.Tensor, egu: torch.Tensor,
                    euu: torch.Tensor) -> torch.Tensor:
-    """`disa.registration.lc2.lc2_from_moments` on the means of full cubes (torch)."""
+    """`disa.registration.similarity.lc2.lc2_from_moments` on the means of full cubes (torch)."""
     cpp = torch.clamp(epp - mp * mp, min=0.0)
     cgg = torch.clamp(egg - mg * mg, min=0.0)
     cuu = torch.clamp(euu - mu * mu, min=0.0)

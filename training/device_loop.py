@@ -59,12 +59,12 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from disa.model.network import DisaNet, clip_to_unit_ball
-from disa.registration.atomic import atomic_write, write_json
+from disa.core.atomic import atomic_write, write_json
 from disa.training import device as dv
 from disa.training import loop as cpu_loop
 from disa.training.data import scene_loader, training_volumes
 from disa.training.loop import BEST, TargetBalancer, TrainConfig
+from disa.training.network import DisaNet, clip_to_unit_ball
 from disa.training.pairs import CropDraw, PairConfig, draw_crop
 from disa.training.scan import ScanConfig, make_scan_pairs, run_scan
 
@@ -489,7 +489,7 @@ def export_kept(run: Path) -> str:
     """``run/disa.onnx`` from a CPU copy of the weights the run keeps (best.pt when the
     scan ran, else the last checkpoint's served weights); the model card is written
     later by `disa-train export` on a machine with the runtime's packages."""
-    from disa.model.export import export_onnx
+    from disa.training.onnx_export import export_onnx
 
     net = cpu_loop.model_from_checkpoint(run)
     path = run / ONNX

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from disa.registration import atomic
+from disa.core import atomic
 from disa.training import sources
 from disa.training.pairs import make_scene
 from disa.training.sampling import sample_patch_pairs

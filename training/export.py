@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from disa.model.export import export_onnx, write_model_card
 from disa.training.evaluate import card_metrics
 from disa.training.loop import SUMMARY, TrainConfig, load_checkpoint, model_from_checkpoint
+from disa.training.onnx_export import export_onnx, write_model_card
 from disa.training.sources import CATALOGUE, TRAINING_SOURCES
 from disa.training.synthesis import TRAINING_SETTINGS
 

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from disa.model.network import DisaNet
-from disa.registration.atomic import atomic_write, write_json
+from disa.core.atomic import atomic_write, write_json
 from disa.training.data import DataConfig, batch_loader
+from disa.training.network import DisaNet
 from disa.training.pairs import PairConfig
 
 CHECKPOINT = "checkpoint.pt"

@@ -7,7 +7,7 @@ evaluation: a network never shown distant pairs learns "same place = similar"
 and over-predicts LC2 for unrelated patches (the v1 model's failure, bias
 +0.3 in the lowest target bin).
 
-The box-filter identities of `disa.registration.lc2` cover one relative offset
+The box-filter identities of `disa.registration.similarity.lc2` cover one relative offset
 per pass (ten integral volumes each); a few thousand pairs at arbitrary
 offsets are cheaper summed directly: one pass over the radius-7 cube of each
 pair accumulates the moments of all radii (nested cubes) for both roles.
@@ -16,7 +16,7 @@ About 20 us per pair on one core; numba because numpy would need the
 
 Frames: arrays are (z, y, x) voxel arrays of one crop grid; centres are
 integer voxel indices whose cube of the largest radius lies inside the array.
-Gradients are those of `disa.registration.lc2.gradient_magnitude` over the
+Gradients are those of `disa.registration.similarity.lc2.gradient_magnitude` over the
 whole crop (central differences), so a pair at offset zero reproduces
 `local_lc2_multi` exactly.
 """
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from disa.registration import lc2
+from disa.registration.similarity import lc2
 
 # The kernel accumulates 14 sums per cube: 0 n, 1 f, 2 m, 3 gf, 4 gm, 5 ff, 6 mm,
 # 7 gf gf, 8 gm gm, 9 f gf, 10 m gm, 11 f m, 12 gf m, 13 gm f, where

@@ -14,7 +14,7 @@ fixed crop and descriptor i of the moving crop (both centred on crop voxel
 those two patches as sampled: local LC2 of the two aligned arrays, taken at
 the descriptor centres (every 4th voxel) by the pair kernel of
 `disa.training.pair_lc2`, in one call with the cross pairs below
-(`dense_targets`, the box-sum identities of `disa.registration.lc2`, is the
+(`dense_targets`, the box-sum identities of `disa.registration.similarity.lc2`, is the
 independent reference the tests hold it to). Every output voxel is supervised. The margin (8 = the
 largest LC2 radius 7 + 1 voxel for the gradient) lets the cubes of border
 descriptors use real context; the network sees only the central crop^3.
@@ -43,9 +43,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from disa.registration import lc2
-from disa.registration.errors import InputError
-from disa.registration.preprocess import normalise_intensities
+from disa.core.errors import InputError
+from disa.core.preprocess import normalise_intensities
+from disa.registration.similarity import lc2
 from disa.training.pair_lc2 import pair_lc2
 from disa.training.sources import Volume
 from disa.training.synthesis import TRAINING_SETTINGS, synthesize

@@ -151,7 +151,7 @@ def quantise(onnx_path: str | Path, volumes: Sequence[np.ndarray] | None = None,
         created=datetime.now(UTC),
     )
     updated = card.model_copy(update={"int8": variant})
-    from disa.registration import atomic
+    from disa.core import atomic
 
     atomic.write_json(json.loads(updated.model_dump_json()), card_path)
     return variant.model_dump(mode="json")

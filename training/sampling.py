@@ -11,7 +11,7 @@ Deliberate restrictions, for cost: centres lie on the descriptor grid
 (multiples of 4 voxels), so a network's descriptors are read without
 interpolation, and F is searched at the grid points within a window of
 ``search`` voxels around the M centre rather than everywhere (LC2 at those
-points by `disa.registration.lc2.lc2_against_points`, cheaper there than the
+points by `disa.registration.similarity.lc2.lc2_against_points`, cheaper there than the
 FFT of `LC2AgainstAll`). A draw whose closest LC2 is further than
 ``tolerance`` from t is discarded (values F cannot reach are not faked), and
 t is stratified: each of ``bins`` target bins gets an equal quota, so the
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from disa.registration import lc2
+from disa.registration.similarity import lc2
 
 STEP = 4
 

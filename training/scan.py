@@ -17,7 +17,7 @@ image I/O nor the held-out data):
 * objective: the engine's, sum_p F(p) . M(p + t) over points p drawn among the
   fixed nodes in proportion to the registration weights w and jittered within
   their descriptor cell, both maps read by trilinear interpolation, zero outside
-  the moving map (`disa.registration.objective`);
+  the moving map (`disa.registration.similarity.objective`);
 * search: from the true translation, move to the best of the 26 neighbours
   while that improves the objective, on a 1 mm lattice, then 0.5 mm; the drift
   is the distance (mm) between where that stops and the truth.
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from disa.model.network import clip_to_unit_ball
 from disa.training import device as dv
 from disa.training import sources
+from disa.training.network import clip_to_unit_ball
 from disa.training.pairs import STRIDE, CropDraw, IntensityDraw, PairConfig, make_scene
 
 SPACING_MM = 2.0

@@ -3,7 +3,7 @@
 Nothing is downloaded: every file comes from a package installed in the
 environment (docs/TRAINING.md, "Data"). Each source is one *subject* of one
 *anatomy*; it is loaded once per process (``load_volume`` is cached), resampled
-to the 2 mm working spacing with `disa.registration.preprocess.resample_to_spacing`
+to the 2 mm working spacing with `disa.core.preprocess.resample_to_spacing`
 and cropped to its head plus a small air margin. Arrays are numpy (z, y, x) on
 that 2 mm grid; the physical frame is not needed for synthesis.
 
@@ -64,8 +64,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from disa.environment import Environment
-from disa.registration.preprocess import resample_to_spacing
+from disa.core.environment import Environment
+from disa.core.preprocess import resample_to_spacing
 
 SPACING_MM = 2.0
 #: Tissue classes shared by every source; the synthesis has a contrast per class.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 
-from disa.registration.errors import InputError
+from disa.core.errors import InputError
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

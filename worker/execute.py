@@ -20,11 +20,11 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from disa.core.errors import CancelledError, InputError
+from disa.core.io.dicom_zip import UnpackBusy
 from disa.jobs.manifest import TERMINAL_STATES, ErrorKind, JobNotFound, Manifest, Progress, now
 from disa.jobs.settings import Settings
 from disa.jobs.store import INPUTS_DIR, RESULT_FILES, RESULT_JSON, JobStore
-from disa.registration.dicom_zip import UnpackBusy
-from disa.registration.errors import CancelledError, InputError
 
 log = logging.getLogger("disa.worker")
 
@@ -245,7 +245,7 @@ def _start(store: JobStore, job_id: str, settings: Settings) -> Manifest | str:
 def _fresh_outputs(outputs: Path) -> None:
     """An empty result folder: leftovers of a run that was cut off are incomplete by
     definition (no result.json), and so are the staging folders that the result writer
-    (registration/outputs.py) leaves beside it when its process is killed mid-write
+    (registration/results/outputs.py) leaves beside it when its process is killed mid-write
     (``.outputs.partial-*``, ``.outputs.old-*``)."""
     shutil.rmtree(outputs, ignore_errors=True)
     for stale in outputs.parent.glob(f".{outputs.name}.*"):
@@ -258,7 +258,7 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
               progress: _ProgressWriter, canceller: _Canceller) -> dict[str, Any]:
     # The engine is imported here, in the process that runs jobs, never in a
     # parent that forks: nothing of it (ONNX sessions, numba threads) exists before fork.
-    from disa.registration.io import InputLimits
+    from disa.core.io.images import InputLimits
     from disa.registration.options import RegistrationOptions
     from disa.registration.runner import run_registration
 

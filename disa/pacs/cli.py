@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from disa.cli_options import add_option_arguments, options_from_args
-from disa.environment import Environment
-from disa.registration.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK
+from disa.core.environment import Environment
+from disa.core.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK
 from disa.service.client_key import add_api_key_arguments, api_key_from
 
 
@@ -197,7 +197,7 @@ def _run(args: argparse.Namespace, source: Any) -> int:
         return _fail(str(exc), EXIT_INTERNAL)
     except OSError as exc:  # a local disk problem, or a network error outside the retries
         return _fail(f"{type(exc).__name__}: {exc.strerror or exc}", EXIT_INTERNAL)
-    from disa.registration.readable import verdict_line
+    from disa.registration.results.readable import verdict_line
 
     r = done.result
     line = verdict_line(r)  # the verdict first, as disa register and disa submit print it

@@ -26,8 +26,8 @@ import httpx
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
+from disa.core.io.images import DEFAULT_LIMITS
 from disa.pacs.retry import PacsError, RetryPolicy, SeriesNotFound, call_with_retries
-from disa.registration.io import DEFAULT_LIMITS
 
 DICOM_JSON = "application/dicom+json"
 MULTIPART_DICOM = 'multipart/related; type="application/dicom"'

@@ -43,9 +43,9 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from disa.core.io.images import DEFAULT_LIMITS
 from disa.pacs.dicomweb import SeriesRef, check_uid, prepare_target, remove_files
 from disa.pacs.retry import PacsError, RetryPolicy, SeriesNotFound, call_with_retries
-from disa.registration.io import DEFAULT_LIMITS
 
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 

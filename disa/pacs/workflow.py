@@ -20,13 +20,12 @@ from typing import Any, Protocol
 import httpx
 import numpy as np
 
-from disa.pacs.dicomweb import SeriesRef
-from disa.pacs.retry import PacsError, RetryPolicy, call_with_retries
-
 # The engine's error, one class for both layers; imported here so that
 # `disa.pacs.workflow.PatientMismatch` still names it.
-from disa.registration.errors import PatientMismatch
-from disa.result_files import REGISTERED_FILE, REGISTRATION_FILE, RESULT_FILE
+from disa.core.errors import PatientMismatch
+from disa.core.result_files import REGISTERED_FILE, REGISTRATION_FILE, RESULT_FILE
+from disa.pacs.dicomweb import SeriesRef
+from disa.pacs.retry import PacsError, RetryPolicy, call_with_retries
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -172,7 +171,7 @@ def _wait(service: RegistrationService, job_id: str, retry: RetryPolicy, poll_s:
 
 def _check_same_patient(fixed: Path, moving: Path) -> None:
     """Raise PatientMismatch when the two fetched series name different patients."""
-    from disa.registration.dicom_reg import check_same_patient
+    from disa.registration.results.dicom_reg import check_same_patient
 
     try:
         check_same_patient(_patient_headers(fixed), _patient_headers(moving))
@@ -203,8 +202,8 @@ def _patient_headers(folder: Path) -> list[Any]:
 
 def _registered_series(registered: Path, work: Path) -> list[Path]:
     """The registered moving image as a DICOM series in the fixed frame (for plain viewers)."""
-    from disa.registration.dicom_reg import write_registered_series
-    from disa.registration.io import read_image
+    from disa.core.io.images import read_image
+    from disa.registration.results.dicom_reg import write_registered_series
 
     return write_registered_series(read_image(registered), work / "fixed", work / "registered",
                                    moving_series_dir=work / "moving")

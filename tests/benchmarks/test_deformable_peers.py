@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from disa.registration import phantom as ph
+from disa.training import phantom as ph
 
 from .scripts import load_benchmark
 

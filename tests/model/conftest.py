@@ -13,8 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from disa.model.export import export_onnx, write_model_card  # noqa: E402
-from disa.model.network import DisaNet  # noqa: E402
+from disa.training.network import DisaNet  # noqa: E402
+from disa.training.onnx_export import export_onnx, write_model_card  # noqa: E402
 
 
 def make_net(seed: int = 0, head_gain: float = 8.0) -> DisaNet:

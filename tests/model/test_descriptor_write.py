@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from disa.core.errors import InputError
+from disa.core.io.images import write_image
 from disa.model.descriptors import write_descriptor_image
-from disa.registration.errors import InputError
-from disa.registration.io import write_image
 
 
 def _vector_image() -> sitk.Image:

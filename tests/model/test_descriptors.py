@@ -10,16 +10,16 @@ import SimpleITK as sitk
 
 pytest.importorskip("onnxruntime")
 
+from disa.core.preprocess import (
+    normalise_intensities,
+    resample_to_spacing,
+)
 from disa.model.card import card_path_for, load_model_card
 from disa.model.descriptors import (
     compute_descriptor_file,
     compute_descriptor_image,
 )
 from disa.model.runtime import DescriptorExtractor
-from disa.registration.preprocess import (
-    normalise_intensities,
-    resample_to_spacing,
-)
 
 
 def _rotation(ax: float, az: float) -> np.ndarray:

@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 from disa.model.card import file_sha256  # noqa: E402
-from disa.model.export import export_onnx  # noqa: E402
-from disa.model.network import DisaNet  # noqa: E402
+from disa.training.network import DisaNet  # noqa: E402
+from disa.training.onnx_export import export_onnx  # noqa: E402
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from disa.core.preprocess import working_grid_size
 from disa.model import cli as model_cli
 from disa.model.cli import (
     HUGE_PAGE_MIN_VOXELS,
@@ -20,7 +21,6 @@ from disa.model.cli import (
     huge_page_environment,
     nifti_working_voxels,
 )
-from disa.registration.preprocess import working_grid_size
 
 
 def _thp(tmp_path: Path, mode: str) -> Path:

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from disa.model.card import PARAMETERS, RECEPTIVE_FIELD_VOXELS  # noqa: E402
-from disa.model.network import (  # noqa: E402
+from disa.training.network import (  # noqa: E402
     CHANNELS,
     STRIDE,
     BlurPool3d,

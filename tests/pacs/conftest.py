@@ -37,9 +37,9 @@ TEST_AET = "DISATEST"  # the AE title the tests (and the pacs commands) call fro
 
 
 def load_dicom_fixtures() -> ModuleType:
-    """tests/registration/dicom_fixtures.py, loaded by path (test folders are not packages
+    """tests/core/dicom_fixtures.py, loaded by path (test folders are not packages
     of one tree under pytest's importlib mode)."""
-    path = Path(__file__).resolve().parents[1] / "registration" / "dicom_fixtures.py"
+    path = Path(__file__).resolve().parents[1] / "core" / "dicom_fixtures.py"
     spec = importlib.util.spec_from_file_location("disa_test_dicom_fixtures", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -257,7 +257,7 @@ class PhantomStudy:
 
 @pytest.fixture(scope="session")
 def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
-    from disa.registration import phantom as ph
+    from disa.training import phantom as ph
 
     dx = load_dicom_fixtures()
     root = tmp_path_factory.mktemp("phantom-study")
@@ -275,7 +275,7 @@ def phantom_study(tmp_path_factory: pytest.TempPathFactory) -> PhantomStudy:
 def truth_error_mm(moving_to_fixed: np.ndarray, truth: Any, spacing: float = 15.0) -> float:
     """Mean distance (mm) between fixed lattice points and their moving-frame images
     mapped back by `moving_to_fixed` (a 4x4 REG matrix)."""
-    from disa.registration import phantom as ph
+    from disa.training import phantom as ph
 
     fixed_points = ph.grid_points(ph.make_grid((5, 5, 5), (spacing,) * 3))
     moving_points = np.array([truth.TransformPoint(tuple(p)) for p in fixed_points])

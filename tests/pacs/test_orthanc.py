@@ -10,11 +10,11 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from disa.core.io.images import read_dicom_headers, read_image
 from disa.pacs.dicomweb import DicomWebClient, SeriesRef, split_multipart
 from disa.pacs.dimse import DimseClient, Peer
 from disa.pacs.retry import PacsError, PacsUnavailable, RetryPolicy, SeriesNotFound
-from disa.registration import dicom_reg as dr
-from disa.registration.io import read_dicom_headers, read_image
+from disa.registration.results import dicom_reg as dr
 
 from .conftest import ORTHANC_AET, TEST_AET, OrthancServer, PhantomStudy, free_port
 

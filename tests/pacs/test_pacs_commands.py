@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from disa.cli import main
-from disa.registration import dicom_reg as dr
+from disa.registration.results import dicom_reg as dr
 
 from ..support import wait_until
 from .conftest import (

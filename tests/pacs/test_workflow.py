@@ -135,9 +135,9 @@ def test_series_of_two_patients_are_refused_before_submitting() -> None:
 def test_patient_mismatch_is_one_class_for_the_engine_and_the_pacs_commands() -> None:
     """Issue 21: one PatientMismatch, an InputError, under each of its import paths; the
     refusal keeps the engine's identifier-free reason."""
-    from disa.registration import dicom_reg
-    from disa.registration.errors import InputError
-    from disa.registration.errors import PatientMismatch as engine_mismatch
+    from disa.core.errors import InputError
+    from disa.core.errors import PatientMismatch as engine_mismatch
+    from disa.registration.results import dicom_reg
 
     assert PatientMismatch is engine_mismatch is dicom_reg.PatientMismatch
     assert issubclass(PatientMismatch, InputError)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from disa.registration import phantom as ph
+from disa.training import phantom as ph
 
 #: Evaluation points for target registration error: a 10 mm lattice over the body (mm).
 TRE_POINTS = ph.grid_points(ph.make_grid((9, 9, 9), (10.0, 10.0, 10.0)))

@@ -13,10 +13,10 @@ import SimpleITK as sitk
 from PIL import Image
 
 from disa.cli import EXIT_INPUT, EXIT_OK, main
-from disa.registration.io import write_image
+from disa.core.io.images import write_image
 
-from .io_fixtures import phantom
-from .test_io import BAD_INPUTS
+from ..core.io_fixtures import phantom
+from ..core.test_io import BAD_INPUTS
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +391,7 @@ def test_a_rigid_initial_transform_reaches_register_intact_and_is_recorded(
     """The Euler3D file arrives in register() as the same mapping (fixed -> moving), with
     the CLI's defaults; result.json's inputs record its matrix. The engine is stubbed."""
     from disa.registration import runner
-    from disa.registration.transforms import linear_matrix
+    from disa.registration.transform.parametric import linear_matrix
 
     euler = sitk.Euler3DTransform((10.0, -5.0, 3.0), 0.2, -0.1, 0.3, (12.0, -8.0, 9.0))
     expected = linear_matrix(euler)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from disa.registration import phantom as ph
-from disa.registration.errors import InputError
+from disa.core.errors import InputError
 from disa.registration.fov import data_region
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
-from disa.registration.verdict import Evidence, verdict
+from disa.registration.search.verdict import Evidence, verdict
+from disa.training import phantom as ph
 
 TRUTH = ph.rigid_truth((12.0, -10.0, 11.0), (18.0, -15.0, 17.0))  # ~20 deg, ~29 mm
 

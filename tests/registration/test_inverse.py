@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from disa.registration import phantom as ph
-from disa.registration.displacement import (
+from disa.core.grid import Grid
+from disa.registration.transform.displacement import (
     covering_grid,
     dense_displacement,
     inverse_residual,
@@ -22,7 +22,7 @@ from disa.registration.displacement import (
     residual_transform,
     split_mapping,
 )
-from disa.registration.grid import Grid
+from disa.training import phantom as ph
 
 
 def _dice(a: np.ndarray, b: np.ndarray, labels: range) -> np.ndarray:
@@ -186,7 +186,7 @@ def test_a_probe_compression_is_inverted_as_accurately() -> None:
     """rigid+probe writes the same T(x) = R(x + r(x)) form, r on a grid of 2 working voxels
     (pipeline._probe_transform): an 8 mm compression decaying over 30 mm (strain ~0.27 at
     the probe face) comes back to within a fraction of a millimetre."""
-    from disa.registration.probe import ProbeGeometry, ProbeModel
+    from disa.registration.deformable.probe import ProbeGeometry, ProbeModel
 
     model = ProbeModel(np.zeros(3), ProbeGeometry(np.array([-45.0, 0.0, 0.0]),
                                                   np.array([1.0, 0.0, 0.0])), "moving")
@@ -214,9 +214,9 @@ def test_the_result_folder_counts_the_users_fixed_mask_as_the_foreground(tmp_pat
     """With a fixed mask the det J figures and the inverse's accuracy count its voxels."""
     import json
 
-    from disa.registration.displacement import jacobian_metrics
-    from disa.registration.outputs import write_result_folder
     from disa.registration.pipeline import RegistrationResult
+    from disa.registration.results.outputs import write_result_folder
+    from disa.registration.transform.displacement import jacobian_metrics
 
     grid = ph.make_grid((32, 32, 32), (2.5, 2.5, 2.5))
     bumps = ph.random_bumps(np.random.default_rng(3), count=3, max_mm=5.0, sigma_mm=14.0,

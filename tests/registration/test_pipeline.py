@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from disa.registration import phantom as ph
-from disa.registration import similarity_spec
-from disa.registration.errors import CancelledError, InputError
+from disa.core.errors import CancelledError, InputError
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
-from disa.registration.similarity_spec import Similarity
+from disa.registration.similarity import spec as similarity_spec
+from disa.registration.similarity.spec import Similarity
+from disa.training import phantom as ph
 
 from .conftest import tre
 
@@ -230,8 +230,8 @@ def test_reoriented_passes_extract_only_the_region_the_fixed_image_maps_to(
     """Each re-orientation pass runs the descriptors on the moving region that the weighted
     fixed points map to (plus footprint and motion margins), not on the rotated box around
     the whole moving field of view; the answer stays as accurate."""
+    from disa.core.preprocess import resample_to_spacing
     from disa.registration import pipeline
-    from disa.registration.preprocess import resample_to_spacing
 
     shapes: list[tuple[int, ...]] = []
     extract = pipeline.descriptor_maps
@@ -258,9 +258,9 @@ def test_cropped_regrid_gives_the_uncropped_disa_descriptors() -> None:
     """The crop's margin covers the network's receptive field and its first voxel sits a
     whole stride into the uncropped grid: the descriptors inside the requested box are the
     ones the uncropped re-gridded image gives."""
+    from disa.core.preprocess import antialias
     from disa.model.card import default_card_path
     from disa.registration import pipeline
-    from disa.registration.preprocess import antialias
 
     if default_card_path() is None:
         pytest.skip("no shipped DISA model")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from disa.registration.errors import InputError
-from disa.registration.io import InputLimits
+from disa.core.errors import InputError
+from disa.core.io.images import InputLimits
+from disa.core.preprocess import MAX_WORKING_VOXELS, check_working_grid
 from disa.registration.options import RegistrationOptions
-from disa.registration.preprocess import MAX_WORKING_VOXELS, check_working_grid
 from disa.registration.runner import run_registration
 
 #: The pair's grid: 24^3 voxels of 4 mm.

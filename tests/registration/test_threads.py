@@ -9,10 +9,10 @@ import sys
 import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from disa.registration import phantom as ph
 from disa.registration import pipeline
 from disa.registration.options import RegistrationOptions
 from disa.registration.threads import POLICY_ENV, policy, serial_blas
+from disa.training import phantom as ph
 
 
 def _omp_policy_after_import(env_update: dict[str, str]) -> str:

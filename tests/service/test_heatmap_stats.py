@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from disa.registration.grid import Grid
+from disa.core.grid import Grid
 from disa.service.heatmap import Heatmap
 from disa.service.heatmap_stats import local_peaks, standing
 from disa.service.viewer import plane_geometry

@@ -125,11 +125,11 @@ def test_series_are_chosen_by_uid_in_a_multi_series_zip(client, tmp_path: Path):
 
     import SimpleITK as sitk
 
-    from disa.registration import phantom as ph
-    from disa.registration.io import read_dicom_headers
+    from disa.core.io.images import read_dicom_headers
     from disa.service.client import ServiceError
+    from disa.training import phantom as ph
 
-    from ..registration import dicom_fixtures as dx
+    from ..core import dicom_fixtures as dx
 
     pair = ph.make_pair(ph.rigid_truth((6, -4, 5), (6, -5, 4)),
                         fixed_grid=ph.make_grid((24, 24, 24), (4.0, 4.0, 4.0)))
@@ -162,8 +162,8 @@ def test_an_initial_transform_travels_from_client_to_engine(client, tmp_path: Pa
     import numpy as np
     import SimpleITK as sitk
 
-    from disa.registration import phantom as ph
-    from disa.registration.transforms import linear_matrix
+    from disa.registration.transform.parametric import linear_matrix
+    from disa.training import phantom as ph
 
     truth = ph.rigid_truth((8, -6, 7), (10, -8, 9))  # write_pair's motion, fixed -> moving
     pose = tmp_path / "pose.tfm"

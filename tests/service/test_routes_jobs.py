@@ -366,7 +366,7 @@ def test_a_good_initial_transform_is_stored_and_its_matrix_shown(client, pair_fi
                                                                   tmp_path, dispatcher):
     import numpy as np
 
-    from disa.registration.transforms import linear_matrix
+    from disa.registration.transform.parametric import linear_matrix
 
     content, euler = _euler_tfm_bytes(tmp_path)
     r = client.post("/v1/jobs", files={**_files(pair_files),

@@ -46,7 +46,7 @@ def test_hard_limit_must_exceed_soft_limit():
 
 
 def test_the_unpack_pool_is_a_setting_applied_per_process(monkeypatch: pytest.MonkeyPatch):
-    from disa.registration import dicom_zip
+    from disa.core.io import dicom_zip
 
     pool = dicom_zip.UnpackPool(dicom_zip.DEFAULT_POOL_BYTES)
     monkeypatch.setattr(dicom_zip, "_POOL", pool)

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from disa.registration import dicom_zip
+from disa.core.io import dicom_zip
 from disa.service import routes_jobs
 
-from ..registration import dicom_fixtures as dx
-from ..registration.io_fixtures import zip_folder
-from ..registration.test_slice_stack import tilted_series
+from ..core import dicom_fixtures as dx
+from ..core.io_fixtures import zip_folder
+from ..core.test_slice_stack import tilted_series
 from .helpers import TINY_OPTIONS
 
 
@@ -61,7 +61,7 @@ def test_the_zips_of_one_request_share_one_unpack_budget(client, tmp_path: Path,
     archive = _zipped_series(tmp_path)
     headers = 0
     with dicom_zip.unpack_budget(10**9):
-        from disa.registration.io import inspect_image
+        from disa.core.io.images import inspect_image
 
         inspect_image(archive)
         headers = dicom_zip._REQUEST.get().used

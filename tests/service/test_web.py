@@ -676,7 +676,7 @@ def _check_disa_values(heat, fixed, moving, options, matrix, viewer, p) -> None:
 
 def test_planes_follow_flipped_and_permuted_grids():
     """Display planes of grids stored in other orientations: pixels, indices and LPS agree."""
-    from disa.registration.grid import Grid
+    from disa.core.grid import Grid
     from disa.service.viewer import plane_geometry
 
     rng = np.random.default_rng(0)
@@ -708,7 +708,7 @@ def test_planes_follow_flipped_and_permuted_grids():
 
 def test_view_point_falls_back_to_the_fixed_grid_centre():
     """Results written before result.json had view_point_mm, or with a broken one."""
-    from disa.registration.grid import Grid
+    from disa.core.grid import Grid
     from disa.service.viewer import view_point
 
     grid = Grid(shape=(6, 7, 8), origin=np.array([-10.0, 0.0, 5.0]),
@@ -732,7 +732,7 @@ def _rotation_x(angle: float) -> np.ndarray:
 
 def test_non_linear_jobs_map_points_through_their_displacement_field():
     """T p = p + u(p) when the job has displacement.nii.gz; the matrix otherwise."""
-    from disa.registration.grid import Grid
+    from disa.core.grid import Grid
     from disa.service.heatmap import fixed_to_moving
     from disa.service.viewer import JobVolumes
 

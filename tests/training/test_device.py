@@ -134,7 +134,7 @@ def test_moving_descriptors_between_nodes_are_trilinear() -> None:
 
 
 def test_node_weights_are_the_registration_weights() -> None:
-    from disa.registration.preprocess import local_std
+    from disa.core.preprocess import local_std
 
     fixed, _ = _fields(2, CFG.side)
     fixed[0, :, :, : CFG.side // 2] = 0.3  # a flat half carries no weight

@@ -143,7 +143,7 @@ def test_fit_can_start_from_an_exported_model(
     tiny_config: loop.TrainConfig, tmp_path: Path
 ) -> None:
     from disa.model.card import file_sha256
-    from disa.model.export import export_onnx
+    from disa.training.onnx_export import export_onnx
 
     parent = loop.new_model(42)
     onnx_path = tmp_path / "parent.onnx"

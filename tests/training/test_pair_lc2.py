@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from disa.registration import lc2
+from disa.registration.similarity import lc2
 from disa.training.pair_lc2 import pair_lc2
 
 RADII = (3, 5, 7)

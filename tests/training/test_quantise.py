@@ -17,12 +17,12 @@ from disa.model.card import (
     file_sha256,
     int8_model_path,
 )
-from disa.model.export import export_onnx, write_model_card
-from disa.model.network import DisaNet
 from disa.model.runtime import DescriptorExtractor, default_engine
 from disa.training import sources
 from disa.training.cli import main as train_main
 from disa.training.evaluate import merge_into_card
+from disa.training.network import DisaNet
+from disa.training.onnx_export import export_onnx, write_model_card
 from disa.training.synthesis import TRAINING_SETTINGS
 
 ov = pytest.importorskip("openvino")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage, stats
 
-from disa.registration import lc2
+from disa.registration.similarity import lc2
 from disa.training import pairs, sampling, sources
 
 CFG = pairs.PairConfig(crop=16)

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from disa.core.errors import CancelledError, InputError
+from disa.core.io.dicom_zip import UnpackBusy
 from disa.registration import runner
-from disa.registration.dicom_zip import UnpackBusy
-from disa.registration.errors import CancelledError, InputError
 from disa.worker import execute
 from disa.worker.execute import (
     Interrupted,

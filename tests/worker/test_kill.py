@@ -24,8 +24,8 @@ def _wait(predicate, timeout: float, what: str):
 
 def test_job_survives_its_worker_being_killed(redis_server, start_worker, apply_env,
                                              tmp_path):
-    from disa.registration import phantom as ph
-    from disa.registration.io import write_image
+    from disa.core.io.images import write_image
+    from disa.training import phantom as ph
 
     pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
                         fixed_grid=ph.make_grid((40, 40, 40), (4.0, 4.0, 4.0)))
@@ -68,8 +68,8 @@ def test_killed_pool_process_is_replaced_and_the_job_redelivered(redis_server, s
     import os
     import signal
 
-    from disa.registration import phantom as ph
-    from disa.registration.io import write_image
+    from disa.core.io.images import write_image
+    from disa.training import phantom as ph
 
     pair = ph.make_pair(ph.rigid_truth((8, -6, 7), (10, -8, 9)),
                         fixed_grid=ph.make_grid((40, 40, 40), (4.0, 4.0, 4.0)))

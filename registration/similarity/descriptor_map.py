@@ -1,0 +1,327 @@
+"""Dense descriptor maps on physical grids (DISA network output or MIND-SSC).
+
+A map holds one C-vector per voxel of its grid, channels last, as float32 or as
+symmetric int8 codes (value = code x scale), and a validity in [0, 1] per voxel:
+1 where the image has data (inside its field of view, ultrasound sector and
+mask), 0 elsewhere. The registration objective reads fixed descriptors at sample
+points and trilinearly interpolates moving ones and their validity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from numba import njit, prange
+
+from disa.core.grid import Grid
+from disa.model.codes import INT8_SCALE
+
+
+@dataclass(frozen=True)
+class DescriptorMap:
+    """Descriptors (Z, Y, X, C) on ``grid``; physical value = data * scale.
+
+    ``valid`` (Z, Y, X) float32 in [0, 1], None meaning valid everywhere: where the
+    image has data. Points of the other image that land where it is 0 count neither
+    for nor against a pose (the overlap-normalised objective).
+    """
+
+    data: np.ndarray
+    grid: Grid
+    scale: float = 1.0
+    valid: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 4 or tuple(self.data.shape[:3]) != tuple(self.grid.shape):
+            raise ValueError(f"descriptor array {self.data.shape} does not match grid "
+                             f"{self.grid.shape}")
+        if self.valid is not None and tuple(self.valid.shape) != tuple(self.grid.shape):
+            raise ValueError(f"validity {self.valid.shape} does not match grid "
+                             f"{self.grid.shape}")
+
+    @property
+    def validity(self) -> np.ndarray:
+        """The validity (Z, Y, X) float32, C-contiguous (ones when none was given)."""
+        if self.valid is None:
+            return np.ones(self.grid.shape, dtype=np.float32)
+        return np.ascontiguousarray(self.valid, dtype=np.float32)
+
+    def with_validity(self, valid: np.ndarray | None) -> DescriptorMap:
+        """The same descriptors with validity ``valid`` (bool or float on this grid)."""
+        v = None if valid is None else np.ascontiguousarray(valid, dtype=np.float32)
+        return DescriptorMap(self.data, self.grid, self.scale, v)
+
+    @cached_property
+    def valid_moments(self) -> tuple[np.ndarray, float]:
+        """(mean descriptor (C,), mean squared norm) over the valid voxels, float64 physical
+        values, from a regular subsample of at most ~200,000 voxels (a mean needs no more).
+        Cached: every objective on this map (one per level and orientation bin) needs it."""
+        v = self.validity.ravel().astype(np.float64)
+        m = self.data.reshape(-1, self.channels)
+        stride = max(1, len(v) // 200_000)
+        m = m[::stride].astype(np.float64) * float(self.scale)
+        v = v[::stride]
+        if v.sum() <= 0:
+            v = np.ones_like(v)
+        mean = (v @ m) / v.sum()
+        return mean, float(v @ np.sum(m * m, axis=1)) / float(v.sum())
+
+    @cached_property
+    def _smoothings(self) -> dict[float, DescriptorMap]:
+        """``smoothed`` results by sigma (voxels). Why: the re-oriented refinement smooths
+        the same fixed map for the search's winner and each runner-up basin (up to 4 times
+        per registration, 0.2-0.5 s each on a torso map)."""
+        return {}
+
+    @property
+    def channels(self) -> int:
+        return int(self.data.shape[3])
+
+    @property
+    def is_int8(self) -> bool:
+        return self.data.dtype == np.int8
+
+    def as_float(self) -> np.ndarray:
+        """The descriptors as float32 values."""
+        return (self.data.astype(np.float32) * np.float32(self.scale)) if self.is_int8 \
+            else self.data.astype(np.float32, copy=False)
+
+    def quantised(self) -> DescriptorMap:
+        """Symmetric int8 codes round(x * 127) of a map whose values lie in [-1, 1].
+
+        DISA descriptors lie in the unit ball, so every component is in [-1, 1]
+        and the code loses at most 1/254 per component (docs/DESIGN.md, "The method
+        and the network").
+        """
+        if self.is_int8:
+            return self
+        # The same codes as disa.model.codes.encode_int8 (tests/registration/
+        # test_descriptor_map_speed.py checks it) in one pass without float temporaries:
+        # 0.27 s -> ~0.03 s for a 12-channel torso map (numpy's four passes each
+        # allocated and wrote a map-sized array).
+        values = np.ascontiguousarray(self.as_float())
+        codes = np.empty(values.shape, dtype=np.int8)
+        _encode_int8(values.reshape(-1), codes.reshape(-1))
+        return DescriptorMap(codes, self.grid, INT8_SCALE, self.valid)
+
+    def pooled(self) -> DescriptorMap:
+        """Half resolution: [1, 2, 1]/4 smoothing then every second voxel.
+
+        The binomial filter is centred, so voxel i of the result sits on voxel
+        2i of this map and the grid keeps its origin (Grid.strided(2)).
+        """
+        values = self.as_float()
+        for axis in range(3):
+            values = _binomial_halved(values, axis, edge=False)
+        valid = None
+        if self.valid is not None:
+            # A pooled node is as valid as the data its filter reads (edges taper).
+            valid = self.validity
+            for axis in range(3):
+                valid = _binomial_halved(valid, axis, edge=True)
+        pooled = DescriptorMap(np.ascontiguousarray(values), self.grid.strided(2), 1.0,
+                               None if valid is None else np.ascontiguousarray(valid))
+        return pooled.quantised() if self.is_int8 else pooled
+
+    def smoothed(self, sigma_voxels: float) -> DescriptorMap:
+        """Each channel under a Gaussian of ``sigma_voxels`` (this map's voxels); same grid.
+
+        Why (the final refinement): trilinear interpolation blurs the moving descriptors
+        between their voxels and not at them, so an unsmoothed map scores poses that
+        put the sample points on its lattice better, and the re-gridded moving map's
+        lattice follows the current rotation: rotations stuck 1-2 mm (at the sample
+        radius) from the optimum. Smoothing both maps by about a voxel makes that
+        blur small against the content (t1-t2 realistic cases: TRE p50 1.2 -> 0.7 mm).
+        """
+        if sigma_voxels <= 0:
+            return self
+        key = float(sigma_voxels)
+        if key not in self._smoothings:
+            self._smoothings[key] = self._gaussian(key)
+        return self._smoothings[key]
+
+    def _gaussian(self, sigma_voxels: float) -> DescriptorMap:
+        """``smoothed`` computed: scipy.ndimage.gaussian_filter(as_float(), (s, s, s, 0),
+        mode="nearest") (truncate 4), then int8 codes again for an int8 map, bit for bit.
+
+        Why not scipy itself: on the channel-last (Z, Y, X, 12) maps it took 0.3-0.5 s a
+        call on a torso map (2.7 s on a loaded machine), 32 calls per registration. The
+        numba passes below do the same float64 arithmetic in the same order (so the same
+        float32 results), with the int8 decode folded into the first pass and the encode
+        into the last: measured 0.35 -> 0.13 s (0.24 -> 0.09 s) on the torso case's fixed
+        (moving) int8 map, (118, 121, 134, 12) and (112, 83, 143, 12), 2 cores, load 2.2
+        (benchmarks/README.md, "Re-orientation stage speed").
+        """
+        weights = gaussian_weights(sigma_voxels)
+        data = self.data if self.is_int8 or self.data.dtype == np.float32 \
+            else self.data.astype(np.float32)
+        data = np.ascontiguousarray(data)
+        # (as_float ignores the scale of a float map; so does this, for the same numbers.)
+        scale = float(self.scale) if self.is_int8 else 1.0
+        nz, ny, nx, nc = data.shape
+        first = np.empty(data.shape, dtype=np.float32)
+        _gaussian_pass(data.reshape(1, nz, ny * nx * nc), first.reshape(1, nz, ny * nx * nc),
+                       weights, scale, False)
+        second = np.empty(data.shape, dtype=np.float32)
+        _gaussian_pass(first.reshape(nz, ny, nx * nc), second.reshape(nz, ny, nx * nc),
+                       weights, 1.0, False)
+        out = np.empty(data.shape, dtype=np.int8 if self.is_int8 else np.float32)
+        _gaussian_pass(second.reshape(nz * ny, nx, nc), out.reshape(nz * ny, nx, nc),
+                       weights, 1.0, self.is_int8)
+        return DescriptorMap(out, self.grid, INT8_SCALE if self.is_int8 else 1.0, self.valid)
+
+    def masked(self, mask: np.ndarray) -> DescriptorMap:
+        """Validity set to 0 where ``mask`` (bool on this grid) is False: no similarity there.
+
+        Why not zero the descriptors (as until 2026-12-04): a point on a zeroed moving
+        descriptor still counted, as 0 (dot) or ||F||^2 (SSD), so a small moving mask
+        pulled the fixed foreground onto it; gated by validity it no longer counts.
+        """
+        return self.with_validity(self.validity * mask)
+
+    def sample(self, points: np.ndarray) -> np.ndarray:
+        """Descriptors (N, C) float32 at LPS mm ``points`` (N, 3), trilinear; NaN rows
+        outside the grid. Physical values (data x scale; the scale of a float map is 1).
+
+        A point is inside when its continuous index lies within [0, n - 1] on every axis
+        (voxel centres of the first and last voxel). Plain numpy for a few thousand points
+        at a time (the viewer's heatmap, a displacement field at display pixels); the
+        objective's compiled kernels interpolate its sample points themselves. The
+        validity is not consulted: the caller masks what it must.
+        """
+        data = self.data
+        shape_xyz = np.array(self.grid.size_xyz)
+        idx = self.grid.to_index(np.asarray(points, dtype=np.float64).reshape(-1, 3))
+        eps = 1e-6
+        inside = np.all((idx >= -eps) & (idx <= shape_xyz - 1 + eps), axis=1)
+        idx = np.clip(idx, 0.0, shape_xyz - 1.0)
+        # The last cell's base is n - 2, so that a point on the last voxel centre takes
+        # weight 1 from it (and a one-voxel axis reads its one voxel twice).
+        base = np.minimum(np.floor(idx).astype(np.int64), np.maximum(shape_xyz - 2, 0))
+        frac = (idx - base).astype(np.float32)
+        out = np.zeros((idx.shape[0], data.shape[3]), dtype=np.float32)
+        for dx, dy, dz in _CORNERS:
+            weight = ((frac[:, 0] if dx else 1.0 - frac[:, 0])
+                      * (frac[:, 1] if dy else 1.0 - frac[:, 1])
+                      * (frac[:, 2] if dz else 1.0 - frac[:, 2]))
+            x = np.minimum(base[:, 0] + dx, shape_xyz[0] - 1)
+            y = np.minimum(base[:, 1] + dy, shape_xyz[1] - 1)
+            z = np.minimum(base[:, 2] + dz, shape_xyz[2] - 1)
+            out += weight[:, None] * np.asarray(data[z, y, x], dtype=np.float32)
+        if self.scale != 1.0:  # (int8 codes; a float map is returned exactly as summed)
+            out *= np.float32(self.scale)
+        out[~inside] = np.nan
+        return out
+
+
+#: The 8 corners (dx, dy, dz) of a trilinear cell, in the order ``sample`` sums them.
+_CORNERS = tuple((dx, dy, dz) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1))
+
+
+def _binomial_halved(values: np.ndarray, axis: int, edge: bool) -> np.ndarray:
+    """[1, 2, 1]/4 along ``axis`` evaluated at every second voxel only (voxel i of the result
+    on voxel 2i), zeros beyond the ends, or the edge value with ``edge``.
+
+    Why not ndimage.convolve1d then [::2]: filtering and halving one axis at a time
+    filters the next axes on half the data, and no filtered value is thrown away
+    (3 full passes -> about 1.2 of them; the same numbers).
+    """
+    n = values.shape[axis]
+    m = (n + 1) // 2  # output voxels: inputs 0, 2, ...
+
+    def take(part: slice) -> np.ndarray:
+        index = [slice(None)] * values.ndim
+        index[axis] = part
+        return values[tuple(index)]
+
+    def into(part: slice) -> tuple[slice, ...]:
+        index = [slice(None)] * values.ndim
+        index[axis] = part
+        return tuple(index)
+
+    quarter = np.float32(0.25)
+    out = take(slice(0, None, 2)) * np.float32(0.5)
+    odd = take(slice(1, None, 2)) * quarter  # right neighbours of 0, 2, ...; left of 2, 4, ...
+    out[into(slice(0, n // 2))] += odd
+    out[into(slice(1, m))] += odd[into(slice(0, m - 1))]
+    if edge:  # beyond the ends, the edge voxel's value
+        out[into(slice(0, 1))] += take(slice(0, 1)) * quarter
+        if n % 2:
+            out[into(slice(m - 1, m))] += take(slice(n - 1, n)) * quarter
+    return out
+
+
+def pool_weights(weights: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Weights of a 2x pooled grid of ``shape``: the maximum of each 2x2x2 cell (keeps thin
+    structures that a mean would dilute)."""
+    padded = np.zeros(tuple(2 * n for n in shape), dtype=np.float32)
+    padded[: weights.shape[0], : weights.shape[1], : weights.shape[2]] = weights
+    cells = padded.reshape(shape[0], 2, shape[1], 2, shape[2], 2)
+    return np.ascontiguousarray(cells.max(axis=(1, 3, 5)))
+
+
+def gaussian_weights(sigma_voxels: float, truncate: float = 4.0) -> np.ndarray:
+    """The 1-D Gaussian taps (2r + 1,) float64 that scipy.ndimage.gaussian_filter1d uses for
+    ``sigma_voxels`` (voxels): r = int(truncate sigma + 0.5), normalised to sum 1 (the same
+    expression, so the same bits)."""
+    radius = int(truncate * float(sigma_voxels) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma_voxels * sigma_voxels) * x ** 2)
+    phi = phi / phi.sum()
+    return np.ascontiguousarray(phi[::-1])
+
+
+@njit(cache=True, parallel=True)
+def _gaussian_pass(src: np.ndarray, dst: np.ndarray, weights: np.ndarray, scale: float,
+                   quantise: bool) -> None:  # pragma: no cover - compiled
+    """One axis of the Gaussian: ``src`` (outer, n, inner), int8 codes (value = code x
+    ``scale``) or float32, filtered along its middle axis with ``weights`` (2r + 1,),
+    symmetric, neighbours beyond the ends replaced by the end voxel ("nearest"), into
+    ``dst`` of the same shape: float32, or int8 codes round(127 x) with ``quantise``.
+
+    Arithmetic as scipy's correlate1d for a symmetric kernel (NI_Correlate1D): in float64,
+    acc = x_i w_0, then acc += (x_{i-j} + x_{i+j}) w_j for j = r .. 1, rounded to float32
+    once. One output row (inner,) at a time: contiguous, so the loops over it vectorise.
+    (A variant for the x pass that ran the interior rows as one flat run with fixed
+    offsets measured 2-3x slower than these 12-long rows: not kept.) Rows are independent,
+    so the result does not depend on the threads; both cores: 0.092 -> 0.048 s a smoothing
+    of a (112, 83, 143, 12) map, load 2.5, median of 12 (no worse at load 4).
+    """
+    outer, n, inner = src.shape
+    r = (weights.shape[0] - 1) // 2
+    s = np.float32(scale)
+    rows = outer * n
+    chunks = min(rows, 64)
+    for chunk in prange(chunks):
+        acc = np.empty(inner, dtype=np.float64)
+        for row in range(chunk * rows // chunks, (chunk + 1) * rows // chunks):
+            o = row // n
+            i = row - o * n
+            centre = weights[r]
+            for k in range(inner):
+                acc[k] = np.float64(np.float32(src[o, i, k]) * s) * centre
+            for j in range(r, 0, -1):
+                left = max(i - j, 0)
+                right = min(i + j, n - 1)
+                wj = weights[r - j]
+                for k in range(inner):
+                    acc[k] += (np.float64(np.float32(src[o, left, k]) * s)
+                               + np.float64(np.float32(src[o, right, k]) * s)) * wj
+            if quantise:
+                for k in range(inner):
+                    code = np.rint(np.float32(acc[k]) * np.float32(127.0))
+                    dst[o, i, k] = min(max(code, np.float32(-127.0)), np.float32(127.0))
+            else:
+                for k in range(inner):
+                    dst[o, i, k] = acc[k]
+
+
+@njit(cache=True)
+def _encode_int8(values: np.ndarray, codes: np.ndarray) -> None:  # pragma: no cover
+    """codes = disa.model.codes.encode_int8(values) for float32 ``values`` (1-D), in place:
+    round half to even of x * 127 (float32), clipped to [-127, 127]."""
+    for q in range(values.shape[0]):
+        code = np.rint(values[q] * np.float32(127.0))
+        codes[q] = min(max(code, np.float32(-127.0)), np.float32(127.0))

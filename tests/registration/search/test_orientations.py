@@ -1,0 +1,126 @@
+"""Orientation bins of the global search: bin rotations, the bins' grid axes, dispatch of
+each pose to its bin, and that a bin's map scores a rotated truth better than the
+unrotated map does (the reason the bins exist)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from disa.registration import pipeline
+from disa.registration.options import RegistrationOptions
+from disa.registration.search.orientations import (
+    OrientedObjective,
+    bin_directions,
+    orientation_bins,
+)
+from disa.registration.transform.parametric import TransformModel, rigid_parameters
+from disa.training import phantom as ph
+
+
+def test_bins_are_the_identity_and_a_step_about_each_axis() -> None:
+    bins = orientation_bins(40.0, step_deg=25.0)
+    assert bins.shape == (7, 3, 3)
+    assert np.allclose(bins[0], np.eye(3))
+    angles = np.rad2deg(Rotation.from_matrix(bins).magnitude())
+    assert np.allclose(angles[1:], 25.0)
+    assert np.allclose(np.linalg.det(bins), 1.0)
+    axes = np.abs(Rotation.from_matrix(bins[1:]).as_rotvec()).argmax(axis=1)
+    assert sorted(axes.tolist()) == [0, 0, 1, 1, 2, 2]
+    # A range within half a step needs no other bin (a refinement, a tracked probe).
+    assert orientation_bins(10.0, step_deg=25.0).shape == (1, 3, 3)
+    assert orientation_bins(0.0).shape == (1, 3, 3)
+
+
+def test_bin_grids_turn_the_sampled_axes_onto_the_others_under_the_bin_rotation() -> None:
+    rng = np.random.default_rng(3)
+    d_a = Rotation.random(random_state=rng).as_matrix()
+    d_b = Rotation.random(random_state=rng).as_matrix()
+    bins = orientation_bins(40.0)
+    directions = bin_directions(bins, d_a, d_b)
+    base = d_b @ d_a.T  # the rotation at which the unrotated maps agree
+    assert np.allclose(directions[0], d_a)
+    for q, d in zip(bins, directions, strict=True):
+        # Under the pose rotation R = Q R_0 the bin's descriptor axes land on b's.
+        assert np.allclose(q @ base @ d, d_b, atol=1e-12)
+        assert np.allclose(d.T @ d, np.eye(3), atol=1e-12)
+
+
+class _Constant:
+    """An objective whose cost is its bin index (and gradient the same in every entry)."""
+
+    differentiable = True
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.evaluations = 0
+
+    def cost(self, theta: np.ndarray) -> np.ndarray:
+        self.evaluations += len(theta)
+        return np.full(len(theta), float(self.k))
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.cost(theta), np.full(theta.shape, float(self.k))
+
+
+def test_each_pose_is_scored_by_the_bin_nearest_its_rotation_built_on_first_use() -> None:
+    model = TransformModel("rigid", np.zeros(3))
+    bins = orientation_bins(40.0)
+    base = Rotation.from_euler("z", 10, degrees=True).as_matrix()
+    built: list[int] = []
+
+    def build(k: int) -> _Constant:
+        built.append(k)
+        return _Constant(k)
+
+    oriented = OrientedObjective(model, bins, base, build, [_Constant(0)] + [None] * 6)
+    # Poses a few degrees from bins 0, 3 and 6 (relative to the base rotation).
+    wobble = Rotation.from_euler("xyz", [4.0, -3.0, 5.0], degrees=True).as_matrix()
+    thetas = np.array([rigid_parameters(np.block([[wobble @ bins[k] @ base, np.zeros((3, 1))],
+                                                  [np.zeros((1, 3)), np.ones((1, 1))]]),
+                                        model.center) for k in (0, 3, 6, 3)])
+    cost, grad = oriented.cost_and_grad(thetas)
+    assert cost.tolist() == [0.0, 3.0, 6.0, 3.0]
+    assert np.array_equal(grad[:, 0], cost)
+    assert sorted(built) == [3, 6]  # only the bins in use, each once
+    assert oriented.built == 3
+    assert oriented.evaluations == 4
+    oriented.cost(thetas[:1])
+    assert built == sorted(built) and len(built) == 2
+
+
+@pytest.mark.parametrize("angle_deg", [25.0, -25.0])
+def test_a_bins_map_scores_a_rotated_truth_better_than_the_unrotated_map(
+        monkeypatch, angle_deg: float) -> None:
+    """A phantom pair rotated by a bin's angle: at the true pose, the coarse, fine and
+    refinement levels dispatch to that bin, and its map (the sampled image described on
+    rotated axes) matches the other image better than the identity bin's map does."""
+    truth = ph.rigid_truth((0.0, 0.0, angle_deg), (6.0, -4.0, 3.0))
+    grid = ph.make_grid((48, 48, 48), (3.0, 3.0, 3.0))
+    pair = ph.make_pair(truth, fixed_grid=grid, seed=2)
+    captured: dict[str, object] = {}
+    original = pipeline.global_search
+
+    def spy(*args, **kwargs):
+        captured["levels"], captured["model"] = args[:3], args[3]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "global_search", spy)
+    pipeline.register(pair.fixed, pair.moving, RegistrationOptions(similarity="mind", starts=64))
+    model = captured["model"]
+    assert isinstance(model, TransformModel)
+    matrix = np.eye(4)
+    rotation = np.asarray(truth.GetMatrix()).reshape(3, 3)
+    center = np.asarray(truth.GetCenter())
+    matrix[:3, :3] = rotation
+    matrix[:3, 3] = np.asarray(truth.GetTranslation()) + center - rotation @ center
+    theta = rigid_parameters(matrix, model.center)[None, :]
+    expected = 6 if angle_deg > 0 else 5  # +-25 degrees about z
+    for level in captured["levels"]:  # type: ignore[attr-defined]
+        assert isinstance(level, OrientedObjective)
+        k = int(level.bin_of(theta)[0])
+        assert k == expected
+        # (measured 0.20-0.31 against 0.62-0.86: the unrotated map compares
+        # neighbourhoods 25 degrees apart.)
+        assert level.cost(theta)[0] < 0.7 * level.objective(0).cost(theta)[0]
