@@ -15,7 +15,7 @@ there:
   the ``--data-cache`` .npz) and pydantic validates model cards (written later by
   ``disa-train export --run`` on a machine with the runtime's packages). Modules
   on the training path still name them at import time
-  (`disa.registration.preprocess`, `disa.model.card`), so a stand-in satisfies
+  (`disa.core.preprocess`, `disa.model.card`), so a stand-in satisfies
   the import and raises, naming the package, if anything does call it.
 
 Where the real packages are installed they are used, and the tree is still the
