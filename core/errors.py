@@ -1,4 +1,9 @@
-"""Error types of the registration engine, and the exit codes the commands map them to.
+"""Error types of DISA, and the exit codes the commands map them to.
+
+Every exception class DISA defines derives from `DisaError` (tests/core/test_errors.py
+checks all packages), so a caller that embeds DISA can tell DISA's errors from
+everything else with one `except`. Each class keeps the built-in base it had
+(ValueError, RuntimeError, LookupError ...), so existing handlers still match.
 
 `InputError` is the one error a user can act on: a file that cannot be read, a
 header that breaks a limit, an option out of range. The CLI maps it to exit
@@ -23,7 +28,11 @@ EXIT_INTERNAL = 1
 EXIT_INPUT = 2
 
 
-class InputError(ValueError):
+class DisaError(Exception):
+    """The base of every exception class that DISA defines."""
+
+
+class InputError(DisaError, ValueError):
     """Bad input named in words a user can act on (file, header, option)."""
 
 
@@ -45,5 +54,5 @@ class PatientMismatch(InputError):
         self.reason = reason
 
 
-class CancelledError(RuntimeError):
+class CancelledError(DisaError, RuntimeError):
     """The caller asked to stop (cooperative cancel between optimiser iterations)."""

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from disa.core.errors import DisaError
+
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -24,7 +26,7 @@ JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
-class JobNotFound(LookupError):
+class JobNotFound(DisaError, LookupError):
     """No job with this id (or the id is not a well-formed job id)."""
 
 

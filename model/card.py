@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from disa.core.errors import DisaError
+
 __all__ = [
     "CHANNELS",
     "DEFAULT_MODEL_NAME",
@@ -54,7 +56,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL_NAME = "disa.onnx"
 
 
-class ModelIntegrityError(RuntimeError):
+class ModelIntegrityError(DisaError, RuntimeError):
     """The ONNX file does not match its model card (missing, or wrong sha256)."""
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from disa.core.errors import DisaError
+
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".zip")
 #: What the service takes as an initial transform: ITK text (no HDF5, see uploads.py).
@@ -31,7 +33,7 @@ _TRANSFORM_EXTENSIONS = (".tfm", ".txt")
 _RESULT_TRANSFORM = "transform.tfm"
 
 
-class ServiceError(Exception):
+class ServiceError(DisaError):
     """The service answered with an error status; `detail` is its message."""
 
     def __init__(self, status_code: int, detail: str) -> None:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from disa.core.errors import DisaError
 from disa.jobs.manifest import Manifest
 from disa.jobs.store import JobStore
 from disa.service.engine_surface import DescriptorMap, Grid, atomic_write
@@ -60,7 +61,7 @@ _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-class DescriptorsUnavailable(Exception):
+class DescriptorsUnavailable(DisaError):
     """This similarity cannot be computed by this service (the DISA model is missing)."""
 
 
@@ -263,7 +264,7 @@ def fixed_to_moving(volumes: JobVolumes, matrix: np.ndarray) -> Mapping:
     return mapping
 
 
-class PointOutside(ValueError):
+class PointOutside(DisaError, ValueError):
     """The fixed point has no descriptor (outside the fixed descriptor grid)."""
 
 

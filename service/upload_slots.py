@@ -11,8 +11,10 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+from disa.core.errors import DisaError
 
-class TooManyUploads(Exception):
+
+class TooManyUploads(DisaError):
     """The key has `limit` uploads in progress already."""
 
     def __init__(self, limit: int) -> None:

@@ -25,6 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
+from disa.core.errors import DisaError
 from disa.service.engine_surface import MAX_TRANSFORM_BYTES, TEXT_SUFFIXES
 
 #: File fields of POST /v1/jobs (roles of the engine's inputs).
@@ -48,7 +49,7 @@ TRANSFORM_EXTENSIONS = TEXT_SUFFIXES
 _FLUSH_BYTES = 1024 * 1024  # write to disk (in a thread) once this much is pending
 
 
-class UploadError(Exception):
+class UploadError(DisaError):
     """The request body cannot be accepted; `status` is the HTTP status to answer, with
     `headers` (e.g. Retry-After) if any."""
 

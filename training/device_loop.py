@@ -60,6 +60,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from disa.core.atomic import atomic_write, write_json
+from disa.core.errors import DisaError
 from disa.training import device as dv
 from disa.training import loop as cpu_loop
 from disa.training.data import scene_loader, training_volumes
@@ -74,7 +75,7 @@ RESUMABLE = ("budget_minutes", "max_steps", "checkpoint_minutes", "workers", "th
              "log_every_s", "device")
 
 
-class DeviceUnavailable(RuntimeError):
+class DeviceUnavailable(DisaError, RuntimeError):
     """``--device cuda`` on a machine where torch sees no CUDA device."""
 
 

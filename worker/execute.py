@@ -20,7 +20,7 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from disa.core.errors import CancelledError, InputError
+from disa.core.errors import CancelledError, DisaError, InputError
 from disa.core.io.dicom_zip import UnpackBusy
 from disa.jobs.manifest import TERMINAL_STATES, ErrorKind, JobNotFound, Manifest, Progress, now
 from disa.jobs.settings import Settings
@@ -45,7 +45,7 @@ SUMMARY_KEYS = ("verdict", "verdict_reason", "verdict_evidence", "overlap", "mat
                 "deformation")
 
 
-class TransientError(Exception):
+class TransientError(DisaError):
     """The run failed for a passing reason and attempts remain: run the job again later."""
 
 
@@ -57,7 +57,7 @@ class TransientBusyError(TransientError):
     """The process's DICOM unpack pool stayed full (UnpackBusy) and attempts remain."""
 
 
-class Interrupted(Exception):
+class Interrupted(DisaError):
     """The embedded worker is shutting down; the job went back to the queue."""
 
 

@@ -9,11 +9,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from disa.core.errors import DisaError
+
 log = logging.getLogger("disa.pacs")
 T = TypeVar("T")
 
 
-class PacsError(RuntimeError):
+class PacsError(DisaError, RuntimeError):
     """A PACS operation failed; the message is one line meant for the user."""
 
 
