@@ -126,7 +126,7 @@ def compute_descriptor_file(
 
 
 def write_descriptor_image(image: sitk.Image, output_path: str | Path) -> None:
-    """``registration.io.write_image``, but a ``.nii.gz`` is compressed at
+    """``disa.core.io.images.write_image``, but a ``.nii.gz`` is compressed at
     NIFTI_GZIP_LEVEL: ITK writes the uncompressed NIfTI next to it, Python's gzip
     compresses it into a temporary file, flushed to disk and renamed over
     ``output_path`` (readers never see a half-written file). The same NIfTI bytes
