@@ -401,8 +401,9 @@ def test_a_rigid_initial_transform_reaches_register_intact_and_is_recorded(
     seen: dict = {}
 
     def fake_register(fixed, moving, options, fixed_mask, moving_mask, progress, cancel,
-                      initial_transform=None):
+                      initial_transform=None, max_voxels=None):
         seen["options"], seen["transform"] = options, initial_transform
+        seen["max_voxels"] = max_voxels
         return "result"
 
     def fake_write(result, fixed, moving, outdir, inputs, extra=None, **kwargs):
@@ -427,6 +428,7 @@ def test_a_rigid_initial_transform_reaches_register_intact_and_is_recorded(
     json.dumps(seen["inputs"])  # plain JSON for result.json
     options = seen["options"]
     assert (options.translation_range, options.init, options.ultrasound) == (None, "auto", None)
+    assert seen["max_voxels"] == 512**3  # the CLI's default cap reaches the pipeline
     capsys.readouterr()
 
 
