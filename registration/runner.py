@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from disa.core.io.images import DEFAULT_LIMITS, InputLimits, inspect_image, read_image
+from disa.core.io.images import inspect_image, read_image
+from disa.core.io.limits import DEFAULT_LIMITS, InputLimits
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
 from disa.registration.results.dicom_reg import write_dicom_outputs

@@ -29,7 +29,7 @@ SURFACE: dict[str, str] = {
     "UnpackBusy": "disa.core.io.dicom_zip",
     # upload and options validation (before a job is queued)
     "RegistrationOptions": "disa.registration.options",
-    "InputLimits": "disa.core.io.images",
+    "InputLimits": "disa.core.io.limits",
     "inspect_image": "disa.core.io.images",
     "unpack_budget": "disa.core.io.dicom_zip",
     "check_working_grid": "disa.core.preprocess",

@@ -258,7 +258,7 @@ def _register(store: JobStore, manifest: Manifest, settings: Settings,
               progress: _ProgressWriter, canceller: _Canceller) -> dict[str, Any]:
     # The engine is imported here, in the process that runs jobs, never in a
     # parent that forks: nothing of it (ONNX sessions, numba threads) exists before fork.
-    from disa.core.io.images import InputLimits
+    from disa.core.io.limits import InputLimits
     from disa.registration.options import RegistrationOptions
     from disa.registration.runner import run_registration
 

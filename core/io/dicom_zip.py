@@ -42,7 +42,7 @@ from typing import IO, TYPE_CHECKING
 from disa.core.errors import InputError
 
 if TYPE_CHECKING:
-    from disa.core.io.images import InputLimits
+    from disa.core.io.limits import InputLimits
 
 __all__ = [
     "DicomSource",

@@ -26,7 +26,7 @@ import httpx
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 
-from disa.core.io.images import DEFAULT_LIMITS
+from disa.core.io.limits import DEFAULT_LIMITS
 from disa.pacs.retry import PacsError, RetryPolicy, SeriesNotFound, call_with_retries
 
 DICOM_JSON = "application/dicom+json"

@@ -43,7 +43,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from disa.core.io.images import DEFAULT_LIMITS
+from disa.core.io.limits import DEFAULT_LIMITS
 from disa.pacs.dicomweb import SeriesRef, check_uid, prepare_target, remove_files
 from disa.pacs.retry import PacsError, RetryPolicy, SeriesNotFound, call_with_retries
 

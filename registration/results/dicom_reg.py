@@ -50,12 +50,8 @@ from pydicom.valuerep import DSfloat
 
 from disa.core.atomic import atomic_write
 from disa.core.errors import PatientMismatch
-from disa.core.io.images import (
-    DEFAULT_LIMITS,
-    InputLimits,
-    detect_format,
-    read_dicom_headers,
-)
+from disa.core.io.images import detect_format, read_dicom_headers
+from disa.core.io.limits import DEFAULT_LIMITS, InputLimits
 from disa.core.io.slice_stack import describe_correction
 from disa.core.result_files import REGISTRATION_FILE
 

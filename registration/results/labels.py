@@ -27,14 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from disa.core.errors import InputError
-from disa.core.io.images import (
-    DEFAULT_LIMITS,
-    ImageInfo,
-    InputLimits,
-    check_regular_file,
-    inspect_image,
-    read_image,
-)
+from disa.core.io.images import check_regular_file, inspect_image, read_image
+from disa.core.io.limits import DEFAULT_LIMITS, ImageInfo, InputLimits
 
 #: Name of the warped label map in the result folder.
 WARPED_LABELS_FILE = "warped_labels.nii.gz"

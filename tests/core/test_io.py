@@ -15,15 +15,14 @@ import SimpleITK as sitk
 
 from disa.core.errors import InputError
 from disa.core.io.images import (
-    ImageInfo,
-    InputLimits,
-    _itk_detail,
     detect_format,
     format_info,
     inspect_image,
     read_image,
     write_image,
 )
+from disa.core.io.itk_calls import _itk_detail
+from disa.core.io.limits import ImageInfo, InputLimits
 
 from .io_fixtures import (
     ORIGIN,
@@ -564,9 +563,9 @@ def test_nifti_finiteness_is_checked_slab_by_slab(
 ) -> None:
     """One slab of stored data at a time (here one z plane): the NaN in the last plane is
     found, and a finite image passes."""
-    import disa.core.io.images as io_module
+    import disa.core.io.file_formats as file_formats
 
-    monkeypatch.setattr(io_module, "_FINITE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(file_formats, "_FINITE_CHUNK_BYTES", 1)
     path = _with_voxels(tmp_path, "last.nii.gz", {(15, 0, 0): np.nan})
     with pytest.raises(InputError, match=r"1 of 7680 voxels are not finite \(1 NaN"):
         read_image(path)

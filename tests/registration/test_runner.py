@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from disa.core.errors import InputError
-from disa.core.io.images import InputLimits
+from disa.core.io.limits import InputLimits
 from disa.core.preprocess import MAX_WORKING_VOXELS, check_working_grid
 from disa.registration.options import RegistrationOptions
 from disa.registration.runner import run_registration
