@@ -144,15 +144,16 @@ class DescriptorMap:
 
     def _gaussian(self, sigma_voxels: float) -> DescriptorMap:
         """``smoothed`` computed: scipy.ndimage.gaussian_filter(as_float(), (s, s, s, 0),
-        mode="nearest") (truncate 4), then int8 codes again for an int8 map, bit for bit.
+        mode="nearest") (truncate 4), then int8 codes again for an int8 map (in float32:
+        codes one off on about one value in a million, see ``_gaussian_pass``).
 
         Why not scipy itself: on the channel-last (Z, Y, X, 12) maps it took 0.3-0.5 s a
         call on a torso map (2.7 s on a loaded machine), 32 calls per registration. The
-        numba passes below do the same float64 arithmetic in the same order (so the same
-        float32 results), with the int8 decode folded into the first pass and the encode
-        into the last: measured 0.35 -> 0.13 s (0.24 -> 0.09 s) on the torso case's fixed
-        (moving) int8 map, (118, 121, 134, 12) and (112, 83, 143, 12), 2 cores, load 2.2
-        (benchmarks/README.md, "Re-orientation stage speed").
+        numba passes below fold the int8 decode into the first pass and the encode into
+        the last: 0.35 -> 0.13 s on the torso case's fixed int8 map (118, 121, 134, 12)
+        with scipy's float64 arithmetic (2026-12-05), then about half that in float32
+        with flat interior runs (2026-12-06; benchmarks/README.md, "Re-orientation stage
+        speed").
         """
         weights = gaussian_weights(sigma_voxels)
         data = self.data if self.is_int8 or self.data.dtype == np.float32 \
@@ -273,6 +274,45 @@ def gaussian_weights(sigma_voxels: float, truncate: float = 4.0) -> np.ndarray:
     return np.ascontiguousarray(phi[::-1])
 
 
+@njit(cache=True, inline="always")
+def _gaussian_run(src: np.ndarray, dst: np.ndarray, lo: int, hi: int, step: int,
+                  weights: np.ndarray, scale: np.float32, quantise: bool,
+                  clamp_n: int) -> None:  # pragma: no cover - compiled
+    """dst[q] for q in [lo, hi) of one flat (n * step,) row: taps at q -+ j * ``step``.
+
+    ``clamp_n`` 0: every neighbour lies inside the row (the interior run, one
+    contiguous loop per tap, so it vectorises). Otherwise the row has ``clamp_n``
+    voxels of ``step`` values and neighbours beyond its ends read the end voxel."""
+    r = (weights.shape[0] - 1) // 2
+    m = hi - lo
+    acc = np.empty(m, np.float32)
+    centre = weights[r]
+    for q in range(m):
+        acc[q] = (np.float32(src[lo + q]) * scale) * centre
+    for j in range(r, 0, -1):
+        wj = weights[r - j]
+        if clamp_n == 0:
+            left = src[lo - j * step: hi - j * step]
+            right = src[lo + j * step: hi + j * step]
+            for q in range(m):
+                acc[q] += (np.float32(left[q]) * scale + np.float32(right[q]) * scale) * wj
+        else:
+            for q in range(m):
+                i, k = (lo + q) // step, (lo + q) % step
+                left_i = max(i - j, 0)
+                right_i = min(i + j, clamp_n - 1)
+                acc[q] += (np.float32(src[left_i * step + k]) * scale
+                           + np.float32(src[right_i * step + k]) * scale) * wj
+    out = dst[lo:hi]
+    if quantise:
+        for q in range(m):
+            code = np.rint(acc[q] * np.float32(127.0))
+            out[q] = min(max(code, np.float32(-127.0)), np.float32(127.0))
+    else:
+        for q in range(m):
+            out[q] = acc[q]
+
+
 @njit(cache=True, parallel=True)
 def _gaussian_pass(src: np.ndarray, dst: np.ndarray, weights: np.ndarray, scale: float,
                    quantise: bool) -> None:  # pragma: no cover - compiled
@@ -281,41 +321,36 @@ def _gaussian_pass(src: np.ndarray, dst: np.ndarray, weights: np.ndarray, scale:
     symmetric, neighbours beyond the ends replaced by the end voxel ("nearest"), into
     ``dst`` of the same shape: float32, or int8 codes round(127 x) with ``quantise``.
 
-    Arithmetic as scipy's correlate1d for a symmetric kernel (NI_Correlate1D): in float64,
-    acc = x_i w_0, then acc += (x_{i-j} + x_{i+j}) w_j for j = r .. 1, rounded to float32
-    once. One output row (inner,) at a time: contiguous, so the loops over it vectorise.
-    (A variant for the x pass that ran the interior rows as one flat run with fixed
-    offsets measured 2-3x slower than these 12-long rows: not kept.) Rows are independent,
-    so the result does not depend on the threads; both cores: 0.092 -> 0.048 s a smoothing
-    of a (112, 83, 143, 12) map, load 2.5, median of 12 (no worse at load 4).
+    Float32 arithmetic: acc = x_i w_0, then acc += (x_{i-j} + x_{i+j}) w_j for j = r .. 1
+    (scipy's order, in float32 rather than its float64: codes one off on ~1 in 10^6
+    values). Each outer row's interior (voxels r .. n - r - 1, all of their inner values)
+    is one flat run with fixed tap offsets, cut into blocks for the threads: long
+    contiguous loops that vectorise even where ``inner`` is the 12 channels (the x pass).
+    Measured on a (110, 90, 140, 12) int8 map, 2 cores: 0.13 -> 0.07 s for the three
+    passes (the x pass 0.07 -> 0.02 s) against the float64 per-row kernel before.
     """
     outer, n, inner = src.shape
     r = (weights.shape[0] - 1) // 2
     s = np.float32(scale)
-    rows = outer * n
-    chunks = min(rows, 64)
-    for chunk in prange(chunks):
-        acc = np.empty(inner, dtype=np.float64)
-        for row in range(chunk * rows // chunks, (chunk + 1) * rows // chunks):
-            o = row // n
-            i = row - o * n
-            centre = weights[r]
-            for k in range(inner):
-                acc[k] = np.float64(np.float32(src[o, i, k]) * s) * centre
-            for j in range(r, 0, -1):
-                left = max(i - j, 0)
-                right = min(i + j, n - 1)
-                wj = weights[r - j]
-                for k in range(inner):
-                    acc[k] += (np.float64(np.float32(src[o, left, k]) * s)
-                               + np.float64(np.float32(src[o, right, k]) * s)) * wj
-            if quantise:
-                for k in range(inner):
-                    code = np.rint(np.float32(acc[k]) * np.float32(127.0))
-                    dst[o, i, k] = min(max(code, np.float32(-127.0)), np.float32(127.0))
-            else:
-                for k in range(inner):
-                    dst[o, i, k] = acc[k]
+    w = weights.astype(np.float32)
+    block = 16384
+    edge = min(r, n)  # voxels at each end whose taps leave the row
+    flat_lo, flat_hi = edge * inner, max(n - r, edge) * inner
+    n_blocks = (flat_hi - flat_lo + block - 1) // block
+    items = outer * (n_blocks + 2)  # interior blocks, then the two ends
+    for item in prange(items):
+        o = item // (n_blocks + 2)
+        b = item - o * (n_blocks + 2)
+        src_row = src[o].ravel()
+        dst_row = dst[o].ravel()
+        if b < n_blocks:
+            lo = flat_lo + b * block
+            _gaussian_run(src_row, dst_row, lo, min(lo + block, flat_hi), inner, w, s,
+                          quantise, 0)
+        elif b == n_blocks:
+            _gaussian_run(src_row, dst_row, 0, flat_lo, inner, w, s, quantise, n)
+        else:
+            _gaussian_run(src_row, dst_row, flat_hi, n * inner, inner, w, s, quantise, n)
 
 
 @njit(cache=True)

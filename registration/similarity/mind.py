@@ -195,11 +195,16 @@ def _exponents(boxed: np.ndarray, channel_shift: np.ndarray, channel_offset: np.
         for y in range(ny):
             _gather_row(boxed, channel_shift, channel_offset, dilation, z, y, rows, scratch)
             for x in range(nx):
-                scratch[x] = -min(max(variance[z, y, x], np.float32(low)), np.float32(high))
-            row = out[z, y]
+                scratch[x] = np.float32(-1.0) / min(max(variance[z, y, x], np.float32(low)),
+                                                    np.float32(high))
+            for c in range(n_chan):  # channels first here: this loop vectorises
+                row = rows[c]
+                for x in range(nx):
+                    row[x] *= scratch[x]
+            out_row = out[z, y]
             for x in range(nx):
                 for c in range(n_chan):
-                    row[x, c] = rows[c, x] / scratch[x]
+                    out_row[x, c] = rows[c, x]
 
 
 def mind_ssc(volume: np.ndarray, radius: int = 1, dilation: int = 2) -> np.ndarray:
