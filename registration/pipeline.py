@@ -1072,10 +1072,11 @@ def initial_poses(model: TransformModel | ProbeModel, header: np.ndarray, a_p: P
         return base[None, :], np.zeros(1), np.ones(1)
     r = rotation_matrix(base[:3])
     c = rigid.center
+    a_centroid = a_p.centroid  # (a pass over the whole mask: once, not per placement)
 
     def placed(target: np.ndarray) -> np.ndarray:
         theta = base.copy()
-        theta[3:6] = target - r @ (a_p.centroid - c) - c
+        theta[3:6] = target - r @ (a_centroid - c) - c
         return theta
 
     centred = placed(b_p.centroid)

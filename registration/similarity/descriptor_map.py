@@ -145,15 +145,16 @@ class DescriptorMap:
     def _gaussian(self, sigma_voxels: float) -> DescriptorMap:
         """``smoothed`` computed: scipy.ndimage.gaussian_filter(as_float(), (s, s, s, 0),
         mode="nearest") (truncate 4), then int8 codes again for an int8 map (in float32:
-        codes one off on about one value in a million, see ``_gaussian_pass``).
+        codes one off on about one value in a million, see ``_gaussian_run``).
 
         Why not scipy itself: on the channel-last (Z, Y, X, 12) maps it took 0.3-0.5 s a
         call on a torso map (2.7 s on a loaded machine), 32 calls per registration. The
         numba passes below fold the int8 decode into the first pass and the encode into
         the last: 0.35 -> 0.13 s on the torso case's fixed int8 map (118, 121, 134, 12)
-        with scipy's float64 arithmetic (2026-12-05), then about half that in float32
-        with flat interior runs (2026-12-06; benchmarks/README.md, "Re-orientation stage
-        speed").
+        with scipy's float64 arithmetic (2026-12-05); float32, flat interior runs and
+        one z plane at a time (``_gaussian_volume``): 0.15-0.19 -> 0.05-0.08 s on torso
+        moving maps of (110, 90, 140, 12) to (113, 106, 143, 12) (2026-12-06;
+        benchmarks/README.md, "Re-orientation stage speed").
         """
         weights = gaussian_weights(sigma_voxels)
         data = self.data if self.is_int8 or self.data.dtype == np.float32 \
@@ -162,15 +163,9 @@ class DescriptorMap:
         # (as_float ignores the scale of a float map; so does this, for the same numbers.)
         scale = float(self.scale) if self.is_int8 else 1.0
         nz, ny, nx, nc = data.shape
-        first = np.empty(data.shape, dtype=np.float32)
-        _gaussian_pass(data.reshape(1, nz, ny * nx * nc), first.reshape(1, nz, ny * nx * nc),
-                       weights, scale, False)
-        second = np.empty(data.shape, dtype=np.float32)
-        _gaussian_pass(first.reshape(nz, ny, nx * nc), second.reshape(nz, ny, nx * nc),
-                       weights, 1.0, False)
         out = np.empty(data.shape, dtype=np.int8 if self.is_int8 else np.float32)
-        _gaussian_pass(second.reshape(nz * ny, nx, nc), out.reshape(nz * ny, nx, nc),
-                       weights, 1.0, self.is_int8)
+        _gaussian_volume(data.reshape(nz, ny * nx * nc), out.reshape(nz, ny * nx * nc),
+                         weights, scale, ny, nc, self.is_int8)
         return DescriptorMap(out, self.grid, INT8_SCALE if self.is_int8 else 1.0, self.valid)
 
     def masked(self, mask: np.ndarray) -> DescriptorMap:
@@ -281,8 +276,14 @@ def _gaussian_run(src: np.ndarray, dst: np.ndarray, lo: int, hi: int, step: int,
     """dst[q] for q in [lo, hi) of one flat (n * step,) row: taps at q -+ j * ``step``.
 
     ``clamp_n`` 0: every neighbour lies inside the row (the interior run, one
-    contiguous loop per tap, so it vectorises). Otherwise the row has ``clamp_n``
-    voxels of ``step`` values and neighbours beyond its ends read the end voxel."""
+    contiguous loop per tap, so it vectorises even where ``step`` is the 12 channels
+    of the x pass). Otherwise the row has ``clamp_n`` voxels of ``step`` values and
+    neighbours beyond its ends read the end voxel ("nearest"). ``src``: int8 codes
+    (value = code x ``scale``) or float32; ``dst``: float32, or int8 codes round(127 x)
+    with ``quantise``. Arithmetic: scipy's order for a symmetric kernel (acc = x_i w_0,
+    then acc += (x_{i-j} + x_{i+j}) w_j for j = r .. 1), in float32 rather than its
+    float64: codes one off on about one value in a million.
+    """
     r = (weights.shape[0] - 1) // 2
     m = hi - lo
     acc = np.empty(m, np.float32)
@@ -314,43 +315,47 @@ def _gaussian_run(src: np.ndarray, dst: np.ndarray, lo: int, hi: int, step: int,
 
 
 @njit(cache=True, parallel=True)
-def _gaussian_pass(src: np.ndarray, dst: np.ndarray, weights: np.ndarray, scale: float,
-                   quantise: bool) -> None:  # pragma: no cover - compiled
-    """One axis of the Gaussian: ``src`` (outer, n, inner), int8 codes (value = code x
-    ``scale``) or float32, filtered along its middle axis with ``weights`` (2r + 1,),
-    symmetric, neighbours beyond the ends replaced by the end voxel ("nearest"), into
-    ``dst`` of the same shape: float32, or int8 codes round(127 x) with ``quantise``.
+def _gaussian_volume(src: np.ndarray, dst: np.ndarray, weights: np.ndarray, scale: float,
+                     ny: int, nc: int, quantise: bool) -> None:  # pragma: no cover - compiled
+    """The separable Gaussian of a (nz, ny * nx * nc) map, one output z plane at a time:
+    its z pass (the 2r + 1 source planes around it, neighbours beyond the ends replaced by
+    the end plane), then its y pass and its x pass, each into a plane-sized buffer, so no
+    map-sized intermediate is written (their fresh pages cost as much as a pass).
 
-    Float32 arithmetic: acc = x_i w_0, then acc += (x_{i-j} + x_{i+j}) w_j for j = r .. 1
-    (scipy's order, in float32 rather than its float64: codes one off on ~1 in 10^6
-    values). Each outer row's interior (voxels r .. n - r - 1, all of their inner values)
-    is one flat run with fixed tap offsets, cut into blocks for the threads: long
-    contiguous loops that vectorise even where ``inner`` is the 12 channels (the x pass).
-    Measured on a (110, 90, 140, 12) int8 map, 2 cores: 0.13 -> 0.07 s for the three
-    passes (the x pass 0.07 -> 0.02 s) against the float64 per-row kernel before.
+    ``src``: int8 codes (value = code x ``scale``) or float32; ``dst``: the same shape,
+    float32, or int8 codes round(127 x) with ``quantise``. Arithmetic as ``_gaussian_run``.
     """
-    outer, n, inner = src.shape
+    nz, size = src.shape
+    row = size // ny  # nx * nc
+    nx = row // nc
     r = (weights.shape[0] - 1) // 2
-    s = np.float32(scale)
     w = weights.astype(np.float32)
-    block = 16384
-    edge = min(r, n)  # voxels at each end whose taps leave the row
-    flat_lo, flat_hi = edge * inner, max(n - r, edge) * inner
-    n_blocks = (flat_hi - flat_lo + block - 1) // block
-    items = outer * (n_blocks + 2)  # interior blocks, then the two ends
-    for item in prange(items):
-        o = item // (n_blocks + 2)
-        b = item - o * (n_blocks + 2)
-        src_row = src[o].ravel()
-        dst_row = dst[o].ravel()
-        if b < n_blocks:
-            lo = flat_lo + b * block
-            _gaussian_run(src_row, dst_row, lo, min(lo + block, flat_hi), inner, w, s,
-                          quantise, 0)
-        elif b == n_blocks:
-            _gaussian_run(src_row, dst_row, 0, flat_lo, inner, w, s, quantise, n)
-        else:
-            _gaussian_run(src_row, dst_row, flat_hi, n * inner, inner, w, s, quantise, n)
+    s = np.float32(scale)
+    one = np.float32(1.0)
+    y_lo, y_hi = min(r, ny) * row, max(ny - r, min(r, ny)) * row
+    x_lo, x_hi = min(r, nx) * nc, max(nx - r, min(r, nx)) * nc
+    for z in prange(nz):
+        along_z = np.empty(size, np.float32)
+        centre = src[z]
+        for q in range(size):
+            along_z[q] = (np.float32(centre[q]) * s) * w[r]
+        for j in range(r, 0, -1):
+            below = src[max(z - j, 0)]
+            above = src[min(z + j, nz - 1)]
+            wj = w[r - j]
+            for q in range(size):
+                along_z[q] += (np.float32(below[q]) * s + np.float32(above[q]) * s) * wj
+        along_y = np.empty(size, np.float32)
+        _gaussian_run(along_z, along_y, y_lo, y_hi, row, w, one, False, 0)
+        _gaussian_run(along_z, along_y, 0, y_lo, row, w, one, False, ny)
+        _gaussian_run(along_z, along_y, y_hi, size, row, w, one, False, ny)
+        out = dst[z]
+        for y in range(ny):
+            line = along_y[y * row:(y + 1) * row]
+            target = out[y * row:(y + 1) * row]
+            _gaussian_run(line, target, x_lo, x_hi, nc, w, one, quantise, 0)
+            _gaussian_run(line, target, 0, x_lo, nc, w, one, quantise, nx)
+            _gaussian_run(line, target, x_hi, row, nc, w, one, quantise, nx)
 
 
 @njit(cache=True)
