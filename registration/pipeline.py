@@ -33,7 +33,6 @@ from disa.core.preprocess import (
     foreground_mask,
     intensity_normalisation,
     labelled,
-    local_std,
     mask_to_grid,
     resample_to_spacing,
 )
@@ -64,6 +63,7 @@ from disa.registration.search.orientations import (
     orientation_bins,
 )
 from disa.registration.search.verdict import Evidence, verdict
+from disa.registration.similarity.contrast import local_std
 from disa.registration.similarity.descriptor_map import DescriptorMap, pool_weights
 from disa.registration.similarity.objective import (
     DescriptorObjective,
@@ -417,7 +417,7 @@ def fixed_weights(image: PreparedImage, stride: int) -> np.ndarray:
     cube of about one descriptor cell, inside the fixed foreground (flat regions carry no
     information for any similarity)."""
     radius = max(1, stride // 2 + 1)
-    std = local_std(image.volume, radius=radius)
+    std = local_std(image.volume, radius)  # (similarity/contrast.py: compiled, scipy's numbers)
     # Only where the whole filter cube has data: the edge of a sector or a slab is the
     # largest local contrast in the image and no anatomy (fov.py).
     std = np.where(image.mask & image.trusted(radius + 1), std, 0.0)

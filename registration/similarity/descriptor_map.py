@@ -112,15 +112,12 @@ class DescriptorMap:
         The binomial filter is centred, so voxel i of the result sits on voxel
         2i of this map and the grid keeps its origin (Grid.strided(2)).
         """
-        values = self.as_float()
-        for axis in range(3):
-            values = _binomial_halved(values, axis, edge=False)
+        values = _pooled_volume(self.data, float(self.scale) if self.is_int8 else 1.0,
+                                edge=False)
         valid = None
         if self.valid is not None:
             # A pooled node is as valid as the data its filter reads (edges taper).
-            valid = self.validity
-            for axis in range(3):
-                valid = _binomial_halved(valid, axis, edge=True)
+            valid = _pooled_volume(self.validity[..., None], 1.0, edge=True)[..., 0]
         pooled = DescriptorMap(np.ascontiguousarray(values), self.grid.strided(2), 1.0,
                                None if valid is None else np.ascontiguousarray(valid))
         return pooled.quantised() if self.is_int8 else pooled
@@ -216,37 +213,95 @@ class DescriptorMap:
 _CORNERS = tuple((dx, dy, dz) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1))
 
 
-def _binomial_halved(values: np.ndarray, axis: int, edge: bool) -> np.ndarray:
-    """[1, 2, 1]/4 along ``axis`` evaluated at every second voxel only (voxel i of the result
-    on voxel 2i), zeros beyond the ends, or the edge value with ``edge``.
+def _pooled_volume(data: np.ndarray, scale: float, edge: bool) -> np.ndarray:
+    """[1, 2, 1]/4 along z, y and x of a (Z, Y, X, C) map (int8 codes x ``scale`` or
+    float32), evaluated at every second voxel only (voxel i of the result on voxel 2i),
+    zeros beyond the ends, or the edge value with ``edge``; float32.
 
-    Why not ndimage.convolve1d then [::2]: filtering and halving one axis at a time
-    filters the next axes on half the data, and no filtered value is thrown away
-    (3 full passes -> about 1.2 of them; the same numbers).
+    Compiled, one output plane at a time: numpy's axis-by-axis version (kept as the
+    oracle in tests/registration/similarity/test_descriptor_map_speed.py, same float32
+    numbers) wrote four temporaries per axis, 0.07 s against 0.02-0.03 s for a torso
+    map (113, 106, 143, 12).
     """
-    n = values.shape[axis]
-    m = (n + 1) // 2  # output voxels: inputs 0, 2, ...
-
-    def take(part: slice) -> np.ndarray:
-        index = [slice(None)] * values.ndim
-        index[axis] = part
-        return values[tuple(index)]
-
-    def into(part: slice) -> tuple[slice, ...]:
-        index = [slice(None)] * values.ndim
-        index[axis] = part
-        return tuple(index)
-
-    quarter = np.float32(0.25)
-    out = take(slice(0, None, 2)) * np.float32(0.5)
-    odd = take(slice(1, None, 2)) * quarter  # right neighbours of 0, 2, ...; left of 2, 4, ...
-    out[into(slice(0, n // 2))] += odd
-    out[into(slice(1, m))] += odd[into(slice(0, m - 1))]
-    if edge:  # beyond the ends, the edge voxel's value
-        out[into(slice(0, 1))] += take(slice(0, 1)) * quarter
-        if n % 2:
-            out[into(slice(m - 1, m))] += take(slice(n - 1, n)) * quarter
+    data = np.ascontiguousarray(data)
+    if data.dtype != np.int8:
+        data = data.astype(np.float32, copy=False)
+    nz, ny, nx, nc = data.shape
+    shape = ((nz + 1) // 2, (ny + 1) // 2, (nx + 1) // 2, nc)
+    out = np.empty(shape, np.float32)
+    _pool_planes(data.reshape(nz, ny, nx * nc), out.reshape(shape[0], shape[1], -1),
+                 np.float32(scale), nc, edge)
     return out
+
+
+@njit(cache=True, inline="always")
+def _halve_rows(src: np.ndarray, dst: np.ndarray, step: int, edge: bool
+                ) -> None:  # pragma: no cover - compiled
+    """dst[i] = [1, 2, 1]/4 at src's voxel 2 i along a flat (n * step,) row of voxels of
+    ``step`` values, in the numpy version's order (centre, right, left, then the
+    edge terms)."""
+    n = src.shape[0] // step
+    m = (n + 1) // 2
+    half, quarter = np.float32(0.5), np.float32(0.25)
+    for i in range(m):
+        for k in range(step):
+            dst[i * step + k] = src[2 * i * step + k] * half
+    for i in range(n // 2):
+        for k in range(step):
+            dst[i * step + k] += src[(2 * i + 1) * step + k] * quarter
+    for i in range(1, m):
+        for k in range(step):
+            dst[i * step + k] += src[(2 * i - 1) * step + k] * quarter
+    if edge:
+        for k in range(step):
+            dst[k] += src[k] * quarter
+        if n % 2:
+            for k in range(step):
+                dst[(m - 1) * step + k] += src[(n - 1) * step + k] * quarter
+
+
+@njit(cache=True, parallel=True)
+def _pool_planes(src: np.ndarray, dst: np.ndarray, scale: np.float32, nc: int,
+                 edge: bool) -> None:  # pragma: no cover - compiled
+    """``_pooled_volume`` one output z plane at a time: ``src`` (nz, ny, nx * nc), ``dst``
+    (mz, my, mx * nc) float32."""
+    nz, ny, row = src.shape
+    mz, my = dst.shape[0], dst.shape[1]
+    for k in prange(mz):
+        # z: the planes 2k (x 0.5), 2k + 1 and 2k - 1 (x 0.25), decoded to float32.
+        plane = np.empty((ny, row), np.float32)
+        lanes = ny * row
+        flat = plane.ravel()
+        centre = src[2 * k].ravel()
+        for q in range(lanes):
+            flat[q] = (np.float32(centre[q]) * scale) * np.float32(0.5)
+        if 2 * k + 1 < nz:
+            right = src[2 * k + 1].ravel()
+            for q in range(lanes):
+                flat[q] += (np.float32(right[q]) * scale) * np.float32(0.25)
+        if k >= 1:
+            left = src[2 * k - 1].ravel()
+            for q in range(lanes):
+                flat[q] += (np.float32(left[q]) * scale) * np.float32(0.25)
+        if edge and k == 0:
+            for q in range(lanes):
+                flat[q] += (np.float32(centre[q]) * scale) * np.float32(0.25)
+        if edge and nz % 2 == 1 and k == mz - 1:
+            last = src[nz - 1].ravel()
+            for q in range(lanes):
+                flat[q] += (np.float32(last[q]) * scale) * np.float32(0.25)
+        # y, then x (voxels of nc values), each halving.
+        halved = np.empty((my, row), np.float32)
+        columns = np.empty(ny, np.float32)
+        column_out = np.empty(my, np.float32)
+        for x in range(row):
+            for y in range(ny):
+                columns[y] = plane[y, x]
+            _halve_rows(columns, column_out, 1, edge)
+            for y in range(my):
+                halved[y, x] = column_out[y]
+        for y in range(my):
+            _halve_rows(halved[y], dst[k, y], nc, edge)
 
 
 def pool_weights(weights: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

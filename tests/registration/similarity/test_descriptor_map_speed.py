@@ -77,3 +77,51 @@ def test_quantised_equals_encode_int8() -> None:
     codes = DescriptorMap(values, grid).quantised()
     assert codes.is_int8 and codes.scale == INT8_SCALE
     assert np.array_equal(codes.data, encode_int8(values))
+
+
+def _numpy_halved(values: np.ndarray, axis: int, edge: bool) -> np.ndarray:
+    """[1, 2, 1]/4 along ``axis`` evaluated at every second voxel only (voxel i of the result
+    on voxel 2i), zeros beyond the ends, or the edge value with ``edge``.
+
+    What DescriptorMap.pooled computed in numpy until 2026-12-06, one axis at a time.
+    """
+    n = values.shape[axis]
+    m = (n + 1) // 2  # output voxels: inputs 0, 2, ...
+
+    def take(part: slice) -> np.ndarray:
+        index = [slice(None)] * values.ndim
+        index[axis] = part
+        return values[tuple(index)]
+
+    def into(part: slice) -> tuple[slice, ...]:
+        index = [slice(None)] * values.ndim
+        index[axis] = part
+        return tuple(index)
+
+    quarter = np.float32(0.25)
+    out = take(slice(0, None, 2)) * np.float32(0.5)
+    odd = take(slice(1, None, 2)) * quarter  # right neighbours of 0, 2, ...; left of 2, 4, ...
+    out[into(slice(0, n // 2))] += odd
+    out[into(slice(1, m))] += odd[into(slice(0, m - 1))]
+    if edge:  # beyond the ends, the edge voxel's value
+        out[into(slice(0, 1))] += take(slice(0, 1)) * quarter
+        if n % 2:
+            out[into(slice(m - 1, m))] += take(slice(n - 1, n)) * quarter
+    return out
+
+
+@pytest.mark.parametrize("shape", [(7, 8, 9, 12), (40, 36, 45, 12), (1, 2, 3, 4), (2, 1, 5, 16)])
+def test_pooling_equals_numpy(shape: tuple[int, int, int, int]) -> None:
+    rng = np.random.default_rng(3)
+    for int8 in (False, True):
+        m = _map(shape, int8, seed=4).with_validity(rng.random(shape[:3]) > 0.3)
+        pooled = m.pooled()
+        values, valid = m.as_float(), m.validity
+        for axis in range(3):
+            values = _numpy_halved(values, axis, edge=False)
+            valid = _numpy_halved(valid, axis, edge=True)
+        expected = DescriptorMap(np.ascontiguousarray(values), m.grid.strided(2))
+        expected = expected.quantised() if int8 else expected
+        assert pooled.data.dtype == expected.data.dtype
+        assert np.array_equal(pooled.data, expected.data)
+        assert np.array_equal(pooled.validity, valid)
