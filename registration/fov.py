@@ -142,14 +142,22 @@ def sector_shaped(region: DataRegion, max_points: int = 200_000) -> bool:
     return False
 
 
-def region_on_grid(region: sitk.Image, reference: sitk.Image, outside: float = 0.0
-                   ) -> np.ndarray:
-    """The data region resampled onto ``reference``'s grid: bool (z, y, x), True where more
-    than half of the interpolated region has data; outside the buffer ``outside`` (0: no
-    data, the field of view; 1: only the padding counts, what erosion applies to)."""
-    on_grid = sitk.Resample(sitk.Cast(region, sitk.sitkFloat32), reference, sitk.Transform(),
-                            sitk.sitkLinear, float(outside), sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(on_grid) > 0.5
+def regions_on_grid(region: sitk.Image, reference: sitk.Image
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The data region resampled onto ``reference``'s grid as bool (z, y, x) masks, True
+    where more than half of the interpolated region has data: (fov, unpadded). Outside
+    the region's buffer, fov is False (no data: the field of view) and unpadded is True
+    (only the padding counts there, what erosion applies to).
+
+    One resampling for both: ITK's resampler gives a point outside the buffer the
+    default value and never blends it with the buffer's voxels, so a default of -1
+    tells those points apart (tests/registration/test_fov.py checks it against two
+    resamplings with defaults 0 and 1)."""
+    on_grid = sitk.GetArrayFromImage(sitk.Resample(
+        sitk.Cast(region, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear,
+        -1.0, sitk.sitkFloat32))
+    fov = on_grid > 0.5
+    return fov, fov | (on_grid == -1.0)
 
 
 def eroded(mask: np.ndarray, voxels: int) -> np.ndarray:

@@ -43,7 +43,7 @@ from disa.registration.fov import (
     data_region,
     eroded,
     physical_volume_ml,
-    region_on_grid,
+    regions_on_grid,
     sector_shaped,
 )
 from disa.registration.options import RegistrationOptions
@@ -323,9 +323,9 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
                                         f"{spacing_mm} mm working spacing: too small to "
                                         "register (choose a finer --working-spacing)"))
     region = region or data_region(image)
-    fov = region_on_grid(region.mask, resampled)
-    unpadded = region_on_grid(region.mask, resampled, outside=1.0) if region.has_padding \
-        else np.ones(fov.shape, dtype=bool)
+    fov, unpadded = regions_on_grid(region.mask, resampled)
+    if not region.has_padding:
+        unpadded = np.ones(fov.shape, dtype=bool)
     if fov.sum() < 64:
         raise InputError(labelled(role, "image holds (nearly) no data (its voxels are one "
                                         "constant value): nothing to register"))
@@ -365,9 +365,9 @@ def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None
     mask = (mask_to_grid(user_mask, resampled, "moving mask") if user_mask is not None
             else np.ones(array.shape, dtype=bool))
     region = region or data_region(smoothed)
-    fov = region_on_grid(region.mask, resampled)
-    unpadded = region_on_grid(region.mask, resampled, outside=1.0) if region.has_padding \
-        else np.ones(fov.shape, dtype=bool)
+    fov, unpadded = regions_on_grid(region.mask, resampled)
+    if not region.has_padding:
+        unpadded = np.ones(fov.shape, dtype=bool)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
                          normalisation, fov, region, user_mask is not None, unpadded)
 

@@ -58,11 +58,12 @@ class DescriptorMap:
         """(mean descriptor (C,), mean squared norm) over the valid voxels, float64 physical
         values, from a regular subsample of at most ~200,000 voxels (a mean needs no more).
         Cached: every objective on this map (one per level and orientation bin) needs it."""
-        v = self.validity.ravel().astype(np.float64)
         m = self.data.reshape(-1, self.channels)
-        stride = max(1, len(v) // 200_000)
+        stride = max(1, len(m) // 200_000)
+        # (Subsampled before any conversion: a float64 copy of a whole torso validity
+        # and map cost more than the moments.)
+        v = self.validity.ravel()[::stride].astype(np.float64)
         m = m[::stride].astype(np.float64) * float(self.scale)
-        v = v[::stride]
         if v.sum() <= 0:
             v = np.ones_like(v)
         mean = (v @ m) / v.sum()

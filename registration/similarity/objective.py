@@ -62,16 +62,17 @@ def sample_points(weight_map: np.ndarray, n_points: int | None, rng: np.random.G
     Returns indices (N, 3) in (x, y, z) order as float32 and weights (N,)
     float32 summing to 1.
     """
-    flat = weight_map.ravel().astype(np.float64)
+    flat = weight_map.ravel()
     candidates = np.flatnonzero(flat > 0)
     if candidates.size == 0:
         raise ValueError("no voxel of the fixed image carries weight")
+    values = flat[candidates].astype(np.float64)  # (not a float64 copy of the whole map)
     if n_points is None or n_points >= candidates.size:
         copies = -(-n_points // candidates.size) if replicate and n_points else 1
         chosen = np.repeat(candidates, copies)
-        weights = flat[chosen]
+        weights = np.repeat(values, copies)
     else:
-        p = flat[candidates] / flat[candidates].sum()
+        p = values / values.sum()
         chosen = np.sort(rng.choice(candidates, size=n_points, replace=False, p=p))
         weights = np.ones(n_points)
     z, y, x = np.unravel_index(chosen, weight_map.shape)

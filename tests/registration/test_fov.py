@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from disa.core.errors import InputError
-from disa.registration.fov import data_region
+from disa.registration.fov import data_region, regions_on_grid
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
 from disa.registration.search.verdict import Evidence, verdict
@@ -207,3 +207,30 @@ def test_the_overlap_a_user_reads_is_the_share_of_the_smaller_view(pair) -> None
     away = np.eye(4)
     away[0, 3] = 1000.0
     assert data_overlap(whole, part, away) == 0.0
+
+
+def test_regions_on_grid_equals_two_resamplings_on_an_oblique_grid() -> None:
+    """One resampling with a default of -1 gives what two gave with defaults 0 and 1:
+    ITK never blends the default with the buffer's voxels."""
+    rng = np.random.default_rng(4)
+    region = sitk.GetImageFromArray((rng.random((20, 24, 28)) > 0.3).astype(np.uint8))
+    region.SetSpacing((1.5, 2.0, 2.5))
+    region.SetOrigin((3.0, -4.0, 5.0))
+    reference = sitk.Image(30, 26, 22, sitk.sitkFloat32)
+    reference.SetSpacing((1.7, 1.7, 1.7))
+    reference.SetOrigin((-6.0, -9.0, -3.0))
+    angle = np.deg2rad(25.0)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0.0],
+                          [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    reference.SetDirection(direction.ravel().tolist())
+
+    def resampled(outside: float) -> np.ndarray:
+        image = sitk.Resample(sitk.Cast(region, sitk.sitkFloat32), reference, sitk.Transform(),
+                              sitk.sitkLinear, outside, sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(image) > 0.5
+
+    fov, unpadded = regions_on_grid(region, reference)
+    assert np.array_equal(fov, resampled(0.0))
+    assert np.array_equal(unpadded, resampled(1.0))
+    # The grid reaches past the buffer, and the buffer holds voxels without data.
+    assert np.any(unpadded & ~fov) and np.any(~unpadded)
