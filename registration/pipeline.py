@@ -771,14 +771,15 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
     b_p = pair.b_p
     b_smoothed = antialias(pair.b_img, pair.spacing)
 
-    def reoriented(start: np.ndarray, passes: int | None = None
+    def reoriented(start: np.ndarray, passes: int | None = None,
+                   memo: dict[Any, Any] | None = None
                    ) -> tuple[np.ndarray, float, DescriptorObjective]:
         return _reoriented_refinement(
             start, pair.b_img, pair.b_mask, b_p.normalisation, pair.spacing,
             pair.a_p.grid.direction, pair.search_model, options, pair.similarity,
             described.fixed_map, described.weights, pair.similarity.objective_kind, radius,
             cancel, passes=passes, region=b_p.region, erosion=described.erosion,
-            smoothed=b_smoothed, max_voxels=pair.max_voxels)
+            smoothed=b_smoothed, max_voxels=pair.max_voxels, memo=memo)
 
     outcomes = [reoriented(search.theta)]
     search.evaluations += outcomes[0][2].evaluations
@@ -791,12 +792,15 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
     # A runner-up is screened with a few passes and refined in full only when it comes
     # within the ambiguity margin of the winner: the rest cannot win or be ambiguous.
     for rival in search.basins[:MAX_RIVALS]:
-        screened = reoriented(rival.theta, SCREEN_PASSES)
+        # The full refinement starts as the screening did: the screening's first passes
+        # (re-gridded maps, non-final L-BFGS) are kept for it, per rival, then dropped.
+        memo: dict[Any, Any] = {}
+        screened = reoriented(rival.theta, SCREEN_PASSES, memo)
         search.evaluations += screened[2].evaluations
         if (screened[1] - outcomes[0][1]) / search.contrast < settings.ambiguity_margin:
             # From the basin again, not from the screened pose: continuing from there
             # ended a realistic T1-T2 case in another basin (4.4 -> 87 mm).
-            outcomes.append(reoriented(rival.theta))
+            outcomes.append(reoriented(rival.theta, memo=memo))
             search.evaluations += outcomes[-1][2].evaluations
     outcomes.sort(key=lambda outcome: outcome[1])
     theta, cost, refine_objective = outcomes[0]
@@ -1236,11 +1240,39 @@ class _Reorientation:
     align: int
     margin_mm: float
     max_voxels: int
+    #: Results kept across refinements that share this set-up and a start (a runner-up's
+    #: screening and its full refinement): re-gridded maps by pose, non-final L-BFGS
+    #: results by (pose, points, iterations). Deterministic, so the same numbers.
+    memo: dict[Any, Any] | None = None
 
     def describe_moving(self, theta: np.ndarray
                         ) -> tuple[DescriptorMap, DescriptorMap, TransformModel | ProbeModel]:
         """The moving image re-gridded along the fixed axes rotated by ``theta`` and
         described: (its map, that map smoothed by ``sigma``, the pass's model)."""
+        key = ("describe", theta.tobytes())
+        if self.memo is not None and key in self.memo:
+            return self.memo[key]  # type: ignore[no-any-return]
+        described = self._describe_moving(theta)
+        if self.memo is not None:
+            self.memo[key] = described
+        return described
+
+    def refine(self, objective: DescriptorObjective, theta: np.ndarray, scales: np.ndarray,
+               iterations: int, cancel: Cancel | None, n_points: int
+               ) -> tuple[np.ndarray, float]:
+        """L-BFGS from ``theta`` on ``objective`` (of ``n_points`` sample points), or the
+        memo's result of the same refinement."""
+        key = ("refine", theta.tobytes(), n_points, iterations)
+        if self.memo is not None and key in self.memo:
+            return self.memo[key]  # type: ignore[no-any-return]
+        refined = lbfgs_refine(objective, theta, scales, iterations, cancel,
+                               step_tolerance_mm=self.model.step_tolerance_mm)
+        if self.memo is not None:
+            self.memo[key] = refined
+        return refined
+
+    def _describe_moving(self, theta: np.ndarray
+                         ) -> tuple[DescriptorMap, DescriptorMap, TransformModel | ProbeModel]:
         model, smoothed, spacing = self.model, self.smoothed, self.spacing
         rotation = model.linear_part(theta[None, :])[0][0]
         direction = rotation @ self.fixed_direction
@@ -1280,7 +1312,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                            radius: float, cancel: Cancel | None, passes: int | None = None,
                            region: DataRegion | None = None, erosion: int = 1,
                            smoothed: sitk.Image | None = None,
-                           max_voxels: int = MAX_WORKING_VOXELS
+                           max_voxels: int = MAX_WORKING_VOXELS,
+                           memo: dict[Any, Any] | None = None
                            ) -> tuple[np.ndarray, float, DescriptorObjective]:
     """L-BFGS refinement on moving descriptors computed on a grid aligned with the fixed axes.
 
@@ -1297,7 +1330,8 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     3x the voxels on the engine benchmark's phantom, all of them run through the
     network. The crop starts a whole descriptor stride from the uncropped grid, so
     the descriptors at the sampled points are the uncropped ones. ``max_voxels``: the
-    most voxels a re-gridded moving image may hold.
+    most voxels a re-gridded moving image may hold. ``memo``: shared by refinements from
+    the same start (``_Reorientation.memo``).
     """
     if passes is None:
         passes = similarity.reorient_passes  # (Similarity.reorient_passes says why)
@@ -1312,7 +1346,7 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
                  + max(REORIENT_MOTION_MM, 2.0 * float(fixed_map.grid.spacing[0])))
     setup = _Reorientation(smoothed, moving_mask, normalisation, spacing, fixed_direction,
                            model, options, similarity, fixed_map, sampled_map, weights, kind,
-                           region, erosion, sigma, align, margin_mm, max_voxels)
+                           region, erosion, sigma, align, margin_mm, max_voxels, memo)
     theta, cost, objective, raw_moving_map, pass_model = _reorientation_passes(
         setup, theta, passes, model.scales(radius), cancel)
     if sigma > 0:
@@ -1339,10 +1373,10 @@ def _reorientation_passes(setup: _Reorientation, theta: np.ndarray, passes: int,
     for pass_index in range(passes):
         raw_moving_map, moving_map, pass_model = setup.describe_moving(theta)
         final = pass_index == passes - 1 or converged
-        objective = setup.objective(setup.sampled, moving_map, pass_model,
-                                    REFINE_POINTS if final else FINE_POINTS)
-        refined, cost = lbfgs_refine(objective, theta, scales, 100 if final else 30, cancel,
-                                     step_tolerance_mm=model.step_tolerance_mm)
+        n_points = REFINE_POINTS if final else FINE_POINTS
+        objective = setup.objective(setup.sampled, moving_map, pass_model, n_points)
+        refined, cost = setup.refine(objective, theta, scales, 100 if final else 30, cancel,
+                                     n_points)
         if final:
             return refined, cost, objective, raw_moving_map, pass_model
         step = (refined - theta) / scales  # mm of displacement at the sample radius

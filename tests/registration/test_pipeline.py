@@ -297,3 +297,39 @@ def test_cropped_regrid_gives_the_uncropped_disa_descriptors() -> None:
     expected = whole_map.data[w[:, 2], w[:, 1], w[:, 0]]
     got = crop_map.data.reshape(-1, crop_map.data.shape[-1])[inside]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_screened_runner_up_reuses_its_screening_passes(small_pair, monkeypatch) -> None:
+    """A runner-up refined in full after its screening starts from the screening's first
+    pass and re-gridded maps (the memo) and ends where a refinement without them ends."""
+    from disa.registration import pipeline
+
+    runs: list[dict] = []
+    refine, describe = pipeline._reoriented_refinement, pipeline._Reorientation._describe_moving
+
+    def counting_describe(self, theta):
+        runs[-1]["describes"] += 1
+        return describe(self, theta)
+
+    def checked_refine(theta, *args, **kwargs):
+        memo = kwargs.get("memo")
+        reused = bool(memo)  # a full refinement after its screening
+        runs.append({"passes": kwargs.get("passes"), "describes": 0, "reused": reused})
+        outcome = refine(theta, *args, **kwargs)
+        if reused:
+            runs.append({"passes": None, "describes": 0, "reused": False, "check": True})
+            fresh = refine(theta, *args, **{**kwargs, "memo": None})
+            np.testing.assert_array_equal(outcome[0], fresh[0])
+            assert outcome[1] == fresh[1]
+        return outcome
+
+    monkeypatch.setattr(pipeline._Reorientation, "_describe_moving", counting_describe)
+    monkeypatch.setattr(pipeline, "_reoriented_refinement", checked_refine)
+    # Every runner-up survives its screening: the first (the search's best) looks worst.
+    _rigged_basin_run(small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0)
+    reused = [i for i, run in enumerate(runs) if run["reused"]]
+    assert reused, "every runner-up should have been refined in full after its screening"
+    for i in reused:
+        # The memo served the first pass's maps and the second pass's (the screening's
+        # final pass re-gridded them from the same pose).
+        assert runs[i]["describes"] == runs[i + 1]["describes"] - pipeline.SCREEN_PASSES
