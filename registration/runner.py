@@ -9,7 +9,6 @@ from disa.core.io.images import inspect_image, read_image
 from disa.core.io.limits import DEFAULT_LIMITS, InputLimits
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
-from disa.registration.results.dicom_reg import write_dicom_outputs
 from disa.registration.results.labels import read_label_map
 from disa.registration.results.outputs import write_result_folder
 from disa.registration.search.global_search import Cancel, Progress
@@ -87,12 +86,21 @@ def run_registration(fixed_path: str | Path, moving_path: str | Path, outdir: st
         result, fixed, moving, outdir, inputs,
         # DICOM REG beside the other outputs when both inputs are DICOM series (written
         # into the folder being staged, which reads displacement.nii.gz back from it).
-        extra=(lambda d, folder: write_dicom_outputs(folder, fixed_path, moving_path, d, limits,
-                                                     fixed_series_uid, moving_series_uid))
+        extra=(lambda d, folder: _write_dicom_outputs(folder, fixed_path, moving_path, d,
+                                                      limits, fixed_series_uid,
+                                                      moving_series_uid))
         if both_dicom else None,
         labels=labels, labels_path=warp_labels_path, fixed_mask=fixed_mask)
     report("done", 1.0)
     return data
+
+
+def _write_dicom_outputs(*args: Any) -> Any:
+    """results.dicom_reg.write_dicom_outputs, imported when a DICOM pair needs it: pydicom
+    and its SR code dictionaries take ~0.2 s of every process start otherwise."""
+    from disa.registration.results.dicom_reg import write_dicom_outputs
+
+    return write_dicom_outputs(*args)
 
 
 def _describe(info: dict[str, Any]) -> dict[str, Any]:

@@ -20,24 +20,31 @@ the reader at any local file (docs/DESIGN.md, "Input safety"). Every rejection i
 wrong in words a user can act on; no SimpleITK/C++ text leaks into it.
 """
 
+from __future__ import annotations
+
 import contextlib
 import math
 import os
 import stat
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom.dataset import Dataset
 
 from disa.core.errors import InputError
-from disa.core.io.dicom_series import _dicom_sources, _inspect_dicom, _read_series
 from disa.core.io.dicom_zip import unpacked
 from disa.core.io.file_formats import _check_nifti_data, _check_nifti_finite, _inspect_file
 from disa.core.io.itk_calls import _execute, _itk_detail
 from disa.core.io.limits import _FORMAT_NAMES, DEFAULT_LIMITS, ImageInfo, InputLimits, _dims
 from disa.core.io.slice_stack import describe_correction
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+# dicom_series (and pydicom with it, ~0.15 s) is imported by the DICOM branches only: a
+# NIfTI or MetaImage registration never needs it at process start.
 
 __all__ = [
     "FORMATS",
@@ -109,6 +116,8 @@ def inspect_image(
     name = _name(path)
     fmt = _existing_format(path, name, series_uid)
     if fmt == "dicom":
+        from disa.core.io.dicom_series import _dicom_sources, _inspect_dicom
+
         with _dicom_sources(path, name, limits) as sources:
             info, _series = _inspect_dicom(sources, name, limits, series_uid)
         return info
@@ -132,6 +141,8 @@ def read_image(
     name = _name(path)
     fmt = _existing_format(path, name, series_uid)
     if fmt == "dicom":
+        from disa.core.io.dicom_series import _dicom_sources, _inspect_dicom, _read_series
+
         with _dicom_sources(path, name, limits) as sources:
             info, series = _inspect_dicom(sources, name, limits, series_uid)
             if path.is_dir():
@@ -171,6 +182,8 @@ def read_dicom_headers(
     fmt = _existing_format(path, name, series_uid)
     if fmt != "dicom":
         raise InputError(f"{name}: is {_FORMAT_NAMES[fmt]}, not a DICOM series")
+    from disa.core.io.dicom_series import _dicom_sources, _inspect_dicom
+
     with _dicom_sources(path, name, limits) as sources:
         _info, series = _inspect_dicom(sources, name, limits, series_uid)
     return list(series.headers)
