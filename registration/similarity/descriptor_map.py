@@ -57,17 +57,17 @@ class DescriptorMap:
     def valid_moments(self) -> tuple[np.ndarray, float]:
         """(mean descriptor (C,), mean squared norm) over the valid voxels, float64 physical
         values, from a regular subsample of at most ~200,000 voxels (a mean needs no more).
-        Cached: every objective on this map (one per level and orientation bin) needs it."""
-        m = self.data.reshape(-1, self.channels)
-        stride = max(1, len(m) // 200_000)
-        # (Subsampled before any conversion: a float64 copy of a whole torso validity
-        # and map cost more than the moments.)
-        v = self.validity.ravel()[::stride].astype(np.float64)
-        m = m[::stride].astype(np.float64) * float(self.scale)
-        if v.sum() <= 0:
-            v = np.ones_like(v)
-        mean = (v @ m) / v.sum()
-        return mean, float(v @ np.sum(m * m, axis=1)) / float(v.sum())
+        Cached: every objective on this map (one per level and orientation bin) needs it.
+        Compiled, one pass without float64 copies of the map (numpy's version took 30 ms
+        a head map, 22 maps a registration)."""
+        data = self.data.reshape(-1, self.channels)
+        stride = max(1, len(data) // 200_000)
+        valid = self.validity.reshape(-1)
+        total, weighted, squares = _moments(data, valid, stride, float(self.scale))
+        if total <= 0:  # (no valid voxel: the plain mean)
+            total, weighted, squares = _moments(data, np.ones_like(valid), stride,
+                                                float(self.scale))
+        return weighted / total, squares / total
 
     @cached_property
     def _smoothings(self) -> dict[float, DescriptorMap]:
@@ -412,6 +412,28 @@ def _gaussian_volume(src: np.ndarray, dst: np.ndarray, weights: np.ndarray, scal
             _gaussian_run(line, target, x_lo, x_hi, nc, w, one, quantise, 0)
             _gaussian_run(line, target, 0, x_lo, nc, w, one, quantise, nx)
             _gaussian_run(line, target, x_hi, row, nc, w, one, quantise, nx)
+
+
+@njit(cache=True)
+def _moments(data: np.ndarray, valid: np.ndarray, stride: int, scale: float
+             ) -> tuple[float, np.ndarray, float]:  # pragma: no cover - compiled
+    """(sum of v, sum of v m (C,), sum of v |m|^2) over every ``stride``-th row of ``data``
+    (N, C) (int8 codes or float32, times ``scale``) with validities ``valid`` (N,),
+    accumulated in float64."""
+    n, channels = data.shape
+    total = 0.0
+    weighted = np.zeros(channels, np.float64)
+    squares = 0.0
+    for i in range(0, n, stride):
+        v = np.float64(valid[i])
+        if v == 0.0:
+            continue
+        total += v
+        for c in range(channels):
+            m = np.float64(data[i, c]) * scale
+            weighted[c] += v * m
+            squares += v * m * m
+    return total, weighted, squares
 
 
 @njit(cache=True)

@@ -125,3 +125,25 @@ def test_pooling_equals_numpy(shape: tuple[int, int, int, int]) -> None:
         assert pooled.data.dtype == expected.data.dtype
         assert np.array_equal(pooled.data, expected.data)
         assert np.array_equal(pooled.validity, valid)
+
+
+@pytest.mark.parametrize("shape", [(9, 10, 11, 12), (80, 60, 50, 12)])
+def test_valid_moments_equal_numpy(shape: tuple[int, int, int, int]) -> None:
+    """The compiled moments give what numpy's weighted means gave, subsample included (the
+    larger map is subsampled: over 200,000 voxels)."""
+    rng = np.random.default_rng(9)
+    for int8 in (False, True):
+        validity = rng.random(shape[:3]) * (rng.random(shape[:3]) > 0.4)
+        m = _map(shape, int8, seed=2).with_validity(validity)
+        values = m.data.reshape(-1, shape[3])
+        stride = max(1, len(values) // 200_000)
+        values = values[::stride].astype(np.float64) * float(m.scale)
+        weights = m.validity.ravel()[::stride].astype(np.float64)
+        mean, square = m.valid_moments
+        np.testing.assert_allclose(mean, (weights @ values) / weights.sum(), rtol=1e-10)
+        expected = weights @ np.sum(values * values, axis=1) / weights.sum()
+        np.testing.assert_allclose(square, expected, rtol=1e-10)
+    # No valid voxel: the plain mean.
+    none = _map((6, 5, 4, 12), False).with_validity(np.zeros((6, 5, 4)))
+    np.testing.assert_allclose(none.valid_moments[0], none.data.reshape(-1, 12).mean(axis=0),
+                               rtol=1e-6)
