@@ -16,7 +16,7 @@ from numba import njit, prange
 __all__ = ["local_std"]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _clamped_row_sums(values: np.ndarray, radius: int, out: np.ndarray,
                       squares: np.ndarray) -> None:  # pragma: no cover - compiled
     """out[i] = sum of values[clamp(i + k)], squares[i] = sum of their squares, |k| <= r."""
