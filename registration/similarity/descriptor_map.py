@@ -291,16 +291,9 @@ def _pool_planes(src: np.ndarray, dst: np.ndarray, scale: np.float32, nc: int,
             last = src[nz - 1].ravel()
             for q in range(lanes):
                 flat[q] += (np.float32(last[q]) * scale) * np.float32(0.25)
-        # y, then x (voxels of nc values), each halving.
+        # y (the plane as ny voxels of a row each), then x (voxels of nc values).
         halved = np.empty((my, row), np.float32)
-        columns = np.empty(ny, np.float32)
-        column_out = np.empty(my, np.float32)
-        for x in range(row):
-            for y in range(ny):
-                columns[y] = plane[y, x]
-            _halve_rows(columns, column_out, 1, edge)
-            for y in range(my):
-                halved[y, x] = column_out[y]
+        _halve_rows(flat, halved.ravel(), row, edge)
         for y in range(my):
             _halve_rows(halved[y], dst[k, y], nc, edge)
 
