@@ -1,4 +1,4 @@
-"""The `disa` command: register, info, descriptors, demo (and the service commands).
+"""The `disa` command: register, info, descriptors, demo, warm-up (and the service commands).
 
 Exit codes: 0 success, 2 bad input or options (one line on stderr naming the
 problem), 1 internal error.
@@ -199,9 +199,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if error < 2.0 else EXIT_INTERNAL
 
 
+def _add_warm_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("warm-up", help="compile the engine's kernels into the on-disk cache "
+                                       "(the Docker images and `disa worker` run this)",
+                       description="Register the bundled sample pair (rigid, deformable and, "
+                                   "when the model ships, DISA) with few starts, so that "
+                                   "numba's kernels are compiled and cached before a real "
+                                   "job needs them (NUMBA_CACHE_DIR).")
+    p.set_defaults(handler=_cmd_warm_up)
+
+
+def _cmd_warm_up(args: argparse.Namespace) -> int:
+    import os
+
+    from disa.warm_up import warm_up
+
+    seconds = warm_up()
+    runs = ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items())
+    where = os.environ.get("NUMBA_CACHE_DIR") or "__pycache__ beside the sources"
+    print(f"warm-up: {runs} (numba cache: {where})")
+    return EXIT_OK
+
+
 #: Subcommand builders; other packages (model, service, worker) add theirs here.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_register, _add_info,
-                                                                 _add_demo]
+                                                                 _add_demo, _add_warm_up]
 
 
 def build_parser() -> argparse.ArgumentParser:

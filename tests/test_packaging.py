@@ -42,3 +42,31 @@ def test_runtime_extras_never_pull_torch():
         assert not [r for r in _extra(extra) if r.name == "torch"], extra
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert not [r for r in project["dependencies"] if Requirement(r).name == "torch"]
+
+
+def _stages(dockerfile: str) -> dict[str, list[str]]:
+    """Instructions (continuation lines joined) of each named stage of a Dockerfile."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in re.sub(r"\\\n\s*", " ", dockerfile).splitlines():
+        line = line.strip()
+        named = re.match(r"FROM \S+ AS (\S+)", line)
+        if named:
+            current = stages.setdefault(named.group(1), [])
+        elif line and not line.startswith("#"):
+            current.append(line)
+    return stages
+
+
+def test_every_image_that_registers_ships_a_warmed_kernel_cache():
+    """`disa warm-up` after the last install, as the user that runs the jobs: run before
+    the install it compiles nothing that ships, run as root the cache would be root's."""
+    stages = _stages((ROOT / "docker" / "Dockerfile").read_text(encoding="utf-8"))
+    for target in ("api", "worker-cpu", "worker-gpu"):
+        lines = stages[target]
+        warm = [i for i, line in enumerate(lines) if line == "RUN disa warm-up"]
+        assert warm, f"{target} does not run `disa warm-up`"
+        installs = [i for i, line in enumerate(lines) if "pip install" in line]
+        users = [i for i, line in enumerate(lines) if line.startswith("USER ")]
+        assert installs and warm[0] > installs[-1], target
+        assert users and users[-1] < warm[0] and lines[users[-1]] == "USER disa", target
