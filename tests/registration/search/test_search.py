@@ -187,3 +187,40 @@ def test_global_search_keeps_the_initial_pose_to_the_refinement() -> None:
                            check_points=np.zeros((1, 3)), spreads_mm=np.array([60.0]))
     np.testing.assert_allclose(result.theta, target, atol=1e-3)
     assert any(s.start_index == 0 for s in result.solutions)
+
+
+class Cone(Counted):
+    """cost = distance (mm) of the translation from ``target`` minus ``depth`` inside
+    ``radius_mm`` of it, 0 beyond (flat: no gradient) unless ``radius_mm`` is None; the
+    stand-in for a similarity whose basin is wide on the coarse grid, narrow on the fine."""
+
+    def __init__(self, target: np.ndarray, radius_mm: float | None) -> None:
+        self.target = target
+        self.radius_mm = radius_mm
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        theta = np.atleast_2d(theta)
+        self.evaluations += len(theta)
+        d = theta[:, 3:] - self.target[3:]
+        dist = np.linalg.norm(d, axis=1)
+        grad = np.zeros_like(theta)
+        grad[:, 3:] = d / np.maximum(dist, 1e-9)[:, None]
+        if self.radius_mm is None:
+            return dist, grad
+        inside = dist < self.radius_mm
+        return np.where(inside, dist - self.radius_mm, 0.0), grad * inside[:, None]
+
+
+def test_coarse_stage_reaches_a_basin_45_mm_away() -> None:
+    """Starts 30-60 mm from a torso CT-MR pose stalled short of its basin when the first
+    coarse step was one coarse spacing (20 Adam steps travel about 30 mm). A start 45 mm
+    off the truth on a coarse-level slope must end inside the fine level's 8 mm basin."""
+    model = TransformModel("rigid", np.zeros(3))
+    target = np.zeros(6)
+    init = np.array([0.0, 0.0, 0.0, 45.0, 0.0, 0.0])
+    settings = SearchSettings(starts=1, rotation_range_deg=0.0, top_k=1)
+    result = global_search(Cone(target, None), Cone(target, 8.0), Cone(target, 8.0), model,
+                           init, settings, radius_mm=50.0, coarse_spacing_mm=4.0,
+                           fine_spacing_mm=2.0, check_points=np.zeros((1, 3)),
+                           spreads_mm=np.array([0.0]))
+    assert np.linalg.norm(result.theta[3:]) < 1.0
