@@ -590,7 +590,16 @@ class _OpenVinoSession:
     cores, bf16 arithmetic; fp32 and bf16 run the ONNX file, int8 the quantised
     OpenVINO IR made from it (`disa-train quantise`), whose integer convolutions
     run whatever the precision hint says.
+
+    The network is compiled for each input shape it meets (static shapes), the last
+    `KEEP_SHAPES` kept. Why: compiled with its dynamic input, the first inference at a
+    new shape built that shape's kernels and buffers and took 4.5-5.9 s at 256^3
+    (1.8-1.9 s warm); compiled for the static shape, 0.12-0.14 s of compilation and a
+    first inference of 2.3 s (benchmarks/README.md, "Cold `disa descriptors`").
     """
+
+    #: Compiled shapes kept: a registration describes two images, the fixed and moving.
+    KEEP_SHAPES = 2
 
     def __init__(self, graph_path: Path, threads: int, precision: str) -> None:
         try:
@@ -607,23 +616,42 @@ class _OpenVinoSession:
             if "BF16" not in capabilities:
                 logger.warning("this CPU has no native bf16 (%s): OpenVINO runs fp32", capabilities)
                 precision, hint = "fp32", "f32"
-        config = {
+        self._core = core
+        self._config = {
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": hint,
         }
-        self._compiled = core.compile_model(core.read_model(str(graph_path)), "CPU", config)
-        self._output = self._compiled.outputs[0]
-        self.input_name = self._compiled.inputs[0].get_any_name()
+        self._model = core.read_model(str(graph_path))
+        self.input_name = self._model.inputs[0].get_any_name()
+        self._by_shape: dict[tuple[int, ...], object] = {}  # insertion order = use order
+        self._lock = threading.Lock()
         self._provider = f"OpenVINO-CPU-{precision}"
 
     def get_providers(self) -> list[str]:
         return [self._provider]
 
+    def compiled_shapes(self) -> list[tuple[int, ...]]:
+        """The input shapes compiled and kept, least recently used first."""
+        return list(self._by_shape)
+
+    def _compiled_for(self, shape: tuple[int, ...]):  # -> openvino.CompiledModel
+        with self._lock:
+            compiled = self._by_shape.pop(shape, None)
+            if compiled is None:
+                # reshape() changes the read model in place; it is only a template here.
+                self._model.reshape({self.input_name: list(shape)})
+                compiled = self._core.compile_model(self._model, "CPU", self._config)
+                while len(self._by_shape) >= self.KEEP_SHAPES:
+                    self._by_shape.pop(next(iter(self._by_shape)))
+            self._by_shape[shape] = compiled
+            return compiled
+
     def run(
         self, output_names: object, feeds: dict[str, np.ndarray], run_options: object = None
     ) -> list[np.ndarray]:
         (volume,) = feeds.values()
+        compiled = self._compiled_for(tuple(int(n) for n in volume.shape))
         # share_outputs=False: the result must outlive the next call.
-        result = self._compiled(volume, share_outputs=False)
-        return [np.asarray(result[self._output], dtype=np.float32)]
+        result = compiled(volume, share_outputs=False)
+        return [np.asarray(result[compiled.outputs[0]], dtype=np.float32)]
