@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 SPACING_MM = 2.0  # the sources' grid (disa.training.sources.SPACING_MM)
@@ -221,8 +222,10 @@ def draw_fan(volume, rng: np.random.Generator, body: np.ndarray,
              simulate: Callable[..., object]):  # -> synthesis.UltrasoundResult
     """A fan of the held-out steep-attenuation family on the volume's own grid, drawn (up
     to 20 times) until a probe could have made it: apex in solid tissue, energy reaching
-    a third of the fan, a tissue boundary inside (``fan_structure``). Shared by
-    ``ultrasound`` (which then puts it on a probe lattice) and benchmarks/deformable.py.
+    a third of the fan, a tissue boundary inside (``fan_structure``); when no draw
+    qualifies, the best of the 20 (coupled, then energy, then ``fan_boundaries``).
+    Shared by ``ultrasound`` (which then puts it on a probe lattice) and
+    benchmarks/deformable.py.
     """
     from disa.training.synthesis import US_STEEP
 
@@ -235,10 +238,12 @@ def draw_fan(volume, rng: np.random.Generator, body: np.ndarray,
     # most 90 mm: fans 70-170 mm deep, as a probe images; a fan across a whole torso
     # would be dark past half its depth at this attenuation.
     extent = min(0.6 * float(min(volume.shape)), 45.0)
+    best, best_key = None, (-1.0, -1.0, -1.0)
     for _ in range(20):
         focus = candidates[rng.integers(len(candidates))]
         us = simulate(volume, rng, focus.astype(float), extent, US_STEEP)
         apex = np.round(np.asarray(us.apex)).astype(int)
+        coupled = bool(np.all((apex >= 0) & (apex < shape)) and solid[tuple(apex)])
         # ... and until energy reaches a third of the fan: a sonographer turns the probe
         # away from a lung or bone that shadows everything.
         reached = float(np.mean(us.transmission[us.fan] > 0.1)) if us.fan.any() else 0.0
@@ -246,9 +251,18 @@ def draw_fan(volume, rng: np.random.Generator, body: np.ndarray,
         # structure. A fan inside one homogeneous tissue (the XCAT torso's body is one
         # soft-tissue label) has no correct pose to find: refined from the true pose,
         # every similarity drifted 5-117 mm on such torso fans (stop 19 diagnosis).
-        if (np.all((apex >= 0) & (apex < shape)) and solid[tuple(apex)] and reached >= 1 / 3
-                and fan_structure(volume, us) >= MIN_FAN_STRUCTURE):
-            break
+        if coupled and reached >= 1 / 3 and fan_structure(volume, us) >= MIN_FAN_STRUCTURE:
+            return us
+        # No draw qualifies on the XCAT torso (its only tissues are soft tissue, aerated
+        # lung and bone, and energy never crosses the pleura, so ``fan_structure`` stays
+        # < 0.1): keep the draw a sonographer would have kept, coupled, then reaching a
+        # third of the fan, then with the most insonified tissue next to a boundary (the
+        # pleura, a rib, the sternum). Returning the last draw instead gave fans dark
+        # past their first centimetre (median echo 1e-11) that no method could register.
+        key = (float(coupled), float(min(reached, 1 / 3)), fan_boundaries(volume, us))
+        if key > best_key:
+            best, best_key = us, key
+    return best
     return us
 
 
@@ -287,6 +301,26 @@ def fan_structure(volume, us) -> float:
     tissue = np.asarray(volume.label_tissue)[volume.labels[reached]]
     counts = np.bincount(tissue)
     return float(1.0 - counts.max() / counts.sum())
+
+
+def fan_boundaries(volume, us) -> float:
+    """Share of the fan's insonified voxels (transmission > 0.1) within 2 voxels (4 mm)
+    of a change of tissue class: the reflectors (pleura, bone surfaces, skin) that give
+    an ultrasound its pose, where ``fan_structure`` only counts the tissue reached."""
+    reached = us.fan & (us.transmission > 0.1)
+    if not reached.any():
+        return 0.0
+    tissue = np.asarray(volume.label_tissue)[volume.labels]
+    edge = np.zeros(tissue.shape, dtype=bool)
+    for axis in range(3):
+        change = np.diff(tissue, axis=axis) != 0
+        before = [slice(None)] * 3
+        after = [slice(None)] * 3
+        before[axis], after[axis] = slice(0, -1), slice(1, None)
+        edge[tuple(before)] |= change
+        edge[tuple(after)] |= change
+    near = ndimage.binary_dilation(edge, iterations=2)
+    return float(near[reached].mean())
 
 
 def crop_volume(volume, crop: int):  # -> Volume

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -154,3 +155,35 @@ def test_the_xcat_torso_file_parses_into_closed_surfaces() -> None:
     # A right lung is some 1-3 litres (the voxels are 64 mm^3) and lies at -x (LPS).
     assert 1.0e6 < inside.sum() * 64.0 < 3.5e6
     assert surfaces["rlung"].control[..., 0].mean() < 0 < surfaces["llung"].control[..., 0].mean()
+
+
+
+def test_a_fan_that_never_qualifies_falls_back_to_the_best_draw_not_the_last() -> None:
+    """Where no draw shows a second tissue with energy (the XCAT torso: soft tissue,
+    lung behind an opaque pleura, bone), the kept fan is a lit one, not the last draw."""
+    from types import SimpleNamespace
+
+    from disa.training.sources import TISSUES
+
+    phantom = _phantom((24, 24, 24))
+    # One soft tissue everywhere: fan_structure is 0 for every draw, so none qualifies.
+    soft = TISSUES.index("soft")
+    tissues = np.zeros_like(phantom.tissues)
+    tissues[soft] = 1.0
+    volume = dataclasses.replace(phantom, labels=np.ones(phantom.shape, phantom.labels.dtype),
+                                 label_tissue=np.array([soft, soft]), tissues=tissues)
+    assert volume.foreground()[12, 12, 12]  # the apex below is coupled
+    draws: list[SimpleNamespace] = []
+
+    def simulate(vol, rng, focus, extent, params):  # noqa: ARG001 - simulate's signature
+        fan = np.zeros(volume.shape, dtype=bool)
+        fan[4:20, 4:20, 4:20] = True
+        lit = len(draws) % 4 == 1  # draws 1, 5, ..., 17 lit; the last (19) dark
+        transmission = np.where(fan, 0.5 if lit else 1e-9, 0.0).astype(np.float32)
+        draws.append(SimpleNamespace(fan=fan, transmission=transmission, lit=lit,
+                                     apex=np.array([12.0, 12.0, 12.0]), image=transmission))
+        return draws[-1]
+
+    kept = rc.draw_fan(volume, np.random.default_rng(0), np.ones(volume.shape, bool), simulate)
+    assert len(draws) == 20 and not draws[-1].lit
+    assert kept.lit and rc.fan_structure(volume, kept) == 0.0
