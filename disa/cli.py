@@ -205,19 +205,27 @@ def _add_warm_up(sub: argparse._SubParsersAction) -> None:
                        description="Register the bundled sample pair (rigid, deformable and, "
                                    "when the model ships, DISA) with few starts, so that "
                                    "numba's kernels are compiled and cached before a real "
-                                   "job needs them (NUMBA_CACHE_DIR).")
+                                   "job needs them (NUMBA_CACHE_DIR). Does nothing when a "
+                                   "finished warm-up's stamp in the cache still matches this "
+                                   "install and host.")
+    p.add_argument("--force", action="store_true",
+                   help="run the registrations even when the cache is stamped warm")
     p.set_defaults(handler=_cmd_warm_up)
 
 
 def _cmd_warm_up(args: argparse.Namespace) -> int:
-    import os
+    from disa.warm_up import cache_folder, is_warm, warm_up, write_stamp
 
-    from disa.warm_up import warm_up
-
+    where = cache_folder()
+    if not args.force and is_warm():
+        print(f"warm-up: cache already warm for this install and host (numba cache: {where}; "
+              "--force runs it again)")
+        return EXIT_OK
     seconds = warm_up()
+    stamped = write_stamp()
     runs = ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items())
-    where = os.environ.get("NUMBA_CACHE_DIR") or "__pycache__ beside the sources"
-    print(f"warm-up: {runs} (numba cache: {where})")
+    note = "" if stamped else "; not stamped: the folder is not writable"
+    print(f"warm-up: {runs} (numba cache: {where}{note})")
     return EXIT_OK
 
 

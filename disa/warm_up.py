@@ -15,13 +15,28 @@ ships, a rigid one with DISA's int8 descriptor maps. numba specialises a kernel 
 its argument types, not on sizes, so a small search (few starts) compiles what a
 full one runs; tests/test_warm_up.py checks that a default and a deformable
 registration of the sample compile nothing more afterwards.
+
+A warm-up that finished leaves a stamp (``disa-warm-up.json``) in the cache folder:
+what the cache was compiled for (disa, numba, llvmlite and Python versions, the host
+CPU and its features, the NUMBA_* settings, the size and modification time of every
+engine source, which numba keys its index on too) and which index files it wrote.
+A later ``disa warm-up`` whose stamp still matches and whose index files are all
+there does nothing (``--force`` runs it anyway): a worker restarting on a warm cache
+used to spend 24 s re-running registrations that compiled nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from disa.core.atomic import write_json
 
 #: Random starts of each warm-up registration: enough to reach every stage.
 WARM_UP_STARTS = 24
@@ -57,3 +72,83 @@ def warm_up() -> dict[str, float]:
             run_registration(fixed, moving, Path(tmp) / name, RegistrationOptions(**fields))
             seconds[name] = time.perf_counter() - t0
     return seconds
+
+
+#: The stamp a finished warm-up leaves in the cache folder.
+STAMP_NAME = "disa-warm-up.json"
+
+
+def _engine_folder() -> Path:
+    import disa.registration
+
+    return Path(disa.registration.__file__).parent
+
+
+def cache_folder() -> Path:
+    """Where numba caches the engine's kernels: NUMBA_CACHE_DIR, else the ``__pycache__``
+    folders beside the sources (the stamp then goes in the engine package's)."""
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    return Path(configured) if configured else _engine_folder() / "__pycache__"
+
+
+def _index_files() -> list[str]:
+    """numba's cache index files of the engine (names relative to the folder that holds
+    them all: NUMBA_CACHE_DIR, else the engine package)."""
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    root = Path(configured) if configured else _engine_folder()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.nbi")) if root.is_dir() else []
+
+
+def _index_exists(name: str) -> bool:
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    return ((Path(configured) if configured else _engine_folder()) / name).is_file()
+
+
+def cache_key() -> dict[str, Any]:
+    """What a compiled cache depends on; a warm cache is valid only for the same key."""
+    import llvmlite
+    import llvmlite.binding as llvm
+    import numba
+
+    from disa import __version__
+
+    sources = hashlib.sha256()
+    for path in sorted(_engine_folder().rglob("*.py")):
+        stat = path.stat()
+        sources.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    features = llvm.get_host_cpu_features()
+    return {
+        "disa": __version__, "numba": numba.__version__, "llvmlite": llvmlite.__version__,
+        "python": platform.python_version(), "cpu": llvm.get_host_cpu_name(),
+        "cpu_features": features.flatten() if hasattr(features, "flatten") else str(features),
+        "numba_settings": sorted((k, v) for k, v in os.environ.items()
+                                 if k.startswith("NUMBA_") and k != "NUMBA_CACHE_DIR"),
+        "engine_sources": sources.hexdigest(),
+        "runs": [name for name, _ in warm_up_runs()],
+    }
+
+
+def write_stamp() -> Path | None:
+    """Record that the cache is warm for this key (after a finished warm-up); None when
+    its folder cannot be written (a read-only install: the next warm-up runs again)."""
+    folder = cache_folder()
+    stamp = {"key": cache_key(), "index_files": _index_files(),
+             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(stamp, folder / STAMP_NAME, indent=1)
+    except OSError:
+        return None
+    return folder / STAMP_NAME
+
+
+def is_warm() -> bool:
+    """Whether the cache holds a finished warm-up for this key, its index files intact."""
+    try:
+        stamp = json.loads((cache_folder() / STAMP_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stamp, dict) or stamp.get("key") != json.loads(json.dumps(cache_key())):
+        return False
+    index = stamp.get("index_files")
+    return isinstance(index, list) and bool(index) and all(_index_exists(n) for n in index)

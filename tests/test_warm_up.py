@@ -41,6 +41,11 @@ def test_a_warmed_cache_serves_later_registrations_without_compiling(tmp_path: P
     assert done.stdout.startswith("warm-up: rigid"), done.stdout
     assert "deformable" in done.stdout and str(tmp_path / "numba") in done.stdout
     warmed = _cache_files(tmp_path / "numba")
+    assert (tmp_path / "numba" / "disa-warm-up.json").is_file()
+    # A second warm-up on the stamped cache runs nothing.
+    again = subprocess.run([sys.executable, "-m", "disa", "warm-up"], env=env, text=True,
+                           capture_output=True, timeout=600, check=False)
+    assert again.returncode == 0 and "already warm" in again.stdout, again.stdout
     # what the engine compiles lives in these modules: each must have been reached
     for module in ("mind", "kernels", "descriptor_map", "contrast", "discrete"):
         assert any(module in name for name in warmed), (module, sorted(warmed)[:20])
@@ -55,3 +60,70 @@ def test_a_warmed_cache_serves_later_registrations_without_compiling(tmp_path: P
     after = _cache_files(tmp_path / "numba")
     compiled_later = sorted(name for name in after if warmed.get(name) != after[name])
     assert compiled_later == []
+
+
+def _fake_engine(tmp_path: Path, monkeypatch) -> Path:
+    """An engine folder with one source and its cache index, the default cache layout."""
+    from disa import warm_up
+
+    engine = tmp_path / "engine"
+    (engine / "__pycache__").mkdir(parents=True)
+    (engine / "kernels.py").write_text("x = 1\n")
+    (engine / "__pycache__" / "kernels.k-1.py311.nbi").write_bytes(b"index")
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(warm_up, "_engine_folder", lambda: engine)
+    return engine
+
+
+def test_the_stamp_holds_while_nothing_it_depends_on_changes(tmp_path: Path, monkeypatch) -> None:
+    from disa import warm_up
+
+    engine = _fake_engine(tmp_path, monkeypatch)
+    assert not warm_up.is_warm()  # no stamp yet
+    assert warm_up.write_stamp() == engine / "__pycache__" / warm_up.STAMP_NAME
+    assert warm_up.is_warm()
+    # an engine source edited: numba recompiles it, so the cache is no longer warm
+    source = engine / "kernels.py"
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    assert not warm_up.is_warm()
+    warm_up.write_stamp()
+    assert warm_up.is_warm()
+    # a NUMBA_* setting that changes code generation
+    monkeypatch.setenv("NUMBA_OPT", "0")
+    assert not warm_up.is_warm()
+    monkeypatch.delenv("NUMBA_OPT")
+    assert warm_up.is_warm()
+    # the cache cleared under the stamp
+    (engine / "__pycache__" / "kernels.k-1.py311.nbi").unlink()
+    assert not warm_up.is_warm()
+    # a damaged stamp is a cold cache, not an error
+    (engine / "__pycache__" / warm_up.STAMP_NAME).write_text("{not json")
+    assert not warm_up.is_warm()
+
+
+def test_an_unwritable_cache_folder_is_reported_not_fatal(tmp_path: Path, monkeypatch) -> None:
+    from disa import warm_up
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(blocker / "numba"))  # under a file
+    assert warm_up.write_stamp() is None
+    assert not warm_up.is_warm()
+
+
+def test_warm_up_skips_a_warm_cache_unless_forced(monkeypatch, capsys) -> None:
+    from disa import warm_up
+    from disa.cli import build_parser
+
+    ran: list[str] = []
+    monkeypatch.setattr(warm_up, "is_warm", lambda: True)
+    monkeypatch.setattr(warm_up, "warm_up", lambda: ran.append("run") or {"rigid": 1.0})
+    monkeypatch.setattr(warm_up, "write_stamp", lambda: Path("stamp"))
+    for argv, expected in ((["warm-up"], []), (["warm-up", "--force"], ["run"])):
+        ran.clear()
+        args = build_parser().parse_args(argv)
+        assert args.handler(args) == 0
+        assert ran == expected
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("warm-up: cache already warm")
+    assert out[1].startswith("warm-up: rigid 1.0 s")

@@ -175,7 +175,7 @@ def test_a_fan_that_never_qualifies_falls_back_to_the_best_draw_not_the_last() -
     assert volume.foreground()[12, 12, 12]  # the apex below is coupled
     draws: list[SimpleNamespace] = []
 
-    def simulate(vol, rng, focus, extent, params):  # noqa: ARG001 - simulate's signature
+    def simulate(vol, rng, focus, extent, params):
         fan = np.zeros(volume.shape, dtype=bool)
         fan[4:20, 4:20, 4:20] = True
         lit = len(draws) % 4 == 1  # draws 1, 5, ..., 17 lit; the last (19) dark
