@@ -21,7 +21,6 @@ bin's grid therefore has axes D_a,k = (Q_k R_0)^T D_b.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -38,25 +37,12 @@ from disa.registration.transform.parametric import TransformModel
 #: holds ~10x the voxels of its data); on the realistic cases that showed the problem
 #: the grid fixed one more case of six at 4x the cost (2-3 s a case).
 ORIENTATION_STEP_DEG = 25.0
-#: Corner bins: CORNER_DEG about each of the 8 diagonals (+-1, +-1, +-1) / sqrt(3), for
-#: ranges of at least CORNER_RANGE_DEG. Why: a 40 degree rotation about an oblique axis
-#: lies 25-30 degrees from every one of the 7 bins above, where the descriptors no
-#: longer match, so the coarse rounds scored starts in the true basin as badly as
-#: anywhere and dropped them. Two of the realistic family's failures had a truth of 39
-#: degrees and a refined cost at the truth well below the result's (and 6 others of 13
-#: failures a truth of 33 degrees or more). Within a 40 degree range the 7 bins leave
-#: rotations up to 31 degrees from the nearest (10 % beyond 21); with the corners at most
-#: 23 (10 % beyond 16). Measured in benchmarks/README.md, "Corner bins".
-CORNER_DEG = 30.0
-CORNER_RANGE_DEG = 30.0
 
 
-def orientation_bins(rotation_range_deg: float, step_deg: float = ORIENTATION_STEP_DEG,
-                     corner_deg: float = CORNER_DEG) -> np.ndarray:
+def orientation_bins(rotation_range_deg: float, step_deg: float = ORIENTATION_STEP_DEG
+                     ) -> np.ndarray:
     """Bin rotations (K, 3, 3), the identity first, then +-``step_deg`` about x, y and z
-    (7 bins) when the starts' rotation range reaches half a step, then ``corner_deg``
-    about the 8 diagonals (15 bins) when it reaches CORNER_RANGE_DEG; else the identity
-    alone."""
+    (7 bins) when the starts' rotation range reaches half a step; else the identity alone."""
     if step_deg <= 0 or rotation_range_deg < step_deg / 2:
         return np.eye(3)[None]
     vectors = [np.zeros(3)]
@@ -65,9 +51,6 @@ def orientation_bins(rotation_range_deg: float, step_deg: float = ORIENTATION_ST
             v = np.zeros(3)
             v[axis] = sign * np.deg2rad(step_deg)
             vectors.append(v)
-    if corner_deg > 0 and rotation_range_deg >= CORNER_RANGE_DEG:
-        for signs in itertools.product((-1.0, 1.0), repeat=3):
-            vectors.append(np.asarray(signs) / np.sqrt(3.0) * np.deg2rad(corner_deg))
     return Rotation.from_rotvec(np.asarray(vectors)).as_matrix()
 
 
