@@ -263,7 +263,6 @@ def draw_fan(volume, rng: np.random.Generator, body: np.ndarray,
         if key > best_key:
             best, best_key = us, key
     return best
-    return us
 
 
 def ultrasound(volume, rng: np.random.Generator, body: np.ndarray,

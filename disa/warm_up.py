@@ -91,17 +91,17 @@ def cache_folder() -> Path:
     return Path(configured) if configured else _engine_folder() / "__pycache__"
 
 
+def _index_root() -> Path:
+    """The folder that holds all of the engine's numba index files: NUMBA_CACHE_DIR, else
+    the engine package (one ``__pycache__`` per source folder)."""
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    return Path(configured) if configured else _engine_folder()
+
+
 def _index_files() -> list[str]:
-    """numba's cache index files of the engine (names relative to the folder that holds
-    them all: NUMBA_CACHE_DIR, else the engine package)."""
-    configured = os.environ.get("NUMBA_CACHE_DIR")
-    root = Path(configured) if configured else _engine_folder()
+    """numba's cache index files of the engine, relative to ``_index_root()``."""
+    root = _index_root()
     return sorted(str(p.relative_to(root)) for p in root.rglob("*.nbi")) if root.is_dir() else []
-
-
-def _index_exists(name: str) -> bool:
-    configured = os.environ.get("NUMBA_CACHE_DIR")
-    return ((Path(configured) if configured else _engine_folder()) / name).is_file()
 
 
 def cache_key() -> dict[str, Any]:
@@ -151,4 +151,5 @@ def is_warm() -> bool:
     if not isinstance(stamp, dict) or stamp.get("key") != json.loads(json.dumps(cache_key())):
         return False
     index = stamp.get("index_files")
-    return isinstance(index, list) and bool(index) and all(_index_exists(n) for n in index)
+    root = _index_root()
+    return isinstance(index, list) and bool(index) and all((root / n).is_file() for n in index)
