@@ -35,7 +35,7 @@ import SimpleITK as sitk
 
 from disa.core.errors import InputError
 from disa.core.io.dicom_zip import unpacked
-from disa.core.io.file_formats import _check_nifti_data, _check_nifti_finite, _inspect_file
+from disa.core.io.file_formats import _check_nifti_data, _inspect_file
 from disa.core.io.itk_calls import _execute, _itk_detail
 from disa.core.io.limits import _FORMAT_NAMES, DEFAULT_LIMITS, ImageInfo, InputLimits, _dims
 from disa.core.io.slice_stack import describe_correction
@@ -157,7 +157,6 @@ def read_image(
             # The NIfTI reader fills missing data with zeros instead of failing, and
             # turns NaN and Inf voxels into 0: both are checked on the stored data.
             _check_nifti_data(path, name)
-            _check_nifti_finite(path, name)
         image = sitk.Cast(_execute(reader, name), sitk.sitkFloat32)
     if image.GetDimension() != 3 or tuple(image.GetSize()) != info.size:
         raise InputError(
