@@ -99,8 +99,14 @@ REFINE_POINTS = 16384
 COARSE_POOL_ABOVE = 40
 #: (Re-orientation passes, the refinement's smoothing and which similarities search on
 #: oriented maps are properties of each similarity: similarity_spec.py.)
-#: Room (mm) a re-oriented pass's crop leaves for the pose to move within that pass.
+#: Room (mm) the first re-oriented pass's crop leaves for the pose to move within that pass
+#: (the search's pose can still be several mm off: first steps of up to 17 mm measured).
 REORIENT_MOTION_MM = 16.0
+#: Later passes leave this many times the previous pass's step (mm at the sample radius:
+#: points farther out move up to ~2x that), and at least one descriptor voxel. The steps
+#: after the first pass are 0.1-1.5 mm on the realistic cases, so a later crop holds a
+#: margin of ~4-6 mm instead of 16 (22-38 % fewer voxels to re-grid and describe).
+REORIENT_STEP_ROOM = 4.0
 #: Other basins of the search (search.basins, the rivals first) refined on re-oriented maps
 #: besides the best. 2 (rivals only, until 2026-12-05): 3 realistic cases ended 10-35 mm
 #: off in a basin whose re-oriented cost was worse than a runner-up's; 3 fixed all three.
@@ -1217,10 +1223,11 @@ def reoriented_bounds(model: TransformModel, theta: np.ndarray, fixed_map: Descr
 class _Reorientation:
     """What every pass of one re-oriented refinement shares: the moving image antialiased
     for the working spacing (``smoothed``), how it is re-gridded (``align``: the descriptor
-    stride in working voxels, crops start a whole stride into the full grid; ``margin_mm``:
-    the room around the mapped fixed points; ``max_voxels``: the most voxels a re-gridded
-    image may hold) and described, and the fixed side (``sampled``: the fixed map under the
-    refinement's Gaussian of ``sigma`` descriptor voxels)."""
+    stride in working voxels, crops start a whole stride into the full grid; ``max_voxels``:
+    the most voxels a re-gridded image may hold) and described, and the fixed side
+    (``sampled``: the fixed map under the refinement's Gaussian of ``sigma`` descriptor
+    voxels). ``footprint_mm``: how far a descriptor sees; a crop's margin is that plus the
+    room a pass leaves for motion (``motion_mm``)."""
 
     smoothed: sitk.Image
     moving_mask: sitk.Image | None
@@ -1238,21 +1245,33 @@ class _Reorientation:
     erosion: int
     sigma: float
     align: int
-    margin_mm: float
+    footprint_mm: float
     max_voxels: int
     #: Results kept across refinements that share this set-up and a start (a runner-up's
     #: screening and its full refinement): re-gridded maps by pose, non-final L-BFGS
     #: results by (pose, points, iterations). Deterministic, so the same numbers.
     memo: dict[Any, Any] | None = None
 
-    def describe_moving(self, theta: np.ndarray
+    def first_motion_mm(self) -> float:
+        """Room (mm) for the first pass's motion: the search's pose may still be far off."""
+        return max(REORIENT_MOTION_MM, 2.0 * float(self.fixed_map.grid.spacing[0]))
+
+    def later_motion_mm(self, previous_step_mm: float) -> float:
+        """Room (mm) for a later pass's motion, from the previous pass's step (module
+        constants say why); never more than the first pass's."""
+        return min(self.first_motion_mm(),
+                   max(REORIENT_STEP_ROOM * previous_step_mm,
+                       float(self.fixed_map.grid.spacing[0])))
+
+    def describe_moving(self, theta: np.ndarray, motion_mm: float
                         ) -> tuple[DescriptorMap, DescriptorMap, TransformModel | ProbeModel]:
-        """The moving image re-gridded along the fixed axes rotated by ``theta`` and
-        described: (its map, that map smoothed by ``sigma``, the pass's model)."""
-        key = ("describe", theta.tobytes())
+        """The moving image re-gridded along the fixed axes rotated by ``theta`` (over the
+        mapped fixed points, the descriptors' footprint and ``motion_mm`` of room around
+        them) and described: (its map, that map smoothed by ``sigma``, the pass's model)."""
+        key = ("describe", theta.tobytes(), motion_mm)
         if self.memo is not None and key in self.memo:
             return self.memo[key]  # type: ignore[no-any-return]
-        described = self._describe_moving(theta)
+        described = self._describe_moving(theta, motion_mm)
         if self.memo is not None:
             self.memo[key] = described
         return described
@@ -1271,7 +1290,7 @@ class _Reorientation:
             self.memo[key] = refined
         return refined
 
-    def _describe_moving(self, theta: np.ndarray
+    def _describe_moving(self, theta: np.ndarray, motion_mm: float
                          ) -> tuple[DescriptorMap, DescriptorMap, TransformModel | ProbeModel]:
         model, smoothed, spacing = self.model, self.smoothed, self.spacing
         rotation = model.linear_part(theta[None, :])[0][0]
@@ -1288,7 +1307,7 @@ class _Reorientation:
             pass_model = model.referenced(theta)
         else:
             bounds = reoriented_bounds(model, theta, self.fixed_map, self.weights, direction,
-                                       self.margin_mm)
+                                       self.footprint_mm + motion_mm)
             moving_p = regrid(smoothed, spacing, self.moving_mask, direction, bounds,
                               self.align, self.normalisation, self.region, self.max_voxels)
         moving_map, stride, _ = descriptor_maps(moving_p, self.similarity, self.options)
@@ -1342,11 +1361,10 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     sigma = similarity.refine_smoothing_voxels
     sampled_map = fixed_map.smoothed(sigma)
     align = max(1, round(float(fixed_map.grid.spacing[0]) / spacing))
-    margin_mm = (descriptor_footprint_voxels(similarity, options) * spacing
-                 + max(REORIENT_MOTION_MM, 2.0 * float(fixed_map.grid.spacing[0])))
+    footprint_mm = descriptor_footprint_voxels(similarity, options) * spacing
     setup = _Reorientation(smoothed, moving_mask, normalisation, spacing, fixed_direction,
                            model, options, similarity, fixed_map, sampled_map, weights, kind,
-                           region, erosion, sigma, align, margin_mm, max_voxels, memo)
+                           region, erosion, sigma, align, footprint_mm, max_voxels, memo)
     theta, cost, objective, raw_moving_map, pass_model = _reorientation_passes(
         setup, theta, passes, model.scales(radius), cancel)
     if sigma > 0:
@@ -1370,8 +1388,9 @@ def _reorientation_passes(setup: _Reorientation, theta: np.ndarray, passes: int,
     converged = False
     history: list[tuple[np.ndarray, np.ndarray]] = []  # (pose, step) in mm units
     descriptor_mm = float(setup.fixed_map.grid.spacing[0])
+    motion_mm = setup.first_motion_mm()
     for pass_index in range(passes):
-        raw_moving_map, moving_map, pass_model = setup.describe_moving(theta)
+        raw_moving_map, moving_map, pass_model = setup.describe_moving(theta, motion_mm)
         final = pass_index == passes - 1 or converged
         n_points = REFINE_POINTS if final else FINE_POINTS
         objective = setup.objective(setup.sampled, moving_map, pass_model, n_points)
@@ -1382,6 +1401,7 @@ def _reorientation_passes(setup: _Reorientation, theta: np.ndarray, passes: int,
         step = (refined - theta) / scales  # mm of displacement at the sample radius
         # Converged when the pass moved points by < 3 % of a descriptor voxel.
         converged = bool(np.abs(step).max() < 0.03 * descriptor_mm)
+        motion_mm = setup.later_motion_mm(float(np.abs(step).max()))
         if converged and not isinstance(model, ProbeModel):
             # The pose barely moved, so this pass's descriptors are already aligned
             # with it: the final, denser refinement reuses them rather than paying

@@ -254,6 +254,48 @@ def test_reoriented_passes_extract_only_the_region_the_fixed_image_maps_to(
     assert passes and all(np.prod(s) < 0.6 * np.prod(whole.GetSize()) for s in passes)
 
 
+def test_later_reoriented_passes_crop_to_the_previous_step(small_pair, monkeypatch) -> None:
+    """The first pass of a re-oriented refinement leaves REORIENT_MOTION_MM of room around
+    the mapped fixed points; a later pass leaves REORIENT_STEP_ROOM x the previous pass's
+    step (at least a descriptor voxel), so its crop is smaller; the answer is as accurate
+    as with the first pass's room on every pass."""
+    from disa.registration import pipeline
+
+    calls: list[tuple[float, int]] = []
+    steps: list[float] = []
+    describe, anderson = pipeline._Reorientation._describe_moving, pipeline._anderson_step
+
+    def recording_describe(self, theta, motion_mm):
+        out = describe(self, theta, motion_mm)
+        calls.append((motion_mm, int(np.prod(out[0].grid.shape))))
+        return out
+
+    def recording_anderson(history, pose, step, *args):
+        steps.append(float(np.abs(step).max()))
+        return anderson(history, pose, step, *args)
+
+    monkeypatch.setattr(pipeline._Reorientation, "_describe_moving", recording_describe)
+    monkeypatch.setattr(pipeline, "_anderson_step", recording_anderson)
+    _patch_mind(monkeypatch, oriented_search=False, reorient_passes=4)
+    monkeypatch.setattr(pipeline, "MAX_RIVALS", 0)  # (only the winner's passes)
+    options = RegistrationOptions(similarity="mind", init="geometry", starts=100,
+                                  rotation_range=20, translation_range=30)
+    tight = register(small_pair.fixed, small_pair.moving, options)
+    descriptor_mm = tight.descriptor_spacing_mm
+    assert len(calls) >= 2 and calls[0][0] == pipeline.REORIENT_MOTION_MM
+    for (motion, voxels), step in zip(calls[1:], steps, strict=False):
+        expected = min(pipeline.REORIENT_MOTION_MM,
+                       max(pipeline.REORIENT_STEP_ROOM * step, descriptor_mm))
+        assert motion == pytest.approx(expected)
+        assert voxels < calls[0][1]  # less room, fewer voxels to describe
+    calls.clear()
+    monkeypatch.setattr(pipeline, "REORIENT_STEP_ROOM", 1e9)  # every pass the first's room
+    roomy = register(small_pair.fixed, small_pair.moving, options)
+    assert all(motion == pipeline.REORIENT_MOTION_MM for motion, _ in calls)
+    assert tre(tight.transform, small_pair.truth) < 1.0
+    assert tre(tight.transform, small_pair.truth) < tre(roomy.transform, small_pair.truth) + 0.2
+
+
 def test_cropped_regrid_gives_the_uncropped_disa_descriptors() -> None:
     """The crop's margin covers the network's receptive field and its first voxel sits a
     whole stride into the uncropped grid: the descriptors inside the requested box are the
@@ -307,9 +349,9 @@ def test_a_screened_runner_up_reuses_its_screening_passes(small_pair, monkeypatc
     runs: list[dict] = []
     refine, describe = pipeline._reoriented_refinement, pipeline._Reorientation._describe_moving
 
-    def counting_describe(self, theta):
+    def counting_describe(self, theta, motion_mm):
         runs[-1]["describes"] += 1
-        return describe(self, theta)
+        return describe(self, theta, motion_mm)
 
     def checked_refine(theta, *args, **kwargs):
         memo = kwargs.get("memo")
