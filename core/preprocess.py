@@ -71,6 +71,24 @@ def antialias(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return source
 
 
+def masked_gaussian(image: sitk.Image, mask: sitk.Image, sigma_mm: float) -> sitk.Image:
+    """``image`` (float32) smoothed by a Gaussian of ``sigma_mm`` inside ``mask`` only (a
+    normalised convolution: the smoothed image over the smoothed mask), 0 outside it.
+
+    Why normalised: an ultrasound sector is padded with zeros, and a plain Gaussian would
+    darken its edge, which the field-of-view detection and the descriptors would then see
+    as a structure; outside the mask the padding stays exactly what it was (0).
+    """
+    source = sitk.Cast(image, sitk.sitkFloat32)
+    inside = sitk.Cast(mask > 0, sitk.sitkFloat32)
+    inside.CopyInformation(source)
+    weight = sitk.SmoothingRecursiveGaussian(inside, sigma_mm)
+    smoothed = sitk.SmoothingRecursiveGaussian(source * inside, sigma_mm)
+    out = sitk.Divide(smoothed, sitk.Maximum(weight, 1e-3)) * inside
+    out.CopyInformation(source)
+    return out
+
+
 def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int = sitk.sitkLinear,
                         default_value: float | None = None, direction: np.ndarray | None = None,
                         smooth: bool = True,

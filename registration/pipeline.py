@@ -34,6 +34,7 @@ from disa.core.preprocess import (
     intensity_normalisation,
     labelled,
     mask_to_grid,
+    masked_gaussian,
     resample_to_spacing,
 )
 from disa.registration.deformable.probe import ProbeModel, resolve_probe
@@ -633,12 +634,21 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # neighbourhoods along axes 30-90 degrees off, so that even the true pose scored
     # badly and a refinement started there walked 10-30 mm away (realistic family).
     start_rotation = np.eye(3) if user_init is None else nearest_rotation(user_init[:3, :3])
-    moving_p = prepare(moving, spacing, moving_mask, role="moving",
-                       direction=start_rotation @ Grid.from_image(fixed).direction,
+    moving_direction = start_rotation @ Grid.from_image(fixed).direction
+    moving_p = prepare(moving, spacing, moving_mask, role="moving", direction=moving_direction,
                        max_voxels=max_voxels)
+    ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
+    if ultrasound == "fixed" and similarity.ultrasound_smoothing_mm > 0:
+        fixed = _despeckled(fixed, fixed_p, similarity)
+        fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", region=fixed_p.region,
+                          max_voxels=max_voxels)
+    elif ultrasound == "moving" and similarity.ultrasound_smoothing_mm > 0:
+        moving = _despeckled(moving, moving_p, similarity)
+        moving_p = prepare(moving, spacing, moving_mask, role="moving",
+                           direction=moving_direction, region=moving_p.region,
+                           max_voxels=max_voxels)
     clock.lap("preprocess")
 
-    ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
     swap = sampling_is_moving(options, fixed_p, moving_p, ultrasound)
     # The search frame: its "fixed" side (a) provides the sample points, the other side
     # (b) is interpolated. With the moving image sampled, the search finds the mapping
@@ -664,6 +674,14 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     return _Pair(similarity, spacing, user_init, fixed_p, moving_p, ultrasound, swap, a_img,
                  a_p, b_img, b_p, b_mask, center, rigid, search_model, anchors, spreads, shares,
                  refine_only, max_voxels)
+
+
+def _despeckled(image: sitk.Image, prepared: PreparedImage, similarity: Similarity
+                ) -> sitk.Image:
+    """The ultrasound ``image`` under the similarity's Gaussian (Similarity.
+    ultrasound_smoothing_mm says why) inside its data region: the image every later stage
+    (orientation bins, re-oriented passes, deformable stage) re-grids and describes."""
+    return masked_gaussian(image, prepared.region.mask, similarity.ultrasound_smoothing_mm)
 
 
 def _lc2_search(pair: _Pair, cancel: Cancel | None, clock: _Clock) -> _Found:

@@ -61,6 +61,12 @@ class Similarity:
     oriented_search: bool
     #: Whether its descriptors come from the DISA network (model card and ONNX file).
     needs_model: bool
+    #: Gaussian (mm) over an ultrasound image's data region before it is described
+    #: (pipeline._despeckled). MIND-SSC compares each voxel's patch with its neighbours',
+    #: and speckle makes those patch distances noise: on the realistic CT/ultrasound cases
+    #: (both seeds, 48) 1.5 mm converged 3 more (ct-us-moving 17 -> 21 of 24), 3 mm lost
+    #: accuracy on converged ones. DISA's network saw speckle in training; LC2 is local.
+    ultrasound_smoothing_mm: float
     #: What the viewer's heatmap shows (service/heatmap.py), None: no heatmap.
     heatmap_kind: HeatmapKind | None
 
@@ -122,14 +128,14 @@ class Similarity:
 SIMILARITIES: dict[str, Similarity] = {
     "disa": Similarity("disa", cost_kind="dot", higher_is_better=True, reorient_passes=4,
                        refine_smoothing_voxels=0.0, oriented_search=False, needs_model=True,
-                       heatmap_kind="dot"),
+                       ultrasound_smoothing_mm=0.0, heatmap_kind="dot"),
     "mind": Similarity("mind", cost_kind="ssd", higher_is_better=False, reorient_passes=8,
                        refine_smoothing_voxels=1.0, oriented_search=True, needs_model=False,
-                       heatmap_kind="neg_ssd"),
+                       ultrasound_smoothing_mm=1.5, heatmap_kind="neg_ssd"),
     # (LC2 searches locally on intensities: no re-orientation, no descriptor maps.)
     "lc2": Similarity("lc2", cost_kind="lc2", higher_is_better=True, reorient_passes=4,
                       refine_smoothing_voxels=0.0, oriented_search=False, needs_model=False,
-                      heatmap_kind=None),
+                      ultrasound_smoothing_mm=0.0, heatmap_kind=None),
 }
 
 

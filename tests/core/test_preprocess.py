@@ -11,6 +11,7 @@ from disa.core.grid import Grid
 from disa.core.preprocess import (
     MAX_WORKING_VOXELS,
     intensity_normalisation,
+    masked_gaussian,
     normalise_intensities,
     resample_to_spacing,
     working_grid_size,
@@ -99,3 +100,25 @@ def test_a_working_grid_over_the_voxel_limit_is_refused_before_it_is_made() -> N
     # Without a cap the default limit applies.
     assert voxels < MAX_WORKING_VOXELS == 512**3
     assert resample_to_spacing(image, 2.0).GetSize() == size
+
+
+def test_masked_gaussian_smooths_inside_the_mask_and_keeps_the_padding() -> None:
+    """Speckle inside a sector is smoothed (its spread drops), a constant inside stays that
+    constant up to the sector's edge (no darkening from the zeros outside), and the padding
+    stays exactly 0."""
+    rng = np.random.default_rng(0)
+    shape = (32, 40, 48)  # (z, y, x)
+    z, _, x = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    inside = np.abs(x - 24) < 0.6 * (z + 2)  # a wedge widening with depth
+    for values, constant in ((rng.normal(100.0, 20.0, shape), False), (np.full(shape, 7.0), True)):
+        image = sitk.GetImageFromArray(np.where(inside, values, 0.0).astype(np.float32))
+        image.SetSpacing((0.8, 0.8, 0.8))
+        mask = sitk.GetImageFromArray(inside.astype(np.uint8))
+        mask.CopyInformation(image)
+        out = sitk.GetArrayFromImage(masked_gaussian(image, mask, 1.5))
+        assert np.all(out[~inside] == 0.0)
+        if constant:
+            np.testing.assert_allclose(out[inside], 7.0, rtol=1e-4)
+        else:
+            assert out[inside].std() < 0.4 * values[inside].std()
+            assert abs(out[inside].mean() - 100.0) < 2.0

@@ -112,6 +112,43 @@ def test_an_ultrasound_sector_is_detected_as_moving_or_fixed(pair) -> None:
     assert _tre(result, pair, fixed_fan) < 2.0
 
 
+def test_an_ultrasound_is_despeckled_before_it_is_described(pair, monkeypatch) -> None:
+    """With MIND-SSC the detected sector (fixed or moving) is smoothed inside its data region
+    (Similarity.ultrasound_smoothing_mm) before anything describes it; the other image and
+    a pair without an ultrasound are left alone, as is every image under LC2 and DISA."""
+    from disa.registration import pipeline
+
+    smoothed: list[tuple[tuple[int, ...], float]] = []
+    original = pipeline.masked_gaussian
+
+    def recording(image, mask, sigma):
+        smoothed.append((image.GetSize(), sigma))
+        return original(image, mask, sigma)
+
+    def prepared(fixed, moving, similarity: str):
+        options = RegistrationOptions(similarity=similarity, starts=20)
+        return pipeline._prepare_pair(fixed, moving, options, None, None, None,
+                                      pipeline.MAX_WORKING_VOXELS, lambda *a: None,
+                                      pipeline._Clock())
+
+    monkeypatch.setattr(pipeline, "masked_gaussian", recording)
+    fan = _sector(pair.moving, 35.0)
+    fixed_fan = _sector(_crop(pair.fixed, 0.0, 0.8), 35.0)
+    for similarity, sigma in (("mind", 1.5), ("lc2", None), ("disa", None)):
+        assert prepared(pair.fixed, fan, similarity).ultrasound == "moving"
+        assert smoothed == ([(fan.GetSize(), sigma)] if sigma else [])
+        smoothed.clear()
+        assert prepared(fixed_fan, pair.moving, similarity).ultrasound == "fixed"
+        assert smoothed == ([(fixed_fan.GetSize(), sigma)] if sigma else [])
+        smoothed.clear()
+        assert prepared(pair.fixed, pair.moving, similarity).ultrasound is None
+        assert smoothed == []
+    # What the search describes is the smoothed sector: the prepared volume changed.
+    plain = prepared(pair.fixed, fan, "lc2").moving_p.volume
+    despeckled = prepared(pair.fixed, fan, "mind").moving_p.volume
+    assert plain.shape == despeckled.shape and not np.allclose(plain, despeckled)
+
+
 def test_an_initial_transform_with_zero_ranges_is_refined_only(pair) -> None:
     """Given the truth moved by 4 mm and no search ranges: one start, refined to the truth;
     given a transform 60 mm off and no ranges, the result stays near that transform."""
