@@ -64,8 +64,9 @@ class Similarity:
     #: Gaussian (mm) over an ultrasound image's data region before it is described
     #: (pipeline._despeckled). MIND-SSC compares each voxel's patch with its neighbours',
     #: and speckle makes those patch distances noise: on the realistic CT/ultrasound cases
-    #: (both seeds, 48) 1.5 mm converged 3 more (ct-us-moving 17 -> 21 of 24), 3 mm lost
+    #: (both seeds, 48) 1.5 mm converged 4 more (ct-us-moving 17 -> 21 of 24), 3 mm lost
     #: accuracy on converged ones. DISA's network saw speckle in training; LC2 is local.
+    #: Rigid and affine modes only (pipeline._prepare_pair says why).
     ultrasound_smoothing_mm: float
     #: What the viewer's heatmap shows (service/heatmap.py), None: no heatmap.
     heatmap_kind: HeatmapKind | None

@@ -115,7 +115,8 @@ def test_an_ultrasound_sector_is_detected_as_moving_or_fixed(pair) -> None:
 def test_an_ultrasound_is_despeckled_before_it_is_described(pair, monkeypatch) -> None:
     """With MIND-SSC the detected sector (fixed or moving) is smoothed inside its data region
     (Similarity.ultrasound_smoothing_mm) before anything describes it; the other image and
-    a pair without an ultrasound are left alone, as is every image under LC2 and DISA."""
+    a pair without an ultrasound are left alone, as is every image under LC2 and DISA and
+    in rigid+probe mode."""
     from disa.registration import pipeline
 
     smoothed: list[tuple[tuple[int, ...], float]] = []
@@ -143,6 +144,12 @@ def test_an_ultrasound_is_despeckled_before_it_is_described(pair, monkeypatch) -
         smoothed.clear()
         assert prepared(pair.fixed, pair.moving, similarity).ultrasound is None
         assert smoothed == []
+    # Not in the probe model, whose compression lives in the detail near the probe.
+    options = RegistrationOptions(similarity="mind", mode="rigid+probe", starts=20)
+    found = pipeline._prepare_pair(pair.fixed, fan, options, None, None, None,
+                                   pipeline.MAX_WORKING_VOXELS, lambda *a: None,
+                                   pipeline._Clock())
+    assert found.ultrasound == "moving" and smoothed == []
     # What the search describes is the smoothed sector: the prepared volume changed.
     plain = prepared(pair.fixed, fan, "lc2").moving_p.volume
     despeckled = prepared(pair.fixed, fan, "mind").moving_p.volume
