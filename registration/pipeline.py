@@ -642,10 +642,12 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # the probe, and 1.5 mm of smoothing moved the probe phantom's decay length 30 -> 41 mm.)
     despeckle = similarity.ultrasound_smoothing_mm > 0 and options.mode in ("rigid", "affine")
     if ultrasound == "fixed" and despeckle:
+        _require_structure(fixed_p, "fixed")
         fixed = _despeckled(fixed, fixed_p, similarity)
         fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", region=fixed_p.region,
                           max_voxels=max_voxels)
     elif ultrasound == "moving" and despeckle:
+        _require_structure(moving_p, "moving")
         moving = _despeckled(moving, moving_p, similarity)
         moving_p = prepare(moving, spacing, moving_mask, role="moving",
                            direction=moving_direction, region=moving_p.region,
@@ -677,6 +679,19 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     return _Pair(similarity, spacing, user_init, fixed_p, moving_p, ultrasound, swap, a_img,
                  a_p, b_img, b_p, b_mask, center, rigid, search_model, anchors, spreads, shares,
                  refine_only, max_voxels)
+
+
+def _no_structure(role: str) -> InputError:
+    return InputError(labelled(role, "no structure inside the image's data region (no voxel "
+                                     "has local contrast): nothing to register"))
+
+
+def _require_structure(prepared: PreparedImage, role: str) -> None:
+    """InputError when the ultrasound about to be smoothed has no local contrast as given
+    (stride 1: MIND-SSC's, the similarity that smooths): smoothing an apex reflector into
+    the shadow below it would otherwise make a gradient to register on."""
+    if not np.any(fixed_weights(prepared, 1) > 0):
+        raise _no_structure(role)
 
 
 def _despeckled(image: sitk.Image, prepared: PreparedImage, similarity: Similarity
@@ -728,9 +743,7 @@ def _describe_pair(pair: _Pair, options: RegistrationOptions) -> _Descriptors:
     weights = fixed_weights(a_p, stride)
     if not np.any(weights > 0):
         # (An ultrasound that is all shadow, a slab of uniform tissue.)
-        raise InputError(labelled("moving" if pair.swap else "fixed",
-                                  "no structure inside the image's data region (no "
-                                  "voxel has local contrast): nothing to register"))
+        raise _no_structure("moving" if pair.swap else "fixed")
     return _Descriptors(fixed_map, moving_map, weights, stride, erosion, model_facts)
 
 
