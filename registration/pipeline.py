@@ -108,6 +108,9 @@ REORIENT_MOTION_MM = 16.0
 #: after the first pass are 0.1-1.5 mm on the realistic cases, so a later crop holds a
 #: margin of ~4-6 mm instead of 16 (22-38 % fewer voxels to re-grid and describe).
 REORIENT_STEP_ROOM = 4.0
+#: A re-oriented pass whose step (mm at the sample radius) is below this fraction of a
+#: descriptor voxel has converged: the final refinement reuses its descriptors.
+REORIENT_CONVERGED = 0.03
 #: Other basins of the search (search.basins, the rivals first) refined on re-oriented maps
 #: besides the best. 2 (rivals only, until 2026-12-05): 3 realistic cases ended 10-35 mm
 #: off in a basin whose re-oriented cost was worse than a runner-up's; 3 fixed all three.
@@ -1433,8 +1436,8 @@ def _reorientation_passes(setup: _Reorientation, theta: np.ndarray, passes: int,
         if final:
             return refined, cost, objective, raw_moving_map, pass_model
         step = (refined - theta) / scales  # mm of displacement at the sample radius
-        # Converged when the pass moved points by < 3 % of a descriptor voxel.
-        converged = bool(np.abs(step).max() < 0.03 * descriptor_mm)
+        # Converged when the pass moved points by < REORIENT_CONVERGED of a descriptor voxel.
+        converged = bool(np.abs(step).max() < REORIENT_CONVERGED * descriptor_mm)
         motion_mm = setup.later_motion_mm(float(np.abs(step).max()))
         if converged and not isinstance(model, ProbeModel):
             # The pose barely moved, so this pass's descriptors are already aligned
