@@ -701,7 +701,7 @@ def _despeckled(image: sitk.Image, prepared: PreparedImage, similarity: Similari
                 ) -> sitk.Image:
     """The ultrasound ``image`` under the similarity's Gaussian (Similarity.
     ultrasound_smoothing_mm says why) inside its data region: the image every later stage
-    (orientation bins, re-oriented passes, deformable stage) re-grids and describes."""
+    (orientation bins, re-oriented passes, the affine stage) re-grids and describes."""
     return masked_gaussian(image, prepared.region.mask, similarity.ultrasound_smoothing_mm)
 
 
