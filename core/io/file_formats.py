@@ -221,9 +221,8 @@ def _check_nifti_data(path: Path, name: str) -> None:
     """
     layout = _nifti_layout(path, name)
     need = layout.vox_offset + layout.data_bytes
-    gz = _is_gzip(path, name)
     scan = _StoredScan(layout)
-    if gz:
+    if _is_gzip(path, name):
         got = _scan_gzip(path, name, need, scan.feed)
         what = f"decompresses to {got} bytes"
     else:
@@ -253,7 +252,7 @@ class _StoredScan:
     """Counts NaN and infinite values in a stream of NIfTI file bytes fed in order
     (header first); does nothing for integer data (``dtype`` None)."""
 
-    def __init__(self, layout: "_NiftiLayout") -> None:
+    def __init__(self, layout: _NiftiLayout) -> None:
         self.dtype = layout.float_dtype
         self.start, self.end = layout.vox_offset, layout.vox_offset + layout.data_bytes
         self.seen = 0  # file bytes fed so far
