@@ -10,7 +10,9 @@ ending in a cut: data next to it differs from it abruptly along a good part of
 its border (``_is_cut``). Real background (air in MR or CT) is noisy and never
 exactly constant, so it stays data; a template's or phantom's exact-zero
 background fades smoothly into the skin, so it stays data too (the body outline
-is information: a probe's compression is measured there).
+is information: a probe's compression is measured there). In a fan, padding
+that lies behind an echo on its ray from the apex is an acoustic shadow that an
+8-bit export rounded to zero, and data (``acoustic_shadows``).
 
 The registration objective counts a sample point only where the other image
 has data (objective.py), and the sampling image's own weights are restricted to
@@ -102,6 +104,9 @@ def data_region(image: sitk.Image) -> DataRegion:
         if (MIN_PADDING <= padding.mean() <= MAX_PADDING and padding.sum() > best.sum()
                 and _is_cut(array, padding, candidate)):
             best, value = padding, candidate
+    if value is not None:
+        # An 8-bit ultrasound's shadows are exact zeros too: data, not padding.
+        best &= ~acoustic_shadows(best, image.GetSpacing())
     mask = sitk.GetImageFromArray((~best).astype(np.uint8))
     mask.CopyInformation(image)
     return DataRegion(mask, float(best.mean()), value)
@@ -116,21 +121,25 @@ SECTOR_NEAR = 0.08
 SECTOR_FAR = 0.2
 
 
-def sector_shaped(region: DataRegion, max_points: int = 200_000) -> bool:
-    """Whether ``region``'s data narrows from a wide far end to an apex, like the fan of
-    an ultrasound probe (and unlike a brain with its background zeroed, a slab or a
-    crop, whose padding is just as exact)."""
-    mask = sitk.GetArrayViewFromImage(region.mask)
+def _sector_axis(data: np.ndarray, spacing_xyz: tuple[float, ...] | np.ndarray,
+                 max_points: int = 200_000
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(points, beam, centre): a subsample of ``data``'s voxels (bool, z, y, x) as
+    physical offsets (mm on the image's axes from voxel 0, x y z) less their mean
+    ``centre``, and the unit axis along which they widen from an apex to a wide far end,
+    like the fan of an ultrasound probe; None when they do not (a brain with its
+    background zeroed, a slab, a crop)."""
     # A regular stride of the grid before listing voxels: a 512^3 mask would otherwise list
     # ~10^8 indices (GBs) to keep a few hundred thousand.
-    step = max(1, int(np.ceil((mask.size / (8 * max_points)) ** (1 / 3))))
-    voxels = np.argwhere(mask[::step, ::step, ::step] > 0)
+    step = max(1, int(np.ceil((data.size / (8 * max_points)) ** (1 / 3))))
+    voxels = np.argwhere(data[::step, ::step, ::step])
     if len(voxels) < 64:
-        return False
+        return None
     voxels = voxels[:: max(1, len(voxels) // max_points)].astype(np.float64) * step
     # Physical offsets (mm, on the image's axes: the shape does not depend on where).
-    points = voxels[:, ::-1] * np.asarray(region.mask.GetSpacing())
-    points -= points.mean(axis=0)
+    points = voxels[:, ::-1] * np.asarray(spacing_xyz, dtype=np.float64)
+    centre = points.mean(axis=0)
+    points -= centre
     _, _, axes = np.linalg.svd(points, full_matrices=False)
     for axis in axes:
         for sign in (1.0, -1.0):
@@ -138,8 +147,102 @@ def sector_shaped(region: DataRegion, max_points: int = 200_000) -> bool:
             peak = max(int(counts.max()), 1)
             if (counts[:3].mean() / peak <= SECTOR_NEAR
                     and counts[-3:].mean() / peak >= SECTOR_FAR):
-                return True
-    return False
+                return points, sign * axis, centre
+    return None
+
+
+def sector_shaped(region: DataRegion, max_points: int = 200_000) -> bool:
+    """Whether ``region``'s data narrows from a wide far end to an apex, like the fan of
+    an ultrasound probe (and unlike a brain with its background zeroed, a slab or a
+    crop, whose padding is just as exact)."""
+    mask = sitk.GetArrayViewFromImage(region.mask) > 0
+    return _sector_axis(mask, region.mask.GetSpacing(), max_points) is not None
+
+
+def sector_apex(points: np.ndarray, beam: np.ndarray, centre: np.ndarray
+                ) -> np.ndarray | None:
+    """The apex (mm, x y z, as ``_sector_axis``'s offsets) of a fan: where its lateral
+    spread, which grows linearly with depth, reaches zero, on its centre line followed
+    back (both fitted on the near half, which shadows rarely reach). None when the data
+    does not widen with depth."""
+    depth = points @ beam
+    lateral = points - depth[:, None] * beam
+    edges = np.linspace(depth.min(), depth.max(), 21)
+    which = np.clip(np.digitize(depth, edges) - 1, 0, 19)
+    near = [i for i in range(10) if np.count_nonzero(which == i) >= 8]
+    if len(near) < 3:
+        return None
+    middle = np.array([lateral[which == i].mean(axis=0) for i in near])
+    spread = [float(np.sqrt(np.mean(np.sum((lateral[which == i] - m) ** 2, axis=1))))
+              for i, m in zip(near, middle, strict=True)]
+    slab_depth = (edges[near] + edges[np.array(near) + 1]) / 2
+    slope, intercept = np.polyfit(slab_depth, spread, 1)
+    if slope <= 0.05:
+        return None
+    apex_depth = -intercept / slope
+    line = np.polyfit(slab_depth, middle, 1)  # (2, 3): the centre line's slope, intercept
+    return centre + apex_depth * beam + line[0] * apex_depth + line[1]
+
+
+#: Angular bins (radians) of the shadow test's map of ray directions from the apex.
+SHADOW_BIN_RAD = np.deg2rad(2.0)
+#: No shadow is found nearer the apex than this fraction of the fan's depth.
+SHADOW_NEAREST = 0.25
+#: The fan's far edge: this percentile of the data's distances from the apex.
+SHADOW_FAR_PERCENTILE = 99.5
+
+
+def acoustic_shadows(padding: np.ndarray, spacing_xyz: tuple[float, ...] | np.ndarray
+                     ) -> np.ndarray:
+    """The voxels of ``padding`` (bool, z, y, x) that lie in a sector-shaped field of view
+    behind its first echo on their ray from the apex: an ultrasound's acoustic shadows,
+    rounded to the padding value (an 8-bit export writes them as exact zeros, which touch
+    the zeros outside the fan through its far edge). All False when the data is no sector.
+
+    Directions are binned (SHADOW_BIN_RAD about two axes across the beam). The fan's
+    directions are the bins that hold data, holes filled, one bin taken off their rim
+    (the lateral faces cut bins obliquely); a voxel in one of them is a shadow when it
+    lies beyond the nearest data of its bin and before the fan's far edge, an arc about
+    the apex (SHADOW_FAR_PERCENTILE). Distances in mm on the image's own axes.
+    """
+    out = np.zeros(padding.shape, dtype=bool)
+    found = _sector_axis(~padding, spacing_xyz)
+    if found is None:
+        return out
+    apex = sector_apex(*found)
+    if apex is None:
+        return out
+    beam = found[1]
+    spacing = np.asarray(spacing_xyz, dtype=np.float64)
+    e1 = np.cross(beam, [1.0, 0.0, 0.0] if abs(beam[0]) < 0.9 else [0.0, 1.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(beam, e1)
+    n_bins = int(np.ceil(np.pi / SHADOW_BIN_RAD))
+
+    def rays(index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        offset = index[:, ::-1] * spacing - apex
+        along = offset @ beam
+        u = np.floor((np.arctan2(offset @ e1, along) + np.pi / 2) / SHADOW_BIN_RAD)
+        v = np.floor((np.arctan2(offset @ e2, along) + np.pi / 2) / SHADOW_BIN_RAD)
+        return (np.clip(u, 0, n_bins - 1).astype(np.int64),
+                np.clip(v, 0, n_bins - 1).astype(np.int64),
+                np.linalg.norm(offset, axis=1), along)
+
+    u, v, r, _ = rays(np.argwhere(~padding).astype(np.float64))
+    nearest = np.full((n_bins, n_bins), np.inf)
+    np.minimum.at(nearest, (u, v), r)
+    fan = ndimage.binary_erosion(ndimage.binary_fill_holes(np.isfinite(nearest)))
+    # A fan's far edge is an arc about its (real or virtual) apex: one depth for all rays,
+    # which the rays that no shadow cuts short reach.
+    far = float(np.percentile(r, SHADOW_FAR_PERCENTILE))
+    index = np.argwhere(padding)
+    u, v, r, along = rays(index.astype(np.float64))
+    # (Not in the fan's first SHADOW_NEAREST of depth, where bins are narrower than a
+    # voxel and the lateral faces cut them.)
+    behind = ((along > 0) & fan[u, v] & (r > nearest[u, v]) & (r <= far)
+              & (r >= SHADOW_NEAREST * far))
+    out[tuple(index[behind].T)] = True
+    return out
 
 
 def regions_on_grid(region: sitk.Image, reference: sitk.Image

@@ -238,6 +238,39 @@ def test_only_a_fan_that_narrows_to_its_probe_is_taken_for_an_ultrasound(pair) -
     assert sample.has_padding and not sector_shaped(sample)
 
 
+def test_an_8_bit_fans_shadows_stay_data_and_its_outside_stays_padding(pair) -> None:
+    """An ultrasound exported as 8 bits writes its acoustic shadows as exact zeros, which
+    touch the zeros outside the fan through its far edge. Behind an echo on a ray from the
+    probe they are data (the edge of a bone is the strongest structure there); outside
+    the fan, with no echo before them on their ray, they stay padding."""
+    from disa.registration.fov import acoustic_shadows
+
+    fan = sitk.GetArrayFromImage(_sector(pair.moving, 35.0))
+    inside = fan > 0
+    eight_bit = np.where(inside, np.clip(np.round(fan / fan.max() * 255.0), 1, 255), 0.0)
+    # A bone 12 voxels wide at 40 % depth: all zeros behind it, to the fan's far edge (the
+    # buffer's bottom face, where they join the padding).
+    bone = int(0.4 * fan.shape[0])
+    eight_bit[bone:, 26:38, 26:38] = 0.0
+    eight_bit[bone, 26:38, 26:38] = 255.0
+    image = sitk.GetImageFromArray(eight_bit.astype(np.uint8))
+    image.CopyInformation(pair.moving)
+    region = data_region(image)
+    data = sitk.GetArrayFromImage(region.mask).astype(bool)
+    shadow = np.zeros_like(inside)
+    shadow[bone + 1:, 26:38, 26:38] = True
+    assert region.has_padding
+    assert data[shadow].mean() > 0.9 and data[50, 32, 32]
+    # Outside the fan, a few voxels along its faces at most (the apex is estimated).
+    assert data[~inside].mean() < 0.005 and not data[-1, 0, 0] and not data[10, 32, 0]
+    # No shadow, (almost) no change: a whole fan's padding loses a few voxels along its
+    # faces, a slab's nothing.
+    assert acoustic_shadows(~inside, pair.moving.GetSpacing())[~inside].mean() < 0.005
+    slab = np.ones(fan.shape, dtype=bool)
+    slab[20:40] = False
+    assert not acoustic_shadows(slab, pair.moving.GetSpacing()).any()
+
+
 def test_the_overlap_a_user_reads_is_the_share_of_the_smaller_view(pair) -> None:
     """A view wholly inside the other overlaps fully whichever image is sampled; moved out
     of the other's field of view it overlaps nothing."""
