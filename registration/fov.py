@@ -25,6 +25,7 @@ the working grid goes through physical space (LPS mm) like the image itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,6 +191,8 @@ SHADOW_BIN_RAD = np.deg2rad(2.0)
 SHADOW_NEAREST = 0.25
 #: The fan's far edge: this percentile of the data's distances from the apex.
 SHADOW_FAR_PERCENTILE = 99.5
+#: Voxels listed at a time by the shadow test (a few planes of the grid).
+SHADOW_BLOCK_VOXELS = 1 << 21
 
 
 def acoustic_shadows(padding: np.ndarray, spacing_xyz: tuple[float, ...] | np.ndarray
@@ -228,20 +231,34 @@ def acoustic_shadows(padding: np.ndarray, spacing_xyz: tuple[float, ...] | np.nd
                 np.clip(v, 0, n_bins - 1).astype(np.int64),
                 np.linalg.norm(offset, axis=1), along)
 
-    u, v, r, _ = rays(np.argwhere(~padding).astype(np.float64))
+    def blocks(mask: np.ndarray) -> Iterator[np.ndarray]:
+        """Voxel indices (N, 3) of ``mask``, a few planes at a time."""
+        # (Bounded memory: listing every voxel of a 512^3 grid at once takes GBs.)
+        planes = max(1, SHADOW_BLOCK_VOXELS // max(1, mask[0].size))
+        for z0 in range(0, mask.shape[0], planes):
+            index = np.argwhere(mask[z0:z0 + planes])
+            index[:, 0] += z0
+            yield index
+
     nearest = np.full((n_bins, n_bins), np.inf)
-    np.minimum.at(nearest, (u, v), r)
+    radii = []
+    # (Every data voxel's distance for the far edge's percentile, up to ~4 M of them.)
+    keep = max(1, int(np.count_nonzero(~padding)) // 4_000_000)
+    for index in blocks(~padding):
+        u, v, r, _ = rays(index.astype(np.float64))
+        np.minimum.at(nearest, (u, v), r)
+        radii.append(r[::keep])
     fan = ndimage.binary_erosion(ndimage.binary_fill_holes(np.isfinite(nearest)))
     # A fan's far edge is an arc about its (real or virtual) apex: one depth for all rays,
     # which the rays that no shadow cuts short reach.
-    far = float(np.percentile(r, SHADOW_FAR_PERCENTILE))
-    index = np.argwhere(padding)
-    u, v, r, along = rays(index.astype(np.float64))
-    # (Not in the fan's first SHADOW_NEAREST of depth, where bins are narrower than a
-    # voxel and the lateral faces cut them.)
-    behind = ((along > 0) & fan[u, v] & (r > nearest[u, v]) & (r <= far)
-              & (r >= SHADOW_NEAREST * far))
-    out[tuple(index[behind].T)] = True
+    far = float(np.percentile(np.concatenate(radii), SHADOW_FAR_PERCENTILE))
+    for index in blocks(padding):
+        u, v, r, along = rays(index.astype(np.float64))
+        # (Not in the fan's first SHADOW_NEAREST of depth, where bins are narrower than a
+        # voxel and the lateral faces cut them.)
+        behind = ((along > 0) & fan[u, v] & (r > nearest[u, v]) & (r <= far)
+                  & (r >= SHADOW_NEAREST * far))
+        out[tuple(index[behind].T)] = True
     return out
 
 
