@@ -175,6 +175,9 @@ export class Viewer {
       pending = true;
       requestAnimationFrame(() => {
         pending = false;
+        // (The viewer may have been closed between the resize and this frame: its figures
+        // are gone then, and there is nothing to redraw.)
+        if (this.abort.signal.aborted) return;
         const box = this.boxSize();
         if (box === this.box) return;
         this.resizeCanvases(box);

@@ -333,6 +333,28 @@ def test_the_heatmap_reports_the_points_percentile_and_nearest_peak(page, site, 
     assert page.errors == []
 
 
+def test_closing_the_viewer_while_it_resizes_raises_no_error(page, site, done_job):
+    """A resize seen by the viewer redraws on the next frame; going back to the list in
+    between left that frame drawing into figures that were gone (a TypeError on the page,
+    seen once in CI)."""
+    job_id = done_job["id"]
+    _with_key(page)
+    page.goto(f"{site}/jobs/{job_id}")
+    page.wait_for_selector(f"#result[data-viewer-ready='{job_id}']", timeout=30_000)
+    # Resize the planes, let the frame's resize observer run (it schedules the redraw for
+    # the next frame), then go back before that frame.
+    page.evaluate("""() => new Promise(resolve => {
+        document.querySelector('#planes').style.width = '420px';
+        requestAnimationFrame(() => setTimeout(() => {
+            document.querySelector('#result-back').click();
+            resolve();
+        }, 0));
+    })""")
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    page.wait_for_timeout(100)
+    assert page.errors == []
+
+
 def test_the_bundled_sample_shows_as_likely_on_the_page(page, site):
     """The newcomer's first run: the bundled pair, default options."""
     from disa.sample import sample_paths
