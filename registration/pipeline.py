@@ -645,16 +645,11 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # the probe, and 1.5 mm of smoothing moved the probe phantom's decay length 30 -> 41 mm.)
     despeckle = similarity.ultrasound_smoothing_mm > 0 and options.mode in ("rigid", "affine")
     if ultrasound == "fixed" and despeckle:
-        _require_structure(fixed_p, "fixed")
-        fixed = _despeckled(fixed, fixed_p, similarity)
-        fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", region=fixed_p.region,
-                          max_voxels=max_voxels)
+        fixed, fixed_p = _despeckled(fixed, fixed_p, "fixed", fixed_mask, spacing, similarity,
+                                     max_voxels)
     elif ultrasound == "moving" and despeckle:
-        _require_structure(moving_p, "moving")
-        moving = _despeckled(moving, moving_p, similarity)
-        moving_p = prepare(moving, spacing, moving_mask, role="moving",
-                           direction=moving_direction, region=moving_p.region,
-                           max_voxels=max_voxels)
+        moving, moving_p = _despeckled(moving, moving_p, "moving", moving_mask, spacing,
+                                       similarity, max_voxels, direction=moving_direction)
     clock.lap("preprocess")
 
     swap = sampling_is_moving(options, fixed_p, moving_p, ultrasound)
@@ -697,12 +692,19 @@ def _require_structure(prepared: PreparedImage, role: str) -> None:
         raise _no_structure(role)
 
 
-def _despeckled(image: sitk.Image, prepared: PreparedImage, similarity: Similarity
-                ) -> sitk.Image:
+def _despeckled(image: sitk.Image, prepared: PreparedImage, role: str,
+                mask: sitk.Image | None, spacing: float, similarity: Similarity,
+                max_voxels: int, direction: np.ndarray | None = None
+                ) -> tuple[sitk.Image, PreparedImage]:
     """The ultrasound ``image`` under the similarity's Gaussian (Similarity.
-    ultrasound_smoothing_mm says why) inside its data region: the image every later stage
-    (orientation bins, re-oriented passes, the affine stage) re-grids and describes."""
-    return masked_gaussian(image, prepared.region.mask, similarity.ultrasound_smoothing_mm)
+    ultrasound_smoothing_mm says why) inside its data region, and that image prepared as
+    ``prepared`` was (same role, mask, axes and data region): the image every later stage
+    (orientation bins, re-oriented passes, the affine stage) re-grids and describes.
+    InputError first when the image as given has no structure (``_require_structure``)."""
+    _require_structure(prepared, role)
+    smoothed = masked_gaussian(image, prepared.region.mask, similarity.ultrasound_smoothing_mm)
+    return smoothed, prepare(smoothed, spacing, mask, role=role, direction=direction,
+                             region=prepared.region, max_voxels=max_voxels)
 
 
 def _lc2_search(pair: _Pair, cancel: Cancel | None, clock: _Clock) -> _Found:
