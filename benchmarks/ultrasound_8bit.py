@@ -1,18 +1,24 @@
-"""Realistic CT/ultrasound cases with the ultrasound exported as 8 bits, as scanners write it.
+"""Realistic CT/ultrasound cases with the ultrasound exported as scanners write it.
 
     python benchmarks/ultrasound_8bit.py [--seed 0] [--cases-per-bin 3] [--bins 0,1,2,3]
-                                         [--pairs ct-us-moving,us-ct] [--out DIR]
+                                         [--pairs ct-us-moving,us-ct]
+                                         [--export 8bit|jpeg-ring|thick-slice] [--out DIR]
     python benchmarks/ultrasound_8bit.py --quick     # one small case, both runs: the harness works
 
 Cases: the realistic family's CT/ultrasound pairs (``capture_range.make_realistic_cases``,
-the ultrasound fixed or moving). The ultrasound is rescaled so that its 99.5th percentile
-inside the fan is 255 and rounded to uint8 (``eight_bit``): its acoustic shadows become
-exact zeros, as in a scanner's export. Each case runs twice in the same process with
-``disa.registration.pipeline.register``'s defaults: as the engine is (``after``), and with
-``fov.acoustic_shadows`` switched off (``before``: shadows that touch the padding count as
-padding, what the engine did until 2026-12-07). Per pair and run: cases converged (TRE <
-10 mm, the capture-range benchmark's TRE), the verdicts, and every case in
-``--out``/ultrasound_8bit.jsonl.
+the ultrasound fixed or moving). ``--export`` says how the ultrasound is written
+(``EXPORTS``): ``8bit`` rescales it so that its 99.5th percentile inside the fan is 255 and
+rounds to uint8 (``eight_bit``): its acoustic shadows become exact zeros, as in a
+scanner's export; ``jpeg-ring`` adds the ring of values 0-5 that a lossy codec leaves
+around the fan (``jpeg_ring``); ``thick-slice`` smooths along the slices before the 8-bit
+export, so that the fan's edge ramps into the padding (``thick_slice``). Each case runs
+twice in the same process with ``disa.registration.pipeline.register``'s defaults: as the
+engine is (``after``), and with the feature that handles the export switched off
+(``before``, ``BEFORE``): for ``8bit`` ``fov.acoustic_shadows`` (shadows that touch the
+padding count as padding, the engine until 2026-12-07), for the other two
+``fov.grown_padding`` (padding is exact only, the engine until 2026-12-08). Per pair and
+run: cases converged (TRE < 10 mm, the capture-range benchmark's TRE), the verdicts, and
+every case in ``--out``/ultrasound_EXPORT.jsonl.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,8 +49,44 @@ def eight_bit(image: sitk.Image) -> sitk.Image:
     return out
 
 
+def jpeg_ring(image: sitk.Image, seed: int = 0, width: int = 3) -> sitk.Image:
+    """``image`` (uint8, zeros outside its fan) with the ring a lossy codec leaves around the
+    fan: the ``width`` voxels of padding next to the data hold 0-5 (uniform) instead of 0."""
+    from scipy import ndimage
+
+    array = sitk.GetArrayFromImage(image)
+    data = array != 0
+    ring = ndimage.binary_dilation(data, iterations=width) & ~data
+    values = np.random.default_rng(seed).integers(0, 6, int(ring.sum()))
+    array[ring] = values.astype(array.dtype)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+def thick_slice(image: sitk.Image, sigma_voxels: float = 1.5) -> sitk.Image:
+    """``image`` smoothed along its own slice axis (a Gaussian of ``sigma_voxels``, kernel cut
+    at 4 sigma), as a thick-slice reconstruction leaves it: the fan's edge becomes a ramp
+    over ~6 slices of small non-zero values, the padding beyond stays exact."""
+    from scipy import ndimage
+
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    out = sitk.GetImageFromArray(ndimage.gaussian_filter1d(array, sigma_voxels, axis=0))
+    out.CopyInformation(image)
+    return out
+
+
+#: How the ultrasound is written: 8 bits (a scanner's export), 8 bits with a lossy codec's
+#: ring around the fan, or smoothed along its slices before the 8-bit export.
+EXPORTS: dict[str, Callable[[sitk.Image], sitk.Image]] = {
+    "8bit": eight_bit,
+    "jpeg-ring": lambda image: jpeg_ring(eight_bit(image)),
+    "thick-slice": lambda image: eight_bit(thick_slice(image)),
+}
+
+
 @contextmanager
-def shadows_off():
+def shadows_off() -> Iterator[None]:
     """The engine as before 2026-12-07: no acoustic shadow is taken back from the padding."""
     from disa.registration import fov
 
@@ -56,15 +98,34 @@ def shadows_off():
         fov.acoustic_shadows = original
 
 
-def run_case(case: Any) -> dict[str, Any]:
-    """One case with the ultrasound in 8 bits: TRE (mm), verdict, which image was the
-    ultrasound."""
+@contextmanager
+def growth_off() -> Iterator[None]:
+    """The engine as before 2026-12-08: padding is exact, never grown through near-equal
+    voxels (``fov.grown_padding`` returns the exact padding)."""
+    from disa.registration import fov
+
+    original = fov.grown_padding
+    fov.grown_padding = lambda array, padding, value: padding
+    try:
+        yield
+    finally:
+        fov.grown_padding = original
+
+
+#: The feature each export's "before" run switches off.
+BEFORE = {"8bit": shadows_off, "jpeg-ring": growth_off, "thick-slice": growth_off}
+
+
+def run_case(case: Any, export: str = "8bit") -> dict[str, Any]:
+    """One case with the ultrasound written as ``export`` (``EXPORTS``): TRE (mm), verdict,
+    which image was the ultrasound."""
     import capture_range
 
     from disa.registration.pipeline import register
 
-    fixed, moving = ((case.fixed, eight_bit(case.moving)) if case.pair == "ct-us-moving"
-                     else (eight_bit(case.fixed), case.moving))
+    written = EXPORTS[export]
+    fixed, moving = ((case.fixed, written(case.moving)) if case.pair == "ct-us-moving"
+                     else (written(case.fixed), case.moving))
     result = register(fixed, moving)
     summary = result.summary()
     return {"tre_mm": round(capture_range.tre(result.transform, case.truth, case.points), 2),
@@ -81,27 +142,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cases-per-bin", type=int, default=3)
     p.add_argument("--bins", default="0,1,2,3")
     p.add_argument("--pairs", default="ct-us-moving,us-ct")
+    p.add_argument("--export", choices=sorted(EXPORTS), default="8bit")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     per_bin, bins = (1, (0,)) if args.quick else (
         args.cases_per_bin, tuple(int(b) for b in args.bins.split(",")))
     pairs = ["ct-us-moving"] if args.quick else args.pairs.split(",")
-    print(f"# ultrasound in 8 bits — {machine()}; seed {args.seed}")
+    print(f"# ultrasound written as {args.export} — {machine()}; seed {args.seed}")
     cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins,
                                                crop=56 if args.quick else None,
                                                log=lambda line: None)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(args.out / "ultrasound_8bit.jsonl", "w") as log:
+    with open(args.out / f"ultrasound_{args.export}.jsonl", "w") as log:
         for case in cases:
             for run in ("before", "after"):
                 if run == "before":
-                    with shadows_off():
-                        row = run_case(case)
+                    with BEFORE[args.export]():
+                        row = run_case(case, args.export)
                 else:
-                    row = run_case(case)
-                row = {"case": case.name, "pair": case.pair, "run": run, "seed": args.seed,
+                    row = run_case(case, args.export)
+                row = {"case": case.name, "pair": case.pair, "export": args.export,
+                       "run": run, "seed": args.seed,
                        **row}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")

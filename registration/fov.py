@@ -76,6 +76,22 @@ def border_connected(equal: np.ndarray) -> np.ndarray:
 CUT_FRACTION = 0.15  # fans shadowed past 40 % depth: ~0.2; templates fading to 0: ~0.06
 CUT_CONTRAST = 0.05
 
+#: Padding that an export left inexact (a lossy codec's ring of values 0-5 of 255 around a
+#: fan, a smoothed slab's ramp) is grown from the exact padding by at most
+#: PADDING_GROWTH_VOXELS voxels through voxels within PADDING_TOLERANCE of the data's
+#: intensity range of the padding value. Bounded because dark anatomy next to padding
+#: (an MR's air where a resampling wrote exact zeros) must stay data: its skin edge is
+#: information, and unbounded growth would take the whole background.
+PADDING_TOLERANCE = 0.03
+PADDING_GROWTH_VOXELS = 4
+
+
+def _contrast(array: np.ndarray, padding: np.ndarray) -> float:
+    """The intensity range of the data outside ``padding`` (1st to 99th percentile)."""
+    data = array[~padding]
+    low, high = np.percentile(data[:: max(1, data.size // 200_000)], (1, 99))
+    return max(float(high - low), 1e-12)
+
 
 def _is_cut(array: np.ndarray, padding: np.ndarray, value: float) -> bool:
     """Whether the data along the padding's border ends abruptly (a sector, a slab, a crop,
@@ -84,27 +100,51 @@ def _is_cut(array: np.ndarray, padding: np.ndarray, value: float) -> bool:
     border = ndimage.binary_dilation(padding) & ~padding
     if not border.any():
         return False
-    data = array[~padding]
-    low, high = np.percentile(data[:: max(1, data.size // 200_000)], (1, 99))
-    contrast = max(float(high - low), 1e-12)
-    far = np.abs(array[border].astype(np.float64) - value) > CUT_CONTRAST * contrast
+    far = (np.abs(array[border].astype(np.float64) - value)
+           > CUT_CONTRAST * _contrast(array, padding))
     return bool(far.mean() >= CUT_FRACTION)
 
 
-def data_region(image: sitk.Image) -> DataRegion:
-    """The voxels of ``image`` that hold data: inside the buffer, outside the padding."""
-    array = sitk.GetArrayViewFromImage(image)
-    best = np.zeros(array.shape, dtype=bool)
-    value: float | None = None
-    candidates = {float(array.min()), 0.0}
-    for candidate in sorted(candidates):
+def grown_padding(array: np.ndarray, padding: np.ndarray, value: float) -> np.ndarray:
+    """``padding`` grown through the voxels near ``value`` (``PADDING_TOLERANCE``), by at
+    most ``PADDING_GROWTH_VOXELS`` voxels (6-neighbourhood steps)."""
+    near = (np.abs(array.astype(np.float32) - np.float32(value))
+            <= PADDING_TOLERANCE * _contrast(array, padding))
+    return ndimage.binary_dilation(padding, iterations=PADDING_GROWTH_VOXELS, mask=near)
+
+
+def _padding(array: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """The largest padding of ``array`` that ends in a cut, and its value (None: none).
+
+    Exact padding first; only where none ends in a cut is each candidate grown through
+    near-equal voxels (``grown_padding``) and tested again, so that a clean export's
+    region is the exact one."""
+    candidates = []
+    for candidate in sorted({float(array.min()), 0.0}):
         equal = array == candidate
         if equal.mean() < MIN_PADDING:
             continue
         padding = border_connected(equal)
-        if (MIN_PADDING <= padding.mean() <= MAX_PADDING and padding.sum() > best.sum()
-                and _is_cut(array, padding, candidate)):
-            best, value = padding, candidate
+        if MIN_PADDING <= padding.mean() <= MAX_PADDING:
+            candidates.append((candidate, padding))
+    for grow in (False, True):
+        best = np.zeros(array.shape, dtype=bool)
+        value: float | None = None
+        for candidate, padding in candidates:
+            if grow:
+                padding = grown_padding(array, padding, candidate)
+                if padding.mean() > MAX_PADDING:
+                    continue
+            if padding.sum() > best.sum() and _is_cut(array, padding, candidate):
+                best, value = padding, candidate
+        if value is not None:
+            return best, value
+    return np.zeros(array.shape, dtype=bool), None
+
+
+def data_region(image: sitk.Image) -> DataRegion:
+    """The voxels of ``image`` that hold data: inside the buffer, outside the padding."""
+    best, value = _padding(sitk.GetArrayViewFromImage(image))
     if value is not None:
         # An 8-bit ultrasound's shadows are exact zeros too: data, not padding.
         best &= ~acoustic_shadows(best, image.GetSpacing())
@@ -122,25 +162,9 @@ SECTOR_NEAR = 0.08
 SECTOR_FAR = 0.2
 
 
-def _sector_axis(data: np.ndarray, spacing_xyz: tuple[float, ...] | np.ndarray,
-                 max_points: int = 200_000
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(points, beam, centre): a subsample of ``data``'s voxels (bool, z, y, x) as
-    physical offsets (mm on the image's axes from voxel 0, x y z) less their mean
-    ``centre``, and the unit axis along which they widen from an apex to a wide far end,
-    like the fan of an ultrasound probe; None when they do not (a brain with its
-    background zeroed, a slab, a crop)."""
-    # A regular stride of the grid before listing voxels: a 512^3 mask would otherwise list
-    # ~10^8 indices (GBs) to keep a few hundred thousand.
-    step = max(1, int(np.ceil((data.size / (8 * max_points)) ** (1 / 3))))
-    voxels = np.argwhere(data[::step, ::step, ::step])
-    if len(voxels) < 64:
-        return None
-    voxels = voxels[:: max(1, len(voxels) // max_points)].astype(np.float64) * step
-    # Physical offsets (mm, on the image's axes: the shape does not depend on where).
-    points = voxels[:, ::-1] * np.asarray(spacing_xyz, dtype=np.float64)
-    centre = points.mean(axis=0)
-    points -= centre
+def _widening_axis(points: np.ndarray) -> np.ndarray | None:
+    """The principal axis (unit, signed) of ``points`` (centred, mm) along which their
+    cross-section widens from an apex to a wide far end (SECTOR_NEAR, SECTOR_FAR)."""
     _, _, axes = np.linalg.svd(points, full_matrices=False)
     for axis in axes:
         for sign in (1.0, -1.0):
@@ -148,8 +172,65 @@ def _sector_axis(data: np.ndarray, spacing_xyz: tuple[float, ...] | np.ndarray,
             peak = max(int(counts.max()), 1)
             if (counts[:3].mean() / peak <= SECTOR_NEAR
                     and counts[-3:].mean() / peak >= SECTOR_FAR):
-                return points, sign * axis, centre
+                return sign * axis
     return None
+
+
+#: Voxels of the coarse grid on which a data region's convex hull is filled.
+HULL_VOXELS = 1 << 17
+
+
+def _hull_points(data: np.ndarray, spacing_xyz: np.ndarray) -> np.ndarray | None:
+    """The voxels of a coarse grid (at most ``HULL_VOXELS``) inside the convex hull of
+    ``data`` (bool, z, y, x), as physical offsets (mm, x y z) less their mean; None when
+    the hull is degenerate (flat or a few voxels)."""
+    from scipy.spatial import ConvexHull, Delaunay, QhullError
+
+    step = max(1, int(np.ceil((data.size / HULL_VOXELS) ** (1 / 3))))
+    coarse = data[::step, ::step, ::step]
+    if np.count_nonzero(coarse) < 64:
+        return None
+    # The hull's vertices lie on the region's surface: only those voxels go to Qhull.
+    surface = np.argwhere(coarse & ~ndimage.binary_erosion(coarse)).astype(np.float64)
+    try:
+        hull = Delaunay(surface[ConvexHull(surface).vertices])
+    except QhullError:
+        return None
+    grid = np.argwhere(np.ones(coarse.shape, dtype=bool)).astype(np.float64)
+    inside = grid[hull.find_simplex(grid) >= 0]
+    points = inside[:, ::-1] * step * spacing_xyz
+    return points - points.mean(axis=0)
+
+
+def _sector_axis(data: np.ndarray, spacing_xyz: tuple[float, ...] | np.ndarray,
+                 max_points: int = 200_000
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(points, beam, centre): a subsample of ``data``'s voxels (bool, z, y, x) as
+    physical offsets (mm on the image's axes from voxel 0, x y z) less their mean
+    ``centre``, and the unit axis along which they widen from an apex to a wide far end,
+    like the fan of an ultrasound probe; None when they do not (a brain with its
+    background zeroed, a slab, a crop).
+
+    The axis is looked for on the data's convex hull first, then on the data: a fan
+    mostly in shadow keeps a hull shaped like the fan, while its lit voxels alone can
+    widen along another axis too (a fan whose bright band runs across it)."""
+    # A regular stride of the grid before listing voxels: a 512^3 mask would otherwise list
+    # ~10^8 indices (GBs) to keep a few hundred thousand.
+    step = max(1, int(np.ceil((data.size / (8 * max_points)) ** (1 / 3))))
+    voxels = np.argwhere(data[::step, ::step, ::step])
+    if len(voxels) < 64:
+        return None
+    voxels = voxels[:: max(1, len(voxels) // max_points)].astype(np.float64) * step
+    spacing = np.asarray(spacing_xyz, dtype=np.float64)
+    # Physical offsets (mm, on the image's axes: the shape does not depend on where).
+    points = voxels[:, ::-1] * spacing
+    centre = points.mean(axis=0)
+    points -= centre
+    hull = _hull_points(data, spacing)
+    beam = _widening_axis(hull) if hull is not None else None
+    if beam is None:
+        beam = _widening_axis(points)
+    return None if beam is None else (points, beam, centre)
 
 
 def sector_shaped(region: DataRegion, max_points: int = 200_000) -> bool:

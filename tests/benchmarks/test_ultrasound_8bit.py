@@ -38,6 +38,31 @@ def test_shadows_off_restores_the_engine_afterwards() -> None:
     assert fov.acoustic_shadows is original
 
 
+def test_the_lossy_and_thick_slice_exports_keep_the_fan_and_change_its_edge() -> None:
+    array = np.zeros((12, 12, 12), np.float32)
+    array[4:8, 4:8, 4:8] = 100.0
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 0.6, 0.7))
+    ringed = sitk.GetArrayFromImage(u8.jpeg_ring(u8.eight_bit(image), width=2))
+    assert np.all(ringed[4:8, 4:8, 4:8] == 255) and ringed[0, 0, 0] == 0
+    assert ringed[2:10, 2:10, 2:10].max() == 255 and 0 < ringed[2, 2:10, 2:10].max() <= 5
+    thick = u8.thick_slice(image)
+    values = sitk.GetArrayFromImage(thick)
+    assert thick.GetSpacing() == image.GetSpacing()
+    assert 0 < values[3, 5, 5] < 100 and values[5, 3, 5] == 0  # ramps along slices only
+    assert values.sum() == pytest.approx(array.sum(), rel=1e-4)
+
+
+def test_growth_off_restores_the_engine_afterwards() -> None:
+    from disa.registration import fov
+
+    original = fov.grown_padding
+    padding = np.zeros((4, 4, 4), bool)
+    with u8.growth_off():
+        assert fov.grown_padding(np.zeros((4, 4, 4)), padding, 0.0) is padding
+    assert fov.grown_padding is original
+
+
 def test_quick_run_writes_both_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                     ) -> None:
     assert u8.main(["--quick", "--out", str(tmp_path)]) == 0

@@ -271,6 +271,45 @@ def test_an_8_bit_fans_shadows_stay_data_and_its_outside_stays_padding(pair) -> 
     assert not acoustic_shadows(slab, pair.moving.GetSpacing()).any()
 
 
+def test_a_lossy_ring_or_a_smoothed_edge_around_a_fan_is_still_padding(pair) -> None:
+    """A lossy codec leaves values 0-5 of 255 in a ring around an 8-bit fan, and a
+    smoothing along the slices ramps its edge into the padding: the exact padding no
+    longer ends in a cut. Grown through near-zero voxels, it does again, and the fan is
+    found; the growth is bounded, so a dark (anechoic) region inside the fan that touches
+    its edge stays data beyond a few voxels."""
+    from scipy import ndimage
+
+    from disa.registration.fov import PADDING_GROWTH_VOXELS, sector_shaped
+
+    fan = sitk.GetArrayFromImage(_sector(pair.moving, 35.0))
+    inside = fan > 0
+    eight_bit = np.where(inside, np.clip(np.round(fan / fan.max() * 255.0), 1, 255), 0.0)
+    cyst = inside & (np.indices(fan.shape)[2] < 22) & (np.indices(fan.shape)[0] > 40)
+    eight_bit[cyst] = np.random.default_rng(0).integers(1, 4, int(cyst.sum()))
+    ring = ndimage.binary_dilation(inside, iterations=3) & ~inside
+    ringed = eight_bit.copy()
+    ringed[ring] = np.random.default_rng(1).integers(0, 6, int(ring.sum()))
+    smoothed = ndimage.gaussian_filter1d(eight_bit, 1.5, axis=0)
+    far_from_padding = ndimage.distance_transform_cdt(inside, metric="taxicab")
+    deep = inside & (far_from_padding > PADDING_GROWTH_VOXELS + 3)
+    for array in (ringed, smoothed):
+        image = sitk.GetImageFromArray(array.astype(np.float32))
+        image.CopyInformation(pair.moving)
+        region = data_region(image)
+        assert region.has_padding and sector_shaped(region)
+        data = sitk.GetArrayFromImage(region.mask).astype(bool)
+        assert data[deep].all() and data[cyst & deep].any()
+        # The ring is padding; the smoothed edge's ramp is partly data (it holds echoes).
+        assert data[~inside].mean() < 0.1 and not data[-1, 0, 0]
+        assert array is not ringed or data[ring].mean() < 0.02
+    # A clean export's padding is the exact one: nothing is grown into the fan, not even
+    # into the dark region along its edge.
+    clean = sitk.GetImageFromArray(eight_bit.astype(np.float32))
+    clean.CopyInformation(pair.moving)
+    data = sitk.GetArrayFromImage(data_region(clean).mask).astype(bool)
+    assert data[inside].all() and data[~inside].mean() < 0.005
+
+
 def test_the_overlap_a_user_reads_is_the_share_of_the_smaller_view(pair) -> None:
     """A view wholly inside the other overlaps fully whichever image is sampled; moved out
     of the other's field of view it overlaps nothing."""
