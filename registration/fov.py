@@ -361,6 +361,20 @@ def regions_on_grid(region: sitk.Image, reference: sitk.Image
     return fov, fov | (on_grid == -1.0)
 
 
+def mapped_inside(region: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
+                  margin_mm: float) -> sitk.Image:
+    """The voxels of ``reference``'s grid (uint8 image, 1 = inside) that ``transform``
+    (reference physical point -> ``region``'s physical point, LPS mm) maps at least
+    ``margin_mm`` inside ``region`` (a data region's mask; its buffer's faces count as
+    its edge too: a slab's anatomy goes on beyond them)."""
+    padded = sitk.ConstantPad(region, [1, 1, 1], [1, 1, 1], 0)
+    depth = sitk.SignedMaurerDistanceMap(padded, insideIsPositive=True, squaredDistance=False,
+                                         useImageSpacing=True)
+    on_reference = sitk.Resample(depth, reference, transform, sitk.sitkLinear, -1.0,
+                                 sitk.sitkFloat32)
+    return sitk.Cast(on_reference > margin_mm, sitk.sitkUInt8)
+
+
 def eroded(mask: np.ndarray, voxels: int) -> np.ndarray:
     """``mask`` eroded by a cube of half-width ``voxels`` away from its own edges only.
 

@@ -43,6 +43,7 @@ from disa.registration.fov import (
     DataRegion,
     data_region,
     eroded,
+    mapped_inside,
     physical_volume_ml,
     regions_on_grid,
     sector_shaped,
@@ -613,11 +614,83 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     clock = _Clock()
     pair = _prepare_pair(fixed, moving, options, fixed_mask, moving_mask, initial_transform,
                          max_voxels, report, clock)
+    if _linear_first(options, pair):
+        return _deformable_from_linear(fixed, moving, options, fixed_mask, moving_mask,
+                                       progress, cancel, initial_transform, max_voxels,
+                                       clock.timings)
     if not pair.similarity.uses_descriptors:
         found = _lc2_search(pair, cancel, clock)
     else:
         found = _descriptor_search(pair, options, report, cancel, clock)
     return _finish_result(pair, found, fixed, options, report, cancel, clock)
+
+
+#: How far (working voxels) inside the moving data a fixed point must map to be sampled by a
+#: deformable run on a smaller moving view: the MIND-SSC footprint (3 voxels at radius 1,
+#: dilation 2), so that no sampled descriptor sees the moving view's edge.
+OVERLAP_MARGIN_VOXELS = 3
+
+
+def _linear_first(options: RegistrationOptions, pair: _Pair) -> bool:
+    """Whether a deformable run must find its linear part in a run of its own first: the
+    moving image is the smaller view, which the linear search samples (sampling_is_moving),
+    while the deformable stage samples the fixed image (its field lives on that grid)."""
+    return (options.mode == "deformable" and not pair.refine_only
+            and sampling_is_moving(options.model_copy(update={"mode": "rigid"}),
+                                   pair.fixed_p, pair.moving_p, pair.ultrasound))
+
+
+def _deformable_from_linear(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
+                            fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
+                            progress: Progress | None, cancel: Cancel | None,
+                            initial_transform: sitk.Transform | None, max_voxels: int,
+                            decided: dict[str, float]) -> RegistrationResult:
+    """A deformable run on a smaller moving view: the rigid registration (moving image
+    sampled, the global search), then the deformable run refined from its pose only, on
+    the fixed points that pose maps inside the moving data, from the rigid stage (not the
+    affine one, whatever ``deformable_from`` says).
+
+    Why: sampled on the fixed image, the linear search of a partial moving view (a T2
+    slab, a cropped MR) ended 40-78 mm off on realistic cases where the rigid mode, which
+    samples the smaller view, converged (0.5-1.9 mm). The result carries the rigid run's
+    search evidence (confidence, agreement, ambiguity, overlap, match quality: what the
+    verdict was calibrated on) and both runs' timings; ``decided``: the timings of the
+    preparation that chose this path."""
+    linear = _register(fixed, moving, options.model_copy(update={"mode": "rigid"}),
+                       fixed_mask, moving_mask, progress, cancel, initial_transform,
+                       max_voxels)
+    # The fixed points the deformable stage samples: those the rigid pose maps well inside
+    # the moving data. Sampled over the whole fixed image, the objective's set of valid
+    # points changes with the pose, and its optimum moved away from the overlap: refined
+    # from the truth on a T2 slab, 22 mm off; with this mask 1.2 mm (realistic t1-t2).
+    overlap = mapped_inside(data_region(moving).mask, fixed, linear.transform,
+                            OVERLAP_MARGIN_VOXELS * linear.working_spacing_mm)
+    if fixed_mask is not None:
+        inside = (sitk.GetArrayViewFromImage(overlap) > 0) & mask_to_grid(fixed_mask, fixed,
+                                                                          "fixed mask")
+        overlap = sitk.GetImageFromArray(inside.astype(np.uint8))
+        overlap.CopyInformation(fixed)
+    # From the rigid pose: the affine stage, sampled on the fixed image, still drifted on
+    # a torso CT-MR case (3.2 -> 25.5 mm; 2.4 mm as an affine run sampling the moving view).
+    refine = options.model_copy(update={"rotation_range": 0.0, "translation_range": 0.0,
+                                        "deformable_from": "rigid"})
+    try:
+        refined = _register(fixed, moving, refine, overlap, moving_mask, progress, cancel,
+                            linear.transform, max_voxels)
+    except InputError:
+        # (An overlap too small for a mask at the working spacing: the whole fixed image.)
+        refined = _register(fixed, moving, refine, fixed_mask, moving_mask, progress,
+                            cancel, linear.transform, max_voxels)
+    refined.initial_transform = linear.initial_transform
+    for name in ("confidence", "agreeing", "refined", "ambiguous", "overlap", "match_quality",
+                 "solutions", "starts"):
+        setattr(refined, name, getattr(linear, name))
+    refined.evaluations += linear.evaluations
+    refined.sampled = linear.sampled
+    refined.timings = {**{f"linear_{k}": v for k, v in linear.timings.items()},
+                       **{f"linear_decision_{k}": v for k, v in decided.items()},
+                       **refined.timings}
+    return refined
 
 
 def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
