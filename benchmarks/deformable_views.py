@@ -1,16 +1,20 @@
-"""Deformable mode on partial views: the linear part found as the rigid search finds it.
+"""Deformable and rigid+probe modes on partial views: the rigid pose found as the rigid
+search finds it.
 
     python benchmarks/deformable_views.py [--seed 0] [--cases-per-bin 1] [--bins 0,1,2,3]
-                                          [--pairs ct-mr,t1-t2,ct-mr-torso] [--out DIR]
+                                          [--pairs ct-mr,t1-t2,ct-mr-torso]
+                                          [--mode deformable|rigid+probe] [--out DIR]
     python benchmarks/deformable_views.py --quick     # one small case: the harness works
 
 Cases: the realistic family (``capture_range.make_realistic_cases``): each image on its own
 grid, the moving image a cropped view or a slab, a rigid truth drawn per initial-error
-bin. Each case runs three times in one process with ``register``'s defaults: ``rigid``
-(``--mode rigid``), ``before`` (``--mode deformable`` sampling the fixed image throughout,
-``pipeline._linear_first`` switched off: the engine until 2026-12-07) and ``after``
-(``--mode deformable`` as the engine is: on a smaller moving view, the rigid search first,
-then the deformable stage on the fixed points that pose maps inside the moving data).
+bin (``--pairs ct-us-moving`` for rigid+probe: an ultrasound fan moving). Each case runs
+three times in one process with ``register``'s defaults: ``rigid`` (``--mode rigid``),
+``before`` (``--mode`` MODE sampling the fixed image throughout, ``pipeline._linear_first``
+switched off: the engine until 2026-12-07) and ``after`` (MODE as the engine is: on a
+smaller moving view, the rigid search first, then MODE refined from its pose on the fixed
+points that pose maps inside the moving data). A run that raises is recorded with its
+message and an infinite TRE.
 Per case: the TRE (mm) of the linear part (``transform``) and of the full mapping
 (``field_transform``) against the rigid truth, which image the search sampled, the
 verdict and the time; every row in ``--out``/deformable_views.jsonl.
@@ -52,7 +56,11 @@ def run_case(case: Any, mode: str) -> dict[str, Any]:
     from disa.registration.pipeline import register
 
     t0 = time.perf_counter()
-    result = register(case.fixed, case.moving, RegistrationOptions(mode=mode))
+    try:
+        result = register(case.fixed, case.moving, RegistrationOptions(mode=mode))
+    except Exception as error:  # (a benchmark row, not a crash: the message says what)
+        return {"tre_mm": float("inf"), "field_tre_mm": float("inf"), "sampled": None,
+                "verdict": f"raised: {error}", "seconds": round(time.perf_counter() - t0, 2)}
     seconds = time.perf_counter() - t0
     full = result.field_transform or result.transform
     return {"tre_mm": round(capture_range.tre(result.transform, case.truth, case.points), 2),
@@ -71,27 +79,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cases-per-bin", type=int, default=1)
     p.add_argument("--bins", default="0,1,2,3")
     p.add_argument("--pairs", default="ct-mr,t1-t2,ct-mr-torso")
+    p.add_argument("--mode", choices=("deformable", "rigid+probe"), default="deformable")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     per_bin, bins = (1, (0,)) if args.quick else (
         args.cases_per_bin, tuple(int(b) for b in args.bins.split(",")))
     pairs = ["t1-t2"] if args.quick else args.pairs.split(",")
-    print(f"# deformable mode on partial views — {machine()}; seed {args.seed}")
+    print(f"# {args.mode} mode on partial views — {machine()}; seed {args.seed}")
     cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins,
                                                crop=56 if args.quick else None,
                                                log=lambda line: None)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with open(args.out / "deformable_views.jsonl", "w") as log:
+    name = "deformable_views" if args.mode == "deformable" else "probe_views"
+    with open(args.out / f"{name}.jsonl", "w") as log:
         for case in cases:
             for run in ("rigid", "before", "after"):
                 if run == "before":
                     with linear_first_off():
-                        row = run_case(case, "deformable")
+                        row = run_case(case, args.mode)
                 else:
-                    row = run_case(case, "rigid" if run == "rigid" else "deformable")
-                row = {"case": case.name, "pair": case.pair, "run": run, "seed": args.seed,
+                    row = run_case(case, "rigid" if run == "rigid" else args.mode)
+                row = {"case": case.name, "pair": case.pair, "mode": args.mode, "run": run,
+                       "seed": args.seed,
                        **row}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")

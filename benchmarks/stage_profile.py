@@ -99,7 +99,9 @@ def profile_one(fixed: sitk.Image, moving: sitk.Image, mode: str,
 
 
 def is_substage(name: str) -> bool:
-    """Whether a timing key is part of another stage (``search_fine`` of ``search``)."""
+    """Whether a timing key is part of another stage (``search_fine`` of ``search``; a
+    deformable run on a smaller moving view prefixes its rigid run's keys ``linear_``)."""
+    name = name.removeprefix("linear_")
     return any(name.startswith(f"{p}_") for p in PARENTS)
 
 

@@ -30,6 +30,11 @@ def test_stage_order_puts_each_substage_after_its_parent() -> None:
 def test_other_seconds_leaves_substages_out() -> None:
     assert sp.other_seconds(10.0, {"search": 6.0, "search_coarse": 4.0, "reorient": 3.0}) == \
         pytest.approx(1.0)
+    # A deformable run on a smaller moving view: its rigid run's stages under linear_.
+    assert sp.other_seconds(12.0, {"linear_search": 5.0, "linear_search_coarse": 4.0,
+                                   "linear_decision_preprocess": 1.0, "search": 2.0,
+                                   "deformable": 3.0, "deformable_adam": 2.0}) == \
+        pytest.approx(1.0)
 
 
 def test_stage_table_medians_and_absent_stages() -> None:

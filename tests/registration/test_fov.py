@@ -110,6 +110,18 @@ def test_a_deformable_run_on_a_cropped_moving_view_finds_its_linear_part(pair) -
     assert result.starts > 1 and result.refined >= 1
 
 
+def test_a_rigid_plus_probe_run_on_a_moving_fan_finds_its_pose(pair) -> None:
+    """rigid+probe samples the fixed image too: on a smaller moving view its pose comes
+    from the rigid search that samples the view, then the probe's compression is refined
+    from there on the fixed points inside the view."""
+    fan = _sector(pair.moving, 35.0)
+    options = RegistrationOptions(similarity="mind", mode="rigid+probe", starts=200)
+    result = register(pair.fixed, fan, options)
+    assert result.sampled == "moving" and result.mode == "rigid+probe"
+    assert result.probe is not None and "linear_search" in result.timings
+    assert _tre(result, pair, pair.fixed) < 2.0
+
+
 def test_a_cropped_fixed_view_registers_too(pair) -> None:
     fixed = _crop(pair.fixed, 0.3, 0.75)
     result = register(fixed, pair.moving, RegistrationOptions(similarity="mind", starts=200))
