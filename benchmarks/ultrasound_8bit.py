@@ -2,7 +2,8 @@
 
     python benchmarks/ultrasound_8bit.py [--seed 0] [--cases-per-bin 3] [--bins 0,1,2,3]
                                          [--pairs ct-us-moving,us-ct]
-                                         [--export 8bit|jpeg-ring|thick-slice] [--out DIR]
+                                         [--export float|8bit|jpeg-ring|thick-slice]
+                                         [--before shadows|growth|hull] [--out DIR]
     python benchmarks/ultrasound_8bit.py --quick     # one small case, both runs: the harness works
 
 Cases: the realistic family's CT/ultrasound pairs (``capture_range.make_realistic_cases``,
@@ -16,7 +17,9 @@ twice in the same process with ``disa.registration.pipeline.register``'s default
 engine is (``after``), and with the feature that handles the export switched off
 (``before``, ``BEFORE``): for ``8bit`` ``fov.acoustic_shadows`` (shadows that touch the
 padding count as padding, the engine until 2026-12-07), for the other two
-``fov.grown_padding`` (padding is exact only, the engine until 2026-12-08). Per pair and
+``fov.grown_padding`` (padding is exact only, the engine until 2026-12-08); ``--before
+hull`` switches off the beam's search on the fan's convex hull instead (``hull_off``),
+and ``--export float`` keeps the simulated float ultrasound. Per pair and
 run: cases converged (TRE < 10 mm, the capture-range benchmark's TRE), the verdicts, and
 every case in ``--out``/ultrasound_EXPORT.jsonl.
 """
@@ -79,6 +82,7 @@ def thick_slice(image: sitk.Image, sigma_voxels: float = 1.5) -> sitk.Image:
 #: How the ultrasound is written: 8 bits (a scanner's export), 8 bits with a lossy codec's
 #: ring around the fan, or smoothed along its slices before the 8-bit export.
 EXPORTS: dict[str, Callable[[sitk.Image], sitk.Image]] = {
+    "float": lambda image: image,
     "8bit": eight_bit,
     "jpeg-ring": lambda image: jpeg_ring(eight_bit(image)),
     "thick-slice": lambda image: eight_bit(thick_slice(image)),
@@ -112,8 +116,24 @@ def growth_off() -> Iterator[None]:
         fov.grown_padding = original
 
 
-#: The feature each export's "before" run switches off.
-BEFORE = {"8bit": shadows_off, "jpeg-ring": growth_off, "thick-slice": growth_off}
+@contextmanager
+def hull_off() -> Iterator[None]:
+    """The engine as before 2026-12-08: a fan's beam is looked for on its data only, never
+    on the data's convex hull first (``fov._hull_points`` returns None)."""
+    from disa.registration import fov
+
+    original = fov._hull_points
+    fov._hull_points = lambda data, spacing: None
+    try:
+        yield
+    finally:
+        fov._hull_points = original
+
+
+#: What a "before" run switches off: by default the feature that handles the export.
+SWITCHES = {"shadows": shadows_off, "growth": growth_off, "hull": hull_off}
+BEFORE = {"float": "shadows", "8bit": "shadows", "jpeg-ring": "growth",
+          "thick-slice": "growth"}
 
 
 def run_case(case: Any, export: str = "8bit") -> dict[str, Any]:
@@ -143,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bins", default="0,1,2,3")
     p.add_argument("--pairs", default="ct-us-moving,us-ct")
     p.add_argument("--export", choices=sorted(EXPORTS), default="8bit")
+    p.add_argument("--before", choices=sorted(SWITCHES), default=None,
+                   help="what the before run switches off (default: the export's feature)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -155,16 +177,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                log=lambda line: None)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    switch = args.before or BEFORE[args.export]
     with open(args.out / f"ultrasound_{args.export}.jsonl", "w") as log:
         for case in cases:
             for run in ("before", "after"):
                 if run == "before":
-                    with BEFORE[args.export]():
+                    with SWITCHES[args.before or BEFORE[args.export]]():
                         row = run_case(case, args.export)
                 else:
                     row = run_case(case, args.export)
                 row = {"case": case.name, "pair": case.pair, "export": args.export,
-                       "run": run, "seed": args.seed,
+                       "run": run, "switched_off": switch, "seed": args.seed,
                        **row}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")

@@ -53,6 +53,16 @@ def test_the_lossy_and_thick_slice_exports_keep_the_fan_and_change_its_edge() ->
     assert values.sum() == pytest.approx(array.sum(), rel=1e-4)
 
 
+def test_hull_off_restores_the_engine_afterwards() -> None:
+    from disa.registration import fov
+
+    original = fov._hull_points
+    with u8.hull_off():
+        assert fov._hull_points(np.ones((8, 8, 8), bool), np.ones(3)) is None
+    assert fov._hull_points is original
+    assert set(u8.BEFORE.values()) <= set(u8.SWITCHES) and set(u8.BEFORE) == set(u8.EXPORTS)
+
+
 def test_growth_off_restores_the_engine_afterwards() -> None:
     from disa.registration import fov
 
