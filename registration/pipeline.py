@@ -608,16 +608,18 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
               fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
               progress: Progress | None, cancel: Cancel | None,
               initial_transform: sitk.Transform | None = None,
-              max_voxels: int = MAX_WORKING_VOXELS) -> RegistrationResult:
+              max_voxels: int = MAX_WORKING_VOXELS, rigid_found: bool = False
+              ) -> RegistrationResult:
+    """``rigid_found``: the rigid pose is known (``_nonlinear_from_rigid``'s second run)."""
     options = options or RegistrationOptions()
     report = progress or (lambda stage, fraction: None)
     clock = _Clock()
     pair = _prepare_pair(fixed, moving, options, fixed_mask, moving_mask, initial_transform,
                          max_voxels, report, clock)
-    if _linear_first(options, pair):
+    if not rigid_found and _linear_first(options, pair):
         return _nonlinear_from_rigid(fixed, moving, options, fixed_mask, moving_mask,
-                                       progress, cancel, initial_transform, max_voxels,
-                                       clock.timings)
+                                     progress, cancel, initial_transform, max_voxels,
+                                     clock.timings)
     if not pair.similarity.uses_descriptors:
         found = _lc2_search(pair, cancel, clock)
     else:
@@ -636,7 +638,7 @@ def _linear_first(options: RegistrationOptions, pair: _Pair) -> bool:
     first: the moving image is the smaller view, which the rigid search samples
     (sampling_is_moving), while these modes sample the fixed image (their fields live on
     its grid)."""
-    if options.mode not in ("deformable", "rigid+probe") or pair.refine_only:
+    if options.mode not in ("deformable", "rigid+probe"):
         return False
     # An ultrasound moving counts only with a padded field of view (a fan): one named so
     # that covers the whole grid keeps the joint search (the probe phantom's compression:
@@ -652,7 +654,8 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
                             initial_transform: sitk.Transform | None, max_voxels: int,
                             decided: dict[str, float]) -> RegistrationResult:
     """A deformable or rigid+probe run on a smaller moving view: the rigid registration
-    (moving image sampled, the global search), then the run in its own mode refined from
+    (moving image sampled; the global search, or with zero ranges the refinement of the
+    initial transform), then the run in its own mode refined from
     that pose only, on the fixed points the pose maps inside the moving data; a deformable
     field starts from the rigid stage (not the affine one, whatever ``deformable_from``
     says).
@@ -684,11 +687,11 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
                                         "deformable_from": "rigid"})
     try:
         refined = _register(fixed, moving, refine, overlap, moving_mask, progress, cancel,
-                            linear.transform, max_voxels)
+                            linear.transform, max_voxels, rigid_found=True)
     except InputError:
         # (An overlap too small for a mask at the working spacing: the whole fixed image.)
         refined = _register(fixed, moving, refine, fixed_mask, moving_mask, progress,
-                            cancel, linear.transform, max_voxels)
+                            cancel, linear.transform, max_voxels, rigid_found=True)
     refined.initial_transform = linear.initial_transform
     for name in ("confidence", "agreeing", "refined", "ambiguous", "overlap", "match_quality",
                  "solutions", "starts"):

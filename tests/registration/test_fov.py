@@ -108,6 +108,13 @@ def test_a_deformable_run_on_a_cropped_moving_view_finds_its_linear_part(pair) -
     assert "linear_search" in result.timings and "deformable" in result.timings
     # The search's evidence is the rigid run's: the refinement alone has none.
     assert result.starts > 1 and result.refined >= 1
+    # From a known pose (a tracked probe, an earlier result) with zero ranges: the same
+    # path, the rigid stage refined only.
+    again = register(pair.fixed, moving, options.model_copy(
+        update={"rotation_range": 0.0, "translation_range": 0.0}),
+        initial_transform=result.transform)
+    assert again.sampled == "moving" and again.starts == 1
+    assert _tre(again, pair, pair.fixed) < 1.5
 
 
 def test_a_rigid_plus_probe_run_on_a_moving_fan_finds_its_pose(pair) -> None:
