@@ -338,6 +338,20 @@ def test_a_lossy_ring_or_a_smoothed_edge_around_a_fan_is_still_padding(pair) -> 
         # The ring is padding; the smoothed edge's ramp is partly data (it holds echoes).
         assert data[~inside].mean() < 0.1 and not data[-1, 0, 0]
         assert array is not ringed or data[ring].mean() < 0.02
+    # Away from zero (padding at the image's minimum, a phantom's constant air) grown
+    # padding is kept around a fan only: a slab with the same ring keeps it at zero only.
+    lifted = sitk.GetImageFromArray((ringed + 3.0).astype(np.float32))
+    lifted.CopyInformation(pair.moving)
+    assert data_region(lifted).has_padding
+    slab = np.zeros(fan.shape)
+    slab[20:44] = eight_bit[40]  # one slice of the fan's speckle, tissue only
+    slab[20:44, :, :] = np.where(slab[20:44] > 0, slab[20:44], 128.0)
+    slab[17:20] = np.random.default_rng(2).integers(0, 6, slab[17:20].shape)
+    slab[44:47] = np.random.default_rng(3).integers(0, 6, slab[44:47].shape)
+    for offset, padded in ((0.0, True), (3.0, False)):
+        image = sitk.GetImageFromArray((slab + offset).astype(np.float32))
+        image.CopyInformation(pair.moving)
+        assert data_region(image).has_padding is padded
     # A clean export's padding is the exact one: nothing is grown into the fan, not even
     # into the dark region along its edge.
     clean = sitk.GetImageFromArray(eight_bit.astype(np.float32))
