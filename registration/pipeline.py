@@ -619,7 +619,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     if not rigid_found and _linear_first(options, pair):
         return _nonlinear_from_rigid(fixed, moving, options, fixed_mask, moving_mask,
                                      progress, cancel, initial_transform, max_voxels,
-                                     clock.timings)
+                                     pair.moving_p.region, clock.timings)
     if not pair.similarity.uses_descriptors:
         found = _lc2_search(pair, cancel, clock)
     else:
@@ -649,16 +649,17 @@ def _linear_first(options: RegistrationOptions, pair: _Pair) -> bool:
 
 
 def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
-                            fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
-                            progress: Progress | None, cancel: Cancel | None,
-                            initial_transform: sitk.Transform | None, max_voxels: int,
-                            decided: dict[str, float]) -> RegistrationResult:
+                          fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
+                          progress: Progress | None, cancel: Cancel | None,
+                          initial_transform: sitk.Transform | None, max_voxels: int,
+                          moving_region: DataRegion, decided: dict[str, float]
+                          ) -> RegistrationResult:
     """A deformable or rigid+probe run on a smaller moving view: the rigid registration
     (moving image sampled; the global search, or with zero ranges the refinement of the
-    initial transform), then the run in its own mode refined from
-    that pose only, on the fixed points the pose maps inside the moving data; a deformable
-    field starts from the rigid stage (not the affine one, whatever ``deformable_from``
-    says).
+    initial transform), then the run in its own mode refined from that pose only, on the
+    fixed points the pose maps inside the moving data (``moving_region``, the moving
+    image's data region); a deformable field starts from the rigid stage (not the affine
+    one, whatever ``deformable_from`` says).
 
     Why: sampled on the fixed image, the linear search of a partial moving view (a T2
     slab, a cropped MR) ended 40-78 mm off on realistic cases where the rigid mode, which
@@ -674,7 +675,7 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
     # the moving data. Sampled over the whole fixed image, the objective's set of valid
     # points changes with the pose, and its optimum moved away from the overlap: refined
     # from the truth on a T2 slab, 22 mm off; with this mask 1.2 mm (realistic t1-t2).
-    overlap = mapped_inside(data_region(moving).mask, fixed, linear.transform,
+    overlap = mapped_inside(moving_region.mask, fixed, linear.transform,
                             OVERLAP_MARGIN_VOXELS * linear.working_spacing_mm)
     if fixed_mask is not None:
         inside = (sitk.GetArrayViewFromImage(overlap) > 0) & mask_to_grid(fixed_mask, fixed,
