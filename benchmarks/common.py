@@ -10,6 +10,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,22 +22,22 @@ def machine() -> str:
 
 
 def add_case_arguments(p: argparse.ArgumentParser, pairs: Sequence[str],
-                       default_bins: Sequence[int]) -> None:
+                       default_bins: Sequence[int], cases_per_bin: int = 1) -> None:
     """--cases-per-bin, --bins and --pairs: which realistic cases a script builds."""
-    p.add_argument("--cases-per-bin", type=int, default=1)
+    p.add_argument("--cases-per-bin", type=int, default=cases_per_bin)
     p.add_argument("--bins", default=",".join(map(str, default_bins)),
                    help="initial-error bins (0: 0-25 mm ... 3: 75-100 mm)")
     p.add_argument("--pairs", default=",".join(pairs))
 
 
-def case_selection(args: argparse.Namespace, quick_crop: int
+def case_selection(args: argparse.Namespace, quick_crop: int, quick_pair: str = "ct-mr"
                    ) -> tuple[list[str], tuple[int, ...], int | None, int]:
-    """(pairs, bins, crop, cases per bin) from the case arguments; --quick: one ct-mr case
-    of a `quick_crop`-voxel crop."""
+    """(pairs, bins, crop, cases per bin) from the case arguments; --quick: one case of
+    `quick_pair` on a `quick_crop`-voxel crop."""
     pairs = [s for s in args.pairs.split(",") if s]
     bins = tuple(int(b) for b in args.bins.split(",") if b)
     if args.quick:
-        return ["ct-mr"], (0,), quick_crop, 1
+        return [quick_pair], (0,), quick_crop, 1
     return pairs, bins, None, args.cases_per_bin
 
 
@@ -83,3 +84,30 @@ def run_pending(cases: Sequence[Any], methods: Sequence[str], done: set[tuple[st
             sink.flush()
             after(case, outcome)
     return outcomes
+
+
+def run_rows(cases: Sequence[Any], runs: Sequence[tuple[str, Callable[[Any], dict[str, Any]]]],
+             extra: dict[str, Any], path: Path, describe: Callable[[dict[str, Any]], str]
+             ) -> list[dict[str, Any]]:
+    """Each case through each named run in one process (a before/after comparison): one
+    row per case and run, {case, pair, run, **extra, **what the run returned}, written
+    to the jsonl file ``path`` as it comes and printed as ``describe`` words it."""
+    rows = []
+    with open(path, "w") as log:
+        for case in cases:
+            for name, run in runs:
+                row = {"case": case.name, "pair": case.pair, "run": name, **extra, **run(case)}
+                rows.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                print(f"{case.name} {name}: {describe(row)}", flush=True)
+    return rows
+
+
+def within(context: Callable[[], AbstractContextManager[Any]],
+           run: Callable[[Any], dict[str, Any]]) -> Callable[[Any], dict[str, Any]]:
+    """``run`` inside a fresh ``context()`` each time (a feature switched off)."""
+    def wrapped(case: Any) -> dict[str, Any]:
+        with context():
+            return run(case)
+    return wrapped

@@ -23,7 +23,6 @@ verdict and the time; every row in ``--out``/deformable_views.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -72,43 +71,28 @@ def run_case(case: Any, mode: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     import capture_range
-    from common import machine
+    from common import add_case_arguments, case_selection, machine, run_rows, within
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cases-per-bin", type=int, default=1)
-    p.add_argument("--bins", default="0,1,2,3")
-    p.add_argument("--pairs", default="ct-mr,t1-t2,ct-mr-torso")
+    add_case_arguments(p, ("ct-mr", "t1-t2", "ct-mr-torso"), (0, 1, 2, 3))
     p.add_argument("--mode", choices=("deformable", "rigid+probe"), default="deformable")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    per_bin, bins = (1, (0,)) if args.quick else (
-        args.cases_per_bin, tuple(int(b) for b in args.bins.split(",")))
-    pairs = ["t1-t2"] if args.quick else args.pairs.split(",")
+    pairs, bins, crop, per_bin = case_selection(args, 56, quick_pair="t1-t2")
     print(f"# {args.mode} mode on partial views — {machine()}; seed {args.seed}")
-    cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins,
-                                               crop=56 if args.quick else None,
+    cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins, crop=crop,
                                                log=lambda line: None)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     name = "deformable_views" if args.mode == "deformable" else "probe_views"
-    with open(args.out / f"{name}.jsonl", "w") as log:
-        for case in cases:
-            for run in ("rigid", "before", "after"):
-                if run == "before":
-                    with linear_first_off():
-                        row = run_case(case, args.mode)
-                else:
-                    row = run_case(case, "rigid" if run == "rigid" else args.mode)
-                row = {"case": case.name, "pair": case.pair, "mode": args.mode, "run": run,
-                       "seed": args.seed,
-                       **row}
-                rows.append(row)
-                log.write(json.dumps(row) + "\n")
-                print(f"{case.name} {run}: linear TRE {row['tre_mm']} mm, full "
-                      f"{row['field_tre_mm']} mm, sampled {row['sampled']}, "
-                      f"{row['verdict']}, {row['seconds']} s", flush=True)
+    rows = run_rows(
+        cases, [("rigid", lambda case: run_case(case, "rigid")),
+                ("before", within(linear_first_off, lambda case: run_case(case, args.mode))),
+                ("after", lambda case: run_case(case, args.mode))],
+        {"mode": args.mode, "seed": args.seed}, args.out / f"{name}.jsonl",
+        lambda row: (f"linear TRE {row['tre_mm']} mm, full {row['field_tre_mm']} mm, "
+                     f"sampled {row['sampled']}, {row['verdict']}, {row['seconds']} s"))
     for pair in pairs:
         for run in ("rigid", "before", "after"):
             sel = [r for r in rows if r["pair"] == pair and r["run"] == run]

@@ -27,7 +27,6 @@ every case in ``--out``/ultrasound_EXPORT.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -155,44 +154,29 @@ def run_case(case: Any, export: str = "8bit") -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
     import capture_range
-    from common import machine
+    from common import add_case_arguments, case_selection, machine, run_rows, within
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cases-per-bin", type=int, default=3)
-    p.add_argument("--bins", default="0,1,2,3")
-    p.add_argument("--pairs", default="ct-us-moving,us-ct")
+    add_case_arguments(p, ("ct-us-moving", "us-ct"), (0, 1, 2, 3), cases_per_bin=3)
     p.add_argument("--export", choices=sorted(EXPORTS), default="8bit")
     p.add_argument("--before", choices=sorted(SWITCHES), default=None,
                    help="what the before run switches off (default: the export's feature)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    per_bin, bins = (1, (0,)) if args.quick else (
-        args.cases_per_bin, tuple(int(b) for b in args.bins.split(",")))
-    pairs = ["ct-us-moving"] if args.quick else args.pairs.split(",")
+    pairs, bins, crop, per_bin = case_selection(args, 56, quick_pair="ct-us-moving")
     print(f"# ultrasound written as {args.export} — {machine()}; seed {args.seed}")
-    cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins,
-                                               crop=56 if args.quick else None,
+    cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins, crop=crop,
                                                log=lambda line: None)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
     switch = args.before or BEFORE[args.export]
-    with open(args.out / f"ultrasound_{args.export}.jsonl", "w") as log:
-        for case in cases:
-            for run in ("before", "after"):
-                if run == "before":
-                    with SWITCHES[args.before or BEFORE[args.export]]():
-                        row = run_case(case, args.export)
-                else:
-                    row = run_case(case, args.export)
-                row = {"case": case.name, "pair": case.pair, "export": args.export,
-                       "run": run, "switched_off": switch, "seed": args.seed,
-                       **row}
-                rows.append(row)
-                log.write(json.dumps(row) + "\n")
-                print(f"{case.name} {run}: TRE {row['tre_mm']} mm, {row['verdict']}",
-                      flush=True)
+    rows = run_rows(
+        cases, [("before", within(SWITCHES[switch], lambda case: run_case(case, args.export))),
+                ("after", lambda case: run_case(case, args.export))],
+        {"export": args.export, "switched_off": switch, "seed": args.seed},
+        args.out / f"ultrasound_{args.export}.jsonl",
+        lambda row: f"TRE {row['tre_mm']} mm, {row['verdict']}")
     for pair in pairs:
         for run in ("before", "after"):
             sel = [r for r in rows if r["pair"] == pair and r["run"] == run]
