@@ -60,7 +60,8 @@ class RegistrationOptions(BaseModel):
     mind_dilation: int = Field(2, ge=1, le=6, description="MIND-SSC neighbour distance (voxels)")
     deformable_from: Literal["rigid", "affine"] = Field(
         "affine",
-        description="deformable mode: the linear stage the displacement field starts from")
+        description="deformable mode: the linear stage the displacement field starts from "
+                    "(rigid whenever the moving image is the smaller view)")
     regularisation: float = Field(
         1.0, gt=0.0, le=1000.0,
         description="deformable mode: weight of the smoothness (diffusion) term, relative to the "
