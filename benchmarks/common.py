@@ -9,8 +9,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -86,6 +86,31 @@ def run_pending(cases: Sequence[Any], methods: Sequence[str], done: set[tuple[st
     return outcomes
 
 
+def comparison_parser(description: str, pairs: Sequence[str], out: Path,
+                      cases_per_bin: int = 1) -> argparse.ArgumentParser:
+    """The arguments of a before/after script on realistic cases: --seed, the case
+    arguments (bins 0-3), --out and --quick; the script adds its own."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--seed", type=int, default=0)
+    add_case_arguments(p, pairs, (0, 1, 2, 3), cases_per_bin=cases_per_bin)
+    p.add_argument("--out", type=Path, default=out)
+    p.add_argument("--quick", action="store_true")
+    return p
+
+
+def comparison_cases(args: argparse.Namespace, quick_pair: str, quick_crop: int = 56
+                     ) -> tuple[list[str], list[Any]]:
+    """(pairs, cases) of ``comparison_parser``'s arguments (``capture_range``'s realistic
+    cases; --quick: one case of ``quick_pair`` on a crop), with --out created."""
+    import capture_range
+
+    pairs, bins, crop, per_bin = case_selection(args, quick_crop, quick_pair=quick_pair)
+    cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins, crop=crop,
+                                               log=lambda line: None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return pairs, cases
+
+
 def run_rows(cases: Sequence[Any], runs: Sequence[tuple[str, Callable[[Any], dict[str, Any]]]],
              extra: dict[str, Any], path: Path, describe: Callable[[dict[str, Any]], str]
              ) -> list[dict[str, Any]]:
@@ -111,3 +136,15 @@ def within(context: Callable[[], AbstractContextManager[Any]],
         with context():
             return run(case)
     return wrapped
+
+
+@contextmanager
+def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block and what it was after it (an engine
+    feature switched off for a before run, whatever the block raises)."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)

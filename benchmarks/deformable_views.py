@@ -22,11 +22,10 @@ verdict and the time; every row in ``--out``/deformable_views.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,13 @@ HERE = Path(__file__).resolve().parent
 CONVERGED_MM = 10.0
 
 
-@contextmanager
-def linear_first_off() -> Iterator[None]:
+def linear_first_off() -> AbstractContextManager[None]:
     """The engine before 2026-12-07: a deformable run samples the fixed image throughout."""
+    from common import replaced
+
     from disa.registration import pipeline
 
-    original = pipeline._linear_first
-    pipeline._linear_first = lambda options, pair: False
-    try:
-        yield
-    finally:
-        pipeline._linear_first = original
+    return replaced(pipeline, "_linear_first", lambda options, pair: False)
 
 
 def run_case(case: Any, mode: str) -> dict[str, Any]:
@@ -70,21 +65,14 @@ def run_case(case: Any, mode: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
-    import capture_range
-    from common import add_case_arguments, case_selection, machine, run_rows, within
+    from common import comparison_cases, comparison_parser, machine, run_rows, within
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=0)
-    add_case_arguments(p, ("ct-mr", "t1-t2", "ct-mr-torso"), (0, 1, 2, 3))
+    p = comparison_parser(__doc__.splitlines()[0], ("ct-mr", "t1-t2", "ct-mr-torso"),
+                          HERE / "results")
     p.add_argument("--mode", choices=("deformable", "rigid+probe"), default="deformable")
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    pairs, bins, crop, per_bin = case_selection(args, 56, quick_pair="t1-t2")
     print(f"# {args.mode} mode on partial views — {machine()}; seed {args.seed}")
-    cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins, crop=crop,
-                                               log=lambda line: None)
-    args.out.mkdir(parents=True, exist_ok=True)
+    pairs, cases = comparison_cases(args, quick_pair="t1-t2")
     name = "deformable_views" if args.mode == "deformable" else "probe_views"
     rows = run_rows(
         cases, [("rigid", lambda case: run_case(case, "rigid")),

@@ -26,10 +26,9 @@ every case in ``--out``/ultrasound_EXPORT.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -88,45 +87,34 @@ EXPORTS: dict[str, Callable[[sitk.Image], sitk.Image]] = {
 }
 
 
-@contextmanager
-def shadows_off() -> Iterator[None]:
+def shadows_off() -> AbstractContextManager[None]:
     """The engine as before 2026-12-07: no acoustic shadow is taken back from the padding."""
+    from common import replaced
+
     from disa.registration import fov
 
-    original = fov.acoustic_shadows
-    fov.acoustic_shadows = lambda padding, spacing: np.zeros(padding.shape, dtype=bool)
-    try:
-        yield
-    finally:
-        fov.acoustic_shadows = original
+    return replaced(fov, "acoustic_shadows",
+                    lambda padding, spacing: np.zeros(padding.shape, dtype=bool))
 
 
-@contextmanager
-def growth_off() -> Iterator[None]:
+def growth_off() -> AbstractContextManager[None]:
     """The engine as before 2026-12-08: padding is exact, never grown through near-equal
     voxels (``fov.grown_padding`` returns the exact padding)."""
+    from common import replaced
+
     from disa.registration import fov
 
-    original = fov.grown_padding
-    fov.grown_padding = lambda array, padding, value: padding
-    try:
-        yield
-    finally:
-        fov.grown_padding = original
+    return replaced(fov, "grown_padding", lambda array, padding, value: padding)
 
 
-@contextmanager
-def hull_off() -> Iterator[None]:
+def hull_off() -> AbstractContextManager[None]:
     """The engine as before 2026-12-08: a fan's beam is looked for on its data only, never
     on the data's convex hull first (``fov._hull_points`` returns None)."""
+    from common import replaced
+
     from disa.registration import fov
 
-    original = fov._hull_points
-    fov._hull_points = lambda data, spacing: None
-    try:
-        yield
-    finally:
-        fov._hull_points = original
+    return replaced(fov, "_hull_points", lambda data, spacing: None)
 
 
 #: What a "before" run switches off: by default the feature that handles the export.
@@ -153,23 +141,16 @@ def run_case(case: Any, export: str = "8bit") -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     sys.path.insert(0, str(HERE))
-    import capture_range
-    from common import add_case_arguments, case_selection, machine, run_rows, within
+    from common import comparison_cases, comparison_parser, machine, run_rows, within
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=0)
-    add_case_arguments(p, ("ct-us-moving", "us-ct"), (0, 1, 2, 3), cases_per_bin=3)
+    p = comparison_parser(__doc__.splitlines()[0], ("ct-us-moving", "us-ct"),
+                          HERE / "results", cases_per_bin=3)
     p.add_argument("--export", choices=sorted(EXPORTS), default="8bit")
     p.add_argument("--before", choices=sorted(SWITCHES), default=None,
                    help="what the before run switches off (default: the export's feature)")
-    p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    pairs, bins, crop, per_bin = case_selection(args, 56, quick_pair="ct-us-moving")
     print(f"# ultrasound written as {args.export} — {machine()}; seed {args.seed}")
-    cases = capture_range.make_realistic_cases(per_bin, pairs, args.seed, bins, crop=crop,
-                                               log=lambda line: None)
-    args.out.mkdir(parents=True, exist_ok=True)
+    pairs, cases = comparison_cases(args, quick_pair="ct-us-moving")
     switch = args.before or BEFORE[args.export]
     rows = run_rows(
         cases, [("before", within(SWITCHES[switch], lambda case: run_case(case, args.export))),
