@@ -92,7 +92,7 @@ ALL_METHODS = (
 )
 PAIRS = ("ct-mr", "ct-us")
 FAMILIES = ("full-field", "realistic")
-#: Source cube (voxels) of the realistic family's --quick case.
+#: Source cube (voxels) of the realistic family's --quick case and of the quick test.
 QUICK_CROP = 56
 REALISTIC_METHODS = (
     "disa-default", "disa-global", "mind-global", "lc2-local", "sitk-mi", "elastix", "ants",
