@@ -565,6 +565,10 @@ class _Pair:
     shares: np.ndarray
     refine_only: bool
     max_voxels: int
+    #: fixed_p and moving_p before any ultrasound smoothing (what a run in another mode
+    #: on the same inputs would prepare: _nonlinear_from_rigid hands them on).
+    fixed_p_raw: PreparedImage
+    moving_p_raw: PreparedImage
 
     @property
     def init(self) -> np.ndarray:
@@ -608,18 +612,22 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
               fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
               progress: Progress | None, cancel: Cancel | None,
               initial_transform: sitk.Transform | None = None,
-              max_voxels: int = MAX_WORKING_VOXELS, rigid_found: bool = False
+              max_voxels: int = MAX_WORKING_VOXELS, rigid_found: bool = False,
+              prepared: tuple[PreparedImage, PreparedImage] | None = None
               ) -> RegistrationResult:
-    """``rigid_found``: the rigid pose is known (``_nonlinear_from_rigid``'s second run)."""
+    """``rigid_found``: the rigid pose is known (``_nonlinear_from_rigid``'s second run).
+    ``prepared``: the (fixed, moving) images as ``_prepare_pair`` prepares them for these
+    inputs, before any ultrasound smoothing (``_nonlinear_from_rigid``'s first run)."""
     options = options or RegistrationOptions()
     report = progress or (lambda stage, fraction: None)
     clock = _Clock()
     pair = _prepare_pair(fixed, moving, options, fixed_mask, moving_mask, initial_transform,
-                         max_voxels, report, clock)
+                         max_voxels, report, clock, prepared)
     if not rigid_found and _linear_first(options, pair):
         return _nonlinear_from_rigid(fixed, moving, options, fixed_mask, moving_mask,
                                      progress, cancel, initial_transform, max_voxels,
-                                     pair.moving_p.region, clock.timings)
+                                     pair.moving_p.region, clock.timings,
+                                     (pair.fixed_p_raw, pair.moving_p_raw))
     if not pair.similarity.uses_descriptors:
         found = _lc2_search(pair, cancel, clock)
     else:
@@ -652,7 +660,8 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
                           fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
                           progress: Progress | None, cancel: Cancel | None,
                           initial_transform: sitk.Transform | None, max_voxels: int,
-                          moving_region: DataRegion, decided: dict[str, float]
+                          moving_region: DataRegion, decided: dict[str, float],
+                          prepared: tuple[PreparedImage, PreparedImage]
                           ) -> RegistrationResult:
     """A deformable or rigid+probe run on a smaller moving view: the rigid registration
     (moving image sampled; the global search, or with zero ranges the refinement of the
@@ -667,10 +676,13 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
     ultrasound fan ended 34 mm off or with no foreground left after a wild compression.
     The result carries the rigid run's search evidence (confidence, agreement, ambiguity,
     overlap, match quality: what the verdict was calibrated on) and both runs' timings;
-    ``decided``: the timings of the preparation that chose this path."""
+    ``decided``: the timings of the preparation that chose this path; ``prepared``: its
+    (fixed, moving) images, which the rigid run takes over (the same inputs, masks, working
+    spacing and axes: only the mode differs, and it changes no preparation but the
+    ultrasound smoothing, which comes after)."""
     linear = _register(fixed, moving, options.model_copy(update={"mode": "rigid"}),
                        fixed_mask, moving_mask, progress, cancel, initial_transform,
-                       max_voxels)
+                       max_voxels, prepared=prepared)
     # The fixed points the deformable stage samples: those the rigid pose maps well inside
     # the moving data. Sampled over the whole fixed image, the objective's set of valid
     # points changes with the pose, and its optimum moved away from the overlap: refined
@@ -708,14 +720,17 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
 def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
                   fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
                   initial_transform: sitk.Transform | None, max_voxels: int,
-                  report: Progress, clock: _Clock) -> _Pair:
+                  report: Progress, clock: _Clock,
+                  prepared: tuple[PreparedImage, PreparedImage] | None = None) -> _Pair:
     """Both images on the working grid, which one is sampled, the search model and the
-    poses its starts are drawn around."""
+    poses its starts are drawn around. ``prepared``: both images already prepared for
+    these inputs (``_register`` says when)."""
     similarity = similarity_spec(resolve_similarity(options))
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
     user_init = _user_initial_matrix(initial_transform)
     report("preprocess", 0.0)
-    fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", max_voxels=max_voxels)
+    if prepared is None:
+        fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", max_voxels=max_voxels)
     # The moving image on axes parallel to the fixed image's (under the header pose or the
     # initial transform): neither descriptor is rotation invariant, and a moving image
     # stored on an oblique grid (another scanner's, a probe's) otherwise describes its
@@ -723,8 +738,12 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # badly and a refinement started there walked 10-30 mm away (realistic family).
     start_rotation = np.eye(3) if user_init is None else nearest_rotation(user_init[:3, :3])
     moving_direction = start_rotation @ Grid.from_image(fixed).direction
-    moving_p = prepare(moving, spacing, moving_mask, role="moving", direction=moving_direction,
-                       max_voxels=max_voxels)
+    if prepared is None:
+        moving_p = prepare(moving, spacing, moving_mask, role="moving",
+                           direction=moving_direction, max_voxels=max_voxels)
+    else:
+        fixed_p, moving_p = prepared
+    fixed_p_raw, moving_p_raw = fixed_p, moving_p
     ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
     # (Measured for the linear modes only; the probe's compression lives in the detail near
     # the probe, and 1.5 mm of smoothing moved the probe phantom's decay length 30 -> 41 mm.)
@@ -761,7 +780,7 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     refine_only = options.rotation_range == 0 and options.translation_range == 0
     return _Pair(similarity, spacing, user_init, fixed_p, moving_p, ultrasound, swap, a_img,
                  a_p, b_img, b_p, b_mask, center, rigid, search_model, anchors, spreads, shares,
-                 refine_only, max_voxels)
+                 refine_only, max_voxels, fixed_p_raw, moving_p_raw)
 
 
 def _no_structure(role: str) -> InputError:

@@ -8,6 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from disa.core.errors import InputError
+from disa.registration import pipeline
 from disa.registration.fov import data_region, regions_on_grid
 from disa.registration.options import RegistrationOptions
 from disa.registration.pipeline import register
@@ -93,14 +94,22 @@ def test_a_cropped_moving_view_registers_from_30_mm_and_20_degrees(pair, similar
     assert result.overlap > 0.9
 
 
-def test_a_deformable_run_on_a_cropped_moving_view_finds_its_linear_part(pair) -> None:
+def test_a_deformable_run_on_a_cropped_moving_view_finds_its_linear_part(
+        pair, monkeypatch: pytest.MonkeyPatch) -> None:
     """The deformable stage samples the fixed image (its field lives there); its linear
     part comes from the rigid search that samples the smaller moving view, then the fixed
     points that pose maps inside the moving data carry the deformable stage."""
     moving = _crop(pair.moving, 0.25, 0.65)
     options = RegistrationOptions(similarity="mind", mode="deformable", starts=200)
+    prepared: list[str | None] = []
+    real_prepare = pipeline.prepare
+    monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: prepared.append(k.get("role"))
+                        or real_prepare(*a, **k))
     result = register(pair.fixed, moving, options)
     assert result.sampled == "moving" and result.mode == "deformable"
+    # The rigid run takes over the images that decided the path (the same inputs); only
+    # the refinement, with its overlap mask and the rigid pose's axes, prepares its own.
+    assert prepared == ["fixed", "moving", "fixed", "moving"]
     # (The rigid run: 0.44 mm; the deformable run sampling the fixed image throughout:
     # 1.83 mm here, 40-78 mm on realistic slabs and torso crops.)
     assert _tre(result, pair, pair.fixed) < 1.5
