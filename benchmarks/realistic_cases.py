@@ -65,12 +65,16 @@ class PairSpec:
 
     ``fixed``: "ct" (the volume's native CT), "t1" (its native T1) or "us".
     ``moving``: "mr-crop", "t2-slab", "us" or "ct-oblique".
+    ``swapped``: the pair is built as written, then its fixed and moving images are
+    exchanged (the partial view, on its own oblique grid, becomes the fixed image, the
+    whole volume the moving one; capture_range.make_realistic_cases does it).
     """
 
     source: str
     fixed: str
     moving: str
     note: str = ""
+    swapped: bool = False
 
 
 PAIRS: dict[str, PairSpec] = {
@@ -83,6 +87,15 @@ PAIRS: dict[str, PairSpec] = {
                             "XCAT torso: body outline, lungs, sternum; CT made from labels"),
     "ct-us-moving-torso": PairSpec("xcat-chest", "ct", "us",
                                    "XCAT torso: body outline, lungs, sternum; CT made from labels"),
+    # The partial view as the fixed image (a user's MR slab registered to a planning CT):
+    # not in the default run, whose tables predate them (capture_range.REALISTIC_PAIRS).
+    "mr-ct": PairSpec("ct-brain-atlas", "ct", "mr-crop", swapped=True),
+    "t2-t1": PairSpec("mni152-nlin6asym", "t1", "t2-slab",
+                      "held-out subject; brain MRI templates are also training anatomy",
+                      swapped=True),
+    "mr-ct-torso": PairSpec("xcat-chest", "ct", "mr-crop",
+                            "XCAT torso: body outline, lungs, sternum; CT made from labels",
+                            swapped=True),
 }
 #: Held-out synthesis settings of the partners.
 MR_SETTING = "flair"

@@ -109,6 +109,39 @@ def test_realistic_cases_fill_the_bins_deterministically() -> None:
         cr.make_realistic_cases(1, ("mr-pet",), bins=(0,), crop=40)
 
 
+def test_a_swapped_pair_makes_the_partial_view_the_fixed_image() -> None:
+    """mr-ct: the cropped MR, on its own oblique grid, is the fixed image and the whole CT
+    the moving one; the truth still maps fixed points to moving points, in the same bin."""
+    assert "mr-ct" in cr.ALL_REALISTIC_PAIRS and "mr-ct" not in cr.REALISTIC_PAIRS
+    (case,) = cr.make_realistic_cases(1, ("mr-ct",), seed=3, bins=(2,), crop=48)
+    ct, view = case.moving, case.fixed
+    assert np.allclose(ct.GetDirection(), np.eye(3).ravel())  # the source's own grid
+    assert abs(np.asarray(view.GetDirection()).reshape(3, 3)[0, 0]) < 0.999  # oblique
+    lo, hi = cr.BINS_MM[2]
+    assert lo <= case.initial_error_mm < hi
+    assert case.initial_error_mm == pytest.approx(
+        cr.tre(sitk.Euler3DTransform(), case.truth, case.points))
+    # The overlap points lie in the fixed view...
+    index = _fixed_points_index(view, case.points)
+    assert np.all((index > -1e-6) & (index < np.asarray(view.GetSize()) - 1 + 1e-6))
+    ct_array = sitk.GetArrayViewFromImage(ct)
+
+    def on_ct_tissue(transform: sitk.Transform) -> float:
+        """Share of the points that ``transform`` maps onto CT tissue (> -500 HU)."""
+        mapped = np.array([transform.TransformPoint([float(v) for v in p])
+                           for p in case.points])
+        ijk = np.rint(_fixed_points_index(ct, mapped)).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < np.asarray(ct.GetSize())), axis=1)
+        values = np.full(len(ijk), -1000.0)
+        values[inside] = ct_array[ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]]
+        return float(np.mean(values > -500))
+
+    # ...and are the CT's foreground points moved with the view: the truth takes them back
+    # onto tissue, the header pose (50-75 mm off) mostly does not.
+    assert on_ct_tissue(case.truth) > 0.98
+    assert on_ct_tissue(sitk.Euler3DTransform()) < 0.8
+
+
 def test_quick_realistic_run_records_what_the_engine_reported(tmp_path: Path) -> None:
     """One ct-mr case of a small crop, ``register(fixed, moving)`` with the defaults."""
     outcomes, _ = cr.run(1, ["disa-default"], tmp_path, pairs=("ct-mr",), bins=(0,),
