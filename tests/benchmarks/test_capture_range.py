@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from disa.training import phantom as ph
+
 from .scripts import load_benchmark
 
 cr = load_benchmark("capture_range")
@@ -127,7 +129,10 @@ def test_quick_run_of_every_method_writes_table_and_plot(tmp_path: Path) -> None
     assert {"sitk-mi", "mind-global", "lc2-local"} <= ran
     by_method = {o.method: o for o in outcomes}
     assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
-    for method in ("mind-global", "elastix", "ants"):
+    # ANTs' rigid default is not robust on this cropped view (CI once saw it stop at 15 mm
+    # from 24 mm, this machine at 1 mm): its convention is checked on a pair of its own
+    # (test_peers_map_fixed_points_to_moving_points).
+    for method in ("mind-global", "elastix"):
         if method in by_method:
             assert by_method[method].tre_mm < cr.CONVERGED_MM, by_method[method]
     table = (tmp_path / "capture_range.md").read_text()
@@ -139,6 +144,37 @@ def test_quick_run_of_every_method_writes_table_and_plot(tmp_path: Path) -> None
     assert "| ct-mr | mind-global |" in table.split("Warnings")[1]
     png = tmp_path / "capture_range.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method", ["sitk-mi", "ants"])  # elastix: the quick run above
+def test_peers_map_fixed_points_to_moving_points(method: str) -> None:
+    """Each peer's transform, read back, maps fixed points to moving points: a phantom pair
+    (the moving image another, non-monotonic contrast) 8 mm and 6 deg apart, where the
+    inverse (what a convention slip returns) lies twice as far from the truth as the
+    identity. ANTs lands 1-2 mm off here and varies from run to run (its threads), hence
+    40 % of the initial error."""
+    if not cr.available(method):
+        pytest.skip(f"{method}: its package (bench extra) is not installed")
+    grid = ph.make_grid((40, 44, 48), (cr.SPACING_MM,) * 3)
+    anatomy = ph.default_anatomy(scale_mm=30.0)
+    voxels = ph.grid_points(grid)
+    fixed_array = ph.render(voxels, anatomy, ph.contrast_table(9, 1), 4).reshape(grid.shape)
+    moving_array = ph.render(voxels, anatomy, ph.contrast_table(9, 2, non_monotonic=True),
+                             5).reshape(grid.shape)
+    rng = np.random.default_rng(3)
+    fixed = cr._image(fixed_array)
+    points = cr._foreground_points(fixed, fixed_array > 0.05, 500, rng)
+    center = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2.0 for s in fixed.GetSize()]))
+    truth = sitk.Euler3DTransform()
+    truth.SetCenter(tuple(map(float, center)))
+    truth.SetRotation(0.0, 0.0, float(np.radians(6.0)))
+    truth.SetTranslation((6.0, -4.0, 3.0))
+    moving = cr.with_header_transform(moving_array, truth, rng)
+    initial = cr.tre(sitk.Euler3DTransform(), truth, points)
+    assert cr.tre(truth.GetInverse(), truth, points) > 1.8 * initial
+    estimate = cr.METHODS[method](fixed, moving)[0]
+    assert cr.tre(estimate, truth, points) < 0.4 * initial
 
 
 def test_resume_keeps_finished_outcomes_and_runs_the_rest(
