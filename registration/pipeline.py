@@ -17,6 +17,7 @@ The CLI (`disa register`) and the Celery worker both call ``register``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from disa.registration.fov import (
     sector_shaped,
 )
 from disa.registration.options import RegistrationOptions
+from disa.registration.search import translation_scan
 from disa.registration.search.global_search import (
     Cancel,
     Progress,
@@ -63,6 +65,15 @@ from disa.registration.search.orientations import (
     OrientedObjective,
     bin_directions,
     orientation_bins,
+)
+from disa.registration.search.translation_scan import (
+    BinScan,
+    ScanTerms,
+    block_factor,
+    other_terms,
+    sampled_terms,
+    scan_poses,
+    within_ranges,
 )
 from disa.registration.search.verdict import Evidence, verdict
 from disa.registration.similarity.contrast import local_std
@@ -441,29 +452,39 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
                     a_p: PreparedImage, b_direction: np.ndarray, spacing: float,
                     similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool,
                     max_voxels: int = MAX_WORKING_VOXELS
-                    ) -> tuple[Objective, Objective, Objective]:
+                    ) -> tuple[tuple[Objective, Objective, Objective],
+                               Callable[[], list[np.ndarray]] | None]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
-    described on one rotated grid per orientation bin (orientations.py says why).
+    described on one rotated grid per orientation bin (orientations.py says why), and the
+    translation scan over the bins (search/translation_scan.py; None without bins):
+    called, it builds every bin and returns the scan's poses (search frame).
 
     ``levels`` are the identity bin's objectives (unrotated maps); the other bins' maps
     cover a's data region (plus the descriptor footprint) on rotated axes, z-scored by a's
-    first normalisation, and are computed when first needed; the fine and refinement
-    levels build a bin's objective only when a surviving start is in it. ``max_voxels``:
-    the most voxels a rotated grid may hold.
+    first normalisation. A bin's map and its three level objectives are built the first
+    time a start falls into it, and the map is dropped then. ``max_voxels``: the most
+    voxels a rotated grid may hold.
     """
     bins = orientation_bins(options.rotation_range)
     if len(bins) == 1:
-        return levels
+        return levels, None
     directions = bin_directions(bins, a_p.grid.direction, b_direction)
     smoothed = antialias(a_img, spacing)
     mask = a_p.grid.image_like(a_p.mask.astype(np.uint8))
     margin_mm = (descriptor_footprint_voxels(similarity, options) + stride) * spacing
     index = np.argwhere(a_p.fov)[::7, ::-1].astype(np.float64)  # a subsample spans the box
     points = a_p.grid.to_physical(index)
-    maps: dict[int, tuple[DescriptorMap, np.ndarray] | None] = {}
+    kind = similarity.objective_kind
+    rigid = levels[0].model
+    built: dict[int, tuple[Objective, ...] | None] = {}
+    identity_map: DescriptorMap = levels[1].fixed  # type: ignore[attr-defined]
+    base_rotation = b_direction @ a_p.grid.direction.T
+    factor = block_factor(float(identity_map.grid.spacing[0]))
+    scanned: dict[int, ScanTerms] = {}
 
-    def sampled(k: int) -> tuple[DescriptorMap, np.ndarray] | None:
-        if k not in maps:
+    def bin_objectives(k: int) -> tuple[Objective, ...] | None:
+        """Bin k's (coarse, fine, refine) objectives (None: no contrast on its grid)."""
+        if k not in built:
             local = points @ directions[k]
             bounds = (local.min(axis=0) - margin_mm, local.max(axis=0) + margin_mm)
             image = regrid(smoothed, spacing, mask, directions[k], bounds, stride,
@@ -472,29 +493,66 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
             # are kept, and quantising the whole map took longer than describing it.
             fmap, _, _ = descriptor_maps(image, similarity, options)
             weights = fixed_weights(image, stride)
-            maps[k] = (fmap, weights) if np.any(weights > 0) else None
-        return maps[k]
+            if not np.any(weights > 0):
+                built[k] = None
+                return None
+            objectives = _bin_level_objectives(fmap, weights, levels, pool, options.seed)
+            built[k] = objectives
+            if translation_scan.SCAN_PER_BIN > 0:
+                scanned[k] = sampled_terms(fmap, weights, factor)
+        return built[k]
 
-    kind = similarity.objective_kind
-    rigid = levels[0].model
+    def level(index: int) -> OrientedObjective:
+        identity = levels[index]
 
-    def level(identity: Objective, n_points: int, pooled: bool) -> OrientedObjective:
         def build(k: int) -> Objective:
-            found = sampled(k)
-            if found is None:  # (no contrast on this bin's grid: score with the identity's)
-                return identity
-            fmap, weights = found
-            if pooled:
-                fmap = fmap.pooled()
-                weights = pool_weights(weights, fmap.grid.shape)
-            moving = identity.moving  # type: ignore[attr-defined]
-            return _objective(fmap, moving, weights, rigid, kind, n_points, options.seed)
+            found = bin_objectives(k)
+            # (no contrast on this bin's grid: score with the identity's)
+            return identity if found is None else found[index]
         objectives: list[Objective | None] = [identity] + [None] * (len(bins) - 1)
-        return OrientedObjective(rigid, bins, b_direction @ a_p.grid.direction.T, build,
-                                 objectives)
+        return OrientedObjective(rigid, bins, base_rotation, build, objectives)
 
-    return (level(levels[0], COARSE_POINTS, pool), level(levels[1], FINE_POINTS, False),
-            level(levels[2], FINE_POINTS, False))
+    def scan() -> list[np.ndarray]:
+        fine_identity = levels[1]
+        other = other_terms(fine_identity.moving, factor)  # type: ignore[attr-defined]
+        scanned[0] = sampled_terms(identity_map, fine_identity.weight_map,  # type: ignore
+                                   factor)
+        to_scan = []
+        for k in range(len(bins)):
+            found = bin_objectives(k) if k else (levels[0], fine_identity)
+            if found is not None:
+                to_scan.append(BinScan(scanned.pop(k), bins[k] @ base_rotation,
+                                       found[1].chance_cost))  # type: ignore[attr-defined]
+        return scan_poses(to_scan, other, kind, rigid.center, per_bin)
+
+    per_bin = translation_scan.SCAN_PER_BIN
+    return (level(0), level(1), level(2)), (scan if per_bin > 0 else None)
+
+
+def _bin_level_objectives(fmap: DescriptorMap, weights: np.ndarray,
+                          levels: tuple[Objective, Objective, Objective], pool: bool, seed: int
+                          ) -> tuple[Objective, ...]:
+    """An orientation bin's (coarse, fine, refine) objectives on its sampled map ``fmap``
+    (the coarse one pooled when ``pool``), against the identity levels' other maps.
+
+    All three at once, then the map goes (``release_fixed_map``): an objective needs the
+    sampled map's values at its points only, and a map kept for a later level (90 MB a
+    torso bin) made every later bin's descriptors land on fresh pages (2.5x slower here;
+    building a level that no surviving start needs costs ~8 ms).
+    """
+    objectives = []
+    for index, identity in enumerate(levels):
+        level_map, level_weights = fmap, weights
+        if index == 0 and pool:
+            level_map = fmap.pooled()
+            level_weights = pool_weights(weights, level_map.grid.shape)
+        objective = _objective(level_map, identity.moving,  # type: ignore[attr-defined]
+                               level_weights, identity.model,  # type: ignore[attr-defined]
+                               identity.kind,  # type: ignore[attr-defined]
+                               COARSE_POINTS if index == 0 else FINE_POINTS, seed)
+        objective.release_fixed_map()
+        objectives.append(objective)
+    return tuple(objectives)
 
 
 def _timed(timings: dict[str, float], name: str, start: float) -> float:
@@ -879,12 +937,22 @@ def _global_search(pair: _Pair, described: _Descriptors, options: RegistrationOp
     refine_objective = objective(fixed_map, moving_map, weights, FINE_POINTS, search_model)
     points = refine_objective.physical_points
     levels: tuple[Objective, Objective, Objective] = (coarse, fine, refine_objective)
+    anchors, spreads, shares = pair.anchors, pair.spreads, pair.shares
     if pair.similarity.oriented_search and isinstance(search_model, TransformModel) \
             and not pair.refine_only:
-        levels = oriented_levels(levels, pair.a_img, pair.a_p, pair.b_p.grid.direction,
-                                 pair.spacing, pair.similarity, options, described.stride,
-                                 pool, pair.max_voxels)
+        levels, scan = oriented_levels(levels, pair.a_img, pair.a_p, pair.b_p.grid.direction,
+                                       pair.spacing, pair.similarity, options, described.stride,
+                                       pool, pair.max_voxels)
         clock.lap("orientations")
+        if scan is not None:
+            # Each scanned pose is one start of its own (spread 0, no share of the random
+            # ones), within the search's ranges: the 500-start budget stays.
+            poses = within_ranges(scan(), anchors, spreads, options.rotation_range)
+            if poses:
+                anchors = np.vstack([anchors, poses])
+                spreads = np.concatenate([spreads, np.zeros(len(poses))])
+                shares = np.concatenate([shares, np.zeros(len(poses))])
+            clock.lap("scan")
     radius = _radius(points, pair.center)
     refine_only = pair.refine_only
     settings = SearchSettings(
@@ -897,11 +965,11 @@ def _global_search(pair: _Pair, described: _Descriptors, options: RegistrationOp
     )
     check = points[:: max(1, len(points) // 2000)]
     search = global_search(
-        *levels, search_model, pair.anchors, settings, radius,
+        *levels, search_model, anchors, settings, radius,
         coarse_spacing_mm=float(coarse_fixed.grid.spacing[0]),
         fine_spacing_mm=float(fixed_map.grid.spacing[0]),
         check_points=check, progress=report, cancel=cancel,
-        spreads_mm=pair.spreads, shares=pair.shares)
+        spreads_mm=spreads, shares=shares)
     clock.lap("search")
     clock.timings.update({f"search_{k}": v for k, v in search.timings.items()})
     report("reorient", 0.0)

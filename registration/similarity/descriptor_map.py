@@ -53,6 +53,15 @@ class DescriptorMap:
         v = None if valid is None else np.ascontiguousarray(valid, dtype=np.float32)
         return DescriptorMap(self.data, self.grid, self.scale, v)
 
+    def grid_only(self) -> DescriptorMap:
+        """This map's grid, scale, channels and validity with no descriptors: a read-only
+        view of zeros that holds no memory. What an objective keeps of the map it samples
+        once it has read the values at its sample points (``DescriptorObjective.
+        release_fixed_map``); never a map to read descriptors from."""
+        zeros = np.broadcast_to(np.zeros((1, 1, 1, self.channels), self.data.dtype),
+                                self.data.shape)
+        return DescriptorMap(zeros, self.grid, self.scale, self.valid)
+
     @cached_property
     def valid_moments(self) -> tuple[np.ndarray, float]:
         """(mean descriptor (C,), mean squared norm) over the valid voxels, float64 physical

@@ -124,3 +124,54 @@ def test_a_bins_map_scores_a_rotated_truth_better_than_the_unrotated_map(
         # (measured 0.20-0.31 against 0.62-0.86: the unrotated map compares
         # neighbourhoods 25 degrees apart.)
         assert level.cost(theta)[0] < 0.7 * level.objective(0).cost(theta)[0]
+        # The bins keep their sample points' values, not their maps (a torso bin's map is
+        # ~90 MB; oriented_levels says why).
+        assert level.objective(k).fixed.data.strides[:3] == (0, 0, 0)
+        assert level.objective(0).fixed.data.strides[:3] != (0, 0, 0)
+
+
+def _anchors_of(monkeypatch, truth, seed: int = 2) -> tuple[np.ndarray, TransformModel]:
+    """The initial poses (anchors) the global search receives on a phantom pair, and its
+    model."""
+    grid = ph.make_grid((48, 48, 48), (3.0, 3.0, 3.0))
+    pair = ph.make_pair(truth, fixed_grid=grid, seed=seed)
+    captured: dict[str, object] = {}
+    original = pipeline.global_search
+
+    def spy(*args, **kwargs):
+        captured["model"], captured["anchors"] = args[3], args[4]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "global_search", spy)
+    pipeline.register(pair.fixed, pair.moving, RegistrationOptions(similarity="mind", starts=64))
+    return np.atleast_2d(captured["anchors"]), captured["model"]  # type: ignore[return-value]
+
+
+def test_the_translation_scan_puts_a_start_near_a_far_rotated_truth(monkeypatch) -> None:
+    """A pose 25 degrees and ~40 mm from the header: among the search's initial poses, the
+    scan's (the lowest costs of each bin, after the header anchors) include one that maps
+    the phantom's points within a scan block (10 mm) of the truth, nearer than any header
+    anchor; without the scan the anchors are the header poses only."""
+    from disa.registration.search import translation_scan
+
+    truth = ph.rigid_truth((0.0, 0.0, 25.0), (30.0, -20.0, 15.0))
+    anchors, model = _anchors_of(monkeypatch, truth)
+    with monkeypatch.context() as off:
+        off.setattr(translation_scan, "SCAN_PER_BIN", 0)
+        header_only, _ = _anchors_of(off, truth)
+    assert len(anchors) > len(header_only)
+    matrix = np.eye(4)
+    rotation = np.asarray(truth.GetMatrix()).reshape(3, 3)
+    center = np.asarray(truth.GetCenter())
+    matrix[:3, :3] = rotation
+    matrix[:3, 3] = np.asarray(truth.GetTranslation()) + center - rotation @ center
+    points = center + np.random.default_rng(0).uniform(-40.0, 40.0, (200, 3))
+    truth_points = points @ matrix[:3, :3].T + matrix[:3, 3]
+
+    def error(theta: np.ndarray) -> float:
+        m = model.matrices(theta[None, :])[0][0]
+        return float(np.linalg.norm(points @ m[:, :3].T + m[:, 3] - truth_points, axis=1).mean())
+
+    scanned = [error(t) for t in anchors[len(header_only):]]
+    # (The header's centroid anchor has the translation but not the rotation: ~13 mm.)
+    assert min(scanned) < min(10.0, min(error(t) for t in header_only))

@@ -117,6 +117,25 @@ def test_batched_costs_equal_single_costs(maps) -> None:
     assert objective.evaluations == 14
 
 
+@pytest.mark.parametrize("jitter", [False, True])
+def test_a_released_fixed_map_keeps_the_costs_and_holds_no_descriptors(maps,
+                                                                        jitter: bool) -> None:
+    """What the search's orientation bins rely on: the cost needs the fixed map's grid and
+    the values read at construction, not the map."""
+    fixed, moving, weights = maps
+    model = TransformModel("rigid", np.zeros(3))
+    objective = DescriptorObjective(fixed, moving, weights, model, n_points=2000, jitter=jitter)
+    thetas = np.random.default_rng(5).normal(size=(6, 6)) * [0.1, 0.1, 0.1, 5, 5, 5]
+    cost, grad = objective.cost_and_grad(thetas)
+    objective.release_fixed_map()
+    assert objective.fixed.data.strides[:3] == (0, 0, 0)  # a view of one zero vector
+    assert objective.fixed.grid is fixed.grid and objective.fixed.scale == fixed.scale
+    assert fixed.data.any()  # (the map itself is untouched)
+    after_cost, after_grad = objective.cost_and_grad(thetas)
+    np.testing.assert_array_equal(after_cost, cost)
+    np.testing.assert_array_equal(after_grad, grad)
+
+
 def test_int8_costs_stay_close_to_float_costs(maps) -> None:
     fixed, moving, weights = maps
     model = TransformModel("rigid", np.zeros(3))
