@@ -1,9 +1,11 @@
 """The translation scan on and off, same realistic cases, same run: the default method.
 
     python benchmarks/translation_scan_ab.py [--pairs a,b,...] [--cases-per-bin N]
-                                             [--seed S] [--out FILE.jsonl]
+                                             [--seed S] [--family realistic|full]
+                                             [--out FILE.jsonl]
 
-Each case of the realistic capture-range family (``capture_range.make_realistic_cases``)
+Each case of the realistic capture-range family (``capture_range.make_realistic_cases``;
+``--family full``: the full-field one, ``make_cases``, pairs ct-mr and ct-us by default)
 runs ``register(fixed, moving)`` twice, back to back: with the scan
 (``translation_scan.SCAN_PER_BIN`` as shipped) and without it (0). One line per run goes
 to the jsonl as it finishes (a rerun skips what is there), then a table per pair: cases
@@ -28,10 +30,12 @@ from disa.registration.search import translation_scan
 ARMS = ("scan", "off")
 
 
-def run(pairs: tuple[str, ...], per_bin: int, seed: int, out: Path) -> list[dict]:
+def run(pairs: tuple[str, ...], per_bin: int, seed: int, out: Path,
+        family: str = "realistic") -> list[dict]:
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     seen = {(r["case"], r["arm"]) for r in done}
-    cases = cr.make_realistic_cases(per_bin, pairs=pairs, seed=seed)
+    make = cr.make_realistic_cases if family == "realistic" else cr.make_cases
+    cases = make(per_bin, pairs=pairs, seed=seed)
     cr.disa_default(cases[0].fixed, cases[0].moving)  # (one-off costs out of the timings)
     shipped = translation_scan.SCAN_PER_BIN
     for case in cases:
@@ -72,16 +76,22 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--pairs", default="ct-mr,t1-t2,ct-us-moving,us-ct,ct-mr-torso")
+    p.add_argument("--pairs", default=None, help="default: ct-mr,t1-t2,ct-us-moving,us-ct,"
+                   "ct-mr-torso (realistic) or ct-mr,ct-us (full)")
+    p.add_argument("--family", choices=("realistic", "full"), default="realistic")
     p.add_argument("--cases-per-bin", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path,
                    default=Path(__file__).parent / "results" / "translation_scan" / "ab.jsonl")
     args = p.parse_args()
+    args.pairs = args.pairs or ("ct-mr,t1-t2,ct-us-moving,us-ct,ct-mr-torso"
+                                if args.family == "realistic" else ",".join(cr.PAIRS))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    rows = run(tuple(args.pairs.split(",")), args.cases_per_bin, args.seed, args.out)
-    report = (f"Command: `python benchmarks/translation_scan_ab.py --pairs {args.pairs} "
-              f"--cases-per-bin {args.cases_per_bin} --seed {args.seed}`. Machine: "
+    rows = run(tuple(args.pairs.split(",")), args.cases_per_bin, args.seed, args.out,
+               args.family)
+    report = (f"Command: `python benchmarks/translation_scan_ab.py --family {args.family} "
+              f"--pairs {args.pairs} --cases-per-bin {args.cases_per_bin} --seed {args.seed} "
+              f"--out {args.out}`. Machine: "
               f"{machine()}.\n\n{table(rows)}\n")
     print(report)
     args.out.with_suffix(".md").write_text(report)
