@@ -456,8 +456,9 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
                                Callable[[], list[np.ndarray]] | None]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
     described on one rotated grid per orientation bin (orientations.py says why), and the
-    translation scan over the bins (search/translation_scan.py; None without bins):
-    called, it builds every bin and returns the scan's poses (search frame).
+    translation scan over the bins (search/translation_scan.py; None without bins or with
+    fewer than SCAN_MIN_STARTS starts): called, it builds every bin and returns the scan's
+    poses (search frame).
 
     ``levels`` are the identity bin's objectives (unrotated maps); the other bins' maps
     cover a's data region (plus the descriptor footprint) on rotated axes, z-scored by a's
@@ -474,13 +475,14 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     margin_mm = (descriptor_footprint_voxels(similarity, options) + stride) * spacing
     index = np.argwhere(a_p.fov)[::7, ::-1].astype(np.float64)  # a subsample spans the box
     points = a_p.grid.to_physical(index)
-    kind = similarity.objective_kind
     rigid = levels[0].model
     built: dict[int, tuple[Objective, ...] | None] = {}
     identity_map: DescriptorMap = levels[1].fixed  # type: ignore[attr-defined]
     base_rotation = b_direction @ a_p.grid.direction.T
     factor = block_factor(float(identity_map.grid.spacing[0]))
     scanned: dict[int, ScanTerms] = {}
+    per_bin = (translation_scan.SCAN_PER_BIN  # (SCAN_MIN_STARTS says why)
+               if options.starts >= translation_scan.SCAN_MIN_STARTS else 0)
 
     def bin_objectives(k: int) -> tuple[Objective, ...] | None:
         """Bin k's (coarse, fine, refine) objectives (None: no contrast on its grid)."""
@@ -498,7 +500,7 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
                 return None
             objectives = _bin_level_objectives(fmap, weights, levels, pool, options.seed)
             built[k] = objectives
-            if translation_scan.SCAN_PER_BIN > 0:
+            if per_bin > 0:
                 scanned[k] = sampled_terms(fmap, weights, factor)
         return built[k]
 
@@ -523,9 +525,8 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
             if found is not None:
                 to_scan.append(BinScan(scanned.pop(k), bins[k] @ base_rotation,
                                        found[1].chance_cost))  # type: ignore[attr-defined]
-        return scan_poses(to_scan, other, kind, rigid.center, per_bin)
+        return scan_poses(to_scan, other, similarity.objective_kind, rigid.center, per_bin)
 
-    per_bin = translation_scan.SCAN_PER_BIN
     return (level(0), level(1), level(2)), (scan if per_bin > 0 else None)
 
 

@@ -45,6 +45,12 @@ SCAN_BLOCK_MM = 10.0
 #: 500 starts; 0 switches the scan off).
 SCAN_PER_BIN = 8
 
+#: The fewest starts a search must have for the scan to run. Why: its poses are starts of
+#: their own, so with a small budget they would be most of the search, and a user who
+#: asks for one start (a local refinement from the header) would get 57. At 200 they take
+#: at most about a quarter of the starts.
+SCAN_MIN_STARTS = 200
+
 
 @dataclass(frozen=True)
 class ScanTerms:

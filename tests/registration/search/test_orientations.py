@@ -155,6 +155,7 @@ def test_the_translation_scan_puts_a_start_near_a_far_rotated_truth(monkeypatch)
     from disa.registration.search import translation_scan
 
     truth = ph.rigid_truth((0.0, 0.0, 25.0), (30.0, -20.0, 15.0))
+    monkeypatch.setattr(translation_scan, "SCAN_MIN_STARTS", 64)  # (64 starts: a fast test)
     anchors, model = _anchors_of(monkeypatch, truth)
     with monkeypatch.context() as off:
         off.setattr(translation_scan, "SCAN_PER_BIN", 0)
@@ -175,3 +176,27 @@ def test_the_translation_scan_puts_a_start_near_a_far_rotated_truth(monkeypatch)
     scanned = [error(t) for t in anchors[len(header_only):]]
     # (The header's centroid anchor has the translation but not the rotation: ~13 mm.)
     assert min(scanned) < min(10.0, min(error(t) for t in header_only))
+
+
+def test_a_small_start_budget_runs_no_scan(monkeypatch) -> None:
+    """Scanned poses are starts of their own: with a budget below SCAN_MIN_STARTS (one
+    start, a local refinement) the search gets the header anchors only."""
+    from disa.registration.search import translation_scan
+
+    truth = ph.rigid_truth((0.0, 0.0, 25.0), (30.0, -20.0, 15.0))
+    grid = ph.make_grid((48, 48, 48), (3.0, 3.0, 3.0))
+    pair = ph.make_pair(truth, fixed_grid=grid, seed=2)
+    seen: list[int] = []
+    original = pipeline.global_search
+
+    def spy(*args, **kwargs):
+        seen.append(len(np.atleast_2d(args[4])))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "global_search", spy)
+    budget = translation_scan.SCAN_MIN_STARTS
+    for starts in (budget - 1, budget):
+        result = pipeline.register(pair.fixed, pair.moving,
+                                   RegistrationOptions(similarity="mind", starts=starts))
+        assert "scan" in result.timings if starts == budget else "scan" not in result.timings
+    assert seen[0] < seen[1]
