@@ -21,7 +21,7 @@ correlations over all shifts at once (FFT). With a's block sums of w, w F and w 
     cost(s) = (S + W0 c0) / (W + W0),  W >= the objective's minimum overlap,
 
 the objective's own normalisation (similarity/objective.py) on blocks of about
-SCAN_BLOCK_MM. The lowest local minima of each bin become starts of the search.
+SCAN_BLOCK_MM. Each bin's lowest costs, two blocks apart, become starts of the search.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from disa.registration.similarity.objective import MIN_OVERLAP, PRIOR_WEIGHT
 from disa.registration.transform.parametric import rigid_parameters
 
 #: Block edge (mm) of the scan's lattice. Why 10 mm: the search's Adam walk and L-BFGS
-#: recover a start 5-10 mm from the truth (the case above: 16 of 16); finer blocks cost
-#: FFTs of up to 8x the voxels (a torso at 5 mm: ~1 s a registration).
+#: recover a start 5-10 mm from the truth (the case above: 16 of 16); a finer lattice
+#: multiplies the FFTs' voxels by (10 mm / edge)^3 (0.3-0.7 s for 7 bins on a torso now).
 SCAN_BLOCK_MM = 10.0
 
-#: Starts kept per orientation bin: the lowest local minima of its scan (7 bins: 56 of the
-#: 500 starts; 0 switches the scan off).
+#: Starts kept per orientation bin: its lowest scanned costs, SUPPRESS_BLOCKS apart (7
+#: bins: 56 of the 500 starts; 0 switches the scan off).
 SCAN_PER_BIN = 8
 
 #: The fewest starts a search must have for the scan to run. Why: its poses are starts of
