@@ -26,6 +26,7 @@ SCAN_BLOCK_MM. Each bin's lowest costs, two blocks apart, become starts of the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,11 +179,14 @@ def _lowest_apart(cost: np.ndarray, shifts: np.ndarray, count: int) -> np.ndarra
 
 
 def scan_poses(bins: list[BinScan], other: ScanTerms, kind: str, center: np.ndarray,
-               count: int = SCAN_PER_BIN) -> list[np.ndarray]:
+               count: int = SCAN_PER_BIN,
+               admissible: Callable[[np.ndarray], np.ndarray] | None = None
+               ) -> list[np.ndarray]:
     """Rigid thetas (rad, mm about ``center``, search frame: sampled points -> other points):
     per bin the ``count`` lowest scanned costs, SUPPRESS_BLOCKS apart, at shifts where the
-    overlap reaches the objective's minimum. Each bin's rotation must turn its lattice's
-    axes onto the other's at the same block spacing."""
+    overlap reaches the objective's minimum and ``admissible`` (thetas (N, 6) -> bool (N,),
+    e.g. the search's ranges: ``within_ranges``) holds. Each bin's rotation must turn its
+    lattice's axes onto the other's at the same block spacing."""
     if count <= 0 or not bins:
         return []
     for scan in bins:
@@ -214,29 +218,39 @@ def scan_poses(bins: list[BinScan], other: ScanTerms, kind: str, center: np.ndar
         enough = overlap >= MIN_OVERLAP
         cost[enough] = ((total[enough] + PRIOR_WEIGHT * scan.chance_cost)
                         / (overlap[enough] + PRIOR_WEIGHT))
-        origin = scan.rotation @ scan.terms.origin
-        for best in _lowest_apart(cost, shifts, count):
-            # Sampled block (0, 0, 0) lands on the other's block ``shift``: y = R x + tau.
-            shift_xyz = shifts[best][::-1].astype(np.float64)
-            target = other.origin + other.direction @ (other.spacing * shift_xyz)
-            matrix = np.eye(4)
-            matrix[:3, :3] = scan.rotation
-            matrix[:3, 3] = target - origin
-            poses.append(rigid_parameters(matrix, center))
+        # Sampled block (0, 0, 0) lands on the other's block ``shift``: y = R x + tau, and
+        # a pose's translation parameters move with tau one to one (rigid_parameters).
+        matrix = np.eye(4)
+        matrix[:3, :3] = scan.rotation
+        matrix[:3, 3] = other.origin - scan.rotation @ scan.terms.origin
+        zero_shift = rigid_parameters(matrix, center)
+        candidates = np.flatnonzero(enough)
+        thetas = np.tile(zero_shift, (len(candidates), 1))
+        thetas[:, 3:] += (shifts[candidates][:, ::-1] * other.spacing) @ other.direction.T
+        if admissible is not None:
+            # Outside the ranges before the selection, not after it: the lowest costs of a
+            # torso bin all lay past the search's +-120 mm (edge overlaps), and dropping
+            # them afterwards left that case without a scanned start.
+            keep = admissible(thetas)
+            cost[candidates[~keep]] = np.inf
+        row = np.full(cost.shape, -1, dtype=np.int64)
+        row[candidates] = np.arange(len(candidates))
+        poses.extend(thetas[row[best]] for best in _lowest_apart(cost, shifts, count))
     return poses
 
 
-def within_ranges(poses: list[np.ndarray], anchors: np.ndarray, spreads_mm: np.ndarray,
-                  rotation_range_deg: float) -> list[np.ndarray]:
-    """The rigid ``poses`` that a random start could have been: within +-``spreads_mm[a]``
-    per translation axis and +-``rotation_range_deg`` per angle of some anchor a (a user's
-    narrow ranges around a tracked pose keep the scan's far poses out)."""
-    if not poses:
-        return []
-    theta = np.asarray(poses, dtype=np.float64)
-    anchors = np.atleast_2d(anchors)
-    angle = np.abs(theta[:, None, :3] - anchors[None, :, :3]).max(axis=2)
-    shift = np.abs(theta[:, None, 3:6] - anchors[None, :, 3:6]).max(axis=2)
-    inside = (angle <= np.deg2rad(rotation_range_deg) + 1e-9) & (
-        shift <= np.asarray(spreads_mm, dtype=np.float64)[None, :] + 1e-9)
-    return [pose for pose, keep in zip(poses, inside.any(axis=1), strict=True) if keep]
+def within_ranges(thetas: np.ndarray, anchors: np.ndarray, spreads_mm: np.ndarray,
+                  rotation_range_deg: float) -> np.ndarray:
+    """Which rigid poses (N, 6) a random start could have been (bool (N,)): within
+    +-``spreads_mm[a]`` per translation axis and +-``rotation_range_deg`` per angle of some
+    anchor a (a user's narrow ranges around a tracked pose keep the scan's far poses out)."""
+    theta = np.atleast_2d(np.asarray(thetas, dtype=np.float64))
+    inside = np.zeros(len(theta), dtype=bool)
+    limit = np.deg2rad(rotation_range_deg) + 1e-9
+    # One anchor at a time: a bin's candidates are every shift of the FFT (~10^5).
+    for anchor, spread in zip(np.atleast_2d(anchors), np.asarray(spreads_mm, np.float64),
+                              strict=True):
+        angle = np.abs(theta[:, :3] - anchor[:3]).max(axis=1) <= limit
+        shift = np.abs(theta[:, 3:6] - anchor[3:6]).max(axis=1) <= spread + 1e-9
+        inside |= angle & shift
+    return inside

@@ -189,6 +189,65 @@ def test_global_search_keeps_the_initial_pose_to_the_refinement() -> None:
     assert any(s.start_index == 0 for s in result.solutions)
 
 
+def test_last_coarse_cut_ranks_on_the_fine_objective() -> None:
+    """The pooled maps can rank a wrong basin first while full resolution ranks the true
+    one first (a thin T2 slab: coarse 1.12 wrong against 1.23 true, fine 1.65 against
+    1.45). Both basins' starts survive the first round here; the last coarse cut must keep
+    the true basin's by their fine cost, and ranking on the coarse cost loses it."""
+    model = TransformModel("rigid", np.zeros(3))
+    init = np.array([0.0, 0.0, 0.0, 10.0, 0.0, 0.0])  # inside the decoy's basin
+    target = np.array([0.0, 0.0, 0.0, -15.0, 0.0, 0.0])
+    decoy = np.array([0.0, 0.0, 0.0, 15.0, 0.0, 0.0])
+
+    def search(fine_ranked_cut: bool) -> np.ndarray:
+        coarse = TwoBasins(target, decoy, target_depth=100.0, decoy_depth=300.0)
+        fine = TwoBasins(target, decoy, target_depth=500.0, decoy_depth=300.0)
+        refine = TwoBasins(target, decoy, target_depth=500.0, decoy_depth=300.0)
+        settings = SearchSettings(starts=200, rotation_range_deg=0.0, top_k=2, seed=3,
+                                  coarse_rounds=((8, 1.0), (12, 0.25)),
+                                  fine_ranked_cut=fine_ranked_cut)
+        return global_search(coarse, fine, refine, model, init, settings, radius_mm=50.0,
+                             coarse_spacing_mm=4.0, fine_spacing_mm=2.0,
+                             check_points=np.zeros((1, 3)), spreads_mm=np.array([20.0])).theta
+
+    np.testing.assert_allclose(search(True), target, atol=1e-3)
+    np.testing.assert_allclose(search(False), decoy, atol=1e-3)
+
+
+class Recorded(Quadratic):
+    """A Quadratic that keeps every batch of poses it was asked for."""
+
+    def __init__(self, model: TransformModel, target: np.ndarray) -> None:
+        super().__init__(model, target)
+        self.calls: list[np.ndarray] = []
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append(np.atleast_2d(theta).copy())
+        return super().cost_and_grad(theta)
+
+
+def test_a_placed_start_takes_shorter_coarse_steps() -> None:
+    """A placed anchor (a scanned pose) takes coarse steps placed_step_fraction
+    as long as the random starts': Adam's first step moves each coordinate by exactly
+    its step length (mm at the sample radius)."""
+    model = TransformModel("rigid", np.zeros(3))
+    target = np.array([0.1, -0.1, 0.2, 30.0, -20.0, 10.0])
+    anchors = np.array([np.zeros(6), [0.05, 0.0, 0.0, 5.0, 5.0, 5.0]])
+    coarse = Recorded(model, target)
+    settings = SearchSettings(starts=40, rotation_range_deg=10.0, top_k=2, seed=1)
+    global_search(coarse, Quadratic(model, target), Quadratic(model, target), model, anchors,
+                  settings, radius_mm=50.0, coarse_spacing_mm=4.0, fine_spacing_mm=2.0,
+                  check_points=np.zeros((1, 3)), spreads_mm=np.array([30.0, 0.0]),
+                  placed=np.array([False, True]))
+    scales = model.scales(50.0)
+    first, second = coarse.calls[1], coarse.calls[2]  # (calls[0]: the starts' costs)
+    step = np.abs(second - first) / scales
+    long_step = settings.coarse_step_spacings * 4.0
+    np.testing.assert_allclose(step[0], long_step, rtol=1e-6)
+    np.testing.assert_allclose(step[1], settings.placed_step_fraction * long_step, rtol=1e-6)
+    np.testing.assert_allclose(step[2:], long_step, rtol=1e-6)
+
+
 class Cone(Counted):
     """cost = distance (mm) of the translation from ``target`` minus ``depth`` inside
     ``radius_mm`` of it, 0 beyond (flat: no gradient) unless ``radius_mm`` is None; the

@@ -18,7 +18,7 @@ from disa.registration.search.translation_scan import (
     within_ranges,
 )
 from disa.registration.similarity.descriptor_map import DescriptorMap
-from disa.registration.transform.parametric import TransformModel
+from disa.registration.transform.parametric import TransformModel, rigid_parameters
 
 SPACING = 2.0
 
@@ -97,6 +97,31 @@ def test_the_best_scanned_pose_lies_within_a_block_of_a_cropped_copys_truth(
     assert min(errors[1:], default=np.inf) > factor * SPACING
 
 
+def test_the_ranges_restrict_the_shifts_before_the_lowest_are_picked() -> None:
+    """Poses outside the search's ranges are not candidates: with the true shift excluded
+    the scan still returns its count of admissible poses (a filter applied after picking
+    the lowest costs returned none on a torso whose lowest costs lay past the ranges)."""
+    rotation = Rotation.from_rotvec([0.3, 0.2, -0.4]).as_matrix()
+    sampled, other, tau = _case(rotation, (22, 13, 17), "ssd")
+    center = np.array([10.0, 20.0, 30.0])
+    truth = rigid_parameters(np.block([[rotation, tau[:, None]], [np.zeros((1, 3)), 1.0]]),
+                             center)
+    terms = sampled_terms(sampled, np.ones(sampled.grid.shape, np.float32), 5)
+    seen: list[int] = []
+
+    def far_from_truth(thetas: np.ndarray) -> np.ndarray:
+        seen.append(len(thetas))
+        return np.linalg.norm(thetas[:, 3:] - truth[3:], axis=1) > 30.0
+
+    poses = scan_poses([BinScan(terms, rotation, 0.5)], other_terms(other, 5), "ssd", center,
+                       count=3, admissible=far_from_truth)
+    assert len(poses) == 3 and seen and seen[0] > 3
+    assert far_from_truth(np.asarray(poses)).all()
+    near = scan_poses([BinScan(terms, rotation, 0.5)], other_terms(other, 5), "ssd", center,
+                      count=1, admissible=lambda thetas: ~far_from_truth(thetas))
+    assert np.linalg.norm(near[0][3:] - truth[3:]) <= 5 * SPACING * np.sqrt(3)
+
+
 def test_a_rotation_that_does_not_align_the_axes_is_refused() -> None:
     sampled, other, _ = _case(np.eye(3), (0, 0, 0), "ssd")
     terms = sampled_terms(sampled, np.ones(sampled.grid.shape, np.float32), 5)
@@ -124,6 +149,7 @@ def test_poses_outside_every_anchors_ranges_are_dropped() -> None:
     near_second = np.array([0.0, 0.2, 0.0, 104.0, 0.0, 3.0])
     too_far = np.array([0.0, 0.0, 0.0, 60.0, 0.0, 0.0])
     too_turned = np.array([0.0, 0.0, np.deg2rad(45.0), 0.0, 0.0, 0.0])
-    kept = within_ranges([inside, near_second, too_far, too_turned], anchors, spreads, 40.0)
-    assert [k.tolist() for k in kept] == [inside.tolist(), near_second.tolist()]
-    assert within_ranges([], anchors, spreads, 40.0) == []
+    kept = within_ranges(np.array([inside, near_second, too_far, too_turned]), anchors,
+                         spreads, 40.0)
+    assert kept.tolist() == [True, True, False, False]
+    assert within_ranges(np.zeros((0, 6)), anchors, spreads, 40.0).tolist() == []
