@@ -135,6 +135,16 @@ MAX_RIVALS = 7
 #: cost comes within the ambiguity margin of the winner's is refined in full. Every
 #: runner-up in full doubled the time a case (full-field CT-MR 2.8 -> 4-7 s).
 SCREEN_PASSES = 2
+#: Runners-up from this rank on (0 = the best) are screened with LATE_SCREEN_PASSES only.
+#: Why: screening all 7 with 2 passes cost a torso case ~1 s more (a pass re-grids and
+#: describes a torso crop); the rank-4 basin that motivated MAX_RIVALS = 7 came within
+#: the margin after one pass as after two.
+LATE_RIVALS_FROM = 3
+LATE_SCREEN_PASSES = 1
+#: ... and only when their search cost lies within this fraction of the fine-level contrast
+#: (SearchResult.fine_contrast) of the best: the rank-4 basin above lay at 0.05; a torso's
+#: runners-up, 200 mm off, at 0.5-0.9 (each screening pass there ~0.2 s).
+LATE_RIVAL_GAP = 0.25
 #: LC2 runs on a grid of at most this many voxels along its longest axis (it is slow).
 LC2_MAX_DIM = 64
 
@@ -1018,11 +1028,16 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
     # best basin ended 10-35 mm off where a runner-up refined to a lower re-oriented cost.
     # A runner-up is screened with a few passes and refined in full only when it comes
     # within the ambiguity margin of the winner: the rest cannot win or be ambiguous.
-    for rival in search.basins[:MAX_RIVALS]:
+    for rank, rival in enumerate(search.basins[:MAX_RIVALS]):
         # The full refinement starts as the screening did: the screening's first passes
         # (re-gridded maps, non-final L-BFGS) are kept for it, per rival, then dropped.
         memo: dict[Any, Any] = {}
-        screened = reoriented(rival.theta, SCREEN_PASSES, memo)
+        passes = SCREEN_PASSES
+        if rank >= LATE_RIVALS_FROM:
+            if (rival.cost - search.cost) / search.fine_contrast >= LATE_RIVAL_GAP:
+                break  # (basins are sorted by cost: the rest lie further)
+            passes = LATE_SCREEN_PASSES
+        screened = reoriented(rival.theta, passes, memo)
         search.evaluations += screened[2].evaluations
         if (screened[1] - outcomes[0][1]) / search.contrast < settings.ambiguity_margin:
             # From the basin again, not from the screened pose: continuing from there

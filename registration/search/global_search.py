@@ -89,6 +89,10 @@ class SearchResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: Scale of "almost as good": median start cost - best cost (see global_search).
     contrast: float = 1.0
+    #: Median fine-level cost of a subset of the random starts - best cost: the same scale
+    #: on the level the solutions were refined on. (``contrast`` compares the coarse level's
+    #: start costs with fine costs; kept for the ambiguity flag its margin was set on.)
+    fine_contrast: float = 1.0
     #: Refined solutions that disagree with the best yet score within the ambiguity margin,
     #: one per basin, best first (what made the result ambiguous).
     rivals: list[RefinedSolution] = field(default_factory=list)
@@ -257,6 +261,9 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     report("search", 0.0)
     cost = coarse.cost(theta)
     start_median = float(np.median(cost))
+    # The same on the fine level, where the solutions' costs are: the pooled maps' costs run
+    # lower (a head US case: coarse median below the best fine cost, contrast 0).
+    fine_start_median = float(np.median(fine.cost(theta[:: max(1, n_starts // 64)])))
     # Step length (mm) per row: the placed starts' shorter (placed_step_fraction says why).
     fraction = np.ones(n_starts)
     if placed is not None:
@@ -306,6 +313,7 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
                         agreeing=agreeing, confidence=confidence, ambiguous=ambiguous,
                         evaluations=evaluations, starts=n_starts, timings=timings,
                         contrast=contrast,
+                        fine_contrast=max(fine_start_median - solutions[0].cost, 1e-12),
                         rivals=rivals(model, solutions, check_points, settings, contrast),
                         basins=rivals(model, solutions, check_points, settings, contrast,
                                       within_margin=False))

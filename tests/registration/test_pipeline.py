@@ -165,10 +165,19 @@ def _rigged_basin_run(small_pair, monkeypatch, penalty) -> tuple[list, list, obj
     return searched, outcomes, result
 
 
+def _screen_passes(runners: int) -> list[int]:
+    """The screening passes of the first ``runners`` runners-up, best first."""
+    from disa.registration import pipeline
+
+    return [pipeline.SCREEN_PASSES if rank < pipeline.LATE_RIVALS_FROM
+            else pipeline.LATE_SCREEN_PASSES for rank in range(runners)]
+
+
 def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
         small_pair, monkeypatch) -> None:
     """The search's best basin is refined on re-oriented maps; up to MAX_RIVALS other
-    basins are screened with SCREEN_PASSES passes and, when they come within the ambiguity
+    basins are screened with SCREEN_PASSES passes (LATE_SCREEN_PASSES from rank
+    LATE_RIVALS_FROM on) and, when they come within the ambiguity
     margin, refined in full from the basin; the lowest re-oriented cost wins, whichever
     basin the search ranked first."""
     from disa.registration import pipeline
@@ -179,11 +188,40 @@ def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
         small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0)
     runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
     assert [passes for passes, _, _ in outcomes] == (
-        [None] + [pipeline.SCREEN_PASSES, None] * runners)
+        [None, *(step for screen in _screen_passes(runners) for step in (screen, None))])
     full = [i for i, (passes, _, _) in enumerate(outcomes) if passes is None]
     winner = min(full, key=lambda i: outcomes[i][2])
     assert winner != 0
     np.testing.assert_allclose(result.theta, outcomes[winner][1])
+
+
+def test_late_runner_ups_are_screened_with_fewer_passes(small_pair, monkeypatch) -> None:
+    """From rank LATE_RIVALS_FROM on a runner-up gets LATE_SCREEN_PASSES, and only when its
+    search cost is within LATE_RIVAL_GAP of the fine contrast of the best (the phantom
+    leaves one runner-up, so the rank limit is moved to 0 here)."""
+    from disa.registration import pipeline
+
+    monkeypatch.setattr(pipeline, "LATE_RIVALS_FROM", 0)
+    monkeypatch.setattr(pipeline, "LATE_RIVAL_GAP", np.inf)
+    assert pipeline.LATE_SCREEN_PASSES != pipeline.SCREEN_PASSES
+    searched, outcomes, _ = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
+    runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
+    assert [passes for passes, _, _ in outcomes] == (
+        [None] + [pipeline.LATE_SCREEN_PASSES] * runners)
+    # A late runner-up whose search cost lies LATE_RIVAL_GAP of the fine contrast or more
+    # above the best is not screened at all.
+    search = searched[0]
+    gap = (search.basins[0].cost - search.cost) / search.fine_contrast
+    assert 0.0 <= gap < np.inf and search.fine_contrast > 1e-9
+    monkeypatch.setattr(pipeline, "LATE_RIVAL_GAP", gap * 0.99)
+    _, outcomes, _ = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
+    assert [passes for passes, _, _ in outcomes] == [None]
+    monkeypatch.setattr(pipeline, "LATE_RIVAL_GAP", gap * 1.01)
+    _, outcomes, _ = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
+    assert [passes for passes, _, _ in outcomes] == [None, pipeline.LATE_SCREEN_PASSES]
 
 
 def test_runner_up_basins_that_screen_worse_are_not_refined_in_full(
@@ -195,7 +233,7 @@ def test_runner_up_basins_that_screen_worse_are_not_refined_in_full(
     searched, outcomes, result = _rigged_basin_run(
         small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
     runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
-    assert [passes for passes, _, _ in outcomes] == [None] + [pipeline.SCREEN_PASSES] * runners
+    assert [passes for passes, _, _ in outcomes] == [None, *_screen_passes(runners)]
     np.testing.assert_allclose(result.theta, outcomes[0][1])
     assert tre(result.transform, small_pair.truth) < 1.5
 

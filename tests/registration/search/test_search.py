@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from disa.registration.search.global_search import (
     RefinedSolution,
@@ -246,6 +247,34 @@ def test_a_placed_start_takes_shorter_coarse_steps() -> None:
     np.testing.assert_allclose(step[0], long_step, rtol=1e-6)
     np.testing.assert_allclose(step[1], settings.placed_step_fraction * long_step, rtol=1e-6)
     np.testing.assert_allclose(step[2:], long_step, rtol=1e-6)
+
+
+class Offset(Quadratic):
+    """A Quadratic whose costs all lie ``offset`` lower (the pooled coarse maps' costs run
+    lower than the fine level's)."""
+
+    def __init__(self, model: TransformModel, target: np.ndarray, offset: float) -> None:
+        super().__init__(model, target)
+        self.offset = offset
+
+    def cost_and_grad(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cost, grad = super().cost_and_grad(theta)
+        return cost - self.offset, grad
+
+
+def test_fine_contrast_measures_the_starts_on_the_fine_level() -> None:
+    model = TransformModel("rigid", np.zeros(3))
+    target = np.array([0.0, 0.0, 0.0, 10.0, 0.0, 0.0])
+    settings = SearchSettings(starts=128, rotation_range_deg=0.0, top_k=2, seed=2)
+    result = global_search(Offset(model, target, 1e6), Quadratic(model, target),
+                           Quadratic(model, target), model, np.zeros(6), settings,
+                           radius_mm=50.0, coarse_spacing_mm=4.0, fine_spacing_mm=2.0,
+                           check_points=np.zeros((1, 3)), spreads_mm=np.array([30.0]))
+    assert result.contrast == 1e-12  # coarse starts "better" than the refined best
+    starts = draw_starts(model, np.zeros((1, 6)), settings, np.random.default_rng(2),
+                         np.array([30.0]))
+    expected = np.median(Quadratic(model, target).cost(starts[::2])) - result.cost
+    assert result.fine_contrast == pytest.approx(expected)
 
 
 class Cone(Counted):
