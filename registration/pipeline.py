@@ -462,13 +462,16 @@ def fixed_weights(image: PreparedImage, stride: int) -> np.ndarray:
     return np.ascontiguousarray(weights.astype(np.float32))
 
 
+#: The translation scan of oriented_levels: given a test of admissible poses (thetas (N, 6)
+#: -> bool (N,)), the scanned poses (search frame).
+Scan = Callable[[Callable[[np.ndarray], np.ndarray]], list[np.ndarray]]
+
+
 def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.Image,
                     a_p: PreparedImage, b_direction: np.ndarray, spacing: float,
                     similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool,
                     max_voxels: int = MAX_WORKING_VOXELS
-                    ) -> tuple[tuple[Objective, Objective, Objective],
-                               Callable[[Callable[[np.ndarray], np.ndarray]],
-                                        list[np.ndarray]] | None]:
+                    ) -> tuple[tuple[Objective, Objective, Objective], Scan | None]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
     described on one rotated grid per orientation bin (orientations.py says why), and the
     translation scan over the bins (search/translation_scan.py; None without bins or with
