@@ -245,12 +245,14 @@ def within_ranges(thetas: np.ndarray, anchors: np.ndarray, spreads_mm: np.ndarra
     +-``spreads_mm[a]`` per translation axis and +-``rotation_range_deg`` per angle of some
     anchor a (a user's narrow ranges around a tracked pose keep the scan's far poses out)."""
     theta = np.atleast_2d(np.asarray(thetas, dtype=np.float64))
+    columns = np.ascontiguousarray(theta[:, :6].T)  # (one column per parameter: row-wise
+    # max over 3 values and strided slices made this 0.1 s a torso bin of ~40,000 shifts)
     inside = np.zeros(len(theta), dtype=bool)
     limit = np.deg2rad(rotation_range_deg) + 1e-9
-    # One anchor at a time: a bin's candidates are every shift of the FFT (~10^5).
     for anchor, spread in zip(np.atleast_2d(anchors), np.asarray(spreads_mm, np.float64),
                               strict=True):
-        angle = np.abs(theta[:, :3] - anchor[:3]).max(axis=1) <= limit
-        shift = np.abs(theta[:, 3:6] - anchor[3:6]).max(axis=1) <= spread + 1e-9
-        inside |= angle & shift
+        ok = ~inside
+        for p in range(6):
+            ok &= np.abs(columns[p] - anchor[p]) <= (limit if p < 3 else spread + 1e-9)
+        inside |= ok
     return inside
