@@ -3,6 +3,7 @@
     python benchmarks/search_ab.py [--change NAME (CHANGES)] [--pairs a,b,...]
                                    [--cases-per-bin N] [--seed S]
                                    [--family realistic|full] [--out FILE.jsonl]
+                                   [--baseline EARLIER.jsonl]
 
 Each case of the realistic capture-range family (``capture_range.make_realistic_cases``;
 ``--family full``: the full-field one, ``make_cases``, pairs ct-mr and ct-us by default)
@@ -11,6 +12,12 @@ change) and with the change undone (arm "off"; CHANGES says what each undoes). O
 per run goes to the jsonl as it finishes (a rerun skips what is there), then a table per
 pair: cases converged (TRE < 10 mm) per initial-error bin, TRE p50 of the converged,
 median seconds, and the verdict's likely results and how many of them were wrong.
+
+``--baseline``: for a change that no switch undoes (a new scale, a rewritten loop), the
+engine as shipped runs alone (arm "shipped") and is tabled beside the shipped arm of an
+earlier run of the same cases (same seed, pairs, cases per bin; arm "before"), with the
+cases that moved across 10 mm listed. Its seconds come from another run: compare them
+only where both ran on one idle machine.
 (Until 2026-12-07 this was translation_scan_ab.py, the scan only.)
 """
 
@@ -84,14 +91,15 @@ CHANGES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
 
 
 def run(pairs: tuple[str, ...], per_bin: int, seed: int, out: Path,
-        family: str = "realistic", change: str = "scan") -> list[dict]:
+        family: str = "realistic", change: str = "scan", arms: tuple[str, ...] | None = None
+        ) -> list[dict]:
     done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     seen = {(r["case"], r["arm"]) for r in done}
     make = cr.make_realistic_cases if family == "realistic" else cr.make_cases
     cases = make(per_bin, pairs=pairs, seed=seed)
     cr.disa_default(cases[0].fixed, cases[0].moving)  # (one-off costs out of the timings)
     for case in cases:
-        for arm in (change, "off"):
+        for arm in arms or (change, "off"):
             if (case.name, arm) in seen:
                 continue
             with CHANGES[change]() if arm == "off" else contextlib.nullcontext():
@@ -126,6 +134,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def earlier(path: Path) -> list[dict]:
+    """The shipped arm of an earlier run (any arm but "off"), relabelled "before"."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{**row, "arm": "before"} for row in rows if row["arm"] != "off"]
+
+
+def moved(rows: list[dict]) -> str:
+    """Cases converged (TRE < 10 mm) in one arm of "before"/"shipped" and not the other."""
+    by_case: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        by_case[row["case"]][row["arm"]] = row
+    lines = []
+    for case, arms in sorted(by_case.items()):
+        if {"before", "shipped"} <= arms.keys():
+            a, b = arms["before"], arms["shipped"]
+            if (a["tre"] < cr.CONVERGED_MM) != (b["tre"] < cr.CONVERGED_MM):
+                lines.append(f"- {case}: {a['tre']:.1f} mm ({a['verdict']}) -> "
+                             f"{b['tre']:.1f} mm ({b['verdict']})")
+    return "\n".join(lines) or "- none"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", default=None, help="default: ct-mr,t1-t2,ct-us-moving,us-ct,"
@@ -134,6 +163,8 @@ def main() -> None:
     p.add_argument("--family", choices=("realistic", "full"), default="realistic")
     p.add_argument("--cases-per-bin", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="an earlier run's jsonl of the same cases: run the shipped engine only")
     p.add_argument("--out", type=Path,
                    default=None, help="default: results/search_ab/CHANGE.jsonl")
     args = p.parse_args()
@@ -141,13 +172,19 @@ def main() -> None:
                                 if args.family == "realistic" else ",".join(cr.PAIRS))
     args.out = args.out or Path(__file__).parent / "results" / "search_ab" / f"{args.change}.jsonl"
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    arms = ("shipped",) if args.baseline else None
     rows = run(tuple(args.pairs.split(",")), args.cases_per_bin, args.seed, args.out,
-               args.family, args.change)
-    report = (f"Command: `python benchmarks/search_ab.py --change {args.change} "
+               args.family, args.change, arms)
+    baseline = f" --baseline {args.baseline}" if args.baseline else f" --change {args.change}"
+    report = (f"Command: `python benchmarks/search_ab.py{baseline} "
               f"--family {args.family} "
               f"--pairs {args.pairs} --cases-per-bin {args.cases_per_bin} --seed {args.seed} "
               f"--out {args.out}`. Machine: "
-              f"{machine()}.\n\n{table(rows)}\n")
+              f"{machine()}.\n\n")
+    if args.baseline:
+        rows = earlier(args.baseline) + rows
+        report += f"Cases that moved across 10 mm:\n\n{moved(rows)}\n\n"
+    report += f"{table(rows)}\n"
     print(report)
     args.out.with_suffix(".md").write_text(report)
 

@@ -141,10 +141,13 @@ SCREEN_PASSES = 2
 #: the margin after one pass as after two.
 LATE_RIVALS_FROM = 3
 LATE_SCREEN_PASSES = 1
-#: ... and only when their search cost lies within this fraction of the fine-level contrast
-#: (SearchResult.fine_contrast) of the best: the rank-4 basin above lay at 0.05; a torso's
-#: runners-up, 200 mm off, at 0.5-0.9 (each screening pass there ~0.2 s).
-LATE_RIVAL_GAP = 0.25
+#: A runner-up of any rank is screened only when its search cost lies within this fraction
+#: of the search's contrast (SearchResult.contrast) of the best. On 180 realistic cases
+#: (three seeds, 2026-12-07) every runner-up that went on to win lay within 0.15 (the
+#: rank-4 basin above at 0.05); a torso's runners-up, 200 mm off, lay at 0.5-0.9, and the
+#: screenings beyond 0.25 took about a quarter of the re-oriented stage (until 2026-12-07
+#: this gate applied from LATE_RIVALS_FROM on only).
+RIVAL_GAP = 0.25
 #: LC2 runs on a grid of at most this many voxels along its longest axis (it is slow).
 LC2_MAX_DIM = 64
 
@@ -1027,30 +1030,37 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
     # on re-oriented maps, the only cost that compares neighbourhoods in one
     # orientation: the search's maps (even its orientation bins) rank basins up to
     # their orientation error, and 9 of the 11 ambiguous realistic results were wrong.
-    # Runner-up basins too, whatever their search cost: on realistic cases the search's
-    # best basin ended 10-35 mm off where a runner-up refined to a lower re-oriented cost.
+    # Runner-up basins too, even beyond the ambiguity margin (up to RIVAL_GAP): on
+    # realistic cases the search's best basin ended 10-35 mm off where a runner-up
+    # refined to a lower re-oriented cost.
     # A runner-up is screened with a few passes and refined in full only when it comes
     # within the ambiguity margin of the winner: the rest cannot win or be ambiguous.
+    tolerance = settings.agree_tolerance_mm
+    decided = False  # whether re-oriented costs decide the ambiguity (not the search's)
     for rank, rival in enumerate(search.basins[:MAX_RIVALS]):
+        if (rival.cost - search.cost) / search.contrast >= RIVAL_GAP:
+            break  # (basins are sorted by cost: the rest lie further)
         # The full refinement starts as the screening did: the screening's first passes
         # (re-gridded maps, non-final L-BFGS) are kept for it, per rival, then dropped.
         memo: dict[Any, Any] = {}
-        passes = SCREEN_PASSES
-        if rank >= LATE_RIVALS_FROM:
-            if (rival.cost - search.cost) / search.fine_contrast >= LATE_RIVAL_GAP:
-                break  # (basins are sorted by cost: the rest lie further)
-            passes = LATE_SCREEN_PASSES
+        passes = SCREEN_PASSES if rank < LATE_RIVALS_FROM else LATE_SCREEN_PASSES
         screened = reoriented(rival.theta, passes, memo)
         search.evaluations += screened[2].evaluations
-        if (screened[1] - outcomes[0][1]) / search.contrast < settings.ambiguity_margin:
-            # From the basin again, not from the screened pose: continuing from there
-            # ended a realistic T1-T2 case in another basin (4.4 -> 87 mm).
-            outcomes.append(reoriented(rival.theta, memo=memo))
-            search.evaluations += outcomes[-1][2].evaluations
+        if (screened[1] - outcomes[0][1]) / search.contrast >= settings.ambiguity_margin:
+            continue
+        if any(mapping_distance(pair.search_model, screened[0], outcome[0], check)
+               <= tolerance for outcome in outcomes):
+            # Screened into a basin already refined: the same answer, which can neither
+            # make the result ambiguous nor move it beyond the agreement tolerance.
+            decided = True
+            continue
+        # From the basin again, not from the screened pose: continuing from there
+        # ended a realistic T1-T2 case in another basin (4.4 -> 87 mm).
+        outcomes.append(reoriented(rival.theta, memo=memo))
+        search.evaluations += outcomes[-1][2].evaluations
     outcomes.sort(key=lambda outcome: outcome[1])
     theta, cost, refine_objective = outcomes[0]
-    if len(outcomes) > 1:
-        tolerance = settings.agree_tolerance_mm
+    if decided or len(outcomes) > 1:
         search.ambiguous = any(
             (other_cost - cost) / search.contrast < settings.ambiguity_margin
             and mapping_distance(pair.search_model, other, theta, check) > tolerance

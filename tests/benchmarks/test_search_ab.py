@@ -38,3 +38,25 @@ def test_each_change_is_undone_inside_its_block_and_restored_after() -> None:
                       pipeline.SearchSettings().placed_step_fraction, pipeline.scan_poses,
                       ab.translation_scan.SCAN_PER_BIN)
         assert undone != (*shipped, ab.translation_scan.SCAN_PER_BIN), name
+
+
+def test_a_baseline_run_is_tabled_as_before_and_moved_cases_are_listed(tmp_path) -> None:
+    import json
+
+    def row(case: str, arm: str, tre: float) -> dict:
+        return {"case": case, "pair": "ct-mr", "bin": 0, "arm": arm, "tre": tre, "s": 1.0,
+                "verdict": "uncertain"}
+
+    path = tmp_path / "earlier.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (
+        row("a", "search-1207", 1.0), row("a", "off", 50.0), row("b", "search-1207", 40.0),
+        row("c", "search-1207", 2.0))))
+    before = ab.earlier(path)
+    assert [(r["case"], r["arm"]) for r in before] == [("a", "before"), ("b", "before"),
+                                                        ("c", "before")]
+    rows = before + [row("a", "shipped", 30.0), row("b", "shipped", 3.0),
+                     row("c", "shipped", 2.5)]
+    text = ab.moved(rows)
+    assert "- a: 1.0 mm (uncertain) -> 30.0 mm (uncertain)" in text
+    assert "- b: 40.0 mm" in text and "- c:" not in text
+    assert ab.moved(before) == "- none"

@@ -137,9 +137,12 @@ def test_converged_reorientation_pass_reuses_its_descriptors(small_pair, monkeyp
     assert sum(kind == "extract" for kind, _ in events) == 2 + len(refines) - 1
 
 
-def _rigged_basin_run(small_pair, monkeypatch, penalty) -> tuple[list, list, object]:
+def _rigged_basin_run(small_pair, monkeypatch, penalty, apart_mm: float = 0.0
+                      ) -> tuple[list, list, object]:
     """register() on the phantom with the re-oriented refinement's cost changed by
-    ``penalty(call index, passes)``; (search results, [(passes, pose, cost)], result)."""
+    ``penalty(call index, passes)`` and, from the second call on, its pose moved by
+    ``apart_mm`` along x (the phantom's runners-up refine into the winner's basin; moved,
+    each is a basin of its own); (search results, [(passes, pose, cost)], result)."""
     from disa.registration import pipeline
 
     searched: list = []
@@ -152,6 +155,8 @@ def _rigged_basin_run(small_pair, monkeypatch, penalty) -> tuple[list, list, obj
 
     def rigged_refine(theta, *args, **kwargs):
         refined, cost, objective = refine(theta, *args, **kwargs)
+        if outcomes:
+            refined = refined + np.r_[0.0, 0.0, 0.0, apart_mm * len(outcomes), 0.0, 0.0]
         cost = cost + penalty(len(outcomes), kwargs.get("passes"))
         outcomes.append((kwargs.get("passes"), refined, cost))
         return refined, cost, objective
@@ -184,8 +189,10 @@ def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
 
     # The first (the search's best) is made to look worst: every runner-up survives the
     # screen and one of them must win.
+    monkeypatch.setattr(pipeline, "RIVAL_GAP", np.inf)
     searched, outcomes, result = _rigged_basin_run(
-        small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0)
+        small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0,
+        apart_mm=20.0)
     runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
     assert [passes for passes, _, _ in outcomes] == (
         [None, *(step for screen in _screen_passes(runners) for step in (screen, None))])
@@ -196,32 +203,61 @@ def test_runner_up_basins_are_refined_and_the_lowest_reoriented_cost_wins(
 
 
 def test_late_runner_ups_are_screened_with_fewer_passes(small_pair, monkeypatch) -> None:
-    """From rank LATE_RIVALS_FROM on a runner-up gets LATE_SCREEN_PASSES, and only when its
-    search cost is within LATE_RIVAL_GAP of the fine contrast of the best (the phantom
+    """From rank LATE_RIVALS_FROM on a runner-up gets LATE_SCREEN_PASSES (the phantom
     leaves one runner-up, so the rank limit is moved to 0 here)."""
     from disa.registration import pipeline
 
     monkeypatch.setattr(pipeline, "LATE_RIVALS_FROM", 0)
-    monkeypatch.setattr(pipeline, "LATE_RIVAL_GAP", np.inf)
+    monkeypatch.setattr(pipeline, "RIVAL_GAP", np.inf)
     assert pipeline.LATE_SCREEN_PASSES != pipeline.SCREEN_PASSES
     searched, outcomes, _ = _rigged_basin_run(
         small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
     runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
     assert [passes for passes, _, _ in outcomes] == (
         [None] + [pipeline.LATE_SCREEN_PASSES] * runners)
-    # A late runner-up whose search cost lies LATE_RIVAL_GAP of the fine contrast or more
-    # above the best is not screened at all.
+
+
+def test_runner_up_screened_into_a_refined_basin_is_not_refined_again(
+        small_pair, monkeypatch) -> None:
+    """A runner-up that scores better after its screening but lands within the agreement
+    tolerance of the winner's pose is the winner's basin: no full refinement, and the
+    winner's pose stands."""
+    from disa.registration import pipeline
+
+    monkeypatch.setattr(pipeline, "RIVAL_GAP", np.inf)
+    searched, outcomes, result = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0)
+    runners = min(pipeline.MAX_RIVALS, len(searched[0].basins))
+    assert [passes for passes, _, _ in outcomes] == [None, *_screen_passes(runners)]
+    np.testing.assert_allclose(result.theta, outcomes[0][1])
+    # The re-oriented costs decide the ambiguity: the screening found no other basin.
+    assert not result.ambiguous
+    # Moved apart, the same screenings are refined in full (the test above).
+    _, outcomes, _ = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0,
+        apart_mm=20.0)
+    assert [passes for passes, _, _ in outcomes][:3] == [None, pipeline.SCREEN_PASSES, None]
+
+
+def test_runner_ups_beyond_the_rival_gap_are_not_screened(small_pair, monkeypatch) -> None:
+    """A runner-up of any rank whose search cost lies RIVAL_GAP of the search's contrast
+    or more above the best is not screened at all."""
+    from disa.registration import pipeline
+
+    monkeypatch.setattr(pipeline, "RIVAL_GAP", np.inf)
+    searched, _, _ = _rigged_basin_run(
+        small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
     search = searched[0]
-    gap = (search.basins[0].cost - search.cost) / search.fine_contrast
-    assert 0.0 <= gap < np.inf and search.fine_contrast > 1e-9
-    monkeypatch.setattr(pipeline, "LATE_RIVAL_GAP", gap * 0.99)
+    gap = (search.basins[0].cost - search.cost) / search.contrast
+    assert 0.0 <= gap < np.inf and search.contrast > 1e-9
+    monkeypatch.setattr(pipeline, "RIVAL_GAP", gap * 0.99)
     _, outcomes, _ = _rigged_basin_run(
         small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
     assert [passes for passes, _, _ in outcomes] == [None]
-    monkeypatch.setattr(pipeline, "LATE_RIVAL_GAP", gap * 1.01)
+    monkeypatch.setattr(pipeline, "RIVAL_GAP", gap * 1.01)
     _, outcomes, _ = _rigged_basin_run(
         small_pair, monkeypatch, lambda index, passes: 10.0 if passes is not None else 0.0)
-    assert [passes for passes, _, _ in outcomes] == [None, pipeline.LATE_SCREEN_PASSES]
+    assert [passes for passes, _, _ in outcomes][:2] == [None, pipeline.SCREEN_PASSES]
 
 
 def test_runner_up_basins_that_screen_worse_are_not_refined_in_full(
@@ -405,8 +441,11 @@ def test_a_screened_runner_up_reuses_its_screening_passes(small_pair, monkeypatc
 
     monkeypatch.setattr(pipeline._Reorientation, "_describe_moving", counting_describe)
     monkeypatch.setattr(pipeline, "_reoriented_refinement", checked_refine)
-    # Every runner-up survives its screening: the first (the search's best) looks worst.
-    _rigged_basin_run(small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0)
+    # Every runner-up survives its screening: the first (the search's best) looks worst,
+    # and each runner-up is moved to a basin of its own.
+    monkeypatch.setattr(pipeline, "RIVAL_GAP", np.inf)
+    _rigged_basin_run(small_pair, monkeypatch, lambda index, passes: 1.0 if index == 0 else 0.0,
+                      apart_mm=20.0)
     reused = [i for i, run in enumerate(runs) if run["reused"]]
     assert reused, "every runner-up should have been refined in full after its screening"
     for i in reused:
