@@ -54,8 +54,8 @@ def test_a_baseline_run_is_tabled_as_before_and_moved_cases_are_listed(tmp_path)
     before = ab.earlier(path)
     assert [(r["case"], r["arm"]) for r in before] == [("a", "before"), ("b", "before"),
                                                         ("c", "before")]
-    rows = before + [row("a", "shipped", 30.0), row("b", "shipped", 3.0),
-                     row("c", "shipped", 2.5)]
+    rows = [*before, row("a", "shipped", 30.0), row("b", "shipped", 3.0),
+            row("c", "shipped", 2.5)]
     text = ab.moved(rows)
     assert "- a: 1.0 mm (uncertain) -> 30.0 mm (uncertain)" in text
     assert "- b: 40.0 mm" in text and "- c:" not in text
