@@ -806,8 +806,12 @@ def _draw_letters(draw: ImageDraw.ImageDraw, box: Box, grid: PlaneGrid, font: Fo
 
 
 def _write_png_atomically(image: Image.Image, path: Path) -> None:
-    """Write next to the target and rename: readers never see a half-written PNG."""
-    atomic_write(path, lambda fh: image.save(fh, format="PNG"))
+    """Write next to the target and rename: readers never see a half-written PNG.
+
+    zlib level 3, not Pillow's default 6: on a torso result's 880 x 1128 picture 0.08 s
+    against 0.19 s, for a file 5 % larger (539 against 512 kB); level 1 saved 0.01 s more
+    for 14 % more bytes."""
+    atomic_write(path, lambda fh: image.save(fh, format="PNG", compress_level=3))
 
 
 def _centre_note(centre: ViewCentre | None, given: bool, has_moving: bool) -> str:
