@@ -327,7 +327,7 @@ def assess(model: TransformModel, solutions: list[RefinedSolution], check_points
     ``agree_tolerance_mm`` RMS of the best: the same answer up to the local
     minima that any similarity has within a few voxels of its optimum. The
     result is ambiguous when a disagreeing solution's cost is within
-    ``ambiguity_margin`` x ``contrast`` (median start cost - best cost) of the
+    ``ambiguity_margin`` x ``contrast`` (the starts' median fine cost - best cost) of the
     best: a different pose that the similarity can hardly tell apart.
     """
     best = solutions[0]
