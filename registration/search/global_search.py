@@ -263,7 +263,7 @@ def global_search(coarse: Objective, fine: Objective, refine: Objective, model: 
     # The typical start's cost, for the contrast below, on the fine level where the
     # solutions' costs are: the pooled coarse maps' costs run lower (about half the
     # contrast on realistic cases; on a head US pair the coarse median lay below the best
-    # fine cost, which left nothing ambiguous). Every 8th of 500 starts: a few ms.
+    # fine cost, which left nothing ambiguous). ~64 starts (every 7th of 500): a few ms.
     fine_start_median = float(np.median(fine.cost(theta[:: max(1, n_starts // 64)])))
     # Step length (mm) per row: the placed starts' shorter (placed_step_fraction says why).
     fraction = np.ones(n_starts)
