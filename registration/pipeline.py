@@ -1026,11 +1026,6 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
 
     outcomes = [reoriented(search.theta)]
     search.evaluations += outcomes[0][2].evaluations
-    reference = outcomes[0][2]
-
-    def comparable(outcome: tuple[np.ndarray, float, DescriptorObjective]) -> float:
-        return _on_scale_of(reference, outcome[2], outcome[1])
-
     # Rivals (another basin that scored almost as well) are decided by the refinement
     # on re-oriented maps, the only cost that compares neighbourhoods in one
     # orientation: the search's maps (even its orientation bins) rank basins up to
@@ -1051,8 +1046,7 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
         passes = SCREEN_PASSES if rank < LATE_RIVALS_FROM else LATE_SCREEN_PASSES
         screened = reoriented(rival.theta, passes, memo)
         search.evaluations += screened[2].evaluations
-        if (comparable(screened) - comparable(outcomes[0])) / search.contrast \
-                >= settings.ambiguity_margin:
+        if (screened[1] - outcomes[0][1]) / search.contrast >= settings.ambiguity_margin:
             continue
         if any(mapping_distance(pair.search_model, screened[0], outcome[0], check)
                <= tolerance for outcome in outcomes):
@@ -1064,25 +1058,14 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
         # ended a realistic T1-T2 case in another basin (4.4 -> 87 mm).
         outcomes.append(reoriented(rival.theta, memo=memo))
         search.evaluations += outcomes[-1][2].evaluations
-    outcomes.sort(key=comparable)
+    outcomes.sort(key=lambda outcome: outcome[1])
     theta, cost, refine_objective = outcomes[0]
     if decided or len(outcomes) > 1:
-        best = comparable(outcomes[0])
         search.ambiguous = any(
-            (comparable(other) - best) / search.contrast < settings.ambiguity_margin
-            and mapping_distance(pair.search_model, other[0], theta, check) > tolerance
-            for other in outcomes[1:])
+            (other_cost - cost) / search.contrast < settings.ambiguity_margin
+            and mapping_distance(pair.search_model, other, theta, check) > tolerance
+            for other, other_cost, _ in outcomes[1:])
     return theta, cost, refine_objective
-
-
-def _on_scale_of(reference: DescriptorObjective, objective: DescriptorObjective,
-                 cost: float) -> float:
-    """``cost`` (of ``objective``) carried onto ``reference``'s scale: the cost with the
-    same match quality there (each basin's re-gridded maps have their own chance cost)."""
-    if objective is reference:
-        return cost
-    quality = objective.match_quality(cost)
-    return reference.chance_cost - quality * (reference.chance_cost - reference.match_cost)
 
 
 def _finish_result(pair: _Pair, found: _Found, fixed: sitk.Image,
