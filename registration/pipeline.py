@@ -148,9 +148,6 @@ LATE_SCREEN_PASSES = 1
 #: screenings beyond 0.25 took about a quarter of the re-oriented stage (until 2026-12-07
 #: this gate applied from LATE_RIVALS_FROM on only).
 RIVAL_GAP = 0.25
-
-#: Ultrasound pairs: orientation bins about the cube diagonals too (orientations.py).
-CORNER_BINS = True
 #: LC2 runs on a grid of at most this many voxels along its longest axis (it is slow).
 LC2_MAX_DIM = 64
 
@@ -476,7 +473,7 @@ Scan = Callable[[Callable[[np.ndarray], np.ndarray]], list[np.ndarray]]
 def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.Image,
                     a_p: PreparedImage, b_direction: np.ndarray, spacing: float,
                     similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool,
-                    max_voxels: int = MAX_WORKING_VOXELS, corners: bool = False
+                    max_voxels: int = MAX_WORKING_VOXELS
                     ) -> tuple[tuple[Objective, Objective, Objective], Scan | None]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
     described on one rotated grid per orientation bin (orientations.py says why), and the
@@ -490,7 +487,7 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     time a start falls into it, and the map is dropped then. ``max_voxels``: the most
     voxels a rotated grid may hold.
     """
-    bins = orientation_bins(options.rotation_range, corners=corners)
+    bins = orientation_bins(options.rotation_range)
     if len(bins) == 1:
         return levels, None
     directions = bin_directions(bins, a_p.grid.direction, b_direction)
@@ -969,8 +966,7 @@ def _global_search(pair: _Pair, described: _Descriptors, options: RegistrationOp
             and not pair.refine_only:
         levels, scan = oriented_levels(levels, pair.a_img, pair.a_p, pair.b_p.grid.direction,
                                        pair.spacing, pair.similarity, options, described.stride,
-                                       pool, pair.max_voxels,
-                                       corners=CORNER_BINS and pair.ultrasound is not None)
+                                       pool, pair.max_voxels)
         clock.lap("orientations")
         if scan is not None:
             # Each scanned pose is one start of its own (spread 0, no share of the random

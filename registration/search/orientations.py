@@ -39,16 +39,10 @@ from disa.registration.transform.parametric import TransformModel
 ORIENTATION_STEP_DEG = 25.0
 
 
-#: Corner bins (ultrasound pairs): rotations of this angle about the 8 cube diagonals.
-CORNER_DEG = 35.0
-
-
-def orientation_bins(rotation_range_deg: float, step_deg: float = ORIENTATION_STEP_DEG,
-                     corners: bool = False) -> np.ndarray:
+def orientation_bins(rotation_range_deg: float, step_deg: float = ORIENTATION_STEP_DEG
+                     ) -> np.ndarray:
     """Bin rotations (K, 3, 3), the identity first, then +-``step_deg`` about x, y and z
-    (7 bins) when the starts' rotation range reaches half a step; else the identity alone.
-    ``corners``: also CORNER_DEG about each cube diagonal (15 bins) when the range reaches
-    it."""
+    (7 bins) when the starts' rotation range reaches half a step; else the identity alone."""
     if step_deg <= 0 or rotation_range_deg < step_deg / 2:
         return np.eye(3)[None]
     vectors = [np.zeros(3)]
@@ -57,10 +51,6 @@ def orientation_bins(rotation_range_deg: float, step_deg: float = ORIENTATION_ST
             v = np.zeros(3)
             v[axis] = sign * np.deg2rad(step_deg)
             vectors.append(v)
-    if corners and rotation_range_deg >= CORNER_DEG:
-        for signs in np.ndindex(2, 2, 2):
-            axis = (2.0 * np.asarray(signs) - 1.0) / np.sqrt(3.0)
-            vectors.append(axis * np.deg2rad(CORNER_DEG))
     return Rotation.from_rotvec(np.asarray(vectors)).as_matrix()
 
 

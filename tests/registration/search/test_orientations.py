@@ -33,28 +33,6 @@ def test_bins_are_the_identity_and_a_step_about_each_axis() -> None:
     assert orientation_bins(0.0).shape == (1, 3, 3)
 
 
-def test_corner_bins_add_a_turn_about_each_cube_diagonal() -> None:
-    """``corners``: 8 more bins, CORNER_DEG about the diagonals, when the range reaches it;
-    an oblique 39 degree pose then lies closer to a bin than the axis bins allow."""
-    from disa.registration.search.orientations import CORNER_DEG
-
-    bins = orientation_bins(40.0, corners=True)
-    assert bins.shape == (15, 3, 3)
-    assert np.allclose(bins[:7], orientation_bins(40.0))
-    vectors = Rotation.from_matrix(bins[7:]).as_rotvec()
-    assert np.allclose(np.linalg.norm(vectors, axis=1), np.deg2rad(CORNER_DEG))
-    assert np.allclose(np.abs(vectors), np.deg2rad(CORNER_DEG) / np.sqrt(3.0))
-    assert len({tuple(np.sign(v)) for v in vectors}) == 8
-    assert orientation_bins(CORNER_DEG - 1.0, corners=True).shape == (7, 3, 3)
-    pose = Rotation.from_rotvec(np.deg2rad(39.0) * np.array([1.0, 1.0, -1.0]) / np.sqrt(3.0))
-
-    def nearest(candidates: np.ndarray) -> float:
-        return float(np.rad2deg(min(
-            (Rotation.from_matrix(q).inv() * pose).magnitude() for q in candidates)))
-
-    assert nearest(bins) < 5.0 < 25.0 < nearest(orientation_bins(40.0))
-
-
 def test_bin_grids_turn_the_sampled_axes_onto_the_others_under_the_bin_rotation() -> None:
     rng = np.random.default_rng(3)
     d_a = Rotation.random(random_state=rng).as_matrix()
@@ -150,29 +128,6 @@ def test_a_bins_map_scores_a_rotated_truth_better_than_the_unrotated_map(
         # ~90 MB; oriented_levels says why).
         assert level.objective(k).fixed.data.strides[:3] == (0, 0, 0)
         assert level.objective(0).fixed.data.strides[:3] != (0, 0, 0)
-
-
-@pytest.mark.parametrize("ultrasound", [None, "moving"])
-def test_an_ultrasound_pair_is_searched_with_the_corner_bins_too(
-        monkeypatch, ultrasound: str | None) -> None:
-    """The global search's levels carry 15 bins when one image is an ultrasound (given or
-    detected), 7 otherwise."""
-    pair = ph.make_pair(ph.rigid_truth((0.0, 0.0, 10.0), (4.0, 0.0, 0.0)),
-                        fixed_grid=ph.make_grid((40, 40, 40), (3.0, 3.0, 3.0)), seed=2)
-    captured: dict[str, object] = {}
-    original = pipeline.global_search
-
-    def spy(*args, **kwargs):
-        captured["levels"] = args[:3]
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "global_search", spy)
-    pipeline.register(pair.fixed, pair.moving, RegistrationOptions(
-        similarity="mind", starts=64, ultrasound=ultrasound))
-    expected = 15 if ultrasound else 7
-    for level in captured["levels"]:  # type: ignore[attr-defined]
-        assert isinstance(level, OrientedObjective)
-        assert len(level.bins) == expected
 
 
 def _anchors_of(monkeypatch, truth, seed: int = 2) -> tuple[np.ndarray, TransformModel]:
