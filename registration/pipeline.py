@@ -343,9 +343,12 @@ def box_extent_mm(image: sitk.Image, axes: np.ndarray) -> np.ndarray:
 def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
             direction: np.ndarray | None = None, smooth: bool = True,
             role: str | None = None, region: DataRegion | None = None,
-            max_voxels: int = MAX_WORKING_VOXELS) -> PreparedImage:
+            max_voxels: int = MAX_WORKING_VOXELS, smoothed: sitk.Image | None = None
+            ) -> PreparedImage:
     """Resample to the working spacing (optionally onto axes ``direction``), find the
     foreground and z-score the intensities. ``smooth=False``: already antialiased.
+    ``smoothed``: ``antialias(image, spacing_mm)``, made by the caller, resampled instead
+    of ``image`` (the same grid values: padding takes ``image``'s minimum as before).
 
     ``role`` ("fixed" or "moving") prefixes every InputError message ("fixed: ...",
     "moving mask: ..."), so that a user knows which of the inputs to fix. ``region``: the
@@ -354,8 +357,13 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
     the working grid may hold (InputError above it, before it is made).
     """
     mask_role = f"{role} mask" if role else None
-    resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth,
-                                    max_voxels=max_voxels)
+    if smoothed is None:
+        resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth,
+                                        max_voxels=max_voxels)
+    else:
+        resampled = resample_to_spacing(
+            smoothed, spacing_mm, direction=direction, smooth=False, max_voxels=max_voxels,
+            default_value=float(sitk.GetArrayViewFromImage(image).min()))
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     if min(array.shape) < 8:
         raise InputError(labelled(role, f"image is only {array.shape[::-1]} voxels at "
@@ -473,7 +481,7 @@ Scan = Callable[[Callable[[np.ndarray], np.ndarray]], list[np.ndarray]]
 def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.Image,
                     a_p: PreparedImage, b_direction: np.ndarray, spacing: float,
                     similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool,
-                    max_voxels: int = MAX_WORKING_VOXELS
+                    max_voxels: int = MAX_WORKING_VOXELS, smoothed: sitk.Image | None = None
                     ) -> tuple[tuple[Objective, Objective, Objective], Scan | None]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
     described on one rotated grid per orientation bin (orientations.py says why), and the
@@ -491,7 +499,8 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     if len(bins) == 1:
         return levels, None
     directions = bin_directions(bins, a_p.grid.direction, b_direction)
-    smoothed = antialias(a_img, spacing)
+    if smoothed is None:  # (``smoothed``: the caller's antialias(a_img, spacing))
+        smoothed = antialias(a_img, spacing)
     mask = a_p.grid.image_like(a_p.mask.astype(np.uint8))
     margin_mm = (descriptor_footprint_voxels(similarity, options) + stride) * spacing
     index = np.argwhere(a_p.fov)[::7, ::-1].astype(np.float64)  # a subsample spans the box
@@ -650,6 +659,10 @@ class _Pair:
     #: on the same inputs would prepare: _nonlinear_from_rigid hands them on).
     fixed_p_raw: PreparedImage
     moving_p_raw: PreparedImage
+    #: a_img and b_img antialiased for the working spacing (``antialias``), or None when
+    #: the images came prepared: what the orientation bins and re-oriented passes re-grid.
+    a_smoothed: sitk.Image | None = None
+    b_smoothed: sitk.Image | None = None
 
     @property
     def init(self) -> np.ndarray:
@@ -810,8 +823,14 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
     user_init = _user_initial_matrix(initial_transform)
     report("preprocess", 0.0)
+    # Each image is antialiased for the working spacing once, here, and the copy kept for
+    # the stages that re-grid it (orientation bins, re-oriented refinement): a 512 x 512 x
+    # 300 CT takes 2.6 s a Gaussian pass on 2 cores, and it was made two or three times.
+    fixed_s = moving_s = None
     if prepared is None:
-        fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", max_voxels=max_voxels)
+        fixed_s = antialias(fixed, spacing)
+        fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", max_voxels=max_voxels,
+                          smoothed=fixed_s)
     # The moving image on axes parallel to the fixed image's (under the header pose or the
     # initial transform): neither descriptor is rotation invariant, and a moving image
     # stored on an oblique grid (another scanner's, a probe's) otherwise describes its
@@ -820,8 +839,10 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     start_rotation = np.eye(3) if user_init is None else nearest_rotation(user_init[:3, :3])
     moving_direction = start_rotation @ Grid.from_image(fixed).direction
     if prepared is None:
+        moving_s = antialias(moving, spacing)
         moving_p = prepare(moving, spacing, moving_mask, role="moving",
-                           direction=moving_direction, max_voxels=max_voxels)
+                           direction=moving_direction, max_voxels=max_voxels,
+                           smoothed=moving_s)
     else:
         fixed_p, moving_p = prepared
     fixed_p_raw, moving_p_raw = fixed_p, moving_p
@@ -830,11 +851,12 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # the probe, and 1.5 mm of smoothing moved the probe phantom's decay length 30 -> 41 mm.)
     despeckle = similarity.ultrasound_smoothing_mm > 0 and options.mode in ("rigid", "affine")
     if ultrasound == "fixed" and despeckle:
-        fixed, fixed_p = _despeckled(fixed, fixed_p, "fixed", fixed_mask, spacing, similarity,
-                                     max_voxels)
+        fixed, fixed_p, fixed_s = _despeckled(fixed, fixed_p, "fixed", fixed_mask, spacing,
+                                              similarity, max_voxels)
     elif ultrasound == "moving" and despeckle:
-        moving, moving_p = _despeckled(moving, moving_p, "moving", moving_mask, spacing,
-                                       similarity, max_voxels, direction=moving_direction)
+        moving, moving_p, moving_s = _despeckled(moving, moving_p, "moving", moving_mask,
+                                                 spacing, similarity, max_voxels,
+                                                 direction=moving_direction)
     clock.lap("preprocess")
 
     swap = sampling_is_moving(options, fixed_p, moving_p, ultrasound)
@@ -843,6 +865,7 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # moving -> fixed and the result is its inverse (the contract stays fixed -> moving).
     a_img, a_p, b_img, b_p, b_mask = ((moving, moving_p, fixed, fixed_p, fixed_mask) if swap
                                       else (fixed, fixed_p, moving, moving_p, moving_mask))
+    a_smoothed, b_smoothed = (moving_s, fixed_s) if swap else (fixed_s, moving_s)
     header = np.eye(4) if user_init is None else user_init  # fixed -> moving, LPS mm
     header_search = np.linalg.inv(header) if swap else header
 
@@ -861,7 +884,7 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     refine_only = options.rotation_range == 0 and options.translation_range == 0
     return _Pair(similarity, spacing, user_init, fixed_p, moving_p, ultrasound, swap, a_img,
                  a_p, b_img, b_p, b_mask, center, rigid, search_model, anchors, spreads, shares,
-                 refine_only, max_voxels, fixed_p_raw, moving_p_raw)
+                 refine_only, max_voxels, fixed_p_raw, moving_p_raw, a_smoothed, b_smoothed)
 
 
 def _no_structure(role: str) -> InputError:
@@ -880,16 +903,19 @@ def _require_structure(prepared: PreparedImage, role: str) -> None:
 def _despeckled(image: sitk.Image, prepared: PreparedImage, role: str,
                 mask: sitk.Image | None, spacing: float, similarity: Similarity,
                 max_voxels: int, direction: np.ndarray | None = None
-                ) -> tuple[sitk.Image, PreparedImage]:
+                ) -> tuple[sitk.Image, PreparedImage, sitk.Image]:
     """The ultrasound ``image`` under the similarity's Gaussian (Similarity.
     ultrasound_smoothing_mm says why) inside its data region, and that image prepared as
     ``prepared`` was (same role, mask, axes and data region): the image every later stage
-    (orientation bins, re-oriented passes, the affine stage) re-grids and describes.
+    (orientation bins, re-oriented passes, the affine stage) re-grids and describes; and
+    that image antialiased for ``spacing``.
     InputError first when the image as given has no structure (``_require_structure``)."""
     _require_structure(prepared, role)
     smoothed = masked_gaussian(image, prepared.region.mask, similarity.ultrasound_smoothing_mm)
+    antialiased = antialias(smoothed, spacing)
     return smoothed, prepare(smoothed, spacing, mask, role=role, direction=direction,
-                             region=prepared.region, max_voxels=max_voxels)
+                             region=prepared.region, max_voxels=max_voxels,
+                             smoothed=antialiased), antialiased
 
 
 def _lc2_search(pair: _Pair, cancel: Cancel | None, clock: _Clock) -> _Found:
@@ -966,7 +992,7 @@ def _global_search(pair: _Pair, described: _Descriptors, options: RegistrationOp
             and not pair.refine_only:
         levels, scan = oriented_levels(levels, pair.a_img, pair.a_p, pair.b_p.grid.direction,
                                        pair.spacing, pair.similarity, options, described.stride,
-                                       pool, pair.max_voxels)
+                                       pool, pair.max_voxels, smoothed=pair.a_smoothed)
         clock.lap("orientations")
         if scan is not None:
             # Each scanned pose is one start of its own (spread 0, no share of the random
@@ -1009,10 +1035,12 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
     """The search's best basin and its runners-up refined on re-oriented maps; the lowest
     cost wins (pose, cost, objective). Sets ``search.ambiguous`` when a rival within the
     ambiguity margin maps points elsewhere, and counts the refinements' evaluations."""
-    # Antialiased once for the winner and every runner-up (0.1-0.4 s a torso CT);
-    # the smoothed fixed map they share is cached by DescriptorMap.smoothed.
+    # Antialiased once for the winner and every runner-up, by _prepare_pair when it
+    # prepared the images (0.1-0.4 s a phantom torso, 2.6 s a 512 x 512 x 300 CT); the
+    # smoothed fixed map they share is cached by DescriptorMap.smoothed.
     b_p = pair.b_p
-    b_smoothed = antialias(pair.b_img, pair.spacing)
+    b_smoothed = (pair.b_smoothed if pair.b_smoothed is not None
+                  else antialias(pair.b_img, pair.spacing))
 
     def reoriented(start: np.ndarray, passes: int | None = None,
                    memo: dict[Any, Any] | None = None
