@@ -3,6 +3,7 @@
     python benchmarks/commit_ab.py --base REV [--cases-per-bin N] [--bins 0,1,2,3]
                                    [--pairs a,b,...] [--seed S] [--rounds R] [--out FILE]
     python benchmarks/commit_ab.py --base REV --quick     # one small case: the harness works
+    python benchmarks/commit_ab.py --base REV --clinical-ct  # the CT on a scanner's grid
 
 For a change that no switch undoes (search_ab.py undoes the ones that a constant or a
 setting can), speed is measured against the commit before it: REV is checked out in a
@@ -13,7 +14,10 @@ packages from its own tree (pyproject.toml's package-dir, read from that tree) a
 registers every case once untimed first (numba's cache of a new worktree is compiled
 then). The cases are the realistic capture-range family, built once by this process
 and written as NIfTI, so both commits read the same files; each run writes its
-transform, and TRE is computed here as capture_range.py computes it.
+transform, and TRE is computed here as capture_range.py computes it. ``--clinical-ct``
+writes each pair's CT on a scanner's grid (CLINICAL_CT_SPACING_MM, same field of view,
+linear): the family's phantoms come at ~2 mm, where the costs that grow with the input
+(reading, antialiasing, resampling) hardly show.
 
 Per pair: median seconds of each commit (``register(fixed, moving)``, the default
 method, from images in memory to the result), the median of the per-case differences
@@ -131,6 +135,35 @@ def _worktree(rev: str, where: Path) -> Path:
     return tree
 
 
+#: A clinical CT's voxel (mm, x y z): 512 x 512 in-plane over ~36 cm, 1 mm slices.
+CLINICAL_CT_SPACING_MM = (0.7, 0.7, 1.0)
+
+
+def clinical_grid(image, spacing_mm=CLINICAL_CT_SPACING_MM):  # (SimpleITK images)
+    """``image`` resampled (linear) onto a grid of ``spacing_mm`` over the same field of view:
+    same origin and direction, as many voxels as cover the original extent."""
+    import SimpleITK as sitk
+
+    extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing(), strict=True)]
+    size = [max(1, round(e / s)) for e, s in zip(extent, spacing_mm, strict=True)]
+    origin_shift = [(s - o) / 2.0 for s, o in zip(spacing_mm, image.GetSpacing(), strict=True)]
+    origin = image.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, 0.0])
+    direction = [image.GetDirection()[i::3] for i in range(3)]  # (columns: the axes)
+    origin = [origin[k] + sum(direction[a][k] * origin_shift[a] for a in range(3))
+              for k in range(3)]
+    low = float(sitk.GetArrayViewFromImage(image).min())
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin,
+                         tuple(float(s) for s in spacing_mm), image.GetDirection(), low,
+                         image.GetPixelID())
+
+
+def _ct_role(pair: str) -> str | None:
+    """Which image of a realistic pair is the CT ("fixed", "moving" or None)."""
+    if pair.startswith("ct-"):
+        return "fixed"
+    return "moving" if pair.endswith("-ct") else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", help="the commit to compare with (git revision)")
@@ -140,6 +173,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1, help="ABBA rounds")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--clinical-ct", action="store_true",
+                   help="each pair's CT on a 0.7 x 0.7 x 1.0 mm grid (same field of view)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", nargs=3, metavar=("TREE", "CASES", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -165,8 +200,12 @@ def main() -> None:
         for case in cases:
             folder = work / "cases" / case.name
             folder.mkdir(parents=True)
-            sitk.WriteImage(case.fixed, str(folder / "fixed.nii.gz"))
-            sitk.WriteImage(case.moving, str(folder / "moving.nii.gz"))
+            images = {"fixed": case.fixed, "moving": case.moving}
+            role = _ct_role(case.pair) if args.clinical_ct else None
+            if role is not None:
+                images[role] = clinical_grid(images[role])
+            for name, image in images.items():
+                sitk.WriteImage(image, str(folder / f"{name}.nii.gz"))
         trees = {"base": str(_worktree(args.base, work)), "head": str(REPO)}
         raw = work / "runs.jsonl"
         try:

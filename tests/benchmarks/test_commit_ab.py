@@ -1,4 +1,4 @@
-"""The commit A/B's import redirection and its table."""
+"""The commit A/B's import redirection, its table and its clinical CT grid."""
 
 from __future__ import annotations
 
@@ -46,3 +46,29 @@ def test_summary_compares_each_case_with_itself_and_lists_moved_results() -> Non
     assert "| torso | 1 | 8.00 | 9.00 | +1.00 |" in text
     assert "| all | 2 |" in text
     assert "- b: base 1.0 mm, head 30.0 mm" in text and "- a:" not in text
+
+
+def test_clinical_grid_keeps_the_field_of_view_and_the_image() -> None:
+    """--clinical-ct: the CT on a 0.7 x 0.7 x 1.0 mm grid over the same box, same axes; a
+    point inside reads the same (linear) value; the CT of each pair is found by name."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    z, y, x = np.mgrid[0:20, 0:18, 0:16].astype(np.float32)
+    image = sitk.GetImageFromArray(3.0 * x + 2.0 * y + z - 40.0)
+    image.SetSpacing((2.0, 2.0, 2.5))
+    image.SetOrigin((10.0, -4.0, 7.0))
+    image.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.2, -0.1, 0.3).GetMatrix())
+    fine = ab.clinical_grid(image)
+    assert fine.GetSpacing() == ab.CLINICAL_CT_SPACING_MM
+    assert fine.GetDirection() == image.GetDirection()
+    for corner in ((-0.5, -0.5, -0.5), tuple(n - 0.5 for n in image.GetSize())):
+        fine_corner = tuple(n - 0.5 for n in fine.GetSize()) if corner[0] > 0 else corner
+        np.testing.assert_allclose(fine.TransformContinuousIndexToPhysicalPoint(fine_corner),
+                                   image.TransformContinuousIndexToPhysicalPoint(corner),
+                                   atol=0.5)
+    point = image.TransformContinuousIndexToPhysicalPoint((7.3, 9.1, 11.6))
+    index = fine.TransformPhysicalPointToContinuousIndex(point)
+    assert abs(fine.EvaluateAtContinuousIndex(index) - (3 * 7.3 + 2 * 9.1 + 11.6 - 40)) < 0.2
+    assert [ab._ct_role(p) for p in ("ct-mr", "ct-mr-torso", "us-ct", "ct-us-moving",
+                                     "t1-t2")] == ["fixed", "fixed", "moving", "fixed", None]
