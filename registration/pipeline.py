@@ -493,14 +493,13 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     cover a's data region (plus the descriptor footprint) on rotated axes, z-scored by a's
     first normalisation. A bin's map and its three level objectives are built the first
     time a start falls into it, and the map is dropped then. ``max_voxels``: the most
-    voxels a rotated grid may hold.
+    voxels a rotated grid may hold. ``smoothed``: the caller's antialias(a_img, spacing).
     """
     bins = orientation_bins(options.rotation_range)
     if len(bins) == 1:
         return levels, None
     directions = bin_directions(bins, a_p.grid.direction, b_direction)
-    if smoothed is None:  # (``smoothed``: the caller's antialias(a_img, spacing))
-        smoothed = antialias(a_img, spacing)
+    smoothed = antialias(a_img, spacing) if smoothed is None else smoothed
     mask = a_p.grid.image_like(a_p.mask.astype(np.uint8))
     margin_mm = (descriptor_footprint_voxels(similarity, options) + stride) * spacing
     index = np.argwhere(a_p.fov)[::7, ::-1].astype(np.float64)  # a subsample spans the box
