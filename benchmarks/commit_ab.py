@@ -4,6 +4,7 @@
                                    [--pairs a,b,...] [--seed S] [--rounds R] [--out FILE]
     python benchmarks/commit_ab.py --base REV --quick     # one small case: the harness works
     python benchmarks/commit_ab.py --base REV --clinical-ct  # the CT on a scanner's grid
+    python benchmarks/commit_ab.py --base REV --mode deformable  # another mode's default run
 
 For a change that no switch undoes (search_ab.py undoes the ones that a constant or a
 setting can), speed is measured against the commit before it: REV is checked out in a
@@ -20,7 +21,7 @@ linear): the family's phantoms come at ~2 mm, where the costs that grow with the
 (reading, antialiasing, resampling) hardly show.
 
 Per pair: median seconds of each commit (``register(fixed, moving)``, the default
-method, from images in memory to the result), the median of the per-case differences
+method or ``--mode``'s, from images in memory to the result), the median of the per-case differences
 and the median re-oriented refinement stage; then the cases whose TRE moved by more
 than 1 mm. One line per run goes to --out (jsonl, default
 results/commit_ab/BASE.jsonl); the table goes to stdout and beside it as .md.
@@ -69,22 +70,26 @@ class TreeFinder(importlib.abc.MetaPathFinder):
             fullname, folder / "__init__.py", submodule_search_locations=[str(folder)])
 
 
-def child(tree: Path, cases_dir: Path, out: Path) -> None:
-    """Register every case of ``cases_dir`` with the engine of ``tree``; a line per case."""
+def child(tree: Path, cases_dir: Path, out: Path, mode: str = "rigid") -> None:
+    """Register every case of ``cases_dir`` with the engine of ``tree`` in ``mode`` (its
+    defaults otherwise); a line per case."""
     sys.meta_path.insert(0, TreeFinder(tree))
     import SimpleITK as sitk
 
     from disa.registration import pipeline
+    from disa.registration.options import RegistrationOptions
 
     assert Path(pipeline.__file__).resolve().is_relative_to(tree.resolve()), pipeline.__file__
     folders = sorted(p for p in cases_dir.iterdir() if p.is_dir())
     read = {f.name: (sitk.ReadImage(str(f / "fixed.nii.gz")),
                      sitk.ReadImage(str(f / "moving.nii.gz"))) for f in folders}
-    pipeline.register(*read[folders[0].name])  # untimed: compilation, caches, first pages
+    options = RegistrationOptions(mode=mode)
+    # untimed: compilation, caches, first pages
+    pipeline.register(*read[folders[0].name], options)
     for folder in folders:
         fixed, moving = read[folder.name]
         start = time.perf_counter()
-        result = pipeline.register(fixed, moving)
+        result = pipeline.register(fixed, moving, options)
         seconds = time.perf_counter() - start
         transform_path = out.parent / f"{folder.name}-{time.time_ns()}.tfm"
         sitk.WriteTransform(result.transform, str(transform_path))
@@ -175,11 +180,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--clinical-ct", action="store_true",
                    help="each pair's CT on a 0.7 x 0.7 x 1.0 mm grid (same field of view)")
+    p.add_argument("--mode", default="rigid",
+                   choices=("rigid", "affine", "deformable", "rigid+probe"),
+                   help="the registration mode both commits run (default rigid)")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--child", nargs=3, metavar=("TREE", "CASES", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, metavar=("TREE", "CASES", "OUT", "MODE"),
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(Path(args.child[0]), Path(args.child[1]), Path(args.child[2]))
+        child(Path(args.child[0]), Path(args.child[1]), Path(args.child[2]), args.child[3])
         return
     if not args.base:
         p.error("--base REV is required")
@@ -212,7 +221,7 @@ def main() -> None:
             for _ in range(args.rounds):
                 for name in ("base", "head", "head", "base"):
                     subprocess.run([sys.executable, __file__, "--child", trees[name],
-                                    str(work / "cases"), str(raw)], check=True)
+                                    str(work / "cases"), str(raw), args.mode], check=True)
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force",
                             trees["base"]], capture_output=True)

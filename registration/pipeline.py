@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -341,14 +341,14 @@ def box_extent_mm(image: sitk.Image, axes: np.ndarray) -> np.ndarray:
 
 
 def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
-            direction: np.ndarray | None = None, smooth: bool = True,
-            role: str | None = None, region: DataRegion | None = None,
-            max_voxels: int = MAX_WORKING_VOXELS, smoothed: sitk.Image | None = None
-            ) -> PreparedImage:
+            direction: np.ndarray | None = None, role: str | None = None,
+            region: DataRegion | None = None, max_voxels: int = MAX_WORKING_VOXELS,
+            smoothed: sitk.Image | None = None) -> PreparedImage:
     """Resample to the working spacing (optionally onto axes ``direction``), find the
-    foreground and z-score the intensities. ``smooth=False``: already antialiased.
-    ``smoothed``: ``antialias(image, spacing_mm)``, made by the caller, resampled instead
-    of ``image`` (the same grid values: padding takes ``image``'s minimum as before).
+    foreground and z-score the intensities. ``smoothed``: ``antialias(image, spacing_mm)``
+    made by the caller, or ``image`` itself when it is antialiased already; it is resampled
+    instead of ``image`` (the same grid values: padding takes ``image``'s minimum). None:
+    antialiased here.
 
     ``role`` ("fixed" or "moving") prefixes every InputError message ("fixed: ...",
     "moving mask: ..."), so that a user knows which of the inputs to fix. ``region``: the
@@ -358,7 +358,7 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
     """
     mask_role = f"{role} mask" if role else None
     if smoothed is None:
-        resampled = resample_to_spacing(image, spacing_mm, direction=direction, smooth=smooth,
+        resampled = resample_to_spacing(image, spacing_mm, direction=direction,
                                         max_voxels=max_voxels)
     else:
         resampled = resample_to_spacing(
@@ -481,7 +481,7 @@ Scan = Callable[[Callable[[np.ndarray], np.ndarray]], list[np.ndarray]]
 def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.Image,
                     a_p: PreparedImage, b_direction: np.ndarray, spacing: float,
                     similarity: Similarity, options: RegistrationOptions, stride: int, pool: bool,
-                    max_voxels: int = MAX_WORKING_VOXELS, smoothed: sitk.Image | None = None
+                    smoothed: sitk.Image, max_voxels: int = MAX_WORKING_VOXELS
                     ) -> tuple[tuple[Objective, Objective, Objective], Scan | None]:
     """The search's (coarse, fine, refine) objectives with the sampled image ``a`` also
     described on one rotated grid per orientation bin (orientations.py says why), and the
@@ -493,13 +493,12 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     cover a's data region (plus the descriptor footprint) on rotated axes, z-scored by a's
     first normalisation. A bin's map and its three level objectives are built the first
     time a start falls into it, and the map is dropped then. ``max_voxels``: the most
-    voxels a rotated grid may hold. ``smoothed``: the caller's antialias(a_img, spacing).
+    voxels a rotated grid may hold. ``smoothed``: antialias(a_img, spacing).
     """
     bins = orientation_bins(options.rotation_range)
     if len(bins) == 1:
         return levels, None
     directions = bin_directions(bins, a_p.grid.direction, b_direction)
-    smoothed = antialias(a_img, spacing) if smoothed is None else smoothed
     mask = a_p.grid.image_like(a_p.mask.astype(np.uint8))
     margin_mm = (descriptor_footprint_voxels(similarity, options) + stride) * spacing
     index = np.argwhere(a_p.fov)[::7, ::-1].astype(np.float64)  # a subsample spans the box
@@ -622,6 +621,20 @@ class _Clock:
         self.t = _timed(self.timings, name, self.t)
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """A pair's inputs as ``_prepare_pair`` made them, before any ultrasound smoothing, for
+    another run on the same inputs (``_nonlinear_from_rigid``): each image antialiased for
+    the working ``spacing`` (mm; ``antialias``), and each prepared as that run prepares it
+    (None where the next run prepares it otherwise: another mask, other axes)."""
+
+    spacing: float
+    fixed_smoothed: sitk.Image
+    moving_smoothed: sitk.Image
+    fixed_p: PreparedImage | None = None
+    moving_p: PreparedImage | None = None
+
+
 @dataclass
 class _Pair:
     """The two prepared images of a registration and the search frame over them.
@@ -654,14 +667,13 @@ class _Pair:
     shares: np.ndarray
     refine_only: bool
     max_voxels: int
-    #: fixed_p and moving_p before any ultrasound smoothing (what a run in another mode
-    #: on the same inputs would prepare: _nonlinear_from_rigid hands them on).
-    fixed_p_raw: PreparedImage
-    moving_p_raw: PreparedImage
-    #: a_img and b_img antialiased for the working spacing (``antialias``), or None when
-    #: the images came prepared: what the orientation bins and re-oriented passes re-grid.
-    a_smoothed: sitk.Image | None = None
-    b_smoothed: sitk.Image | None = None
+    #: the inputs before any ultrasound smoothing (what a run in another mode on the same
+    #: inputs would prepare: _nonlinear_from_rigid hands them on).
+    inputs: _Inputs
+    #: a_img and b_img antialiased for the working spacing (``antialias``): what the
+    #: orientation bins and re-oriented passes re-grid.
+    a_smoothed: sitk.Image
+    b_smoothed: sitk.Image
 
     @property
     def init(self) -> np.ndarray:
@@ -706,11 +718,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
               progress: Progress | None, cancel: Cancel | None,
               initial_transform: sitk.Transform | None = None,
               max_voxels: int = MAX_WORKING_VOXELS, rigid_found: bool = False,
-              prepared: tuple[PreparedImage, PreparedImage] | None = None
-              ) -> RegistrationResult:
+              prepared: _Inputs | None = None) -> RegistrationResult:
     """``rigid_found``: the rigid pose is known (``_nonlinear_from_rigid``'s second run).
-    ``prepared``: the (fixed, moving) images as ``_prepare_pair`` prepares them for these
-    inputs, before any ultrasound smoothing (``_nonlinear_from_rigid``'s first run)."""
+    ``prepared``: what an earlier preparation of these inputs made (``_nonlinear_from_rigid``
+    hands it to both its runs)."""
     options = options or RegistrationOptions()
     report = progress or (lambda stage, fraction: None)
     clock = _Clock()
@@ -719,8 +730,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOption
     if not rigid_found and _linear_first(options, pair):
         return _nonlinear_from_rigid(fixed, moving, options, fixed_mask, moving_mask,
                                      progress, cancel, initial_transform, max_voxels,
-                                     pair.moving_p.region, clock.timings,
-                                     (pair.fixed_p_raw, pair.moving_p_raw))
+                                     pair.moving_p.region, clock.timings, pair.inputs)
     if not pair.similarity.uses_descriptors:
         found = _lc2_search(pair, cancel, clock)
     else:
@@ -754,8 +764,7 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
                           progress: Progress | None, cancel: Cancel | None,
                           initial_transform: sitk.Transform | None, max_voxels: int,
                           moving_region: DataRegion, decided: dict[str, float],
-                          prepared: tuple[PreparedImage, PreparedImage]
-                          ) -> RegistrationResult:
+                          prepared: _Inputs) -> RegistrationResult:
     """A deformable or rigid+probe run on a smaller moving view: the rigid registration
     (moving image sampled; the global search, or with zero ranges the refinement of the
     initial transform), then the run in its own mode refined from that pose only, on the
@@ -769,10 +778,12 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
     ultrasound fan ended 34 mm off or with no foreground left after a wild compression.
     The result carries the rigid run's search evidence (confidence, agreement, ambiguity,
     overlap, match quality: what the verdict was calibrated on) and both runs' timings;
-    ``decided``: the timings of the preparation that chose this path; ``prepared``: its
-    (fixed, moving) images, which the rigid run takes over (the same inputs, masks, working
+    ``decided``: the timings of the preparation that chose this path; ``prepared``: what it
+    made: the rigid run takes its prepared images over (the same inputs, masks, working
     spacing and axes: only the mode differs, and it changes no preparation but the
-    ultrasound smoothing, which comes after)."""
+    ultrasound smoothing, which comes after), the refinement its antialiased images only
+    (its fixed mask and moving axes differ); an antialias pass costs 2.6 s on a
+    512 x 512 x 300 CT."""
     linear = _register(fixed, moving, options.model_copy(update={"mode": "rigid"}),
                        fixed_mask, moving_mask, progress, cancel, initial_transform,
                        max_voxels, prepared=prepared)
@@ -791,13 +802,15 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
     # a torso CT-MR case (3.2 -> 25.5 mm; 2.4 mm as an affine run sampling the moving view).
     refine = options.model_copy(update={"rotation_range": 0.0, "translation_range": 0.0,
                                         "deformable_from": "rigid"})
+    smoothed = replace(prepared, fixed_p=None, moving_p=None)
     try:
         refined = _register(fixed, moving, refine, overlap, moving_mask, progress, cancel,
-                            linear.transform, max_voxels, rigid_found=True)
+                            linear.transform, max_voxels, rigid_found=True, prepared=smoothed)
     except InputError:
         # (An overlap too small for a mask at the working spacing: the whole fixed image.)
         refined = _register(fixed, moving, refine, fixed_mask, moving_mask, progress,
-                            cancel, linear.transform, max_voxels, rigid_found=True)
+                            cancel, linear.transform, max_voxels, rigid_found=True,
+                            prepared=smoothed)
     refined.initial_transform = linear.initial_transform
     for name in ("confidence", "agreeing", "refined", "ambiguous", "overlap", "match_quality",
                  "solutions", "starts"):
@@ -813,23 +826,14 @@ def _nonlinear_from_rigid(fixed: sitk.Image, moving: sitk.Image, options: Regist
 def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOptions,
                   fixed_mask: sitk.Image | None, moving_mask: sitk.Image | None,
                   initial_transform: sitk.Transform | None, max_voxels: int,
-                  report: Progress, clock: _Clock,
-                  prepared: tuple[PreparedImage, PreparedImage] | None = None) -> _Pair:
+                  report: Progress, clock: _Clock, prepared: _Inputs | None = None) -> _Pair:
     """Both images on the working grid, which one is sampled, the search model and the
-    poses its starts are drawn around. ``prepared``: both images already prepared for
-    these inputs (``_register`` says when)."""
+    poses its starts are drawn around. ``prepared``: what an earlier preparation of these
+    inputs made (``_register`` says when)."""
     similarity = similarity_spec(resolve_similarity(options))
     spacing = options.working_spacing or auto_working_spacing(fixed, moving, similarity)
     user_init = _user_initial_matrix(initial_transform)
     report("preprocess", 0.0)
-    # Each image is antialiased for the working spacing once, here, and the copy kept for
-    # the stages that re-grid it (orientation bins, re-oriented refinement): a 512 x 512 x
-    # 300 CT takes 2.6 s a Gaussian pass on 2 cores, and it was made two or three times.
-    fixed_s = moving_s = None
-    if prepared is None:
-        fixed_s = antialias(fixed, spacing)
-        fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", max_voxels=max_voxels,
-                          smoothed=fixed_s)
     # The moving image on axes parallel to the fixed image's (under the header pose or the
     # initial transform): neither descriptor is rotation invariant, and a moving image
     # stored on an oblique grid (another scanner's, a probe's) otherwise describes its
@@ -837,14 +841,11 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     # badly and a refinement started there walked 10-30 mm away (realistic family).
     start_rotation = np.eye(3) if user_init is None else nearest_rotation(user_init[:3, :3])
     moving_direction = start_rotation @ Grid.from_image(fixed).direction
-    if prepared is None:
-        moving_s = antialias(moving, spacing)
-        moving_p = prepare(moving, spacing, moving_mask, role="moving",
-                           direction=moving_direction, max_voxels=max_voxels,
-                           smoothed=moving_s)
-    else:
-        fixed_p, moving_p = prepared
-    fixed_p_raw, moving_p_raw = fixed_p, moving_p
+    inputs = _prepared_inputs(fixed, moving, fixed_mask, moving_mask, spacing,
+                              moving_direction, max_voxels, prepared)
+    fixed_p, moving_p = inputs.fixed_p, inputs.moving_p
+    fixed_s, moving_s = inputs.fixed_smoothed, inputs.moving_smoothed
+    assert fixed_p is not None and moving_p is not None
     ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
     # (Measured for the linear modes only; the probe's compression lives in the detail near
     # the probe, and 1.5 mm of smoothing moved the probe phantom's decay length 30 -> 41 mm.)
@@ -883,7 +884,31 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     refine_only = options.rotation_range == 0 and options.translation_range == 0
     return _Pair(similarity, spacing, user_init, fixed_p, moving_p, ultrasound, swap, a_img,
                  a_p, b_img, b_p, b_mask, center, rigid, search_model, anchors, spreads, shares,
-                 refine_only, max_voxels, fixed_p_raw, moving_p_raw, a_smoothed, b_smoothed)
+                 refine_only, max_voxels, inputs, a_smoothed, b_smoothed)
+
+
+def _prepared_inputs(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image | None,
+                     moving_mask: sitk.Image | None, spacing: float,
+                     moving_direction: np.ndarray, max_voxels: int,
+                     prepared: _Inputs | None) -> _Inputs:
+    """Both images antialiased for the working ``spacing`` (mm) and prepared (the moving
+    one on axes ``moving_direction``), taking over what ``prepared`` already holds for
+    that spacing.
+
+    Each image is antialiased once per registration, and the copy kept for the stages
+    that re-grid it (orientation bins, re-oriented refinement): a 512 x 512 x 300 CT takes
+    2.6 s a Gaussian pass on 2 cores, and it was made two or three times a run (six in a
+    deformable run on a smaller moving view, ``_nonlinear_from_rigid``)."""
+    if prepared is None or prepared.spacing != spacing:
+        prepared = _Inputs(spacing, antialias(fixed, spacing), antialias(moving, spacing))
+    fixed_p = prepared.fixed_p or prepare(fixed, spacing, fixed_mask, role="fixed",
+                                          max_voxels=max_voxels,
+                                          smoothed=prepared.fixed_smoothed)
+    moving_p = prepared.moving_p or prepare(moving, spacing, moving_mask, role="moving",
+                                            direction=moving_direction,
+                                            max_voxels=max_voxels,
+                                            smoothed=prepared.moving_smoothed)
+    return replace(prepared, fixed_p=fixed_p, moving_p=moving_p)
 
 
 def _no_structure(role: str) -> InputError:
@@ -991,7 +1016,7 @@ def _global_search(pair: _Pair, described: _Descriptors, options: RegistrationOp
             and not pair.refine_only:
         levels, scan = oriented_levels(levels, pair.a_img, pair.a_p, pair.b_p.grid.direction,
                                        pair.spacing, pair.similarity, options, described.stride,
-                                       pool, pair.max_voxels, smoothed=pair.a_smoothed)
+                                       pool, pair.a_smoothed, pair.max_voxels)
         clock.lap("orientations")
         if scan is not None:
             # Each scanned pose is one start of its own (spread 0, no share of the random
@@ -1034,22 +1059,20 @@ def _refine_basins(pair: _Pair, described: _Descriptors, search: SearchResult,
     """The search's best basin and its runners-up refined on re-oriented maps; the lowest
     cost wins (pose, cost, objective). Sets ``search.ambiguous`` when a rival within the
     ambiguity margin maps points elsewhere, and counts the refinements' evaluations."""
-    # Antialiased once for the winner and every runner-up, by _prepare_pair when it
-    # prepared the images (0.1-0.4 s a phantom torso, 2.6 s a 512 x 512 x 300 CT); the
-    # smoothed fixed map they share is cached by DescriptorMap.smoothed.
+    # Antialiased once for the winner and every runner-up, by _prepare_pair (0.1-0.4 s a
+    # phantom torso, 2.6 s a 512 x 512 x 300 CT); the smoothed fixed map they share is
+    # cached by DescriptorMap.smoothed.
     b_p = pair.b_p
-    b_smoothed = (pair.b_smoothed if pair.b_smoothed is not None
-                  else antialias(pair.b_img, pair.spacing))
 
     def reoriented(start: np.ndarray, passes: int | None = None,
                    memo: dict[Any, Any] | None = None
                    ) -> tuple[np.ndarray, float, DescriptorObjective]:
         return _reoriented_refinement(
-            start, pair.b_img, pair.b_mask, b_p.normalisation, pair.spacing,
+            start, pair.b_mask, b_p.normalisation, pair.spacing,
             pair.a_p.grid.direction, pair.search_model, options, pair.similarity,
             described.fixed_map, described.weights, pair.similarity.objective_kind, radius,
-            cancel, passes=passes, region=b_p.region, erosion=described.erosion,
-            smoothed=b_smoothed, max_voxels=pair.max_voxels, memo=memo)
+            cancel, smoothed=pair.b_smoothed, passes=passes, region=b_p.region,
+            erosion=described.erosion, max_voxels=pair.max_voxels, memo=memo)
 
     outcomes = [reoriented(search.theta)]
     search.evaluations += outcomes[0][2].evaluations
@@ -1462,7 +1485,7 @@ def _matched_deformation(model: ProbeModel, theta: np.ndarray, smoothed: sitk.Im
     warped_mask = None if mask is None else sitk.Resample(
         mask, reference, warp, sitk.sitkNearestNeighbor, 0)
     # (The data region moves by the compression, a few mm: the unwarped one is kept.)
-    return prepare(image, spacing, warped_mask, smooth=False, role="moving", region=region,
+    return prepare(image, spacing, warped_mask, smoothed=image, role="moving", region=region,
                    max_voxels=max_voxels)
 
 
@@ -1575,7 +1598,7 @@ class _Reorientation:
         if isinstance(model, ProbeModel):
             # (The probe's matched deformation resamples the whole re-gridded image.)
             moving_p = prepare(smoothed, spacing, self.moving_mask, direction=direction,
-                               smooth=False, role="moving", region=self.region,
+                               smoothed=smoothed, role="moving", region=self.region,
                                max_voxels=self.max_voxels)
             moving_p = _matched_deformation(model, theta, smoothed, self.moving_mask, moving_p,
                                             spacing, self.fixed_map.grid, self.region,
@@ -1598,16 +1621,15 @@ class _Reorientation:
                           self.options.seed)
 
 
-def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: sitk.Image | None,
+def _reoriented_refinement(theta: np.ndarray, moving_mask: sitk.Image | None,
                            normalisation: IntensityNormalisation,
                            spacing: float, fixed_direction: np.ndarray,
                            model: TransformModel | ProbeModel,
                            options: RegistrationOptions, similarity: Similarity,
                            fixed_map: DescriptorMap, weights: np.ndarray, kind: str,
-                           radius: float, cancel: Cancel | None, passes: int | None = None,
-                           region: DataRegion | None = None, erosion: int = 1,
-                           smoothed: sitk.Image | None = None,
-                           max_voxels: int = MAX_WORKING_VOXELS,
+                           radius: float, cancel: Cancel | None, *, smoothed: sitk.Image,
+                           passes: int | None = None, region: DataRegion | None = None,
+                           erosion: int = 1, max_voxels: int = MAX_WORKING_VOXELS,
                            memo: dict[Any, Any] | None = None
                            ) -> tuple[np.ndarray, float, DescriptorObjective]:
     """L-BFGS refinement on moving descriptors computed on a grid aligned with the fixed axes.
@@ -1624,14 +1646,13 @@ def _reoriented_refinement(theta: np.ndarray, moving: sitk.Image, moving_mask: s
     first normalisation: a rotated box around the whole moving field of view held
     3x the voxels on the engine benchmark's phantom, all of them run through the
     network. The crop starts a whole descriptor stride from the uncropped grid, so
-    the descriptors at the sampled points are the uncropped ones. ``max_voxels``: the
+    the descriptors at the sampled points are the uncropped ones. ``smoothed``: the moving
+    image antialiased for ``spacing`` (mm), which every pass re-grids. ``max_voxels``: the
     most voxels a re-gridded moving image may hold. ``memo``: shared by refinements from
     the same start (``_Reorientation.memo``).
     """
     if passes is None:
         passes = similarity.reorient_passes  # (Similarity.reorient_passes says why)
-    if smoothed is None:  # (``smoothed``: the caller's antialias(moving, spacing))
-        smoothed = antialias(moving, spacing)  # once: every pass re-grids the same image
     # Both descriptor maps under the same small Gaussian (DescriptorMap.smoothed: the
     # interpolation blur otherwise pins rotations to the re-gridded lattice).
     sigma = similarity.refine_smoothing_voxels

@@ -105,11 +105,17 @@ def test_a_deformable_run_on_a_cropped_moving_view_finds_its_linear_part(
     real_prepare = pipeline.prepare
     monkeypatch.setattr(pipeline, "prepare", lambda *a, **k: prepared.append(k.get("role"))
                         or real_prepare(*a, **k))
+    smoothed: list[int] = []
+    real_antialias = pipeline.antialias
+    monkeypatch.setattr(pipeline, "antialias", lambda image, spacing: smoothed.append(
+        id(image)) or real_antialias(image, spacing))
     result = register(pair.fixed, moving, options)
     assert result.sampled == "moving" and result.mode == "deformable"
     # The rigid run takes over the images that decided the path (the same inputs); only
-    # the refinement, with its overlap mask and the rigid pose's axes, prepares its own.
+    # the refinement, with its overlap mask and the rigid pose's axes, prepares its own,
+    # from the same antialiased copies: each input is smoothed once for both runs.
     assert prepared == ["fixed", "moving", "fixed", "moving"]
+    assert sorted(smoothed) == sorted([id(pair.fixed), id(moving)])
     # (The rigid run: 0.44 mm; the deformable run sampling the fixed image throughout:
     # 1.83 mm here, 40-78 mm on realistic slabs and torso crops.)
     assert _tre(result, pair, pair.fixed) < 1.5
