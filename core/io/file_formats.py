@@ -10,11 +10,9 @@ rejection is an `InputError` naming the file's basename.
 """
 
 import contextlib
-import gzip
 import math
 import re
 import struct
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import SimpleITK as sitk
 
 from disa.core.errors import InputError
 from disa.core.io.dicom_zip import _short
+from disa.core.io.fast_gzip import CORRUPT_GZIP_ERRORS, open_gzip
 from disa.core.io.itk_calls import _itk_detail, _quiet_itk
 from disa.core.io.limits import _FORMAT_NAMES, ImageInfo, InputLimits, _dims, _validate, _vec
 
@@ -196,13 +195,13 @@ def _nifti_head(path: Path, name: str) -> bytes:
     if not _is_gzip(path, name):
         return _read_prefix(path, name, 540)
     try:
-        with gzip.open(path, "rb") as fh:
+        with open_gzip(path) as fh:
             return fh.read(540)
     except EOFError as err:
         raise InputError(
             f"{name}: gzip data is truncated (the stream ends inside the header)"
         ) from err
-    except (OSError, zlib.error) as err:
+    except CORRUPT_GZIP_ERRORS as err:
         raise InputError(f"{name}: corrupt gzip data ({_short(str(err), 80)})") from err
 
 
@@ -291,7 +290,7 @@ def _scan_gzip(path: Path, name: str, limit: int,
     """
     got = 0
     try:
-        with gzip.open(path, "rb") as fh:
+        with open_gzip(path) as fh:
             while got < limit and (chunk := fh.read(min(_CHUNK, limit - got))):
                 got += len(chunk)
                 if feed is not None:
@@ -302,7 +301,7 @@ def _scan_gzip(path: Path, name: str, limit: int,
         raise InputError(
             f"{name}: gzip data is truncated (the stream ends early); the file is incomplete"
         ) from err
-    except (OSError, zlib.error) as err:
+    except CORRUPT_GZIP_ERRORS as err:
         raise InputError(f"{name}: corrupt gzip data ({_short(str(err), 80)})") from err
     return got
 

@@ -941,6 +941,20 @@ class _Planes:
     limit: float  # det J at the top of the colour bar
 
 
+def _largest_magnitude(field: np.ndarray, slab: int = 8) -> float:
+    """max |u| (mm) over a (z, y, x, 3) field, NaN ignored (0 when every vector is NaN).
+
+    A few z-planes at a time in float32 (a display scale needs no more): in float64 at once
+    the squares of a clinical CT grid's field (70 M voxels) took 1.7 GB and 3.6 s."""
+    largest = 0.0
+    for z in range(0, field.shape[0], slab):
+        block = field[z:z + slab]
+        squares = np.einsum("...i,...i->...", block, block)
+        if np.isfinite(squares).any():
+            largest = max(largest, float(np.nanmax(squares)))
+    return float(np.sqrt(largest))
+
+
 def _sample_planes(grids: list[PlaneGrid], fixed: sitk.Image,
                    stages: dict[str, tuple[sitk.Image | None, sitk.Transform | None]],
                    moving: sitk.Image | None, data: sitk.Image | None,
@@ -965,8 +979,7 @@ def _sample_planes(grids: list[PlaneGrid], fixed: sitk.Image,
     field_planes: list[np.ndarray] = []
     if displacement is not None:
         field_planes = [_resample_plane(displacement, g, vector=True) for g in grids]
-        field = sitk.GetArrayViewFromImage(displacement)
-        max_mm = float(np.sqrt(np.nanmax(np.sum(np.square(field, dtype=np.float64), axis=-1))))
+        max_mm = _largest_magnitude(sitk.GetArrayViewFromImage(displacement))
     jacobian_planes: list[tuple[np.ndarray, np.ndarray]] = []
     limit = _JACOBIAN_MIN_LIMIT
     if jacobian is not None:

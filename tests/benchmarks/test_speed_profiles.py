@@ -91,3 +91,15 @@ def test_cold_descriptors_quick_runs(tmp_path: Path) -> None:
     text = (tmp_path / "cold_descriptors.md").read_text(encoding="utf-8")
     assert "| onnxruntime | " in text and "| first inference" not in text
     assert "| inference |" in text
+
+
+def test_nifti_gzip_quick_writes_its_table(tmp_path: Path) -> None:
+    """Small volumes: every step of both volumes is timed, and both writers' files read
+    back the same image (the table's sizes are of files ITK read)."""
+    ng = load_benchmark("nifti_gzip")
+    assert ng.main(["--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "nifti_gzip.md").read_text(encoding="utf-8")
+    for volume in ("field", "ct"):
+        for step in ("write", "scan (input check)", "ITK read", "file MB"):
+            assert f"| {volume} | {step} |" in text
+    assert "x |" in text and "Machine:" in text

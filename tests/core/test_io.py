@@ -116,6 +116,54 @@ def test_nrrd_nan_spacings_beside_space_directions_are_accepted(tmp_path: Path) 
     assert inspect_image(path).spacing == pytest.approx(SPACING)
 
 
+def test_nii_gz_is_plain_gzip_with_the_image_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """write_image's .nii.gz (ISA-L, core/io/fast_gzip.py) is one gzip stream that any
+    reader takes: Python's zlib gives the uncompressed NIfTI ITK writes, ITK reads back the
+    same vectors and geometry; only the file itself is left in the folder."""
+    import gzip
+
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(9, 8, 7, 3)).astype(np.float32)
+    field = sitk.GetImageFromArray(values, isVector=True)
+    field.SetSpacing((0.7, 0.8, 1.5))
+    field.SetOrigin((-3.0, 12.5, 40.0))
+    field.SetDirection(sitk.Euler3DTransform((0, 0, 0), 0.2, -0.1, 0.4).GetMatrix())
+    write_image(field, tmp_path / "displacement.nii.gz")
+    assert [p.name for p in tmp_path.iterdir()] == ["displacement.nii.gz"]
+    sitk.WriteImage(field, str(tmp_path / "reference.nii"))
+    assert gzip.decompress((tmp_path / "displacement.nii.gz").read_bytes()) == (
+        tmp_path / "reference.nii").read_bytes()
+    again = sitk.ReadImage(str(tmp_path / "displacement.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(again), values)
+    assert again.GetSpacing() == pytest.approx(field.GetSpacing())
+    assert again.GetOrigin() == pytest.approx(field.GetOrigin())
+    assert again.GetDirection() == pytest.approx(field.GetDirection(), abs=1e-6)
+
+
+def test_a_failed_nii_gz_write_keeps_the_stored_file_and_no_temporary(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """ITK failing inside the compressed write: OSError naming the file, the earlier
+    result untouched, neither temporary left."""
+    from disa.core.io import fast_gzip
+
+    write_image(phantom(), tmp_path / "registered.nii.gz")
+    stored = (tmp_path / "registered.nii.gz").read_bytes()
+
+    class Failing:
+        def __getattr__(self, name):
+            def fail(*args):
+                if name == "Execute":
+                    raise RuntimeError("Exception thrown in SimpleITK ImageFileWriter_Execute:"
+                                       " disk full")
+            return fail
+
+    monkeypatch.setattr(fast_gzip.sitk, "ImageFileWriter", Failing)
+    with pytest.raises(OSError, match=r"registered\.nii\.gz: cannot write image"):
+        write_image(phantom(), tmp_path / "registered.nii.gz")
+    assert (tmp_path / "registered.nii.gz").read_bytes() == stored
+    assert [p.name for p in tmp_path.iterdir()] == ["registered.nii.gz"]
+
+
 def test_write_image_refuses_detached_formats(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="output formats"):
         write_image(phantom(), tmp_path / "out.mhd")

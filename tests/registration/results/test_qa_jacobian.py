@@ -117,3 +117,15 @@ def test_the_colour_bar_spans_the_furthest_percentile() -> None:
     assert jacobian_limit({"jacobian_p1": 0.99, "jacobian_p99": 1.01}) == 1.25
     assert jacobian_limit({"jacobian_p1": -2.0, "jacobian_p99": 1.1}) == 4.0  # folding
     assert jacobian_limit({"jacobian_p1": None, "jacobian_p99": None}) == 1.25
+
+
+def test_the_displacement_row_s_scale_is_the_largest_vector_of_the_whole_field() -> None:
+    """max |u| read a few planes at a time in float32 is the float64 maximum over every
+    voxel (NaN voxels left out), wherever the largest vector lies."""
+    rng = np.random.default_rng(8)
+    field = rng.normal(size=(21, 9, 7, 3)).astype(np.float32)
+    field[17, 3, 2] = (4.0, -30.0, 12.5)  # past the first slabs
+    field[2, 2, 2] = np.nan
+    expected = np.sqrt(np.nanmax(np.sum(np.square(field, dtype=np.float64), axis=-1)))
+    assert qa._largest_magnitude(field, slab=4) == pytest.approx(expected, rel=1e-6)
+    assert qa._largest_magnitude(np.full((3, 2, 2, 3), np.nan, np.float32)) == 0.0
