@@ -140,7 +140,10 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, interpolator: int 
         origin = tuple(float(v) for v in direction @ low)
         new_direction = tuple(float(v) for v in np.asarray(direction).ravel())
     check_working_grid(new_size, spacing_mm, max_voxels)
-    source = sitk.Cast(image, sitk.sitkFloat32)
+    # (A float32 image is resampled as it is: a cast would copy every voxel of the input,
+    # 0.04 s a call on a clinical CT, for the same values.)
+    source = (image if image.GetPixelID() == sitk.sitkFloat32
+              else sitk.Cast(image, sitk.sitkFloat32))
     if smooth and interpolator != sitk.sitkNearestNeighbor:
         source = antialias(source, spacing_mm)
     if default_value is None:
