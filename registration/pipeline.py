@@ -901,13 +901,14 @@ def _prepared_inputs(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Ima
     deformable run on a smaller moving view, ``_nonlinear_from_rigid``)."""
     if prepared is None or prepared.spacing != spacing:
         prepared = _Inputs(spacing, antialias(fixed, spacing), antialias(moving, spacing))
-    fixed_p = prepared.fixed_p or prepare(fixed, spacing, fixed_mask, role="fixed",
-                                          max_voxels=max_voxels,
-                                          smoothed=prepared.fixed_smoothed)
-    moving_p = prepared.moving_p or prepare(moving, spacing, moving_mask, role="moving",
-                                            direction=moving_direction,
-                                            max_voxels=max_voxels,
-                                            smoothed=prepared.moving_smoothed)
+    fixed_p, moving_p = prepared.fixed_p, prepared.moving_p
+    if fixed_p is None:
+        fixed_p = prepare(fixed, spacing, fixed_mask, role="fixed", max_voxels=max_voxels,
+                          smoothed=prepared.fixed_smoothed)
+    if moving_p is None:
+        moving_p = prepare(moving, spacing, moving_mask, role="moving",
+                           direction=moving_direction, max_voxels=max_voxels,
+                           smoothed=prepared.moving_smoothed)
     return replace(prepared, fixed_p=fixed_p, moving_p=moving_p)
 
 
