@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -27,8 +28,9 @@ COMPRESS_LEVEL = 1
 _COPY_BYTES = 16 * 1024**2  # bytes moved through the compressor at a time
 
 #: What reading a damaged stream raises besides EOFError (a stream cut short): OSError
-#: (not gzip, CRC or length wrong) and ISA-L's own error (a corrupt deflate block).
-CORRUPT_GZIP_ERRORS: tuple[type[Exception], ...] = (OSError, isal_zlib.error)
+#: (not gzip, CRC or length wrong) and a corrupt deflate block's error, ISA-L's or (where
+#: Python's gzip reads, file_formats._nifti_head) zlib's.
+CORRUPT_GZIP_ERRORS: tuple[type[Exception], ...] = (OSError, isal_zlib.error, zlib.error)
 
 
 def open_gzip(path: Path):  # -> igzip.IGzipFile, a file object like gzip.GzipFile

@@ -10,6 +10,7 @@ rejection is an `InputError` naming the file's basename.
 """
 
 import contextlib
+import gzip
 import math
 import re
 import struct
@@ -191,11 +192,16 @@ def _nifti_layout(path: Path, name: str) -> _NiftiLayout:
 
 
 def _nifti_head(path: Path, name: str) -> bytes:
-    """First 540 bytes (a NIfTI-2 header) of the file, decompressed if it is gzip."""
+    """First 540 bytes (a NIfTI-2 header) of the file, decompressed if it is gzip.
+
+    Python's zlib, not ISA-L: ISA-L's reader raises EOFError on a stream cut short even
+    when the bytes asked for lie before the cut, and a file truncated in its pixel data
+    must get the header's own check ("file is truncated: decompresses to N bytes, its
+    header needs M"), not "truncated inside the header". 540 bytes take no time."""
     if not _is_gzip(path, name):
         return _read_prefix(path, name, 540)
     try:
-        with open_gzip(path) as fh:
+        with gzip.open(path, "rb") as fh:
             return fh.read(540)
     except EOFError as err:
         raise InputError(
