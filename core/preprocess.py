@@ -179,7 +179,7 @@ def foreground_mask(volume: np.ndarray) -> np.ndarray:
         low, high = finite.min(), finite.max()
     if high <= low:
         return np.zeros(volume.shape, dtype=bool)
-    threshold = _otsu_threshold(finite, value_range=(low, high))
+    threshold = otsu_threshold(finite, value_range=(low, high))
     mask = smooth > threshold
     if np.count_nonzero(mask) < 0.01 * mask.size:
         # Sparse bright structures (a CT with mostly air): keep everything not at the minimum.
@@ -290,7 +290,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return filled
 
 
-def _otsu_threshold(values: np.ndarray, bins: int = 256,
+def otsu_threshold(values: np.ndarray, bins: int = 256,
                     value_range: tuple[float, float] | None = None) -> float:
     """Otsu's threshold of a 1-D sample (maximises between-class variance).
 

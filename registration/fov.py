@@ -35,6 +35,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from disa.core.preprocess import otsu_threshold
+
 #: Smallest fraction of the buffer that counts as padding (below: stray equal voxels).
 MIN_PADDING = 0.01
 #: Largest: an image (nearly) all of one value is a constant image, which preprocessing
@@ -55,6 +57,20 @@ class DataRegion:
     mask: sitk.Image
     padding_fraction: float
     padding_value: float | None
+    #: Which faces of the buffer (``FACES`` order) the image meets in air (``open_faces``):
+    #: beyond them lies background, not unknown anatomy.
+    open_faces: tuple[bool, ...] = (False,) * 6
+    #: Otsu's threshold of the data's intensities (air below it), None when not measured.
+    tissue_threshold: float | None = None
+    #: The median intensity of the data below that threshold: what stands for the air
+    #: beyond an open face when the image is resampled (None when not measured).
+    air_value: float | None = None
+
+    @property
+    def air_fill(self) -> float | None:
+        """The value to resample outside the buffer with: the air, where a face is open
+        (a point there counts as data); None (the caller's default) where none is."""
+        return self.air_value if any(self.open_faces) else None
 
     @property
     def has_padding(self) -> bool:
@@ -160,7 +176,61 @@ def data_region(image: sitk.Image) -> DataRegion:
         best &= ~acoustic_shadows(best, image.GetSpacing())
     mask = sitk.GetImageFromArray((~best).astype(np.uint8))
     mask.CopyInformation(image)
-    return DataRegion(mask, float(best.mean()), value)
+    array = sitk.GetArrayViewFromImage(image)
+    threshold, air = tissue_threshold(array, best)
+    return DataRegion(mask, float(best.mean()), value, open_faces(array, best, threshold),
+                      threshold, air)
+
+
+#: The buffer's faces in the order of ``DataRegion.open_faces``: along index x, y, z, the
+#: low end then the high end.
+FACES = ("x low", "x high", "y low", "y high", "z low", "z high")
+#: A face is open (the image meets air there) when at least OPEN_FACE_DATA of its voxels
+#: are data (not padding) and at most OPEN_FACE_TISSUE of them lie above the tissue
+#: threshold. A neck or a crop through the body puts 10-100 % of a face above it; the
+#: realistic head MRs' air faces 0-0.3 % (docs/DESIGN.md, "Open faces").
+OPEN_FACE_DATA = 0.99
+OPEN_FACE_TISSUE = 0.02
+#: Voxels of the regular subsample that the tissue threshold is computed on.
+THRESHOLD_SAMPLE = 1_000_000
+
+
+def tissue_threshold(array: np.ndarray, padding: np.ndarray
+                     ) -> tuple[float | None, float | None]:
+    """(Otsu's threshold between air and tissue, the median of the data below it), in the
+    image's intensity units, over the data voxels (outside ``padding``) of a regular
+    subsample; (None, None) without data that varies."""
+    step = max(1, round((array.size / THRESHOLD_SAMPLE) ** (1 / 3)))
+    data = np.asarray(array[::step, ::step, ::step])[~padding[::step, ::step, ::step]]
+    data = data[np.isfinite(data)].astype(np.float32, copy=False)
+    if data.size == 0 or data.min() == data.max():
+        return None, None
+    threshold = float(otsu_threshold(data))
+    return threshold, float(np.median(data[data <= threshold]))
+
+
+def open_faces(array: np.ndarray, padding: np.ndarray, threshold: float | None
+               ) -> tuple[bool, ...]:
+    """Which faces of the buffer (``FACES`` order) the image meets in air: (nearly) all of
+    the face is data and (nearly) none of it is above ``threshold``.
+
+    Why: a head MR or CT framed by air says what lies beyond its box, air; a crop, a slab
+    or a sector does not. The objective treats a point beyond an open face as air
+    (kernels.py) instead of leaving it out, so that a partial view can no longer improve
+    its score by sliding out of the other image's box (docs/DESIGN.md, "Open faces")."""
+    if threshold is None:
+        return (False,) * 6
+    faces = []
+    for axis in (2, 1, 0):  # numpy axes of x, y, z
+        for end in (0, -1):
+            face = np.take(array, end, axis=axis)
+            data = ~np.take(padding, end, axis=axis)
+            if data.mean() < OPEN_FACE_DATA:
+                faces.append(False)
+                continue
+            tissue = np.count_nonzero(face[data] > threshold) / max(1, np.count_nonzero(data))
+            faces.append(bool(tissue <= OPEN_FACE_TISSUE))
+    return tuple(faces)
 
 
 #: A sector narrows to its probe: along one of its principal axes the data region's
@@ -353,12 +423,15 @@ def acoustic_shadows(padding: np.ndarray, spacing_xyz: tuple[float, ...] | np.nd
     return out
 
 
-def regions_on_grid(region: sitk.Image, reference: sitk.Image
+def regions_on_grid(region: sitk.Image, reference: sitk.Image,
+                    open_faces: tuple[bool, ...] = (False,) * 6
                     ) -> tuple[np.ndarray, np.ndarray]:
     """The data region resampled onto ``reference``'s grid as bool (z, y, x) masks, True
     where more than half of the interpolated region has data: (fov, unpadded). Outside
-    the region's buffer, fov is False (no data: the field of view) and unpadded is True
-    (only the padding counts there, what erosion applies to).
+    the region's buffer, fov is False (no data: the field of view) unless the point lies
+    beyond open faces only (``open_faces``, ``FACES`` order of the region's buffer: air
+    there, which the image's padding value stands for), and unpadded is True (only the
+    padding counts there, what erosion applies to).
 
     One resampling for both: ITK's resampler gives a point outside the buffer the
     default value and never blends it with the buffer's voxels, so a default of -1
@@ -369,7 +442,64 @@ def regions_on_grid(region: sitk.Image, reference: sitk.Image
     on_grid = sitk.GetArrayFromImage(sitk.Resample(
         region, reference, sitk.Transform(), sitk.sitkLinear, -1.0, sitk.sitkFloat32))
     fov = on_grid > 0.5
-    return fov, fov | (on_grid == -1.0)
+    outside = on_grid == -1.0
+    if any(open_faces) and outside.any():
+        fov |= outside & _beyond_open_faces_only(region, reference, open_faces)
+    return fov, fov | outside
+
+
+def _beyond_open_faces_only(region: sitk.Image, reference: sitk.Image,
+                            open_faces: tuple[bool, ...]) -> np.ndarray:
+    """Bool (z, y, x) on ``reference``'s grid: the voxels that lie past some face of
+    ``region``'s buffer (half a voxel past its end voxels, ITK's inside test for linear
+    interpolation) and past open faces only.
+
+    The region's continuous index is affine in the reference's index, so each axis's is a
+    sum of three broadcast rows: no per-voxel coordinates (an argwhere and a matrix
+    product over the outside voxels took 0.5 s a registration on a slab's bins)."""
+    ref_to_physical = (np.asarray(reference.GetDirection()).reshape(3, 3)
+                       * np.asarray(reference.GetSpacing())[None, :])
+    reg_to_physical = (np.asarray(region.GetDirection()).reshape(3, 3)
+                       * np.asarray(region.GetSpacing())[None, :])
+    to_region = np.linalg.solve(reg_to_physical, ref_to_physical)  # reference idx -> region idx
+    offset = np.linalg.solve(reg_to_physical, np.asarray(reference.GetOrigin())
+                             - np.asarray(region.GetOrigin()))
+    nx, ny, nz = reference.GetSize()
+    rows = [np.arange(n, dtype=np.float32) for n in (nx, ny, nz)]
+    past = np.zeros((nz, ny, nx), dtype=bool)
+    blocked = np.zeros((nz, ny, nx), dtype=bool)
+    for axis, size in enumerate(region.GetSize()):
+        index = ((to_region[axis, 0] * rows[0])[None, None, :]
+                 + (to_region[axis, 1] * rows[1])[None, :, None]
+                 + (to_region[axis, 2] * rows[2])[:, None, None] + np.float32(offset[axis]))
+        below, above = index < -0.5, index > size - 0.5
+        past |= below | above
+        if not open_faces[2 * axis]:
+            blocked |= below
+        if not open_faces[2 * axis + 1]:
+            blocked |= above
+    # (A voxel ITK found outside but within half a voxel here, by rounding: no face.)
+    return past & ~blocked
+
+
+def grid_open_faces(fov: np.ndarray, raw: np.ndarray, threshold: float | None
+                    ) -> tuple[bool, ...]:
+    """Which faces of a working grid (``FACES`` order; ``fov`` and ``raw``, the resampled
+    intensities, (z, y, x) on it) lie in air: every voxel of the face has data or stands
+    for air beyond an open face of the image's buffer (``regions_on_grid``), and at most
+    ``OPEN_FACE_TISSUE`` of them lie above the image's tissue ``threshold``. The
+    objective carries such a face's descriptors on beyond it (kernels.py)."""
+    if threshold is None:
+        return (False,) * 6
+    faces = []
+    for axis in (2, 1, 0):
+        for end in (0, -1):
+            if not np.take(fov, end, axis=axis).all():
+                faces.append(False)
+                continue
+            tissue = np.count_nonzero(np.take(raw, end, axis=axis) > threshold)
+            faces.append(bool(tissue <= OPEN_FACE_TISSUE * np.take(raw, end, axis=axis).size))
+    return tuple(faces)
 
 
 def mapped_inside(region: sitk.Image, reference: sitk.Image, transform: sitk.Transform,

@@ -45,6 +45,7 @@ from disa.registration.fov import (
     DataRegion,
     data_region,
     eroded,
+    grid_open_faces,
     mapped_inside,
     physical_volume_ml,
     regions_on_grid,
@@ -167,6 +168,9 @@ class PreparedImage:
     user_mask: bool = False
     #: False only on the padding (outside the buffer counts as True): what erosion shrinks.
     unpadded: np.ndarray | None = None
+    #: Which faces of the working grid lie in air (fov.FACES order; fov.grid_open_faces):
+    #: the objective carries their descriptors on beyond them.
+    open_faces: tuple[bool, ...] = (False,) * 6
 
     def trusted(self, voxels: int) -> np.ndarray:
         """The field of view less ``voxels`` working voxels along padding edges (a sector's
@@ -357,20 +361,22 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
     the working grid may hold (InputError above it, before it is made).
     """
     mask_role = f"{role} mask" if role else None
+    region = region or data_region(image)
+    fill = region.air_fill
     if smoothed is None:
         resampled = resample_to_spacing(image, spacing_mm, direction=direction,
-                                        max_voxels=max_voxels)
+                                        max_voxels=max_voxels, default_value=fill)
     else:
         resampled = resample_to_spacing(
             smoothed, spacing_mm, direction=direction, smooth=False, max_voxels=max_voxels,
-            default_value=float(sitk.GetArrayViewFromImage(image).min()))
+            default_value=float(sitk.GetArrayViewFromImage(image).min()) if fill is None
+            else fill)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     if min(array.shape) < 8:
         raise InputError(labelled(role, f"image is only {array.shape[::-1]} voxels at "
                                         f"{spacing_mm} mm working spacing: too small to "
                                         "register (choose a finer --working-spacing)"))
-    region = region or data_region(image)
-    fov, unpadded = regions_on_grid(region.mask, resampled)
+    fov, unpadded = regions_on_grid(region.mask, resampled, region.open_faces)
     if not region.has_padding:
         unpadded = np.ones(fov.shape, dtype=bool)
     if fov.sum() < 64:
@@ -389,8 +395,9 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
         raise InputError(labelled(role, "image foreground is (nearly) empty: nothing to "
                                         "register"))
     normalisation = intensity_normalisation(array, mask, role)
+    faces = grid_open_faces(fov, array, region.tissue_threshold)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
-                         normalisation, fov, region, user_mask is not None, unpadded)
+                         normalisation, fov, region, user_mask is not None, unpadded, faces)
 
 
 def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
@@ -405,18 +412,19 @@ def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None
     moving image's automatic foreground served only its statistics, which are kept.
     ``max_voxels``: the most voxels the new grid may hold (InputError above it).
     """
+    region = region or data_region(smoothed)
     resampled = resample_to_spacing(smoothed, spacing_mm, direction=direction, smooth=False,
                                     bounds=bounds, align_voxels=align_voxels,
-                                    max_voxels=max_voxels)
+                                    max_voxels=max_voxels, default_value=region.air_fill)
     array = sitk.GetArrayFromImage(resampled).astype(np.float32)
     mask = (mask_to_grid(user_mask, resampled, "moving mask") if user_mask is not None
             else np.ones(array.shape, dtype=bool))
-    region = region or data_region(smoothed)
-    fov, unpadded = regions_on_grid(region.mask, resampled)
+    fov, unpadded = regions_on_grid(region.mask, resampled, region.open_faces)
     if not region.has_padding:
         unpadded = np.ones(fov.shape, dtype=bool)
+    faces = grid_open_faces(fov, array, region.tissue_threshold)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
-                         normalisation, fov, region, user_mask is not None, unpadded)
+                         normalisation, fov, region, user_mask is not None, unpadded, faces)
 
 
 _extractors: dict[str, Any] = {}
@@ -450,13 +458,15 @@ def descriptor_maps(image: PreparedImage, similarity: str | Similarity,
         extractor, facts = disa_extractor()
         data = extractor.extract(image.volume)
         stride = int(facts["stride"])
-        return DescriptorMap(np.ascontiguousarray(data), image.grid.strided(stride)), stride, facts
+        return (DescriptorMap(np.ascontiguousarray(data), image.grid.strided(stride),
+                              open_faces=image.open_faces), stride, facts)
     from disa.registration.similarity.mind import mind_ssc
 
     data = mind_ssc(image.volume, radius=options.mind_radius, dilation=options.mind_dilation)
     # MIND is computed at the working spacing and pooled once: the objective then runs on a
     # grid of the same order as DISA's, at a quarter of the cost of the full-resolution map.
-    return DescriptorMap(np.ascontiguousarray(data), image.grid), 1, None
+    return DescriptorMap(np.ascontiguousarray(data), image.grid,
+                         open_faces=image.open_faces), 1, None
 
 
 def fixed_weights(image: PreparedImage, stride: int) -> np.ndarray:
@@ -847,6 +857,11 @@ def _prepare_pair(fixed: sitk.Image, moving: sitk.Image, options: RegistrationOp
     fixed_s, moving_s = inputs.fixed_smoothed, inputs.moving_smoothed
     assert fixed_p is not None and moving_p is not None
     ultrasound = resolve_ultrasound(options, fixed_p, moving_p)
+    if ultrasound is not None:
+        inputs = _ultrasound_closed(inputs, ultrasound, fixed, moving, fixed_mask, moving_mask,
+                                    moving_direction, max_voxels)
+        fixed_p, moving_p = inputs.fixed_p, inputs.moving_p
+        assert fixed_p is not None and moving_p is not None
     # (Measured for the linear modes only; the probe's compression lives in the detail near
     # the probe, and 1.5 mm of smoothing moved the probe phantom's decay length 30 -> 41 mm.)
     despeckle = similarity.ultrasound_smoothing_mm > 0 and options.mode in ("rigid", "affine")
@@ -910,6 +925,27 @@ def _prepared_inputs(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Ima
                            direction=moving_direction, max_voxels=max_voxels,
                            smoothed=prepared.moving_smoothed)
     return replace(prepared, fixed_p=fixed_p, moving_p=moving_p)
+
+
+def _ultrasound_closed(inputs: _Inputs, ultrasound: str, fixed: sitk.Image,
+                       moving: sitk.Image, fixed_mask: sitk.Image | None,
+                       moving_mask: sitk.Image | None, moving_direction: np.ndarray,
+                       max_voxels: int) -> _Inputs:
+    """``inputs`` with the ultrasound image prepared again with no open face, where it had
+    one: a dark face of an ultrasound is fluid or shadow, not air, and what lies beyond
+    its box is unknown tissue (docs/DESIGN.md, "Open faces")."""
+    prepared = inputs.fixed_p if ultrasound == "fixed" else inputs.moving_p
+    assert prepared is not None
+    if not any(prepared.region.open_faces):
+        return inputs
+    region = replace(prepared.region, open_faces=(False,) * 6)
+    if ultrasound == "fixed":
+        return replace(inputs, fixed_p=prepare(
+            fixed, inputs.spacing, fixed_mask, role="fixed", region=region,
+            max_voxels=max_voxels, smoothed=inputs.fixed_smoothed))
+    return replace(inputs, moving_p=prepare(
+        moving, inputs.spacing, moving_mask, role="moving", direction=moving_direction,
+        region=region, max_voxels=max_voxels, smoothed=inputs.moving_smoothed))
 
 
 def _no_structure(role: str) -> InputError:

@@ -454,6 +454,7 @@ def _adam(v: np.ndarray, grid: Grid, points: SimilarityPoints, n_weighted: int,
     kernel_weights = (points.weights / (contrast * n_weighted)).astype(np.float32)
     moving_data = np.ascontiguousarray(moving.data)
     valid = moving.validity
+    faces = moving.faces
     total = float(kernel_weights.sum())
     ssd = kind == "ssd"
     index_to_physical = grid.direction * grid.spacing[None, :]
@@ -469,8 +470,8 @@ def _adam(v: np.ndarray, grid: Grid, points: SimilarityPoints, n_weighted: int,
         _point_coords(field_.reshape(-1, 3), points.corners, points.corner_weights, base, a,
                       coords)
         s, w, grad_s, grad_w = point_descriptor_cost(
-            points.fixed_values, kernel_weights, coords, moving_data, valid, points.fixed_scale,
-            float(moving.scale), ssd, want_grad)
+            points.fixed_values, kernel_weights, coords, moving_data, valid, faces,
+            points.fixed_scale, float(moving.scale), ssd, want_grad)
         # The mean over the points that land on moving data (objective.py), scaled back to
         # the sum's size so that the regularisation weights keep their meaning.
         overlap = max(float(w[0]), 1e-12)

@@ -27,7 +27,7 @@ SCAN_BLOCK_MM. Each bin's lowest costs, two blocks apart, become starts of the s
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.fft
@@ -68,6 +68,27 @@ class ScanTerms:
     origin: np.ndarray
     spacing: float
     direction: np.ndarray
+    #: The other side's open faces (x low, x high, y low, y high, z low, z high: the
+    #: image meets air there, DescriptorMap.open_faces), carried on by ``extended``.
+    open_faces: tuple[bool, ...] = (False,) * 6
+
+    def extended(self, margin: np.ndarray) -> ScanTerms:
+        """These blocks carried on by ``margin`` (z, y, x) blocks beyond each open face as
+        that face's own blocks: the objective reads a point there as the face (kernels.py),
+        and so must the scan, or it ranks shifts that slide a partial view out of the
+        other's box (where nothing counts against them) above the true one."""
+        if not any(self.open_faces):
+            return self
+        faces = np.asarray(self.open_faces).reshape(3, 2)[::-1]  # (z, y, x) x (low, high)
+        pad = faces * np.asarray(margin)[:, None]
+        widths = [(int(lo), int(hi)) for lo, hi in pad]
+
+        def grown(array: np.ndarray) -> np.ndarray:
+            return np.pad(array, widths + [(0, 0)] * (array.ndim - 3), mode="edge")
+
+        origin = self.origin - self.direction @ (pad[::-1, 0] * self.spacing)
+        return ScanTerms(grown(self.descriptor), grown(self.square), grown(self.weight),
+                         origin, self.spacing, self.direction, self.open_faces)
 
 
 def block_factor(spacing_mm: float) -> int:
@@ -124,8 +145,9 @@ def sampled_terms(descriptors: DescriptorMap, weights: np.ndarray, factor: int) 
 
 
 def other_terms(descriptors: DescriptorMap, factor: int) -> ScanTerms:
-    """The other side's block means of V M, V |M|^2 and V."""
-    return _terms(descriptors, descriptors.validity, factor, "mean")
+    """The other side's block means of V M, V |M|^2 and V, and its open faces."""
+    terms = _terms(descriptors, descriptors.validity, factor, "mean")
+    return replace(terms, open_faces=tuple(bool(f) for f in descriptors.faces))
 
 
 #: Scanned poses of one bin lie at least this many blocks apart (the lowest cost first,
@@ -195,8 +217,11 @@ def scan_poses(bins: list[BinScan], other: ScanTerms, kind: str, center: np.ndar
             raise ValueError("the scan needs each bin's axes turned onto the other's, "
                              "at the same spacing")
     # One FFT size for every bin, so the other side's spectra are computed once.
-    nb = np.array(other.weight.shape)
     na = np.max([scan.terms.weight.shape for scan in bins], axis=0)
+    # Beyond an open face: half the sampled side's extent, which the minimum overlap
+    # leaves a pose room to reach (MIN_OVERLAP of its weight on the other side).
+    other = other.extended(-(-na // 2))
+    nb = np.array(other.weight.shape)
     size = tuple(int(scipy.fft.next_fast_len(int(n), real=True)) for n in na + nb - 1)
     valid_hat = _spectrum(other.weight, size)
     descriptor_hat = _spectrum(other.descriptor, size)

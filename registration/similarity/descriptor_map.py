@@ -26,12 +26,18 @@ class DescriptorMap:
     ``valid`` (Z, Y, X) float32 in [0, 1], None meaning valid everywhere: where the
     image has data. Points of the other image that land where it is 0 count neither
     for nor against a pose (the overlap-normalised objective).
+
+    ``open_faces``: which faces of the grid (x low, x high, y low, y high, z low, z high)
+    lie in air, so that the objective reads a point beyond one as the face's own
+    descriptor and validity (kernels.py); None: none (a point beyond the grid counts
+    neither for nor against a pose).
     """
 
     data: np.ndarray
     grid: Grid
     scale: float = 1.0
     valid: np.ndarray | None = None
+    open_faces: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 4 or tuple(self.data.shape[:3]) != tuple(self.grid.shape):
@@ -40,6 +46,11 @@ class DescriptorMap:
         if self.valid is not None and tuple(self.valid.shape) != tuple(self.grid.shape):
             raise ValueError(f"validity {self.valid.shape} does not match grid "
                              f"{self.grid.shape}")
+
+    @property
+    def faces(self) -> np.ndarray:
+        """``open_faces`` as the kernels take it: uint8 (6,), 1 where a face is open."""
+        return np.asarray(self.open_faces or (False,) * 6, dtype=np.uint8)
 
     @property
     def validity(self) -> np.ndarray:
@@ -51,7 +62,7 @@ class DescriptorMap:
     def with_validity(self, valid: np.ndarray | None) -> DescriptorMap:
         """The same descriptors with validity ``valid`` (bool or float on this grid)."""
         v = None if valid is None else np.ascontiguousarray(valid, dtype=np.float32)
-        return DescriptorMap(self.data, self.grid, self.scale, v)
+        return DescriptorMap(self.data, self.grid, self.scale, v, self.open_faces)
 
     def grid_only(self) -> DescriptorMap:
         """This map's grid, scale, channels and validity with no descriptors: a read-only
@@ -60,7 +71,7 @@ class DescriptorMap:
         release_fixed_map``); never a map to read descriptors from."""
         zeros = np.broadcast_to(np.zeros((1, 1, 1, self.channels), self.data.dtype),
                                 self.data.shape)
-        return DescriptorMap(zeros, self.grid, self.scale, self.valid)
+        return DescriptorMap(zeros, self.grid, self.scale, self.valid, self.open_faces)
 
     @cached_property
     def valid_moments(self) -> tuple[np.ndarray, float]:
@@ -114,7 +125,7 @@ class DescriptorMap:
         values = np.ascontiguousarray(self.as_float())
         codes = np.empty(values.shape, dtype=np.int8)
         _encode_int8(values.reshape(-1), codes.reshape(-1))
-        return DescriptorMap(codes, self.grid, INT8_SCALE, self.valid)
+        return DescriptorMap(codes, self.grid, INT8_SCALE, self.valid, self.open_faces)
 
     def pooled(self) -> DescriptorMap:
         """Half resolution: [1, 2, 1]/4 smoothing then every second voxel.
@@ -122,14 +133,17 @@ class DescriptorMap:
         The binomial filter is centred, so voxel i of the result sits on voxel
         2i of this map and the grid keeps its origin (Grid.strided(2)).
         """
+        # Beyond an open face the map goes on as its face (kernels.py): the filter reads
+        # that too, instead of zeros that would shrink the face's descriptors by a quarter.
         values = _pooled_volume(self.data, float(self.scale) if self.is_int8 else 1.0,
-                                edge=False)
+                                edge=self.open_faces is not None and any(self.open_faces))
         valid = None
         if self.valid is not None:
             # A pooled node is as valid as the data its filter reads (edges taper).
             valid = _pooled_volume(self.validity[..., None], 1.0, edge=True)[..., 0]
         pooled = DescriptorMap(np.ascontiguousarray(values), self.grid.strided(2), 1.0,
-                               None if valid is None else np.ascontiguousarray(valid))
+                               None if valid is None else np.ascontiguousarray(valid),
+                               self.open_faces)
         return pooled.quantised() if self.is_int8 else pooled
 
     def smoothed(self, sigma_voxels: float) -> DescriptorMap:
@@ -173,7 +187,8 @@ class DescriptorMap:
         out = np.empty(data.shape, dtype=np.int8 if self.is_int8 else np.float32)
         _gaussian_volume(data.reshape(nz, ny * nx * nc), out.reshape(nz, ny * nx * nc),
                          weights, scale, ny, nc, self.is_int8)
-        return DescriptorMap(out, self.grid, INT8_SCALE if self.is_int8 else 1.0, self.valid)
+        return DescriptorMap(out, self.grid, INT8_SCALE if self.is_int8 else 1.0, self.valid,
+                             self.open_faces)
 
     def masked(self, mask: np.ndarray) -> DescriptorMap:
         """Validity set to 0 where ``mask`` (bool on this grid) is False: no similarity there.

@@ -13,7 +13,9 @@ Every point's term is gated by the moving map's validity v (trilinear, 1 where
 the moving image has data, 0 outside its field of view, sector or mask): the
 kernels return the gated sum s = sum w v c and the overlap w = sum w v, and the
 objective takes their ratio, so points outside the moving data count neither
-for nor against a pose.
+for nor against a pose. Beyond an open face of the moving map (the image meets
+air there, fov.open_faces) the map carries on as that face: a point there is
+read as air, and counts against a pose that puts tissue on it.
 """
 
 from __future__ import annotations
@@ -26,26 +28,44 @@ from numba import njit, prange
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _corner_weights(frac: float, upper: int) -> tuple[float, float]:
-    """Linear weight of a corner and its derivative along one axis."""
+def _corner_weights(frac: float, upper: int, flat: bool = False) -> tuple[float, float]:
+    """Linear weight of a corner and its derivative along one axis (0 where ``flat``)."""
+    slope = 0.0 if flat else 1.0
     if upper:
-        return frac, 1.0
-    return 1.0 - frac, -1.0
+        return frac, slope
+    return 1.0 - frac, -slope
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _point_term(f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz):
+def _onto_open_face(coordinate: float, n: int, low_open: int, high_open: int
+                    ) -> tuple[float, bool]:
+    """(coordinate, moved): a continuous index past an open end of an axis of ``n`` voxels
+    moved onto that end voxel (the map carries on as its face there)."""
+    if coordinate < 0.0 and low_open != 0:
+        return 0.0, True
+    if coordinate > n - 1.0 and high_open != 0:
+        return n - 1.0, True
+    return coordinate, False
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _point_term(f_vec, moving, valid, faces, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy,
+                m_gz):
     """Cost of one point whose moving-map index is (mx, my, mz), its validity, and gradients.
 
-    ``f_vec`` holds the (dequantised) fixed descriptor; ``valid`` (Z, Y, X) is the
-    moving map's validity (1 where the moving image has data, 0 outside its field of
-    view, sector or mask); ``m_*`` are scratch arrays of the channel count. Returns
-    (cost, d cost/d mx, d/d my, d/d mz, v, d v/d mx, d v/d my, d v/d mz) with cost =
-    -<F, M> (dot) or ||F - M||^2 (ssd), M and v trilinear with zeros outside the map.
-    Inlined into both kernels, so the hot loop pays no call.
+    ``f_vec``: the (dequantised) fixed descriptor; ``valid`` (Z, Y, X): the moving map's
+    validity (1 where the moving image has data, 0 outside its field of view, sector or
+    mask); ``faces`` (6,) uint8: its open faces (x low, x high, y low, ..., z high: air
+    there); ``m_*``: scratch arrays of the channel count. Returns (cost, d cost/d mx,
+    d/d my, d/d mz, v, d v/d mx, d v/d my, d v/d mz), cost = -<F, M> (dot) or
+    ||F - M||^2 (ssd), M and v trilinear, zero outside the map but past an open face
+    (there the face's, flat). Inlined into both kernels: the hot loop pays no call.
     """
     n_chan = f_vec.shape[0]
     nz, ny, nx = moving.shape[0], moving.shape[1], moving.shape[2]
+    mx, clamp_x = _onto_open_face(mx, nx, faces[0], faces[1])
+    my, clamp_y = _onto_open_face(my, ny, faces[2], faces[3])
+    mz, clamp_z = _onto_open_face(mz, nz, faces[4], faces[5])
     if not (mx > -1.0 and my > -1.0 and mz > -1.0 and mx < nx and my < ny and mz < nz):
         return 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     ix = int(np.floor(mx))
@@ -54,14 +74,8 @@ def _point_term(f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx
     fx = mx - ix
     fy = my - iy
     fz = mz - iz
-    val = 0.0
-    gx = 0.0
-    gy = 0.0
-    gz = 0.0
-    v = 0.0
-    vx = 0.0
-    vy = 0.0
-    vz = 0.0
+    val = gx = gy = gz = 0.0
+    v = vx = vy = vz = 0.0
     if ssd:
         for c in range(n_chan):
             m_val[c] = 0.0
@@ -77,9 +91,10 @@ def _point_term(f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx
         cz = iz + uz
         if cx < 0 or cy < 0 or cz < 0 or cx >= nx or cy >= ny or cz >= nz:
             continue
-        wx, dwx = _corner_weights(fx, ux)
-        wy, dwy = _corner_weights(fy, uy)
-        wz, dwz = _corner_weights(fz, uz)
+        # (Clamped onto a face, the value no longer moves with the coordinate: no slope.)
+        wx, dwx = _corner_weights(fx, ux, clamp_x)
+        wy, dwy = _corner_weights(fy, uy, clamp_y)
+        wz, dwz = _corner_weights(fz, uz, clamp_z)
         q = valid[cz, cy, cx]
         v += wx * wy * wz * q
         vx += dwx * wy * wz * q
@@ -130,8 +145,8 @@ def _add_outer(g, gx, gy, gz, px, py, pz):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _chunk_sums(fixed, weights, points, moving, valid, m, start, stop, scale_fixed, scale_moving,
-                ssd, want_grad, gs, gw):
+def _chunk_sums(fixed, weights, points, moving, valid, faces, m, start, stop, scale_fixed,
+                scale_moving, ssd, want_grad, gs, gw):
     """Gated sums over the points ``start:stop`` under one matrix ``m`` (3x4, fixed index
     -> moving index, both (x, y, z)): returns (sum_p w_p v_p c_p, sum_p w_p v_p) and, with
     ``want_grad``, adds their gradients w.r.t. ``m`` to ``gs`` and ``gw`` (3x4).
@@ -159,7 +174,7 @@ def _chunk_sums(fixed, weights, points, moving, valid, m, start, stop, scale_fix
         for c in range(n_chan):
             f_vec[c] = fixed[p, c] * scale_fixed
         term, gx, gy, gz, v, vx, vy, vz = _point_term(
-            f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz)
+            f_vec, moving, valid, faces, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz)
         acc += w * v * term
         overlap += w * v
         if want_grad:
@@ -197,8 +212,8 @@ def _sum_chunks(part_s, part_w, part_gs, part_gw):
     return s_out, w_out, gs_out, gw_out
 
 
-def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving, ssd,
-                     want_grad, n_chunks):
+def _descriptor_cost(fixed, weights, points, moving, valid, faces, mats, scale_fixed,
+                     scale_moving, ssd, want_grad, n_chunks):
     """Validity-gated weighted descriptor sums of B transforms, and their gradients.
 
     Args:
@@ -207,6 +222,7 @@ def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, s
         points: (N, 3) float32 fixed-grid indices (x, y, z).
         moving: (Z, Y, X, C) moving descriptor map (int8 or float32).
         valid: (Z, Y, X) float32 moving validity in [0, 1] (see ``_point_term``).
+        faces: (6,) uint8, the moving map's open faces (see ``_point_term``).
         mats: (B, 3, 4) float64 fixed index -> moving index.
         scale_fixed, scale_moving: dequantisation factors (1/127 for int8 codes).
         ssd: False -> c_p = -<F_p, M(T p)> (maximise the dot product);
@@ -235,8 +251,8 @@ def _descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, s
         stop = min(n_points, start + chunk)
         gs = np.zeros((3, 4))
         gw = np.zeros((3, 4))
-        acc, overlap = _chunk_sums(fixed, weights, points, moving, valid, mats[b], start, stop,
-                                   scale_fixed, scale_moving, ssd, want_grad, gs, gw)
+        acc, overlap = _chunk_sums(fixed, weights, points, moving, valid, faces, mats[b], start,
+                                   stop, scale_fixed, scale_moving, ssd, want_grad, gs, gw)
         part_s[b, k] = acc
         part_w[b, k] = overlap
         for a in range(3):
@@ -283,8 +299,8 @@ PARALLEL_MIN_WORK = 32_768
 POINT_PARALLEL_MIN_WORK = 400_000
 
 
-def descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving, ssd,
-                    want_grad):
+def descriptor_cost(fixed, weights, points, moving, valid, faces, mats, scale_fixed, scale_moving,
+                    ssd, want_grad):
     """Dispatch to the serial or the parallel kernel by the amount of work (see above).
 
     Returns (s, w, d s / d mats, d w / d mats): see ``_descriptor_cost``.
@@ -292,11 +308,11 @@ def descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, sc
     work = mats.shape[0] * points.shape[0]
     threads = numba.get_num_threads()
     if threads == 1 or work < PARALLEL_MIN_WORK:
-        return _cost_serial(fixed, weights, points, moving, valid, mats, scale_fixed,
+        return _cost_serial(fixed, weights, points, moving, valid, faces, mats, scale_fixed,
                             scale_moving, ssd, want_grad, 1)
     n_chunks = max(1, -(-4 * threads // mats.shape[0]))
-    return _cost_parallel(fixed, weights, points, moving, valid, mats, scale_fixed, scale_moving,
-                          ssd, want_grad, n_chunks)
+    return _cost_parallel(fixed, weights, points, moving, valid, faces, mats, scale_fixed,
+                          scale_moving, ssd, want_grad, n_chunks)
 
 
 # ------------------------------------------------------------------ per-point mappings
@@ -308,8 +324,8 @@ def descriptor_cost(fixed, weights, points, moving, valid, mats, scale_fixed, sc
 # chain its own Jacobian to the per-point gradient in numpy.
 
 
-def _point_descriptor_cost(fixed, weights, coords, moving, valid, scale_fixed, scale_moving, ssd,
-                           want_grad, n_chunks):
+def _point_descriptor_cost(fixed, weights, coords, moving, valid, faces, scale_fixed,
+                           scale_moving, ssd, want_grad, n_chunks):
     """Validity-gated weighted descriptor sums of B mappings given per-point moving coordinates.
 
     Args:
@@ -319,6 +335,7 @@ def _point_descriptor_cost(fixed, weights, coords, moving, valid, scale_fixed, s
             where each mapping sends each point.
         moving: (Z, Y, X, C) moving descriptor map (int8 or float32).
         valid: (Z, Y, X) float32 moving validity in [0, 1].
+        faces: (6,) uint8, the moving map's open faces (see ``_point_term``).
         scale_fixed, scale_moving: dequantisation factors (1/127 for int8 codes).
         ssd: False -> c_p = -<F_p, M(y_p)>; True -> c_p = ||F_p - M(y_p)||^2.
         want_grad: also return the per-point gradients.
@@ -357,7 +374,8 @@ def _point_descriptor_cost(fixed, weights, coords, moving, valid, scale_fixed, s
             for c in range(n_chan):
                 f_vec[c] = fixed[p, c] * scale_fixed
             term, gx, gy, gz, v, vx, vy, vz = _point_term(
-                f_vec, moving, valid, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy, m_gz)
+                f_vec, moving, valid, faces, mx, my, mz, scale_moving, ssd, m_val, m_gx, m_gy,
+                m_gz)
             acc += w * v * term
             overlap += w * v
             if want_grad:
@@ -383,8 +401,8 @@ _point_parallel = _compiled(_point_descriptor_cost, parallel=True)
 _point_serial = _compiled(_point_descriptor_cost, parallel=False)
 
 
-def point_descriptor_cost(fixed, weights, coords, moving, valid, scale_fixed, scale_moving, ssd,
-                          want_grad):
+def point_descriptor_cost(fixed, weights, coords, moving, valid, faces, scale_fixed, scale_moving,
+                          ssd, want_grad):
     """Dispatch the per-point kernel to its serial or parallel compilation by work size.
 
     Same conventions as ``descriptor_cost`` (trilinear, zero outside the map,
@@ -396,11 +414,11 @@ def point_descriptor_cost(fixed, weights, coords, moving, valid, scale_fixed, sc
     threads = numba.get_num_threads()
     floor = PARALLEL_MIN_WORK if coords.shape[0] > 1 else POINT_PARALLEL_MIN_WORK
     if threads == 1 or work < floor:
-        return _point_serial(fixed, weights, coords, moving, valid, scale_fixed, scale_moving,
-                             ssd, want_grad, 1)
+        return _point_serial(fixed, weights, coords, moving, valid, faces, scale_fixed,
+                             scale_moving, ssd, want_grad, 1)
     n_chunks = max(1, -(-4 * threads // coords.shape[0]))
-    return _point_parallel(fixed, weights, coords, moving, valid, scale_fixed, scale_moving, ssd,
-                           want_grad, n_chunks)
+    return _point_parallel(fixed, weights, coords, moving, valid, faces, scale_fixed,
+                           scale_moving, ssd, want_grad, n_chunks)
 
 
 def _sample_descriptors(moving, coords, scale, out):

@@ -178,6 +178,7 @@ class DescriptorObjective:
                 self.fixed.data[idx[:, 2], idx[:, 1], idx[:, 0]])
         self._moving = np.ascontiguousarray(self.moving.data)
         self._valid = self.moving.validity
+        self._faces = self.moving.faces
         self.chance_cost, self.match_cost = self._reference_costs()
 
     def release_fixed_map(self) -> None:
@@ -228,8 +229,8 @@ class DescriptorObjective:
         p, dp = self.model.matrices(theta)
         mats = fold_grids(p, self.fixed.grid, self.moving.grid)
         s, w, grad_s, grad_w = descriptor_cost(
-            self.fixed_values, self.weights, self.points, self._moving, self._valid, mats,
-            self._fixed_scale, float(self.moving.scale), self.kind == "ssd", want_grad)
+            self.fixed_values, self.weights, self.points, self._moving, self._valid, self._faces,
+            mats, self._fixed_scale, float(self.moving.scale), self.kind == "ssd", want_grad)
         self.evaluations += len(theta)
         cost, a, b = self._normalise(s, w)
         if not want_grad:
@@ -299,7 +300,7 @@ class PointObjective(DescriptorObjective):
         to_index = self.moving.grid.physical_to_index
         coords = np.ascontiguousarray(moved @ to_index[:3, :3].T + to_index[:3, 3])
         s, w, grad_s, grad_w = point_descriptor_cost(
-            self.fixed_values, self.weights, coords, self._moving, self._valid,
+            self.fixed_values, self.weights, coords, self._moving, self._valid, self._faces,
             self._fixed_scale, float(self.moving.scale), self.kind == "ssd", want_grad)
         self.evaluations += len(theta)
         cost, a, b = self._normalise(s, w)

@@ -25,7 +25,7 @@ def _previous_foreground_mask(volume: np.ndarray) -> np.ndarray:
     if finite.size == 0 or finite.max() <= finite.min():
         return np.zeros(volume.shape, dtype=bool)
     # Otsu on one plain np.histogram (no value_range: the unthreaded path, as before).
-    threshold = pp._otsu_threshold(finite)
+    threshold = pp.otsu_threshold(finite)
     mask = smooth > threshold
     if mask.sum() < 0.01 * mask.size:
         mask = smooth > finite.min() + 1e-3 * (finite.max() - finite.min())
@@ -92,8 +92,8 @@ def test_box_mean_and_threshold_equal_scipy_and_numpy() -> None:
     np.testing.assert_array_equal(pp._box_mean3(volume), ndimage.uniform_filter(volume, 3))
     values = volume.reshape(-1)
     # Counted in halves over the known range, or by np.histogram alone: one threshold.
-    assert pp._otsu_threshold(values, value_range=(values.min(), values.max())) == \
-        pp._otsu_threshold(values)
+    assert pp.otsu_threshold(values, value_range=(values.min(), values.max())) == \
+        pp.otsu_threshold(values)
 
 
 def test_normalised_volume_equals_the_previous_method() -> None:

@@ -53,9 +53,10 @@ def test_point_kernel_matches_the_matrix_kernel_and_its_gradient(ssd: bool, int8
     # Validity: smooth in space, so both sums have informative gradients everywhere.
     z, y, x = np.meshgrid(*(np.arange(k) for k in moving.shape[:3]), indexing="ij")
     valid = np.clip(0.5 + 0.4 * np.sin(0.3 * x + 0.2 * y - 0.25 * z), 0, 1).astype(np.float32)
+    faces = np.array([0, 1, 1, 0, 0, 1], np.uint8)  # some points lie beyond these
     args = (scale, scale, ssd)
-    matrix = descriptor_cost(fixed, weights, points, moving, valid, mats, *args, True)
-    point = point_descriptor_cost(fixed, weights, coords, moving, valid, *args, True)
+    matrix = descriptor_cost(fixed, weights, points, moving, valid, faces, mats, *args, True)
+    point = point_descriptor_cost(fixed, weights, coords, moving, valid, faces, *args, True)
     for k in (0, 1):  # s and w
         np.testing.assert_allclose(point[k], matrix[k], rtol=1e-6, atol=1e-9)
     # Chaining the per-point gradients through the affine map gives the matrix gradients.
@@ -67,12 +68,15 @@ def test_point_kernel_matches_the_matrix_kernel_and_its_gradient(ssd: bool, int8
     for b, p, axis in ((0, 3, 0), (1, 10, 2), (0, 57, 1)):
         step = np.zeros_like(coords)
         step[b, p, axis] = 1e-4
-        plus = point_descriptor_cost(fixed, weights, coords + step, moving, valid, *args, False)
-        minus = point_descriptor_cost(fixed, weights, coords - step, moving, valid, *args, False)
+        plus = point_descriptor_cost(fixed, weights, coords + step, moving, valid, faces, *args,
+                                     False)
+        minus = point_descriptor_cost(fixed, weights, coords - step, moving, valid, faces, *args,
+                                      False)
         for k in (0, 1):
             assert (plus[k][b] - minus[k][b]) / 2e-4 == pytest.approx(point[k + 2][b, p, axis],
                                                                      rel=1e-3, abs=1e-7)
-    no_grad = point_descriptor_cost(fixed, weights, coords, moving, valid, *args, False)
+    no_grad = point_descriptor_cost(fixed, weights, coords, moving, valid, faces, *args,
+                                    False)
     assert no_grad[2].shape == (2, 0, 3)
 
 

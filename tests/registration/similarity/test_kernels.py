@@ -18,8 +18,8 @@ PAIRS = [
 
 
 def _problem(n_batch: int, n_points: int, seed: int = 0) -> tuple:
-    """A random int8 moving map (Z, Y, X, C), its validity (a corner without data), fixed
-    descriptors and near-identity transforms."""
+    """A random int8 moving map (Z, Y, X, C), its validity (a corner without data), its
+    open faces (x low and y high), fixed descriptors and near-identity transforms."""
     rng = np.random.default_rng(seed)
     moving = rng.integers(-127, 128, size=(10, 12, 11, 16)).astype(np.int8)
     valid = np.ones(moving.shape[:3], np.float32)
@@ -29,7 +29,8 @@ def _problem(n_batch: int, n_points: int, seed: int = 0) -> tuple:
     points = (rng.random((n_points, 3)) * [10, 11, 9]).astype(np.float32)
     mats = np.tile(np.hstack([np.eye(3), np.full((3, 1), 0.3)])[None], (n_batch, 1, 1))
     mats = mats + rng.normal(scale=0.05, size=mats.shape)
-    return fixed, weights, points, moving, valid, mats
+    faces = np.array([1, 0, 0, 1, 0, 0], np.uint8)
+    return fixed, weights, points, moving, valid, faces, mats
 
 
 @pytest.mark.parametrize(("serial", "parallel"), PAIRS)
@@ -44,8 +45,8 @@ def test_serial_and_parallel_variants_have_their_own_cache(serial, parallel) -> 
 
 @pytest.mark.parametrize("ssd", [False, True])
 def test_parallel_kernel_equals_serial(ssd: bool) -> None:
-    fixed, weights, points, moving, valid, mats = _problem(5, 700)
-    args = (fixed, weights, points, moving, valid, mats, 1 / 127, 1 / 127, ssd, True)
+    fixed, weights, points, moving, valid, faces, mats = _problem(5, 700)
+    args = (fixed, weights, points, moving, valid, faces, mats, 1 / 127, 1 / 127, ssd, True)
     serial = kernels._cost_serial(*args, 1)
     for n_chunks in (1, 3, 8):
         parallel = kernels._cost_parallel(*args, n_chunks)
@@ -59,7 +60,7 @@ def test_parallel_kernel_equals_serial(ssd: bool) -> None:
 def test_kernel_sums_count_only_points_on_valid_data(ssd: bool) -> None:
     """s = sum w v c and w = sum w v: a point whose moving partner lies where the map is
     invalid adds nothing to either (the overlap-normalised objective's two sums)."""
-    fixed, weights, points, moving, valid, mats = _problem(1, 400)
+    fixed, weights, points, moving, valid, faces, mats = _problem(1, 400)
     mats = np.hstack([np.eye(3), np.zeros((3, 1))])[None]
     points = np.floor(points).astype(np.float32)  # on nodes: v is exactly 0 or 1
     node = points.astype(int)
@@ -67,7 +68,7 @@ def test_kernel_sums_count_only_points_on_valid_data(ssd: bool) -> None:
     m = moving[node[:, 2], node[:, 1], node[:, 0]].astype(np.float64) / 127
     f = fixed.astype(np.float64) / 127
     c = np.sum((f - m) ** 2, axis=1) if ssd else -np.sum(f * m, axis=1)
-    s, w, _, _ = kernels._cost_serial(fixed, weights, points, moving, valid, mats, 1 / 127,
+    s, w, _, _ = kernels._cost_serial(fixed, weights, points, moving, valid, faces, mats, 1 / 127,
                                       1 / 127, ssd, False, 1)
     np.testing.assert_allclose(w[0], np.sum(weights * v), rtol=1e-6)
     np.testing.assert_allclose(s[0], np.sum(weights * v * c), rtol=1e-5, atol=1e-9)
@@ -123,17 +124,17 @@ def test_each_variant_runs_as_compiled_in_a_fresh_process(name: str, expected: s
 
 
 def test_point_kernel_parallel_equals_serial_and_dispatches_batches(monkeypatch) -> None:
-    fixed, weights, points, moving, valid, mats = _problem(4, 600)
+    fixed, weights, points, moving, valid, faces, mats = _problem(4, 600)
     homogeneous = np.hstack([points.astype(np.float64), np.ones((len(points), 1))])
     coords = np.einsum("bij,nj->bni", mats, homogeneous)  # (B, N, 3) moving indices
-    args = (fixed, weights, coords, moving, valid, 1 / 127, 1 / 127, False, True)
+    args = (fixed, weights, coords, moving, valid, faces, 1 / 127, 1 / 127, False, True)
     serial = kernels._point_serial(*args, 1)
     parallel = kernels._point_parallel(*args, 3)
     for a, b in zip(parallel, serial, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
     # Same sums as the matrix kernel for the same transforms.
-    s_m, w_m, _, _ = kernels._cost_serial(fixed, weights, points, moving, valid, mats, 1 / 127,
-                                          1 / 127, False, True, 1)
+    s_m, w_m, _, _ = kernels._cost_serial(fixed, weights, points, moving, valid, faces, mats,
+                                          1 / 127, 1 / 127, False, True, 1)
     np.testing.assert_allclose(serial[0], s_m, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(serial[1], w_m, rtol=1e-6, atol=1e-9)
 
@@ -142,6 +143,34 @@ def test_point_kernel_parallel_equals_serial_and_dispatches_batches(monkeypatch)
     batch = np.zeros((8, 4096, 3))  # probe-model starts: parallel like the matrix kernel
     for c in (one_mapping, batch):
         kernels.point_descriptor_cost(fixed[:1].repeat(c.shape[1], 0), np.ones(c.shape[1],
-                                      np.float32), c, moving, valid, 1 / 127, 1 / 127, False,
+                                      np.float32), c, moving, valid, faces, 1 / 127, 1 / 127, False,
                                       True)
     assert calls == ["serial", "parallel"]
+
+
+@pytest.mark.parametrize("ssd", [False, True])
+def test_a_point_beyond_an_open_face_reads_that_face(ssd: bool) -> None:
+    """Beyond an open face (the image meets air there) the map carries on as the face: the
+    same term and validity as the point moved onto the face, and no gradient along that
+    axis; beyond a closed face a point counts for nothing."""
+    fixed, _, _, moving, valid, faces, _ = _problem(1, 1)  # x low and y high open
+    valid[:] = 1.0
+    weights = np.ones(1, np.float32)
+    identity = np.hstack([np.eye(3), np.zeros((3, 1))])[None]
+    nz, ny, nx = moving.shape[:3]
+
+    def cost(point: list[float]) -> tuple:
+        return kernels._cost_serial(fixed, weights, np.array([point], np.float32), moving,
+                                    valid, faces, identity, 1 / 127, 1 / 127, ssd, True, 1)
+
+    on_face, beyond = cost([0.0, 4.3, 5.6]), cost([-3.7, 4.3, 5.6])  # x low: open
+    np.testing.assert_allclose(beyond[0], on_face[0], rtol=1e-6)
+    assert beyond[1][0] == pytest.approx(1.0)
+    assert np.all(beyond[2][0, 0] == 0.0) and np.any(beyond[2][0, 1:] != 0.0)
+    np.testing.assert_allclose(cost([2.2, ny + 4.0, 5.6])[0], cost([2.2, ny - 1.0, 5.6])[0],
+                               rtol=1e-6)  # y high: open
+    for closed in ([nx + 1.5, 4.3, 5.6], [2.2, -2.0, 5.6], [2.2, 4.3, nz + 0.5]):
+        s, w, gs, gw = cost(closed)
+        assert s[0] == 0.0 and w[0] == 0.0 and not gs.any() and not gw.any()
+    # Past an open and a closed face at once: the closed one decides.
+    assert cost([-3.0, -2.0, 5.6])[1][0] == 0.0
