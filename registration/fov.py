@@ -186,10 +186,12 @@ def data_region(image: sitk.Image) -> DataRegion:
 #: low end then the high end.
 FACES = ("x low", "x high", "y low", "y high", "z low", "z high")
 #: A face is open (the image meets air there) when at least OPEN_FACE_DATA of its voxels
-#: are data (not padding) and at most OPEN_FACE_TISSUE of them lie above the tissue
+#: are data (not padding) and at most OPEN_FACE_TISSUE of those lie above the tissue
 #: threshold. A neck or a crop through the body puts 10-100 % of a face above it; the
-#: realistic head MRs' air faces 0-0.3 % (docs/DESIGN.md, "Open faces").
-OPEN_FACE_DATA = 0.99
+#: realistic head MRs' air faces 0-0.3 %; an ultrasound's box faces are mostly padding,
+#: and speckle where they are not (docs/DESIGN.md, "Open faces"). Beyond an open face's
+#: padded part the image stays unknown: there the face voxel's own data region decides.
+OPEN_FACE_DATA = 0.25
 OPEN_FACE_TISSUE = 0.02
 #: Voxels of the regular subsample that the tissue threshold is computed on.
 THRESHOLD_SAMPLE = 1_000_000
@@ -211,8 +213,8 @@ def tissue_threshold(array: np.ndarray, padding: np.ndarray
 
 def open_faces(array: np.ndarray, padding: np.ndarray, threshold: float | None
                ) -> tuple[bool, ...]:
-    """Which faces of the buffer (``FACES`` order) the image meets in air: (nearly) all of
-    the face is data and (nearly) none of it is above ``threshold``.
+    """Which faces of the buffer (``FACES`` order) the image meets in air: a good part of
+    the face is data (``OPEN_FACE_DATA``) and (nearly) none of that is above ``threshold``.
 
     Why: a head MR or CT framed by air says what lies beyond its box, air; a crop, a slab
     or a sector does not. The objective treats a point beyond an open face as air
@@ -429,9 +431,10 @@ def regions_on_grid(region: sitk.Image, reference: sitk.Image,
     """The data region resampled onto ``reference``'s grid as bool (z, y, x) masks, True
     where more than half of the interpolated region has data: (fov, unpadded). Outside
     the region's buffer, fov is False (no data: the field of view) unless the point lies
-    beyond open faces only (``open_faces``, ``FACES`` order of the region's buffer: air
-    there, which the image's padding value stands for), and unpadded is True (only the
-    padding counts there, what erosion applies to).
+    beyond open faces only (``open_faces``, ``FACES`` order of the region's buffer) and the
+    face's nearest voxel has data: air there, which the resampler's fill stands for.
+    Unpadded is True outside the buffer (only the padding counts there, what erosion
+    applies to).
 
     One resampling for both: ITK's resampler gives a point outside the buffer the
     default value and never blends it with the buffer's voxels, so a default of -1
@@ -444,15 +447,16 @@ def regions_on_grid(region: sitk.Image, reference: sitk.Image,
     fov = on_grid > 0.5
     outside = on_grid == -1.0
     if any(open_faces) and outside.any():
-        fov |= outside & _beyond_open_faces_only(region, reference, open_faces)
+        fov |= outside & _air_beyond_open_faces(region, reference, open_faces)
     return fov, fov | outside
 
 
-def _beyond_open_faces_only(region: sitk.Image, reference: sitk.Image,
-                            open_faces: tuple[bool, ...]) -> np.ndarray:
+def _air_beyond_open_faces(region: sitk.Image, reference: sitk.Image,
+                           open_faces: tuple[bool, ...]) -> np.ndarray:
     """Bool (z, y, x) on ``reference``'s grid: the voxels that lie past some face of
     ``region``'s buffer (half a voxel past its end voxels, ITK's inside test for linear
-    interpolation) and past open faces only.
+    interpolation), past open faces only, and whose nearest buffer voxel has data (the
+    face carried on, as the objective's kernels carry a map's open face on).
 
     The region's continuous index is affine in the reference's index, so each axis's is a
     sum of three broadcast rows: no per-voxel coordinates (an argwhere and a matrix
@@ -468,6 +472,7 @@ def _beyond_open_faces_only(region: sitk.Image, reference: sitk.Image,
     rows = [np.arange(n, dtype=np.float32) for n in (nx, ny, nz)]
     past = np.zeros((nz, ny, nx), dtype=bool)
     blocked = np.zeros((nz, ny, nx), dtype=bool)
+    nearest = []
     for axis, size in enumerate(region.GetSize()):
         index = ((to_region[axis, 0] * rows[0])[None, None, :]
                  + (to_region[axis, 1] * rows[1])[None, :, None]
@@ -478,28 +483,26 @@ def _beyond_open_faces_only(region: sitk.Image, reference: sitk.Image,
             blocked |= below
         if not open_faces[2 * axis + 1]:
             blocked |= above
+        nearest.append(np.clip(np.rint(index), 0, size - 1).astype(np.int32))
     # (A voxel ITK found outside but within half a voxel here, by rounding: no face.)
-    return past & ~blocked
+    air = past & ~blocked
+    if air.any():
+        data = sitk.GetArrayViewFromImage(region)
+        air[air] = data[nearest[2][air], nearest[1][air], nearest[0][air]] > 0
+    return air
 
 
-def grid_open_faces(fov: np.ndarray, raw: np.ndarray, threshold: float | None
+def grid_open_faces(fov: np.ndarray, raw: np.ndarray, region: DataRegion
                     ) -> tuple[bool, ...]:
     """Which faces of a working grid (``FACES`` order; ``fov`` and ``raw``, the resampled
-    intensities, (z, y, x) on it) lie in air: every voxel of the face has data or stands
-    for air beyond an open face of the image's buffer (``regions_on_grid``), and at most
-    ``OPEN_FACE_TISSUE`` of them lie above the image's tissue ``threshold``. The
-    objective carries such a face's descriptors on beyond it (kernels.py)."""
-    if threshold is None:
+    intensities, (z, y, x) on it) lie in air: none where no face of the image's buffer
+    is open (``region``), else as ``open_faces``, with ``fov`` (data, or air beyond an
+    open face of the buffer: ``regions_on_grid``) for the data. The objective carries
+    such a face's descriptors and validity on beyond it (kernels.py), so where the face
+    has no data (past a closed face of the buffer, padding) nothing beyond it has."""
+    if not any(region.open_faces):
         return (False,) * 6
-    faces = []
-    for axis in (2, 1, 0):
-        for end in (0, -1):
-            if not np.take(fov, end, axis=axis).all():
-                faces.append(False)
-                continue
-            tissue = np.count_nonzero(np.take(raw, end, axis=axis) > threshold)
-            faces.append(bool(tissue <= OPEN_FACE_TISSUE * np.take(raw, end, axis=axis).size))
-    return tuple(faces)
+    return open_faces(raw, ~fov, region.tissue_threshold)
 
 
 def mapped_inside(region: sitk.Image, reference: sitk.Image, transform: sitk.Transform,

@@ -395,7 +395,7 @@ def prepare(image: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None,
         raise InputError(labelled(role, "image foreground is (nearly) empty: nothing to "
                                         "register"))
     normalisation = intensity_normalisation(array, mask, role)
-    faces = grid_open_faces(fov, array, region.tissue_threshold)
+    faces = grid_open_faces(fov, array, region)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
                          normalisation, fov, region, user_mask is not None, unpadded, faces)
 
@@ -422,7 +422,7 @@ def regrid(smoothed: sitk.Image, spacing_mm: float, user_mask: sitk.Image | None
     fov, unpadded = regions_on_grid(region.mask, resampled, region.open_faces)
     if not region.has_padding:
         unpadded = np.ones(fov.shape, dtype=bool)
-    faces = grid_open_faces(fov, array, region.tissue_threshold)
+    faces = grid_open_faces(fov, array, region)
     return PreparedImage(normalisation.apply(array), Grid.from_image(resampled), mask,
                          normalisation, fov, region, user_mask is not None, unpadded, faces)
 

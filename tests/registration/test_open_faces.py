@@ -51,21 +51,28 @@ def test_an_image_framed_by_air_has_open_faces_and_a_cut_closes_them(head) -> No
     assert all(open_ for name, open_ in faces.items() if name != "y high")
 
 
-def test_padding_on_a_face_closes_it(head) -> None:
-    """A face with padding on it (the fill of an oblique resampling, a fan's outside) says
-    nothing about what lies beyond: closed."""
+def test_a_face_mostly_padded_is_closed_and_beyond_a_padded_part_nothing_is_air(head) -> None:
+    """Padding (the fill of an oblique resampling, a fan's outside) says nothing about what
+    lies beyond it: a face that is mostly padding is closed, and past an open face's
+    padded part the region stays without data."""
     array = sitk.GetArrayFromImage(head)
     z, _, x = np.meshgrid(*(np.arange(n) for n in array.shape), indexing="ij")
-    corner = x + z < 30  # an oblique cut across the x low / z low edge, filled with zeros
-    array[corner] = 0.0
+    array[(x < 4) | (x + z < 40)] = array.min()  # x low all padding, an oblique cut
     padded = sitk.GetImageFromArray(array)
     padded.CopyInformation(head)
     region = data_region(padded)
     assert region.has_padding
     faces = dict(zip(FACES, region.open_faces, strict=True))
-    # (The cut runs along y, so both y faces hold some of it too.)
-    assert faces == {"x low": False, "x high": True, "y low": False, "y high": False,
-                     "z low": False, "z high": True}
+    # x low is all padding; z low 62 % padding, air else; the others air with less padding.
+    assert faces == {"x low": False, "x high": True, "y low": True, "y high": True,
+                     "z low": True, "z high": True}
+    reference = sitk.Image([64, 64, 80], sitk.sitkUInt8)  # 16 voxels past z low
+    reference.SetOrigin(head.TransformIndexToPhysicalPoint((0, 0, -16)))
+    reference.SetSpacing(head.GetSpacing())
+    reference.SetDirection(head.GetDirection())
+    fov, _ = regions_on_grid(region.mask, reference, region.open_faces)
+    beyond = fov[:16]  # past z low: air past the face's data, nothing past its padding
+    assert not beyond[:, :, :40].any() and beyond[:, :, 40:].all()
 
 
 def test_regions_on_grid_count_air_beyond_open_faces_only(head) -> None:
