@@ -154,3 +154,22 @@ def test_air_beyond_open_faces_on_an_oblique_grid_equals_a_point_by_point_check(
                                            or (above & closed[:, 1]).any())
     assert 0.2 < expected.mean() < 0.9
     assert np.mean(fov != expected) < 0.002  # (the buffer's own edge: ITK interpolates)
+
+
+@pytest.mark.parametrize("role", ["fixed", "moving"])
+def test_an_ultrasound_keeps_every_face_closed(head, role) -> None:
+    """A dark face of an ultrasound is fluid or shadow, not air: an image declared or
+    detected as ultrasound is prepared again with no open face, the other left as it was."""
+    turn = np.asarray(sitk.VersorTransform((0.0, 0.0, 1.0), 0.4).GetMatrix()).reshape(3, 3)
+    direction = turn @ Grid.from_image(head).direction
+    inputs = pipeline._prepared_inputs(head, head, None, None, 3.0, direction,
+                                       pipeline.MAX_WORKING_VOXELS, None)
+    assert inputs.fixed_p.open_faces == inputs.moving_p.open_faces == (True,) * 6
+    closed = pipeline._ultrasound_closed(inputs, role, head, head, None, None, direction,
+                                         pipeline.MAX_WORKING_VOXELS)
+    ultrasound, other = ((closed.fixed_p, closed.moving_p) if role == "fixed"
+                         else (closed.moving_p, closed.fixed_p))
+    assert ultrasound.open_faces == ultrasound.region.open_faces == (False,) * 6
+    assert other is (inputs.moving_p if role == "fixed" else inputs.fixed_p)
+    if role == "moving":  # on turned axes: its grid's corners lie outside its box
+        assert not ultrasound.fov.all() and inputs.moving_p.fov.all()

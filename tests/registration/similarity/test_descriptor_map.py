@@ -49,3 +49,19 @@ def test_pooled_weights_are_each_cells_maximum_on_odd_shapes() -> None:
     for z, y, x in np.ndindex(shape):
         cell = weights[2 * z: 2 * z + 2, 2 * y: 2 * y + 2, 2 * x: 2 * x + 2]
         assert pooled[z, y, x] == cell.max()
+
+
+def test_open_faces_travel_with_the_map_and_pooling_reads_the_face_beyond_them() -> None:
+    """Every derived map keeps its open faces; pooled with one, a border node is the
+    [1, 2, 1] filter of the face carried on (the edge value), not a quarter short."""
+    faces = (True, False, False, False, False, True)
+    raw = DescriptorMap(np.ones((12, 10, 9, 4), np.float32),
+                        Grid((12, 10, 9), np.zeros(3), np.full(3, 2.0), np.eye(3)),
+                        open_faces=faces)
+    for derived in (raw.quantised(), raw.pooled(), raw.smoothed(1.0), raw.grid_only(),
+                    raw.with_validity(np.ones((12, 10, 9))), raw.masked(np.ones((12, 10, 9)))):
+        assert derived.open_faces == faces
+    np.testing.assert_allclose(raw.pooled().as_float(), 1.0, rtol=1e-6)
+    closed = DescriptorMap(raw.data, raw.grid)
+    assert closed.faces.tolist() == [0] * 6 and raw.faces.tolist() == [1, 0, 0, 0, 0, 1]
+    assert closed.pooled().as_float()[0, 0, 0, 0] < 0.6  # zeros beyond its ends
