@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from disa.core.grid import Grid
 from disa.core.preprocess import otsu_threshold
 
 #: Smallest fraction of the buffer that counts as padding (below: stray equal voxels).
@@ -461,13 +462,10 @@ def _air_beyond_open_faces(region: sitk.Image, reference: sitk.Image,
     The region's continuous index is affine in the reference's index, so each axis's is a
     sum of three broadcast rows: no per-voxel coordinates (an argwhere and a matrix
     product over the outside voxels took 0.5 s a registration on a slab's bins)."""
-    ref_to_physical = (np.asarray(reference.GetDirection()).reshape(3, 3)
-                       * np.asarray(reference.GetSpacing())[None, :])
-    reg_to_physical = (np.asarray(region.GetDirection()).reshape(3, 3)
-                       * np.asarray(region.GetSpacing())[None, :])
-    to_region = np.linalg.solve(reg_to_physical, ref_to_physical)  # reference idx -> region idx
-    offset = np.linalg.solve(reg_to_physical, np.asarray(reference.GetOrigin())
-                             - np.asarray(region.GetOrigin()))
+    # reference index (x, y, z, 1) -> region index, both through LPS mm
+    to_region = (Grid.from_image(region).physical_to_index
+                 @ Grid.from_image(reference).index_to_physical)
+    offset = to_region[:3, 3]
     nx, ny, nz = reference.GetSize()
     rows = [np.arange(n, dtype=np.float32) for n in (nx, ny, nz)]
     past = np.zeros((nz, ny, nx), dtype=bool)
