@@ -26,12 +26,12 @@ SCAN_BLOCK_MM. Each bin's lowest costs, two blocks apart, become starts of the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.fft
-from numba import get_num_threads, njit
+from numba import get_num_threads, njit, prange
 
 from disa.registration.similarity.descriptor_map import DescriptorMap
 from disa.registration.similarity.objective import MIN_OVERLAP, PRIOR_WEIGHT
@@ -174,30 +174,95 @@ def _workers() -> int:
 
 
 def _spectrum(array: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """rfftn over the first three axes, zero-padded to ``size``, one axis at a time: each
+    pass transforms only the rows that hold data (the padding is most of ``size``), which
+    took 0.42 -> 0.28 s for a torso's 7 bins against one padded rfftn (same spectrum)."""
     # (float32: half the time of float64, and the scan only ranks shifts.)
-    return scipy.fft.rfftn(array.astype(np.float32), s=size, axes=(0, 1, 2),
-                           workers=_workers())
+    spectrum = scipy.fft.rfft(array.astype(np.float32), n=size[2], axis=2, workers=_workers())
+    spectrum = scipy.fft.fft(spectrum, n=size[1], axis=1, workers=_workers())
+    return scipy.fft.fft(spectrum, n=size[0], axis=0, workers=_workers())
+
+
+@njit(cache=True, parallel=True)
+def _channel_products(a_hat: np.ndarray, b_hat: np.ndarray
+                      ) -> np.ndarray:  # pragma: no cover - compiled
+    """sum_c conj(a_hat[..., c]) * b_hat[..., c] without the (Z, Y, X, C) temporary that
+    numpy's product and sum build (3.5x faster on a torso's spectra)."""
+    nz, ny, nx, channels = a_hat.shape
+    out = np.empty((nz, ny, nx), dtype=np.complex64)
+    for z in prange(nz):
+        for y in range(ny):
+            for x in range(nx):
+                real = np.float32(0.0)
+                imag = np.float32(0.0)
+                for c in range(channels):
+                    u = a_hat[z, y, x, c]
+                    v = b_hat[z, y, x, c]
+                    real += u.real * v.real + u.imag * v.imag
+                    imag += u.real * v.imag - u.imag * v.real
+                out[z, y, x] = complex(real, imag)
+    return out
 
 
 def _correlate(a_hat: np.ndarray, b_hat: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     """sum_i a(i) b(i + s) for every shift s (index s mod size), summed over channels."""
-    product = np.conj(a_hat) * b_hat
-    if product.ndim == 4:
-        product = product.sum(axis=3)
+    product = _channel_products(a_hat, b_hat) if a_hat.ndim == 4 else np.conj(a_hat) * b_hat
     return scipy.fft.irfftn(product, s=size, axes=(0, 1, 2), workers=_workers())
 
 
-def _lowest_apart(cost: np.ndarray, shifts: np.ndarray, count: int) -> np.ndarray:
-    """Indices of up to ``count`` lowest finite costs at least SUPPRESS_BLOCKS apart."""
-    alive = np.flatnonzero(np.isfinite(cost))
-    alive = alive[np.argsort(cost[alive], kind="stable")]
-    picked: list[int] = []
-    while len(alive) and len(picked) < count:
-        best = alive[0]
-        picked.append(int(best))
-        far = np.linalg.norm(shifts[alive] - shifts[best], axis=1) > SUPPRESS_BLOCKS
-        alive = alive[far]
-    return np.asarray(picked, dtype=np.int64)
+#: Candidates (lowest costs first) tested against the ranges at a time: the lowest few
+#: thousand shifts of a bin hold its picks unless the ranges refuse most of them, and
+#: testing every shift of a torso bin (~300,000) took 50 ms a bin.
+SELECT_CHUNK = 4096
+
+#: Candidates put in cost order first; the rest follow (sorted) only if ever reached.
+SORT_FIRST = 65536
+
+
+def _chunks_by_cost(candidates: np.ndarray, cost: np.ndarray) -> Iterator[np.ndarray]:
+    """``candidates`` by ascending ``cost`` (ties by index), SELECT_CHUNK at a time: the
+    lowest SORT_FIRST are sorted first and the rest only when the selection reaches them
+    (a full sort of a torso bin's ~300,000 shifts took 15 ms a bin)."""
+    parts = [np.arange(len(cost))]
+    if len(cost) > SORT_FIRST:
+        lowest = np.argpartition(cost, SORT_FIRST)[:SORT_FIRST]
+        rest = np.ones(len(cost), dtype=bool)
+        rest[lowest] = False
+        parts = [lowest, np.flatnonzero(rest)]
+    for part in parts:
+        ordered = candidates[part[np.lexsort((candidates[part], cost[part]))]]
+        for start in range(0, len(ordered), SELECT_CHUNK):
+            yield ordered[start:start + SELECT_CHUNK]
+
+
+def _lowest_admissible(chunks: Iterable[np.ndarray], shift_of: Callable[[np.ndarray], np.ndarray],
+                       theta_of: Callable[[np.ndarray], np.ndarray], count: int,
+                       admissible: Callable[[np.ndarray], np.ndarray] | None
+                       ) -> list[np.ndarray]:
+    """Up to ``count`` poses of the candidates in ``chunks`` (flat shift indices, lowest
+    cost first) that ``admissible`` keeps, each at least SUPPRESS_BLOCKS from those picked
+    before it: the greedy choice over every admissible candidate, tested a chunk at a time
+    and stopped once ``count`` are picked."""
+    picked: list[np.ndarray] = []
+    picked_shifts: list[np.ndarray] = []
+    for chunk in chunks:
+        thetas = theta_of(chunk)
+        if admissible is not None:
+            keep = np.asarray(admissible(thetas), dtype=bool)
+            chunk, thetas = chunk[keep], thetas[keep]
+        shifts = shift_of(chunk)
+        alive = np.arange(len(chunk))
+        for done in picked_shifts:
+            alive = alive[np.linalg.norm(shifts[alive] - done, axis=1) > SUPPRESS_BLOCKS]
+        while len(alive) and len(picked) < count:
+            best = alive[0]
+            picked.append(thetas[best])
+            picked_shifts.append(shifts[best])
+            alive = alive[np.linalg.norm(shifts[alive] - shifts[best], axis=1)
+                          > SUPPRESS_BLOCKS]
+        if len(picked) >= count:
+            break
+    return picked
 
 
 def scan_poses(bins: list[BinScan], other: ScanTerms, kind: str, center: np.ndarray,
@@ -226,10 +291,15 @@ def scan_poses(bins: list[BinScan], other: ScanTerms, kind: str, center: np.ndar
     valid_hat = _spectrum(other.weight, size)
     descriptor_hat = _spectrum(other.descriptor, size)
     square_hat = _spectrum(other.square, size) if kind != "dot" else None
-    index = np.indices(size).reshape(3, -1).T
-    # (The FFT is circular: index j stands for the shift j, or j - size past the other's
-    # extent; indices between the two ranges hold empty sums, which the overlap refuses.)
-    shifts = np.where(index >= nb, index - np.array(size), index)
+    size_array, nb_array = np.array(size), nb
+
+    def shift_of(flat: np.ndarray) -> np.ndarray:
+        # (The FFT is circular: index j stands for the shift j, or j - size past the
+        # other's extent; indices between the two ranges hold empty sums, which the
+        # overlap refuses.)
+        index = np.stack(np.unravel_index(flat, size), axis=1)
+        return np.where(index >= nb_array, index - size_array, index)
+
     poses: list[np.ndarray] = []
     for scan in bins:
         weight_hat = _spectrum(scan.terms.weight, size)
@@ -239,28 +309,26 @@ def scan_poses(bins: list[BinScan], other: ScanTerms, kind: str, center: np.ndar
             total = (2.0 * total + _correlate(_spectrum(scan.terms.square, size), valid_hat, size)
                      + _correlate(weight_hat, square_hat, size))
         total = total.ravel()
-        cost = np.full(total.shape, np.inf)
-        enough = overlap >= MIN_OVERLAP
-        cost[enough] = ((total[enough] + PRIOR_WEIGHT * scan.chance_cost)
-                        / (overlap[enough] + PRIOR_WEIGHT))
+        candidates = np.flatnonzero(overlap >= MIN_OVERLAP)
+        cost = ((total[candidates] + PRIOR_WEIGHT * scan.chance_cost)
+                / (overlap[candidates] + PRIOR_WEIGHT))
+        chunks = _chunks_by_cost(candidates, cost)
         # Sampled block (0, 0, 0) lands on the other's block ``shift``: y = R x + tau, and
         # a pose's translation parameters move with tau one to one (rigid_parameters).
         matrix = np.eye(4)
         matrix[:3, :3] = scan.rotation
         matrix[:3, 3] = other.origin - scan.rotation @ scan.terms.origin
         zero_shift = rigid_parameters(matrix, center)
-        candidates = np.flatnonzero(enough)
-        thetas = np.tile(zero_shift, (len(candidates), 1))
-        thetas[:, 3:] += (shifts[candidates][:, ::-1] * other.spacing) @ other.direction.T
-        if admissible is not None:
-            # Outside the ranges before the selection, not after it: the lowest costs of a
-            # torso bin all lay past the search's +-120 mm (edge overlaps), and dropping
-            # them afterwards left that case without a scanned start.
-            keep = admissible(thetas)
-            cost[candidates[~keep]] = np.inf
-        row = np.full(cost.shape, -1, dtype=np.int64)
-        row[candidates] = np.arange(len(candidates))
-        poses.extend(thetas[row[best]] for best in _lowest_apart(cost, shifts, count))
+
+        def theta_of(flat: np.ndarray, zero_shift: np.ndarray = zero_shift) -> np.ndarray:
+            thetas = np.tile(zero_shift, (len(flat), 1))
+            thetas[:, 3:] += (shift_of(flat)[:, ::-1] * other.spacing) @ other.direction.T
+            return thetas
+
+        # Outside the ranges before the selection, not after it: the lowest costs of a
+        # torso bin all lay past the search's +-120 mm (edge overlaps), and dropping them
+        # afterwards left that case without a scanned start.
+        poses.extend(_lowest_admissible(chunks, shift_of, theta_of, count, admissible))
     return poses
 
 

@@ -9,8 +9,14 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from disa.core.grid import Grid
+from disa.registration.search import translation_scan
 from disa.registration.search.translation_scan import (
+    SUPPRESS_BLOCKS,
     BinScan,
+    _channel_products,
+    _chunks_by_cost,
+    _lowest_admissible,
+    _spectrum,
     block_factor,
     other_terms,
     sampled_terms,
@@ -153,3 +159,54 @@ def test_poses_outside_every_anchors_ranges_are_dropped() -> None:
                          spreads, 40.0)
     assert kept.tolist() == [True, True, False, False]
     assert within_ranges(np.zeros((0, 6)), anchors, spreads, 40.0).tolist() == []
+
+
+def test_the_padded_spectrum_and_channel_products_match_numpy() -> None:
+    """The axis-by-axis padded spectrum and the compiled channel sum give numpy's rfftn and
+    sum of conj(a) b (the scan's correlations rest on both)."""
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(7, 5, 6, 3)).astype(np.float32)
+    b = rng.normal(size=(4, 6, 5, 3)).astype(np.float32)
+    size = (12, 12, 12)
+    a_hat, b_hat = _spectrum(a, size), _spectrum(b, size)
+    reference = np.fft.rfftn(a.astype(np.float64), s=size, axes=(0, 1, 2))
+    np.testing.assert_allclose(a_hat, reference, atol=1e-4 * np.abs(reference).max())
+    expected = (np.conj(a_hat) * b_hat).sum(axis=3)
+    np.testing.assert_allclose(_channel_products(a_hat, b_hat), expected,
+                               atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("chunk,first", [(3, 5), (4096, 65536), (1, 1)])
+def test_the_chunked_selection_is_the_greedy_choice_over_every_admissible_shift(
+        monkeypatch: pytest.MonkeyPatch, chunk: int, first: int) -> None:
+    """Cost-ordered chunks and a partial sort pick what a full stable sort and one greedy
+    pass over all admissible candidates pick (ties included), however small the chunks."""
+    monkeypatch.setattr(translation_scan, "SELECT_CHUNK", chunk)
+    monkeypatch.setattr(translation_scan, "SORT_FIRST", first)
+    rng = np.random.default_rng(9)
+    size = (6, 7, 8)
+    candidates = np.sort(rng.choice(np.prod(size), 200, replace=False))
+    cost = rng.integers(0, 40, len(candidates)).astype(np.float32)  # ties on purpose
+
+    def shift_of(flat: np.ndarray) -> np.ndarray:
+        return np.stack(np.unravel_index(flat, size), axis=1)
+
+    def theta_of(flat: np.ndarray) -> np.ndarray:
+        return np.column_stack([np.zeros((len(flat), 3)), shift_of(flat).astype(float)])
+
+    def admissible(thetas: np.ndarray) -> np.ndarray:
+        return thetas[:, 3] + thetas[:, 5] != 4.0
+
+    picked = _lowest_admissible(_chunks_by_cost(candidates, cost), shift_of, theta_of, 6,
+                                admissible)
+    order = candidates[np.argsort(cost, kind="stable")]
+    order = order[admissible(theta_of(order))]
+    expected: list[np.ndarray] = []
+    for flat in order:
+        shift = shift_of(np.array([flat]))[0]
+        if all(np.linalg.norm(shift - e[3:]) > SUPPRESS_BLOCKS for e in expected):
+            expected.append(theta_of(np.array([flat]))[0])
+        if len(expected) == 6:
+            break
+    assert len(picked) == 6
+    np.testing.assert_array_equal(np.array(picked), np.array(expected))
