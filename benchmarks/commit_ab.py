@@ -93,8 +93,11 @@ def child(tree: Path, cases_dir: Path, out: Path, mode: str = "rigid") -> None:
         seconds = time.perf_counter() - start
         transform_path = out.parent / f"{folder.name}-{time.time_ns()}.tfm"
         sitk.WriteTransform(result.transform, str(transform_path))
+        # (The global search as issue 24 times it: the translation scan and the search.)
+        search_s = sum(result.timings.get(stage, 0.0) for stage in ("scan", "search"))
         row = {"tree": str(tree), "case": folder.name, "s": seconds,
-               "reorient_s": result.timings.get("reorient"), "transform": str(transform_path)}
+               "reorient_s": result.timings.get("reorient"), "search_s": search_s,
+               "transform": str(transform_path)}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -105,7 +108,7 @@ def summary(rows: list[dict], trees: dict[str, str]) -> str:
     for row in rows:
         by_case[row["case"]][row["tree"]].append(row)
     label = {tree: name for name, tree in trees.items()}
-    per_pair: dict[str, list[tuple[float, float, float, float]]] = defaultdict(list)
+    per_pair: dict[str, list[tuple[float, ...]]] = defaultdict(list)
     moved = []
     for case, runs in sorted(by_case.items()):
         base, head = runs.get(trees["base"], []), runs.get(trees["head"], [])
@@ -115,12 +118,16 @@ def summary(rows: list[dict], trees: dict[str, str]) -> str:
         per_pair[base[0]["pair"]].append(
             (mean(r["s"] for r in base), mean(r["s"] for r in head),
              mean(r["reorient_s"] or 0.0 for r in base),
-             mean(r["reorient_s"] or 0.0 for r in head)))
+             mean(r["reorient_s"] or 0.0 for r in head),
+             # (rows of runs before the column existed have no search_s)
+             mean(r.get("search_s") or 0.0 for r in base),
+             mean(r.get("search_s") or 0.0 for r in head)))
         if abs(base[0]["tre"] - head[0]["tre"]) > SAME_TRE_MM:
             moved.append(f"- {case}: {label[trees['base']]} {base[0]['tre']:.1f} mm, "
                          f"{label[trees['head']]} {head[0]['tre']:.1f} mm")
     lines = ["| pair | cases | base s (median) | head s (median) | head - base, median of the "
-             "differences | reorient s, base -> head |", "|---|---:|---:|---:|---:|---:|"]
+             "differences | reorient s, base -> head | scan + search s, base -> head |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     everything = [v for values in per_pair.values() for v in values]
     for pair, values in [*sorted(per_pair.items()), ("all", everything)]:
         if not values:
@@ -128,7 +135,8 @@ def summary(rows: list[dict], trees: dict[str, str]) -> str:
         med = statistics.median
         lines.append(f"| {pair} | {len(values)} | {med(v[0] for v in values):.2f} | "
                      f"{med(v[1] for v in values):.2f} | {med(v[1] - v[0] for v in values):+.2f} | "
-                     f"{med(v[2] for v in values):.2f} -> {med(v[3] for v in values):.2f} |")
+                     f"{med(v[2] for v in values):.2f} -> {med(v[3] for v in values):.2f} | "
+                     f"{med(v[4] for v in values):.2f} -> {med(v[5] for v in values):.2f} |")
     return ("\n".join(lines) + "\n\nTRE moved by more than 1 mm:\n\n"
             + ("\n".join(moved) or "- none"))
 

@@ -36,13 +36,13 @@ def test_tree_finder_imports_the_mapped_packages_from_its_tree(tmp_path) -> None
 def test_summary_compares_each_case_with_itself_and_lists_moved_results() -> None:
     def row(tree: str, case: str, pair: str, s: float, tre: float) -> dict:
         return {"tree": tree, "case": case, "pair": pair, "s": s, "reorient_s": s / 4,
-                "tre": tre}
+                "search_s": s / 2, "tre": tre}
 
     rows = [row("B", "a", "ct-mr", 4.0, 0.7), row("H", "a", "ct-mr", 3.0, 0.7),
             row("H", "a", "ct-mr", 3.2, 0.7), row("B", "a", "ct-mr", 4.2, 0.7),
             row("B", "b", "torso", 8.0, 1.0), row("H", "b", "torso", 9.0, 30.0)]
     text = ab.summary(rows, {"base": "B", "head": "H"})
-    assert "| ct-mr | 1 | 4.10 | 3.10 | -1.00 | 1.02 -> 0.78 |" in text
+    assert "| ct-mr | 1 | 4.10 | 3.10 | -1.00 | 1.02 -> 0.78 | 2.05 -> 1.55 |" in text
     assert "| torso | 1 | 8.00 | 9.00 | +1.00 |" in text
     assert "| all | 2 |" in text
     assert "- b: base 1.0 mm, head 30.0 mm" in text and "- a:" not in text
