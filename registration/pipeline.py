@@ -505,10 +505,10 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     ranges), it builds every bin and returns the scan's poses (search frame).
 
     ``levels`` are the identity bin's objectives (unrotated maps); the other bins' maps
-    cover a's data region (plus the descriptor footprint) on rotated axes, z-scored by a's
-    first normalisation. A bin's map and its three level objectives are built the first
-    time a start falls into it, and the map is dropped then. ``max_voxels``: the most
-    voxels a rotated grid may hold. ``smoothed``: antialias(a_img, spacing).
+    cover a's foreground within its data region (plus the descriptor footprint) on rotated
+    axes, z-scored by a's first normalisation. A bin's map and its three level objectives
+    are built the first time a start falls into it, and the map is dropped then.
+    ``max_voxels``: the most voxels a rotated grid may hold; ``smoothed``: antialias(a_img).
     """
     bins = orientation_bins(options.rotation_range)
     if len(bins) == 1:
@@ -516,7 +516,8 @@ def oriented_levels(levels: tuple[Objective, Objective, Objective], a_img: sitk.
     directions = bin_directions(bins, a_p.grid.direction, b_direction)
     mask = a_p.grid.image_like(a_p.mask.astype(np.uint8))
     margin_mm = (descriptor_footprint_voxels(similarity, options) + stride) * spacing
-    index = np.argwhere(a_p.fov)[::7, ::-1].astype(np.float64)  # a subsample spans the box
+    # a's foreground: its weights' support (docs/DESIGN.md, "Bins over the foreground")
+    index = np.argwhere(a_p.fov & a_p.mask)[::7, ::-1].astype(np.float64)
     points = a_p.grid.to_physical(index)
     rigid = levels[0].model
     built: dict[int, tuple[Objective, ...] | None] = {}

@@ -200,3 +200,53 @@ def test_a_small_start_budget_runs_no_scan(monkeypatch) -> None:
                                    RegistrationOptions(similarity="mind", starts=starts))
         assert "scan" in result.timings if starts == budget else "scan" not in result.timings
     assert seen[0] < seen[1]
+
+
+def test_the_bins_grids_cover_the_sampled_foreground_not_the_air_around_it(
+        monkeypatch) -> None:
+    """Each turned bin's grid holds every foreground voxel of the sampled image at least the
+    descriptor footprint inside it, and reaches no further than that margin (and a voxel
+    or two of lattice) beyond the foreground: the air around it, which holds no weight and
+    no sample point, is not described six more times."""
+    from disa.registration.search import translation_scan
+
+    truth = ph.rigid_truth((0.0, 0.0, 25.0), (6.0, -4.0, 3.0))
+    pair = ph.make_pair(truth, fixed_grid=ph.make_grid((60, 60, 60), (3.0, 3.0, 3.0)), seed=2)
+    monkeypatch.setattr(translation_scan, "SCAN_MIN_STARTS", 64)  # (the scan builds every bin)
+    captured: dict[str, object] = {"grids": []}
+    oriented, regrid = pipeline.oriented_levels, pipeline.regrid
+
+    def levels_spy(*args, **kwargs):
+        captured["a_p"] = args[2]
+        return oriented(*args, **kwargs)
+
+    def regrid_spy(*args, **kwargs):
+        prepared = regrid(*args, **kwargs)
+        captured["grids"].append(prepared.grid)  # type: ignore[attr-defined]
+        return prepared
+
+    monkeypatch.setattr(pipeline, "oriented_levels", levels_spy)
+    monkeypatch.setattr(pipeline, "regrid", regrid_spy)
+    options = RegistrationOptions(similarity="mind", starts=64, mode="rigid")
+    pipeline.register(pair.fixed, pair.moving, options)
+    a_p = captured["a_p"]
+    spacing = float(a_p.grid.spacing[0])  # type: ignore[attr-defined]
+    margin = (pipeline.descriptor_footprint_voxels("mind", options) + 1) * spacing
+    foreground = a_p.grid.to_physical(  # type: ignore[attr-defined]
+        np.argwhere(a_p.mask & a_p.fov)[:, ::-1].astype(float))  # type: ignore[attr-defined]
+    data = a_p.grid.to_physical(  # type: ignore[attr-defined]
+        np.argwhere(a_p.fov)[:, ::-1].astype(float))  # type: ignore[attr-defined]
+    bins = [g for g in captured["grids"]  # type: ignore[attr-defined]
+            if not np.allclose(g.direction, a_p.grid.direction)][:6]  # type: ignore[attr-defined]
+    assert len(bins) == 6
+    for grid in bins:
+        corners = grid.to_physical(np.array([[0.0, 0.0, 0.0], np.array(grid.shape[::-1]) - 1.0]))
+        low, high = np.sort(corners @ grid.direction, axis=0)
+        inside = foreground @ grid.direction
+        assert np.all(inside.min(axis=0) - low >= margin - 1e-6 - spacing)
+        assert np.all(high - inside.max(axis=0) >= margin - 1e-6 - spacing)
+        assert np.all(inside.min(axis=0) - low <= margin + 2 * spacing)
+        assert np.all(high - inside.max(axis=0) <= margin + 2 * spacing)
+        # (the data region, the whole box here, reaches further on some side)
+        reach = data @ grid.direction
+        assert np.any(reach.min(axis=0) < low) or np.any(reach.max(axis=0) > high)
